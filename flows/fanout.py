@@ -1,0 +1,134 @@
+"""The fan-out dataflow: post_created -> dispatch batches on push.apns / push.fcm (+ .bulk).
+
+    read_posts ─► decode_post ─► claim_post ─► plan_shard_jobs ──────────────┐
+                      └─► dead letters                                        ▼
+    read_changelogs ─► route_changelog (+ caught-up markers to every shard) ─► expand_follower_shards
+                      └─► dead letters                                        │  (keyed by shard:
+                                                                              │   prefs, devices,
+    dead letters ─► write_dead_letters          write_channel_topics ◄────────┘   jobs, deferred)
+
+Run it with `fanfare run fanout` (which calls `python -m bytewax.run flows.fanout:get_flow`).
+Everything here is wiring; decisions live in `operators/`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, cast
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.outputs import Sink
+
+from operators import metrics
+from operators.adapters.follower_store import FollowerStore, open_follower_store
+from operators.adapters.kafka_io import (
+    ChannelTopicsSink,
+    DeadLetterSink,
+    KafkaTopicsSource,
+    topic_partitions,
+)
+from operators.adapters.post_claims import PostClaims, RedisPostClaims
+from operators.config import CHANGELOG_TOPICS, CHANNEL_TOPICS, POST_CREATED, Settings, load_settings
+from operators.fanout_logic import ExpandFollowerShardLogic
+from operators.fanout_shard import FollowerShard, utc_now
+from operators.fanout_steps import (
+    ChangelogRouter,
+    PostClaimer,
+    ReadPost,
+    ShardJobPlanner,
+    decode_post,
+)
+from schemas.records import DeadLetter, DispatchBatch
+
+
+def _is_dead_letter(item: object) -> bool:
+    return isinstance(item, DeadLetter)
+
+
+def _count_written(batch: DispatchBatch, dropped: int) -> None:
+    if dropped:
+        metrics.DEDUPED.labels("replay").inc(dropped)
+    else:
+        metrics.DISPATCHED.labels(batch.provider, batch.lane).inc(len(batch.items))
+        metrics.DISPATCH_BATCHES.labels(batch.provider, batch.lane).inc()
+
+
+def build_fanout_flow(
+    settings: Settings,
+    *,
+    post_source: Source[Any],
+    changelog_source: Source[Any],
+    changelog_parts: list[str],
+    channel_sink: Sink[Any],
+    route_batch: Callable[[DispatchBatch], str],
+    dead_letter_sink: Sink[Any],
+    store: Callable[[], FollowerStore],
+    claims: Callable[[], PostClaims],
+    clock: Callable[[], datetime] = utc_now,
+) -> Dataflow:
+    """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
+    flow = Dataflow("fanout")
+
+    posts = op.input("read_posts", flow, post_source)
+    decoded = op.map("decode_post", posts, decode_post)
+    post_split = op.branch("split_post_dead_letters", decoded, _is_dead_letter)
+    valid_posts = cast(Stream[ReadPost], post_split.falses)
+    owned = op.flat_map_batch("claim_post", valid_posts, PostClaimer(claims).claim_batch)
+    planner = ShardJobPlanner(store, settings.shard_count, settings.celebrity_threshold)
+    jobs = op.flat_map("plan_shard_jobs", owned, planner.plan)
+
+    changes = op.input("read_changelogs", flow, changelog_source)
+    routed = op.flat_map("route_changelog", changes, ChangelogRouter(settings.shard_count).route)
+    change_split = op.branch("split_changelog_dead_letters", routed, _is_dead_letter)
+
+    shard_inputs = op.merge("merge_shard_inputs", jobs, change_split.falses)
+
+    def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
+        shard = FollowerShard(
+            changelog_parts,
+            page_size=settings.follower_page_size,
+            batch_size=settings.dispatch_batch_size,
+            settle_s=settings.changelog_settle_ms / 1000,
+        )
+        if resume is not None:
+            shard.restore(resume)
+        return ExpandFollowerShardLogic(shard, store, settings.expand_budget, clock)
+
+    batches = op.stateful_batch("expand_follower_shards", shard_inputs, build_shard)
+    to_partitions = op.map(
+        "route_to_channel_partition", batches, lambda kv: (route_batch(kv[1]), kv[1])
+    )
+    op.output("write_channel_topics", to_partitions, channel_sink)
+
+    dead = op.merge("merge_dead_letters", post_split.trues, change_split.trues)
+    op.output("write_dead_letters", dead, dead_letter_sink)
+    return flow
+
+
+def get_flow(settings: Settings | None = None) -> Dataflow:
+    """The production flow on Kafka, Redis and the configured follower store."""
+    settings = settings or load_settings()
+    kafka = settings.kafka_config()
+    sink = ChannelTopicsSink(kafka, CHANNEL_TOPICS, on_written=_count_written)
+    return build_fanout_flow(
+        settings,
+        post_source=KafkaTopicsSource(kafka, [POST_CREATED]),
+        changelog_source=KafkaTopicsSource(kafka, CHANGELOG_TOPICS, report_caught_up=True),
+        changelog_parts=topic_partitions(kafka, CHANGELOG_TOPICS),
+        channel_sink=sink,
+        route_batch=sink.route_key,
+        dead_letter_sink=DeadLetterSink(kafka),
+        # Built on first use in each worker process, never at import.
+        store=functools.cache(
+            lambda: open_follower_store(settings.resolved_store_url, settings.shard_count)
+        ),
+        claims=functools.cache(
+            lambda: RedisPostClaims(
+                settings.redis_url, settings.redis_prefix, settings.post_claim_ttl_s
+            )
+        ),
+    )

@@ -1,0 +1,1 @@
+"""fanfare's pure decisions (eligibility, quiet hours, sharding, dedupe, batching) and adapters."""

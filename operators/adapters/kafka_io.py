@@ -1,0 +1,517 @@
+"""Kafka adapters for the dataflows: a partitioned source that reports when a changelog partition
+has been read to its end, an idempotent channel-topic sink, and a dead-letter sink.
+
+Offsets live only in Bytewax's recovery snapshots (no consumer group), like Bytewax's own
+KafkaSource; clients are built per partition when Bytewax builds it, never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import (
+    DynamicSink,
+    FixedPartitionedSink,
+    StatefulSinkPartition,
+    StatelessSinkPartition,
+)
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from operators.fanout_shard import CaughtUp
+from schemas.codecs import encode_dead_letter, encode_dispatch_batch
+from schemas.records import DeadLetter, DispatchBatch
+
+log = logging.getLogger(__name__)
+
+KafkaConfig = dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """A message as read, with where it came from (for dead letters and claims)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    read_at: float
+
+    @property
+    def source(self) -> str:
+        """`topic/partition@offset`: the identity of this message."""
+        return f"{self.topic}/{self.partition}@{self.offset}"
+
+
+def topic_partitions(
+    config: KafkaConfig, topics: Sequence[str], timeout_s: float = 10.0
+) -> list[str]:
+    """`topic/partition` names of every partition of the topics, failing if one is missing."""
+    admin = AdminClient(cast(dict[str, Any], {k: v for k, v in config.items()}))
+    meta = admin.list_topics(timeout=timeout_s)
+    parts: list[str] = []
+    for topic in topics:
+        tmeta = meta.topics.get(topic)
+        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            raise RuntimeError(
+                f"topic {topic!r} does not exist on {config.get('bootstrap.servers')}: "
+                "run `fanfare topics create` (or `fanfare dev up`)"
+            )
+        parts.extend(f"{topic}/{p}" for p in sorted(tmeta.partitions))
+    return parts
+
+
+def _split_part(part: str) -> tuple[str, int]:
+    topic, _, partition = part.rpartition("/")
+    return topic, int(partition)
+
+
+class _TopicPartitionReader(StatefulSourcePartition[object, int]):
+    """Reads one partition; with `report_caught_up`, emits a CaughtUp whenever it is at the end.
+
+    librdkafka reports the end of a partition once per arrival there, so an idle partition is
+    probed by seeking to its own position: the next end-of-partition event then reflects a fetch
+    issued after the probe, and `as_of` is the probe's time. Watermarks are not used (on the
+    embedded broker they can trail the true end).
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str,
+        partition: int,
+        start: int,
+        batch_size: int,
+        report_caught_up: bool,
+        probe_interval_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        conf = dict(config)
+        conf.update(
+            {
+                "group.id": f"fanfare-reader-{topic}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 20,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self._consumer = Consumer(cast(dict[str, Any], conf))
+        self._topic = topic
+        self._partition = partition
+        self._position = start
+        self._batch_size = batch_size
+        self._report = report_caught_up
+        self._probe_interval = probe_interval_s
+        self._clock = clock
+        self._source = f"{topic}/{partition}"
+        self._probe_at = clock()
+        self._last_eof_at = 0.0
+        self._consumer.assign([TopicPartition(topic, partition, start)])
+
+    def next_batch(self) -> list[object]:
+        """Whatever is ready now (never blocks)."""
+        msgs = self._consumer.consume(self._batch_size, 0)
+        out: list[object] = []
+        now = self._clock()
+        at_end = False
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    at_end = True
+                    continue
+                if err.fatal() or not err.retriable():
+                    raise RuntimeError(f"reading {self._source}: {err.str()}")
+                log.warning("transient error reading %s: %s", self._source, err.str())
+                continue
+            offset = cast(int, m.offset())
+            out.append(RawEvent(self._topic, self._partition, offset, m.key(), m.value(), now))
+            self._position = offset + 1
+        if self._report:
+            if at_end and not out:
+                out.append(CaughtUp(self._source, self._probe_at))
+                self._last_eof_at = now
+            if now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
+                # Ask again whether we are at the end; the answer is about "now".
+                self._probe_at = now
+                self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
+        return out
+
+    def next_awake(self) -> None:
+        """Poll again at once (Bytewax waits 1 ms after an empty batch)."""
+        return None
+
+    def snapshot(self) -> int:
+        """The next offset to read."""
+        return self._position
+
+    def close(self) -> None:
+        """Leave the broker."""
+        self._consumer.close()
+
+
+class KafkaTopicsSource(FixedPartitionedSource[object, int]):
+    """Every partition of some topics; items are RawEvent (and CaughtUp when reporting)."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topics: Sequence[str],
+        *,
+        batch_size: int = 5_000,
+        report_caught_up: bool = False,
+        probe_interval_s: float = 0.05,
+        always_from_beginning: bool = False,
+    ) -> None:
+        self._config = config
+        self._topics = list(topics)
+        self._batch_size = batch_size
+        self._report = report_caught_up
+        self._probe_interval = probe_interval_s
+        self._always_from_beginning = always_from_beginning
+
+    def list_parts(self) -> list[str]:
+        """All partitions (every worker can read every partition)."""
+        return topic_partitions(self._config, self._topics)
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: int | None
+    ) -> _TopicPartitionReader:
+        """Resume from the snapshotted offset, or start at the beginning of the partition."""
+        topic, partition = _split_part(for_part)
+        start = OFFSET_BEGINNING if resume_state is None else resume_state
+        if self._always_from_beginning:
+            start = OFFSET_BEGINNING
+        return _TopicPartitionReader(
+            self._config,
+            topic,
+            partition,
+            start,
+            self._batch_size,
+            self._report,
+            self._probe_interval,
+        )
+
+
+def read_partition_to_end(
+    config: KafkaConfig, topic: str, partition: int, start: int, timeout_s: float = 60.0
+) -> list[tuple[int, bytes | None]]:
+    """Every (offset, value) from `start` to the true end (partition EOF, not watermarks)."""
+    conf = dict(config)
+    conf.update(
+        {
+            "group.id": "fanfare-readback",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    consumer = Consumer(cast(dict[str, Any], conf))
+    consumer.assign([TopicPartition(topic, partition, start)])
+    out: list[tuple[int, bytes | None]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}/{partition} to its end took over {timeout_s}s")
+            for m in consumer.consume(10_000, 0.2):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        return out
+                    if not err.retriable():
+                        raise RuntimeError(f"reading {topic}/{partition}: {err.str()}")
+                    continue
+                out.append((cast(int, m.offset()), m.value()))
+    finally:
+        consumer.close()
+
+
+def end_offset(config: KafkaConfig, topic: str, partition: int) -> int:
+    """The true end of a partition, found by reading to partition EOF from the low watermark."""
+    conf = dict(config)
+    conf.update({"group.id": "fanfare-endprobe", "enable.partition.eof": True})
+    consumer = Consumer(cast(dict[str, Any], conf))
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    finally:
+        consumer.close()
+    # The high watermark may trail the real end on the embedded broker: read on from it.
+    tail = read_partition_to_end(config, topic, partition, max(low, high))
+    return tail[-1][0] + 1 if tail else max(low, high)
+
+
+ChannelSinkState = tuple[int, int]  # (next offset, earliest offset whose items may be replayed)
+
+
+class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkState]):
+    """Writes dispatch batches to one channel-topic partition, dropping replayed items.
+
+    After a restart, Bytewax replays the work of the epoch that was not snapshotted. This writer
+    snapshots the partition's next offset at each epoch; on resume it reads back what was
+    written since, and drops items (notification_id, device_id) already there. Items stay
+    remembered for `replay_window_epochs` snapshots or until all were seen again.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        replay_window_epochs: int,
+        on_written: Callable[[DispatchBatch, int], None],
+    ) -> None:
+        self._topic = topic
+        self._partition = partition
+        self._lane = "bulk" if topic.endswith(".bulk") else "normal"
+        self._on_written = on_written
+        self._producer = Producer(
+            cast(
+                dict[str, Any],
+                {
+                    **config,
+                    "linger.ms": 5,
+                    "acks": "all",
+                    "message.max.bytes": 8 * 1024 * 1024,
+                    "queue.buffering.max.kbytes": 1024 * 1024,
+                },
+            )
+        )
+        self._last_offset = -1
+        self._errors: list[str] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._epochs_left = 0
+        if resume is None:
+            self._next = end_offset(config, topic, partition)
+            self._replay_from = self._next
+        else:
+            self._next, self._replay_from = resume
+            for _, value in read_partition_to_end(config, topic, partition, self._replay_from):
+                if value is None:
+                    continue
+                for item in orjson.loads(value).get("items", ()):
+                    self._seen.add((item["notification_id"], item["device_id"]))
+            self._epochs_left = replay_window_epochs if self._seen else 0
+            if self._seen:
+                log.info(
+                    "%s/%s resumed: %d items written since the last snapshot will not be "
+                    "written again",
+                    topic,
+                    partition,
+                    len(self._seen),
+                )
+            if not self._seen:
+                self._replay_from = self._next
+
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(err.str())
+        else:
+            self._last_offset = max(self._last_offset, msg.offset())
+
+    def write_batch(self, values: list[DispatchBatch]) -> None:
+        """Produce each batch (minus replayed items) to this partition."""
+        for batch in values:
+            if batch.topic != self._topic:
+                raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
+            if self._seen:
+                kept = tuple(
+                    i
+                    for i in batch.items
+                    if (i["notification_id"], i["device_id"]) not in self._seen
+                )
+                for i in batch.items:
+                    self._seen.discard((i["notification_id"], i["device_id"]))
+                if len(kept) != len(batch.items):
+                    self._on_written(batch, len(batch.items) - len(kept))
+                if not kept:
+                    continue
+                if len(kept) != len(batch.items):
+                    batch = DispatchBatch(
+                        batch.post_id,
+                        batch.author_id,
+                        batch.provider,
+                        batch.created_at,
+                        batch.lane,
+                        kept,
+                    )
+            self._produce(batch)
+            self._on_written(batch, 0)
+        self._producer.poll(0)
+
+    def _produce(self, batch: DispatchBatch) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    self._topic,
+                    value=encode_dispatch_batch(batch),
+                    key=batch.post_id.encode(),
+                    partition=self._partition,
+                    on_delivery=self._delivered,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: let deliveries drain
+
+    def snapshot(self) -> ChannelSinkState:
+        """Make every write durable, then record where the partition ends."""
+        remaining = self._producer.flush(60)
+        if remaining or self._errors:
+            raise RuntimeError(
+                f"writing {self._topic}/{self._partition} failed: "
+                f"{remaining} undelivered, errors: {self._errors[:3]}"
+            )
+        if self._last_offset >= 0:
+            self._next = self._last_offset + 1
+        if self._epochs_left > 0:
+            self._epochs_left -= 1
+            if self._epochs_left == 0 or not self._seen:
+                self._seen.clear()
+                self._epochs_left = 0
+        if not self._seen:
+            self._replay_from = self._next
+        return (self._next, self._replay_from)
+
+    def close(self) -> None:
+        """Flush what is queued."""
+        self._producer.flush(30)
+
+
+class ChannelTopicsSink(FixedPartitionedSink[DispatchBatch, ChannelSinkState]):
+    """Dispatch batches to `push.*` topics; one sink partition per topic partition.
+
+    Upstream keys each batch with the name of its target partition (`push.fcm/3`), chosen by
+    :meth:`route_key`, so `part_fn` is an index into the sorted list of parts.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topics: Sequence[str],
+        *,
+        replay_window_epochs: int = 12,
+        on_written: Callable[[DispatchBatch, int], None] = lambda b, dropped: None,
+    ) -> None:
+        self._config = config
+        self._topics = list(topics)
+        self._parts: list[str] | None = None
+        self._counts: dict[str, int] = {}
+        self._replay_window = replay_window_epochs
+        self._on_written = on_written
+
+    def _all_parts(self) -> list[str]:
+        if self._parts is None:
+            parts = sorted(topic_partitions(self._config, self._topics))
+            counts: dict[str, int] = {}
+            for p in parts:
+                topic, _ = _split_part(p)
+                counts[topic] = counts.get(topic, 0) + 1
+            self._parts, self._counts = parts, counts
+        return self._parts
+
+    def route_key(self, batch: DispatchBatch) -> str:
+        """The partition a batch goes to: by post, so a post's batches stay in order."""
+        self._all_parts()
+        from zlib import crc32
+
+        count = self._counts[batch.topic]
+        return f"{batch.topic}/{crc32(batch.post_id.encode()) % count}"
+
+    def list_parts(self) -> list[str]:
+        """Every channel-topic partition."""
+        return list(self._all_parts())
+
+    def part_fn(self, item_key: str) -> int:
+        """Index of the named partition in the sorted global list."""
+        return self._all_parts().index(item_key)
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
+    ) -> _ChannelPartitionWriter:
+        """Build a writer, reading back what was written since the snapshot on resume."""
+        topic, partition = _split_part(for_part)
+        return _ChannelPartitionWriter(
+            self._config,
+            topic,
+            partition,
+            resume_state,
+            self._replay_window,
+            self._on_written,
+        )
+
+
+class _DeadLetterWriter(StatelessSinkPartition[DeadLetter]):
+    def __init__(self, config: KafkaConfig, topic: str) -> None:
+        self._topic = topic
+        self._producer = Producer(
+            cast(dict[str, Any], {**config, "acks": "all", "message.max.bytes": 8 * 1024 * 1024})
+        )
+        self._errors: list[str] = []
+
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(err.str())
+
+    def write_batch(self, items: list[DeadLetter]) -> None:
+        # Dead letters are rare and must not be lost: flush before Bytewax moves on.
+        for letter in items:
+            self._producer.produce(
+                self._topic,
+                value=encode_dead_letter(letter),
+                key=letter.source_topic.encode(),
+                on_delivery=self._delivered,
+            )
+        remaining = self._producer.flush(60)
+        if remaining or self._errors:
+            raise RuntimeError(f"writing dead letters failed: {remaining} left, {self._errors[:3]}")
+
+    def close(self) -> None:
+        self._producer.flush(30)
+
+
+class DeadLetterSink(DynamicSink[DeadLetter]):
+    """Dead letters to the `dead_letters` topic, keyed by source topic."""
+
+    def __init__(self, config: KafkaConfig, topic: str = "dead_letters") -> None:
+        self._config = config
+        self._topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterWriter:
+        """One producer per worker."""
+        return _DeadLetterWriter(self._config, self._topic)
+
+
+def produce_all(
+    config: KafkaConfig, topic: str, messages: Iterable[tuple[bytes | None, bytes]]
+) -> int:
+    """Publish (key, value) messages and wait until all are acknowledged; returns the count."""
+    producer = Producer(cast(dict[str, Any], {**config, "linger.ms": 5, "acks": "all"}))
+    errors: list[str] = []
+
+    def delivered(err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err.str())
+
+    n = 0
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 10_000 == 0:
+            producer.poll(0)
+    remaining = producer.flush(120)
+    if remaining or errors:
+        raise RuntimeError(f"publishing to {topic} failed: {remaining} left, {errors[:3]}")
+    return n

@@ -1,0 +1,82 @@
+"""Post claims: the fast, cross-process dedupe of `post_created` events.
+
+A claim binds a post_id to the identity of the message that first carried it
+(`topic/partition@offset`). The same message read again (a replay after a restart) still owns
+its claim and fans out again, its output deduped downstream; a different message with the same
+post_id (a re-delivered or re-published duplicate) is refused. Claims expire after a TTL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import redis
+
+_CLAIM_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+
+
+class PostClaims(ABC):
+    """Port: claim posts for fan-out."""
+
+    @abstractmethod
+    def claim(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each (post_id, message identity): True when this message owns the post."""
+
+
+class RedisPostClaims(PostClaims):
+    """Claims in Redis (SET NX EX, one pipelined script call per batch of posts)."""
+
+    def __init__(self, url: str, prefix: str, ttl_s: int) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._ttl = ttl_s
+        self._local = threading.local()
+
+    def _client(self) -> redis.Redis[bytes]:
+        client: redis.Redis[bytes] | None = getattr(self._local, "client", None)
+        if client is None:
+            client = redis.Redis.from_url(self._url, socket_timeout=10, health_check_interval=30)
+            self._local.client = client
+            self._local.script = client.register_script(_CLAIM_SCRIPT)
+        return client
+
+    def claim(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        """Atomic per post; one round trip per batch."""
+        if not claims:
+            return []
+        client = self._client()
+        script = self._local.script
+        pipe = client.pipeline(transaction=False)
+        for post_id, identity in claims:
+            script(keys=[f"{self._prefix}post:{post_id}"], args=[identity, self._ttl], client=pipe)
+        return [bool(r) for r in pipe.execute()]
+
+
+class InMemoryPostClaims(PostClaims):
+    """Same semantics in a dict, for flow tests and single-process tools."""
+
+    def __init__(self, ttl_s: float = 86_400.0) -> None:
+        self._ttl = ttl_s
+        self._claims: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        """Claim each post unless another identity holds an unexpired claim."""
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for post_id, identity in claims:
+                held = self._claims.get(post_id)
+                if held is None or held[1] <= now:
+                    self._claims[post_id] = (identity, now + self._ttl)
+                    out.append(True)
+                else:
+                    out.append(held[0] == identity)
+        return out

@@ -1,0 +1,204 @@
+"""fanfare's settings: read from ``FANFARE_*`` environment variables here, and only here.
+
+Everything else receives a :class:`Settings` (or the few values it needs) as an argument, so the
+pure logic never reads the environment and tests build settings explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+# Every topic of the contract (DESIGN.md). Channel topics carry dispatch batches per provider,
+# with a `.bulk` lane for celebrity posts so they never hold up a normal post.
+POST_CREATED = "post_created"
+FOLLOW_CHANGES = "follow_changes"
+PREFERENCE_CHANGES = "preference_changes"
+DEVICE_CHANGES = "device_changes"
+DELIVERY_EVENTS = "delivery_events"
+DEAD_LETTERS = "dead_letters"
+PROVIDERS = ("apns", "fcm")
+LANES = ("normal", "bulk")
+CHANGELOG_TOPICS = (FOLLOW_CHANGES, PREFERENCE_CHANGES, DEVICE_CHANGES)
+
+
+def channel_topic(provider: str, lane: str) -> str:
+    """The channel topic for a provider and lane: ``push.apns`` or ``push.fcm.bulk``."""
+    return f"push.{provider}" if lane == "normal" else f"push.{provider}.bulk"
+
+
+CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
+ALL_TOPICS = (
+    POST_CREATED,
+    *CHANGELOG_TOPICS,
+    *CHANNEL_TOPICS,
+    DELIVERY_EVENTS,
+    DEAD_LETTERS,
+)
+
+MAX_DISPATCH_BATCH = 500
+
+
+class ConfigError(ValueError):
+    """A setting has a value fanfare cannot use; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """fanfare's configuration. Field docs are the README's configuration table."""
+
+    home: Path = Path(".fanfare")
+    """FANFARE_HOME: folder for the embedded stack's state, logs, store and recovery data."""
+    kafka_brokers: str = "127.0.0.1:9092"
+    """FANFARE_KAFKA_BROKERS: bootstrap servers, comma separated."""
+    kafka_options: Mapping[str, str] = field(default_factory=dict)
+    """FANFARE_KAFKA_OPTIONS: extra librdkafka settings, `key=value` comma separated
+    (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """FANFARE_REDIS_URL: Redis for post claims (and, later, rate limits)."""
+    redis_prefix: str = "fanfare:"
+    """FANFARE_REDIS_PREFIX: prefix of every Redis key fanfare writes."""
+    store_url: str = ""
+    """FANFARE_STORE_URL: follower store; default `sqlite:///$FANFARE_HOME/store.db`."""
+    topic_partitions: int = 4
+    """FANFARE_TOPIC_PARTITIONS: partitions of each topic `fanfare topics create` makes."""
+    topic_partition_overrides: Mapping[str, int] = field(default_factory=dict)
+    """FANFARE_TOPIC_PARTITIONS_OVERRIDES: per topic, `push.fcm.bulk=8,post_created=2`."""
+    replication_factor: int = 1
+    """FANFARE_REPLICATION_FACTOR: replication of created topics (1 on the embedded broker)."""
+    shard_count: int = 32
+    """FANFARE_SHARDS: follower shards; users are bucketed by shard, fixed per deployment."""
+    celebrity_threshold: int = 10_000
+    """FANFARE_CELEBRITY_THRESHOLD: authors with more followers go to the `.bulk` lanes."""
+    dispatch_batch_size: int = MAX_DISPATCH_BATCH
+    """FANFARE_DISPATCH_BATCH_SIZE: items per dispatch batch, 1 to 500."""
+    follower_page_size: int = 2_000
+    """FANFARE_FOLLOWER_PAGE_SIZE: followers read per page from the follower store."""
+    expand_budget: int = 20_000
+    """FANFARE_EXPAND_BUDGET: followers one shard expands before yielding to other work."""
+    post_claim_ttl_s: int = 86_400
+    """FANFARE_POST_CLAIM_TTL_S: how long a post_id is remembered for dedupe."""
+    changelog_settle_ms: int = 100
+    """FANFARE_CHANGELOG_SETTLE_MS: margin subtracted from a changelog's caught-up time."""
+    snapshot_interval_s: int = 5
+    """FANFARE_SNAPSHOT_INTERVAL_S: Bytewax epoch / recovery snapshot interval."""
+    recovery_partitions: int = 4
+    """FANFARE_RECOVERY_PARTITIONS: partitions of a new recovery directory."""
+    metrics_port: int = 3030
+    """FANFARE_METRICS_PORT: first /metrics port (one per process)."""
+    log_level: str = "INFO"
+    """FANFARE_LOG_LEVEL: Python logging level."""
+
+    @property
+    def resolved_store_url(self) -> str:
+        """The follower store URL, defaulting to SQLite inside FANFARE_HOME."""
+        return self.store_url or f"sqlite:///{self.home / 'store.db'}"
+
+    def recovery_dir(self, flow_name: str) -> Path:
+        """Where a flow's recovery partitions live."""
+        return self.home / "recovery" / flow_name
+
+    def partitions_for(self, topic: str) -> int:
+        """Partition count for a topic (override, else the default)."""
+        return self.topic_partition_overrides.get(topic, self.topic_partitions)
+
+    def kafka_config(self, **extra: object) -> dict[str, object]:
+        """Librdkafka configuration: brokers, pass-through options, then per-use settings."""
+        conf: dict[str, object] = {"bootstrap.servers": self.kafka_brokers}
+        conf.update(self.kafka_options)
+        conf.update(extra)
+        return conf
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests and CLI flags)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _env_name(field_name: str) -> str:
+    special = {"shard_count": "FANFARE_SHARDS"}
+    return special.get(field_name, "FANFARE_" + field_name.upper())
+
+
+ENV_VARIABLES = {f.name: _env_name(f.name) for f in fields(Settings)}
+
+
+def _parse_pairs(name: str, raw: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{name}: expected key=value pairs separated by commas, got {part!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _parse_int(name: str, raw: str, minimum: int, maximum: int | None = None) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{name}={value} is out of range: use a value {bound}")
+    return value
+
+
+_INT_BOUNDS: dict[str, tuple[int, int | None]] = {
+    "topic_partitions": (1, 10_000),
+    "replication_factor": (1, 16),
+    "shard_count": (1, 65_536),
+    "celebrity_threshold": (1, None),
+    "dispatch_batch_size": (1, MAX_DISPATCH_BATCH),
+    "follower_page_size": (1, 100_000),
+    "expand_budget": (1, None),
+    "post_claim_ttl_s": (1, None),
+    "changelog_settle_ms": (0, 60_000),
+    "snapshot_interval_s": (1, 3_600),
+    "recovery_partitions": (1, 1_024),
+    "metrics_port": (1, 65_535),
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read every ``FANFARE_*`` variable; unknown values raise :class:`ConfigError`."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, var in ENV_VARIABLES.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        if name == "home":
+            values[name] = Path(raw)
+        elif name == "kafka_options":
+            values[name] = _parse_pairs(var, raw)
+        elif name == "topic_partition_overrides":
+            values[name] = {
+                k: _parse_int(f"{var} ({k})", v, 1, 10_000)
+                for k, v in _parse_pairs(var, raw).items()
+            }
+        elif name in _INT_BOUNDS:
+            low, high = _INT_BOUNDS[name]
+            values[name] = _parse_int(var, raw, low, high)
+        elif name == "log_level":
+            level = raw.upper()
+            if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+                raise ConfigError(f"{var}={raw!r}: use DEBUG, INFO, WARNING or ERROR")
+            values[name] = level
+        else:
+            values[name] = raw
+    settings = Settings(**values)  # type: ignore[arg-type]
+    unknown = set(settings.topic_partition_overrides) - set(ALL_TOPICS)
+    if unknown:
+        raise ConfigError(
+            f"FANFARE_TOPIC_PARTITIONS_OVERRIDES names unknown topics {sorted(unknown)}; "
+            f"known topics: {', '.join(ALL_TOPICS)}"
+        )
+    if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("FANFARE_REDIS_URL must start with redis://, rediss:// or unix://")
+    if not settings.resolved_store_url.startswith(("sqlite:///", "cassandra://")):
+        raise ConfigError(
+            "FANFARE_STORE_URL must be sqlite:///PATH (or cassandra://hosts/keyspace, later)"
+        )
+    return settings

@@ -1,0 +1,39 @@
+"""The fan-out funnel as Prometheus metrics (served on /metrics by Bytewax's API server).
+
+Counters are per process; `fanfare demo` and `fanfare metrics` sum them across endpoints.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+POSTS_READ = Counter("fanfare_posts_read_total", "post_created events decoded and valid")
+POSTS_SUPPRESSED = Counter(
+    "fanfare_posts_suppressed_total", "posts that notify nobody, by reason", ["reason"]
+)
+POSTS_FANNED_OUT = Counter(
+    "fanfare_posts_fanned_out_total", "posts planned for fan-out, by lane", ["lane"]
+)
+CANDIDATES = Counter("fanfare_candidates_total", "follow edges examined for a post")
+SUPPRESSED = Counter("fanfare_suppressed_total", "candidates not notified, by reason", ["reason"])
+DEFERRED = Counter("fanfare_deferred_total", "candidates deferred for quiet hours")
+RELEASED = Counter("fanfare_released_total", "deferred candidates released after quiet hours")
+DEDUPED = Counter(
+    "fanfare_deduped_total",
+    "duplicates dropped, by stage (post_claim: posts; shard_job: jobs; replay: items)",
+    ["stage"],
+)
+DISPATCHED = Counter(
+    "fanfare_dispatched_total", "dispatch items written, by provider and lane", ["provider", "lane"]
+)
+DISPATCH_BATCHES = Counter(
+    "fanfare_dispatch_batches_total", "dispatch batches written", ["provider", "lane"]
+)
+DEAD_LETTERS = Counter(
+    "fanfare_dead_letters_total", "events sent to dead_letters", ["source_topic", "reason"]
+)
+CHANGES_APPLIED = Counter(
+    "fanfare_changes_applied_total", "changelog events applied, by topic", ["topic"]
+)
+SHARD_JOBS_CREATED = Counter("fanfare_shard_jobs_created_total", "(post, shard) jobs created")
+SHARD_JOBS_COMPLETED = Counter("fanfare_shard_jobs_completed_total", "(post, shard) jobs done")

@@ -1,0 +1,1 @@
+"""Event contracts: JSON Schema files for every topic, typed frozen records and their codecs."""

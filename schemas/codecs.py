@@ -1,0 +1,265 @@
+"""Decode and validate events against the JSON Schema files in this folder; encode records.
+
+Decoders raise :class:`InvalidEvent` with a reason that goes to ``dead_letters`` verbatim.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from datetime import datetime
+from importlib import resources
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import fastjsonschema
+import orjson
+
+from schemas.records import (
+    DeadLetter,
+    DeviceChange,
+    DispatchBatch,
+    FollowChange,
+    PostCreated,
+    PreferenceChange,
+)
+
+SCHEMA_NAMES = (
+    "post_created",
+    "follow_changes",
+    "preference_changes",
+    "device_changes",
+    "dispatch_batch",
+    "delivery_events",
+    "dead_letters",
+)
+
+
+class InvalidEvent(ValueError):
+    """An event that does not decode or validate; `reason` is short and machine-groupable."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema document of a topic contract."""
+    text = resources.files("schemas").joinpath(f"{name}.schema.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@functools.cache
+def validator(name: str) -> Callable[[Any], Any]:
+    """A compiled validator for a contract (compiled once per process, on first use)."""
+    return fastjsonschema.compile(load_schema(name))  # type: ignore[no-any-return]
+
+
+def _parse(raw: bytes | str | None, schema: str) -> dict[str, Any]:
+    if raw is None:
+        raise InvalidEvent("empty", "message has no value")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent("invalid_json", str(exc)) from None
+    if not isinstance(data, dict):
+        raise InvalidEvent("schema", f"expected a JSON object, got {type(data).__name__}")
+    try:
+        validator(schema)(data)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise InvalidEvent("schema", exc.message) from None
+    return data
+
+
+def parse_timestamp(value: str) -> datetime:
+    """RFC 3339 to an aware datetime; naive times are refused (they have no meaning here)."""
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise InvalidEvent("schema", f"timestamp {value!r} is not RFC 3339") from None
+    if parsed.tzinfo is None:
+        raise InvalidEvent("schema", f"timestamp {value!r} has no UTC offset")
+    return parsed
+
+
+@functools.lru_cache(maxsize=1024)
+def _zone_exists(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def decode_post_created(raw: bytes | str | None) -> PostCreated:
+    """A validated :class:`PostCreated`."""
+    d = _parse(raw, "post_created")
+    return PostCreated(
+        post_id=d["post_id"],
+        author_id=d["author_id"],
+        visibility=d["visibility"],
+        created_at=parse_timestamp(d["created_at"]),
+        notify_followers=d.get("notify_followers", True),
+        text=d.get("text"),
+    )
+
+
+def decode_follow_change(raw: bytes | str | None) -> FollowChange:
+    """A validated :class:`FollowChange`."""
+    d = _parse(raw, "follow_changes")
+    return FollowChange(
+        author_id=d["author_id"],
+        follower_id=d["follower_id"],
+        op=d["op"],
+        notify_on_post=d.get("notify_on_post", True),
+        muted=d.get("muted", False),
+        ts=parse_timestamp(d["ts"]),
+    )
+
+
+def decode_preference_change(raw: bytes | str | None) -> PreferenceChange:
+    """A validated :class:`PreferenceChange`; the timezone must exist in the tz database."""
+    d = _parse(raw, "preference_changes")
+    start, end = d.get("quiet_hours_start"), d.get("quiet_hours_end")
+    if (start is None) != (end is None):
+        raise InvalidEvent(
+            "schema", "quiet_hours_start and quiet_hours_end must both be set or both be null"
+        )
+    if not _zone_exists(d["timezone"]):
+        raise InvalidEvent("unknown_timezone", f"{d['timezone']!r} is not an IANA time zone")
+    return PreferenceChange(
+        user_id=d["user_id"],
+        push_enabled=d.get("push_enabled", True),
+        quiet_hours_start=start,
+        quiet_hours_end=end,
+        timezone=d["timezone"],
+        ts=parse_timestamp(d["ts"]),
+    )
+
+
+def decode_device_change(raw: bytes | str | None) -> DeviceChange:
+    """A validated :class:`DeviceChange`."""
+    d = _parse(raw, "device_changes")
+    return DeviceChange(
+        user_id=d["user_id"],
+        device_id=d["device_id"],
+        provider=d["provider"],
+        token=d.get("token"),
+        active=d["active"],
+        ts=parse_timestamp(d["ts"]),
+    )
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def encode_post_created(post: PostCreated) -> bytes:
+    """The wire form of a post."""
+    body: dict[str, Any] = {
+        "event_type": "post_created",
+        "post_id": post.post_id,
+        "author_id": post.author_id,
+        "visibility": post.visibility,
+        "created_at": _rfc3339(post.created_at),
+        "notify_followers": post.notify_followers,
+    }
+    if post.text is not None:
+        body["text"] = post.text
+    return orjson.dumps(body)
+
+
+def encode_follow_change(change: FollowChange) -> bytes:
+    """The wire form of a follow change."""
+    return orjson.dumps(
+        {
+            "author_id": change.author_id,
+            "follower_id": change.follower_id,
+            "op": change.op,
+            "notify_on_post": change.notify_on_post,
+            "muted": change.muted,
+            "ts": _rfc3339(change.ts),
+        }
+    )
+
+
+def encode_preference_change(change: PreferenceChange) -> bytes:
+    """The wire form of a preference change."""
+    return orjson.dumps(
+        {
+            "user_id": change.user_id,
+            "push_enabled": change.push_enabled,
+            "quiet_hours_start": change.quiet_hours_start,
+            "quiet_hours_end": change.quiet_hours_end,
+            "timezone": change.timezone,
+            "ts": _rfc3339(change.ts),
+        }
+    )
+
+
+def encode_device_change(change: DeviceChange) -> bytes:
+    """The wire form of a device change."""
+    body: dict[str, Any] = {
+        "user_id": change.user_id,
+        "device_id": change.device_id,
+        "provider": change.provider,
+        "active": change.active,
+        "ts": _rfc3339(change.ts),
+    }
+    if change.token is not None:
+        body["token"] = change.token
+    return orjson.dumps(body)
+
+
+def encode_dispatch_batch(batch: DispatchBatch) -> bytes:
+    """The wire form of a dispatch batch."""
+    return orjson.dumps(
+        {
+            "schema": "dispatch_batch/v1",
+            "post_id": batch.post_id,
+            "author_id": batch.author_id,
+            "provider": batch.provider,
+            "created_at": batch.created_at,
+            "items": batch.items,
+        }
+    )
+
+
+def decode_dispatch_batch(raw: bytes | str, lane: str) -> DispatchBatch:
+    """A validated :class:`DispatchBatch` read back from a channel topic."""
+    from schemas.records import DispatchItem
+
+    d = _parse(raw, "dispatch_batch")
+    return DispatchBatch(
+        post_id=d["post_id"],
+        author_id=d["author_id"],
+        provider=d["provider"],
+        created_at=d["created_at"],
+        lane=lane,
+        items=tuple(
+            DispatchItem(
+                notification_id=i["notification_id"],
+                user_id=i["user_id"],
+                device_id=i["device_id"],
+                token=i["token"],
+            )
+            for i in d["items"]
+        ),
+    )
+
+
+def encode_dead_letter(letter: DeadLetter) -> bytes:
+    """The wire form of a dead letter."""
+    return orjson.dumps(letter)
+
+
+def raw_text(raw: bytes | str | None) -> str:
+    """The original message as text, keeping bytes that are not UTF-8 as escapes."""
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw
+    return raw.decode("utf-8", errors="backslashreplace")

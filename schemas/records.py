@@ -1,0 +1,99 @@
+"""Typed, frozen records of the events on fanfare's topics (DESIGN.md, "Contracts")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, TypedDict
+
+Visibility = Literal["public", "followers", "private"]
+Provider = Literal["apns", "fcm"]
+FollowOp = Literal["follow", "unfollow"]
+
+
+@dataclass(frozen=True, slots=True)
+class PostCreated:
+    """An author published a post."""
+
+    post_id: str
+    author_id: str
+    visibility: Visibility
+    created_at: datetime
+    notify_followers: bool = True
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FollowChange:
+    """A follow edge was created, updated (new flags) or removed."""
+
+    author_id: str
+    follower_id: str
+    op: FollowOp
+    notify_on_post: bool
+    muted: bool
+    ts: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PreferenceChange:
+    """A user's complete push preferences."""
+
+    user_id: str
+    push_enabled: bool
+    quiet_hours_start: int | None
+    quiet_hours_end: int | None
+    timezone: str
+    ts: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChange:
+    """A device was registered or refreshed (active) or deactivated."""
+
+    user_id: str
+    device_id: str
+    provider: Provider
+    token: str | None
+    active: bool
+    ts: datetime
+
+
+class DispatchItem(TypedDict):
+    """One push to one device; `notification_id` names the follower-level notification.
+
+    A plain dict (not a dataclass): the fan-out builds one per device on its hottest path.
+    """
+
+    notification_id: str
+    user_id: str
+    device_id: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchBatch:
+    """Up to 500 dispatch items of one post for one provider, bound for one channel topic."""
+
+    post_id: str
+    author_id: str
+    provider: Provider
+    created_at: str
+    lane: str
+    items: tuple[DispatchItem, ...]
+
+    @property
+    def topic(self) -> str:
+        """The channel topic this batch goes to."""
+        return f"push.{self.provider}" if self.lane == "normal" else f"push.{self.provider}.bulk"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Something that could not be processed, with why, and the original bytes."""
+
+    source_topic: str
+    partition: int | None
+    offset: int | None
+    error: str
+    raw: str

@@ -1,0 +1,105 @@
+"""The ``fanfare`` command: one entry point for the embedded stack, topics, flows and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from operators.config import ConfigError, Settings, load_settings
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; each subcommand sets `func`."""
+    from scripts import devstack, runner
+
+    parser = argparse.ArgumentParser(
+        prog="fanfare",
+        description="Notification fan-out engine. Configuration comes from FANFARE_* "
+        "environment variables (see the README's configuration table).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="the embedded stack (Kafka-protocol broker, Redis check)")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    dev_sub.add_parser("up", help="start the broker in the background, check Redis, create topics")
+    dev_sub.add_parser("down", help="stop what `dev up` started")
+    dev_sub.add_parser("status", help="say what is running and reachable")
+    dev.set_defaults(func=devstack.command)
+
+    topics = sub.add_parser("topics", help="manage fanfare's topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    create = topics_sub.add_parser("create", help="create every topic (safe to run twice)")
+    create.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=None,
+        help="partitions per topic (default: FANFARE_TOPIC_PARTITIONS)",
+    )
+    topics_sub.add_parser("list", help="list fanfare's topics and their partitions")
+    topics.set_defaults(func=devstack.topics_command)
+
+    run = sub.add_parser("run", help="run a dataflow under `python -m bytewax.run`")
+    run.add_argument("flow", choices=["fanout"], help="which dataflow")
+    run.add_argument("--workers", type=_positive_int, default=1, help="worker threads per process")
+    run.add_argument(
+        "--processes", type=_positive_int, default=1, help="worker processes on this host"
+    )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the recovery directory first (start from the topics' beginning)",
+    )
+    run.set_defaults(func=runner.run_command)
+
+    demo = sub.add_parser("demo", help="seed a synthetic social graph, fan out posts, summarise")
+    demo.add_argument("--users", type=_positive_int, default=5_000, help="users to seed")
+    demo.add_argument("--posts", type=_positive_int, default=40, help="posts to publish")
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the synthetic graph")
+    demo.add_argument(
+        "--timeout", type=_positive_int, default=180, help="seconds to wait for the fan-out"
+    )
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from scripts import demo
+
+    return demo.command(args, settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, load settings, run the subcommand; exit codes: 0 ok, 1 failed, 2 usage."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"fanfare: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    func: Command = args.func
+    try:
+        return func(args, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""docker-compose.yml and scripts/Dockerfile agree with fanfare's settings and with each other.
+
+No Docker engine is needed: the compose file is read with PyYAML (anchors and `<<` merges
+resolved), and `docker compose config -q` runs only where the compose plugin is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from operators.config import ENV_VARIABLES, ConfigError, Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILE = "scripts/Dockerfile"
+KAFKA_SERVICE = "kafka"
+REDIS_SERVICE = "redis"
+
+Service = Mapping[str, Any]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    with COMPOSE_FILE.open(encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    assert isinstance(doc, dict) and isinstance(doc.get("services"), dict), (
+        "docker-compose.yml has no services mapping"
+    )
+    return doc
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Service]:
+    return compose["services"]  # type: ignore[no-any-return]
+
+
+def environment(service: Service) -> dict[str, Any]:
+    """A service's environment as a dict, from either compose form (mapping or KEY=VALUE list)."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        pairs = (item.partition("=") for item in env)
+        return {key: value if sep else None for key, sep, value in pairs}
+    return dict(env)
+
+
+def depends_on(service: Service) -> dict[str, str]:
+    """depends_on targets mapped to their condition (the list form means service_started)."""
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
+
+
+def is_fanfare_service(service: Service) -> bool:
+    build = service.get("build")
+    return isinstance(build, Mapping) and build.get("dockerfile") == DOCKERFILE
+
+
+def fanfare_services(services: Mapping[str, Service]) -> dict[str, Service]:
+    found = {name: svc for name, svc in services.items() if is_fanfare_service(svc)}
+    assert found, f"no service is built from {DOCKERFILE}"
+    return found
+
+
+def service_settings(name: str, service: Service) -> Settings:
+    """The settings a fanfare service's environment gives, failing with the service's name."""
+    try:
+        return load_settings(environment(service))
+    except ConfigError as exc:
+        pytest.fail(f"service {name!r}: {exc}")
+
+
+def has_healthcheck(service: Service) -> bool:
+    check = service.get("healthcheck")
+    if not check or check.get("disable"):
+        return False
+    test = check.get("test")
+    return bool(test) and test != ["NONE"]
+
+
+def published_ports(service: Service) -> Iterator[tuple[str | None, str, str]]:
+    """(host_ip, host_port, container_port) for each of a service's port publications."""
+    for port in service.get("ports") or []:
+        if isinstance(port, Mapping):
+            yield port.get("host_ip"), str(port.get("published", "")), str(port["target"])
+            continue
+        spec = str(port).split("/", 1)[0]
+        parts = spec.rsplit(":", 2)
+        if len(parts) == 3:
+            yield parts[0].strip("[]"), parts[1], parts[2]
+        elif len(parts) == 2:
+            yield None, parts[0], parts[1]
+        else:
+            yield None, "", parts[0]
+
+
+def listeners(value: str) -> dict[str, tuple[str, int]]:
+    """`NAME://host:port,...` as {NAME: (host, port)}."""
+    found: dict[str, tuple[str, int]] = {}
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        name, _, address = entry.partition("://")
+        host, _, port = address.rpartition(":")
+        found[name] = (host, int(port))
+    return found
+
+
+def final_stage(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile's last stage, continuation lines joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in dockerfile.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            instructions = []
+        instructions.append((keyword, args.strip()))
+    return instructions
+
+
+# --- every service ------------------------------------------------------------------------------
+
+
+def test_every_service_is_healthchecked_or_an_awaited_one_shot(
+    services: dict[str, Service],
+) -> None:
+    waiting: dict[str, dict[str, str]] = {}
+    for name, svc in services.items():
+        for target, condition in depends_on(svc).items():
+            waiting.setdefault(target, {})[name] = condition
+    for name, svc in services.items():
+        if has_healthcheck(svc):
+            continue
+        dependents = waiting.get(name, {})
+        assert svc.get("restart", "no") == "no", (
+            f"service {name!r} has no health check and restarts ({svc.get('restart')!r}): "
+            "give it a health check, or make it a one-shot (restart: 'no')"
+        )
+        assert dependents, f"service {name!r} has no health check and nothing waits for it"
+        not_waiting = {d: c for d, c in dependents.items() if c != "service_completed_successfully"}
+        assert not not_waiting, (
+            f"one-shot service {name!r}: dependents must wait for "
+            f"service_completed_successfully, but {not_waiting} do not"
+        )
+
+
+def test_depends_on_targets_exist_and_conditions_fit(services: dict[str, Service]) -> None:
+    for name, svc in services.items():
+        for target, condition in depends_on(svc).items():
+            assert target in services, f"{name} depends on {target!r}, which is not a service"
+            if condition == "service_healthy":
+                assert has_healthcheck(services[target]), (
+                    f"{name} waits for {target} to be healthy, but {target} has no health check"
+                )
+            elif condition == "service_completed_successfully":
+                assert services[target].get("restart", "no") == "no", (
+                    f"{name} waits for {target} to complete, but {target} restarts"
+                )
+            else:
+                assert condition == "service_started", f"{name}: unknown condition {condition!r}"
+
+
+def test_every_fanfare_variable_is_defined_in_config(services: dict[str, Service]) -> None:
+    known = set(ENV_VARIABLES.values())
+    unknown = {
+        f"{name}: {var}"
+        for name, svc in services.items()
+        for var in environment(svc)
+        if var.startswith("FANFARE_") and var not in known
+    }
+    assert not unknown, (
+        f"docker-compose.yml uses FANFARE_* variables that operators/config.py does not define: "
+        f"{sorted(unknown)}"
+    )
+
+
+def test_host_ports_bind_loopback_only(services: dict[str, Service]) -> None:
+    for name, svc in services.items():
+        assert svc.get("network_mode") != "host", f"{name} uses the host network"
+        for host_ip, host_port, container_port in published_ports(svc):
+            assert host_ip == "127.0.0.1", (
+                f"{name} publishes {host_port or '?'}:{container_port} on "
+                f"{host_ip or 'every interface'}; bind it to 127.0.0.1"
+            )
+
+
+# --- fanfare's services -------------------------------------------------------------------------
+
+
+def test_fanfare_services_use_only_config_and_bytewax_variables(
+    services: dict[str, Service],
+) -> None:
+    known = set(ENV_VARIABLES.values())
+    for name, svc in fanfare_services(services).items():
+        assert "env_file" not in svc, f"{name}: keep the environment in docker-compose.yml"
+        other = [v for v in environment(svc) if v not in known and not v.startswith("BYTEWAX_")]
+        assert not other, f"{name} sets {other}: neither FANFARE_* settings nor BYTEWAX_* variables"
+
+
+def test_fanfare_service_environments_load_and_agree(services: dict[str, Service]) -> None:
+    loaded = {}
+    for name, svc in fanfare_services(services).items():
+        env = environment(svc)
+        not_strings = {k: v for k, v in env.items() if not isinstance(v, str)}
+        assert not not_strings, f"{name}: quote these values so YAML keeps them strings"
+        settings = service_settings(name, svc)
+        assert str(settings.home) == "/var/lib/fanfare", name
+        assert settings.replication_factor == 1, name
+        loaded[name] = {k: v for k, v in env.items() if k.startswith("FANFARE_")}
+    first_name, first = next(iter(loaded.items()))
+    for name, env in loaded.items():
+        assert env == first, f"{name} and {first_name} disagree on FANFARE_* settings"
+
+
+def test_fanfare_image_builds_from_scripts_dockerfile(services: dict[str, Service]) -> None:
+    for name, svc in services.items():
+        build = svc.get("build")
+        if build is None:
+            continue
+        assert isinstance(build, Mapping), f"{name}: use the build mapping with a dockerfile"
+        assert build.get("dockerfile") == DOCKERFILE, f"{name} builds from {build!r}"
+        context = (REPO / build.get("context", ".")).resolve()
+        assert context == REPO, f"{name}: the build context must be the repository root"
+        assert (context / DOCKERFILE).is_file(), f"{DOCKERFILE} is missing"
+    images = {svc.get("image") for svc in fanfare_services(services).values()}
+    assert len(images) == 1, f"fanfare services should share one image, not {images}"
+
+
+def test_dockerfile_entrypoint_is_fanfare_and_runs_as_non_root() -> None:
+    stage = final_stage(REPO / DOCKERFILE)
+    entrypoints = [args for keyword, args in stage if keyword == "ENTRYPOINT"]
+    assert entrypoints, f"{DOCKERFILE}: the final stage has no ENTRYPOINT"
+    assert json.loads(entrypoints[-1]) == ["fanfare"]
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "fanfare" in pyproject["project"]["scripts"], "pyproject.toml defines no fanfare script"
+    users = [args for keyword, args in stage if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}, "the image must not run as root"
+
+
+def test_dockerfile_copies_every_package_pyproject_ships() -> None:
+    text = (REPO / DOCKERFILE).read_text(encoding="utf-8")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    top_level = {pkg.split(".")[0] for pkg in pyproject["tool"]["setuptools"]["packages"]}
+    missing = sorted(pkg for pkg in top_level if f"COPY {pkg} ./{pkg}" not in text)
+    assert not missing, f"{DOCKERFILE} does not copy packages {missing} into the build"
+
+
+def test_brokers_point_at_kafkas_internal_listener(services: dict[str, Service]) -> None:
+    kafka_env = environment(services[KAFKA_SERVICE])
+    advertised = listeners(kafka_env["KAFKA_ADVERTISED_LISTENERS"])
+    bound = listeners(kafka_env["KAFKA_LISTENERS"])
+    internal = {n: hp for n, hp in advertised.items() if hp[0] == KAFKA_SERVICE}
+    assert len(internal) == 1, f"expected one listener advertised as {KAFKA_SERVICE}:PORT"
+    [(listener, (_, port))] = internal.items()
+    assert bound[listener][1] == port, f"listener {listener} binds another port than it advertises"
+    assert kafka_env["KAFKA_INTER_BROKER_LISTENER_NAME"] == listener
+    host_ports = {int(c) for _, _, c in published_ports(services[KAFKA_SERVICE])}
+    assert port not in host_ports, "the internal listener should not be the host's"
+    for _, (host, host_port) in advertised.items():
+        if host_port in host_ports:
+            assert host == "127.0.0.1", "the host listener must advertise 127.0.0.1"
+    for name, svc in fanfare_services(services).items():
+        brokers = environment(svc)["FANFARE_KAFKA_BROKERS"].split(",")
+        assert brokers == [f"{KAFKA_SERVICE}:{port}"], f"{name}: FANFARE_KAFKA_BROKERS={brokers}"
+        assert depends_on(svc).get(KAFKA_SERVICE) == "service_healthy", name
+
+
+def test_redis_url_points_at_the_redis_service(services: dict[str, Service]) -> None:
+    assert REDIS_SERVICE in services
+    for name, svc in fanfare_services(services).items():
+        settings = service_settings(name, svc)
+        assert settings.redis_url.startswith(f"redis://{REDIS_SERVICE}:6379/"), name
+
+
+def test_topics_is_a_one_shot_that_fanout_waits_for(services: dict[str, Service]) -> None:
+    topics = services["topics"]
+    assert is_fanfare_service(topics)
+    assert topics["command"] == ["topics", "create"]
+    assert depends_on(topics) == {KAFKA_SERVICE: "service_healthy"}
+    assert depends_on(services["fanout"]) == {
+        KAFKA_SERVICE: "service_healthy",
+        REDIS_SERVICE: "service_healthy",
+        "topics": "service_completed_successfully",
+    }
+
+
+def test_fanout_service_serves_metrics_and_keeps_its_home(
+    compose: dict[str, Any], services: dict[str, Service]
+) -> None:
+    fanout = services["fanout"]
+    assert fanout["command"] == ["run", "fanout", "--workers", "1"]
+    env = environment(fanout)
+    assert env["BYTEWAX_DATAFLOW_API_ENABLED"] == "1"
+    settings = service_settings("fanout", fanout)
+    port = settings.metrics_port
+    assert ("127.0.0.1", str(port), str(port)) in set(published_ports(fanout))
+    assert f"127.0.0.1:{port}/metrics" in " ".join(fanout["healthcheck"]["test"])
+    mounts = {}
+    for volume in fanout.get("volumes") or []:
+        source, _, target = str(volume).partition(":")
+        mounts[target.split(":")[0]] = source
+    home = str(settings.home)
+    assert home in mounts, f"fanout: FANFARE_HOME ({home}) is not on a volume"
+    assert mounts[home] in (compose.get("volumes") or {}), "FANFARE_HOME must be a named volume"
+    assert fanout.get("restart") in {"always", "unless-stopped", "on-failure"}
+
+
+def test_cassandra_is_healthchecked_with_cqlsh(services: dict[str, Service]) -> None:
+    cassandra = services["cassandra"]
+    assert cassandra["image"].startswith("cassandra:4.1")
+    assert "cqlsh -e 'describe keyspaces'" in " ".join(cassandra["healthcheck"]["test"])
+    assert ("127.0.0.1", "9042", "9042") in set(published_ports(cassandra))
+
+
+# --- docker compose itself, where it is installed -----------------------------------------------
+
+
+def _compose_command() -> tuple[list[str] | None, str]:
+    docker = shutil.which("docker")
+    if docker:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, text=True, timeout=30
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"], ""
+    standalone = shutil.which("docker-compose")
+    if standalone:
+        return [standalone], ""
+    if docker:
+        return None, "the docker CLI has no compose plugin (`docker compose version` failed)"
+    return None, "neither `docker compose` nor `docker-compose` is installed"
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    command, reason = _compose_command()
+    if command is None:
+        pytest.skip(reason)
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, f"docker compose config -q failed:\n{result.stderr}"
