@@ -117,7 +117,10 @@ class Settings:
 
 
 def _env_name(field_name: str) -> str:
-    special = {"shard_count": "FANFARE_SHARDS"}
+    special = {
+        "shard_count": "FANFARE_SHARDS",
+        "topic_partition_overrides": "FANFARE_TOPIC_PARTITIONS_OVERRIDES",
+    }
     return special.get(field_name, "FANFARE_" + field_name.upper())
 
 

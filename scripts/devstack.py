@@ -55,6 +55,11 @@ class BrokerStartError(RuntimeError):
     """The embedded broker could not be started; the message says why and where to look."""
 
 
+# Brokers this process started, kept so their Popen objects are not collected while they run
+# (which warns) and so stop_broker in the same process reaps them instead of leaving zombies.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 # --- where things live ---------------------------------------------------------------------------
 
 
@@ -149,6 +154,12 @@ def broker_running(settings: Settings) -> int | None:
 def _exited(pid: int) -> bool:
     # Reap it if it is our own child (tests start and stop in one process), else a zombie
     # would look alive to kill(pid, 0) forever.
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return False
+        del _children[pid]
+        return True
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
@@ -253,11 +264,13 @@ def start_broker(settings: Settings) -> int:
             start_new_session=True,
             env={**os.environ, "NO_COLOR": "1"},
         )
+    _children[proc.pid] = proc
     _write_pid(settings, proc.pid)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not wait_for_broker(settings, 0.5):
         code = proc.poll()
         if code is not None:
+            _children.pop(proc.pid, None)
             pid_file(settings).unlink(missing_ok=True)
             raise BrokerStartError(
                 f"the broker exited with code {code} right after starting; "

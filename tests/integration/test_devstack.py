@@ -238,6 +238,18 @@ def test_dev_down_never_signals_a_process_it_did_not_start(stack: Stack) -> None
         other.wait()
 
 
+@pytest.mark.integration
+def test_dev_up_refuses_a_port_taken_by_something_else(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        stack = Stack(tmp_path / "home", port=int(squatter.getsockname()[1]))
+        up = stack.run("dev", "up")
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert "already taken by another process" in up.stderr
+    assert not devstack.pid_file(stack.settings).exists()
+
+
 @pytest.mark.parametrize(
     ("brokers", "expected"),
     [

@@ -1,0 +1,175 @@
+"""Settings from FANFARE_* variables: defaults, every variable, errors naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from operators.config import (
+    ALL_TOPICS,
+    ENV_VARIABLES,
+    MAX_DISPATCH_BATCH,
+    ConfigError,
+    Settings,
+    load_settings,
+)
+from scripts import cli
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# One non-default value per variable, and the field value it must become.
+EVERY_VARIABLE: dict[str, tuple[str, object]] = {
+    "FANFARE_HOME": ("/var/lib/fanfare", Path("/var/lib/fanfare")),
+    "FANFARE_KAFKA_BROKERS": ("k1:9092,k2:9092", "k1:9092,k2:9092"),
+    "FANFARE_KAFKA_OPTIONS": (
+        "security.protocol=SASL_SSL, sasl.mechanism=PLAIN",
+        {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"},
+    ),
+    "FANFARE_REDIS_URL": ("redis://cache:6380/2", "redis://cache:6380/2"),
+    "FANFARE_REDIS_PREFIX": ("ff-test:", "ff-test:"),
+    "FANFARE_STORE_URL": ("sqlite:////data/store.db", "sqlite:////data/store.db"),
+    "FANFARE_TOPIC_PARTITIONS": ("12", 12),
+    "FANFARE_TOPIC_PARTITIONS_OVERRIDES": (
+        "push.fcm.bulk=8,post_created=2",
+        {"push.fcm.bulk": 8, "post_created": 2},
+    ),
+    "FANFARE_REPLICATION_FACTOR": ("3", 3),
+    "FANFARE_SHARDS": ("64", 64),
+    "FANFARE_CELEBRITY_THRESHOLD": ("50000", 50_000),
+    "FANFARE_DISPATCH_BATCH_SIZE": ("250", 250),
+    "FANFARE_FOLLOWER_PAGE_SIZE": ("1000", 1_000),
+    "FANFARE_EXPAND_BUDGET": ("5000", 5_000),
+    "FANFARE_POST_CLAIM_TTL_S": ("3600", 3_600),
+    "FANFARE_CHANGELOG_SETTLE_MS": ("0", 0),
+    "FANFARE_SNAPSHOT_INTERVAL_S": ("2", 2),
+    "FANFARE_RECOVERY_PARTITIONS": ("8", 8),
+    "FANFARE_METRICS_PORT": ("4040", 4_040),
+    "FANFARE_LOG_LEVEL": ("debug", "DEBUG"),
+}
+
+
+def test_defaults() -> None:
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.home == Path(".fanfare")
+    assert settings.kafka_brokers == "127.0.0.1:9092"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.topic_partitions == 4
+    assert settings.shard_count == 32
+    assert settings.dispatch_batch_size == MAX_DISPATCH_BATCH == 500
+    assert settings.resolved_store_url == "sqlite:///.fanfare/store.db"
+    assert settings.partitions_for("push.fcm") == 4
+    assert settings.kafka_config() == {"bootstrap.servers": "127.0.0.1:9092"}
+
+
+def test_empty_values_mean_default() -> None:
+    assert load_settings(dict.fromkeys(ENV_VARIABLES.values(), "")) == Settings()
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert load_settings({"FANFARE_NOT_A_SETTING": "x", "HOME": "/root"}) == Settings()
+
+
+def test_every_variable_is_parsed() -> None:
+    # The table above must cover every setting, so a new field cannot go untested.
+    assert set(EVERY_VARIABLE) == set(ENV_VARIABLES.values())
+    env = {var: raw for var, (raw, _) in EVERY_VARIABLE.items()}
+    settings = load_settings(env)
+    for field_name, var in ENV_VARIABLES.items():
+        expected = EVERY_VARIABLE[var][1]
+        assert getattr(settings, field_name) == expected, var
+        assert expected != getattr(Settings(), field_name), f"{var} test value is the default"
+
+
+def test_derived_values() -> None:
+    settings = load_settings(
+        {
+            "FANFARE_HOME": "/srv/ff",
+            "FANFARE_TOPIC_PARTITIONS": "6",
+            "FANFARE_TOPIC_PARTITIONS_OVERRIDES": "push.fcm.bulk=8",
+            "FANFARE_KAFKA_OPTIONS": "security.protocol=SASL_SSL",
+        }
+    )
+    assert settings.resolved_store_url == "sqlite:////srv/ff/store.db"
+    assert settings.recovery_dir("fanout") == Path("/srv/ff/recovery/fanout")
+    assert settings.partitions_for("push.fcm.bulk") == 8
+    assert settings.partitions_for("post_created") == 6
+    # Per-use settings come last so a caller's choice wins over pass-through options.
+    assert settings.kafka_config(**{"group.id": "g"}) == {
+        "bootstrap.servers": "127.0.0.1:9092",
+        "security.protocol": "SASL_SSL",
+        "group.id": "g",
+    }
+    assert settings.with_overrides(shard_count=4).shard_count == 4
+    assert settings.shard_count == 32
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "fragment"),
+    [
+        ("FANFARE_SHARDS", "abc", "not a whole number"),
+        ("FANFARE_SHARDS", "0", "out of range"),
+        ("FANFARE_DISPATCH_BATCH_SIZE", "501", "between 1 and 500"),
+        ("FANFARE_DISPATCH_BATCH_SIZE", "0", "out of range"),
+        ("FANFARE_TOPIC_PARTITIONS", "-1", "out of range"),
+        ("FANFARE_TOPIC_PARTITIONS", "2.5", "not a whole number"),
+        ("FANFARE_REPLICATION_FACTOR", "17", "between 1 and 16"),
+        ("FANFARE_METRICS_PORT", "70000", "between 1 and 65535"),
+        ("FANFARE_CHANGELOG_SETTLE_MS", "-5", "out of range"),
+        ("FANFARE_TOPIC_PARTITIONS_OVERRIDES", "nope=3", "unknown topics"),
+        ("FANFARE_TOPIC_PARTITIONS_OVERRIDES", "post_created", "key=value"),
+        ("FANFARE_TOPIC_PARTITIONS_OVERRIDES", "post_created=zero", "not a whole number"),
+        ("FANFARE_TOPIC_PARTITIONS_OVERRIDES", "post_created=0", "out of range"),
+        ("FANFARE_KAFKA_OPTIONS", "acks", "key=value"),
+        ("FANFARE_KAFKA_OPTIONS", "=1", "key=value"),
+        ("FANFARE_LOG_LEVEL", "verbose", "DEBUG, INFO, WARNING or ERROR"),
+        ("FANFARE_REDIS_URL", "http://127.0.0.1:6379", "redis://"),
+        ("FANFARE_STORE_URL", "postgres://db/fanfare", "sqlite:///"),
+    ],
+)
+def test_bad_values_name_the_variable(var: str, raw: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({var: raw})
+    message = str(caught.value)
+    assert var in message
+    assert fragment in message
+
+
+def test_unknown_override_lists_known_topics() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"FANFARE_TOPIC_PARTITIONS_OVERRIDES": "nope=3"})
+    assert "nope" in str(caught.value)
+    assert all(topic in str(caught.value) for topic in ALL_TOPICS)
+
+
+def test_cli_exits_2_on_bad_env(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FANFARE_SHARDS", "abc")
+    assert cli.main(["dev", "status"]) == 2
+    captured = capsys.readouterr()
+    assert "configuration error" in captured.err
+    assert "FANFARE_SHARDS" in captured.err
+    assert captured.out == ""
+
+
+def test_fanfare_command_exits_2_on_bad_env() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FANFARE_")}
+    env["FANFARE_DISPATCH_BATCH_SIZE"] = "501"
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "topics", "list"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "FANFARE_DISPATCH_BATCH_SIZE" in done.stderr
+    assert "between 1 and 500" in done.stderr
+    assert done.stdout == ""
