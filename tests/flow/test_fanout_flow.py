@@ -1,0 +1,171 @@
+"""The whole fan-out graph with Bytewax's TestingSource/TestingSink, on one and two workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+
+from flows.fanout import build_fanout_flow
+from operators.adapters.follower_store import InMemoryFollowerStore
+from operators.adapters.kafka_io import RawEvent
+from operators.adapters.post_claims import InMemoryPostClaims
+from operators.config import Settings
+from operators.fanout_shard import CaughtUp
+from schemas.records import DeadLetter, DispatchBatch
+
+TS = "2026-06-01T12:00:00Z"
+NOON = datetime(2026, 6, 1, 12, tzinfo=UTC)
+PARTS = ["follow_changes/0", "preference_changes/0", "device_changes/0"]
+
+
+class Events:
+    """Builds RawEvents with increasing offsets per topic."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[str, int] = {}
+
+    def __call__(self, topic: str, body: dict[str, Any] | bytes) -> RawEvent:
+        off = self.offsets.get(topic, 0)
+        self.offsets[topic] = off + 1
+        value = body if isinstance(body, bytes) else orjson.dumps(body)
+        return RawEvent(topic, 0, off, None, value, read_at=1.0)
+
+
+def post(pid: str, author: str, **extra: Any) -> dict[str, Any]:
+    return {"event_type": "post_created", "post_id": pid, "author_id": author, "visibility": "public", "created_at": TS, **extra}
+
+
+def follow(author: str, follower: str, **extra: Any) -> dict[str, Any]:
+    return {"author_id": author, "follower_id": follower, "op": "follow", "ts": TS, **extra}
+
+
+def device(user: str, dev: str, provider: str = "apns", active: bool = True) -> dict[str, Any]:
+    return {"user_id": user, "device_id": dev, "provider": provider, "token": ("ab" * 32) if provider == "apns" else "f" * 48, "active": active, "ts": TS}
+
+
+def prefs(user: str, **extra: Any) -> dict[str, Any]:
+    return {"user_id": user, "timezone": "UTC", "ts": TS, **extra}
+
+
+def scenario() -> tuple[list[Any], list[Any], set[tuple[str, str, str]], list[str]]:
+    """A little world with every rule of the trust contract in it."""
+    e = Events()
+    changes: list[Any] = [
+        e("follow_changes", follow("alice", "bob")),
+        e("follow_changes", follow("alice", "carol")),
+        e("follow_changes", follow("alice", "dave", notify_on_post=False)),
+        e("follow_changes", follow("alice", "erin", muted=True)),
+        e("follow_changes", follow("alice", "frank")),
+        e("follow_changes", follow("alice", "alice")),
+        e("follow_changes", follow("alice", "gina")),
+        e("follow_changes", {**follow("alice", "gina"), "op": "unfollow"}),
+        e("follow_changes", follow("alice", "hank")),
+        e("follow_changes", follow("alice", "ivan")),
+        e("follow_changes", follow("zed", "bob")),
+        e("device_changes", device("bob", "bob-phone", "apns")),
+        e("device_changes", device("bob", "bob-tablet", "fcm")),
+        e("device_changes", device("carol", "carol-phone", "fcm")),
+        e("device_changes", device("dave", "dave-phone")),
+        e("device_changes", device("erin", "erin-phone")),
+        e("device_changes", device("frank", "frank-phone")),
+        e("device_changes", device("alice", "alice-phone")),
+        e("device_changes", device("gina", "gina-phone")),
+        e("device_changes", device("ivan", "ivan-old")),
+        e("device_changes", device("ivan", "ivan-old", active=False)),
+        e("preference_changes", prefs("frank", push_enabled=False)),
+        # hank is in quiet hours (11-13 UTC) at noon: deferred, never dropped.
+        e("device_changes", device("hank", "hank-phone")),
+        e("preference_changes", prefs("hank", quiet_hours_start=11, quiet_hours_end=13)),
+        # Malformed changelog events of each kind.
+        e("follow_changes", b"{oops"),
+        e("preference_changes", orjson.dumps(prefs("x", timezone="Nowhere/City"))),
+        e("device_changes", orjson.dumps(device("x", "d", "webpush"))),
+    ]
+    changes += [CaughtUp(p, 1e12) for p in PARTS]
+    posts = [
+        e("post_created", post("p1", "alice")),
+        e("post_created", post("p1", "alice")),  # duplicate event of the same post
+        e("post_created", post("p2", "alice", visibility="private")),
+        e("post_created", post("p3", "alice", notify_followers=False)),
+        e("post_created", post("p4", "zed", visibility="followers")),
+        e("post_created", post("p5", "nobody")),
+        e("post_created", b"not json"),
+        e("post_created", orjson.dumps(post("p6", "alice", visibility="secret"))),
+        e("post_created", orjson.dumps({"post_id": "p7"})),
+    ]
+    expected = {
+        ("p1", "bob", "bob-phone"),
+        ("p1", "bob", "bob-tablet"),
+        ("p1", "carol", "carol-phone"),
+        ("p4", "bob", "bob-phone"),
+        ("p4", "bob", "bob-tablet"),
+    }
+    dead_sources = ["follow_changes", "preference_changes", "device_changes", "post_created", "post_created", "post_created"]
+    return changes, posts, expected, dead_sources
+
+
+def build(changes: list[Any], posts: list[Any], out: list[Any], dead: list[Any], clock: Callable[[], datetime] = lambda: NOON) -> Any:
+    settings = Settings(shard_count=4, dispatch_batch_size=2, follower_page_size=3, expand_budget=5)
+    store = InMemoryFollowerStore(4)
+    claims = InMemoryPostClaims()
+    return build_fanout_flow(
+        settings,
+        post_source=TestingSource(posts),
+        changelog_source=TestingSource(changes),
+        changelog_parts=PARTS,
+        channel_sink=TestingSink(out),
+        route_batch=lambda b: b.topic,
+        dead_letter_sink=TestingSink(dead),
+        store=lambda: store,
+        claims=lambda: claims,
+        clock=clock,
+    )
+
+
+def items(out: list[tuple[str, DispatchBatch]]) -> list[tuple[str, str, str]]:
+    got = []
+    for key, batch in out:
+        assert key == batch.topic
+        assert 1 <= len(batch.items) <= 2
+        got += [(batch.post_id, i["user_id"], i["device_id"]) for i in batch.items]
+    return got
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_scenario_exact_dispatch_set(workers: int) -> None:
+    changes, posts, expected, dead_sources = scenario()
+    out: list[Any] = []
+    dead: list[DeadLetter] = []
+    flow = build(changes, posts, out, dead)
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=2)
+    got = items(out)
+    assert sorted(got) == sorted(expected)  # exact, and no duplicates
+    assert {b.topic for _, b in out} == {"push.apns", "push.fcm"}
+    assert sorted(d.source_topic for d in dead) == sorted(dead_sources)
+    reasons = {d.error.split(":")[0] for d in dead}
+    assert reasons == {"invalid_json", "unknown_timezone", "schema"}
+    assert all(d.raw and d.offset is not None for d in dead)
+
+
+def test_post_overtaking_its_followers_changelog_waits_for_catch_up() -> None:
+    # The post is read before the follow and device changes that were written before it;
+    # nothing may fan out until the changelogs have been read to their end.
+    e = Events()
+    changes: list[Any] = [
+        TestingSource.PAUSE(__import__("datetime").timedelta(milliseconds=300)),
+        e("follow_changes", follow("alice", "bob")),
+        e("device_changes", device("bob", "bob-phone")),
+        *[CaughtUp(p, 1e12) for p in PARTS],
+    ]
+    posts = [e("post_created", post("p1", "alice"))]
+    out: list[Any] = []
+    run_main(build(changes, posts, out, []))
+    assert items(out) == [("p1", "bob", "bob-phone")]
