@@ -14,6 +14,7 @@ Everything here is wiring; decisions live in `operators/`.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
@@ -112,6 +113,9 @@ def build_fanout_flow(
 def get_flow(settings: Settings | None = None) -> Dataflow:
     """The production flow on Kafka, Redis and the configured follower store."""
     settings = settings or load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     kafka = settings.kafka_config()
     sink = ChannelTopicsSink(kafka, CHANNEL_TOPICS, on_written=_count_written)
     return build_fanout_flow(

@@ -1,0 +1,159 @@
+"""Shared fixtures: an embedded Kafka-protocol broker per test (Tansu, memory only) and Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from operators.adapters.kafka_admin import create_topics
+from operators.adapters.kafka_io import end_offset, read_partition_to_end, topic_partitions
+from operators.config import CHANNEL_TOPICS, Settings, load_settings
+from scripts import devstack
+
+REDIS_URL = os.environ.get("FANFARE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Watcher:
+    def __init__(self, kafka: dict[str, object], topics: tuple[str, ...]) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.consumer = Consumer({**kafka, "group.id": "test-watcher", "enable.auto.commit": False})  # type: ignore[dict-item]
+        parts = [p.rsplit("/", 1) for p in topic_partitions(kafka, list(topics))]
+        self.consumer.assign([TopicPartition(t, int(p), 0) for t, p in parts])
+        self.items = 0
+
+    def poll(self) -> int:
+        for m in self.consumer.consume(1000, 0.005):
+            if m.error() is None:
+                self.items += len(orjson.loads(m.value())["items"])
+        return self.items
+
+
+@dataclass
+class Stack:
+    """A broker with fanfare's topics, a Redis key prefix and a FANFARE_HOME, for one test."""
+
+    env: dict[str, str]
+    settings: Settings
+    flows: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_flow(self, *extra_env: tuple[str, str]) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.env, **dict(extra_env)}
+        env["BYTEWAX_DATAFLOW_API_PORT"] = env["FANFARE_METRICS_PORT"]
+        log = open(Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scripts.cli", "run", "fanout"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so a kill reaches the bytewax child too
+        )
+        self.flows.append(proc)
+        return proc
+
+    def kill_flow(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def flow_log(self) -> str:
+        home = Path(self.env["FANFARE_HOME"])
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(home.glob("flow-*.log")))
+
+    def read_topic(self, topic: str) -> list[tuple[int, int, bytes | None]]:
+        kafka = self.settings.kafka_config()
+        out = []
+        for part in topic_partitions(kafka, [topic]):
+            p = int(part.rsplit("/", 1)[1])
+            out += [(p, off, v) for off, v in read_partition_to_end(kafka, topic, p, 0)]
+        return out
+
+    def watch(self, topics: tuple[str, ...]) -> Watcher:
+        """A consumer that counts dispatch items as they arrive (for timing a kill)."""
+        return Watcher(self.settings.kafka_config(), topics)
+
+    def count_messages(self, topics: tuple[str, ...]) -> int:
+        """Messages on the topics (the true ends, read through partition EOF)."""
+        kafka = self.settings.kafka_config()
+        total = 0
+        for topic in topics:
+            for part in topic_partitions(kafka, [topic]):
+                p = int(part.rsplit("/", 1)[1])
+                total += end_offset(kafka, topic, p)
+        return total
+
+    def dispatch_items(self) -> list[tuple[str, str, str, str, str]]:
+        """(topic, post_id, user_id, device_id, notification_id) of every item on push.*."""
+        items = []
+        for topic in CHANNEL_TOPICS:
+            for _, _, value in self.read_topic(topic):
+                batch = orjson.loads(value or b"{}")
+                assert 1 <= len(batch["items"]) <= 500
+                items += [(topic, batch["post_id"], i["user_id"], i["device_id"], i["notification_id"]) for i in batch["items"]]
+        return items
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [orjson.loads(v or b"{}") for _, _, v in self.read_topic("dead_letters")]
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str, stack: Stack | None = None, every_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every_s)
+    log = stack.flow_log() if stack else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{log}")
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    port = free_port()
+    prefix = f"fanfare-test-{uuid.uuid4().hex[:8]}:"
+    env = {
+        "FANFARE_HOME": str(tmp_path / "home"),
+        "FANFARE_KAFKA_BROKERS": f"127.0.0.1:{port}",
+        "FANFARE_REDIS_URL": REDIS_URL,
+        "FANFARE_REDIS_PREFIX": prefix,
+        "FANFARE_TOPIC_PARTITIONS": "2",
+        "FANFARE_SHARDS": "4",
+        "FANFARE_SNAPSHOT_INTERVAL_S": "1",
+        "FANFARE_METRICS_PORT": str(free_port()),
+        "FANFARE_CELEBRITY_THRESHOLD": "1000",
+    }
+    settings = load_settings(env)
+    devstack.start_broker(settings)
+    s = Stack(env, settings)
+    try:
+        create_topics(settings)
+        yield s
+    finally:
+        for proc in s.flows:
+            if proc.poll() is None:
+                s.kill_flow(proc, signal.SIGTERM)
+        devstack.stop_broker(settings)
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
