@@ -177,10 +177,14 @@ class FollowerShard:
         return True
 
     def _forget_old_jobs(self, now: float) -> None:
-        if self.recent:
-            expired = [p for p, until in self.recent.items() if until <= now]
-            for p in expired:
-                del self.recent[p]
+        # `recent` is in completion order with a fixed TTL, so expiries are ordered too:
+        # drop from the front until one is still live (O(1) amortised per job).
+        recent = self.recent
+        while recent:
+            post_id, until = next(iter(recent.items()))
+            if until > now:
+                break
+            del recent[post_id]
 
     def has_runnable_jobs(self) -> bool:
         """Whether some queued job may expand now (its gate is open)."""

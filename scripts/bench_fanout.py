@@ -1038,15 +1038,19 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
         sampler.start()
         threads.append(sampler)
         stream = None
+        steady_profiles: list[Path] = []
         if args.post_rate > 0:
             stream = PostStream(kafka, args.post_rate, args.authors, args.seed)
             stream.start()
             threads.append(stream)
             log(f"normal-post stream at {args.post_rate:g}/s; warming up {args.warmup:g}s")
+            if profiler is not None:
+                profiler.start("steady", flow.pids())
             time.sleep(args.warmup)
         flow.check_alive()
         pids = flow.pids()
         if profiler is not None:
+            steady_profiles = profiler.stop()
             profiler.start("drain", pids)
             time.sleep(0.5)
         broker_pid = broker.pid
@@ -1145,7 +1149,8 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
                                                   celeb.last_ts if celeb.items else done_at)
         report["memory"] = memory_summary(report, mem_end, args.users)
         report["profile_summaries"] = {
-            str(p): summarize_profile(p) for p in [*load_profiles, *drain_profiles]}
+            str(p): summarize_profile(p)
+            for p in [*load_profiles, *steady_profiles, *drain_profiles]}
         report["errors"] = {"reader": reader.errors[:5],
                             "stream": stream.errors[:5] if stream else [],
                             "dead_letters": Metrics.get(snap1, "fanfare_dead_letters_total")}

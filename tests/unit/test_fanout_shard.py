@@ -239,3 +239,15 @@ def test_snapshot_round_trip_keeps_deferred_and_gate() -> None:
     assert restored.caught_up == shard.caught_up
     out = restored.release_due(store, NOON.replace(hour=13), FanoutTally())
     assert [i["device_id"] for b in out for i in b.items] == ["d"]
+
+
+def test_recent_jobs_expire_in_order_without_scanning_everything() -> None:
+    # Regression: pruning scanned every remembered post on each new job (quadratic under a
+    # steady stream of posts). Expired entries must go, live ones stay, in completion order.
+    shard, store = make()
+    t0 = NOON.timestamp()
+    for i in range(1_000):
+        shard.recent[f"old{i}"] = t0 + i
+    shard.add_job(job("new"), t0 + 500.5, FanoutTally())
+    assert len(shard.recent) == 499
+    assert next(iter(shard.recent)) == "old501"
