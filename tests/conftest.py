@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -59,27 +60,29 @@ class Stack:
     def start_flow(self, *extra_env: tuple[str, str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.env, **dict(extra_env)}
         env["BYTEWAX_DATAFLOW_API_PORT"] = env["FANFARE_METRICS_PORT"]
-        log = open(Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.cli", "run", "fanout"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # so a kill reaches the bytewax child too
-        )
+        log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "scripts.cli", "run", "fanout"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # so a kill reaches the bytewax child too
+            )
         self.flows.append(proc)
         return proc
 
     def kill_flow(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=30)
 
     def flow_log(self) -> str:
         home = Path(self.env["FANFARE_HOME"])
-        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(home.glob("flow-*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-4000:] for p in sorted(home.glob("flow-*.log"))
+        )
 
     def read_topic(self, topic: str) -> list[tuple[int, int, bytes | None]]:
         kafka = self.settings.kafka_config()
@@ -110,14 +113,23 @@ class Stack:
             for _, _, value in self.read_topic(topic):
                 batch = orjson.loads(value or b"{}")
                 assert 1 <= len(batch["items"]) <= 500
-                items += [(topic, batch["post_id"], i["user_id"], i["device_id"], i["notification_id"]) for i in batch["items"]]
+                items += [
+                    (topic, batch["post_id"], i["user_id"], i["device_id"], i["notification_id"])
+                    for i in batch["items"]
+                ]
         return items
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return [orjson.loads(v or b"{}") for _, _, v in self.read_topic("dead_letters")]
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str, stack: Stack | None = None, every_s: float = 0.5) -> None:
+def wait_for(
+    check: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    stack: Stack | None = None,
+    every_s: float = 0.5,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if check():

@@ -51,7 +51,7 @@ class FollowerStore(ABC):
     def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
         """Upsert (author_id, follower_id, flags) edges; returns how many were written."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook; most stores have nothing to close)
         """Release connections."""
 
 
@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS author_stats (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+
+
+_EDGE_EXISTS = "SELECT 1 FROM followers WHERE author_id=? AND shard_id=? AND follower_id=?"
 
 
 class SQLiteFollowerStore(FollowerStore):
@@ -113,13 +116,7 @@ class SQLiteFollowerStore(FollowerStore):
             for c in changes:
                 shard = shard_of(c.follower_id, self.shard_count)
                 key = (c.author_id, shard, c.follower_id)
-                existed = (
-                    conn.execute(
-                        "SELECT 1 FROM followers WHERE author_id=? AND shard_id=? AND follower_id=?",
-                        key,
-                    ).fetchone()
-                    is not None
-                )
+                existed = conn.execute(_EDGE_EXISTS, key).fetchone() is not None
                 if c.op == "follow":
                     conn.execute(
                         "INSERT INTO followers VALUES (?,?,?,?) ON CONFLICT DO UPDATE "

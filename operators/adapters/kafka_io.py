@@ -1,5 +1,7 @@
-"""Kafka adapters for the dataflows: a partitioned source that reports when a changelog partition
-has been read to its end, an idempotent channel-topic sink, and a dead-letter sink.
+"""Kafka adapters for the dataflows: source, idempotent channel sink, dead-letter sink.
+
+The source reports when a changelog partition has been read to its end; the channel sink drops
+items it already wrote before a restart.
 
 Offsets live only in Bytewax's recovery snapshots (no consumer group), like Bytewax's own
 KafkaSource; clients are built per partition when Bytewax builds it, never at import time.

@@ -39,8 +39,8 @@ class RedisPostClaims(PostClaims):
         self._ttl = ttl_s
         self._local = threading.local()
 
-    def _client(self) -> redis.Redis[bytes]:
-        client: redis.Redis[bytes] | None = getattr(self._local, "client", None)
+    def _client(self) -> redis.Redis:
+        client: redis.Redis | None = getattr(self._local, "client", None)
         if client is None:
             client = redis.Redis.from_url(self._url, socket_timeout=10, health_check_interval=30)
             self._local.client = client

@@ -37,7 +37,14 @@ class Events:
 
 
 def post(pid: str, author: str, **extra: Any) -> dict[str, Any]:
-    return {"event_type": "post_created", "post_id": pid, "author_id": author, "visibility": "public", "created_at": TS, **extra}
+    return {
+        "event_type": "post_created",
+        "post_id": pid,
+        "author_id": author,
+        "visibility": "public",
+        "created_at": TS,
+        **extra,
+    }
 
 
 def follow(author: str, follower: str, **extra: Any) -> dict[str, Any]:
@@ -45,7 +52,14 @@ def follow(author: str, follower: str, **extra: Any) -> dict[str, Any]:
 
 
 def device(user: str, dev: str, provider: str = "apns", active: bool = True) -> dict[str, Any]:
-    return {"user_id": user, "device_id": dev, "provider": provider, "token": ("ab" * 32) if provider == "apns" else "f" * 48, "active": active, "ts": TS}
+    return {
+        "user_id": user,
+        "device_id": dev,
+        "provider": provider,
+        "token": ("ab" * 32) if provider == "apns" else "f" * 48,
+        "active": active,
+        "ts": TS,
+    }
 
 
 def prefs(user: str, **extra: Any) -> dict[str, Any]:
@@ -105,11 +119,24 @@ def scenario() -> tuple[list[Any], list[Any], set[tuple[str, str, str]], list[st
         ("p4", "bob", "bob-phone"),
         ("p4", "bob", "bob-tablet"),
     }
-    dead_sources = ["follow_changes", "preference_changes", "device_changes", "post_created", "post_created", "post_created"]
+    dead_sources = [
+        "follow_changes",
+        "preference_changes",
+        "device_changes",
+        "post_created",
+        "post_created",
+        "post_created",
+    ]
     return changes, posts, expected, dead_sources
 
 
-def build(changes: list[Any], posts: list[Any], out: list[Any], dead: list[Any], clock: Callable[[], datetime] = lambda: NOON) -> Any:
+def build(
+    changes: list[Any],
+    posts: list[Any],
+    out: list[Any],
+    dead: list[Any],
+    clock: Callable[[], datetime] = lambda: NOON,
+) -> Any:
     settings = Settings(shard_count=4, dispatch_batch_size=2, follower_page_size=3, expand_budget=5)
     store = InMemoryFollowerStore(4)
     claims = InMemoryPostClaims()

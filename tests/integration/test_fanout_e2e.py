@@ -20,16 +20,36 @@ TS = "2026-06-01T12:00:00Z"
 
 
 def post(pid: str, author: str, **extra: Any) -> bytes:
-    return orjson.dumps({"event_type": "post_created", "post_id": pid, "author_id": author, "visibility": "public", "created_at": TS, **extra})
+    return orjson.dumps(
+        {
+            "event_type": "post_created",
+            "post_id": pid,
+            "author_id": author,
+            "visibility": "public",
+            "created_at": TS,
+            **extra,
+        }
+    )
 
 
 def follow(author: str, follower: str, **extra: Any) -> bytes:
-    return orjson.dumps({"author_id": author, "follower_id": follower, "op": "follow", "ts": TS, **extra})
+    return orjson.dumps(
+        {"author_id": author, "follower_id": follower, "op": "follow", "ts": TS, **extra}
+    )
 
 
 def device(user: str, dev: str, provider: str = "apns", active: bool = True) -> bytes:
     token = ("0a" * 32) if provider == "apns" else "fcmtoken_" + "x" * 140
-    return orjson.dumps({"user_id": user, "device_id": dev, "provider": provider, "token": token, "active": active, "ts": TS})
+    return orjson.dumps(
+        {
+            "user_id": user,
+            "device_id": dev,
+            "provider": provider,
+            "token": token,
+            "active": active,
+            "ts": TS,
+        }
+    )
 
 
 def prefs(user: str, **extra: Any) -> bytes:
@@ -48,52 +68,85 @@ def quiet_window_now() -> tuple[int, int]:
 
 def test_scenario_exact_set_and_dead_letters(stack: Stack) -> None:
     start, end = quiet_window_now()
-    publish(stack, "follow_changes", [
-        ("alice", follow("alice", "bob")),
-        ("alice", follow("alice", "carol")),
-        ("alice", follow("alice", "dave", notify_on_post=False)),
-        ("alice", follow("alice", "erin", muted=True)),
-        ("alice", follow("alice", "frank")),
-        ("alice", follow("alice", "alice")),
-        ("alice", follow("alice", "gina")),
-        ("alice", orjson.dumps({"author_id": "alice", "follower_id": "gina", "op": "unfollow", "ts": TS})),
-        ("alice", follow("alice", "hank")),
-        ("alice", follow("alice", "ivan")),
-        ("alice", follow("alice", "nodevice")),
-        ("zed", follow("zed", "bob")),
-        ("zed", b'{"author_id": "zed"}'),
-    ])
-    publish(stack, "device_changes", [
-        ("bob", device("bob", "bob-phone", "apns")),
-        ("bob", device("bob", "bob-tablet", "fcm")),
-        ("carol", device("carol", "carol-phone", "fcm")),
-        ("dave", device("dave", "dave-phone")),
-        ("erin", device("erin", "erin-phone")),
-        ("frank", device("frank", "frank-phone")),
-        ("alice", device("alice", "alice-phone")),
-        ("gina", device("gina", "gina-phone")),
-        ("hank", device("hank", "hank-phone")),
-        ("ivan", device("ivan", "ivan-old")),
-        ("ivan", device("ivan", "ivan-old", active=False)),
-        ("x", orjson.dumps({"user_id": "x", "device_id": "d", "provider": "apns", "token": "zz", "active": True, "ts": TS})),
-    ])
-    publish(stack, "preference_changes", [
-        ("frank", prefs("frank", push_enabled=False)),
-        ("hank", prefs("hank", quiet_hours_start=start, quiet_hours_end=end)),
-        ("x", prefs("x", timezone="Atlantis/Capital")),
-        ("y", prefs("y", quiet_hours_start=25, quiet_hours_end=3)),
-    ])
-    publish(stack, "post_created", [
-        ("alice", post("p1", "alice")),
-        ("alice", post("p1", "alice")),  # duplicate post_created
-        ("alice", post("p2", "alice", visibility="private")),
-        ("alice", post("p3", "alice", notify_followers=False)),
-        ("zed", post("p4", "zed", visibility="followers")),
-        ("alice", b"\xff\xfe not json"),
-        ("alice", post("p5", "alice", visibility="everyone")),
-        ("alice", orjson.dumps({"event_type": "post_created", "post_id": "p6"})),
-        ("alice", orjson.dumps([1, 2, 3])),
-    ])
+    publish(
+        stack,
+        "follow_changes",
+        [
+            ("alice", follow("alice", "bob")),
+            ("alice", follow("alice", "carol")),
+            ("alice", follow("alice", "dave", notify_on_post=False)),
+            ("alice", follow("alice", "erin", muted=True)),
+            ("alice", follow("alice", "frank")),
+            ("alice", follow("alice", "alice")),
+            ("alice", follow("alice", "gina")),
+            (
+                "alice",
+                orjson.dumps(
+                    {"author_id": "alice", "follower_id": "gina", "op": "unfollow", "ts": TS}
+                ),
+            ),
+            ("alice", follow("alice", "hank")),
+            ("alice", follow("alice", "ivan")),
+            ("alice", follow("alice", "nodevice")),
+            ("zed", follow("zed", "bob")),
+            ("zed", b'{"author_id": "zed"}'),
+        ],
+    )
+    publish(
+        stack,
+        "device_changes",
+        [
+            ("bob", device("bob", "bob-phone", "apns")),
+            ("bob", device("bob", "bob-tablet", "fcm")),
+            ("carol", device("carol", "carol-phone", "fcm")),
+            ("dave", device("dave", "dave-phone")),
+            ("erin", device("erin", "erin-phone")),
+            ("frank", device("frank", "frank-phone")),
+            ("alice", device("alice", "alice-phone")),
+            ("gina", device("gina", "gina-phone")),
+            ("hank", device("hank", "hank-phone")),
+            ("ivan", device("ivan", "ivan-old")),
+            ("ivan", device("ivan", "ivan-old", active=False)),
+            (
+                "x",
+                orjson.dumps(
+                    {
+                        "user_id": "x",
+                        "device_id": "d",
+                        "provider": "apns",
+                        "token": "zz",
+                        "active": True,
+                        "ts": TS,
+                    }
+                ),
+            ),
+        ],
+    )
+    publish(
+        stack,
+        "preference_changes",
+        [
+            ("frank", prefs("frank", push_enabled=False)),
+            ("hank", prefs("hank", quiet_hours_start=start, quiet_hours_end=end)),
+            ("x", prefs("x", timezone="Atlantis/Capital")),
+            ("y", prefs("y", quiet_hours_start=25, quiet_hours_end=3)),
+        ],
+    )
+    publish(
+        stack,
+        "post_created",
+        [
+            ("alice", post("p1", "alice")),
+            ("alice", post("p1", "alice")),  # duplicate post_created
+            ("alice", post("p2", "alice", visibility="private")),
+            ("alice", post("p3", "alice", notify_followers=False)),
+            ("zed", post("p4", "zed", visibility="followers")),
+            ("alice", b"\xff\xfe not json"),
+            ("alice", post("p5", "alice", visibility="everyone")),
+            ("alice", orjson.dumps({"event_type": "post_created", "post_id": "p6"})),
+            ("alice", orjson.dumps([1, 2, 3])),
+        ],
+    )
     expected = {
         ("push.apns", "p1", "bob", "bob-phone", "p1:bob"),
         ("push.fcm", "p1", "bob", "bob-tablet", "p1:bob"),
@@ -102,13 +155,23 @@ def test_scenario_exact_set_and_dead_letters(stack: Stack) -> None:
         ("push.fcm", "p4", "bob", "bob-tablet", "p4:bob"),
     }
     stack.start_flow()
-    wait_for(lambda: len(stack.dispatch_items()) >= len(expected) and len(stack.dead_letters()) >= 8, 90, "the fan-out", stack)
+    wait_for(
+        lambda: len(stack.dispatch_items()) >= len(expected) and len(stack.dead_letters()) >= 8,
+        90,
+        "the fan-out",
+        stack,
+    )
     time.sleep(3)  # anything extra (a duplicate, hank's deferred push) would show up now
     items = stack.dispatch_items()
     assert Counter(items) == Counter(expected)  # the exact set, each once
     dead = stack.dead_letters()
     by_topic = Counter(d["source_topic"] for d in dead)
-    assert by_topic == {"follow_changes": 1, "device_changes": 1, "preference_changes": 2, "post_created": 4}
+    assert by_topic == {
+        "follow_changes": 1,
+        "device_changes": 1,
+        "preference_changes": 2,
+        "post_created": 4,
+    }
     for d in dead:
         assert d["error"] and d["offset"] is not None and d["partition"] is not None
     assert any(d["raw"].startswith("\\xff\\xfe") for d in dead)
@@ -117,10 +180,16 @@ def test_scenario_exact_set_and_dead_letters(stack: Stack) -> None:
 
 def test_restart_mid_fanout_resumes_without_duplicates(stack: Stack) -> None:
     followers = [f"fan{i:06d}" for i in range(100_000)]
-    store = SQLiteFollowerStore(stack.settings.resolved_store_url.removeprefix("sqlite:///"), stack.settings.shard_count)
+    store = SQLiteFollowerStore(
+        stack.settings.resolved_store_url.removeprefix("sqlite:///"), stack.settings.shard_count
+    )
     store.bulk_load(("celeb", f, 1) for f in followers)
     store.close()
-    publish(stack, "device_changes", [(f, device(f, f + "-d", "apns" if i % 2 else "fcm")) for i, f in enumerate(followers)])
+    publish(
+        stack,
+        "device_changes",
+        [(f, device(f, f + "-d", "apns" if i % 2 else "fcm")) for i, f in enumerate(followers)],
+    )
     publish(stack, "post_created", [("celeb", post("big", "celeb"))])
     # Small pages and budget slow the fan-out so that snapshots land in the middle of it.
     slow = ("FANFARE_EXPAND_BUDGET", "10"), ("FANFARE_FOLLOWER_PAGE_SIZE", "10")
@@ -132,7 +201,9 @@ def test_restart_mid_fanout_resumes_without_duplicates(stack: Stack) -> None:
     print(f"killed after {partial} of {len(followers)} pushes")
     assert partial < len(followers), "the fan-out finished before the kill; make it slower"
     stack.start_flow(*slow)
-    wait_for(lambda: len(stack.dispatch_items()) >= len(followers), 180, "the resumed fan-out", stack)
+    wait_for(
+        lambda: len(stack.dispatch_items()) >= len(followers), 180, "the resumed fan-out", stack
+    )
     time.sleep(3)
     items = stack.dispatch_items()
     counts = Counter((i[1], i[2], i[3]) for i in items)

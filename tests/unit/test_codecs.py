@@ -23,10 +23,30 @@ from schemas.codecs import (
 from schemas.records import DispatchBatch
 
 TS = "2026-06-01T12:00:00Z"
-POST = {"event_type": "post_created", "post_id": "p1", "author_id": "a1", "visibility": "public", "created_at": TS}
+POST = {
+    "event_type": "post_created",
+    "post_id": "p1",
+    "author_id": "a1",
+    "visibility": "public",
+    "created_at": TS,
+}
 FOLLOW = {"author_id": "a1", "follower_id": "u1", "op": "follow", "ts": TS}
-PREFS = {"user_id": "u1", "push_enabled": True, "quiet_hours_start": 22, "quiet_hours_end": 7, "timezone": "Europe/Paris", "ts": TS}
-DEVICE = {"user_id": "u1", "device_id": "d1", "provider": "apns", "token": "0f" * 32, "active": True, "ts": TS}
+PREFS = {
+    "user_id": "u1",
+    "push_enabled": True,
+    "quiet_hours_start": 22,
+    "quiet_hours_end": 7,
+    "timezone": "Europe/Paris",
+    "ts": TS,
+}
+DEVICE = {
+    "user_id": "u1",
+    "device_id": "d1",
+    "provider": "apns",
+    "token": "0f" * 32,
+    "active": True,
+    "ts": TS,
+}
 
 
 @pytest.mark.parametrize("name", SCHEMA_NAMES)
@@ -48,7 +68,14 @@ def test_defaults_and_round_trips() -> None:
 
 
 def test_dispatch_batch_round_trip_matches_schema() -> None:
-    batch = DispatchBatch("p1", "a1", "fcm", TS, "bulk", ({"notification_id": "p1:u1", "user_id": "u1", "device_id": "d1", "token": "t"},))
+    batch = DispatchBatch(
+        "p1",
+        "a1",
+        "fcm",
+        TS,
+        "bulk",
+        ({"notification_id": "p1:u1", "user_id": "u1", "device_id": "d1", "token": "t"},),
+    )
     raw = encode_dispatch_batch(batch)
     assert not list(Draft7Validator(load_schema("dispatch_batch")).iter_errors(orjson.loads(raw)))
     assert decode_dispatch_batch(raw, "bulk") == batch
@@ -107,7 +134,12 @@ def test_malformed_events_name_their_problem(decoder, raw, kind) -> None:  # typ
 
 def test_inactive_device_needs_no_token_and_fcm_token_shape() -> None:
     assert decode_device_change(with_(DEVICE, active=False, token=...)).token is None
-    assert decode_device_change(with_(DEVICE, provider="fcm", token="c" * 20 + ":APA91b" + "x" * 120)).provider == "fcm"
+    assert (
+        decode_device_change(
+            with_(DEVICE, provider="fcm", token="c" * 20 + ":APA91b" + "x" * 120)
+        ).provider
+        == "fcm"
+    )
 
 
 def test_null_quiet_hours_are_none() -> None:

@@ -70,7 +70,12 @@ def test_shard_keys() -> None:
 
 
 def item(i: int) -> DispatchItem:
-    return {"notification_id": notification_id("p", f"u{i}"), "user_id": f"u{i}", "device_id": "d", "token": "t"}
+    return {
+        "notification_id": notification_id("p", f"u{i}"),
+        "user_id": f"u{i}",
+        "device_id": "d",
+        "token": "t",
+    }
 
 
 def test_batches_never_exceed_500() -> None:
@@ -83,7 +88,9 @@ def test_batches_never_exceed_500() -> None:
 
 def test_batch_size_bounds() -> None:
     assert list(dispatch_batches("p", "a", "t", "apns", "normal", [])) == []
-    assert [len(b.items) for b in dispatch_batches("p", "a", "t", "apns", "normal", [item(1)] * 5, 2)] == [2, 2, 1]
+    assert [
+        len(b.items) for b in dispatch_batches("p", "a", "t", "apns", "normal", [item(1)] * 5, 2)
+    ] == [2, 2, 1]
     with pytest.raises(ValueError, match="500"):
         list(dispatch_batches("p", "a", "t", "apns", "normal", [item(1)], 501))
 

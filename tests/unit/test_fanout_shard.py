@@ -13,7 +13,9 @@ TS = NOON
 SOURCES = ["follow_changes/0", "preference_changes/0", "device_changes/0"]
 
 
-def follow(author: str, follower: str, notify: bool = True, muted: bool = False, op: str = "follow") -> FollowChange:
+def follow(
+    author: str, follower: str, notify: bool = True, muted: bool = False, op: str = "follow"
+) -> FollowChange:
     return FollowChange(author, follower, op, notify, muted, TS)  # type: ignore[arg-type]
 
 
@@ -22,11 +24,15 @@ def device(user: str, dev: str, provider: str = "apns", active: bool = True) -> 
     return DeviceChange(user, dev, provider, token, active, TS)  # type: ignore[arg-type]
 
 
-def prefs(user: str, push: bool = True, start: int | None = None, end: int | None = None, tz: str = "UTC") -> PreferenceChange:
+def prefs(
+    user: str, push: bool = True, start: int | None = None, end: int | None = None, tz: str = "UTC"
+) -> PreferenceChange:
     return PreferenceChange(user, push, start, end, tz, TS)
 
 
-def job(post: str = "p1", author: str = "a", lane: str = "normal", read_at: float = 0.0) -> ShardJob:
+def job(
+    post: str = "p1", author: str = "a", lane: str = "normal", read_at: float = 0.0
+) -> ShardJob:
     return ShardJob(post, author, "2026-06-01T12:00:00Z", lane, read_at, 0)
 
 
@@ -41,14 +47,21 @@ def make(page_size: int = 2_000) -> tuple[FollowerShard, InMemoryFollowerStore]:
     return shard, InMemoryFollowerStore(shard_count=1)
 
 
-def expand_all(shard: FollowerShard, store: InMemoryFollowerStore, now: datetime = NOON, tally: FanoutTally | None = None) -> set[tuple[str, str, str, str]]:
+def expand_all(
+    shard: FollowerShard,
+    store: InMemoryFollowerStore,
+    now: datetime = NOON,
+    tally: FanoutTally | None = None,
+) -> set[tuple[str, str, str, str]]:
     tally = tally or FanoutTally()
     out = []
     for _ in range(10_000):
         if not shard.jobs:
             break
         out += shard.expand(store, now, 1_000, tally)
-    return {(b.topic, i["notification_id"], i["user_id"], i["device_id"]) for b in out for i in b.items}
+    return {
+        (b.topic, i["notification_id"], i["user_id"], i["device_id"]) for b in out for i in b.items
+    }
 
 
 def test_the_trust_contract_in_one_shard() -> None:
@@ -158,7 +171,11 @@ def test_budget_resumes_mid_shard_across_a_snapshot() -> None:
     restored = FollowerShard(SOURCES, page_size=7, settle_s=0)
     restored.restore(pickle.loads(pickle.dumps(shard.snapshot())))
     rest = expand_all(restored, store)
-    before = {(b.topic, i["notification_id"], i["user_id"], i["device_id"]) for b in first for i in b.items}
+    before = {
+        (b.topic, i["notification_id"], i["user_id"], i["device_id"])
+        for b in first
+        for i in b.items
+    }
     assert not before & rest
     assert {x[2] for x in before | rest} == set(users)
     assert all(len(b.items) <= 500 for b in first)
@@ -244,7 +261,7 @@ def test_snapshot_round_trip_keeps_deferred_and_gate() -> None:
 def test_recent_jobs_expire_in_order_without_scanning_everything() -> None:
     # Regression: pruning scanned every remembered post on each new job (quadratic under a
     # steady stream of posts). Expired entries must go, live ones stay, in completion order.
-    shard, store = make()
+    shard, _store = make()
     t0 = NOON.timestamp()
     for i in range(1_000):
         shard.recent[f"old{i}"] = t0 + i

@@ -19,7 +19,9 @@ from schemas.records import FollowChange
 TS = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def change(author: str, follower: str, op: str = "follow", notify: bool = True, muted: bool = False) -> FollowChange:
+def change(
+    author: str, follower: str, op: str = "follow", notify: bool = True, muted: bool = False
+) -> FollowChange:
     return FollowChange(author, follower, op, notify, muted, TS)  # type: ignore[arg-type]
 
 
