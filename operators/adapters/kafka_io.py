@@ -129,6 +129,8 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     at_end = True
+                    # The end offset: makes the position concrete even for an empty partition.
+                    self._position = max(self._position, cast(int, m.offset()))
                     continue
                 if err.fatal() or not err.retriable():
                     raise RuntimeError(f"reading {self._source}: {err.str()}")
@@ -137,12 +139,13 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
             offset = cast(int, m.offset())
             out.append(RawEvent(self._topic, self._partition, offset, m.key(), m.value(), now))
             self._position = offset + 1
-        if self._report:
-            if at_end and not out:
+        if self._report and not out:
+            if at_end:
                 out.append(CaughtUp(self._source, self._probe_at))
                 self._last_eof_at = now
-            if now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
-                # Ask again whether we are at the end; the answer is about "now".
+            elif now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
+                # Idle: ask again whether we are at the end; the answer is about "now". Never
+                # while data flows, as a seek drops what the client had prefetched.
                 self._probe_at = now
                 self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
         return out

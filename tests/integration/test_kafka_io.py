@@ -1,0 +1,122 @@
+"""The Kafka adapters against the real broker: caught-up markers and the idempotent sink."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from operators.adapters.kafka_io import (
+    ChannelTopicsSink,
+    KafkaTopicsSource,
+    RawEvent,
+    end_offset,
+    produce_all,
+    read_partition_to_end,
+)
+from operators.fanout_shard import CaughtUp
+from schemas.records import DispatchBatch, DispatchItem
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def drain(part, until, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+    got: list[object] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got += part.next_batch()
+        if until(got):
+            return got
+        time.sleep(0.002)
+    raise AssertionError(f"not reached in {timeout_s}s: {got[-5:]}")
+
+
+def test_reader_reports_caught_up_only_after_reading_to_the_end(stack: Stack) -> None:
+    kafka = stack.settings.kafka_config()
+    produce_all(kafka, "preference_changes", [(b"k", b"%d" % i) for i in range(2_000)])
+    source = KafkaTopicsSource(kafka, ["preference_changes"], report_caught_up=True, batch_size=100)
+    parts = source.list_parts()
+    assert parts == ["preference_changes/0", "preference_changes/1"]
+    built_at = time.time()
+    readers = [source.build_part("s", p, None) for p in parts]
+    events: list[object] = []
+    for r in readers:
+        events += drain(r, lambda got: any(isinstance(g, CaughtUp) for g in got))
+    data = [e for e in events if isinstance(e, RawEvent)]
+    assert sorted(int(e.value or b"0") for e in data) == list(range(2_000))
+    markers = [e for e in events if isinstance(e, CaughtUp)]
+    for r, part in zip(readers, parts, strict=True):
+        first_marker = next(
+            i for i, e in enumerate(events) if isinstance(e, CaughtUp) and e.source == part
+        )
+        # Everything of that partition came before its first marker.
+        assert all(
+            e.partition != int(part[-1]) or i < first_marker
+            for i, e in enumerate(events)
+            if isinstance(e, RawEvent)
+        )
+        assert r.snapshot() == end_offset(kafka, "preference_changes", int(part[-1]))
+    assert all(m.as_of >= built_at - 0.01 for m in markers)
+    # While idle, later markers keep coming with later as_of times (probing the end).
+    later = drain(
+        readers[0],
+        lambda got: any(isinstance(g, CaughtUp) and g.as_of > markers[0].as_of + 0.04 for g in got),
+    )
+    assert not any(isinstance(g, RawEvent) for g in later)
+    # A new message is read before the next marker.
+    produce_all(kafka, "preference_changes", [(b"k", b"late")] * 20)
+    probe_from = time.time()
+    after = []
+    for r in readers:
+        after += drain(
+            r, lambda got, t=probe_from: any(isinstance(g, CaughtUp) and g.as_of >= t for g in got)
+        )
+    assert [e.value for e in after if isinstance(e, RawEvent)] == [b"late"] * 20
+    for r in readers:
+        r.close()
+
+
+def batch(post: str, users: range, topic_lane: str = "normal") -> DispatchBatch:
+    items = tuple(
+        DispatchItem(notification_id=f"{post}:u{u}", user_id=f"u{u}", device_id="d", token="t")
+        for u in users
+    )
+    return DispatchBatch(post, "a", "apns", "2026-01-01T00:00:00Z", topic_lane, items)
+
+
+def test_channel_sink_drops_items_written_since_the_snapshot_on_resume(stack: Stack) -> None:
+    kafka = stack.settings.kafka_config()
+    written: list[tuple[int, int]] = []
+    sink = ChannelTopicsSink(
+        kafka, ["push.apns"], on_written=lambda b, dropped: written.append((len(b.items), dropped))
+    )
+    part_name = sink.route_key(batch("p1", range(1)))
+    part = sink.build_part("out", part_name, None)
+    part.write_batch([batch("p1", range(0, 10))])
+    state = part.snapshot()  # durable up to here
+    part.write_batch([batch("p1", range(10, 20))])  # written after the snapshot, then a crash
+    part.snapshot()
+    part.close()
+    resumed = sink.build_part("out", part_name, state)
+    # The replay re-emits 10..20 (and goes on to 20..30): only the new items are written.
+    resumed.write_batch([batch("p1", range(10, 30))])
+    resumed.snapshot()
+    topic, p = part_name.rsplit("/", 1)
+    users = [
+        i["user_id"]
+        for _, v in read_partition_to_end(kafka, topic, int(p), 0)
+        for i in orjson.loads(v or b"{}")["items"]
+    ]
+    assert sorted(users, key=lambda u: int(u[1:])) == [f"u{i}" for i in range(30)]
+    assert (20, 10) in written  # ten dropped as replayed
+    resumed.close()
+
+
+def test_channel_sink_refuses_a_batch_routed_to_another_topic(stack: Stack) -> None:
+    sink = ChannelTopicsSink(stack.settings.kafka_config(), ["push.apns", "push.fcm"])
+    part = sink.build_part("out", "push.fcm/0", None)
+    with pytest.raises(RuntimeError, match="routed"):
+        part.write_batch([batch("p", range(1))])
+    part.close()
