@@ -33,7 +33,15 @@ from operators.adapters.kafka_io import (
     topic_partitions,
 )
 from operators.adapters.post_claims import PostClaims, RedisPostClaims
-from operators.config import CHANGELOG_TOPICS, CHANNEL_TOPICS, POST_CREATED, Settings, load_settings
+from operators.config import (
+    CHANGELOG_TOPICS,
+    CHANNEL_TOPICS,
+    DEVICE_CHANGES,
+    POST_CREATED,
+    PREFERENCE_CHANGES,
+    Settings,
+    load_settings,
+)
 from operators.fanout_logic import ExpandFollowerShardLogic
 from operators.fanout_shard import FollowerShard, utc_now
 from operators.fanout_steps import (
@@ -96,7 +104,7 @@ def build_fanout_flow(
             settle_s=settings.changelog_settle_ms / 1000,
         )
         if resume is not None:
-            shard.restore(resume)
+            shard.restore(resume, clock().timestamp())
         return ExpandFollowerShardLogic(shard, store, settings.expand_budget, clock)
 
     batches = op.stateful_batch("expand_follower_shards", shard_inputs, build_shard)
@@ -121,7 +129,14 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     return build_fanout_flow(
         settings,
         post_source=KafkaTopicsSource(kafka, [POST_CREATED]),
-        changelog_source=KafkaTopicsSource(kafka, CHANGELOG_TOPICS, report_caught_up=True),
+        changelog_source=KafkaTopicsSource(
+            kafka,
+            CHANGELOG_TOPICS,
+            report_caught_up=True,
+            # Preferences and devices live in memory only and are replayed on every start;
+            # follow changes go to the follower store and resume from the snapshot.
+            replay_topics=(PREFERENCE_CHANGES, DEVICE_CHANGES),
+        ),
         changelog_parts=topic_partitions(kafka, CHANGELOG_TOPICS),
         channel_sink=sink,
         route_batch=sink.route_key,

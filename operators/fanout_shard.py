@@ -102,6 +102,9 @@ class FollowerShard:
         self.settle_s = settle_s
         self.users: dict[str, UserRecord] = {}
         self.caught_up: dict[str, float] = {}
+        # Deferred pushes are released only against a complete user table: after a restore,
+        # not before every changelog partition was read to its end again.
+        self.ready_after = 0.0
         self.jobs: dict[str, ShardJob] = {}
         self.recent: dict[str, float] = {}
         # Deferred notifications grouped by (release_ts, post_id): compact for big posts.
@@ -187,6 +190,10 @@ class FollowerShard:
             if until > now:
                 break
             del recent[post_id]
+
+    def releases_allowed(self) -> bool:
+        """Whether the user table is complete enough to release deferred pushes."""
+        return self.gate_open_for(self.ready_after)
 
     def has_runnable_jobs(self) -> bool:
         """Whether some queued job may expand now (its gate is open)."""
@@ -354,6 +361,8 @@ class FollowerShard:
         """Release deferred notifications whose window ended, checking everything again."""
         out: list[DispatchBatch] = []
         now_ts = now.timestamp()
+        if not self.releases_allowed():
+            return out
         while self.deferred_heap and self.deferred_heap[0][0] <= now_ts:
             key = heapq.heappop(self.deferred_heap)
             user_ids = self.deferred.pop(key, [])
@@ -383,11 +392,14 @@ class FollowerShard:
     # ---- recovery -------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Picklable state (Bytewax pickles it at once, so live containers are fine)."""
+        """Jobs, deferrals and dedupe memory: everything but the user table and the gate.
+
+        Users' preferences and devices are rebuilt by replaying their changelogs from the
+        beginning on every start (as Kafka Streams restores a store), so a snapshot stays small
+        whatever the number of users; Bytewax pickles it at once, so live containers are fine.
+        """
         return {
-            "v": 1,
-            "users": self.users,
-            "caught_up": self.caught_up,
+            "v": 2,
             "jobs": [
                 (j.post_id, j.author_id, j.created_at, j.lane, j.read_at, j.shard_id, j.cursor)
                 for j in self.jobs.values()
@@ -400,21 +412,18 @@ class FollowerShard:
             },
         }
 
-    def restore(self, snap: dict[str, Any]) -> None:
-        """Load a snapshot taken by :meth:`snapshot`."""
-        if snap.get("v") != 1:
+    def restore(self, snap: dict[str, Any], now: float) -> None:
+        """Load a snapshot; users arrive again from the changelogs, the gate closes until then."""
+        if snap.get("v") != 2:
             raise ValueError(f"unknown follower shard snapshot version {snap.get('v')!r}")
-        self.users = snap["users"]
-        for rec in self.users.values():
-            if rec[0] is not None:
-                self._prefs_pool.setdefault(rec[0], rec[0])
-        self.caught_up = snap["caught_up"]
         self.jobs = {j[0]: ShardJob(*j) for j in snap["jobs"]}
         self.recent = snap["recent"]
         self.deferred = snap["deferred"]
         self.deferred_heap = list(self.deferred)
         heapq.heapify(self.deferred_heap)
         self.deferred_posts = {p: _PostRef(*r) for p, r in snap["deferred_posts"].items()}
+        self.caught_up = {}
+        self.ready_after = now
 
 
 def utc_now() -> datetime:

@@ -164,7 +164,11 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
 
 
 class KafkaTopicsSource(FixedPartitionedSource[object, int]):
-    """Every partition of some topics; items are RawEvent (and CaughtUp when reporting)."""
+    """Every partition of some topics; items are RawEvent (and CaughtUp when reporting).
+
+    `replay_topics` are read from their beginning on every start, whatever the snapshot says:
+    the state built from them is restored by replaying the changelog, not from snapshots.
+    """
 
     def __init__(
         self,
@@ -174,14 +178,14 @@ class KafkaTopicsSource(FixedPartitionedSource[object, int]):
         batch_size: int = 5_000,
         report_caught_up: bool = False,
         probe_interval_s: float = 0.05,
-        always_from_beginning: bool = False,
+        replay_topics: Sequence[str] = (),
     ) -> None:
         self._config = config
         self._topics = list(topics)
         self._batch_size = batch_size
         self._report = report_caught_up
         self._probe_interval = probe_interval_s
-        self._always_from_beginning = always_from_beginning
+        self._replay_topics = frozenset(replay_topics)
 
     def list_parts(self) -> list[str]:
         """All partitions (every worker can read every partition)."""
@@ -193,8 +197,8 @@ class KafkaTopicsSource(FixedPartitionedSource[object, int]):
         """Resume from the snapshotted offset, or start at the beginning of the partition."""
         topic, partition = _split_part(for_part)
         start = OFFSET_BEGINNING if resume_state is None else resume_state
-        if self._always_from_beginning:
-            start = OFFSET_BEGINNING
+        if topic in self._replay_topics:
+            start = OFFSET_BEGINNING  # state rebuilt from the changelog, not from snapshots
         return _TopicPartitionReader(
             self._config,
             topic,

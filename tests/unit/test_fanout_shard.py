@@ -169,7 +169,11 @@ def test_budget_resumes_mid_shard_across_a_snapshot() -> None:
     first = shard.expand(store, NOON, 300, FanoutTally())
     assert shard.jobs["p1"].cursor == "u0299"
     restored = FollowerShard(SOURCES, page_size=7, settle_s=0)
-    restored.restore(pickle.loads(pickle.dumps(shard.snapshot())))
+    restored.restore(pickle.loads(pickle.dumps(shard.snapshot())), now=NOON.timestamp())
+    assert restored.expand(store, NOON, 100, FanoutTally()) == []  # users not replayed yet
+    for u in users:  # the device changelog is replayed from its beginning on start
+        restored.apply_device(device(u, u + "-d", "fcm" if int(u[1:]) % 2 else "apns"))
+    caught_up(restored)
     rest = expand_all(restored, store)
     before = {
         (b.topic, i["notification_id"], i["user_id"], i["device_id"])
@@ -244,18 +248,34 @@ def test_start_equal_end_means_no_quiet_hours_and_no_state() -> None:
     assert len(expand_all(shard, store)) == 1
 
 
-def test_snapshot_round_trip_keeps_deferred_and_gate() -> None:
+def test_snapshot_keeps_deferred_but_not_users_and_releases_wait_for_the_replay() -> None:
     shard, store = make()
     store.apply_follow_changes([follow("a", "u")])
     shard.apply_device(device("u", "d"))
     shard.apply_preference(prefs("u", start=11, end=13))
     shard.add_job(job(), 0, FanoutTally())
     expand_all(shard, store)
+    snap = pickle.loads(pickle.dumps(shard.snapshot()))
+    assert "users" not in snap and "caught_up" not in snap  # rebuilt from the changelogs
     restored = FollowerShard(SOURCES, settle_s=0)
-    restored.restore(pickle.loads(pickle.dumps(shard.snapshot())))
-    assert restored.caught_up == shard.caught_up
-    out = restored.release_due(store, NOON.replace(hour=13), FanoutTally())
+    restored.restore(snap, now=NOON.timestamp())
+    one_pm = NOON.replace(hour=13)
+    # Due, but the user table is empty until the changelogs were read to their end again.
+    assert restored.release_due(store, one_pm, FanoutTally()) == []
+    restored.apply_device(device("u", "d"))
+    restored.apply_preference(prefs("u", start=11, end=13))
+    caught_up(restored, as_of=NOON.timestamp() - 1)  # a marker from before the restore
+    assert restored.release_due(store, one_pm, FanoutTally()) == []
+    caught_up(restored, as_of=NOON.timestamp() + 1)
+    out = restored.release_due(store, one_pm, FanoutTally())
     assert [i["device_id"] for b in out for i in b.items] == ["d"]
+
+
+def test_unknown_snapshot_version_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="version"):
+        FollowerShard(SOURCES).restore({"v": 1}, now=0.0)
 
 
 def test_recent_jobs_expire_in_order_without_scanning_everything() -> None:
