@@ -74,9 +74,9 @@ class Settings:
     """FANFARE_CELEBRITY_THRESHOLD: authors with more followers go to the `.bulk` lanes."""
     dispatch_batch_size: int = MAX_DISPATCH_BATCH
     """FANFARE_DISPATCH_BATCH_SIZE: items per dispatch batch, 1 to 500."""
-    follower_page_size: int = 2_000
+    follower_page_size: int = 1_000
     """FANFARE_FOLLOWER_PAGE_SIZE: followers read per page from the follower store."""
-    expand_budget: int = 20_000
+    expand_budget: int = 2_000
     """FANFARE_EXPAND_BUDGET: followers one shard expands before yielding to other work."""
     post_claim_ttl_s: int = 86_400
     """FANFARE_POST_CLAIM_TTL_S: how long a post_id is remembered for dedupe."""

@@ -103,6 +103,9 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
                 "enable.partition.eof": True,
                 "fetch.wait.max.ms": 20,
                 "auto.offset.reset": "earliest",
+                # One consumer per partition: librdkafka's default prefetch (64 MB each) would
+                # dominate the worker's memory; 8 MB still keeps a partition's pipe full.
+                "queued.max.messages.kbytes": 8_192,
             }
         )
         self._consumer = Consumer(cast(dict[str, Any], conf))
