@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from operators.adapters.kafka_admin import create_topics
+from operators.adapters.kafka_admin import create_topics, wait_for_broker
 from operators.adapters.kafka_io import end_offset, produce_all, topic_partitions
 from operators.config import DEAD_LETTERS, POST_CREATED, Settings
 from scripts import devstack
@@ -76,8 +76,13 @@ def _prepare_stack(settings: Settings) -> None:
     if problem is not None:
         raise SystemExit(f"fanfare demo: {problem}\n{devstack.REDIS_HOWTO}")
     ours = devstack.broker_running(settings)
-    if ours is None:
-        pid = devstack.start_broker(settings)
+    if ours is None and wait_for_broker(settings, 2.0):
+        print(f"  using the broker that answers at {settings.kafka_brokers}")
+    elif ours is None:
+        try:
+            pid = devstack.start_broker(settings)
+        except devstack.BrokerStartError as exc:
+            raise SystemExit(f"fanfare demo: {exc}") from None
         print(f"  started the embedded broker (pid {pid}) at {settings.kafka_brokers}")
     create_topics(settings)
     if _topic_messages(settings, POST_CREATED):
@@ -185,8 +190,14 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
 
         _wait("the fan-out", fanned_out, args.timeout, flow, log)
         seconds = time.monotonic() - t0
-        time.sleep(0.5)  # the sink's last writes land on /metrics
+        # Jobs are done in the shards; wait until the sink has written their batches.
+        last = -1.0
         metrics = scrape(url)
+        while total(metrics, "fanfare_dispatched_total") != last:
+            last = total(metrics, "fanfare_dispatched_total")
+            time.sleep(1.0)
+            metrics = scrape(url)
+        seconds = max(seconds, time.monotonic() - t0 - 1.0)
     finally:
         if flow.poll() is None:
             os.killpg(flow.pid, signal.SIGTERM)

@@ -134,7 +134,8 @@ def demo_posts(graph: SyntheticGraph, count: int, seed: int, run_id: str) -> Ite
     """Posts by authors weighted by audience, plus the cases the demo must show."""
     rng = random.Random(seed + 1)
     ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    authors = list(graph.followers_of)
+    # The celebrity posts once, explicitly; the others are picked by audience.
+    authors = [a for a in graph.followers_of if a != graph.celebrity]
     weights = [graph.followers_of[a] for a in authors]
 
     def post(pid: str, author: str, **extra: object) -> Message:
