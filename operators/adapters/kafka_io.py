@@ -9,6 +9,7 @@ KafkaSource; clients are built per partition when Bytewax builds it, never at im
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -260,6 +261,8 @@ def end_offset(config: KafkaConfig, topic: str, partition: int) -> int:
     return tail[-1][0] + 1 if tail else max(low, high)
 
 
+_END_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-probe")
+
 ChannelSinkState = tuple[int, int]  # (next offset, earliest offset whose items may be replayed)
 
 
@@ -301,9 +304,13 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         self._errors: list[str] = []
         self._seen: set[tuple[str, str]] = set()
         self._epochs_left = 0
+        self._end_probe: concurrent.futures.Future[int] | None = None
         if resume is None:
-            self._next = end_offset(config, topic, partition)
-            self._replay_from = self._next
+            # Bytewax builds a writer when its first batch arrives: finding the partition's end
+            # takes ~0.6 s, so do it beside the worker; only a snapshot before our first write
+            # needs the answer.
+            self._end_probe = _END_PROBES.submit(end_offset, config, topic, partition)
+            self._next = self._replay_from = -1
         else:
             self._next, self._replay_from = resume
             for _, value in read_partition_to_end(config, topic, partition, self._replay_from):
@@ -383,6 +390,9 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
             )
         if self._last_offset >= 0:
             self._next = self._last_offset + 1
+        elif self._end_probe is not None:
+            self._next = self._end_probe.result(timeout=60)
+        self._end_probe = None
         if self._epochs_left > 0:
             self._epochs_left -= 1
             if self._epochs_left == 0 or not self._seen:
