@@ -32,7 +32,7 @@ from operators.adapters.kafka_io import (
     KafkaTopicsSource,
     topic_partitions,
 )
-from operators.adapters.post_claims import PostClaims, RedisPostClaims
+from operators.adapters.post_claims import PostClaims, RedisPostClaims, RedisWriterStartMarks
 from operators.config import (
     CHANGELOG_TOPICS,
     CHANNEL_TOPICS,
@@ -125,7 +125,14 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     kafka = settings.kafka_config()
-    sink = ChannelTopicsSink(kafka, CHANNEL_TOPICS, on_written=_count_written)
+    sink = ChannelTopicsSink(
+        kafka,
+        CHANNEL_TOPICS,
+        on_written=_count_written,
+        marks=functools.cache(
+            lambda: RedisWriterStartMarks(settings.redis_url, settings.redis_prefix)
+        ),
+    )
     return build_fanout_flow(
         settings,
         post_source=KafkaTopicsSource(kafka, [POST_CREATED]),

@@ -36,6 +36,7 @@ UserRecord = tuple[Any, ...]
 # Completed jobs are remembered this long so a duplicate job reaching the shard in the same
 # execution is dropped; post-level dedupe (the post claim) covers longer windows.
 RECENT_JOB_TTL_S = 600.0
+_PROVIDER_NAMES = {"apns": "apns", "fcm": "fcm"}
 
 
 @dataclass(slots=True)
@@ -105,6 +106,7 @@ class FollowerShard:
         # Deferred pushes are released only against a complete user table: after a restore,
         # not before every changelog partition was read to its end again.
         self.ready_after = 0.0
+        self._horizon: float | None = None
         self.jobs: dict[str, ShardJob] = {}
         self.recent: dict[str, float] = {}
         # Deferred notifications grouped by (release_ts, post_id): compact for big posts.
@@ -143,7 +145,9 @@ class FollowerShard:
             if old[i] != change.device_id:
                 devices.extend(old[i : i + 3])
         if change.active and change.token:
-            devices.extend((change.device_id, change.provider, change.token))
+            # One shared "apns"/"fcm" object, not a fresh string per user (~50 B each).
+            provider = _PROVIDER_NAMES[change.provider]
+            devices.extend((change.device_id, provider, change.token))
         self._store_user(change.user_id, prefs, tuple(devices))
 
     def _store_user(self, user_id: str, prefs: Prefs | None, devices: tuple[Any, ...]) -> None:
@@ -156,6 +160,7 @@ class FollowerShard:
         """Record how far a changelog partition has been read."""
         if marker.as_of > self.caught_up.get(marker.source, float("-inf")):
             self.caught_up[marker.source] = marker.as_of
+            self._horizon = None  # recomputed once, not for every job
 
     def gate_open_for(self, read_at: float) -> bool:
         """True when every changelog partition was read to its end after the post was read.
@@ -165,10 +170,11 @@ class FollowerShard:
         """
         if not self.changelog_sources:
             return True
-        if len(self.caught_up) < len(self.changelog_sources):
-            return False
-        horizon = min(self.caught_up[s] for s in self.changelog_sources) - self.settle_s
-        return horizon >= read_at
+        if self._horizon is None:
+            if not self.changelog_sources <= self.caught_up.keys():
+                return False
+            self._horizon = min(self.caught_up[s] for s in self.changelog_sources) - self.settle_s
+        return self._horizon >= read_at
 
     # ---- jobs ---------------------------------------------------------------------------------
 
@@ -423,6 +429,7 @@ class FollowerShard:
         heapq.heapify(self.deferred_heap)
         self.deferred_posts = {p: _PostRef(*r) for p, r in snap["deferred_posts"].items()}
         self.caught_up = {}
+        self._horizon = None
         self.ready_after = now
 
 

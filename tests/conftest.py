@@ -42,6 +42,9 @@ class Watcher:
         self.consumer.assign([TopicPartition(t, int(p), 0) for t, p in parts])
         self.items = 0
 
+    def close(self) -> None:
+        self.consumer.close()
+
     def poll(self) -> int:
         for m in self.consumer.consume(1000, 0.005):
             if m.error() is None:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -261,6 +261,25 @@ def end_offset(config: KafkaConfig, topic: str, partition: int) -> int:
     return tail[-1][0] + 1 if tail else max(low, high)
 
 
+class WriterStartMarks(Protocol):
+    """Where a channel writer with no snapshot yet began writing (see post_claims' Redis)."""
+
+    def mark(self, part: str, offset: int) -> int:
+        """Record `offset` unless a mark is held; return the held one."""
+
+    def clear(self, part: str) -> None:
+        """Forget the mark once a snapshot covers the writer."""
+
+
+def high_watermark(config: KafkaConfig, topic: str, partition: int) -> int:
+    """The partition's high watermark (fast; may trail the true end on the embedded broker)."""
+    consumer = Consumer(cast(dict[str, Any], {**config, "group.id": "fanfare-watermark"}))
+    try:
+        return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
+    finally:
+        consumer.close()
+
+
 _END_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-probe")
 
 ChannelSinkState = tuple[int, int]  # (next offset, earliest offset whose items may be replayed)
@@ -283,6 +302,7 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         resume: ChannelSinkState | None,
         replay_window_epochs: int,
         on_written: Callable[[DispatchBatch, int], None],
+        marks: WriterStartMarks | None = None,
     ) -> None:
         self._topic = topic
         self._partition = partition
@@ -305,6 +325,15 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         self._seen: set[tuple[str, str]] = set()
         self._epochs_left = 0
         self._end_probe: concurrent.futures.Future[int] | None = None
+        self._marks = marks
+        self._part = f"{topic}/{partition}"
+        if resume is None and marks is not None:
+            # No snapshot covers this writer yet, so a crash before its first snapshot would
+            # leave no record of where its writes began: keep one in Redis (a watermark may
+            # trail the end, which only makes the read-back start earlier). A mark left by a
+            # crashed execution is older and wins.
+            start = marks.mark(self._part, high_watermark(config, topic, partition))
+            resume = (start, start)
         if resume is None:
             # Bytewax builds a writer when its first batch arrives: finding the partition's end
             # takes ~0.6 s, so do it beside the worker; only a snapshot before our first write
@@ -393,6 +422,9 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         elif self._end_probe is not None:
             self._next = self._end_probe.result(timeout=60)
         self._end_probe = None
+        if self._marks is not None:
+            self._marks.clear(self._part)  # from now on the snapshot says where writes began
+            self._marks = None
         if self._epochs_left > 0:
             self._epochs_left -= 1
             if self._epochs_left == 0 or not self._seen:
@@ -421,7 +453,9 @@ class ChannelTopicsSink(FixedPartitionedSink[DispatchBatch, ChannelSinkState]):
         *,
         replay_window_epochs: int = 12,
         on_written: Callable[[DispatchBatch, int], None] = lambda b, dropped: None,
+        marks: Callable[[], WriterStartMarks] | None = None,
     ) -> None:
+        self._marks = marks
         self._config = config
         self._topics = list(topics)
         self._parts: list[str] | None = None
@@ -467,6 +501,7 @@ class ChannelTopicsSink(FixedPartitionedSink[DispatchBatch, ChannelSinkState]):
             resume_state,
             self._replay_window,
             self._on_written,
+            self._marks() if self._marks is not None else None,
         )
 
 

@@ -80,3 +80,23 @@ class InMemoryPostClaims(PostClaims):
                 else:
                     out.append(held[0] == identity)
         return out
+
+
+class RedisWriterStartMarks:
+    """Channel writers' start offsets until their first snapshot (SET NX with a TTL)."""
+
+    def __init__(self, url: str, prefix: str, ttl_s: int = 86_400) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=10)
+        self._prefix = prefix
+        self._ttl = ttl_s
+
+    def mark(self, part: str, offset: int) -> int:
+        """Keep the earliest start: an existing mark comes from a crashed execution."""
+        key = f"{self._prefix}writer-start:{part}"
+        self._client.set(key, offset, nx=True, ex=self._ttl)
+        held = self._client.get(key)
+        return offset if held is None else int(held)
+
+    def clear(self, part: str) -> None:
+        """A snapshot now records where this writer's writes began."""
+        self._client.delete(f"{self._prefix}writer-start:{part}")

@@ -197,6 +197,7 @@ def test_restart_mid_fanout_resumes_without_duplicates(stack: Stack) -> None:
     first = stack.start_flow(*slow)
     wait_for(lambda: watcher.poll() >= 20_000, 120, "the first pushes", stack, 0.01)
     stack.kill_flow(first)  # kill -9 the whole process group, mid-shard
+    watcher.close()
     partial = len(stack.dispatch_items())
     print(f"killed after {partial} of {len(followers)} pushes")
     assert partial < len(followers), "the fan-out finished before the kill; make it slower"

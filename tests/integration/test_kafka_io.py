@@ -120,3 +120,39 @@ def test_channel_sink_refuses_a_batch_routed_to_another_topic(stack: Stack) -> N
     with pytest.raises(RuntimeError, match="routed"):
         part.write_batch([batch("p", range(1))])
     part.close()
+
+
+class DictMarks:
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+
+    def mark(self, part: str, offset: int) -> int:
+        return self.held.setdefault(part, offset)
+
+    def clear(self, part: str) -> None:
+        self.held.pop(part, None)
+
+
+def test_channel_sink_crash_before_its_first_snapshot_still_drops_replays(stack: Stack) -> None:
+    # Regression: a writer killed in its first epoch had no snapshot, so its restart wrote
+    # everything again (32,040 duplicate pushes in the kill -9 test).
+    kafka = stack.settings.kafka_config()
+    marks = DictMarks()
+    sink = ChannelTopicsSink(kafka, ["push.apns"], marks=lambda: marks)
+    part_name = sink.route_key(batch("p1", range(1)))
+    first = sink.build_part("out", part_name, None)
+    first.write_batch([batch("p1", range(0, 10))])
+    first.close()  # crash: no snapshot was ever taken
+    assert part_name in marks.held
+    again = sink.build_part("out", part_name, None)
+    again.write_batch([batch("p1", range(0, 15))])
+    again.snapshot()
+    assert part_name not in marks.held  # the snapshot now says where writes began
+    topic, p = part_name.rsplit("/", 1)
+    users = [
+        i["user_id"]
+        for _, v in read_partition_to_end(kafka, topic, int(p), 0)
+        for i in orjson.loads(v or b"{}")["items"]
+    ]
+    assert sorted(users, key=lambda u: int(u[1:])) == [f"u{i}" for i in range(15)]
+    again.close()
