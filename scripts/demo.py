@@ -23,7 +23,7 @@ import orjson
 import redis
 
 from operators.adapters.kafka_admin import create_topics, wait_for_broker
-from operators.adapters.kafka_io import end_offset, produce_all, topic_partitions
+from operators.adapters.kafka_io import message_count, produce_all
 from operators.config import DEAD_LETTERS, POST_CREATED, Settings
 from scripts import devstack
 from scripts.demo_graph import build_graph, demo_posts
@@ -63,13 +63,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _topic_messages(settings: Settings, topic: str) -> int:
-    kafka = settings.kafka_config()
-    return sum(
-        end_offset(kafka, topic, int(p.rsplit("/", 1)[1])) for p in topic_partitions(kafka, [topic])
-    )
-
-
 def _prepare_stack(settings: Settings) -> None:
     """Embedded broker up with empty topics, Redis reachable."""
     problem = devstack.redis_reachable(settings)
@@ -85,7 +78,7 @@ def _prepare_stack(settings: Settings) -> None:
             raise SystemExit(f"fanfare demo: {exc}") from None
         print(f"  started the embedded broker (pid {pid}) at {settings.kafka_brokers}")
     create_topics(settings)
-    if _topic_messages(settings, POST_CREATED):
+    if message_count(settings.kafka_config(), [POST_CREATED]):
         if devstack.broker_running(settings) is None:
             raise SystemExit(
                 "fanfare demo: the broker at FANFARE_KAFKA_BROKERS already holds posts and was "
@@ -209,7 +202,7 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         keys = list(client.scan_iter(match=demo_prefix + "*", count=1000))
         if keys:
             client.delete(*keys)
-    dead_total = _topic_messages(settings, DEAD_LETTERS)
+    dead_total = message_count(settings.kafka_config(), [DEAD_LETTERS])
     print_summary(metrics, len(posts), seconds, dead_total)
     print(f"\nThe embedded stack is still up (`fanfare dev status`); the flow's log is {log}.")
     return 0

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from operators.adapters.kafka_admin import create_topics
-from operators.adapters.kafka_io import end_offset, read_partition_to_end, topic_partitions
+from operators.adapters.kafka_io import message_count, read_partition_to_end, topic_partitions
 from operators.config import CHANNEL_TOPICS, Settings, load_settings
 from scripts import devstack
 
@@ -101,13 +101,7 @@ class Stack:
 
     def count_messages(self, topics: tuple[str, ...]) -> int:
         """Messages on the topics (the true ends, read through partition EOF)."""
-        kafka = self.settings.kafka_config()
-        total = 0
-        for topic in topics:
-            for part in topic_partitions(kafka, [topic]):
-                p = int(part.rsplit("/", 1)[1])
-                total += end_offset(kafka, topic, p)
-        return total
+        return message_count(self.settings.kafka_config(), topics)
 
     def dispatch_items(self) -> list[tuple[str, str, str, str, str]]:
         """(topic, post_id, user_id, device_id, notification_id) of every item on push.*."""

@@ -282,6 +282,15 @@ def high_watermark(config: KafkaConfig, topic: str, partition: int) -> int:
 
 _END_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-probe")
 
+
+def message_count(config: KafkaConfig, topics: Sequence[str]) -> int:
+    """Messages on the topics: the sum of every partition's true end offset."""
+    return sum(
+        end_offset(config, topic, partition)
+        for topic, partition in map(_split_part, topic_partitions(config, topics))
+    )
+
+
 ChannelSinkState = tuple[int, int]  # (next offset, earliest offset whose items may be replayed)
 
 
