@@ -18,6 +18,7 @@ FOLLOW_CHANGES = "follow_changes"
 PREFERENCE_CHANGES = "preference_changes"
 DEVICE_CHANGES = "device_changes"
 DELIVERY_EVENTS = "delivery_events"
+PUSH_RETRY = "push.retry"
 DEAD_LETTERS = "dead_letters"
 PROVIDERS = ("apns", "fcm")
 LANES = ("normal", "bulk")
@@ -34,6 +35,7 @@ ALL_TOPICS = (
     POST_CREATED,
     *CHANGELOG_TOPICS,
     *CHANNEL_TOPICS,
+    PUSH_RETRY,
     DELIVERY_EVENTS,
     DEAD_LETTERS,
 )
@@ -90,11 +92,78 @@ class Settings:
     """FANFARE_METRICS_PORT: first /metrics port (one per process)."""
     log_level: str = "INFO"
     """FANFARE_LOG_LEVEL: Python logging level."""
+    notification_store_url: str = ""
+    """FANFARE_NOTIFICATION_STORE_URL: notification store; default
+    `sqlite:///$FANFARE_HOME/notifications.db`."""
+    apns_key_file: str = ""
+    """FANFARE_APNS_KEY_FILE: APNs token-auth key (.p8). Empty: the local APNs server that
+    `fanfare dev up` started, if any."""
+    apns_key_id: str = ""
+    """FANFARE_APNS_KEY_ID: the key's id (10 characters, from Apple)."""
+    apns_team_id: str = ""
+    """FANFARE_APNS_TEAM_ID: the Apple developer team id."""
+    apns_topic: str = ""
+    """FANFARE_APNS_TOPIC: the app's bundle id (apns-topic)."""
+    apns_host: str = "api.push.apple.com"
+    """FANFARE_APNS_HOST: APNs host (api.sandbox.push.apple.com for development builds)."""
+    apns_port: int = 443
+    """FANFARE_APNS_PORT: APNs port."""
+    apns_ca_file: str = ""
+    """FANFARE_APNS_CA_FILE: extra CA bundle to trust (the local APNs server's CA)."""
+    fcm_credentials_file: str = ""
+    """FANFARE_FCM_CREDENTIALS_FILE: Google service-account JSON. Empty: the local FCM server
+    that `fanfare dev up` started, if any."""
+    fcm_url: str = "https://fcm.googleapis.com"
+    """FANFARE_FCM_URL: FCM HTTP v1 base URL."""
+    apns_rate_per_min: int = 6_000_000
+    """FANFARE_APNS_RATE_PER_MIN: APNs sends per minute, all workers together."""
+    fcm_rate_per_min: int = 600_000
+    """FANFARE_FCM_RATE_PER_MIN: FCM sends per minute per project (FCM's default quota)."""
+    rate_burst_ms: int = 1_000
+    """FANFARE_RATE_BURST_MS: bucket size, in milliseconds of the rate."""
+    bulk_reserve_pct: int = 20
+    """FANFARE_BULK_RESERVE_PCT: share of each bucket the bulk lane leaves to normal posts."""
+    rate_wait_max_ms: int = 500
+    """FANFARE_RATE_WAIT_MAX_MS: longest a send waits for tokens before it is held for later."""
+    retry_max_attempts: int = 8
+    """FANFARE_RETRY_MAX_ATTEMPTS: provider sends per device before dead-lettering."""
+    retry_base_ms: int = 1_000
+    """FANFARE_RETRY_BASE_MS: first backoff ceiling (doubles per attempt, full jitter)."""
+    retry_max_backoff_s: int = 300
+    """FANFARE_RETRY_MAX_BACKOFF_S: largest backoff ceiling."""
+    notification_max_age_s: int = 3_600
+    """FANFARE_NOTIFICATION_MAX_AGE_S: a notification older than this is `expired`, not sent."""
+    breaker_failures: int = 20
+    """FANFARE_BREAKER_FAILURES: consecutive transient failures that open a provider's circuit."""
+    breaker_cooldown_s: int = 5
+    """FANFARE_BREAKER_COOLDOWN_S: how long an open circuit holds sends before probing."""
+    send_timeout_ms: int = 10_000
+    """FANFARE_SEND_TIMEOUT_MS: a send without an answer by then is retried."""
+    edge_claim_ttl_s: int = 604_800
+    """FANFARE_EDGE_CLAIM_TTL_S: how long a (notification, device) claim stays in Redis."""
+    bulk_batches_per_poll: int = 2
+    """FANFARE_BULK_BATCHES_PER_POLL: bulk dispatch batches a delivery worker reads at a time."""
+    push_title: str = "{author_id} posted"
+    """FANFARE_PUSH_TITLE: notification title; fields {author_id} and {post_id}."""
+    push_body: str = "Tap to read the new post"
+    """FANFARE_PUSH_BODY: notification body; same fields."""
+    push_link: str = "fanfare://posts/{post_id}"
+    """FANFARE_PUSH_LINK: deep link to the post; same fields."""
 
     @property
     def resolved_store_url(self) -> str:
         """The follower store URL, defaulting to SQLite inside FANFARE_HOME."""
         return self.store_url or f"sqlite:///{self.home / 'store.db'}"
+
+    @property
+    def resolved_notification_store_url(self) -> str:
+        """The notification store URL, defaulting to SQLite inside FANFARE_HOME."""
+        return self.notification_store_url or f"sqlite:///{self.home / 'notifications.db'}"
+
+    @property
+    def local_providers_dir(self) -> Path:
+        """Where `fanfare dev up` keeps the local provider servers' credentials and ports."""
+        return self.home / "providers"
 
     def recovery_dir(self, flow_name: str) -> Path:
         """Where a flow's recovery partitions live."""
@@ -161,6 +230,21 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "snapshot_interval_s": (1, 3_600),
     "recovery_partitions": (1, 1_024),
     "metrics_port": (1, 65_535),
+    "apns_port": (1, 65_535),
+    "apns_rate_per_min": (1, None),
+    "fcm_rate_per_min": (1, None),
+    "rate_burst_ms": (1, 3_600_000),
+    "bulk_reserve_pct": (0, 90),
+    "rate_wait_max_ms": (0, 60_000),
+    "retry_max_attempts": (1, 100),
+    "retry_base_ms": (1, 3_600_000),
+    "retry_max_backoff_s": (1, 86_400),
+    "notification_max_age_s": (1, 30 * 86_400),
+    "breaker_failures": (1, 100_000),
+    "breaker_cooldown_s": (1, 3_600),
+    "send_timeout_ms": (100, 600_000),
+    "edge_claim_ttl_s": (1, None),
+    "bulk_batches_per_poll": (1, 1_000),
 }
 
 
@@ -200,8 +284,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
     if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("FANFARE_REDIS_URL must start with redis://, rediss:// or unix://")
+    if not settings.resolved_notification_store_url.startswith(("sqlite:///", "cassandra://")):
+        raise ConfigError(
+            "FANFARE_NOTIFICATION_STORE_URL must be sqlite:///PATH "
+            "(or cassandra://hosts/keyspace, later)"
+        )
+    _check_template(settings)
     if not settings.resolved_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
             "FANFARE_STORE_URL must be sqlite:///PATH (or cassandra://hosts/keyspace, later)"
         )
     return settings
+
+
+def _check_template(settings: Settings) -> None:
+    from operators.payloads import PushTemplate
+
+    try:
+        PushTemplate(settings.push_title, settings.push_body, settings.push_link)
+    except ValueError as exc:
+        raise ConfigError(f"FANFARE_PUSH_TITLE/BODY/LINK: {exc}") from None

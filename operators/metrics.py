@@ -5,7 +5,7 @@ Counters are per process; `fanfare demo` and `fanfare metrics` sum them across e
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 POSTS_READ = Counter("fanfare_posts_read_total", "post_created events decoded and valid")
 POSTS_SUPPRESSED = Counter(
@@ -37,3 +37,53 @@ CHANGES_APPLIED = Counter(
 )
 SHARD_JOBS_CREATED = Counter("fanfare_shard_jobs_created_total", "(post, shard) jobs created")
 SHARD_JOBS_COMPLETED = Counter("fanfare_shard_jobs_completed_total", "(post, shard) jobs done")
+
+# Delivery (flows/delivery.py).
+SENDS = Counter(
+    "fanfare_provider_sends_total", "sends made to a provider, by lane", ["provider", "lane"]
+)
+OUTCOMES = Counter(
+    "fanfare_delivery_outcomes_total",
+    "outcomes recorded in delivery_events, by provider and outcome",
+    ["provider", "outcome"],
+)
+PROVIDER_ERRORS = Counter(
+    "fanfare_provider_errors_total",
+    "provider answers other than accepted, by reason",
+    ["provider", "reason"],
+)
+DELIVERY_DEDUPED = Counter(
+    "fanfare_delivery_deduped_total",
+    "sends not made because another message owns them (edge: Redis claim; store: unique key)",
+    ["stage"],
+)
+RESENDS = Counter(
+    "fanfare_delivery_resends_total",
+    "sends repeated after a restart interrupted them",
+    ["provider"],
+)
+HELD = Counter(
+    "fanfare_delivery_held_total", "sends held for later, by cause", ["provider", "cause"]
+)
+TOKENS_DEACTIVATED = Counter(
+    "fanfare_tokens_deactivated_total",
+    "devices deactivated after a permanent token error",
+    ["provider"],
+)
+RATE_LIMIT_WAIT = Counter(
+    "fanfare_rate_limit_wait_seconds_total",
+    "seconds spent waiting for rate-limit tokens",
+    ["provider"],
+)
+BREAKER_STATE = Gauge(
+    "fanfare_circuit_state",
+    "circuit breaker per provider: 0 closed, 1 half-open, 2 open",
+    ["provider"],
+    multiprocess_mode="max",
+)
+ACCEPT_LATENCY = Histogram(
+    "fanfare_post_to_accepted_seconds",
+    "from post created_at to provider acceptance",
+    ["provider", "lane"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+)

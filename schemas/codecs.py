@@ -18,11 +18,14 @@ import orjson
 
 from schemas.records import (
     DeadLetter,
+    DeliveryEvent,
     DeviceChange,
     DispatchBatch,
+    DispatchItem,
     FollowChange,
     PostCreated,
     PreferenceChange,
+    RetryRecord,
 )
 
 SCHEMA_NAMES = (
@@ -32,6 +35,7 @@ SCHEMA_NAMES = (
     "device_changes",
     "dispatch_batch",
     "delivery_events",
+    "push_retry",
     "dead_letters",
 )
 
@@ -228,10 +232,8 @@ def encode_dispatch_batch(batch: DispatchBatch) -> bytes:
     )
 
 
-def decode_dispatch_batch(raw: bytes | str, lane: str) -> DispatchBatch:
+def decode_dispatch_batch(raw: bytes | str | None, lane: str) -> DispatchBatch:
     """A validated :class:`DispatchBatch` read back from a channel topic."""
-    from schemas.records import DispatchItem
-
     d = _parse(raw, "dispatch_batch")
     return DispatchBatch(
         post_id=d["post_id"],
@@ -248,6 +250,71 @@ def decode_dispatch_batch(raw: bytes | str, lane: str) -> DispatchBatch:
             )
             for i in d["items"]
         ),
+    )
+
+
+def encode_delivery_event(event: DeliveryEvent) -> bytes:
+    """The wire form of a delivery event (`retry_at` only on retry_scheduled)."""
+    body: dict[str, Any] = {
+        "notification_id": event.notification_id,
+        "post_id": event.post_id,
+        "user_id": event.user_id,
+        "device_id": event.device_id,
+        "provider": event.provider,
+        "outcome": event.outcome,
+        "status": event.status,
+        "reason": event.reason,
+        "attempt": event.attempt,
+        "ts": event.ts,
+    }
+    if event.retry_at is not None:
+        body["retry_at"] = event.retry_at
+    return orjson.dumps(body)
+
+
+def decode_delivery_event(raw: bytes | str | None) -> DeliveryEvent:
+    """A validated :class:`DeliveryEvent`."""
+    d = _parse(raw, "delivery_events")
+    return DeliveryEvent(
+        notification_id=d["notification_id"],
+        post_id=d["post_id"],
+        user_id=d["user_id"],
+        device_id=d["device_id"],
+        provider=d["provider"],
+        outcome=d["outcome"],
+        status=d.get("status"),
+        reason=d.get("reason"),
+        attempt=d["attempt"],
+        ts=d["ts"],
+        retry_at=d.get("retry_at"),
+    )
+
+
+def encode_retry_record(record: RetryRecord) -> bytes:
+    """The wire form of a scheduled retry."""
+    return orjson.dumps(record)
+
+
+def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
+    """A validated :class:`RetryRecord`."""
+    d = _parse(raw, "push_retry")
+    i = d["item"]
+    return RetryRecord(
+        provider=d["provider"],
+        lane=d["lane"],
+        post_id=d["post_id"],
+        author_id=d["author_id"],
+        created_at=d["created_at"],
+        item=DispatchItem(
+            notification_id=i["notification_id"],
+            user_id=i["user_id"],
+            device_id=i["device_id"],
+            token=i["token"],
+        ),
+        attempt=d["attempt"],
+        seq=d["seq"],
+        due_at=float(d["due_at"]),
+        reason=d["reason"],
     )
 
 

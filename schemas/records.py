@@ -97,3 +97,46 @@ class DeadLetter:
     offset: int | None
     error: str
     raw: str
+
+
+Outcome = Literal[
+    "accepted", "invalid_token", "expired", "failed", "dead_lettered", "retry_scheduled"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """An outcome of one dispatch item (terminal, or `retry_scheduled` on the way)."""
+
+    notification_id: str
+    post_id: str
+    user_id: str
+    device_id: str
+    provider: Provider
+    outcome: Outcome
+    status: int | None
+    reason: str | None
+    attempt: int
+    ts: str
+    retry_at: str | None = None
+
+    @property
+    def identity(self) -> tuple[str, str, str, int, str | None]:
+        """What makes two events the same event (a replay re-emits it with a new ts)."""
+        return (self.notification_id, self.device_id, self.outcome, self.attempt, self.retry_at)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRecord:
+    """A send scheduled for later on `push.retry`: the item, its post, and when it is due."""
+
+    provider: Provider
+    lane: str
+    post_id: str
+    author_id: str
+    created_at: str
+    item: DispatchItem
+    attempt: int
+    seq: int
+    due_at: float
+    reason: str

@@ -12,9 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
+from zlib import crc32
 
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -292,15 +293,17 @@ def message_count(config: KafkaConfig, topics: Sequence[str]) -> int:
 
 
 ChannelSinkState = tuple[int, int]  # (next offset, earliest offset whose items may be replayed)
+V = TypeVar("V")
 
 
-class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkState]):
-    """Writes dispatch batches to one channel-topic partition, dropping replayed items.
+class _IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Generic[V]):
+    """Writes to one topic partition, dropping what it already wrote before a restart.
 
     After a restart, Bytewax replays the work of the epoch that was not snapshotted. This writer
     snapshots the partition's next offset at each epoch; on resume it reads back what was
-    written since, and drops items (notification_id, device_id) already there. Items stay
-    remembered for `replay_window_epochs` snapshots or until all were seen again.
+    written since, and drops values (or items of values) whose identity is already there. They
+    stay remembered for `replay_window_epochs` snapshots or until all were seen again.
+    Subclasses say what identifies a message and how to encode one.
     """
 
     def __init__(
@@ -310,13 +313,10 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         partition: int,
         resume: ChannelSinkState | None,
         replay_window_epochs: int,
-        on_written: Callable[[DispatchBatch, int], None],
         marks: WriterStartMarks | None = None,
     ) -> None:
         self._topic = topic
         self._partition = partition
-        self._lane = "bulk" if topic.endswith(".bulk") else "normal"
-        self._on_written = on_written
         self._producer = Producer(
             cast(
                 dict[str, Any],
@@ -331,7 +331,7 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         )
         self._last_offset = -1
         self._errors: list[str] = []
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: set[Hashable] = set()
         self._epochs_left = 0
         self._end_probe: concurrent.futures.Future[int] | None = None
         self._marks = marks
@@ -352,10 +352,8 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         else:
             self._next, self._replay_from = resume
             for _, value in read_partition_to_end(config, topic, partition, self._replay_from):
-                if value is None:
-                    continue
-                for item in orjson.loads(value).get("items", ()):
-                    self._seen.add((item["notification_id"], item["device_id"]))
+                if value is not None:
+                    self._seen.update(self._identities(value))
             self._epochs_left = replay_window_epochs if self._seen else 0
             if self._seen:
                 log.info(
@@ -368,49 +366,48 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
             if not self._seen:
                 self._replay_from = self._next
 
+    def _identities(self, raw: bytes) -> Iterable[Hashable]:
+        """What a message already on the partition identifies (read back on resume)."""
+        raise NotImplementedError
+
+    def _unseen(self, value: V) -> tuple[V | None, int]:
+        """The value without what was already written, and how many parts were dropped."""
+        raise NotImplementedError
+
+    def _encode(self, value: V) -> tuple[bytes, bytes]:
+        """(key, value) bytes of a message."""
+        raise NotImplementedError
+
+    def _written(self, value: V, dropped: int) -> None:
+        """Hook: a value was written (dropped=0) or parts of it were dropped as replays."""
+
     def _delivered(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
             self._errors.append(err.str())
         else:
             self._last_offset = max(self._last_offset, msg.offset())
 
-    def write_batch(self, values: list[DispatchBatch]) -> None:
-        """Produce each batch (minus replayed items) to this partition."""
-        for batch in values:
-            if batch.topic != self._topic:
-                raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
+    def write_batch(self, values: list[V]) -> None:
+        """Produce each value (minus replayed parts) to this partition."""
+        for value in values:
             if self._seen:
-                kept = tuple(
-                    i
-                    for i in batch.items
-                    if (i["notification_id"], i["device_id"]) not in self._seen
-                )
-                for i in batch.items:
-                    self._seen.discard((i["notification_id"], i["device_id"]))
-                if len(kept) != len(batch.items):
-                    self._on_written(batch, len(batch.items) - len(kept))
-                if not kept:
+                kept, dropped = self._unseen(value)
+                if dropped:
+                    self._written(value, dropped)
+                if kept is None:
                     continue
-                if len(kept) != len(batch.items):
-                    batch = DispatchBatch(
-                        batch.post_id,
-                        batch.author_id,
-                        batch.provider,
-                        batch.created_at,
-                        batch.lane,
-                        kept,
-                    )
-            self._produce(batch)
-            self._on_written(batch, 0)
+                value = kept
+            self._produce(*self._encode(value))
+            self._written(value, 0)
         self._producer.poll(0)
 
-    def _produce(self, batch: DispatchBatch) -> None:
+    def _produce(self, key: bytes, value: bytes) -> None:
         while True:
             try:
                 self._producer.produce(
                     self._topic,
-                    value=encode_dispatch_batch(batch),
-                    key=batch.post_id.encode(),
+                    value=value,
+                    key=key,
                     partition=self._partition,
                     on_delivery=self._delivered,
                 )
@@ -448,29 +445,63 @@ class _ChannelPartitionWriter(StatefulSinkPartition[DispatchBatch, ChannelSinkSt
         self._producer.flush(30)
 
 
-class ChannelTopicsSink(FixedPartitionedSink[DispatchBatch, ChannelSinkState]):
-    """Dispatch batches to `push.*` topics; one sink partition per topic partition.
-
-    Upstream keys each batch with the name of its target partition (`push.fcm/3`), chosen by
-    :meth:`route_key`, so `part_fn` is an index into the sorted list of parts.
-    """
+class _ChannelPartitionWriter(_IdempotentPartitionWriter[DispatchBatch]):
+    """Dispatch batches to one channel-topic partition; identity: (notification_id, device_id)."""
 
     def __init__(
         self,
         config: KafkaConfig,
-        topics: Sequence[str],
-        *,
-        replay_window_epochs: int = 12,
-        on_written: Callable[[DispatchBatch, int], None] = lambda b, dropped: None,
-        marks: Callable[[], WriterStartMarks] | None = None,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        replay_window_epochs: int,
+        on_written: Callable[[DispatchBatch, int], None],
+        marks: WriterStartMarks | None = None,
     ) -> None:
-        self._marks = marks
+        self._on_written = on_written
+        super().__init__(config, topic, partition, resume, replay_window_epochs, marks)
+
+    def _identities(self, raw: bytes) -> Iterable[Hashable]:
+        return [(i["notification_id"], i["device_id"]) for i in orjson.loads(raw).get("items", ())]
+
+    def _unseen(self, batch: DispatchBatch) -> tuple[DispatchBatch | None, int]:
+        if batch.topic != self._topic:
+            raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
+        kept = tuple(
+            i for i in batch.items if (i["notification_id"], i["device_id"]) not in self._seen
+        )
+        for i in batch.items:
+            self._seen.discard((i["notification_id"], i["device_id"]))
+        dropped = len(batch.items) - len(kept)
+        if not kept:
+            return None, dropped
+        if dropped:
+            batch = DispatchBatch(
+                batch.post_id, batch.author_id, batch.provider, batch.created_at, batch.lane, kept
+            )
+        return batch, dropped
+
+    def _encode(self, batch: DispatchBatch) -> tuple[bytes, bytes]:
+        if batch.topic != self._topic:
+            raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
+        return batch.post_id.encode(), encode_dispatch_batch(batch)
+
+    def _written(self, batch: DispatchBatch, dropped: int) -> None:
+        self._on_written(batch, dropped)
+
+
+class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V]):
+    """One sink partition per topic partition; upstream keys each value with its partition.
+
+    :meth:`route_key` names the partition (`push.fcm/3`) from the value's topic and routing id,
+    so `part_fn` is an index into the sorted list of parts.
+    """
+
+    def __init__(self, config: KafkaConfig, topics: Sequence[str]) -> None:
         self._config = config
         self._topics = list(topics)
         self._parts: list[str] | None = None
         self._counts: dict[str, int] = {}
-        self._replay_window = replay_window_epochs
-        self._on_written = on_written
 
     def _all_parts(self) -> list[str]:
         if self._parts is None:
@@ -482,21 +513,44 @@ class ChannelTopicsSink(FixedPartitionedSink[DispatchBatch, ChannelSinkState]):
             self._parts, self._counts = parts, counts
         return self._parts
 
-    def route_key(self, batch: DispatchBatch) -> str:
-        """The partition a batch goes to: by post, so a post's batches stay in order."""
-        self._all_parts()
-        from zlib import crc32
+    def _topic_and_id(self, value: V) -> tuple[str, str]:
+        """The value's topic and the id that picks its partition."""
+        raise NotImplementedError
 
-        count = self._counts[batch.topic]
-        return f"{batch.topic}/{crc32(batch.post_id.encode()) % count}"
+    def route_key(self, value: V) -> str:
+        """The partition a value goes to: by id, so one id's messages stay in order."""
+        self._all_parts()
+        topic, rid = self._topic_and_id(value)
+        return f"{topic}/{crc32(rid.encode()) % self._counts[topic]}"
 
     def list_parts(self) -> list[str]:
-        """Every channel-topic partition."""
+        """Every partition of the topics."""
         return list(self._all_parts())
 
     def part_fn(self, item_key: str) -> int:
         """Index of the named partition in the sorted global list."""
         return self._all_parts().index(item_key)
+
+
+class ChannelTopicsSink(PartitionedTopicsSink[DispatchBatch]):
+    """Dispatch batches to `push.*` topics, routed by post_id."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topics: Sequence[str],
+        *,
+        replay_window_epochs: int = 12,
+        on_written: Callable[[DispatchBatch, int], None] = lambda b, dropped: None,
+        marks: Callable[[], WriterStartMarks] | None = None,
+    ) -> None:
+        super().__init__(config, topics)
+        self._marks = marks
+        self._replay_window = replay_window_epochs
+        self._on_written = on_written
+
+    def _topic_and_id(self, value: DispatchBatch) -> tuple[str, str]:
+        return value.topic, value.post_id
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
@@ -514,9 +568,14 @@ class ChannelTopicsSink(FixedPartitionedSink[DispatchBatch, ChannelSinkState]):
         )
 
 
-class _DeadLetterWriter(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, config: KafkaConfig, topic: str) -> None:
+class _FlushingWriter(StatelessSinkPartition[V], Generic[V]):
+    """Produces and waits for every write before Bytewax moves on (rare, must-not-lose)."""
+
+    def __init__(
+        self, config: KafkaConfig, topic: str, encode: Callable[[V], tuple[bytes, bytes]]
+    ) -> None:
         self._topic = topic
+        self._encode = encode
         self._producer = Producer(
             cast(dict[str, Any], {**config, "acks": "all", "message.max.bytes": 8 * 1024 * 1024})
         )
@@ -526,33 +585,51 @@ class _DeadLetterWriter(StatelessSinkPartition[DeadLetter]):
         if err is not None:
             self._errors.append(err.str())
 
-    def write_batch(self, items: list[DeadLetter]) -> None:
-        # Dead letters are rare and must not be lost: flush before Bytewax moves on.
-        for letter in items:
-            self._producer.produce(
-                self._topic,
-                value=encode_dead_letter(letter),
-                key=letter.source_topic.encode(),
-                on_delivery=self._delivered,
-            )
+    def write_batch(self, items: list[V]) -> None:
+        for item in items:
+            key, value = self._encode(item)
+            while True:
+                try:
+                    self._producer.produce(
+                        self._topic, value=value, key=key, on_delivery=self._delivered
+                    )
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
         remaining = self._producer.flush(60)
         if remaining or self._errors:
-            raise RuntimeError(f"writing dead letters failed: {remaining} left, {self._errors[:3]}")
+            raise RuntimeError(
+                f"writing to {self._topic} failed: {remaining} left, {self._errors[:3]}"
+            )
 
     def close(self) -> None:
         self._producer.flush(30)
 
 
-class DeadLetterSink(DynamicSink[DeadLetter]):
+class FlushingTopicSink(DynamicSink[V], Generic[V]):
+    """Values to one topic, each write batch acknowledged before the flow goes on."""
+
+    def __init__(
+        self, config: KafkaConfig, topic: str, encode: Callable[[V], tuple[bytes, bytes]]
+    ) -> None:
+        self._config = config
+        self._topic = topic
+        self._encode = encode
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _FlushingWriter[V]:
+        """One producer per worker."""
+        return _FlushingWriter(self._config, self._topic, self._encode)
+
+
+def _dead_letter_message(letter: DeadLetter) -> tuple[bytes, bytes]:
+    return letter.source_topic.encode(), encode_dead_letter(letter)
+
+
+class DeadLetterSink(FlushingTopicSink[DeadLetter]):
     """Dead letters to the `dead_letters` topic, keyed by source topic."""
 
     def __init__(self, config: KafkaConfig, topic: str = "dead_letters") -> None:
-        self._config = config
-        self._topic = topic
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterWriter:
-        """One producer per worker."""
-        return _DeadLetterWriter(self._config, self._topic)
+        super().__init__(config, topic, _dead_letter_message)
 
 
 def produce_all(

@@ -49,6 +49,33 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_RECOVERY_PARTITIONS": ("8", 8),
     "FANFARE_METRICS_PORT": ("4040", 4_040),
     "FANFARE_LOG_LEVEL": ("debug", "DEBUG"),
+    "FANFARE_NOTIFICATION_STORE_URL": ("sqlite:////srv/n.db", "sqlite:////srv/n.db"),
+    "FANFARE_APNS_KEY_FILE": ("/run/secrets/apns.p8", "/run/secrets/apns.p8"),
+    "FANFARE_APNS_KEY_ID": ("ABC123DEFG", "ABC123DEFG"),
+    "FANFARE_APNS_TEAM_ID": ("TEAM123456", "TEAM123456"),
+    "FANFARE_APNS_TOPIC": ("com.example.app", "com.example.app"),
+    "FANFARE_APNS_HOST": ("api.sandbox.push.apple.com", "api.sandbox.push.apple.com"),
+    "FANFARE_APNS_PORT": ("2197", 2_197),
+    "FANFARE_APNS_CA_FILE": ("/etc/ca.pem", "/etc/ca.pem"),
+    "FANFARE_FCM_CREDENTIALS_FILE": ("/run/secrets/fcm.json", "/run/secrets/fcm.json"),
+    "FANFARE_FCM_URL": ("http://127.0.0.1:9999", "http://127.0.0.1:9999"),
+    "FANFARE_APNS_RATE_PER_MIN": ("120000", 120_000),
+    "FANFARE_FCM_RATE_PER_MIN": ("300000", 300_000),
+    "FANFARE_RATE_BURST_MS": ("250", 250),
+    "FANFARE_BULK_RESERVE_PCT": ("50", 50),
+    "FANFARE_RATE_WAIT_MAX_MS": ("0", 0),
+    "FANFARE_RETRY_MAX_ATTEMPTS": ("3", 3),
+    "FANFARE_RETRY_BASE_MS": ("200", 200),
+    "FANFARE_RETRY_MAX_BACKOFF_S": ("60", 60),
+    "FANFARE_NOTIFICATION_MAX_AGE_S": ("600", 600),
+    "FANFARE_BREAKER_FAILURES": ("5", 5),
+    "FANFARE_BREAKER_COOLDOWN_S": ("2", 2),
+    "FANFARE_SEND_TIMEOUT_MS": ("2000", 2_000),
+    "FANFARE_EDGE_CLAIM_TTL_S": ("3600", 3_600),
+    "FANFARE_BULK_BATCHES_PER_POLL": ("4", 4),
+    "FANFARE_PUSH_TITLE": ("New from {author_id}", "New from {author_id}"),
+    "FANFARE_PUSH_BODY": ("Post {post_id}", "Post {post_id}"),
+    "FANFARE_PUSH_LINK": ("https://x.test/p/{post_id}", "https://x.test/p/{post_id}"),
 }
 
 
@@ -173,3 +200,13 @@ def test_fanfare_command_exits_2_on_bad_env() -> None:
     assert "FANFARE_DISPATCH_BATCH_SIZE" in done.stderr
     assert "between 1 and 500" in done.stderr
     assert done.stdout == ""
+
+
+def test_template_with_unknown_field_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"FANFARE_PUSH_TITLE.*\{user_name\}.*author_id, post_id"):
+        load_settings({"FANFARE_PUSH_TITLE": "hi {user_name}"})
+
+
+def test_rate_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="FANFARE_FCM_RATE_PER_MIN=0 is out of range"):
+        load_settings({"FANFARE_FCM_RATE_PER_MIN": "0"})

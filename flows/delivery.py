@@ -1,0 +1,204 @@
+"""The delivery dataflow: dispatch batches on push.* -> APNs / FCM -> delivery_events.
+
+    read_channel_lanes ─► decode_dispatch ──────┐
+      (normal first)   └─► dead letters          ├─► send_to_providers ─┬─► delivery_events
+    read_retries ─► decode_retry ─► hold_until_due ─┘  (ledger, limits,  ├─► device_changes
+                       └─► dead letters                breaker, sends)  ├─► push.retry
+                                                                        └─► dead_letters
+
+Run it with `fanfare run delivery`. Everything here is wiring; decisions live in `operators/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.outputs import Sink
+
+from operators.adapters.delivery_io import BulkPacer, ChannelLanesSource, DeliveryEventsSink
+from operators.adapters.edge_claims import RedisEdgeClaims
+from operators.adapters.kafka_io import DeadLetterSink, FlushingTopicSink, KafkaTopicsSource
+from operators.adapters.notification_store import open_notification_store
+from operators.adapters.post_claims import RedisWriterStartMarks
+from operators.adapters.push_senders import (
+    ApnsSender,
+    EventLoopThread,
+    FcmSender,
+    ProviderConfigError,
+    apns_config,
+    fcm_config,
+)
+from operators.adapters.rate_limiter import BucketSpec, RedisRateLimiter
+from operators.config import DEVICE_CHANGES, PUSH_RETRY, Settings, load_settings
+from operators.delivery_engine import DeliveryEngine, DeliverySettings, PushSender
+from operators.delivery_model import RetryPolicy, SendRequest
+from operators.delivery_steps import (
+    RetryTimerLogic,
+    RetryTimers,
+    SendStep,
+    decode_channel_message,
+    decode_retry_message,
+)
+from operators.payloads import PushTemplate
+from schemas.codecs import encode_device_change, encode_retry_record
+from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _is_dead_letter(item: object) -> bool:
+    return isinstance(item, DeadLetter)
+
+
+def _only(kind: type[T]) -> Callable[[object], T | None]:
+    return lambda x: x if isinstance(x, kind) else None
+
+
+def build_delivery_flow(
+    *,
+    channel_source: Source[Any],
+    retry_source: Source[Any],
+    send: Callable[[list[SendRequest]], list[Any]],
+    events_sink: Sink[Any],
+    route_event: Callable[[DeliveryEvent], str],
+    device_changes_sink: Sink[Any],
+    retry_sink: Sink[Any],
+    dead_letter_sink: Sink[Any],
+    clock: Callable[[], float] = time.time,
+) -> Dataflow:
+    """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
+    flow = Dataflow("delivery")
+
+    channel = op.input("read_channel_lanes", flow, channel_source)
+    decoded = op.flat_map("decode_dispatch", channel, decode_channel_message)
+    split = op.branch("split_dispatch_dead_letters", decoded, _is_dead_letter)
+    fresh = cast(Stream[SendRequest], split.falses)
+
+    retries = op.input("read_retries", flow, retry_source)
+    decoded_retries = op.map("decode_retry", retries, decode_retry_message)
+    retry_split = op.branch("split_retry_dead_letters", decoded_retries, _is_dead_letter)
+
+    def build_timers(resume: Any) -> RetryTimerLogic:
+        return RetryTimerLogic(RetryTimers(resume or ()), clock)
+
+    due = op.stateful_batch("hold_until_due", cast(Stream[Any], retry_split.falses), build_timers)
+    due_requests = op.map("drop_timer_key", due, lambda kv: kv[1])
+
+    requests = op.merge("merge_requests", fresh, due_requests)
+    outputs = op.flat_map_batch("send_to_providers", requests, send)
+
+    events = op.filter_map("events", outputs, _only(DeliveryEvent))
+    keyed = op.map("route_event", events, lambda e: (route_event(e), e))
+    op.output("write_delivery_events", keyed, events_sink)
+    op.output(
+        "write_device_changes",
+        op.filter_map("deactivations", outputs, _only(DeviceChange)),
+        device_changes_sink,
+    )
+    op.output("write_retries", op.filter_map("retries", outputs, _only(RetryRecord)), retry_sink)
+    dead = op.merge(
+        "merge_dead_letters",
+        split.trues,
+        retry_split.trues,
+        op.filter_map("send_dead_letters", outputs, _only(DeadLetter)),
+    )
+    op.output("write_dead_letters", dead, dead_letter_sink)
+    return flow
+
+
+def _device_change_message(change: DeviceChange) -> tuple[bytes, bytes]:
+    return change.user_id.encode(), encode_device_change(change)
+
+
+def _retry_message(record: RetryRecord) -> tuple[bytes, bytes]:
+    return record.item["notification_id"].encode(), encode_retry_record(record)
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The retry caps and backoff from settings."""
+    return RetryPolicy(
+        max_attempts=settings.retry_max_attempts,
+        base_s=settings.retry_base_ms / 1000,
+        max_backoff_s=settings.retry_max_backoff_s,
+        max_age_s=settings.notification_max_age_s,
+    )
+
+
+def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
+    """One worker's engine: its event loop, clients, Redis and store connections."""
+    policy = retry_policy(settings)
+    template = PushTemplate(settings.push_title, settings.push_body, settings.push_link)
+    timeout = settings.send_timeout_ms / 1000
+    reserve = settings.bulk_reserve_pct / 100
+    burst = settings.rate_burst_ms / 1000
+    apns, fcm = apns_config(settings), fcm_config(settings)
+    if apns is None and fcm is None:
+        raise ProviderConfigError(
+            "no push provider is configured: set FANFARE_APNS_KEY_FILE (and _KEY_ID, _TEAM_ID, "
+            "_TOPIC) and/or FANFARE_FCM_CREDENTIALS_FILE, or run `fanfare dev up` to start "
+            "the local provider servers"
+        )
+    loop = EventLoopThread()
+
+    async def make_senders() -> dict[str, PushSender]:
+        senders: dict[str, PushSender] = {}
+        if apns is not None:
+            bucket = BucketSpec(f"apns:{apns.topic}", settings.apns_rate_per_min, burst, reserve)
+            senders["apns"] = ApnsSender(apns, template, bucket, policy, timeout)
+        if fcm is not None:
+            bucket = BucketSpec(f"fcm:{fcm.project_id}", settings.fcm_rate_per_min, burst, reserve)
+            app_name = f"fanfare-{os.getpid()}-{id(loop)}"
+            senders["fcm"] = FcmSender(fcm, template, bucket, policy, timeout, app_name)
+        return senders
+
+    return DeliveryEngine(
+        claims=RedisEdgeClaims(
+            settings.redis_url, settings.redis_prefix, settings.edge_claim_ttl_s
+        ),
+        store=open_notification_store(settings.resolved_notification_store_url),
+        limiter=RedisRateLimiter(settings.redis_url, settings.redis_prefix),
+        senders=loop.run(make_senders()),
+        loop=loop,
+        settings=DeliverySettings(
+            retry=policy,
+            rate_wait_max_s=settings.rate_wait_max_ms / 1000,
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown_s=settings.breaker_cooldown_s,
+        ),
+        on_bulk_pause=pacer.pause,
+    )
+
+
+def get_flow(settings: Settings | None = None) -> Dataflow:
+    """The production flow on Kafka, Redis, the notification store and the providers."""
+    settings = settings or load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    kafka = settings.kafka_config()
+    pacer = BulkPacer()
+    marks = functools.cache(
+        lambda: RedisWriterStartMarks(settings.redis_url, settings.redis_prefix)
+    )
+    events = DeliveryEventsSink(kafka, marks=marks)
+    return build_delivery_flow(
+        channel_source=ChannelLanesSource(
+            kafka, pacer, bulk_batches_per_poll=settings.bulk_batches_per_poll
+        ),
+        retry_source=KafkaTopicsSource(kafka, [PUSH_RETRY]),
+        send=SendStep(lambda: build_engine(settings, pacer)),
+        events_sink=events,
+        route_event=events.route_key,
+        device_changes_sink=FlushingTopicSink(kafka, DEVICE_CHANGES, _device_change_message),
+        retry_sink=FlushingTopicSink(kafka, PUSH_RETRY, _retry_message),
+        dead_letter_sink=DeadLetterSink(kafka),
+    )

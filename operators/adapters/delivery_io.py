@@ -1,0 +1,210 @@
+"""Kafka adapters of the delivery flow: lane-aware channel source, delivery_events sink.
+
+Normal lanes first: each source partition owns partition `i` of a provider's normal topic and
+partition `i` of its bulk topic, and reads the bulk one only when the normal one has nothing
+ready, a few dispatch batches at a time, and not while the provider's bucket has told the
+worker to pause the bulk lane. A celebrity backlog therefore never sits in front of a normal
+post: at worst a normal batch waits for the bulk batches already being sent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable
+
+import orjson
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from confluent_kafka import OFFSET_BEGINNING
+
+from operators.adapters.kafka_io import (
+    ChannelSinkState,
+    KafkaConfig,
+    PartitionedTopicsSink,
+    WriterStartMarks,
+    _IdempotentPartitionWriter,
+    _split_part,
+    _TopicPartitionReader,
+    topic_partitions,
+)
+from operators.config import PROVIDERS, channel_topic
+from schemas.codecs import encode_delivery_event
+from schemas.records import DeliveryEvent
+
+LaneOffsets = tuple[int, int]  # next offsets of (normal partition, bulk partition); -2 = start
+
+
+class BulkPacer:
+    """Per process: until when each provider's bulk lane should not be read (rate limited)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def pause(self, provider: str, until: float) -> None:
+        """Hold the provider's bulk reads until `until` (time.monotonic)."""
+        with self._lock:
+            self._until[provider] = max(self._until.get(provider, 0.0), until)
+
+    def ready(self, provider: str) -> bool:
+        """Whether the bulk lane may be read now."""
+        return time.monotonic() >= self._until.get(provider, 0.0)
+
+
+class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
+    """Partition `i` of a provider's normal topic, then (only when idle) of its bulk topic."""
+
+    def __init__(
+        self,
+        normal: _TopicPartitionReader | None,
+        bulk: _TopicPartitionReader | None,
+        provider: str,
+        pacer: BulkPacer,
+    ) -> None:
+        self._normal = normal
+        self._bulk = bulk
+        self._provider = provider
+        self._pacer = pacer
+
+    def next_batch(self) -> list[object]:
+        """Normal messages if any; else a few bulk ones."""
+        if self._normal is not None:
+            batch = self._normal.next_batch()
+            if batch:
+                return batch
+        if self._bulk is not None and self._pacer.ready(self._provider):
+            return self._bulk.next_batch()
+        return []
+
+    def next_awake(self) -> None:
+        """Poll again at once."""
+        return None
+
+    def snapshot(self) -> LaneOffsets:
+        """Both positions."""
+        return (
+            self._normal.snapshot() if self._normal is not None else OFFSET_BEGINNING,
+            self._bulk.snapshot() if self._bulk is not None else OFFSET_BEGINNING,
+        )
+
+    def close(self) -> None:
+        """Leave the broker."""
+        for reader in (self._normal, self._bulk):
+            if reader is not None:
+                reader.close()
+
+
+class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
+    """Every `push.<provider>` partition paired with the same `push.<provider>.bulk` one."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        pacer: BulkPacer,
+        *,
+        providers: Iterable[str] = PROVIDERS,
+        normal_batch_size: int = 200,
+        bulk_batches_per_poll: int = 2,
+    ) -> None:
+        self._config = config
+        self._pacer = pacer
+        self._providers = list(providers)
+        self._normal_batch = normal_batch_size
+        self._bulk_batch = bulk_batches_per_poll
+
+    def _counts(self) -> dict[str, int]:
+        topics = [channel_topic(p, lane) for p in self._providers for lane in ("normal", "bulk")]
+        counts: dict[str, int] = {}
+        for part in topic_partitions(self._config, topics):
+            topic, _ = _split_part(part)
+            counts[topic] = counts.get(topic, 0) + 1
+        return counts
+
+    def list_parts(self) -> list[str]:
+        """`apns#0` .. one per index of the larger of the two topics."""
+        counts = self._counts()
+        parts: list[str] = []
+        for p in self._providers:
+            n = max(counts[channel_topic(p, "normal")], counts[channel_topic(p, "bulk")])
+            parts.extend(f"{p}#{i}" for i in range(n))
+        return parts
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: LaneOffsets | None
+    ) -> _LanePairReader:
+        """Readers for the pair, resumed from the snapshot."""
+        provider, _, index = for_part.partition("#")
+        i = int(index)
+        counts = self._counts()
+        starts = resume_state or (OFFSET_BEGINNING, OFFSET_BEGINNING)
+        readers: list[_TopicPartitionReader | None] = []
+        for lane, start, size in (
+            ("normal", starts[0], self._normal_batch),
+            ("bulk", starts[1], self._bulk_batch),
+        ):
+            topic = channel_topic(provider, lane)
+            readers.append(
+                _TopicPartitionReader(self._config, topic, i, start, size, False, 1.0)
+                if i < counts[topic]
+                else None
+            )
+        return _LanePairReader(readers[0], readers[1], provider, self._pacer)
+
+
+class _DeliveryEventWriter(_IdempotentPartitionWriter[DeliveryEvent]):
+    """delivery_events partition writer; a replayed event (same identity) is written once."""
+
+    def _identities(self, raw: bytes) -> Iterable[Hashable]:
+        d = orjson.loads(raw)
+        return [
+            (
+                d["notification_id"],
+                d["device_id"],
+                d["outcome"],
+                d["attempt"],
+                d.get("retry_at"),
+            )
+        ]
+
+    def _unseen(self, event: DeliveryEvent) -> tuple[DeliveryEvent | None, int]:
+        if event.identity in self._seen:
+            self._seen.discard(event.identity)
+            return None, 1
+        return event, 0
+
+    def _encode(self, event: DeliveryEvent) -> tuple[bytes, bytes]:
+        return event.notification_id.encode(), encode_delivery_event(event)
+
+
+class DeliveryEventsSink(PartitionedTopicsSink[DeliveryEvent]):
+    """Delivery events, routed by notification_id, written once each across restarts."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str = "delivery_events",
+        *,
+        replay_window_epochs: int = 12,
+        marks: Callable[[], WriterStartMarks] | None = None,
+    ) -> None:
+        super().__init__(config, [topic])
+        self._topic = topic
+        self._replay_window = replay_window_epochs
+        self._marks = marks
+
+    def _topic_and_id(self, value: DeliveryEvent) -> tuple[str, str]:
+        return self._topic, value.notification_id
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
+    ) -> _DeliveryEventWriter:
+        """A writer that reads back what it wrote since its snapshot."""
+        topic, partition = _split_part(for_part)
+        return _DeliveryEventWriter(
+            self._config,
+            topic,
+            partition,
+            resume_state,
+            self._replay_window,
+            self._marks() if self._marks is not None else None,
+        )

@@ -1,0 +1,229 @@
+"""Delivery decisions, pure: what a send request is, what its ledger row says, what to do next.
+
+A *send request* is one dispatch item on its way to a device, carried by one message (a
+dispatch batch on `push.*`, or a record on `push.retry`). Its *ledger row* (the notification
+store's unique (notification_id, device_id) row) says who owns the send and where it stands.
+
+Exactly one push per device rests on three rules:
+- the first message to claim a (notification, device) owns it; any other message carrying the
+  same item later is a duplicate and is skipped;
+- the same message read again (Bytewax replays the epoch after a crash) is the owner: a send
+  that had not finished is sent again with the same apns-id, a finished one re-emits its
+  outcome (the delivery_events sink drops what it already wrote);
+- a retry record takes the send over only if the row is still waiting for exactly that retry
+  (`schedules` matches its sequence number); stale copies are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Literal
+
+from schemas.records import DispatchItem, Provider
+
+Lane = Literal["normal", "bulk"]
+RowState = Literal[
+    "sending",
+    "retry_scheduled",
+    "accepted",
+    "invalid_token",
+    "expired",
+    "failed",
+    "dead_lettered",
+]
+TERMINAL_STATES: frozenset[str] = frozenset(
+    {"accepted", "invalid_token", "expired", "failed", "dead_lettered"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """One push to one device, with the post it is about and the message that carries it.
+
+    `attempt` is the number of provider sends already made for this item; `seq` counts how
+    often it was scheduled through `push.retry` (0 for a dispatch item).
+    """
+
+    provider: Provider
+    lane: Lane
+    post_id: str
+    author_id: str
+    created_at: str
+    created_ts: float
+    item: DispatchItem
+    source: str
+    attempt: int = 0
+    seq: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The unique key of the send: (notification_id, device_id)."""
+        return (self.item["notification_id"], self.item["device_id"])
+
+    @property
+    def apns_id(self) -> str:
+        """A stable apns-id: a resend after a crash carries the same one (APNs' own dedupe id)."""
+        return str(uuid.uuid5(_APNS_NS, f"{self.item['notification_id']}|{self.item['device_id']}"))
+
+
+_APNS_NS = uuid.UUID("6f1c2d4e-9a7b-4c3d-8e5f-0a1b2c3d4e5f")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """The notification store's row for one (notification, device) send."""
+
+    owner: str
+    state: RowState
+    attempts: int
+    schedules: int
+    status: int | None = None
+    reason: str | None = None
+    due_at: float | None = None
+
+
+class Action(Enum):
+    """What to do with a send request, given its ledger row."""
+
+    SEND = "send"  # new, or a retry whose turn it is
+    RESEND = "resend"  # the owner was replayed before its send finished: same apns-id again
+    REEMIT = "reemit"  # the owner was replayed after it finished: repeat its recorded outcome
+    SKIP = "skip"  # a duplicate or stale copy: someone else owns or already moved the send
+
+
+def decide(request: SendRequest, row: LedgerRow | None) -> Action:
+    """The ledger rules (module docstring). `row` is None only when no message claimed it yet."""
+    if row is None:
+        return Action.SEND
+    if row.owner == request.source:
+        if row.state == "sending":
+            return Action.RESEND
+        return Action.REEMIT
+    if request.seq > 0 and row.state == "retry_scheduled" and row.schedules == request.seq:
+        return Action.SEND
+    return Action.SKIP
+
+
+class Verdict(Enum):
+    """How a provider's answer is handled."""
+
+    ACCEPTED = "accepted"
+    INVALID_TOKEN = "invalid_token"  # permanent token error: deactivate the device, no retry
+    PERMANENT = "failed"  # the provider will never take this request as it is
+    TRANSIENT = "transient"  # retry with backoff
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAnswer:
+    """A provider's answer to one send, or a transport failure (status None)."""
+
+    status: int | None
+    reason: str | None
+    retry_after_s: float | None = None
+    detail: str | None = None  # the provider's message text (FCM says what was invalid)
+
+    @property
+    def short(self) -> str:
+        """`410 Unregistered`, `timeout`: for events and logs."""
+        if self.status is None:
+            return self.reason or "transport_error"
+        return f"{self.status} {self.reason}" if self.reason else str(self.status)
+
+
+_APNS_TOKEN_REASONS = frozenset({"Unregistered", "BadDeviceToken", "DeviceTokenNotForTopic"})
+_FCM_TOKEN_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
+_FCM_TRANSIENT_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
+# APNs answers that say our provider token or connection needs attention, not the request.
+_APNS_TRANSIENT_REASONS = frozenset(
+    {
+        "ExpiredProviderToken",
+        "TooManyProviderTokenUpdates",
+        "TooManyRequests",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "Shutdown",
+        "IdleTimeout",
+    }
+)
+
+
+def classify(provider: Provider, answer: ProviderAnswer) -> Verdict:
+    """Sort an answer into accepted, bad token, permanent failure or transient failure."""
+    status, reason = answer.status, answer.reason or ""
+    if status is None:
+        return Verdict.TRANSIENT  # timeout, connection lost, GOAWAY without a resend
+    if 200 <= status < 300:
+        return Verdict.ACCEPTED
+    if provider == "apns":
+        if status == 410 or reason in _APNS_TOKEN_REASONS:
+            return Verdict.INVALID_TOKEN
+        if status == 429 or status >= 500 or reason in _APNS_TRANSIENT_REASONS:
+            return Verdict.TRANSIENT
+        return Verdict.PERMANENT
+    if reason in _FCM_TOKEN_CODES:
+        return Verdict.INVALID_TOKEN
+    if reason == "INVALID_ARGUMENT" and "registration token" in (answer.detail or "").lower():
+        return Verdict.INVALID_TOKEN
+    if status in (429, 500, 502, 503, 504) or reason in _FCM_TRANSIENT_CODES:
+        return Verdict.TRANSIENT
+    if status == 401 or reason == "THIRD_PARTY_AUTH_ERROR":
+        # Our credentials (or the APNs key behind FCM) need fixing: retry until the age cap.
+        return Verdict.TRANSIENT
+    return Verdict.PERMANENT
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, capped by attempts and by the post's age."""
+
+    max_attempts: int = 8
+    base_s: float = 1.0
+    max_backoff_s: float = 300.0
+    max_age_s: float = 3_600.0
+
+    def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Delay before send number `attempt + 1`: uniform over [0, min(cap, base * 2^(n-1))]."""
+        ceiling = min(self.max_backoff_s, self.base_s * math.pow(2, max(0, attempt - 1)))
+        return rand() * ceiling
+
+    def expired(self, created_ts: float, now: float) -> bool:
+        """A notification older than the age cap is not sent any more."""
+        return now - created_ts > self.max_age_s
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPlan:
+    """The next step of a failed send: `retry` at `due_at`, or give up as `outcome`."""
+
+    kind: Literal["retry", "expired", "dead_lettered"]
+    due_at: float = 0.0
+
+
+def plan_retry(
+    policy: RetryPolicy,
+    request: SendRequest,
+    attempts_made: int,
+    now: float,
+    retry_after_s: float | None,
+    rand: Callable[[], float] = random.random,
+) -> RetryPlan:
+    """After a transient failure: when to try again, or why not."""
+    if attempts_made >= policy.max_attempts:
+        return RetryPlan("dead_lettered")
+    delay = policy.backoff(attempts_made, rand)
+    if retry_after_s is not None:
+        delay = max(delay, retry_after_s)  # the provider's own pacing is a floor
+    due = now + delay
+    if due - request.created_ts > policy.max_age_s:
+        return RetryPlan("expired")
+    return RetryPlan("retry", due)
+
+
+def rescheduled(request: SendRequest, attempts_made: int, source: str = "") -> SendRequest:
+    """The request as its retry record carries it: one more schedule, attempts so far."""
+    return replace(request, attempt=attempts_made, seq=request.seq + 1, source=source)

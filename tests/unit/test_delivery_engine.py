@@ -1,0 +1,186 @@
+"""The delivery engine with a scripted provider, the SQLite store and in-memory claims."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from operators.adapters.edge_claims import InMemoryEdgeClaims
+from operators.adapters.notification_store import SQLiteNotificationStore
+from operators.adapters.rate_limiter import LocalRateLimiter
+from operators.circuit_breaker import BreakerState
+from operators.delivery_engine import DeliveryEngine, DeliverySettings
+from operators.delivery_model import ProviderAnswer, RetryPolicy
+from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
+from tests.delivery_fakes import InlineLoop, ScriptedSender, request
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteNotificationStore:
+    return SQLiteNotificationStore(tmp_path / "n.db")
+
+
+def engine(
+    store: SQLiteNotificationStore,
+    sender: ScriptedSender,
+    clock: Clock | None = None,
+    claims: InMemoryEdgeClaims | None = None,
+    **settings: object,
+) -> DeliveryEngine:
+    clock = clock or Clock()
+    return DeliveryEngine(
+        claims=claims or InMemoryEdgeClaims(),
+        store=store,
+        limiter=LocalRateLimiter(clock=clock),
+        senders={sender.provider: sender},
+        loop=InlineLoop(),
+        settings=DeliverySettings(**settings),  # type: ignore[arg-type]
+        clock=clock,
+        rand=lambda: 0.5,
+    )
+
+
+def events(out: list[object]) -> list[tuple[str, str, str, int]]:
+    return [(e.user_id, e.device_id, e.outcome, e.attempt) for e in out if isinstance(e, DeliveryEvent)]
+
+
+def test_accepted_once_per_device(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender()
+    e = engine(store, sender)
+    out = e.deliver([request("u1", "d1"), request("u1", "d2"), request("u2", "d1")])
+    assert events(out) == [("u1", "d1", "accepted", 1), ("u1", "d2", "accepted", 1), ("u2", "d1", "accepted", 1)]
+    assert len(sender.sent) == 3
+    assert store.notification_status("p1:u1") == "dispatched"
+    assert [a.attempt for a in store.attempts("p1:u1")] == [1, 1]
+
+
+def test_a_duplicate_message_is_skipped_by_the_edge_claim_and_by_the_store(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender()
+    e = engine(store, sender)
+    e.deliver([request(source="push.apns/0@1")])
+    assert e.deliver([request(source="push.apns/2@40")]) == []  # Redis claim held by another
+    # Redis lost its data: the store's unique key still refuses the duplicate.
+    e2 = engine(store, sender, claims=InMemoryEdgeClaims())
+    assert e2.deliver([request(source="push.apns/2@40")]) == []
+    assert len(sender.sent) == 1
+
+
+def test_replay_of_the_owner_resends_an_unfinished_send_and_reemits_a_finished_one(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender()
+    # Crash after the claim, before the answer: the row says `sending`.
+    assert store.claim([request("u1", source="push.apns/0@5")]) == [None]
+    e = engine(store, sender)
+    out = e.deliver([request("u1", source="push.apns/0@5"), request("u2", source="push.apns/0@5")])
+    assert events(out) == [("u1", "d1", "accepted", 1), ("u2", "d1", "accepted", 1)]
+    assert len(sender.sent) == 2
+    assert sender.sent[0].apns_id == request("u1").apns_id  # the same apns-id as before
+    # Replayed again after it finished: the same events, no send.
+    again = e.deliver([request("u1", source="push.apns/0@5")])
+    assert [x.identity for x in again if isinstance(x, DeliveryEvent)] == [
+        x.identity for x in out if isinstance(x, DeliveryEvent) and x.user_id == "u1"
+    ]
+    assert len(sender.sent) == 2
+
+
+def test_invalid_token_deactivates_the_device_without_retry(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender(answers={"dead": ProviderAnswer(410, "Unregistered")})
+    out = engine(store, sender).deliver([request("u1", "d9", token="dead")])
+    assert events(out) == [("u1", "d9", "invalid_token", 1)]
+    [change] = [x for x in out if isinstance(x, DeviceChange)]
+    assert (change.user_id, change.device_id, change.active, change.provider) == ("u1", "d9", False, "apns")
+    assert not [x for x in out if isinstance(x, RetryRecord)]
+
+
+def test_transient_failure_goes_through_the_retry_topic_then_succeeds(store: SQLiteNotificationStore) -> None:
+    clock = Clock()
+    sender = ScriptedSender(answers={"t": [ProviderAnswer(503, "ServiceUnavailable")]})
+    e = engine(store, sender, clock, retry=RetryPolicy(base_s=2.0))
+    out = e.deliver([request(token="t")])
+    [record] = [x for x in out if isinstance(x, RetryRecord)]
+    [event] = [x for x in out if isinstance(x, DeliveryEvent)]
+    assert (event.outcome, event.status, event.reason, event.attempt) == ("retry_scheduled", 503, "503 ServiceUnavailable", 1)
+    assert (record.attempt, record.seq, record.due_at) == (1, 1, clock.now + 1.0)  # 0.5 x 2 s
+    retry = request(token="t", source="push.retry/0@0", attempt=1, seq=1)
+    out = e.deliver([retry, retry])  # a duplicated retry record sends once
+    assert events(out) == [("u1", "d1", "accepted", 2)]
+    assert len(sender.sent) == 2
+    # A stale copy of the retry record after the fact: nothing.
+    assert e.deliver([request(token="t", source="push.retry/3@9", attempt=1, seq=1)]) == []
+
+
+def test_retries_end_dead_lettered_after_the_attempt_cap(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender(default=lambda r: ProviderAnswer(500, "InternalServerError"))
+    e = engine(store, sender, retry=RetryPolicy(max_attempts=2), breaker_failures=100)
+    e.deliver([request()])
+    out = e.deliver([request(source="push.retry/0@0", attempt=1, seq=1)])
+    assert events(out) == [("u1", "d1", "dead_lettered", 2)]
+    [letter] = [x for x in out if isinstance(x, DeadLetter)]
+    assert letter.source_topic == "push.retry" and "dead_lettered: 500 InternalServerError" in letter.error
+    assert store.notification_status("p1:u1") == "exhausted"
+
+
+def test_an_old_notification_expires_unsent(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender()
+    out = engine(store, sender, retry=RetryPolicy(max_age_s=60)).deliver([request(created_ts=time.time() - 61)])
+    assert events(out) == [("u1", "d1", "expired", 0)]
+    assert sender.sent == []
+
+
+def test_permanent_failure_and_payload_too_large_are_failed_and_dead_lettered(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender(answers={"bad": ProviderAnswer(400, "BadTopic")}, too_large={"big"})
+    out = engine(store, sender).deliver([request("u1", token="bad"), request("u2", token="big")])
+    assert events(out) == [("u2", "d1", "failed", 0), ("u1", "d1", "failed", 1)]
+    assert len([x for x in out if isinstance(x, DeadLetter)]) == 2
+    assert [r.item["token"] for r in sender.sent] == ["bad"]
+
+
+def test_breaker_opens_and_holds_sends_without_losing_them(store: SQLiteNotificationStore) -> None:
+    clock = Clock()
+    sender = ScriptedSender(default=lambda r: ProviderAnswer(503, "ServiceUnavailable"))
+    e = engine(store, sender, clock, breaker_failures=3, breaker_cooldown_s=5.0)
+    e.deliver([request(f"u{i}") for i in range(3)])
+    assert e.breakers["apns"].state is BreakerState.OPEN
+    out = e.deliver([request(f"v{i}") for i in range(4)])
+    held = [x for x in out if isinstance(x, RetryRecord)]
+    assert len(held) == 4 and {r.reason for r in held} == {"circuit_open"}
+    assert {r.attempt for r in held} == {0}  # holding uses no attempt
+    assert all(r.due_at >= clock.now + 5.0 for r in held)
+    assert len(sender.sent) == 3
+    # After the cooldown a probe goes; it succeeds and the breaker closes.
+    clock.now += 6.5
+    sender.default = lambda r: ProviderAnswer(200, None)
+    out = e.deliver([request(f"v{i}", source="push.retry/0@1", seq=1) for i in range(4)])
+    outcomes = sorted(o for _, _, o, _ in events(out))
+    assert outcomes == ["accepted", "retry_scheduled", "retry_scheduled", "retry_scheduled"]
+    assert e.breakers["apns"].state is BreakerState.CLOSED
+    out = e.deliver([request(f"v{i}", source="push.retry/0@2", seq=2) for i in range(1, 4)])
+    assert [o for _, _, o, _ in events(out)] == ["accepted"] * 3
+
+
+def test_rate_limit_holds_what_it_cannot_wait_for(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender(per_minute=600)  # 10/s, bucket of 10
+    e = engine(store, sender, rate_wait_max_s=0.0)
+    out = e.deliver([request(f"u{i}") for i in range(15)])
+    assert len(sender.sent) == 10
+    held = [x for x in out if isinstance(x, RetryRecord)]
+    assert len(held) == 5 and {r.reason for r in held} == {"rate_limited"}
+
+
+def test_rate_limit_waits_briefly_for_tokens(store: SQLiteNotificationStore) -> None:
+    sender = ScriptedSender(per_minute=6_000)  # 100/s
+    e = engine(store, sender, rate_wait_max_s=1.0)
+    e._limiter = LocalRateLimiter()  # real time: the wait is real
+    started = time.monotonic()
+    out = e.deliver([request(f"u{i}") for i in range(130)])
+    assert len(sender.sent) == 130 and not [x for x in out if isinstance(x, RetryRecord)]
+    assert time.monotonic() - started >= 0.25
