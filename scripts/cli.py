@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     topics.set_defaults(func=devstack.topics_command)
 
     run = sub.add_parser("run", help="run a dataflow under `python -m bytewax.run`")
-    run.add_argument("flow", choices=["fanout"], help="which dataflow")
+    run.add_argument("flow", choices=["fanout", "delivery"], help="which dataflow")
     run.add_argument("--workers", type=_positive_int, default=1, help="worker threads per process")
     run.add_argument(
         "--processes", type=_positive_int, default=1, help="worker processes on this host"

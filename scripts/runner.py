@@ -19,7 +19,7 @@ from types import FrameType
 
 from operators.config import Settings
 
-FLOWS = {"fanout": "flows.fanout:get_flow"}
+FLOWS = {"fanout": "flows.fanout:get_flow", "delivery": "flows.delivery:get_flow"}
 CLUSTER_BASE_PORT = 2101
 
 

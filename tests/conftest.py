@@ -60,14 +60,18 @@ class Stack:
     settings: Settings
     flows: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start_flow(self, *extra_env: tuple[str, str]) -> subprocess.Popen[bytes]:
+    def start_flow(
+        self, *extra_env: tuple[str, str], flow: str = "fanout"
+    ) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.env, **dict(extra_env)}
+        if self.flows:  # a second flow in the same test needs its own /metrics port
+            env["FANFARE_METRICS_PORT"] = str(free_port())
         env["BYTEWAX_DATAFLOW_API_PORT"] = env["FANFARE_METRICS_PORT"]
         log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "scripts.cli", "run", "fanout"],
+                [sys.executable, "-m", "scripts.cli", "run", flow],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,0 +1,100 @@
+"""The delivery graph with Bytewax's TestingSource/TestingSink and a scripted provider."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from flows.delivery import build_delivery_flow
+from operators.adapters.edge_claims import InMemoryEdgeClaims
+from operators.adapters.kafka_io import RawEvent
+from operators.adapters.notification_store import SQLiteNotificationStore
+from operators.adapters.rate_limiter import LocalRateLimiter
+from operators.delivery_engine import DeliveryEngine, DeliverySettings
+from operators.delivery_model import ProviderAnswer
+from operators.delivery_steps import SendStep
+from schemas.codecs import encode_retry_record
+from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
+from tests.delivery_fakes import InlineLoop, ScriptedSender
+
+NOW = time.time()
+CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 5))
+
+
+def batch(post: str, provider: str, items: list[tuple[str, str, str]]) -> bytes:
+    return orjson.dumps(
+        {
+            "schema": "dispatch_batch/v1",
+            "post_id": post,
+            "author_id": "a1",
+            "provider": provider,
+            "created_at": CREATED,
+            "items": [
+                {"notification_id": f"{post}:{u}", "user_id": u, "device_id": d, "token": t}
+                for u, d, t in items
+            ],
+        }
+    )
+
+
+def run(tmp_path: Path, channel: list[RawEvent], retries: list[RawEvent], sender: ScriptedSender) -> dict[str, list[Any]]:
+    store = SQLiteNotificationStore(tmp_path / "n.db")
+    claims = InMemoryEdgeClaims()
+
+    def build() -> DeliveryEngine:
+        return DeliveryEngine(
+            claims=claims,
+            store=store,
+            limiter=LocalRateLimiter(),
+            senders={"apns": sender},
+            loop=InlineLoop(),
+            settings=DeliverySettings(),
+        )
+
+    sinks: dict[str, list[Any]] = {k: [] for k in ("events", "devices", "retries", "dead")}
+    flow = build_delivery_flow(
+        channel_source=TestingSource(channel),
+        retry_source=TestingSource(retries),
+        send=SendStep(build),
+        events_sink=TestingSink(sinks["events"]),
+        route_event=lambda e: "delivery_events/0",
+        device_changes_sink=TestingSink(sinks["devices"]),
+        retry_sink=TestingSink(sinks["retries"]),
+        dead_letter_sink=TestingSink(sinks["dead"]),
+    )
+    run_main(flow)
+    return sinks
+
+
+def test_every_item_gets_one_outcome_and_bad_input_is_dead_lettered(tmp_path: Path) -> None:
+    sender = ScriptedSender(
+        answers={"gone": ProviderAnswer(410, "Unregistered"), "busy": ProviderAnswer(503, "ServiceUnavailable")}
+    )
+    channel = [
+        RawEvent("push.apns", 0, 0, b"p1", batch("p1", "apns", [("u1", "d1", "t1"), ("u2", "d1", "gone")]), 1.0),
+        RawEvent("push.apns", 0, 1, b"p1", b"{not json", 1.0),
+        RawEvent("push.apns.bulk", 0, 0, b"p2", batch("p2", "apns", [("u3", "d1", "busy")]), 1.0),
+        # The same batch again from another offset: a duplicate, sent nowhere.
+        RawEvent("push.apns", 1, 5, b"p1", batch("p1", "apns", [("u1", "d1", "t1")]), 1.0),
+    ]
+    due = RetryRecord("apns", "normal", "p3", "a1", CREATED, {"notification_id": "p3:u4", "user_id": "u4", "device_id": "d1", "token": "t4"}, 1, 1, NOW - 1, "503")
+    retries = [
+        RawEvent("push.retry", 0, 0, b"p3:u4", encode_retry_record(due), 1.0),
+        RawEvent("push.retry", 0, 1, b"x", b'{"provider": "apns"}', 1.0),
+    ]
+    # p3:u4's first attempt happened earlier and scheduled this retry.
+    sinks = run(tmp_path, channel, retries, sender)
+    outcomes = sorted((kv[1].user_id, kv[1].outcome) for kv in sinks["events"] if isinstance(kv[1], DeliveryEvent))
+    # u4's retry finds no ledger row waiting for it (its first attempt was never recorded here).
+    assert outcomes == [("u1", "accepted"), ("u2", "invalid_token"), ("u3", "retry_scheduled")]
+    assert [(d.user_id, d.device_id, d.active) for d in sinks["devices"] if isinstance(d, DeviceChange)] == [("u2", "d1", False)]
+    [retry] = sinks["retries"]
+    assert isinstance(retry, RetryRecord) and (retry.item["user_id"], retry.lane, retry.seq) == ("u3", "bulk", 1)
+    dead = sinks["dead"]
+    assert all(isinstance(d, DeadLetter) for d in dead)
+    assert sorted((d.source_topic, d.error.split(":")[0]) for d in dead) == [("push.apns", "invalid_json"), ("push.retry", "schema")]
+    assert sorted(r.item["user_id"] for r in sender.sent) == ["u1", "u2", "u3"]
