@@ -2,7 +2,7 @@
 
     read_channel_lanes ─► decode_dispatch ──────┐
       (normal first)   └─► dead letters          ├─► send_to_providers ─┬─► delivery_events
-    read_retries ─► decode_retry ─► hold_until_due ─┘  (ledger, limits,  ├─► device_changes
+    read_due_retries ─► decode_retry ──────────────┘  (ledger, limits,  ├─► device_changes
                        └─► dead letters                breaker, sends)  ├─► push.retry
                                                                         └─► dead_letters
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -23,9 +22,14 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from operators.adapters.delivery_io import BulkPacer, ChannelLanesSource, DeliveryEventsSink
+from operators.adapters.delivery_io import (
+    BulkPacer,
+    ChannelLanesSource,
+    DeliveryEventsSink,
+    RetryTopicSource,
+)
 from operators.adapters.edge_claims import RedisEdgeClaims
-from operators.adapters.kafka_io import DeadLetterSink, FlushingTopicSink, KafkaTopicsSource
+from operators.adapters.kafka_io import DeadLetterSink, FlushingTopicSink
 from operators.adapters.notification_store import open_notification_store
 from operators.adapters.post_claims import RedisWriterStartMarks
 from operators.adapters.push_senders import (
@@ -41,11 +45,10 @@ from operators.config import DEVICE_CHANGES, PUSH_RETRY, Settings, load_settings
 from operators.delivery_engine import DeliveryEngine, DeliverySettings, PushSender
 from operators.delivery_model import RetryPolicy, SendRequest
 from operators.delivery_steps import (
-    RetryTimerLogic,
-    RetryTimers,
     SendStep,
     decode_channel_message,
     decode_retry_message,
+    retry_due_at,
 )
 from operators.payloads import PushTemplate
 from schemas.codecs import encode_device_change, encode_retry_record
@@ -73,7 +76,6 @@ def build_delivery_flow(
     device_changes_sink: Sink[Any],
     retry_sink: Sink[Any],
     dead_letter_sink: Sink[Any],
-    clock: Callable[[], float] = time.time,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
     flow = Dataflow("delivery")
@@ -83,15 +85,11 @@ def build_delivery_flow(
     split = op.branch("split_dispatch_dead_letters", decoded, _is_dead_letter)
     fresh = cast(Stream[SendRequest], split.falses)
 
-    retries = op.input("read_retries", flow, retry_source)
-    decoded_retries = op.map("decode_retry", retries, decode_retry_message)
+    # The source holds each retry until its due time (see RetryTopicSource).
+    due = op.input("read_due_retries", flow, retry_source)
+    decoded_retries = op.map("decode_retry", due, decode_retry_message)
     retry_split = op.branch("split_retry_dead_letters", decoded_retries, _is_dead_letter)
-
-    def build_timers(resume: Any) -> RetryTimerLogic:
-        return RetryTimerLogic(RetryTimers(resume or ()), clock)
-
-    due = op.stateful_batch("hold_until_due", cast(Stream[Any], retry_split.falses), build_timers)
-    due_requests = op.map("drop_timer_key", due, lambda kv: kv[1])
+    due_requests = cast(Stream[SendRequest], retry_split.falses)
 
     requests = op.merge("merge_requests", fresh, due_requests)
     outputs = op.flat_map_batch("send_to_providers", requests, send)
@@ -194,7 +192,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         channel_source=ChannelLanesSource(
             kafka, pacer, bulk_batches_per_poll=settings.bulk_batches_per_poll
         ),
-        retry_source=KafkaTopicsSource(kafka, [PUSH_RETRY]),
+        retry_source=RetryTopicSource(kafka, retry_due_at, PUSH_RETRY),
         send=SendStep(lambda: build_engine(settings, pacer)),
         events_sink=events,
         route_event=events.route_key,

@@ -1,20 +1,16 @@
-"""The delivery flow's steps: decode channel and retry messages, hold retries until due, send.
+"""The delivery flow's steps: decode channel and retry messages, send.
 
-`RetryTimers` is the pure state of held retries (a heap by due time); `RetryTimerLogic` is its
-Bytewax adapter, which asks to be woken at the earliest due time. `SendStep` gives each worker
-thread its own `DeliveryEngine`, built on first use.
+Retries are held until due by the retry topic's source (`RetryTopicSource`), using
+`retry_due_at`. `SendStep` gives each worker thread its own `DeliveryEngine`, built on first
+use.
 """
 
 from __future__ import annotations
 
-import heapq
 import threading
-from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
-from typing import Any
-from zlib import crc32
+from collections.abc import Callable
 
-from bytewax.operators import StatefulBatchLogic
+import orjson
 
 from operators.adapters.kafka_io import RawEvent
 from operators.delivery_engine import DeliveryEngine, DeliveryOutput
@@ -22,8 +18,6 @@ from operators.delivery_model import SendRequest
 from operators.fanout_steps import dead_letter
 from schemas.codecs import InvalidEvent, decode_dispatch_batch, decode_retry_record, parse_timestamp
 from schemas.records import DeadLetter
-
-RETRY_TIMER_KEYS = 16  # retries are spread over this many keyed timer states
 
 
 def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
@@ -50,14 +44,23 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
     ]
 
 
-def decode_retry_message(event: RawEvent) -> tuple[str, tuple[float, SendRequest]] | DeadLetter:
-    """A `push.retry` record as (timer key, (due_at, request)), or a dead letter."""
+def retry_due_at(raw: bytes | None) -> float:
+    """When a `push.retry` record is due; 0 (now) when unreadable, so it is dead-lettered now."""
+    try:
+        due = orjson.loads(raw or b"").get("due_at")
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0.0
+    return float(due) if isinstance(due, int | float) and not isinstance(due, bool) else 0.0
+
+
+def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
+    """A due `push.retry` record as a send request, or a dead letter."""
     try:
         record = decode_retry_record(event.value)
         created_ts = parse_timestamp(record.created_at).timestamp()
     except InvalidEvent as exc:
         return dead_letter(event, exc)
-    request = SendRequest(
+    return SendRequest(
         provider=record.provider,
         lane="bulk" if record.lane == "bulk" else "normal",
         post_id=record.post_id,
@@ -69,72 +72,6 @@ def decode_retry_message(event: RawEvent) -> tuple[str, tuple[float, SendRequest
         attempt=record.attempt,
         seq=record.seq,
     )
-    key = str(crc32(record.item["notification_id"].encode()) % RETRY_TIMER_KEYS)
-    return key, (record.due_at, request)
-
-
-class RetryTimers:
-    """Retries waiting for their time; released in due order."""
-
-    def __init__(self, pending: Iterable[tuple[float, SendRequest]] = ()) -> None:
-        self._heap: list[tuple[float, int, SendRequest]] = []
-        self._n = 0
-        for due, request in pending:
-            self.add(due, request)
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def add(self, due_at: float, request: SendRequest) -> None:
-        """Hold a request until `due_at` (epoch seconds)."""
-        self._n += 1
-        heapq.heappush(self._heap, (due_at, self._n, request))
-
-    def release(self, now: float) -> list[SendRequest]:
-        """Every request due by `now`."""
-        out = []
-        while self._heap and self._heap[0][0] <= now:
-            out.append(heapq.heappop(self._heap)[2])
-        return out
-
-    def next_due(self) -> float | None:
-        """The earliest due time, if any."""
-        return self._heap[0][0] if self._heap else None
-
-    def snapshot(self) -> list[tuple[float, SendRequest]]:
-        """What is held (a retry read from the topic lives only here until released)."""
-        return [(due, r) for due, _, r in self._heap]
-
-
-class RetryTimerLogic(StatefulBatchLogic[tuple[float, SendRequest], SendRequest, Any]):
-    """Bytewax adapter of RetryTimers: a timer per key at the earliest due retry."""
-
-    def __init__(self, timers: RetryTimers, clock: Callable[[], float]) -> None:
-        self.timers = timers
-        self._clock = clock
-
-    def on_batch(self, values: list[tuple[float, SendRequest]]) -> tuple[list[SendRequest], bool]:
-        """Hold each; release what is already due."""
-        for due, request in values:
-            self.timers.add(due, request)
-        return self.timers.release(self._clock()), StatefulBatchLogic.RETAIN
-
-    def on_notify(self) -> tuple[list[SendRequest], bool]:
-        """Release what is due."""
-        return self.timers.release(self._clock()), StatefulBatchLogic.RETAIN
-
-    def on_eof(self) -> tuple[list[SendRequest], bool]:
-        """A finite input ended (tests): keep holding; nothing is released early."""
-        return [], StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        """The earliest due time."""
-        due = self.timers.next_due()
-        return None if due is None else datetime.fromtimestamp(due, UTC)
-
-    def snapshot(self) -> Any:
-        """The held retries."""
-        return self.timers.snapshot()
 
 
 class SendStep:

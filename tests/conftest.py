@@ -124,6 +124,51 @@ class Stack:
         return [orjson.loads(v or b"{}") for _, _, v in self.read_topic("dead_letters")]
 
 
+@dataclass
+class Providers:
+    """The local APNs and FCM servers in their own process, and their control API."""
+
+    proc: subprocess.Popen[bytes]
+    control: Any  # scripts.local_providers.control.ProviderControl
+    info: dict[str, Any]
+
+
+def start_providers(directory: Path) -> Providers:
+    from scripts.local_providers.control import ProviderControl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    info_file = directory / "providers.json"
+    info_file.unlink(missing_ok=True)
+    log = (directory / "providers.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.local_providers", "--dir", str(directory)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while not info_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError((directory / "providers.log").read_text())
+        time.sleep(0.1)
+    info = orjson.loads(info_file.read_bytes())
+    return Providers(proc, ProviderControl(info["control_url"]), info)
+
+
+@pytest.fixture
+def providers(stack: Stack) -> Iterator[Providers]:
+    """Local provider servers where `fanfare run delivery` looks for them (FANFARE_HOME)."""
+    p = start_providers(stack.settings.local_providers_dir)
+    try:
+        yield p
+    finally:
+        p.proc.terminate()
+        try:
+            p.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+
+
 def wait_for(
     check: Callable[[], bool],
     timeout_s: float,

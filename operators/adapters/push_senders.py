@@ -143,6 +143,23 @@ class EventLoopThread(LoopRunner):
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+def window_acking_protocol(base: type[Any]) -> type[Any]:
+    """Aioapns' protocol, handing back HTTP/2 receive window for the bodies it reads.
+
+    aioapns never acknowledges received DATA, so a connection's 64 KiB receive window is used
+    up by error bodies (~30-60 bytes each): after about 1,500 errors on one connection every
+    further error answer waits forever (a burst of 410s would stall delivery). Found against
+    the local APNs server; real APNs enforces the same flow control.
+    """
+
+    class WindowAckingProtocol(base):  # type: ignore[misc]
+        def on_data_received(self, data: bytes, stream_id: int) -> None:
+            self.conn.acknowledge_received_data(len(data), stream_id)
+            super().on_data_received(data, stream_id)
+
+    return WindowAckingProtocol
+
+
 def _ttl_s(policy: RetryPolicy, request: SendRequest, now: float) -> int:
     """apns-expiration: APNs keeps it for an offline device only while it is worth showing."""
     return max(1, int(policy.max_age_s - (now - request.created_ts)))
@@ -195,7 +212,7 @@ class ApnsSender(PushSender):
         # aioapns has no host setting: its protocol class carries it (PROVIDERS.md).
         self._client.pool.protocol_class = type(
             "FanfareApnsProtocol",
-            (APNsProductionClientProtocol,),
+            (window_acking_protocol(APNsProductionClientProtocol),),
             {"APNS_SERVER": config.host, "APNS_PORT": config.port},
         )
 
