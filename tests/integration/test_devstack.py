@@ -99,7 +99,10 @@ def test_dev_lifecycle(stack: Stack) -> None:
     assert pid is not None and f"pid {pid}" in up.stdout
     assert devstack.pid_file(stack.settings).read_text().strip() == str(pid)
     assert devstack.log_file(stack.settings).exists()
-    assert "10 created" in up.stdout
+    assert f"{len(ALL_TOPICS)} created" in up.stdout
+    providers = devstack.providers_info(stack.settings)
+    assert providers is not None and f"providers running (pid {providers['pid']})" in up.stdout
+    assert alive(providers["pid"])
 
     again = stack.run("dev", "up")
     assert again.returncode == 0, again.stdout + again.stderr
@@ -118,9 +121,13 @@ def test_dev_lifecycle(stack: Stack) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
     assert f"running (pid {pid})" in status.stdout
     assert f"all {len(ALL_TOPICS)} present" in status.stdout
+    assert f"running (pid {providers['pid']}): APNs at localhost:" in status.stdout
 
     down = stack.run("dev", "down")
     assert down.returncode == 0, down.stdout + down.stderr
+    assert f"Stopped the local provider servers (pid {providers['pid']})" in down.stdout
+    assert not alive(providers["pid"])
+    assert devstack.providers_info(stack.settings) is None
     assert f"Stopped the broker (pid {pid})" in down.stdout
     assert "memory" in down.stdout
     assert not devstack.pid_file(stack.settings).exists()

@@ -370,7 +370,7 @@ def test_apns_rate_limit_answers_429(providers: LocalProviders, control: Provide
         return list(await asyncio.gather(*(send(client) for _ in range(20))))
 
     statuses = Counter((r.status, r.description) for r in run(main()))
-    assert 5 <= statuses[("200", None)] <= 6  # a 5/s bucket, plus what refills meanwhile
+    assert 5 <= statuses[("200", None)] <= 7  # a 5/s bucket, plus what refills meanwhile
     assert statuses[("200", None)] + statuses[("429", "TooManyRequests")] == 20
     control.set_rate_limit("apns", None)
     assert run(main())[0].status == "200"
@@ -450,7 +450,7 @@ def test_apns_latency_holds_answers_back_without_serializing_them(
 
     elapsed, results = run(main())
     assert {r.status for r in results} == {"200"}
-    assert 0.3 <= elapsed < 0.9
+    assert 0.3 <= elapsed < 2.0  # 50 answers one after another would take 15 s
 
 
 def test_apns_error_bodies_wait_for_window_that_aioapns_never_gives_back(
@@ -469,7 +469,7 @@ def test_apns_error_bodies_wait_for_window_that_aioapns_never_gives_back(
         async def one() -> None:
             try:
                 result = await asyncio.wait_for(
-                    client.send_notification(NotificationRequest(bad, {"aps": {}})), 3
+                    client.send_notification(NotificationRequest(bad, {"aps": {}})), 5
                 )
                 outcomes[result.status] += 1
             except TimeoutError:
@@ -621,7 +621,7 @@ def test_fcm_rate_limit_answers_quota_exceeded_with_retry_after(
     responses = fcm.send([messaging.Message(fid=FCM_TOKENS[0]) for _ in range(10)])
     ok = [r for r in responses if r.success]
     limited = [r for r in responses if isinstance(r.exception, messaging.QuotaExceededError)]
-    assert 3 <= len(ok) <= 4 and len(ok) + len(limited) == 10
+    assert 3 <= len(ok) <= 5 and len(ok) + len(limited) == 10
     assert {r.exception.http_response.headers["retry-after"] for r in limited} == {"7"}
 
 
