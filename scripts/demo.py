@@ -1,15 +1,19 @@
-"""`fanfare demo`: seed a synthetic social graph on the embedded stack, fan posts out, summarise.
+"""`fanfare demo`: seed a synthetic social graph on the embedded stack, fan out, deliver, summarise.
 
 The demo runs in its own folder (`$FANFARE_HOME/demo`, fresh each run) with its own Redis key
-prefix, starts the embedded broker if needed, publishes the graph to the changelog topics (the
-flow itself loads the follower store from `follow_changes`), runs `fanfare run fanout`, and reads
-the funnel from the worker's /metrics endpoint.
+prefix, starts the embedded broker if needed and the local APNs/FCM servers, publishes the graph
+to the changelog topics (the flow itself loads the follower store from `follow_changes`), runs
+`fanfare run fanout` and `fanfare run delivery`, and reads the funnel from the workers' /metrics
+endpoints and `delivery_events`. Some device tokens are made stale at the providers and FCM is
+down for two seconds when the posts arrive, so token clean-up and retries show.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,16 +21,24 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
 
 from operators.adapters.kafka_admin import create_topics, wait_for_broker
-from operators.adapters.kafka_io import message_count, produce_all
-from operators.config import DEAD_LETTERS, POST_CREATED, Settings
+from operators.adapters.kafka_io import (
+    message_count,
+    produce_all,
+    read_partition_to_end,
+    topic_partitions,
+)
+from operators.config import DEAD_LETTERS, DELIVERY_EVENTS, POST_CREATED, Settings
 from scripts import devstack
 from scripts.demo_graph import build_graph, demo_posts
+from scripts.local_providers.control import ProviderControl
 from scripts.metrics_scrape import by_label, scrape, total
 
 MALFORMED_CHANGES = {
@@ -112,6 +124,51 @@ def _wait(
     )
 
 
+STALE_TOKEN_SHARE = 0.03  # devices whose token the providers say is gone
+FCM_OUTAGE_S = 2.0
+
+
+def _stale_tokens(devices: list[tuple[bytes, bytes]], seed: int) -> dict[str, dict[str, str]]:
+    rng = random.Random(seed + 2)
+    stale: dict[str, dict[str, str]] = {"apns": {}, "fcm": {}}
+    for _, value in devices:
+        d = orjson.loads(value)
+        if d.get("active") and rng.random() < STALE_TOKEN_SHARE:
+            reason = "Unregistered" if d["provider"] == "apns" else "UNREGISTERED"
+            stale[d["provider"]][d["token"]] = reason
+    return stale
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _latencies(settings: Settings, created: dict[str, float]) -> list[float]:
+    """Seconds from each post's created_at to each provider acceptance (delivery_events)."""
+    out = []
+    kafka = settings.kafka_config()
+    for part in topic_partitions(kafka, [DELIVERY_EVENTS]):
+        topic, _, p = part.rpartition("/")
+        for _, value in read_partition_to_end(kafka, topic, int(p), 0):
+            e = orjson.loads(value or b"{}")
+            if e.get("outcome") == "accepted" and e.get("post_id") in created:
+                accepted = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+                out.append(accepted - created[e["post_id"]])
+    return sorted(out)
+
+
 def command(args: argparse.Namespace, settings: Settings) -> int:
     """Run the demo end to end and print the summary."""
     run_id = uuid.uuid4().hex[:6]
@@ -148,16 +205,33 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         "FANFARE_METRICS_PORT": str(metrics_port),
         "FANFARE_KAFKA_BROKERS": settings.kafka_brokers,
     }
+    demo_settings = settings.with_overrides(home=demo_home)
+    devstack.start_providers(demo_settings)
+    control = ProviderControl(devstack.providers_info(demo_settings)["control_url"])  # type: ignore[index]
+    stale = _stale_tokens(graph.devices, args.seed)
+    for provider, errors in stale.items():
+        control.set_token_errors(provider, errors)
+    print(
+        f"  local APNs and FCM servers up; {len(stale['apns']) + len(stale['fcm'])} device "
+        "tokens are stale at the providers"
+    )
     log = demo_home / "flow.log"
-    with log.open("wb") as out:
-        flow = subprocess.Popen(
-            [sys.executable, "-m", "scripts.cli", "run", "fanout"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    delivery_log = demo_home / "delivery.log"
+    delivery_port = _free_port()
+    flow = _start([sys.executable, "-m", "scripts.cli", "run", "fanout"], env, log)
+    delivery = _start(
+        [sys.executable, "-m", "scripts.cli", "run", "delivery"],
+        {
+            **env,
+            "FANFARE_METRICS_PORT": str(delivery_port),
+            "FANFARE_RETRY_BASE_MS": "250",
+            "FANFARE_BREAKER_COOLDOWN_S": "1",
+        },
+        delivery_log,
+    )
     url = [f"http://127.0.0.1:{metrics_port}/metrics"]
+    delivery_url = [f"http://127.0.0.1:{delivery_port}/metrics"]
+    created: dict[str, float] = {}
     try:
         changes = len(graph.follows) + len(graph.preferences) + len(graph.devices)
         _wait(
@@ -169,8 +243,23 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(f"  flow running; changelogs applied in {time.monotonic() - t_seed:.1f} s")
         posts = list(demo_posts(graph, args.posts, args.seed, run_id))
+        for _, value in posts:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                body = orjson.loads(value)
+                created[body["post_id"]] = datetime.fromisoformat(
+                    body["created_at"].replace("Z", "+00:00")
+                ).timestamp()
         t0 = time.monotonic()
         produce_all(kafka, POST_CREATED, posts)
+        # FCM goes down for a moment once pushes flow, so retries (and Retry-After) show.
+        _wait(
+            "the first FCM push",
+            lambda: control.stats()["fcm"]["accepted"] > 0,
+            args.timeout,
+            delivery,
+            delivery_log,
+        )
+        control.set_outage("fcm", FCM_OUTAGE_S)
 
         def fanned_out() -> bool:
             m = scrape(url)
@@ -191,21 +280,80 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
             time.sleep(1.0)
             metrics = scrape(url)
         seconds = max(seconds, time.monotonic() - t0 - 1.0)
+        dispatched = total(metrics, "fanfare_dispatched_total")
+
+        def delivered() -> bool:
+            m = scrape(delivery_url)
+            ended = sum(
+                v
+                for outcome, v in by_label(m, "fanfare_delivery_outcomes_total", "outcome").items()
+                if outcome != "retry_scheduled"
+            )
+            return ended >= dispatched
+
+        _wait("every push to reach an outcome", delivered, args.timeout, delivery, delivery_log)
+        delivery_seconds = time.monotonic() - t0
+        delivery_metrics = scrape(delivery_url)
+        provider_stats = control.stats()
     finally:
-        if flow.poll() is None:
-            os.killpg(flow.pid, signal.SIGTERM)
-            try:
-                flow.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(flow.pid, signal.SIGKILL)
+        _stop(flow)
+        _stop(delivery)
+        devstack.stop_providers(demo_settings)
         client = redis.Redis.from_url(settings.redis_url)
         keys = list(client.scan_iter(match=demo_prefix + "*", count=1000))
         if keys:
             client.delete(*keys)
     dead_total = message_count(settings.kafka_config(), [DEAD_LETTERS])
     print_summary(metrics, len(posts), seconds, dead_total)
-    print(f"\nThe embedded stack is still up (`fanfare dev status`); the flow's log is {log}.")
+    print_delivery(
+        delivery_metrics, provider_stats, _latencies(settings, created), delivery_seconds
+    )
+    print(
+        f"\nThe embedded broker is still up (`fanfare dev status`); the flows' logs are {log} "
+        f"and {delivery_log}."
+    )
     return 0
+
+
+def print_delivery(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    provider_stats: dict[str, Any],
+    latencies: list[float],
+    seconds: float,
+) -> None:
+    """What delivery did, per provider."""
+
+    def n(value: float) -> str:
+        return f"{int(value):,}"
+
+    print("\ndelivery summary")
+    outcomes = by_label(m, "fanfare_delivery_outcomes_total", "outcome")
+    for provider in ("apns", "fcm"):
+        accepted = total(
+            m, "fanfare_delivery_outcomes_total", provider=provider, outcome="accepted"
+        )
+        at_server = provider_stats.get(provider, {}).get("distinct", 0)
+        print(
+            f"  delivered via {provider:<5}        {n(accepted):>9} "
+            f"(the {provider} server counted {n(at_server)})"
+        )
+    print(
+        f"  invalid tokens cleaned     {n(total(m, 'fanfare_tokens_deactivated_total')):>9} "
+        "(device_changes active: false)"
+    )
+    print(f"  retries scheduled          {n(outcomes.get('retry_scheduled', 0)):>9}")
+    print(f"  expired                    {n(outcomes.get('expired', 0)):>9}")
+    failed = outcomes.get("failed", 0) + outcomes.get("dead_lettered", 0)
+    print(f"  failed / dead-lettered     {n(failed):>9}")
+    print(f"  duplicate sends skipped    {n(total(m, 'fanfare_delivery_deduped_total')):>9}")
+    if latencies:
+        p50 = latencies[len(latencies) // 2]
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(
+            f"  post created -> provider accepted  p50 {p50:.2f} s  p99 {p99:.2f} s  "
+            f"max {latencies[-1]:.2f} s"
+        )
+    print(f"  seconds from publishing to every push settled  {seconds:.2f}")
 
 
 def print_summary(

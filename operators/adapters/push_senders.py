@@ -258,6 +258,8 @@ class ApnsSender(PushSender):
         )
 
 
+_FCM_CHUNK = 50
+_FCM_PARALLEL_CHUNKS = 1
 _FCM_ERRORS = {
     "UnregisteredError": "UNREGISTERED",
     "SenderIdMismatchError": "SENDER_ID_MISMATCH",
@@ -346,17 +348,26 @@ class FcmSender(PushSender):
     async def send(
         self, requests: Sequence[SendRequest], payloads: Sequence[object]
     ) -> list[ProviderAnswer]:
-        """send_each_async per 500 messages, all chunks at once."""
-        chunks = [list(payloads[i : i + 500]) for i in range(0, len(payloads), 500)]
+        """send_each_async in chunks, a bounded number in flight.
+
+        firebase-admin starts one request per message at once; with hundreds in flight httpx's
+        connection pool spends its time rescanning its queue (1,500 at once all timed out
+        here), so chunks of `_FCM_CHUNK` go one at a time: the fastest we measured (~265/s).
+        """
+        gate = asyncio.Semaphore(_FCM_PARALLEL_CHUNKS)
+        chunks = [
+            list(payloads[i : i + _FCM_CHUNK]) for i in range(0, len(payloads), _FCM_CHUNK)
+        ]
 
         async def one(chunk: list[object]) -> list[ProviderAnswer]:
-            try:
-                batch = await asyncio.wait_for(
-                    self._messaging.send_each_async(chunk, app=self._app), self._timeout
-                )
-            except TimeoutError:
-                return [ProviderAnswer(None, "timeout")] * len(chunk)
-            return [self._answer(r) for r in batch.responses]
+            async with gate:
+                try:
+                    batch = await asyncio.wait_for(
+                        self._messaging.send_each_async(chunk, app=self._app), self._timeout
+                    )
+                except TimeoutError:
+                    return [ProviderAnswer(None, "timeout")] * len(chunk)
+                return [self._answer(r) for r in batch.responses]
 
         results = await asyncio.gather(*(one(c) for c in chunks))
         return [a for chunk in results for a in chunk]
