@@ -355,9 +355,7 @@ class FcmSender(PushSender):
         here), so chunks of `_FCM_CHUNK` go one at a time: the fastest we measured (~265/s).
         """
         gate = asyncio.Semaphore(_FCM_PARALLEL_CHUNKS)
-        chunks = [
-            list(payloads[i : i + _FCM_CHUNK]) for i in range(0, len(payloads), _FCM_CHUNK)
-        ]
+        chunks = [list(payloads[i : i + _FCM_CHUNK]) for i in range(0, len(payloads), _FCM_CHUNK)]
 
         async def one(chunk: list[object]) -> list[ProviderAnswer]:
             async with gate:

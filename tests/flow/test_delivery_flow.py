@@ -41,7 +41,9 @@ def batch(post: str, provider: str, items: list[tuple[str, str, str]]) -> bytes:
     )
 
 
-def run(tmp_path: Path, channel: list[RawEvent], retries: list[RawEvent], sender: ScriptedSender) -> dict[str, list[Any]]:
+def run(
+    tmp_path: Path, channel: list[RawEvent], retries: list[RawEvent], sender: ScriptedSender
+) -> dict[str, list[Any]]:
     store = SQLiteNotificationStore(tmp_path / "n.db")
     claims = InMemoryEdgeClaims()
 
@@ -72,29 +74,61 @@ def run(tmp_path: Path, channel: list[RawEvent], retries: list[RawEvent], sender
 
 def test_every_item_gets_one_outcome_and_bad_input_is_dead_lettered(tmp_path: Path) -> None:
     sender = ScriptedSender(
-        answers={"gone": ProviderAnswer(410, "Unregistered"), "busy": ProviderAnswer(503, "ServiceUnavailable")}
+        answers={
+            "gone": ProviderAnswer(410, "Unregistered"),
+            "busy": ProviderAnswer(503, "ServiceUnavailable"),
+        }
     )
     channel = [
-        RawEvent("push.apns", 0, 0, b"p1", batch("p1", "apns", [("u1", "d1", "t1"), ("u2", "d1", "gone")]), 1.0),
+        RawEvent(
+            "push.apns",
+            0,
+            0,
+            b"p1",
+            batch("p1", "apns", [("u1", "d1", "t1"), ("u2", "d1", "gone")]),
+            1.0,
+        ),
         RawEvent("push.apns", 0, 1, b"p1", b"{not json", 1.0),
         RawEvent("push.apns.bulk", 0, 0, b"p2", batch("p2", "apns", [("u3", "d1", "busy")]), 1.0),
         # The same batch again from another offset: a duplicate, sent nowhere.
         RawEvent("push.apns", 1, 5, b"p1", batch("p1", "apns", [("u1", "d1", "t1")]), 1.0),
     ]
-    due = RetryRecord("apns", "normal", "p3", "a1", CREATED, {"notification_id": "p3:u4", "user_id": "u4", "device_id": "d1", "token": "t4"}, 1, 1, NOW - 1, "503")
+    due = RetryRecord(
+        "apns",
+        "normal",
+        "p3",
+        "a1",
+        CREATED,
+        {"notification_id": "p3:u4", "user_id": "u4", "device_id": "d1", "token": "t4"},
+        1,
+        1,
+        NOW - 1,
+        "503",
+    )
     retries = [
         RawEvent("push.retry", 0, 0, b"p3:u4", encode_retry_record(due), 1.0),
         RawEvent("push.retry", 0, 1, b"x", b'{"provider": "apns"}', 1.0),
     ]
     # p3:u4's first attempt happened earlier and scheduled this retry.
     sinks = run(tmp_path, channel, retries, sender)
-    outcomes = sorted((kv[1].user_id, kv[1].outcome) for kv in sinks["events"] if isinstance(kv[1], DeliveryEvent))
+    outcomes = sorted(
+        (kv[1].user_id, kv[1].outcome) for kv in sinks["events"] if isinstance(kv[1], DeliveryEvent)
+    )
     # u4's retry finds no ledger row waiting for it (its first attempt was never recorded here).
     assert outcomes == [("u1", "accepted"), ("u2", "invalid_token"), ("u3", "retry_scheduled")]
-    assert [(d.user_id, d.device_id, d.active) for d in sinks["devices"] if isinstance(d, DeviceChange)] == [("u2", "d1", False)]
+    assert [
+        (d.user_id, d.device_id, d.active) for d in sinks["devices"] if isinstance(d, DeviceChange)
+    ] == [("u2", "d1", False)]
     [retry] = sinks["retries"]
-    assert isinstance(retry, RetryRecord) and (retry.item["user_id"], retry.lane, retry.seq) == ("u3", "bulk", 1)
+    assert isinstance(retry, RetryRecord) and (retry.item["user_id"], retry.lane, retry.seq) == (
+        "u3",
+        "bulk",
+        1,
+    )
     dead = sinks["dead"]
     assert all(isinstance(d, DeadLetter) for d in dead)
-    assert sorted((d.source_topic, d.error.split(":")[0]) for d in dead) == [("push.apns", "invalid_json"), ("push.retry", "schema")]
+    assert sorted((d.source_topic, d.error.split(":")[0]) for d in dead) == [
+        ("push.apns", "invalid_json"),
+        ("push.retry", "schema"),
+    ]
     assert sorted(r.item["user_id"] for r in sender.sent) == ["u1", "u2", "u3"]

@@ -28,7 +28,10 @@ def apns_token(rng: random.Random) -> str:
 
 
 def fcm_token(rng: random.Random) -> str:
-    body = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for _ in range(140))
+    body = "".join(
+        rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+        for _ in range(140)
+    )
     return f"{body[:22]}:APA91b{body[22:]}"
 
 
@@ -77,7 +80,9 @@ def terminal(events: list[dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def wait_terminal(stack: Stack, expected: int, timeout_s: float) -> dict[tuple[str, str], list[str]]:
+def wait_terminal(
+    stack: Stack, expected: int, timeout_s: float
+) -> dict[tuple[str, str], list[str]]:
     result: dict[tuple[str, str], list[str]] = {}
 
     def done() -> bool:
@@ -96,15 +101,41 @@ def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
     fcm = {name: fcm_token(rng) for name in ("ok", "unreg", "mismatch", "invalid", "flaky")}
     ctl.set_token_errors(
         "apns",
-        {apns["gone"]: "Unregistered", apns["bad"]: "BadDeviceToken", apns["topic"]: "TopicDisallowed", apns["broken"]: "InternalServerError"},
+        {
+            apns["gone"]: "Unregistered",
+            apns["bad"]: "BadDeviceToken",
+            apns["topic"]: "TopicDisallowed",
+            apns["broken"]: "InternalServerError",
+        },
     )
     ctl.set_token_errors(
-        "fcm", {fcm["unreg"]: "UNREGISTERED", fcm["mismatch"]: "SENDER_ID_MISMATCH", fcm["invalid"]: "INVALID_ARGUMENT"}
+        "fcm",
+        {
+            fcm["unreg"]: "UNREGISTERED",
+            fcm["mismatch"]: "SENDER_ID_MISMATCH",
+            fcm["invalid"]: "INVALID_ARGUMENT",
+        },
     )
     publish(stack, "apns", "p1", [(n, "ios", t) for n, t in apns.items()])
-    publish(stack, "apns", "p-old", [("late", "ios", apns_token(rng))], created_at=datetime.now(UTC) - timedelta(hours=2))
-    stack.start_flow(*FAST_RETRIES, ("FANFARE_RETRY_MAX_ATTEMPTS", "3"), ("FANFARE_BREAKER_FAILURES", "1000"), flow="delivery")
-    wait_for(lambda: any(e["user_id"] == "ok1" for e in delivery_events(stack)), 60, "the flow to send", stack)
+    publish(
+        stack,
+        "apns",
+        "p-old",
+        [("late", "ios", apns_token(rng))],
+        created_at=datetime.now(UTC) - timedelta(hours=2),
+    )
+    stack.start_flow(
+        *FAST_RETRIES,
+        ("FANFARE_RETRY_MAX_ATTEMPTS", "3"),
+        ("FANFARE_BREAKER_FAILURES", "1000"),
+        flow="delivery",
+    )
+    wait_for(
+        lambda: any(e["user_id"] == "ok1" for e in delivery_events(stack)),
+        60,
+        "the flow to send",
+        stack,
+    )
     # FCM is down for 2 s when its batch arrives: 503 with Retry-After, then a retry succeeds.
     ctl.set_outage("fcm", 2.0)
     publish(stack, "fcm", "p1", [(n, "android", t) for n, t in fcm.items()])
@@ -112,33 +143,61 @@ def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
     outcomes = wait_terminal(stack, 12, 90)
     by_user = {nid.split(":")[1]: o for (nid, _), o in outcomes.items()}
     assert by_user == {
-        "ok1": ["accepted"], "ok2": ["accepted"], "gone": ["invalid_token"], "bad": ["invalid_token"],
-        "topic": ["failed"], "broken": ["dead_lettered"], "ok": ["accepted"], "unreg": ["invalid_token"],
-        "mismatch": ["invalid_token"], "invalid": ["invalid_token"], "flaky": ["accepted"], "late": ["expired"],
+        "ok1": ["accepted"],
+        "ok2": ["accepted"],
+        "gone": ["invalid_token"],
+        "bad": ["invalid_token"],
+        "topic": ["failed"],
+        "broken": ["dead_lettered"],
+        "ok": ["accepted"],
+        "unreg": ["invalid_token"],
+        "mismatch": ["invalid_token"],
+        "invalid": ["invalid_token"],
+        "flaky": ["accepted"],
+        "late": ["expired"],
     }
     events = delivery_events(stack)
     retried = {e["user_id"] for e in events if e["outcome"] == "retry_scheduled"}
-    assert {"broken", "ok", "flaky"} <= retried  # the FCM outage and the 500s went through push.retry
+    assert {
+        "broken",
+        "ok",
+        "flaky",
+    } <= retried  # the FCM outage and the 500s went through push.retry
     broken = [e for e in events if e["user_id"] == "broken"]
     assert [e["attempt"] for e in broken] == [1, 2, 3] and broken[-1]["outcome"] == "dead_lettered"
     # Token hygiene: every permanent token error deactivated its device.
     changes = [orjson.loads(v or b"{}") for _, _, v in stack.read_topic("device_changes")]
     assert sorted((c["user_id"], c["active"]) for c in changes) == [
-        ("bad", False), ("gone", False), ("invalid", False), ("mismatch", False), ("unreg", False)
+        ("bad", False),
+        ("gone", False),
+        ("invalid", False),
+        ("mismatch", False),
+        ("unreg", False),
     ]
     # Failed and dead-lettered sends are in dead_letters with why.
     letters = [e["error"].split(":")[0] for e in stack.dead_letters()]
     assert sorted(letters) == ["dead_lettered", "failed"]
     # What the providers accepted is exactly the accepted outcomes, each once.
-    accepted = [(r.provider, r.notification_id, r.device_id) for p in ("apns", "fcm") for r in ctl.accepted(p)]
+    accepted = [
+        (r.provider, r.notification_id, r.device_id)
+        for p in ("apns", "fcm")
+        for r in ctl.accepted(p)
+    ]
     assert sorted(accepted) == sorted(
-        [("apns", "p1:ok1", "ios"), ("apns", "p1:ok2", "ios"), ("fcm", "p1:ok", "android"), ("fcm", "p1:flaky", "android")]
+        [
+            ("apns", "p1:ok1", "ios"),
+            ("apns", "p1:ok2", "ios"),
+            ("fcm", "p1:ok", "android"),
+            ("fcm", "p1:flaky", "android"),
+        ]
     )
     [record] = [r for r in ctl.accepted("apns") if r.notification_id == "p1:ok1"]
     assert record.collapse_id == "p1" and record.size <= 4096
 
 
-def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(stack: Stack, providers: Providers) -> None:
+def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(
+    stack: Stack, providers: Providers
+) -> None:
     rng = random.Random(2)
     ctl = providers.control
     ctl.set_outage("apns", 4.0)
@@ -163,7 +222,9 @@ def test_rate_limit_holds_the_send_rate(stack: Stack, providers: Providers) -> N
     rng = random.Random(3)
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(900)]
     publish(stack, "apns", "p-paced", items, lane="bulk")
-    stack.start_flow(("FANFARE_APNS_RATE_PER_MIN", "12000"), ("FANFARE_RATE_BURST_MS", "100"), flow="delivery")
+    stack.start_flow(
+        ("FANFARE_APNS_RATE_PER_MIN", "12000"), ("FANFARE_RATE_BURST_MS", "100"), flow="delivery"
+    )
     wait_terminal(stack, 900, 120)
     times = sorted(r.time for r in providers.control.accepted("apns"))
     assert len(times) == 900
@@ -178,7 +239,9 @@ def test_rate_limit_holds_the_send_rate(stack: Stack, providers: Providers) -> N
     assert times[-1] - times[0] >= (900 - 20) / 200 * 0.95
 
 
-def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(stack: Stack, providers: Providers) -> None:
+def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(
+    stack: Stack, providers: Providers
+) -> None:
     rng = random.Random(4)
     ctl = providers.control
     ctl.set_latency("apns", 20)
@@ -186,13 +249,17 @@ def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(stack: S
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(n)]
     publish(stack, "apns", "p-kill", items, lane="bulk")
     flow = stack.start_flow(("FANFARE_BULK_BATCHES_PER_POLL", "4"), flow="delivery")
-    wait_for(lambda: ctl.stats()["apns"]["accepted"] > 3_000, 90, "sends under way", stack, every_s=0.2)
+    wait_for(
+        lambda: ctl.stats()["apns"]["accepted"] > 3_000, 90, "sends under way", stack, every_s=0.2
+    )
     stack.kill_flow(flow)
     before = ctl.stats()["apns"]["accepted"]
     assert before < n, "the flow finished before it was killed; the test proves nothing"
     stack.start_flow(("FANFARE_BULK_BATCHES_PER_POLL", "4"), flow="delivery")
     outcomes = wait_terminal(stack, n, 180)
-    assert all(v == ["accepted"] for v in outcomes.values()), Counter(tuple(v) for v in outcomes.values())
+    assert all(v == ["accepted"] for v in outcomes.values()), Counter(
+        tuple(v) for v in outcomes.values()
+    )
     records = ctl.accepted("apns")
     per_device = Counter((r.token, r.notification_id) for r in records)
     assert len(per_device) == n  # none skipped

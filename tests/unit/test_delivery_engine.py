@@ -51,20 +51,28 @@ def engine(
 
 
 def events(out: list[object]) -> list[tuple[str, str, str, int]]:
-    return [(e.user_id, e.device_id, e.outcome, e.attempt) for e in out if isinstance(e, DeliveryEvent)]
+    return [
+        (e.user_id, e.device_id, e.outcome, e.attempt) for e in out if isinstance(e, DeliveryEvent)
+    ]
 
 
 def test_accepted_once_per_device(store: SQLiteNotificationStore) -> None:
     sender = ScriptedSender()
     e = engine(store, sender)
     out = e.deliver([request("u1", "d1"), request("u1", "d2"), request("u2", "d1")])
-    assert events(out) == [("u1", "d1", "accepted", 1), ("u1", "d2", "accepted", 1), ("u2", "d1", "accepted", 1)]
+    assert events(out) == [
+        ("u1", "d1", "accepted", 1),
+        ("u1", "d2", "accepted", 1),
+        ("u2", "d1", "accepted", 1),
+    ]
     assert len(sender.sent) == 3
     assert store.notification_status("p1:u1") == "dispatched"
     assert [a.attempt for a in store.attempts("p1:u1")] == [1, 1]
 
 
-def test_a_duplicate_message_is_skipped_by_the_edge_claim_and_by_the_store(store: SQLiteNotificationStore) -> None:
+def test_a_duplicate_message_is_skipped_by_the_edge_claim_and_by_the_store(
+    store: SQLiteNotificationStore,
+) -> None:
     sender = ScriptedSender()
     e = engine(store, sender)
     e.deliver([request(source="push.apns/0@1")])
@@ -75,7 +83,9 @@ def test_a_duplicate_message_is_skipped_by_the_edge_claim_and_by_the_store(store
     assert len(sender.sent) == 1
 
 
-def test_replay_of_the_owner_resends_an_unfinished_send_and_reemits_a_finished_one(store: SQLiteNotificationStore) -> None:
+def test_replay_of_the_owner_resends_an_unfinished_send_and_reemits_a_finished_one(
+    store: SQLiteNotificationStore,
+) -> None:
     sender = ScriptedSender()
     # Crash after the claim, before the answer: the row says `sending`.
     assert store.claim([request("u1", source="push.apns/0@5")]) == [None]
@@ -97,18 +107,30 @@ def test_invalid_token_deactivates_the_device_without_retry(store: SQLiteNotific
     out = engine(store, sender).deliver([request("u1", "d9", token="dead")])
     assert events(out) == [("u1", "d9", "invalid_token", 1)]
     [change] = [x for x in out if isinstance(x, DeviceChange)]
-    assert (change.user_id, change.device_id, change.active, change.provider) == ("u1", "d9", False, "apns")
+    assert (change.user_id, change.device_id, change.active, change.provider) == (
+        "u1",
+        "d9",
+        False,
+        "apns",
+    )
     assert not [x for x in out if isinstance(x, RetryRecord)]
 
 
-def test_transient_failure_goes_through_the_retry_topic_then_succeeds(store: SQLiteNotificationStore) -> None:
+def test_transient_failure_goes_through_the_retry_topic_then_succeeds(
+    store: SQLiteNotificationStore,
+) -> None:
     clock = Clock()
     sender = ScriptedSender(answers={"t": [ProviderAnswer(503, "ServiceUnavailable")]})
     e = engine(store, sender, clock, retry=RetryPolicy(base_s=2.0))
     out = e.deliver([request(token="t")])
     [record] = [x for x in out if isinstance(x, RetryRecord)]
     [event] = [x for x in out if isinstance(x, DeliveryEvent)]
-    assert (event.outcome, event.status, event.reason, event.attempt) == ("retry_scheduled", 503, "503 ServiceUnavailable", 1)
+    assert (event.outcome, event.status, event.reason, event.attempt) == (
+        "retry_scheduled",
+        503,
+        "503 ServiceUnavailable",
+        1,
+    )
     assert (record.attempt, record.seq, record.due_at) == (1, 1, clock.now + 1.0)  # 0.5 x 2 s
     retry = request(token="t", source="push.retry/0@0", attempt=1, seq=1)
     out = e.deliver([retry, retry])  # a duplicated retry record sends once
@@ -125,18 +147,25 @@ def test_retries_end_dead_lettered_after_the_attempt_cap(store: SQLiteNotificati
     out = e.deliver([request(source="push.retry/0@0", attempt=1, seq=1)])
     assert events(out) == [("u1", "d1", "dead_lettered", 2)]
     [letter] = [x for x in out if isinstance(x, DeadLetter)]
-    assert letter.source_topic == "push.retry" and "dead_lettered: 500 InternalServerError" in letter.error
+    assert (
+        letter.source_topic == "push.retry"
+        and "dead_lettered: 500 InternalServerError" in letter.error
+    )
     assert store.notification_status("p1:u1") == "exhausted"
 
 
 def test_an_old_notification_expires_unsent(store: SQLiteNotificationStore) -> None:
     sender = ScriptedSender()
-    out = engine(store, sender, retry=RetryPolicy(max_age_s=60)).deliver([request(created_ts=time.time() - 61)])
+    out = engine(store, sender, retry=RetryPolicy(max_age_s=60)).deliver(
+        [request(created_ts=time.time() - 61)]
+    )
     assert events(out) == [("u1", "d1", "expired", 0)]
     assert sender.sent == []
 
 
-def test_permanent_failure_and_payload_too_large_are_failed_and_dead_lettered(store: SQLiteNotificationStore) -> None:
+def test_permanent_failure_and_payload_too_large_are_failed_and_dead_lettered(
+    store: SQLiteNotificationStore,
+) -> None:
     sender = ScriptedSender(answers={"bad": ProviderAnswer(400, "BadTopic")}, too_large={"big"})
     out = engine(store, sender).deliver([request("u1", token="bad"), request("u2", token="big")])
     assert events(out) == [("u2", "d1", "failed", 0), ("u1", "d1", "failed", 1)]

@@ -27,10 +27,26 @@ R = request(source="push.apns/0@7")
         (LedgerRow("push.apns/3@9", "sending", 0, 0), R, Action.SKIP),
         (LedgerRow("push.apns/3@9", "accepted", 1, 0), R, Action.SKIP),
         # A retry takes over only the row that waits for exactly it.
-        (LedgerRow("push.apns/0@7", "retry_scheduled", 1, 1), request(source="push.retry/0@3", seq=1), Action.SEND),
-        (LedgerRow("push.apns/0@7", "retry_scheduled", 2, 2), request(source="push.retry/0@3", seq=1), Action.SKIP),
-        (LedgerRow("push.retry/0@3", "accepted", 2, 1), request(source="push.retry/1@5", seq=1), Action.SKIP),
-        (LedgerRow("push.retry/0@3", "sending", 1, 1), request(source="push.retry/0@3", seq=1), Action.RESEND),
+        (
+            LedgerRow("push.apns/0@7", "retry_scheduled", 1, 1),
+            request(source="push.retry/0@3", seq=1),
+            Action.SEND,
+        ),
+        (
+            LedgerRow("push.apns/0@7", "retry_scheduled", 2, 2),
+            request(source="push.retry/0@3", seq=1),
+            Action.SKIP,
+        ),
+        (
+            LedgerRow("push.retry/0@3", "accepted", 2, 1),
+            request(source="push.retry/1@5", seq=1),
+            Action.SKIP,
+        ),
+        (
+            LedgerRow("push.retry/0@3", "sending", 1, 1),
+            request(source="push.retry/0@3", seq=1),
+            Action.RESEND,
+        ),
     ],
 )
 def test_ledger_rules(row: LedgerRow | None, req: object, action: Action) -> None:
@@ -54,8 +70,20 @@ def test_ledger_rules(row: LedgerRow | None, req: object, action: Action) -> Non
         ("fcm", ProviderAnswer(200, None), Verdict.ACCEPTED),
         ("fcm", ProviderAnswer(404, "UNREGISTERED"), Verdict.INVALID_TOKEN),
         ("fcm", ProviderAnswer(403, "SENDER_ID_MISMATCH"), Verdict.INVALID_TOKEN),
-        ("fcm", ProviderAnswer(400, "INVALID_ARGUMENT", detail="The registration token is not a valid FCM registration token"), Verdict.INVALID_TOKEN),
-        ("fcm", ProviderAnswer(400, "INVALID_ARGUMENT", detail="Message is too big"), Verdict.PERMANENT),
+        (
+            "fcm",
+            ProviderAnswer(
+                400,
+                "INVALID_ARGUMENT",
+                detail="The registration token is not a valid FCM registration token",
+            ),
+            Verdict.INVALID_TOKEN,
+        ),
+        (
+            "fcm",
+            ProviderAnswer(400, "INVALID_ARGUMENT", detail="Message is too big"),
+            Verdict.PERMANENT,
+        ),
         ("fcm", ProviderAnswer(429, "QUOTA_EXCEEDED", 30), Verdict.TRANSIENT),
         ("fcm", ProviderAnswer(503, "UNAVAILABLE"), Verdict.TRANSIENT),
         ("fcm", ProviderAnswer(500, "INTERNAL"), Verdict.TRANSIENT),

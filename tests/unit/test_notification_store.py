@@ -41,7 +41,9 @@ def test_status_is_aggregated_from_devices(tmp_path: Path) -> None:
     d1, d2 = request("u1", "d1"), request("u1", "d2")
     store.claim([d1, d2])
     assert store.notification_status("p1:u1") == "pending"
-    store.record([LedgerUpdate(d1.key, "invalid_token", 1, 0, 410, "Unregistered", None, True)], 2.0)
+    store.record(
+        [LedgerUpdate(d1.key, "invalid_token", 1, 0, 410, "Unregistered", None, True)], 2.0
+    )
     assert store.notification_status("p1:u1") == "pending"
     store.record([LedgerUpdate(d2.key, "dead_lettered", 8, 7, 503, "503", None, True)], 3.0)
     assert store.notification_status("p1:u1") == "exhausted"
@@ -71,7 +73,10 @@ def test_concurrent_claimers_in_separate_processes_win_each_key_once(tmp_path: P
     SQLiteNotificationStore(path)
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_in_process, args=(path, f"push.apns/{k}@1", 300, out)) for k in range(3)]
+    procs = [
+        ctx.Process(target=_claim_in_process, args=(path, f"push.apns/{k}@1", 300, out))
+        for k in range(3)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -80,7 +85,9 @@ def test_concurrent_claimers_in_separate_processes_win_each_key_once(tmp_path: P
 
 
 def test_open_names_what_it_supports(tmp_path: Path) -> None:
-    assert isinstance(open_notification_store(f"sqlite:///{tmp_path}/x.db"), SQLiteNotificationStore)
+    assert isinstance(
+        open_notification_store(f"sqlite:///{tmp_path}/x.db"), SQLiteNotificationStore
+    )
     try:
         open_notification_store("mysql://x")
     except ValueError as exc:
