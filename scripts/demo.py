@@ -293,7 +293,13 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
 
         _wait("every push to reach an outcome", delivered, args.timeout, delivery, delivery_log)
         delivery_seconds = time.monotonic() - t0
+        # Held and retried sends settle after the count first matches: wait until it is still.
+        last = -1.0
         delivery_metrics = scrape(delivery_url)
+        while total(delivery_metrics, "fanfare_delivery_outcomes_total") != last:
+            last = total(delivery_metrics, "fanfare_delivery_outcomes_total")
+            time.sleep(2.0)
+            delivery_metrics = scrape(delivery_url)
         provider_stats = control.stats()
     finally:
         _stop(flow)
