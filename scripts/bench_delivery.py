@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import json
 import os
 import platform
 import random
@@ -101,6 +100,7 @@ from scripts.bench_fanout import (
     git_revision,
     log,
     percentile,
+    run_bench,
     scrape,
     summarize_profile,
     system_busy_seconds,
@@ -1355,42 +1355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     validate(args, parser)
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    report: dict[str, Any] = {
-        "command": [
-            sys.executable,
-            "-m",
-            "scripts.bench_delivery",
-            *(argv if argv is not None else sys.argv[1:]),
-        ],
-        "started_at": datetime.now(UTC).isoformat(),
-    }
-    code = 0
-    try:
-        run(args, report)
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        report["error"] = "interrupted"
-        code = 130
-    except (BenchError, ConfigError, devstack.BrokerStartError) as exc:
-        log(f"failed: {exc}")
-        report["error"] = str(exc)
-        code = 1
-    try:
-        print_report(report)
-    except Exception:  # a partial report (after a failure) may lack fields
-        import traceback
-
-        traceback.print_exc()
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-        log(f"report written to {args.json}")
-    return code
+    return run_bench(
+        "scripts.bench_delivery",
+        argv,
+        args,
+        run,
+        print_report,
+        (BenchError, ConfigError, devstack.BrokerStartError),
+    )
 
 
 if __name__ == "__main__":

@@ -2023,6 +2023,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"configuration error: {exc}")
     validate(args, parser, threshold)
 
+    def verdict(report: dict[str, Any], code: int) -> int:
+        for ce in report.get("celebrity_posts", []):
+            if not (ce["items_match_expected"] and ce["verification"]["ok"]) or ce["timed_out"]:
+                code = code or 1
+        report["git_at_end"] = git_revision()
+        return code
+
+    return run_bench(
+        "scripts.bench_fanout", argv, args, run, print_report, (BenchError, ConfigError), verdict
+    )
+
+
+def run_bench(
+    module: str,
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, dict[str, Any]], None],
+    print_report: Callable[[dict[str, Any]], None],
+    errors: tuple[type[Exception], ...],
+    verdict: Callable[[dict[str, Any], int], int] = lambda report, code: code,
+) -> int:
+    """Run a benchmark, print and save its report; exit 0 ok, 1 failed, 130 Ctrl-C.
+
+    Shared by the benchmarks: SIGTERM and SIGINT become KeyboardInterrupt so everything started
+    is stopped, a partial report is still printed and written, `verdict` may fail the run.
+    """
+
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -2032,7 +2059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": [
             sys.executable,
             "-m",
-            "scripts.bench_fanout",
+            module,
             *(argv if argv is not None else sys.argv[1:]),
         ],
         "started_at": datetime.now(UTC).isoformat(),
@@ -2044,14 +2071,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("interrupted; everything started was stopped")
         report["error"] = "interrupted"
         code = 130
-    except (BenchError, ConfigError) as exc:
+    except errors as exc:
         log(f"failed: {exc}")
         report["error"] = str(exc)
         code = 1
-    for ce in report.get("celebrity_posts", []):
-        if not (ce["items_match_expected"] and ce["verification"]["ok"]) or ce["timed_out"]:
-            code = code or 1
-    report["git_at_end"] = git_revision()
+    code = verdict(report, code)
     try:
         print_report(report)
     except Exception:  # a partial report (after a failure) may lack fields
