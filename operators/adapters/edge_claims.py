@@ -12,7 +12,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-import redis
+from operators.adapters.post_claims import PerThreadRedis
 
 
 class EdgeClaims(ABC):
@@ -30,23 +30,15 @@ class RedisEdgeClaims(EdgeClaims):
     """One pipelined round trip per batch; keys expire after `ttl_s`."""
 
     def __init__(self, url: str, prefix: str, ttl_s: int) -> None:
-        self._url = url
         self._prefix = prefix
         self._ttl = ttl_s
-        self._local = threading.local()
-
-    def _client(self) -> redis.Redis:
-        client: redis.Redis | None = getattr(self._local, "client", None)
-        if client is None:
-            client = redis.Redis.from_url(self._url, socket_timeout=10, health_check_interval=30)
-            self._local.client = client
-        return client
+        self._redis = PerThreadRedis(url, socket_timeout=10, health_check_interval=30)
 
     def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
         """SET NX GET per claim (Redis 7)."""
         if not claims:
             return []
-        pipe = self._client().pipeline(transaction=False)
+        pipe = self._redis().pipeline(transaction=False)
         for nid, device, identity in claims:
             pipe.set(
                 f"{self._prefix}edge:{nid}|{device}", identity, nx=True, get=True, ex=self._ttl

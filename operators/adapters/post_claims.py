@@ -12,14 +12,45 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 _CLAIM_SCRIPT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 """
+
+
+class PerThreadRedis:
+    """A Redis client per thread (each Bytewax worker), made on first use, never at import.
+
+    `script` registers a Lua script once per thread and returns it with that thread's client.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._url = url
+        self._options = options
+        self._local = threading.local()
+
+    def __call__(self) -> redis.Redis:
+        """The calling thread's client."""
+        client: redis.Redis | None = getattr(self._local, "client", None)
+        if client is None:
+            client = redis.Redis.from_url(self._url, **self._options)
+            self._local.client = client
+            self._local.scripts = {}
+        return client
+
+    def script(self, text: str) -> Script:
+        """The calling thread's registered copy of a Lua script."""
+        client = self()
+        scripts: dict[str, Script] = self._local.scripts
+        if text not in scripts:
+            scripts[text] = client.register_script(text)
+        return scripts[text]
 
 
 class PostClaims(ABC):
@@ -34,26 +65,16 @@ class RedisPostClaims(PostClaims):
     """Claims in Redis (SET NX EX, one pipelined script call per batch of posts)."""
 
     def __init__(self, url: str, prefix: str, ttl_s: int) -> None:
-        self._url = url
         self._prefix = prefix
         self._ttl = ttl_s
-        self._local = threading.local()
-
-    def _client(self) -> redis.Redis:
-        client: redis.Redis | None = getattr(self._local, "client", None)
-        if client is None:
-            client = redis.Redis.from_url(self._url, socket_timeout=10, health_check_interval=30)
-            self._local.client = client
-            self._local.script = client.register_script(_CLAIM_SCRIPT)
-        return client
+        self._redis = PerThreadRedis(url, socket_timeout=10, health_check_interval=30)
 
     def claim(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
         """Atomic per post; one round trip per batch."""
         if not claims:
             return []
-        client = self._client()
-        script = self._local.script
-        pipe = client.pipeline(transaction=False)
+        script = self._redis.script(_CLAIM_SCRIPT)
+        pipe = self._redis().pipeline(transaction=False)
         for post_id, identity in claims:
             script(keys=[f"{self._prefix}post:{post_id}"], args=[identity, self._ttl], client=pipe)
         return [bool(r) for r in pipe.execute()]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import redis
 
+from operators.adapters.post_claims import PerThreadRedis
 from operators.token_bucket import Grant, take
 
 log = logging.getLogger(__name__)
@@ -113,27 +114,17 @@ class RedisRateLimiter(RateLimiter):
     """The shared bucket; one script call per take."""
 
     def __init__(self, url: str, prefix: str, local_share: float = 4.0) -> None:
-        self._url = url
         self._prefix = prefix
-        self._local = threading.local()
+        self._redis = PerThreadRedis(url, socket_timeout=2, socket_connect_timeout=2)
         self._fallback = LocalRateLimiter(share=local_share)
         self.fallbacks = 0
-
-    def _script(self) -> object:
-        script = getattr(self._local, "script", None)
-        if script is None:
-            client = redis.Redis.from_url(self._url, socket_timeout=2, socket_connect_timeout=2)
-            script = client.register_script(_TAKE_SCRIPT)
-            self._local.script = script
-        return script
 
     def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
         """Take from Redis, or from the local bucket while Redis is unreachable."""
         if wanted <= 0:
             return Grant(0, 0.0)
-        script = self._script()
         try:
-            granted, wait = script(  # type: ignore[operator]
+            granted, wait = self._redis.script(_TAKE_SCRIPT)(
                 keys=[f"{self._prefix}ratelimit:{spec.name}"],
                 args=[spec.rate, spec.capacity, wanted, spec.reserve_for(lane)],
             )
