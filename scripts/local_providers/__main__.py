@@ -23,6 +23,7 @@ async def _run(args: argparse.Namespace) -> None:
         apns_port=args.apns_port,
         fcm_port=args.fcm_port,
         control_port=args.control_port,
+        fcm_tls_port=args.fcm_tls_port,
         strict_tokens=not args.loose_tokens,
         fcm_access_token=args.fcm_access_token,
     )
@@ -34,6 +35,7 @@ async def _run(args: argparse.Namespace) -> None:
     summary = {
         "apns_port": info["apns"]["port"],
         "fcm_url": info["fcm"]["url"],
+        "fcm_https_url": info["fcm"]["https_url"],
         "control_url": info["control_url"],
         "pid": info["pid"],
     }
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apns-port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--fcm-port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--control-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument(
+        "--fcm-tls-port", type=int, default=0, help="FCM over TLS (HTTP/2); 0 picks a free port"
+    )
     parser.add_argument(
         "--loose-tokens",
         action="store_true",

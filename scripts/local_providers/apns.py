@@ -1,44 +1,28 @@
 """A local APNs: HTTP/2 over TLS on asyncio and `h2`, answering as Apple does.
 
-It serves `POST /3/device/<token>` with Apple's statuses and `{"reason"}` bodies. What a client
-depends on (PROVIDERS.md): every response echoes `apns-id`, every error has a JSON body, and each
-body goes out as one DATA frame carrying END_STREAM (a success is a HEADERS frame with END_STREAM
-and no body at all). Per-request work is kept small because benchmarks push tens of thousands of
-requests a second through one core: header values stay bytes, a provider token is verified once
-per distinct bearer string, nothing is logged per request.
+It serves `POST /3/device/<token>` with Apple's statuses and `{"reason"}` bodies; every answer
+echoes `apns-id`, which aioapns needs to match it (h2server.py has the HTTP/2 side). Per-request
+work is kept small because benchmarks push thousands of requests a second through one core:
+header values stay bytes, a provider token is verified once per distinct bearer string, nothing
+is logged per request.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 import ssl
 import time
 import uuid
-from collections import deque
 from typing import Any
 
 import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import H2Error
-from h2.settings import SettingCodes, Settings
-from hpack import Encoder, NeverIndexedHeaderTuple
-from hyperframe.frame import GoAwayFrame
+from hpack import NeverIndexedHeaderTuple
 
 from scripts.local_providers.credentials import LocalCredentials
+from scripts.local_providers.h2server import Answer, H2ServerConnection, goaway_all
 from scripts.local_providers.state import ProviderState
 
 # Every reason APNs documents, with its status. "BadPayload" is ours: Apple documents no reason
@@ -84,10 +68,6 @@ MAX_VOIP_PAYLOAD = 5120
 MAX_COLLAPSE_ID = 64
 TOKEN_MAX_AGE_S = 3600  # a provider token older than an hour is expired
 TOKEN_MIN_REFRESH_S = 1200  # a connection may switch to a new provider token every 20 min
-MAX_STREAMS = 1000
-GOAWAY_GRACE_S = 1.0  # after GOAWAY and the last answer owed, before we close the connection
-GOAWAY_HARD_CLOSE_S = 10.0
-_WINDOW = 1 << 24  # inbound windows big enough that a burst of bodies never waits for an ack
 
 _STRICT_TOKEN = re.compile(rb"[0-9a-fA-F]{64}")
 _LOOSE_TOKEN = re.compile(rb"[^/\s]{1,512}")
@@ -108,27 +88,9 @@ _PUSH_TYPES = frozenset(
         b"widgets",
     }
 )
-_H2_CONFIG = H2Configuration(
-    client_side=False,
-    header_encoding=None,  # bytes in, bytes out: no decoding per header
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-)
-_SHUTDOWN = b'{"reason":"Shutdown"}'
-_STATUS = {s: str(s).encode() for s in set(REASON_STATUS.values()) | {200}}
 _BODIES = {r: orjson.dumps({"reason": r}) for r in REASON_STATUS}
 # token, apns-id, notification_id, device_id, collapse id, payload size, dedupe key
 _Record = tuple[bytes, bytes, bytes, bytes, bytes, int, tuple[bytes, ...]]
-
-
-class _PlainEncoder(Encoder):
-    """Response headers without Huffman coding: a few bytes more, no per-answer encoding cost."""
-
-    def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        """Encode as hpack does, Huffman off."""
-        return super().encode(headers, huffman=False)
 
 
 class ApnsServer:
@@ -218,126 +180,37 @@ class ApnsServer:
 
         Returns the number of connections armed. New connections are not affected.
         """
-        conns = list(self.connections)
-        for conn in conns:
-            conn.arm_goaway(after_requests)
-        return len(conns)
+        return goaway_all(self.connections, after_requests)
 
 
-class ApnsConnection(asyncio.Protocol):
-    """One client connection: h2 state, streams being received, answers waiting for window."""
+class ApnsConnection(H2ServerConnection):
+    """One client connection; remembers its provider token (refreshes are rate-limited)."""
 
     def __init__(self, server: ApnsServer) -> None:
+        super().__init__(server)
         self.server = server
-        self.state = server.state
-        self.conn = H2Connection(config=_H2_CONFIG)
-        self.conn.encoder = _PlainEncoder()
-        self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, list[Any]] = {}  # stream id -> [headers, body or None]
-        self.blocked: deque[tuple[int, list[tuple[bytes, bytes]], bytes]] = deque()
         self.bearer: bytes | None = None
         self.bearer_since = 0.0
-        self.goaway_after: int | None = None
-        self.last_stream_id: int | None = None  # set once GOAWAY went out
-        self.highest_answered = 0
-        self.delayed = 0  # answers waiting on added latency
-        self.closing = False
-        self.close_timer: asyncio.TimerHandle | None = None
 
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Send the preface: our settings and a large connection window."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.server.connections.add(self)
-        self.server.connections_total += 1
-        # Announced in the connection preface, so they hold from the first request on.
-        self.conn.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
-            },
-        )
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(_WINDOW)
-        transport.write(self.conn.data_to_send())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Forget the connection and whatever it still owed."""
-        self.server.connections.discard(self)
-        self.transport = None
-        self.streams.clear()
-        self.blocked.clear()
-
-    def data_received(self, data: bytes) -> None:
-        """Feed h2; answer each request whose stream ended; write everything once."""
-        try:
-            events = self.conn.receive_data(data)
-        except H2Error:
-            self._close()
-            return
-        acked, ack_stream = 0, 0
-        streams = self.streams
-        for event in events:
-            if isinstance(event, DataReceived):
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream[1] = event.data if stream[1] is None else stream[1] + event.data
-                acked += event.flow_controlled_length
-                ack_stream = event.stream_id
-            elif isinstance(event, RequestReceived):
-                streams[event.stream_id] = [event.headers, None]
-            elif isinstance(event, StreamEnded):
-                stream = streams.pop(event.stream_id, None)
-                if stream is not None:
-                    self._handle(event.stream_id, stream[0], stream[1])
-                    if self.closing:
-                        return
-            elif isinstance(event, StreamReset):
-                streams.pop(event.stream_id, None)
-            elif isinstance(event, WindowUpdated):
-                self._unblock()
-            elif isinstance(event, ConnectionTerminated):
-                self._close()
-                return
-        if acked:
-            # Hand the window back; h2 sends WINDOW_UPDATE only once half of it is used.
-            self.conn.acknowledge_received_data(acked, ack_stream)
-        self._flush()
-
-    # requests
-
-    def _handle(self, stream_id: int, headers: list[Any], body: bytes | None) -> None:
-        if self.last_stream_id is not None and stream_id > self.last_stream_id:
-            return  # after our GOAWAY: not processed, the client sends it again elsewhere
+    def answer_request(self, stream_id: int, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """Check the request as APNs does; record it if accepted."""
         state = self.state
         state.requests += 1
-        h: dict[bytes, bytes] = dict(headers)
-        apns_id = h.get(b"apns-id") or str(uuid.uuid4()).encode()
-        verdict = self._check(h, body, apns_id)
-        reason: str | None
-        if isinstance(verdict, str):
-            reason = verdict
-            state.reject(reason)
-        else:
-            reason = None
-            state.record(*verdict)
+        apns_id = headers.get(b"apns-id") or str(uuid.uuid4()).encode()
+        verdict = self._check(headers, body, apns_id)
         delay = state.faults.latency_s
-        if delay > 0:
-            self.delayed += 1
-            asyncio.get_running_loop().call_later(
-                delay, self._answer_later, stream_id, apns_id, reason
-            )
+        # apns-id is unique per request: never indexed, it stays out of the HPACK table.
+        id_header = NeverIndexedHeaderTuple(b"apns-id", apns_id)
+        if not isinstance(verdict, str):
+            state.record(*verdict)
+            return 200, [id_header], b"", delay
+        state.reject(verdict)
+        status = REASON_STATUS.get(verdict, 400)
+        if status == 410:
+            error = orjson.dumps({"reason": verdict, "timestamp": int(time.time() * 1000)})
         else:
-            self._answer(stream_id, apns_id, reason)
-        if stream_id > self.highest_answered:
-            self.highest_answered = stream_id
-        if self.goaway_after is not None:
-            self.goaway_after -= 1
-            if self.goaway_after <= 0:
-                self._send_goaway(stream_id)
+            error = _BODIES.get(verdict) or orjson.dumps({"reason": verdict})
+        return status, [id_header, (b"content-type", b"application/json")], error, delay
 
     def _check(self, h: dict[bytes, bytes], body: bytes | None, apns_id: bytes) -> str | _Record:
         """Why the request is refused (a reason), or what to record of it."""
@@ -405,106 +278,3 @@ class ApnsConnection(asyncio.Protocol):
         did_b = did.encode() if isinstance(did, str) else b""
         dedupe = (token, nid_b, did_b) if nid_b else (token, apns_id)
         return (token, apns_id, nid_b, did_b, collapse_id, len(body), dedupe)
-
-    # answers
-
-    def _answer(self, stream_id: int, apns_id: bytes, reason: str | None) -> None:
-        if reason is None:
-            with contextlib.suppress(H2Error):  # the client reset the stream meanwhile
-                self.conn.send_headers(
-                    stream_id,
-                    [(b":status", b"200"), NeverIndexedHeaderTuple(b"apns-id", apns_id)],
-                    end_stream=True,
-                )
-            return
-        status = REASON_STATUS.get(reason, 400)
-        if status == 410:
-            body = orjson.dumps({"reason": reason, "timestamp": int(time.time() * 1000)})
-        else:
-            body = _BODIES.get(reason) or orjson.dumps({"reason": reason})
-        headers = [
-            (b":status", _STATUS.get(status) or str(status).encode()),
-            NeverIndexedHeaderTuple(b"apns-id", apns_id),  # unique: keep it out of the table
-            (b"content-type", b"application/json"),
-        ]
-        if self.blocked or self.conn.local_flow_control_window(stream_id) < len(body):
-            # The client has not handed back enough receive window: wait for WINDOW_UPDATE.
-            self.blocked.append((stream_id, headers, body))
-            return
-        self._send_error(stream_id, headers, body)
-
-    def _send_error(self, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        try:
-            self.conn.send_headers(stream_id, headers)
-            self.conn.send_data(stream_id, body, end_stream=True)  # one frame, END_STREAM
-        except H2Error:
-            pass  # the client reset the stream meanwhile
-
-    def _unblock(self) -> None:
-        blocked = self.blocked
-        while blocked:
-            stream_id, headers, body = blocked[0]
-            try:
-                window = self.conn.local_flow_control_window(stream_id)
-            except H2Error:
-                blocked.popleft()  # stream gone
-                continue
-            if window < len(body):
-                return
-            blocked.popleft()
-            self._send_error(stream_id, headers, body)
-        self._maybe_close_after_goaway()
-
-    def _answer_later(self, stream_id: int, apns_id: bytes, reason: str | None) -> None:
-        self.delayed -= 1
-        if self.transport is None or self.closing:
-            return
-        self._answer(stream_id, apns_id, reason)
-        self._flush()
-        self._maybe_close_after_goaway()
-
-    def _flush(self) -> None:
-        if self.transport is not None and not self.closing:
-            data = self.conn.data_to_send()
-            if data:
-                self.transport.write(data)
-
-    # GOAWAY
-
-    def arm_goaway(self, after_requests: int) -> None:
-        """Send GOAWAY after this many more answered requests (0 or less: now)."""
-        if self.last_stream_id is not None or self.transport is None or self.closing:
-            return
-        if after_requests <= 0:
-            self._send_goaway(self.highest_answered)
-            self._flush()
-        else:
-            self.goaway_after = after_requests
-
-    def _send_goaway(self, last_stream_id: int) -> None:
-        # Written beside h2, not through it: h2 refuses to send anything once it has sent
-        # GOAWAY, and answers still owed (added latency, blocked bodies) must go out after it.
-        if self.transport is None or self.closing:
-            return
-        self.goaway_after = None
-        self.last_stream_id = last_stream_id
-        self.server.goaways_sent += 1
-        frame = GoAwayFrame(0, last_stream_id=last_stream_id, additional_data=_SHUTDOWN)
-        self.transport.write(self.conn.data_to_send() + frame.serialize())
-        loop = asyncio.get_running_loop()
-        loop.call_later(GOAWAY_HARD_CLOSE_S, self._close)  # even if answers are still owed
-        self._maybe_close_after_goaway()
-
-    def _maybe_close_after_goaway(self) -> None:
-        if self.last_stream_id is None or self.delayed or self.blocked or self.close_timer:
-            return
-        # Not at once: the client may still be sending, and closing a socket with unread input
-        # resets the connection, which can destroy our answers and the GOAWAY before the client
-        # reads them. The client closes on GOAWAY; this is for one that does not.
-        self.close_timer = asyncio.get_running_loop().call_later(GOAWAY_GRACE_S, self._close)
-
-    def _close(self) -> None:
-        if self.transport is not None and not self.closing:
-            self._flush()
-            self.closing = True
-            self.transport.close()  # writes what is buffered first

@@ -76,17 +76,21 @@ def firebase_app(
     *,
     retries: bool = False,
     fixed_token: bool = False,
+    http2: bool = False,
     timeout_s: float = 30.0,
 ) -> Any:
     """A firebase_admin App whose messaging goes to the local FCM.
 
     Credentials are the generated service account (its token_uri is the local /token), or with
     `fixed_token` the server's fixed bearer. `retries=False` turns off the async client's own
-    retries of 500/503 (4 retries with backoff: seconds per failed send).
+    retries of 500/503 (4 retries with backoff: seconds per failed send). `http2=True` sends to
+    the TLS listener, where httpx speaks HTTP/2 as it does to the real FCM; otherwise plain
+    HTTP/1.1.
     """
     import firebase_admin
+    import httpx
     from firebase_admin import _http_client, credentials, messaging
-    from firebase_admin._retry import HttpxRetry
+    from firebase_admin._retry import HttpxRetry, HttpxRetryTransport
 
     f = info["fcm"]
     cred: Any
@@ -103,12 +107,27 @@ def firebase_app(
         cred, {"projectId": f["project_id"], "httpTimeout": timeout_s}, name=name
     )
     service = messaging._get_messaging_service(app)
+    base = f["https_url"] if http2 else f["url"]
     # No endpoint setting exists: the service keeps the URL it formatted from FCM_URL.
-    service._fcm_url = f"{f['url']}/v1/projects/{f['project_id']}/messages:send"
-    if not retries:
+    service._fcm_url = f"{base}/v1/projects/{f['project_id']}/messages:send"
+    retry = HttpxRetry(max_retries=0) if not retries else _http_client.DEFAULT_HTTPX_RETRY_CONFIG
+    if not retries or http2:
         service._async_client = _http_client.HttpxAsyncClient(
-            credential=service._credential,
+            credential=service._credential, timeout=timeout_s, retry_config=retry
+        )
+    if http2:
+        # HttpxAsyncClient has no CA setting: give it an httpx client that trusts the local CA,
+        # built as HttpxAsyncClient builds its own.
+        wrapper = service._async_client
+        wrapper._async_client = httpx.AsyncClient(
+            http2=True,
             timeout=timeout_s,
-            retry_config=HttpxRetry(max_retries=0),
+            headers=wrapper._headers,
+            auth=_http_client.GoogleAuthCredentialFlow(service._credential),
+            mounts={
+                "https://": HttpxRetryTransport(
+                    retry=retry, verify=ssl.create_default_context(cafile=f["ca_file"])
+                )
+            },
         )
     return app

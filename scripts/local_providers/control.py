@@ -8,7 +8,8 @@ Endpoints (all JSON):
   GET  /faults                                   the faults in effect, per provider
   POST /faults  {"provider": P, "token_errors": {token: reason}, "rate_limit": {"per_second": n
                  or null, "retry_after_s": s}, "outage": {"seconds": s, "status": 503|500},
-                 "latency_ms": ms, "goaway": {"after_requests": k}}    (any subset of the keys)
+                 "latency_ms": ms, "goaway": {"after_requests": k}}    (any subset of the keys;
+                 goaway reaches HTTP/2 connections: APNs, FCM over TLS)
   POST /reset   {"provider": P} or {} for both   records, counters and faults
 
 `ProviderControl` wraps them with the standard library only, so any test or script can use it.
@@ -40,7 +41,7 @@ class ControlError(RuntimeError):
 
 
 class ProviderStats(TypedDict, total=False):
-    """One provider's /stats entry; `goaways_sent` is APNs only, `tokens_issued` FCM only."""
+    """One provider's /stats entry; `tokens_issued` and `validated` are FCM only."""
 
     requests: int
     accepted: int
@@ -186,10 +187,10 @@ class ControlApi:
         if "latency_ms" in doc:
             faults.latency_s = max(0.0, float(doc["latency_ms"] or 0) / 1000)
         if "goaway" in doc:
-            if provider != "apns":
-                raise ValueError("goaway is an HTTP/2 (APNs) fault")
+            # HTTP/2 connections only: all of APNs, FCM's over TLS.
             after = int((doc["goaway"] or {}).get("after_requests", 0))
-            result["goaway_connections"] = self.apns.goaway(after)
+            server = self.apns if provider == "apns" else self.fcm
+            result["goaway_connections"] = server.goaway(after)
         return _json(200, {"faults": faults.describe(), **result})
 
     def _reasons(self, provider: str) -> set[str]:
@@ -282,9 +283,10 @@ class ProviderControl:
         self._call("POST", "/faults", {"provider": provider, "outage": outage})
 
     def goaway(self, provider: str = "apns", after_requests: int = 0) -> int:
-        """Make every open APNs connection send GOAWAY after `after_requests` more answers.
+        """Make every open HTTP/2 connection send GOAWAY after `after_requests` more answers.
 
-        0 means now. New connections are not affected. Returns how many were armed.
+        0 means now. New connections are not affected, nor FCM's HTTP/1.1 ones. Returns how many
+        were armed.
         """
         doc = self._call(
             "POST", "/faults", {"provider": provider, "goaway": {"after_requests": after_requests}}

@@ -4,16 +4,21 @@ Errors have FCM's exact shape (`error.code/message/status/details[FcmError.error
 what firebase-admin maps to its exception classes. `POST /token` completes google-auth's
 service-account flow (an RS256 JWT assertion for an access token); the tokens it issues, and one
 fixed token set at start, are the bearers the send endpoint accepts.
+
+Two listeners serve the same handler: plain HTTP/1.1, and TLS where ALPN picks HTTP/2 (what
+firebase-admin's httpx client speaks to the real FCM) or HTTP/1.1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
+import ssl
 import time
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import jwt
 import orjson
@@ -21,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from scripts.local_providers.credentials import GOOGLE_TOKEN_URI, LocalCredentials
+from scripts.local_providers.h2server import Answer, H2ServerConnection, goaway_all
 from scripts.local_providers.http11 import Http11Protocol, Request, Response
 from scripts.local_providers.state import ProviderState
 
@@ -53,8 +59,10 @@ _UNAUTHENTICATED = (
     "or other valid authentication credential. See "
     "https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
-# Real registration tokens are long base64url strings, often "<instance id>:APA91b<...>".
+# Real registration tokens are long base64url strings, often "<instance id>:APA91b<...>";
+# a Firebase installation id (message.fid may carry one) is 22 base64url characters.
 _STRICT_TOKEN = re.compile(r"[A-Za-z0-9_\-:]{100,4096}")
+_FID = re.compile(r"[A-Za-z0-9_\-]{22}")
 _LOOSE_TOKEN = re.compile(r"[^\s/]{1,4096}")
 _TARGETS = ("token", "fid", "topic", "condition")
 
@@ -109,21 +117,35 @@ class FcmServer:
         self.token_uri = GOOGLE_TOKEN_URI  # set to the local /token once the port is known
         self.fixed_token = fixed_token.encode() if fixed_token else None
         self.access_tokens: dict[bytes, float] = {}  # token -> expiry (time.time())
-        self.connections: set[Http11Protocol] = set()
+        self.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.ssl_context.load_cert_chain(creds.server_cert_file, creds.server_key_file)
+        self.ssl_context.set_alpn_protocols(["h2", "http/1.1"])
+        self.connections: set[Any] = set()  # Http11Protocol and FcmH2Connection
         self.connections_total = 0
+        self.goaways_sent = 0
         self.tokens_issued = 0
         self.validated = 0
         self._seq = 0
         self._name_prefix = b"projects/%s/messages/" % self.project.encode()
 
     def protocol(self) -> Http11Protocol:
-        """Protocol factory for loop.create_server."""
+        """Protocol factory for the plain HTTP/1.1 listener."""
         self.connections_total += 1
         return Http11Protocol(self.handle, self.connections)
+
+    def protocol_tls(self) -> AlpnSwitch:
+        """Protocol factory for the TLS listener (HTTP/2 or HTTP/1.1, as ALPN says)."""
+        return AlpnSwitch(self)
+
+    def goaway(self, after_requests: int) -> int:
+        """Arm the open HTTP/2 connections to send GOAWAY (see ApnsServer.goaway)."""
+        return goaway_all(self.connections, after_requests)
 
     def reset_counters(self) -> None:
         """Zero the counters /stats shows (issued tokens stay valid)."""
         self.connections_total = 0
+        self.goaways_sent = 0
         self.tokens_issued = 0
         self.validated = 0
 
@@ -132,6 +154,7 @@ class FcmServer:
         return {
             "connections": len(self.connections),
             "connections_total": self.connections_total,
+            "goaways_sent": self.goaways_sent,
             "tokens_issued": self.tokens_issued,
             "validated": self.validated,
         }
@@ -245,7 +268,8 @@ class FcmServer:
             return _bad_request("Request contains an invalid argument.", f"message.{targets[0]}")
         if targets[0] in ("token", "fid"):
             pattern = _STRICT_TOKEN if self.strict_tokens else _LOOSE_TOKEN
-            if not pattern.fullmatch(target):
+            fid = targets[0] == "fid" and _FID.fullmatch(target)
+            if not (pattern.fullmatch(target) or fid):
                 return _bad_request(
                     "The registration token is not a valid FCM registration token",
                     f"message.{targets[0]}",
@@ -290,6 +314,40 @@ class FcmServer:
         self.tokens_issued += 1
         body = {"access_token": token, "expires_in": TOKEN_TTL_S, "token_type": "Bearer"}
         return Response(200, orjson.dumps(body))
+
+
+class FcmH2Connection(H2ServerConnection):
+    """FCM over HTTP/2: the same handler as HTTP/1.1, fed from h2 streams."""
+
+    def __init__(self, server: FcmServer) -> None:
+        super().__init__(server)
+        self.server = server
+
+    def answer_request(self, stream_id: int, headers: dict[bytes, bytes], body: bytes) -> Answer:
+        """Answer through FcmServer.handle."""
+        path, _, query = headers.get(b":path", b"").decode("latin-1").partition("?")
+        method = headers.get(b":method", b"")
+        response = self.server.handle(Request(method, unquote(path), query, headers, body))
+        extra = [(b"content-type", response.content_type), *response.headers]
+        return response.status, extra, response.body, response.delay_s
+
+
+class AlpnSwitch(asyncio.Protocol):
+    """Hands a TLS connection to the HTTP/2 or the HTTP/1.1 protocol, as ALPN chose."""
+
+    def __init__(self, server: FcmServer) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The handshake is done: pick the protocol and step aside."""
+        assert isinstance(transport, asyncio.Transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        inner: asyncio.Protocol = (
+            FcmH2Connection(self.server) if alpn == "h2" else self.server.protocol()
+        )
+        transport.set_protocol(inner)
+        inner.connection_made(transport)
 
 
 def _oauth_error(error: str, description: str) -> Response:

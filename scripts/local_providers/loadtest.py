@@ -1,7 +1,7 @@
 """Throughput of the real clients against the local providers running in a separate process.
 
     python -m scripts.local_providers.loadtest --provider apns -n 20000 -c 1000
-    python -m scripts.local_providers.loadtest --provider fcm -n 20000 -c 1000
+    python -m scripts.local_providers.loadtest --provider fcm -n 5000 -c 100 [--fcm-http2]
 
 One client process (this one) sends `n` messages with `c` in flight; the servers run in a child
 process, as in a benchmark. Prints requests/s and CPU seconds per 1,000 requests on each side.
@@ -77,21 +77,22 @@ async def run_apns(info: ProvidersInfo, n: int, concurrency: int, max_connection
     return ok
 
 
-async def run_fcm(info: ProvidersInfo, n: int, concurrency: int) -> int:
-    """Send n messages through send_each_async, 500 per call, `concurrency` in flight."""
+async def run_fcm(info: ProvidersInfo, n: int, concurrency: int, http2: bool = False) -> int:
+    """Send n messages through send_each_async, `concurrency` in flight (at most 500 a call)."""
     import firebase_admin
     from firebase_admin import messaging
 
-    app = firebase_app(info, f"loadtest-{uuid.uuid4().hex[:8]}")
+    app = firebase_app(info, f"loadtest-{uuid.uuid4().hex[:8]}", http2=http2)
     rng = random.Random(1)
     tokens = [fcm_token(rng) for _ in range(min(n, 10_000))]
     next_i, ok = 0, 0
+    batch = min(500, concurrency)
 
     async def worker() -> None:
         nonlocal next_i, ok
         while next_i < n:
             start = next_i
-            next_i = min(n, next_i + 500)
+            next_i = min(n, next_i + batch)
             messages = [
                 messaging.Message(
                     fid=tokens[i % len(tokens)],
@@ -101,11 +102,11 @@ async def run_fcm(info: ProvidersInfo, n: int, concurrency: int) -> int:
                 )
                 for i in range(start, next_i)
             ]
-            batch: Any = await messaging.send_each_async(messages, app=app)
-            ok += batch.success_count
+            sent: Any = await messaging.send_each_async(messages, app=app)
+            ok += sent.success_count
 
     try:
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency // 500))))
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency // batch))))
     finally:
         # delete_app closes the client with asyncio.run(), which fails inside a running loop:
         # close it here, on its own loop, and let delete_app find it closed.
@@ -123,14 +124,15 @@ def measure(provider: str, providers: ProvidersProcess, args: argparse.Namespace
     if provider == "apns":
         ok = asyncio.run(run_apns(providers.info, args.n, args.c, args.max_connections))
     else:
-        ok = asyncio.run(run_fcm(providers.info, args.n, args.c))
+        ok = asyncio.run(run_fcm(providers.info, args.n, args.c, args.fcm_http2))
     elapsed = time.perf_counter() - started
     server_cpu = _cpu_s(providers.proc.pid) - server_cpu0
     client_cpu = time.process_time() - client_cpu0
     stats = control.stats()[provider]
     per_k = 1000 / args.n
+    label = f"{provider} (HTTP/{'2' if provider == 'apns' or args.fcm_http2 else '1.1'})"
     print(
-        f"{provider}: {args.n} sends, {args.c} in flight: {elapsed:.2f}s = "
+        f"{label}: {args.n} sends, {args.c} in flight: {elapsed:.2f}s = "
         f"{args.n / elapsed:,.0f}/s; ok {ok}, server accepted {stats['accepted']}, "
         f"connections {stats['connections_total']}; CPU s per 1k: client "
         f"{client_cpu * per_k:.3f}, server {server_cpu * per_k:.3f}"
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=20_000, help="sends per provider")
     parser.add_argument("-c", type=int, default=1000, help="sends in flight")
     parser.add_argument("--max-connections", type=int, default=10, help="aioapns pool size")
+    parser.add_argument("--fcm-http2", action="store_true", help="FCM over TLS and HTTP/2")
     parser.add_argument("--dir", type=Path, default=None, help="providers' dir (default: temp)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fanfare-providers-") as tmp:

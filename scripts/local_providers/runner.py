@@ -7,8 +7,8 @@ Either way the servers write `<home>/providers.json` once they listen:
 
     {"apns": {"host", "port", "url", "ca_file", "key_file", "key_id", "team_id", "topic",
               "strict_tokens"},
-     "fcm": {"url", "project_id", "credentials_file", "token_uri", "access_token",
-             "strict_tokens"},
+     "fcm": {"url", "https_url", "ca_file", "project_id", "credentials_file", "token_uri",
+             "access_token", "strict_tokens"},
      "control_url", "pid"}
 """
 
@@ -56,9 +56,15 @@ class ApnsInfo(TypedDict):
 
 
 class FcmInfo(TypedDict):
-    """providers.json "fcm"; `access_token` is a fixed bearer the server accepts as well."""
+    """providers.json "fcm".
+
+    `url` is plain HTTP/1.1; `https_url` the same server over TLS (`ca_file`), where ALPN offers
+    HTTP/2 as the real FCM does. `access_token` is a fixed bearer the server accepts as well.
+    """
 
     url: str
+    https_url: str
+    ca_file: str
     project_id: str
     credentials_file: str
     token_uri: str
@@ -118,6 +124,7 @@ async def serve(
     apns_port: int = 0,
     fcm_port: int = 0,
     control_port: int = 0,
+    fcm_tls_port: int = 0,
     strict_tokens: bool = True,
     fcm_access_token: str | None = None,
 ) -> Running:
@@ -135,8 +142,12 @@ async def serve(
         ),
         await loop.create_server(fcm.protocol, HOST, fcm_port, backlog=1024),
         await loop.create_server(ControlApi(apns, fcm).protocol, HOST, control_port),
+        await loop.create_server(
+            fcm.protocol_tls, HOST, fcm_tls_port, ssl=fcm.ssl_context, backlog=1024
+        ),
     ]
-    apns_port, fcm_port, control_port = (s.sockets[0].getsockname()[1] for s in servers)
+    ports = [s.sockets[0].getsockname()[1] for s in servers]
+    apns_port, fcm_port, control_port, fcm_tls_port = ports
     fcm_url = f"http://{HOST}:{fcm_port}"
     # The token endpoint's address is known only now: write it into the service account.
     creds = make_local_credentials(home, fcm_token_uri=f"{fcm_url}/token")
@@ -155,6 +166,8 @@ async def serve(
         },
         "fcm": {
             "url": fcm_url,
+            "https_url": f"https://localhost:{fcm_tls_port}",
+            "ca_file": str(creds.ca_file),
             "project_id": creds.fcm_project_id,
             "credentials_file": str(creds.fcm_service_account_file),
             "token_uri": f"{fcm_url}/token",
@@ -241,6 +254,7 @@ def start_local_providers(
     apns_port: int = 0,
     fcm_port: int = 0,
     control_port: int = 0,
+    fcm_tls_port: int = 0,
     strict_tokens: bool = True,
     fcm_access_token: str | None = None,
 ) -> LocalProviders:
@@ -260,6 +274,7 @@ def start_local_providers(
                     apns_port=apns_port,
                     fcm_port=fcm_port,
                     control_port=control_port,
+                    fcm_tls_port=fcm_tls_port,
                     strict_tokens=strict_tokens,
                     fcm_access_token=fcm_access_token,
                 )
@@ -309,6 +324,7 @@ def spawn_local_providers(
     apns_port: int = 0,
     fcm_port: int = 0,
     control_port: int = 0,
+    fcm_tls_port: int = 0,
     strict_tokens: bool = True,
     timeout_s: float = 30.0,
 ) -> ProvidersProcess:
@@ -323,7 +339,7 @@ def spawn_local_providers(
         info_path.unlink()  # a stale file from an earlier run must not be mistaken for ours
     args = [sys.executable, "-m", "scripts.local_providers", "--dir", str(home)]
     args += ["--apns-port", str(apns_port), "--fcm-port", str(fcm_port)]
-    args += ["--control-port", str(control_port)]
+    args += ["--control-port", str(control_port), "--fcm-tls-port", str(fcm_tls_port)]
     if not strict_tokens:
         args.append("--loose-tokens")
     with log_path.open("ab") as log:

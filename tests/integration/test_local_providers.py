@@ -548,9 +548,10 @@ def test_fcm_success_through_the_service_account_token_flow(
         messaging.Message(
             token=FCM_TOKENS[1], notification=messaging.Notification(title="t", body="b")
         ),
+        messaging.Message(fid="cR1zXh3pQwe5TyuIo9Plkj"),  # an installation id's shape
     ]
-    first, second = fcm.send(messages)
-    assert first.success and second.success
+    first, second, third = fcm.send(messages)
+    assert first.success and second.success and third.success
     records = {r.token: r for r in control.accepted("fcm")}
     assert records[FCM_TOKENS[0]].message_id == first.message_id
     assert first.message_id.startswith("projects/fanfare-local/messages/")
@@ -561,7 +562,7 @@ def test_fcm_success_through_the_service_account_token_flow(
     ) == ("post-1:user-1", "dev-1", "post-1")
     assert records[FCM_TOKENS[1]].notification_id is None
     stats = control.stats()["fcm"]
-    assert (stats["accepted"], stats["tokens_issued"]) == (2, 1)
+    assert (stats["accepted"], stats["tokens_issued"]) == (3, 1)
 
 
 def test_fcm_errors_map_to_the_firebase_admin_exception_classes(
@@ -680,6 +681,74 @@ def test_fcm_latency_and_dry_run(fcm: FcmSession, control: ProviderControl) -> N
     assert {r.message_id for r in responses} == {"projects/fanfare-local/messages/fake_message_id"}
     stats = control.stats()["fcm"]
     assert (stats["accepted"], stats["validated"]) == (0, len(FCM_TOKENS))
+
+
+def test_fcm_over_tls_speaks_http2_as_to_the_real_fcm(
+    providers: LocalProviders, control: ProviderControl
+) -> None:
+    control.set_token_errors("fcm", {FCM_TOKENS[1]: "UNREGISTERED"})
+    session = FcmSession(providers.info, http2=True)
+    try:
+        ok, gone = session.send(
+            [
+                messaging.Message(fid=FCM_TOKENS[0], data={"notification_id": "n1"}),
+                messaging.Message(fid=FCM_TOKENS[1]),
+            ]
+        )
+    finally:
+        session.close()
+    assert ok.success and ok.message_id.startswith("projects/fanfare-local/messages/")
+    assert isinstance(gone.exception, messaging.UnregisteredError)
+    assert gone.exception.http_response.http_version == "HTTP/2"
+    assert [r.notification_id for r in control.accepted("fcm")] == ["n1"]
+
+    async def http11() -> httpx.Response:
+        context = ssl.create_default_context(cafile=providers.info["fcm"]["ca_file"])
+        async with httpx.AsyncClient(verify=context) as http:  # ALPN offers http/1.1 only
+            return await http.post(
+                providers.info["fcm"]["https_url"] + "/v1/projects/fanfare-local/messages:send",
+                headers={"authorization": f"Bearer {providers.info['fcm']['access_token']}"},
+                json={"message": {"token": FCM_TOKENS[2]}},
+            )
+
+    r = run(http11())
+    assert (r.status_code, r.http_version) == (200, "HTTP/1.1")
+
+
+def test_fcm_goaway_fails_sends_in_flight_though_fcm_delivered_them(
+    providers: LocalProviders, control: ProviderControl
+) -> None:
+    session = FcmSession(providers.info, http2=True)
+
+    async def goaway_soon() -> int:
+        await asyncio.sleep(0.15)  # the sends below are in and recorded, their answers held back
+        return await asyncio.to_thread(control.goaway, "fcm", 0)
+
+    async def main() -> tuple[list[messaging.SendResponse], int]:
+        messages = [
+            messaging.Message(fid=t, data={"notification_id": f"n{i}"})
+            for i, t in enumerate(FCM_TOKENS)
+        ]
+        sent, armed = await asyncio.gather(
+            messaging.send_each_async(messages, app=session.app), goaway_soon()
+        )
+        return list(sent.responses), armed
+
+    try:
+        assert session.send([messaging.Message(fid=FCM_TOKENS[0])])[0].success  # connection up
+        control.set_latency("fcm", 400)
+        responses, armed = session.runner.run(main())
+        control.set_latency("fcm", 0)
+        [after] = session.send([messaging.Message(fid=FCM_TOKENS[0])])  # on a new connection
+    finally:
+        session.close()
+    assert armed >= 1 and after.success
+    # The GOAWAY promised answers for all of them, but httpx fails every stream open when it
+    # arrives: firebase-admin reports UnknownError for sends FCM did accept.
+    assert all(isinstance(r.exception, fb_exceptions.UnknownError) for r in responses)
+    assert all("ConnectionTerminated" in str(r.exception) for r in responses)
+    stats = control.stats()["fcm"]
+    assert (stats["goaways_sent"], stats["accepted"]) == (1, 2 + len(FCM_TOKENS))
 
 
 # control API and process mode
