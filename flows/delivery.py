@@ -190,7 +190,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     events = DeliveryEventsSink(kafka, marks=marks)
     return build_delivery_flow(
         channel_source=ChannelLanesSource(
-            kafka, pacer, bulk_batches_per_poll=settings.bulk_batches_per_poll
+            kafka, pacer, bulk_items_per_poll=settings.bulk_items_per_poll
         ),
         retry_source=RetryTopicSource(kafka, retry_due_at, PUSH_RETRY),
         send=SendStep(lambda: build_engine(settings, pacer)),

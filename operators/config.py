@@ -141,8 +141,8 @@ class Settings:
     """FANFARE_SEND_TIMEOUT_MS: a send without an answer by then is retried."""
     edge_claim_ttl_s: int = 604_800
     """FANFARE_EDGE_CLAIM_TTL_S: how long a (notification, device) claim stays in Redis."""
-    bulk_batches_per_poll: int = 2
-    """FANFARE_BULK_BATCHES_PER_POLL: bulk dispatch batches a delivery worker reads at a time."""
+    bulk_items_per_poll: int = 200
+    """FANFARE_BULK_ITEMS_PER_POLL: bulk pushes a delivery worker takes per poll (all lanes)."""
     push_title: str = "{author_id} posted"
     """FANFARE_PUSH_TITLE: notification title; fields {author_id} and {post_id}."""
     push_body: str = "Tap to read the new post"
@@ -244,7 +244,7 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "breaker_cooldown_s": (1, 3_600),
     "send_timeout_ms": (100, 600_000),
     "edge_claim_ttl_s": (1, None),
-    "bulk_batches_per_poll": (1, 1_000),
+    "bulk_items_per_poll": (1, 100_000),
 }
 
 

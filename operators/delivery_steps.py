@@ -27,8 +27,12 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
         batch = decode_dispatch_batch(event.value, lane)
         created_ts = parse_timestamp(batch.created_at).timestamp()
     except InvalidEvent as exc:
-        return [dead_letter(event, exc)]
+        # A batch handed out in slices is dead-lettered once, with its first slice.
+        return [dead_letter(event, exc)] if event.window is None or event.window[0] == 0 else []
     source = event.source
+    items = batch.items
+    if event.window is not None:
+        items = items[event.window[0] : event.window[1]]
     return [
         SendRequest(
             provider=batch.provider,
@@ -40,7 +44,7 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
             item=item,
             source=source,
         )
-        for item in batch.items
+        for item in items
     ]
 
 

@@ -194,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="FANFARE_APNS/FCM_RATE_PER_MIN for the flow (high: the limiter must not bind)",
     )
     p.add_argument(
-        "--bulk-batches-per-poll",
-        type=_int_in(1, 1_000),
+        "--bulk-items-per-poll",
+        type=_int_in(1, 100_000),
         default=None,
-        help="FANFARE_BULK_BATCHES_PER_POLL for the flow (default: the flow's default)",
+        help="FANFARE_BULK_ITEMS_PER_POLL for the flow (default: the flow's default)",
     )
     p.add_argument(
         "--flow-env",
@@ -1124,8 +1124,8 @@ def bench_env(args: argparse.Namespace, home: Path, redis_prefix: str) -> dict[s
             "PYTHONUNBUFFERED": "1",
         }
     )
-    if args.bulk_batches_per_poll is not None:
-        env["FANFARE_BULK_BATCHES_PER_POLL"] = str(args.bulk_batches_per_poll)
+    if args.bulk_items_per_poll is not None:
+        env["FANFARE_BULK_ITEMS_PER_POLL"] = str(args.bulk_items_per_poll)
     for pair in args.flow_env:
         k, _, v = pair.partition("=")
         env[k] = v
@@ -1153,7 +1153,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         "drain_items": args.drain_items,
         "partitions": args.partitions,
         "rate_per_min": args.rate_per_min,
-        "bulk_batches_per_poll": flow_settings.bulk_batches_per_poll,
+        "bulk_items_per_poll": flow_settings.bulk_items_per_poll,
         "send_timeout_ms": flow_settings.send_timeout_ms,
         "snapshot_interval_s": flow_settings.snapshot_interval_s,
         "flow_env": args.flow_env,
@@ -1273,8 +1273,8 @@ def print_report(r: dict[str, Any]) -> None:
         f"{c['rate_per_min']:,}/min ({c['rate_per_min'] / 60:,.0f}/s): set so it does not bind"
     )
     print(
-        f"topics: {c['partitions']} partitions; bulk batches per poll "
-        f"{c['bulk_batches_per_poll']}; 500-item bulk batches"
+        f"topics: {c['partitions']} partitions; bulk items per poll "
+        f"{c.get('bulk_items_per_poll')}; 500-item bulk batches"
     )
     phases = r.get("phases", {})
     for p in ("apns", "fcm"):

@@ -47,6 +47,8 @@ class RawEvent:
     key: bytes | None
     value: bytes | None
     read_at: float
+    window: tuple[int, int] | None = None
+    """For a dispatch batch sent in slices: the items [start, stop) this event carries."""
 
     @property
     def source(self) -> str:

@@ -248,14 +248,14 @@ def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(
     n = 12_000
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(n)]
     publish(stack, "apns", "p-kill", items, lane="bulk")
-    flow = stack.start_flow(("FANFARE_BULK_BATCHES_PER_POLL", "4"), flow="delivery")
+    flow = stack.start_flow(("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
     wait_for(
         lambda: ctl.stats()["apns"]["accepted"] > 3_000, 90, "sends under way", stack, every_s=0.2
     )
     stack.kill_flow(flow)
     before = ctl.stats()["apns"]["accepted"]
     assert before < n, "the flow finished before it was killed; the test proves nothing"
-    stack.start_flow(("FANFARE_BULK_BATCHES_PER_POLL", "4"), flow="delivery")
+    stack.start_flow(("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
     outcomes = wait_terminal(stack, n, 180)
     assert all(v == ["accepted"] for v in outcomes.values()), Counter(
         tuple(v) for v in outcomes.values()
