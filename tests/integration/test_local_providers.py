@@ -793,3 +793,44 @@ def test_subprocess_mode_writes_providers_json_and_stops_on_sigterm(tmp_path: Pa
         assert not (tmp_path / "providers.json").exists()
     finally:
         proc.stop()
+
+
+def test_the_delivery_fcm_sender_speaks_http2_to_the_local_server_and_closes_in_its_loop(
+    providers: LocalProviders, control: ProviderControl, tmp_path: Path
+) -> None:
+    from operators.adapters.push_senders import FcmSender, fcm_config
+    from operators.adapters.rate_limiter import BucketSpec
+    from operators.config import load_settings
+    from operators.delivery_model import RetryPolicy
+    from operators.payloads import PushTemplate
+    from tests.delivery_fakes import request
+
+    home = tmp_path / "home"
+    (home / "providers").mkdir(parents=True)
+    (home / "providers" / "providers.json").write_text(json.dumps(providers.info))
+    config = fcm_config(load_settings({"FANFARE_HOME": str(home)}))
+    assert config is not None
+    assert config.url == providers.info["fcm"]["https_url"] and config.ca_file is not None
+    control.set_token_errors("fcm", {FCM_TOKENS[1]: "UNREGISTERED"})
+
+    async def scenario() -> list[Any]:
+        sender = FcmSender(
+            config,
+            PushTemplate("{author_id} posted", "read it", "fanfare://posts/{post_id}"),
+            BucketSpec("fcm:test", 60_000, 1.0, 0.0),
+            RetryPolicy(),
+            5.0,
+            f"test-{uuid.uuid4().hex}",
+        )
+        reqs = [
+            request(provider="fcm", token=FCM_TOKENS[i], user=f"u{i}", device=f"d{i}")
+            for i in range(2)
+        ]
+        answers = await sender.send(reqs, [sender.render(r) for r in reqs])
+        await sender.close()  # inside the running loop: must not raise
+        return answers
+
+    ok, gone = run(scenario())
+    assert (ok.status, ok.reason) == (200, None)
+    assert (gone.status, gone.reason) == (404, "UNREGISTERED")
+    assert [r.notification_id for r in control.accepted("fcm")] == ["p1:u0"]
