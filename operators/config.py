@@ -141,7 +141,7 @@ class Settings:
     """FANFARE_SEND_TIMEOUT_MS: a send without an answer by then is retried."""
     edge_claim_ttl_s: int = 604_800
     """FANFARE_EDGE_CLAIM_TTL_S: how long a (notification, device) claim stays in Redis."""
-    bulk_items_per_poll: int = 200
+    bulk_items_per_poll: int = 100
     """FANFARE_BULK_ITEMS_PER_POLL: bulk pushes a delivery worker takes per poll (all lanes)."""
     push_title: str = "{author_id} posted"
     """FANFARE_PUSH_TITLE: notification title; fields {author_id} and {post_id}."""

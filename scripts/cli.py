@@ -73,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_int, default=180, help="seconds to wait for the fan-out"
     )
     demo.set_defaults(func=_demo)
+
+    followers = sub.add_parser("followers", help="manage the follower store")
+    followers_sub = followers.add_subparsers(
+        dest="followers_command", required=True, metavar="ACTION"
+    )
+    load = followers_sub.add_parser(
+        "import", help="bulk-load a follower graph (CSV or JSONL, optionally .gz) into the store"
+    )
+    load.add_argument("file", metavar="FILE", help="the graph file, or - for stdin")
+    load.add_argument(
+        "--format", choices=["csv", "jsonl"], default=None, help="default: from the extension"
+    )
+    load.add_argument("--dry-run", action="store_true", help="validate and count; write nothing")
+    load.add_argument("--quiet", action="store_true", help="no progress output")
+    load.add_argument("--errors-file", metavar="PATH", help="write every bad row here")
+    load.add_argument(
+        "--chunk-rows", type=_positive_int, default=50_000, help="edges per store transaction"
+    )
+    followers.set_defaults(func=_followers)
     return parser
 
 
@@ -80,6 +99,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from scripts import demo
 
     return demo.command(args, settings)
+
+
+def _followers(args: argparse.Namespace, settings: Settings) -> int:
+    from scripts import followers_import
+
+    return followers_import.command(args, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -210,7 +210,7 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
         *,
         providers: Iterable[str] = PROVIDERS,
         normal_batch_size: int = 200,
-        bulk_items_per_poll: int = 200,
+        bulk_items_per_poll: int = 100,
     ) -> None:
         self._config = config
         self._pacer = pacer
