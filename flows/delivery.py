@@ -162,7 +162,9 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
         claims=RedisEdgeClaims(
             settings.redis_url, settings.redis_prefix, settings.edge_claim_ttl_s
         ),
-        store=open_notification_store(settings.resolved_notification_store_url),
+        store=open_notification_store(
+            settings.resolved_notification_store_url, settings.store_ttl_s
+        ),
         limiter=RedisRateLimiter(settings.redis_url, settings.redis_prefix),
         senders=loop.run(make_senders()),
         loop=loop,

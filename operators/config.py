@@ -19,6 +19,7 @@ PREFERENCE_CHANGES = "preference_changes"
 DEVICE_CHANGES = "device_changes"
 DELIVERY_EVENTS = "delivery_events"
 PUSH_RETRY = "push.retry"
+NOTIFICATION_ACKS = "notification_acks"
 DEAD_LETTERS = "dead_letters"
 PROVIDERS = ("apns", "fcm")
 LANES = ("normal", "bulk")
@@ -37,6 +38,7 @@ ALL_TOPICS = (
     *CHANNEL_TOPICS,
     PUSH_RETRY,
     DELIVERY_EVENTS,
+    NOTIFICATION_ACKS,
     DEAD_LETTERS,
 )
 
@@ -95,6 +97,8 @@ class Settings:
     notification_store_url: str = ""
     """FANFARE_NOTIFICATION_STORE_URL: notification store; default
     `sqlite:///$FANFARE_HOME/notifications.db`."""
+    store_ttl_s: int = 604_800
+    """FANFARE_STORE_TTL_S: how long notifications, device rows and attempts are kept."""
     apns_key_file: str = ""
     """FANFARE_APNS_KEY_FILE: APNs token-auth key (.p8). Empty: the local APNs server that
     `fanfare dev up` started, if any."""
@@ -244,6 +248,7 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "breaker_cooldown_s": (1, 3_600),
     "send_timeout_ms": (100, 600_000),
     "edge_claim_ttl_s": (1, None),
+    "store_ttl_s": (60, 10 * 365 * 86_400),
     "bulk_items_per_poll": (1, 100_000),
 }
 

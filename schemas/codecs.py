@@ -23,6 +23,7 @@ from schemas.records import (
     DispatchBatch,
     DispatchItem,
     FollowChange,
+    NotificationAck,
     PostCreated,
     PreferenceChange,
     RetryRecord,
@@ -36,6 +37,7 @@ SCHEMA_NAMES = (
     "dispatch_batch",
     "delivery_events",
     "push_retry",
+    "notification_acks",
     "dead_letters",
 )
 
@@ -154,6 +156,29 @@ def decode_device_change(raw: bytes | str | None) -> DeviceChange:
         token=d.get("token"),
         active=d["active"],
         ts=parse_timestamp(d["ts"]),
+    )
+
+
+def decode_notification_ack(raw: bytes | str | None) -> NotificationAck:
+    """A validated :class:`NotificationAck`."""
+    d = _parse(raw, "notification_acks")
+    return NotificationAck(
+        notification_id=d["notification_id"],
+        device_id=d["device_id"],
+        event=d["event"],
+        ts=parse_timestamp(d["ts"]),
+    )
+
+
+def encode_notification_ack(ack: NotificationAck) -> bytes:
+    """JSON for the notification_acks topic."""
+    return orjson.dumps(
+        {
+            "notification_id": ack.notification_id,
+            "device_id": ack.device_id,
+            "event": ack.event,
+            "ts": _rfc3339(ack.ts),
+        }
     )
 
 

@@ -9,6 +9,7 @@ from typing import Literal, TypedDict
 Visibility = Literal["public", "followers", "private"]
 Provider = Literal["apns", "fcm"]
 FollowOp = Literal["follow", "unfollow"]
+AckEvent = Literal["delivered", "opened"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,3 +141,13 @@ class RetryRecord:
     seq: int
     due_at: float
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationAck:
+    """A device reported a notification delivered to it or opened on it."""
+
+    notification_id: str
+    device_id: str
+    event: AckEvent
+    ts: datetime

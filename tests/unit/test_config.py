@@ -72,6 +72,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_BREAKER_COOLDOWN_S": ("2", 2),
     "FANFARE_SEND_TIMEOUT_MS": ("2000", 2_000),
     "FANFARE_EDGE_CLAIM_TTL_S": ("3600", 3_600),
+    "FANFARE_STORE_TTL_S": ("86400", 86_400),
     "FANFARE_BULK_ITEMS_PER_POLL": ("400", 400),
     "FANFARE_PUSH_TITLE": ("New from {author_id}", "New from {author_id}"),
     "FANFARE_PUSH_BODY": ("Post {post_id}", "Post {post_id}"),

@@ -1,62 +1,67 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
 from operators.adapters.notification_store import (
+    _MIGRATIONS,
     LedgerUpdate,
     SQLiteNotificationStore,
     aggregate_status,
+    migrate_sqlite,
     open_notification_store,
 )
 from operators.delivery_model import LedgerRow
 from tests.delivery_fakes import request
 
-
-def test_claim_creates_once_and_answers_the_holder(tmp_path: Path) -> None:
-    store = SQLiteNotificationStore(tmp_path / "n.db")
-    a, b = request("u1", source="push.apns/0@1"), request("u2", source="push.apns/0@1")
-    assert store.claim([a, b]) == [None, None]
-    again = store.claim([request("u1", source="push.apns/1@9")])
-    assert again == [LedgerRow("push.apns/0@1", "sending", 0, 0)]
-    # The same item twice in one call: the first copy owns it, the second is not the owner.
-    c = request("u3", source="push.apns/0@2")
-    first, second = store.claim([c, c])
-    assert first is None and second is not None and second.owner != c.source
+# The port's behaviour is the contract suite's (tests/contract); here, what is SQLite's own.
 
 
-def test_take_over_only_for_the_awaited_retry(tmp_path: Path) -> None:
-    store = SQLiteNotificationStore(tmp_path / "n.db")
-    r = request(source="push.apns/0@1")
-    store.claim([r])
-    store.record([LedgerUpdate(r.key, "retry_scheduled", 1, 1, 503, "503", 10.0, True)], 1.0)
-    stale = request(source="push.retry/0@1", seq=2)
-    due = request(source="push.retry/0@2", seq=1)
-    assert store.take_over([stale, due, due]) == [False, True, False]
-    assert store.rows([r.key]) == [LedgerRow("push.retry/0@2", "sending", 1, 1, 503, "503", 10.0)]
-
-
-def test_status_is_aggregated_from_devices(tmp_path: Path) -> None:
-    store = SQLiteNotificationStore(tmp_path / "n.db")
-    d1, d2 = request("u1", "d1"), request("u1", "d2")
-    store.claim([d1, d2])
-    assert store.notification_status("p1:u1") == "pending"
-    store.record(
-        [LedgerUpdate(d1.key, "invalid_token", 1, 0, 410, "Unregistered", None, True)], 2.0
+def test_a_delivery_issue_file_is_upgraded_in_place_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_MIGRATIONS[0])  # the schema files were written with, user_version 0
+    conn.execute(
+        "INSERT INTO notifications VALUES ('p1:u1', 'p1', 'u1', 'a1', '2026-11-01T00:00:00Z', 1)"
     )
-    assert store.notification_status("p1:u1") == "pending"
-    store.record([LedgerUpdate(d2.key, "dead_lettered", 8, 7, 503, "503", None, True)], 3.0)
-    assert store.notification_status("p1:u1") == "exhausted"
-    store.record([LedgerUpdate(d2.key, "accepted", 9, 7, 200, None, None, True)], 4.0)
-    assert store.notification_status("p1:u1") == "dispatched"
-    assert [(a.device_id, a.attempt, a.state) for a in store.attempts("p1:u1")] == [
-        ("d1", 1, "invalid_token"),
-        ("d2", 8, "dead_lettered"),
-        ("d2", 9, "accepted"),
+    conn.execute(
+        "INSERT INTO deliveries VALUES ('p1:u1', 'd1', 'apns', 'push.apns/0@1', 'accepted', 1, 0,"
+        " 200, NULL, NULL, 1)"
+    )
+    conn.commit()
+    conn.close()
+    store = SQLiteNotificationStore(path)
+    assert store.migrated == [1, 2]
+    assert store.claim([request("u1", "d1", source="push.apns/0@7")]) == [
+        LedgerRow("push.apns/0@1", "accepted", 1, 0, 200)
     ]
-    assert store.notification_status("nope") == "unknown"
+    assert store.notification_status("p1:u1") == "dispatched"
+    assert [n.notification_id for n in store.inbox("u1", None, 5).notifications] == ["p1:u1"]
+    assert SQLiteNotificationStore(path).migrated == []  # safe to open (migrate) twice
+    assert migrate_sqlite(sqlite3.connect(path, isolation_level=None)) == []
+
+
+def test_status_aggregation_order() -> None:
+    assert aggregate_status([]) == "unknown"
     assert aggregate_status(["sending", "accepted"]) == "dispatched"
-    assert store.state_counts() == {"accepted": 1, "invalid_token": 1}
+    assert aggregate_status(["accepted", "failed"], [None, "delivered"]) == "delivered"
+    assert aggregate_status(["accepted", "accepted"], ["delivered", "opened"]) == "opened"
+    assert aggregate_status(["expired", "failed"]) == "exhausted"
+    assert aggregate_status(["retry_scheduled", "failed"]) == "pending"
+
+
+def test_expired_rows_are_purged(tmp_path: Path) -> None:
+    now = [1_000.0]
+    store = SQLiteNotificationStore(tmp_path / "n.db", ttl_s=60, clock=lambda: now[0])
+    r = request()
+    store.claim([r])
+    store.record([LedgerUpdate(r.key, "accepted", 1, 0, 200, None, None, True)], now[0])
+    assert store.state_counts() == {"accepted": 1}
+    now[0] += 61
+    assert store.state_counts() == {}
+    assert store.purge_expired() == 3  # the device row, its attempt, the notification
+    assert store.purge_expired() == 0
 
 
 def _claim_in_process(path: str, source: str, n: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

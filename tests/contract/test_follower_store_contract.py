@@ -1,0 +1,106 @@
+"""The follower store contract: every adapter (and the in-memory fake) behaves the same."""
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from operators.adapters.follower_store import (
+    FollowerStore,
+    InMemoryFollowerStore,
+    SQLiteFollowerStore,
+    StoreMismatch,
+    open_follower_store,
+)
+from operators.eligibility import edge_flags
+from operators.sharding import shard_of
+from schemas.records import FollowChange
+from tests.contract.conftest import ADAPTERS, follower_store
+
+TS = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def change(
+    author: str, follower: str, op: str = "follow", notify: bool = True, muted: bool = False
+) -> FollowChange:
+    return FollowChange(author, follower, op, notify, muted, TS)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["fake", *ADAPTERS])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FollowerStore]:
+    """The in-memory fake of the unit tests, and each adapter (SQLite, Cassandra)."""
+    if request.param == "fake":
+        yield InMemoryFollowerStore(shard_count=4)
+        return
+    built = follower_store(request.param, request, tmp_path, 4)
+    yield built
+    built.close()
+
+
+def unique(prefix: str) -> str:
+    """Ids of their own: a Cassandra keyspace is shared by the tests of a run."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def all_followers(store: FollowerStore, author: str, page: int) -> list[tuple[str, int]]:
+    out = []
+    for shard in range(store.shard_count):
+        cursor = None
+        while True:
+            rows = store.follower_page(author, shard, cursor, page)
+            out += rows
+            if len(rows) < page:
+                break
+            cursor = rows[-1][0]
+    return out
+
+
+def test_changes_apply_in_order_and_counts_stay_exact(store: FollowerStore) -> None:
+    a, b, nobody = unique("a"), unique("b"), unique("nobody")
+    store.apply_follow_changes(
+        [
+            change(a, "u1"),
+            change(a, "u2"),
+            change(a, "u2", muted=True),  # a follow with new flags updates the edge
+            change(a, "u3"),
+            change(a, "u3", op="unfollow"),
+            change(a, "u4", op="unfollow"),  # unfollow of nothing
+            change(b, "u1", notify=False),
+        ]
+    )
+    assert store.follower_count(a) == 2
+    assert store.follower_count(b) == 1
+    assert store.follower_count(nobody) == 0
+    assert store.follow_flags(a, "u2") == edge_flags(True, True)
+    assert store.follow_flags(b, "u1") == edge_flags(False, False)
+    assert store.follow_flags(a, "u3") is None
+    assert sorted(all_followers(store, a, 1)) == [("u1", 1), ("u2", 3)]
+
+
+def test_pages_by_cursor_cover_every_shard_once(store: FollowerStore) -> None:
+    celeb = unique("celeb")
+    followers = [f"user{i:05d}" for i in range(2_345)]
+    assert store.bulk_load((celeb, f, 1) for f in followers) == 2_345
+    assert store.follower_count(celeb) == 2_345
+    got = all_followers(store, celeb, 100)
+    assert sorted(f for f, _ in got) == followers
+    for shard in range(4):
+        page = store.follower_page(celeb, shard, None, 10_000)
+        assert [f for f, _ in page] == sorted(f for f in followers if shard_of(f, 4) == shard)
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_a_store_refuses_another_shard_count(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    follower_store(kind, request, tmp_path, 4).close()
+    with pytest.raises(StoreMismatch, match="FANFARE_SHARDS=8"):
+        follower_store(kind, request, tmp_path, 8)
+
+
+def test_open_by_url(tmp_path: Path) -> None:
+    assert isinstance(open_follower_store(f"sqlite:///{tmp_path}/x.db", 2), SQLiteFollowerStore)
+    with pytest.raises(ValueError, match="sqlite"):
+        open_follower_store("mysql://x", 2)
