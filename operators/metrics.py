@@ -87,3 +87,9 @@ ACCEPT_LATENCY = Histogram(
     ["provider", "lane"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
 )
+
+ACKS = Counter(
+    "fanfare_acks_total",
+    "notification_acks applied or refused, by event and outcome",
+    ["event", "outcome"],
+)

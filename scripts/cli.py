@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     topics.set_defaults(func=devstack.topics_command)
 
     run = sub.add_parser("run", help="run a dataflow under `python -m bytewax.run`")
-    run.add_argument("flow", choices=["fanout", "delivery"], help="which dataflow")
+    run.add_argument("flow", choices=["fanout", "delivery", "acks"], help="which dataflow")
     run.add_argument("--workers", type=_positive_int, default=1, help="worker threads per process")
     run.add_argument(
         "--processes", type=_positive_int, default=1, help="worker processes on this host"
@@ -64,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard the recovery directory first (start from the topics' beginning)",
     )
     run.set_defaults(func=runner.run_command)
+
+    inbox = sub.add_parser("inbox", help="a user's notifications, newest first, a page at a time")
+    inbox.add_argument("user", help="the user_id")
+    inbox.add_argument("--cursor", default=None, help="the cursor a previous page printed")
+    inbox.add_argument(
+        "--limit", type=_positive_int, default=20, help="notifications per page (default 20)"
+    )
+    inbox.add_argument("--json", action="store_true", help="print the page as JSON")
+    inbox.set_defaults(func=_inbox)
+
+    status = sub.add_parser(
+        "status", help="a notification's aggregated status, its devices and attempts"
+    )
+    status.add_argument("notification_id", help="post_id:user_id")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.set_defaults(func=_status)
 
     demo = sub.add_parser("demo", help="seed a synthetic social graph, fan out posts, summarise")
     demo.add_argument("--users", type=_positive_int, default=5_000, help="users to seed")
@@ -93,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     followers.set_defaults(func=_followers)
     return parser
+
+
+def _inbox(args: argparse.Namespace, settings: Settings) -> int:
+    from scripts import inbox_cli
+
+    return inbox_cli.inbox_command(args, settings)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from scripts import inbox_cli
+
+    return inbox_cli.status_command(args, settings)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:

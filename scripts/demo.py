@@ -3,9 +3,12 @@
 The demo runs in its own folder (`$FANFARE_HOME/demo`, fresh each run) with its own Redis key
 prefix, starts the embedded broker if needed and the local APNs/FCM servers, publishes the graph
 to the changelog topics (the flow itself loads the follower store from `follow_changes`), runs
-`fanfare run fanout` and `fanfare run delivery`, and reads the funnel from the workers' /metrics
-endpoints and `delivery_events`. Some device tokens are made stale at the providers and FCM is
-down for two seconds when the posts arrive, so token clean-up and retries show.
+`fanfare run fanout`, `fanfare run delivery` and `fanfare run acks`, and reads the funnel from
+the workers' /metrics endpoints and `delivery_events`. Some device tokens are made stale at the
+providers and FCM is down for two seconds when the posts arrive, so token clean-up and retries
+show. Then it plays the apps: every accepted push is acked `delivered` on `notification_acks`
+and a quarter `opened` (plus one ack of an unknown notification, dead-lettered), and it prints
+one follower's inbox from the notification store.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +38,20 @@ from operators.adapters.kafka_io import (
     read_partition_to_end,
     topic_partitions,
 )
-from operators.config import DEAD_LETTERS, DELIVERY_EVENTS, POST_CREATED, Settings
+from operators.adapters.notification_store import SQLiteNotificationStore
+from operators.config import (
+    DEAD_LETTERS,
+    DELIVERY_EVENTS,
+    NOTIFICATION_ACKS,
+    POST_CREATED,
+    Settings,
+)
 from scripts import devstack
 from scripts.demo_graph import build_graph, demo_posts
 from scripts.local_providers.control import ProviderControl
 from scripts.metrics_scrape import by_label, scrape, total
+
+OPEN_RATE = 0.25  # the share of delivered pushes the demo's "apps" report opened
 
 MALFORMED_CHANGES = {
     "follow_changes": [(b"a", b'{"author_id": "a", "op": "follow"}')],
@@ -155,18 +167,43 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _latencies(settings: Settings, created: dict[str, float]) -> list[float]:
-    """Seconds from each post's created_at to each provider acceptance (delivery_events)."""
+def _accepted_events(settings: Settings) -> list[dict[str, Any]]:
+    """Every `accepted` delivery event (one per device push that reached its provider)."""
     out = []
     kafka = settings.kafka_config()
     for part in topic_partitions(kafka, [DELIVERY_EVENTS]):
         topic, _, p = part.rpartition("/")
         for _, value in read_partition_to_end(kafka, topic, int(p), 0):
             e = orjson.loads(value or b"{}")
-            if e.get("outcome") == "accepted" and e.get("post_id") in created:
-                accepted = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
-                out.append(accepted - created[e["post_id"]])
-    return sorted(out)
+            if e.get("outcome") == "accepted":
+                out.append(e)
+    return out
+
+
+def _latencies(accepted: list[dict[str, Any]], created: dict[str, float]) -> list[float]:
+    """Seconds from each post's created_at to each provider acceptance."""
+    return sorted(
+        datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp() - created[e["post_id"]]
+        for e in accepted
+        if e.get("post_id") in created
+    )
+
+
+def _app_acks(accepted: list[dict[str, Any]], seed: int) -> list[tuple[bytes, bytes]]:
+    """What the apps would send back: every push delivered, a quarter opened, one unknown."""
+    rng = random.Random(seed)
+    ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    acks = []
+    for e in accepted:
+        events = ["delivered", "opened"] if rng.random() < OPEN_RATE else ["delivered"]
+        for event in events:
+            body = {"notification_id": e["notification_id"], "device_id": e["device_id"]}
+            acks.append(
+                (e["notification_id"].encode(), orjson.dumps({**body, "event": event, "ts": ts}))
+            )
+    unknown = {"notification_id": "no-such-post:u0", "device_id": "d0", "event": "opened"}
+    acks.append((b"no-such-post:u0", orjson.dumps({**unknown, "ts": ts})))
+    return acks
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
@@ -231,6 +268,14 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     )
     url = [f"http://127.0.0.1:{metrics_port}/metrics"]
     delivery_url = [f"http://127.0.0.1:{delivery_port}/metrics"]
+    acks_log = demo_home / "acks.log"
+    acks_port = _free_port()
+    acks_flow = _start(
+        [sys.executable, "-m", "scripts.cli", "run", "acks"],
+        {**env, "FANFARE_METRICS_PORT": str(acks_port)},
+        acks_log,
+    )
+    acks_url = [f"http://127.0.0.1:{acks_port}/metrics"]
     created: dict[str, float] = {}
     try:
         changes = len(graph.follows) + len(graph.preferences) + len(graph.devices)
@@ -301,9 +346,22 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
             time.sleep(2.0)
             delivery_metrics = scrape(delivery_url)
         provider_stats = control.stats()
+        accepted = _accepted_events(settings)
+        # The apps answer: acks on notification_acks, applied to the store by the acks flow.
+        acks = _app_acks(accepted, args.seed)
+        produce_all(kafka, NOTIFICATION_ACKS, acks)
+        _wait(
+            "the acks to be applied",
+            lambda: total(scrape(acks_url), "fanfare_acks_total") >= len(acks),
+            args.timeout,
+            acks_flow,
+            acks_log,
+        )
+        acks_metrics = scrape(acks_url)
     finally:
         _stop(flow)
         _stop(delivery)
+        _stop(acks_flow)
         devstack.stop_providers(demo_settings)
         client = redis.Redis.from_url(settings.redis_url)
         keys = list(client.scan_iter(match=demo_prefix + "*", count=1000))
@@ -312,11 +370,12 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     dead_total = message_count(settings.kafka_config(), [DEAD_LETTERS])
     print_summary(metrics, len(posts), seconds, dead_total)
     print_delivery(
-        delivery_metrics, provider_stats, _latencies(settings, created), delivery_seconds
+        delivery_metrics, provider_stats, _latencies(accepted, created), delivery_seconds
     )
+    print_acks_and_inbox(acks_metrics, demo_settings, accepted, acks)
     print(
-        f"\nThe embedded broker is still up (`fanfare dev status`); the flows' logs are {log} "
-        f"and {delivery_log}."
+        f"\nThe embedded broker is still up (`fanfare dev status`); the flows' logs are {log}, "
+        f"{delivery_log} and {acks_log}."
     )
     return 0
 
@@ -360,6 +419,51 @@ def print_delivery(
             f"max {latencies[-1]:.2f} s"
         )
     print(f"  seconds from publishing to every push settled  {seconds:.2f}")
+
+
+def print_acks_and_inbox(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    settings: Settings,
+    accepted: list[dict[str, Any]],
+    acks: list[tuple[bytes, bytes]],
+) -> None:
+    """The acks the flow applied, and one follower's inbox as `fanfare inbox` shows it."""
+
+    def n(value: float) -> str:
+        return f"{int(value):,}"
+
+    print("\nopen tracking (notification_acks -> the notification store)")
+    print(f"  acks published             {n(len(acks)):>9}")
+    for event in ("delivered", "opened"):
+        applied = total(m, "fanfare_acks_total", event=event, outcome="applied")
+        print(f"  {event + ' acks applied':<26} {n(applied):>9}")
+    unknown = sum(
+        v for k, v in by_label(m, "fanfare_acks_total", "outcome").items() if k != "applied"
+    )
+    print(f"  unknown, dead-lettered     {n(unknown):>9}")
+    if not accepted:
+        return
+    store = SQLiteNotificationStore(
+        settings.resolved_notification_store_url.removeprefix("sqlite:///"),
+        ttl_s=settings.store_ttl_s,
+    )
+    try:
+        counts: dict[str, int] = {}
+        for e in accepted:
+            counts[e["user_id"]] = counts.get(e["user_id"], 0) + 1
+        user = max(counts, key=lambda u: (counts[u], u))
+        page = store.inbox(user, None, 5)
+        print(f"\ninbox of {user} (the first page; newest first)")
+        for note in page.notifications:
+            when = datetime.fromtimestamp(note.created_ms / 1000, UTC).strftime("%H:%M:%S")
+            print(f"  {when}Z  {note.status:<10} {note.notification_id}")
+    finally:
+        store.close()
+    home = settings.home
+    print(
+        f"  see more: FANFARE_HOME={home} fanfare inbox {user}; "
+        f"FANFARE_HOME={home} fanfare status {page.notifications[0].notification_id}"
+    )
 
 
 def print_summary(

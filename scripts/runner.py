@@ -19,7 +19,11 @@ from types import FrameType
 
 from operators.config import Settings
 
-FLOWS = {"fanout": "flows.fanout:get_flow", "delivery": "flows.delivery:get_flow"}
+FLOWS = {
+    "fanout": "flows.fanout:get_flow",
+    "delivery": "flows.delivery:get_flow",
+    "acks": "flows.acks:get_flow",
+}
 CLUSTER_BASE_PORT = 2101
 
 

@@ -1,0 +1,54 @@
+"""The acks dataflow: notification_acks -> the notification store (delivered / opened).
+
+    read_acks ─► decode_ack ─► apply_acks (store, forward only) ─► dead letters (unknown ones)
+               └─► dead letters (malformed)
+
+Run it with `fanfare run acks`. Everything here is wiring; decisions live in `operators/`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.outputs import Sink
+
+from operators.ack_steps import ApplyAcks, ReadAck, decode_ack
+from operators.adapters.kafka_io import DeadLetterSink, KafkaTopicsSource
+from operators.adapters.notification_store import open_notification_store
+from operators.config import NOTIFICATION_ACKS, Settings, load_settings
+from schemas.records import DeadLetter
+
+
+def build_acks_flow(
+    *,
+    source: Source[Any],
+    apply_acks: Callable[[list[ReadAck]], list[DeadLetter]],
+    dead_letter_sink: Sink[Any],
+) -> Dataflow:
+    """Wire the graph from its ports (tests pass TestingSource/TestingSink)."""
+    flow = Dataflow("acks")
+    raw = op.input("read_acks", flow, source)
+    decoded = op.map("decode_ack", raw, decode_ack)
+    split = op.branch("split_ack_dead_letters", decoded, lambda x: isinstance(x, DeadLetter))
+    unknown = op.flat_map_batch("apply_acks", cast(Stream[ReadAck], split.falses), apply_acks)
+    op.output("write_dead_letters", op.merge("dead", split.trues, unknown), dead_letter_sink)
+    return flow
+
+
+def get_flow(settings: Settings | None = None) -> Dataflow:
+    """The production flow on Kafka and the notification store."""
+    settings = settings or load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    url, ttl = settings.resolved_notification_store_url, settings.store_ttl_s
+    return build_acks_flow(
+        source=KafkaTopicsSource(settings.kafka_config(), [NOTIFICATION_ACKS], batch_size=1_000),
+        apply_acks=ApplyAcks(lambda: open_notification_store(url, ttl)),
+        dead_letter_sink=DeadLetterSink(settings.kafka_config()),
+    )
