@@ -274,6 +274,29 @@ _FCM_ERRORS = {
 }
 
 
+def trust_private_ca(
+    wrapper: Any, credential: Any, retry: Any, ca_file: Path | str, timeout_s: float
+) -> None:
+    """Give firebase-admin's HttpxAsyncClient an HTTP/2 httpx client that trusts `ca_file`.
+
+    HttpxAsyncClient has no CA setting; this builds the httpx client as it builds its own.
+    """
+    import httpx
+    from firebase_admin import _http_client
+
+    wrapper._async_client = httpx.AsyncClient(
+        http2=True,
+        timeout=timeout_s,
+        headers=wrapper._headers,
+        auth=_http_client.GoogleAuthCredentialFlow(credential),
+        mounts={
+            "https://": _http_client.HttpxRetryTransport(
+                retry=retry, verify=ssl.create_default_context(cafile=str(ca_file))
+            )
+        },
+    )
+
+
 class FcmSender(PushSender):
     """firebase-admin's send_each_async (httpx), with its built-in retries turned off."""
 
@@ -319,21 +342,7 @@ class FcmSender(PushSender):
             http2=config.url.startswith("https://"),
         )
         if config.ca_file is not None:
-            # HttpxAsyncClient has no CA setting: the same httpx client, trusting the CA file.
-            import httpx
-
-            wrapper._async_client = httpx.AsyncClient(
-                http2=True,
-                timeout=timeout_s,
-                headers=wrapper._headers,
-                auth=_http_client.GoogleAuthCredentialFlow(service._credential),
-                mounts={
-                    "https://": _http_client.HttpxRetryTransport(
-                        retry=retry,
-                        verify=ssl.create_default_context(cafile=str(config.ca_file)),
-                    )
-                },
-            )
+            trust_private_ca(wrapper, service._credential, retry, config.ca_file, timeout_s)
         service._async_client = wrapper
         self._service = service
 

@@ -88,9 +88,8 @@ def firebase_app(
     HTTP/1.1.
     """
     import firebase_admin
-    import httpx
     from firebase_admin import _http_client, credentials, messaging
-    from firebase_admin._retry import HttpxRetry, HttpxRetryTransport
+    from firebase_admin._retry import HttpxRetry
 
     f = info["fcm"]
     cred: Any
@@ -116,18 +115,7 @@ def firebase_app(
             credential=service._credential, timeout=timeout_s, retry_config=retry
         )
     if http2:
-        # HttpxAsyncClient has no CA setting: give it an httpx client that trusts the local CA,
-        # built as HttpxAsyncClient builds its own.
-        wrapper = service._async_client
-        wrapper._async_client = httpx.AsyncClient(
-            http2=True,
-            timeout=timeout_s,
-            headers=wrapper._headers,
-            auth=_http_client.GoogleAuthCredentialFlow(service._credential),
-            mounts={
-                "https://": HttpxRetryTransport(
-                    retry=retry, verify=ssl.create_default_context(cafile=f["ca_file"])
-                )
-            },
-        )
+        from operators.adapters.push_senders import trust_private_ca
+
+        trust_private_ca(service._async_client, service._credential, retry, f["ca_file"], timeout_s)
     return app
