@@ -20,7 +20,7 @@ from bytewax.outputs import Sink
 from operators.ack_steps import ApplyAcks, ReadAck, decode_ack
 from operators.adapters.kafka_io import DeadLetterSink, KafkaTopicsSource
 from operators.adapters.notification_store import open_notification_store
-from operators.config import NOTIFICATION_ACKS, Settings, load_settings
+from operators.config import NOTIFICATION_ACKS, Settings, cassandra_credentials, load_settings
 from schemas.records import DeadLetter
 
 
@@ -49,6 +49,8 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     url, ttl = settings.resolved_notification_store_url, settings.store_ttl_s
     return build_acks_flow(
         source=KafkaTopicsSource(settings.kafka_config(), [NOTIFICATION_ACKS], batch_size=1_000),
-        apply_acks=ApplyAcks(lambda: open_notification_store(url, ttl)),
+        apply_acks=ApplyAcks(
+            lambda: open_notification_store(url, ttl, **cassandra_credentials(settings))
+        ),
         dead_letter_sink=DeadLetterSink(settings.kafka_config()),
     )

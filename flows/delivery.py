@@ -41,7 +41,13 @@ from operators.adapters.push_senders import (
     fcm_config,
 )
 from operators.adapters.rate_limiter import BucketSpec, RedisRateLimiter
-from operators.config import DEVICE_CHANGES, PUSH_RETRY, Settings, load_settings
+from operators.config import (
+    DEVICE_CHANGES,
+    PUSH_RETRY,
+    Settings,
+    cassandra_credentials,
+    load_settings,
+)
 from operators.delivery_engine import DeliveryEngine, DeliverySettings, PushSender
 from operators.delivery_model import RetryPolicy, SendRequest
 from operators.delivery_steps import (
@@ -163,7 +169,9 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
             settings.redis_url, settings.redis_prefix, settings.edge_claim_ttl_s
         ),
         store=open_notification_store(
-            settings.resolved_notification_store_url, settings.store_ttl_s
+            settings.resolved_notification_store_url,
+            settings.store_ttl_s,
+            **cassandra_credentials(settings),
         ),
         limiter=RedisRateLimiter(settings.redis_url, settings.redis_prefix),
         senders=loop.run(make_senders()),

@@ -14,6 +14,9 @@ from pathlib import Path
 # Every topic of the contract (DESIGN.md). Channel topics carry dispatch batches per provider,
 # with a `.bulk` lane for celebrity posts so they never hold up a normal post.
 POST_CREATED = "post_created"
+# The backfill lane: `fanfare replay` re-publishes selected posts here; the fan-out reads it
+# beside post_created, and the post claim drops a post that was already fanned out.
+POST_CREATED_BACKFILL = "post_created.backfill"
 FOLLOW_CHANGES = "follow_changes"
 PREFERENCE_CHANGES = "preference_changes"
 DEVICE_CHANGES = "device_changes"
@@ -34,6 +37,7 @@ def channel_topic(provider: str, lane: str) -> str:
 CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
 ALL_TOPICS = (
     POST_CREATED,
+    POST_CREATED_BACKFILL,
     *CHANGELOG_TOPICS,
     *CHANNEL_TOPICS,
     PUSH_RETRY,
@@ -92,6 +96,10 @@ class Settings:
     """FANFARE_RECOVERY_PARTITIONS: partitions of a new recovery directory."""
     metrics_port: int = 3030
     """FANFARE_METRICS_PORT: first /metrics port (one per process)."""
+    ready_port: int = 3040
+    """FANFARE_READY_PORT: `fanfare run`'s `/ready` and `/live` endpoints (0: not served)."""
+    ready_host: str = "127.0.0.1"
+    """FANFARE_READY_HOST: address the `/ready` endpoint binds (`0.0.0.0` for a kubelet probe)."""
     log_level: str = "INFO"
     """FANFARE_LOG_LEVEL: Python logging level."""
     notification_store_url: str = ""
@@ -99,6 +107,10 @@ class Settings:
     `sqlite:///$FANFARE_HOME/notifications.db`."""
     store_ttl_s: int = 604_800
     """FANFARE_STORE_TTL_S: how long notifications, device rows and attempts are kept."""
+    cassandra_username: str = ""
+    """FANFARE_CASSANDRA_USERNAME: Cassandra user for `cassandra://` stores (none: no auth)."""
+    cassandra_password_file: str = ""
+    """FANFARE_CASSANDRA_PASSWORD_FILE: file holding that user's password (never logged)."""
     apns_key_file: str = ""
     """FANFARE_APNS_KEY_FILE: APNs token-auth key (.p8). Empty: the local APNs server that
     `fanfare dev up` started, if any."""
@@ -234,6 +246,7 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "snapshot_interval_s": (1, 3_600),
     "recovery_partitions": (1, 1_024),
     "metrics_port": (1, 65_535),
+    "ready_port": (0, 65_535),
     "apns_port": (1, 65_535),
     "apns_rate_per_min": (1, None),
     "fcm_rate_per_min": (1, None),
@@ -291,13 +304,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("FANFARE_REDIS_URL must start with redis://, rediss:// or unix://")
     if not settings.resolved_notification_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
-            "FANFARE_NOTIFICATION_STORE_URL must be sqlite:///PATH "
-            "(or cassandra://hosts/keyspace, later)"
+            "FANFARE_NOTIFICATION_STORE_URL must be sqlite:///PATH or "
+            "cassandra://host1,host2/keyspace[?dc=DC]"
         )
     _check_template(settings)
+    if not settings.ready_host.strip() or any(c.isspace() for c in settings.ready_host):
+        raise ConfigError(
+            f"FANFARE_READY_HOST={settings.ready_host!r}: use one address (127.0.0.1, 0.0.0.0)"
+        )
     if not settings.resolved_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
-            "FANFARE_STORE_URL must be sqlite:///PATH (or cassandra://hosts/keyspace, later)"
+            "FANFARE_STORE_URL must be sqlite:///PATH or cassandra://host1,host2/keyspace[?dc=DC]"
         )
     return settings
 
@@ -309,3 +326,11 @@ def _check_template(settings: Settings) -> None:
         PushTemplate(settings.push_title, settings.push_body, settings.push_link)
     except ValueError as exc:
         raise ConfigError(f"FANFARE_PUSH_TITLE/BODY/LINK: {exc}") from None
+
+
+def cassandra_credentials(settings: Settings) -> dict[str, str | None]:
+    """`username` and `password_file` for the Cassandra adapters' `open` (None: no auth)."""
+    return {
+        "username": settings.cassandra_username or None,
+        "password_file": settings.cassandra_password_file or None,
+    }

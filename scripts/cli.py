@@ -52,11 +52,55 @@ def build_parser() -> argparse.ArgumentParser:
     topics_sub.add_parser("list", help="list fanfare's topics and their partitions")
     topics.set_defaults(func=devstack.topics_command)
 
-    run = sub.add_parser("run", help="run a dataflow under `python -m bytewax.run`")
+    run = sub.add_parser(
+        "run",
+        help="run a dataflow as a supervised Bytewax cluster (restarts, /ready, /live)",
+        description="Run a dataflow under `python -m bytewax.run`, supervised: a failed member "
+        "restarts the cluster from the recovery directory (with backoff); /ready and /live "
+        "answer on FANFARE_READY_PORT. SIGTERM or SIGINT stop it (exit 0).",
+    )
     run.add_argument("flow", choices=["fanout", "delivery", "acks"], help="which dataflow")
-    run.add_argument("--workers", type=_positive_int, default=1, help="worker threads per process")
     run.add_argument(
-        "--processes", type=_positive_int, default=1, help="worker processes on this host"
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="worker threads per process (default 1, or BYTEWAX_WORKERS_PER_PROCESS)",
+    )
+    run.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=None,
+        help="processes of a cluster on this host (default 1); with --addresses, implied",
+    )
+    run.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        metavar="I",
+        help="run only member I of a multi-host cluster (default: BYTEWAX_PROCESS_ID, or the "
+        "ordinal of BYTEWAX_POD_NAME in BYTEWAX_STATEFULSET_NAME)",
+    )
+    run.add_argument(
+        "--addresses",
+        default=None,
+        metavar='"H:P;H:P"',
+        help="every member's host:port, in process-id order (default: BYTEWAX_ADDRESSES or "
+        "the lines of BYTEWAX_HOSTFILE_PATH)",
+    )
+    run.add_argument(
+        "--max-restarts",
+        type=runner.non_negative_int,
+        default=10,
+        metavar="N",
+        help="give up (exit 1) after more than N failures within --restart-window (10; 0: "
+        "never restart)",
+    )
+    run.add_argument(
+        "--restart-window",
+        type=runner.positive_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="the window --max-restarts counts failures in (600)",
     )
     run.add_argument(
         "--fresh",
@@ -64,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard the recovery directory first (start from the topics' beginning)",
     )
     run.set_defaults(func=runner.run_command)
+
+    store = sub.add_parser("store", help="the follower and notification stores")
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    migrate = store_sub.add_parser(
+        "migrate",
+        help="create or upgrade both stores' schema (SQLite or Cassandra); safe to run twice",
+    )
+    migrate.add_argument(
+        "--replication",
+        type=_positive_int,
+        default=None,
+        help="Cassandra replicas per datacenter when the keyspace is created (default: the "
+        "URL's replication=, else 1)",
+    )
+    migrate.add_argument(
+        "--dc", default=None, help="Cassandra datacenter for NetworkTopologyStrategy (or ?dc=)"
+    )
+    store.set_defaults(func=_store)
 
     inbox = sub.add_parser("inbox", help="a user's notifications, newest first, a page at a time")
     inbox.add_argument("user", help="the user_id")
@@ -108,7 +170,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-rows", type=_positive_int, default=50_000, help="edges per store transaction"
     )
     followers.set_defaults(func=_followers)
+
+    metrics = sub.add_parser(
+        "metrics",
+        help="summarise running workers' /metrics: funnel, latencies, circuits, lag",
+        description="Summarise running workers' Prometheus /metrics endpoints. With no URL: "
+        "127.0.0.1 on FANFARE_METRICS_PORT and the next ports (--scan).",
+    )
+    metrics.add_argument(
+        "urls",
+        nargs="*",
+        metavar="URL",
+        help="a /metrics URL, host:port or a port (default: scan from FANFARE_METRICS_PORT)",
+    )
+    metrics.add_argument(
+        "--scan", type=_positive_int, default=8, help="ports tried when no URL is given (8)"
+    )
+    metrics.add_argument(
+        "--watch",
+        type=float,
+        default=None,
+        metavar="N",
+        help="a summary every N seconds, with rates over the last N seconds (Ctrl-C stops)",
+    )
+    metrics.add_argument(
+        "--count", type=_positive_int, default=None, metavar="K", help="with --watch: stop after K"
+    )
+    metrics.add_argument("--timeout", type=float, default=2.0, help="seconds per endpoint (2)")
+    metrics.set_defaults(func=_metrics)
+    # Backfill, dead letters and recovery (issue 5): each module adds its own subcommand.
+    from scripts import dlq, recovery_cli, replay
+
+    replay.add_parser(sub)
+    dlq.add_parser(sub)
+    recovery_cli.add_parser(sub)
     return parser
+
+
+def _store(args: argparse.Namespace, settings: Settings) -> int:
+    from scripts import store_cli
+
+    return store_cli.command(args, settings)
 
 
 def _inbox(args: argparse.Namespace, settings: Settings) -> int:
@@ -133,6 +235,12 @@ def _followers(args: argparse.Namespace, settings: Settings) -> int:
     from scripts import followers_import
 
     return followers_import.command(args, settings)
+
+
+def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from scripts import metrics_cli
+
+    return metrics_cli.command(args, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

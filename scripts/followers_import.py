@@ -30,7 +30,7 @@ import fastjsonschema
 import orjson
 
 from operators.adapters.follower_store import FollowerStore, StoreMismatch, open_follower_store
-from operators.config import Settings
+from operators.config import Settings, cassandra_credentials
 from operators.eligibility import edge_flags
 from schemas.codecs import load_schema
 
@@ -417,7 +417,11 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         store: FollowerStore | None = None
         if not args.dry_run:
             try:
-                store = open_follower_store(settings.resolved_store_url, settings.shard_count)
+                store = open_follower_store(
+                    settings.resolved_store_url,
+                    settings.shard_count,
+                    **cassandra_credentials(settings),
+                )
             except (StoreMismatch, ValueError, OSError) as exc:
                 print(f"{_PREFIX}: cannot open the follower store: {exc}", file=err)
                 return 1

@@ -14,7 +14,7 @@ from operators.adapters.notification_store import (
     NotificationStore,
     open_notification_store,
 )
-from operators.config import Settings
+from operators.config import Settings, cassandra_credentials
 
 
 def _when(epoch_s: float) -> str:
@@ -34,7 +34,7 @@ def open_store(settings: Settings) -> NotificationStore | None:
                 file=sys.stderr,
             )
             return None
-    return open_notification_store(url, settings.store_ttl_s)
+    return open_notification_store(url, settings.store_ttl_s, **cassandra_credentials(settings))
 
 
 def inbox_command(args: argparse.Namespace, settings: Settings) -> int:

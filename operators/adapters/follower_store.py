@@ -270,11 +270,23 @@ class InMemoryFollowerStore(FollowerStore):
         return n
 
 
-def open_follower_store(store_url: str, shard_count: int) -> FollowerStore:
+def open_follower_store(
+    store_url: str,
+    shard_count: int,
+    *,
+    username: str | None = None,
+    password_file: str | None = None,
+) -> FollowerStore:
     """Build the adapter FANFARE_STORE_URL names (per worker; never at import time)."""
     if store_url.startswith("sqlite:///"):
         return SQLiteFollowerStore(store_url.removeprefix("sqlite:///"), shard_count)
+    if store_url.startswith("cassandra://"):
+        from operators.adapters.cassandra_store import CassandraFollowerStore
+
+        return CassandraFollowerStore.open(
+            store_url, shard_count, username=username, password_file=password_file
+        )
     raise ValueError(
-        f"unsupported FANFARE_STORE_URL {store_url!r}: use sqlite:///PATH "
-        "(the Cassandra adapter arrives with the Cassandra issue)"
+        f"unsupported FANFARE_STORE_URL {store_url!r}: use sqlite:///PATH or "
+        "cassandra://host1,host2/keyspace"
     )

@@ -609,11 +609,23 @@ class SQLiteNotificationStore(NotificationStore):
             self._local.conn = None
 
 
-def open_notification_store(url: str, ttl_s: float = 604_800) -> NotificationStore:
+def open_notification_store(
+    url: str,
+    ttl_s: float = 604_800,
+    *,
+    username: str | None = None,
+    password_file: str | None = None,
+) -> NotificationStore:
     """Build the adapter the URL names (per worker; never at import time)."""
     if url.startswith("sqlite:///"):
         return SQLiteNotificationStore(url.removeprefix("sqlite:///"), ttl_s=ttl_s)
+    if url.startswith("cassandra://"):
+        from operators.adapters.cassandra_store import CassandraNotificationStore
+
+        return CassandraNotificationStore.open(
+            url, ttl_s, username=username, password_file=password_file
+        )
     raise ValueError(
-        f"unsupported FANFARE_NOTIFICATION_STORE_URL {url!r}: use sqlite:///PATH "
-        "(the Cassandra adapter arrives with the Cassandra issue)"
+        f"unsupported FANFARE_NOTIFICATION_STORE_URL {url!r}: use sqlite:///PATH or "
+        "cassandra://host1,host2/keyspace"
     )
