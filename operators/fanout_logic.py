@@ -28,6 +28,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, 
         self._store = store
         self._budget = expand_budget
         self._clock = clock
+        # Readiness: counted once in metrics.CHANGELOGS_CAUGHT_UP_SHARDS when every changelog
+        # partition has been read to its end (a shard with no changelog is caught up at once).
+        self._caught_up = False
+        self._note_caught_up()
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[DispatchBatch], bool]:
         """Apply everything that arrived, in order, then do a budget of work."""
@@ -35,9 +39,11 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, 
         now = self._clock()
         follows: list[FollowChange] = []
         prefs = devices = 0
+        markers = False
         for v in values:
             if isinstance(v, CaughtUp):
                 self.shard.note_caught_up(v)
+                markers = True
             elif isinstance(v, ShardJob):
                 self.shard.add_job(v, now.timestamp(), tally)
             elif isinstance(v, PreferenceChange):
@@ -58,7 +64,14 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, 
             metrics.CHANGES_APPLIED.labels("preference_changes").inc(prefs)
         if devices:
             metrics.CHANGES_APPLIED.labels("device_changes").inc(devices)
+        if markers and not self._caught_up:
+            self._note_caught_up()
         return self._work(now, tally), StatefulBatchLogic.RETAIN
+
+    def _note_caught_up(self) -> None:
+        if self.shard.changelog_sources <= self.shard.caught_up.keys():
+            self._caught_up = True
+            metrics.CHANGELOGS_CAUGHT_UP_SHARDS.inc()
 
     def on_notify(self) -> tuple[Iterable[DispatchBatch], bool]:
         """Continue expansion or release deferred notifications."""

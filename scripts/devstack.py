@@ -540,9 +540,45 @@ def _status(settings: Settings) -> int:
         if info is not None
         else "local APNs/FCM servers not running (`fanfare dev up` starts them)",
     )
-    ok = reachable and problem is None and not missing
+    flows_ok = _flows_status(settings)
+    ok = reachable and problem is None and not missing and flows_ok
     print("status: ok" if ok else "status: NOT ready")
     return 0 if ok else 1
+
+
+def _flows_status(settings: Settings) -> bool:
+    """A row per running `fanfare run` (from $FANFARE_HOME/run) with its /ready verdict."""
+    from scripts import readiness
+
+    flows = readiness.running_flows(settings)
+    if not flows:
+        _row("flows", f"none running from {settings.home} (`fanfare run FLOW` serves /ready)")
+        return True
+    ok = True
+    for info in flows:
+        name = f"{info.get('flow')} (pid {info.get('pid')})"
+        url = str(info.get("ready_url") or "")
+        if not url:
+            _row(
+                "flow", f"{name}: running, no readiness endpoint (FANFARE_READY_PORT off or taken)"
+            )
+            continue
+        status, body = readiness.fetch_ready(url, timeout_s=STATUS_TIMEOUT_S + 3)
+        if status is None or not isinstance(body, dict):
+            _row("flow", f"{name}: readiness endpoint {url} NOT answering: {body}")
+            ok = False
+            continue
+        checks = body.get("checks", {})
+        if status == 200:
+            detail = checks.get("flow", {}).get("detail", "")
+            _row("flow", f"{name}: ready at {url}; {detail}")
+            continue
+        ok = False
+        failing = "; ".join(
+            f"{check}: {c.get('detail')}" for check, c in checks.items() if not c.get("ok")
+        )
+        _row("flow", f"{name}: NOT ready at {url}: {failing or body}")
+    return ok
 
 
 def topics_command(args: argparse.Namespace, settings: Settings) -> int:
