@@ -38,8 +38,10 @@ from operators.config import (
     CHANNEL_TOPICS,
     DEVICE_CHANGES,
     POST_CREATED,
+    POST_CREATED_BACKFILL,
     PREFERENCE_CHANGES,
     Settings,
+    cassandra_credentials,
     load_settings,
 )
 from operators.fanout_logic import ExpandFollowerShardLogic
@@ -135,7 +137,9 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     )
     return build_fanout_flow(
         settings,
-        post_source=KafkaTopicsSource(kafka, [POST_CREATED]),
+        # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
+        # per post_id, so a replayed post that was already fanned out is dropped.
+        post_source=KafkaTopicsSource(kafka, [POST_CREATED, POST_CREATED_BACKFILL]),
         changelog_source=KafkaTopicsSource(
             kafka,
             CHANGELOG_TOPICS,
@@ -150,7 +154,11 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         dead_letter_sink=DeadLetterSink(kafka),
         # Built on first use in each worker process, never at import.
         store=functools.cache(
-            lambda: open_follower_store(settings.resolved_store_url, settings.shard_count)
+            lambda: open_follower_store(
+                settings.resolved_store_url,
+                settings.shard_count,
+                **cassandra_credentials(settings),
+            )
         ),
         claims=functools.cache(
             lambda: RedisPostClaims(
