@@ -5,7 +5,17 @@ Counters are per process; `fanfare demo` and `fanfare metrics` sum them across e
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import bisect
+import functools
+import math
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
 
 POSTS_READ = Counter("fanfare_posts_read_total", "post_created events decoded and valid")
 POSTS_SUPPRESSED = Counter(
@@ -37,6 +47,14 @@ CHANGES_APPLIED = Counter(
 )
 SHARD_JOBS_CREATED = Counter("fanfare_shard_jobs_created_total", "(post, shard) jobs created")
 SHARD_JOBS_COMPLETED = Counter("fanfare_shard_jobs_completed_total", "(post, shard) jobs done")
+# Readiness (scripts/readiness.py): the flow is caught up when the sum over every process equals
+# FANFARE_SHARDS. A count, not a 0/1 per process: a process may host no shard at all.
+CHANGELOGS_CAUGHT_UP_SHARDS = Gauge(
+    "fanfare_changelogs_caught_up_shards",
+    "follower shards in this process whose every changelog partition was read to its end "
+    "since the process started",
+    multiprocess_mode="sum",
+)
 
 # Delivery (flows/delivery.py).
 SENDS = Counter(
@@ -93,3 +111,109 @@ ACKS = Counter(
     "notification_acks applied or refused, by event and outcome",
     ["event", "outcome"],
 )
+
+DEAD_LETTERS_WRITTEN = Counter(
+    "fanfare_dead_letters_written_total",
+    "dead letters written to the dead_letters topic by any flow (fan-out, delivery, acks), "
+    "by source topic and reason (the error's first word: invalid_json, schema, failed, ...)",
+    ["source_topic", "reason"],
+)
+CONSUMER_LAG = Gauge(
+    "fanfare_consumer_lag_messages",
+    "messages between a source partition's high watermark and the reader's position, sampled "
+    "at most every LAG_SAMPLE_S by the reader (the watermark the client last saw; 0 at the end)",
+    ["topic", "partition"],
+)
+LAG_SAMPLE_S = 2.0
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)
+
+
+class WeightedHistogram:
+    """A Prometheus histogram where one observation can stand for n equal ones.
+
+    A dispatch batch carries up to 500 items of one post, so they share one created -> written
+    latency: one call per batch (a lock, a bisect, two additions) counts them all, where
+    prometheus_client's Histogram would need a call per item on the fan-out's hot path.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = (*(float(b) for b in buckets if b != math.inf), math.inf)
+        self._les = ["+Inf" if b == math.inf else repr(b) for b in self._bounds]
+        self._lock = threading.Lock()
+        # per label values: a count per bucket (not cumulative), then the sum
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, labels: tuple[str, ...], value: float, n: int = 1) -> None:
+        """Count `n` observations of `value` (seconds)."""
+        i = bisect.bisect_left(self._bounds, value)
+        with self._lock:
+            series = self._series.get(labels)
+            if series is None:
+                series = self._series[labels] = [0.0] * (len(self._bounds) + 1)
+            series[i] += n
+            series[-1] += value * n
+
+    def describe(self) -> Iterable[Metric]:
+        """The family, so the registry knows the names without collecting."""
+        return [HistogramMetricFamily(self.name, self._doc, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        """Cumulative buckets, sum and count per label set."""
+        family = HistogramMetricFamily(self.name, self._doc, labels=self._labelnames)
+        with self._lock:
+            copied = {k: list(v) for k, v in self._series.items()}
+        for labels, series in sorted(copied.items()):
+            running = 0.0
+            buckets: list[tuple[str, float]] = []
+            for le, count in zip(self._les, series[:-1], strict=True):
+                running += count
+                buckets.append((le, running))
+            family.add_metric(list(labels), buckets, series[-1])
+        return [family]
+
+
+DISPATCH_LATENCY = WeightedHistogram(
+    "fanfare_post_to_dispatched_seconds",
+    "from post created_at to its dispatch item being written to a channel topic, per item "
+    "(quiet-hours releases land in the top buckets)",
+    ["provider", "lane"],
+    buckets=(*LATENCY_BUCKETS, 3600, 21600, 86400),
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch(created_at: str) -> float:
+    return datetime.fromisoformat(created_at).timestamp()
+
+
+def observe_dispatched(
+    provider: str, lane: str, created_at: str, items: int, now: float | None = None
+) -> None:
+    """A dispatch batch of `items` for a post created at `created_at` (RFC 3339) was written."""
+    try:
+        created = _epoch(created_at)
+    except ValueError:
+        return
+    latency = max(0.0, (time.time() if now is None else now) - created)
+    DISPATCH_LATENCY.observe((provider, lane), latency, items)
+
+
+def dead_letter_reason(error: str) -> str:
+    """A bounded label for a dead letter's error: its first word when it is one, else other."""
+    word = error.partition(":")[0].strip()
+    if 0 < len(word) <= 32 and word.replace("_", "").isalpha() and word.islower():
+        return word
+    return "other"

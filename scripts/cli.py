@@ -175,16 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics",
         help="summarise running workers' /metrics: funnel, latencies, circuits, lag",
         description="Summarise running workers' Prometheus /metrics endpoints. With no URL: "
-        "127.0.0.1 on FANFARE_METRICS_PORT and the next ports (--scan).",
+        "the flows running from $FANFARE_HOME (its run files), else 127.0.0.1 on "
+        "FANFARE_METRICS_PORT and the next ports (--scan).",
     )
     metrics.add_argument(
         "urls",
         nargs="*",
         metavar="URL",
-        help="a /metrics URL, host:port or a port (default: scan from FANFARE_METRICS_PORT)",
+        help="a /metrics URL, host:port or a port (default: the running flows' endpoints)",
     )
     metrics.add_argument(
-        "--scan", type=_positive_int, default=8, help="ports tried when no URL is given (8)"
+        "--scan",
+        type=_positive_int,
+        default=8,
+        help="ports tried from FANFARE_METRICS_PORT when no URL is given and no flow is found (8)",
     )
     metrics.add_argument(
         "--watch",

@@ -10,6 +10,7 @@ KafkaSource; clients are built per partition when Bytewax builds it, never at im
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -28,6 +29,7 @@ from bytewax.outputs import (
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from operators import metrics
 from operators.fanout_shard import CaughtUp
 from schemas.codecs import encode_dead_letter, encode_dispatch_batch
 from schemas.records import DeadLetter, DispatchBatch
@@ -123,6 +125,8 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
         self._source = f"{topic}/{partition}"
         self._probe_at = clock()
         self._last_eof_at = 0.0
+        self._lag = metrics.CONSUMER_LAG.labels(topic, str(partition))
+        self._lag_at = 0.0
         self._consumer.assign([TopicPartition(topic, partition, start)])
 
     def next_batch(self) -> list[object]:
@@ -155,7 +159,21 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
                 # while data flows, as a seek drops what the client had prefetched.
                 self._probe_at = now
                 self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
+        if now >= self._lag_at:
+            self._sample_lag(now, at_end)
         return out
+
+    def _sample_lag(self, now: float, at_end: bool) -> None:
+        """The lag gauge from the watermark the client last saw (no broker round trip)."""
+        self._lag_at = now + metrics.LAG_SAMPLE_S
+        if at_end:
+            self._lag.set(0)
+            return
+        low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._topic, self._partition), cached=True
+        )
+        if high >= 0:
+            self._lag.set(max(0, high - (self._position if self._position >= 0 else low)))
 
     def next_awake(self) -> None:
         """Poll again at once (Bytewax waits 1 ms after an empty batch)."""
@@ -168,6 +186,8 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
     def close(self) -> None:
         """Leave the broker."""
         self._consumer.close()
+        with contextlib.suppress(KeyError):  # the series goes with the reader
+            metrics.CONSUMER_LAG.remove(self._topic, str(self._partition))
 
 
 class KafkaTopicsSource(FixedPartitionedSource[object, int]):
@@ -489,6 +509,10 @@ class _ChannelPartitionWriter(_IdempotentPartitionWriter[DispatchBatch]):
         return batch.post_id.encode(), encode_dispatch_batch(batch)
 
     def _written(self, batch: DispatchBatch, dropped: int) -> None:
+        if not dropped:
+            metrics.observe_dispatched(
+                batch.provider, batch.lane, batch.created_at, len(batch.items)
+            )
         self._on_written(batch, dropped)
 
 
@@ -624,6 +648,8 @@ class FlushingTopicSink(DynamicSink[V], Generic[V]):
 
 
 def _dead_letter_message(letter: DeadLetter) -> tuple[bytes, bytes]:
+    reason = metrics.dead_letter_reason(letter.error)
+    metrics.DEAD_LETTERS_WRITTEN.labels(letter.source_topic, reason).inc()
     return letter.source_topic.encode(), encode_dead_letter(letter)
 
 

@@ -327,6 +327,123 @@ def test_cassandra_is_healthchecked_with_cqlsh(services: dict[str, Service]) -> 
     assert ("127.0.0.1", "9042", "9042") in set(published_ports(cassandra))
 
 
+# --- the flows' services and their monitoring ---------------------------------------------------
+
+FLOW_SERVICES = ("fanout", "delivery", "acks")
+PROMETHEUS_SERVICE = "prometheus"
+GRAFANA_SERVICE = "grafana"
+# Bind mounts whose source the operator provides (push credentials): docker creates an empty
+# directory when it is missing, and the delivery service then says that no provider is set.
+OPERATOR_MOUNTS = {"./secrets"}
+
+
+def mounts(service: Service) -> dict[str, str]:
+    """{container path: source} of a service's volumes (short syntax; `:ro` dropped)."""
+    found = {}
+    for volume in service.get("volumes") or []:
+        source, _, rest = str(volume).partition(":")
+        found[rest.split(":")[0]] = source
+    return found
+
+
+def bind_source(service: Service, target: str) -> Path:
+    """The repository file mounted at `target` (a bind mount from the repository)."""
+    source = mounts(service).get(target)
+    assert source and source.startswith("./"), f"nothing from the repository is at {target}"
+    return REPO / source
+
+
+def test_every_flow_has_a_service_serving_metrics_on_its_own_host_port(
+    compose: dict[str, Any], services: dict[str, Service]
+) -> None:
+    host_ports = {}
+    for name in FLOW_SERVICES:
+        svc = services[name]
+        assert is_fanfare_service(svc), name
+        assert svc["command"][:2] == ["run", name], f"{name} runs {svc['command']}"
+        assert environment(svc)["BYTEWAX_DATAFLOW_API_ENABLED"] == "1", name
+        port = service_settings(name, svc).metrics_port
+        published = [(ip, hp) for ip, hp, c in published_ports(svc) if c == str(port)]
+        assert len(published) == 1, f"{name}: publish /metrics ({port}) once on 127.0.0.1"
+        host_ports[name] = published[0][1]
+        assert f"127.0.0.1:{port}/metrics" in " ".join(svc["healthcheck"]["test"]), name
+        home = str(service_settings(name, svc).home)
+        assert mounts(svc).get(home) == "fanfare-home", f"{name}: FANFARE_HOME on fanfare-home"
+        assert depends_on(svc).get(KAFKA_SERVICE) == "service_healthy", name
+        assert depends_on(svc).get("topics") == "service_completed_successfully", name
+        assert svc.get("restart") in {"always", "unless-stopped", "on-failure"}, name
+    assert host_ports["fanout"] == "3030"
+    assert len(set(host_ports.values())) == len(host_ports), f"host ports collide: {host_ports}"
+
+
+def test_no_two_services_publish_the_same_host_port(services: dict[str, Service]) -> None:
+    seen: dict[str, str] = {}
+    for name, svc in services.items():
+        for _, host_port, _ in published_ports(svc):
+            assert host_port not in seen, f"{name} and {seen.get(host_port)} publish {host_port}"
+            seen[host_port] = name
+
+
+def test_every_mounted_repository_file_exists(services: dict[str, Service]) -> None:
+    for name, svc in services.items():
+        for target, source in mounts(svc).items():
+            if source.startswith(("./", "../", "/")) and source not in OPERATOR_MOUNTS:
+                assert (REPO / source).exists(), f"{name} mounts {source} at {target}: missing"
+
+
+def test_prometheus_scrapes_every_flow_service(services: dict[str, Service]) -> None:
+    prometheus = services[PROMETHEUS_SERVICE]
+    assert has_healthcheck(prometheus)
+    assert ("127.0.0.1", "9090", "9090") in set(published_ports(prometheus))
+    config_path = next(
+        a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")
+    )
+    config = yaml.safe_load(bind_source(prometheus, config_path).read_text(encoding="utf-8"))
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
+    expected = {
+        f"{name}:{service_settings(name, services[name]).metrics_port}" for name in FLOW_SERVICES
+    }
+    assert targets == expected
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_grafana_provisions_the_datasource_and_the_dashboard(services: dict[str, Service]) -> None:
+    grafana = services[GRAFANA_SERVICE]
+    assert has_healthcheck(grafana)
+    assert depends_on(grafana) == {PROMETHEUS_SERVICE: "service_healthy"}
+    assert ("127.0.0.1", "3000", "3000") in set(published_ports(grafana))
+    provisioning = bind_source(grafana, "/etc/grafana/provisioning")
+    [datasource] = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text(encoding="utf-8")
+    )["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == f"http://{PROMETHEUS_SERVICE}:9090"
+    [provider] = yaml.safe_load(
+        (provisioning / "dashboards" / "fanfare.yml").read_text(encoding="utf-8")
+    )["providers"]
+    dashboards_dir = provider["options"]["path"]
+    dashboards = bind_source(grafana, dashboards_dir)
+    files = sorted(dashboards.glob("*.json"))
+    assert files, f"no dashboard JSON in {dashboards}"
+    home = environment(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards_dir + "/")
+    assert (dashboards / home.removeprefix(dashboards_dir + "/")).is_file()
+    for path in files:
+        dashboard = json.loads(path.read_text(encoding="utf-8"))
+        panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+        assert panels, path
+        for panel in panels:
+            uids = {panel["datasource"]["uid"]} | {t["datasource"]["uid"] for t in panel["targets"]}
+            assert uids == {datasource["uid"]}, f"{path.name}: {panel['title']} uses {uids}"
+            assert all(t["expr"].strip() for t in panel["targets"]), panel["title"]
+
+
 # --- docker compose itself, where it is installed -----------------------------------------------
 
 
