@@ -277,7 +277,8 @@ def test_brokers_point_at_kafkas_internal_listener(services: dict[str, Service])
     for name, svc in fanfare_services(services).items():
         brokers = environment(svc)["FANFARE_KAFKA_BROKERS"].split(",")
         assert brokers == [f"{KAFKA_SERVICE}:{port}"], f"{name}: FANFARE_KAFKA_BROKERS={brokers}"
-        assert depends_on(svc).get(KAFKA_SERVICE) == "service_healthy", name
+        if svc["command"][:1] != ["store"]:  # `store migrate` talks to Cassandra only
+            assert depends_on(svc).get(KAFKA_SERVICE) == "service_healthy", name
 
 
 def test_redis_url_points_at_the_redis_service(services: dict[str, Service]) -> None:
@@ -296,7 +297,22 @@ def test_topics_is_a_one_shot_that_fanout_waits_for(services: dict[str, Service]
         KAFKA_SERVICE: "service_healthy",
         REDIS_SERVICE: "service_healthy",
         "topics": "service_completed_successfully",
+        "store-migrate": "service_completed_successfully",
     }
+
+
+def test_stores_are_cassandra_migrated_by_a_one_shot_every_flow_waits_for(
+    services: dict[str, Service],
+) -> None:
+    migrate = services["store-migrate"]
+    assert is_fanfare_service(migrate)
+    assert migrate["command"][:2] == ["store", "migrate"]
+    assert depends_on(migrate) == {"cassandra": "service_healthy"}
+    for name in ("fanout", "delivery", "acks"):
+        settings = service_settings(name, services[name])
+        assert settings.resolved_store_url.startswith("cassandra://cassandra:9042/")
+        assert settings.resolved_notification_store_url.startswith("cassandra://cassandra:9042/")
+        assert depends_on(services[name])["store-migrate"] == "service_completed_successfully"
 
 
 def test_fanout_service_serves_metrics_and_keeps_its_home(
