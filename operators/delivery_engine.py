@@ -189,8 +189,11 @@ class DeliveryEngine:
         status: int | None = None,
         reason: str | None = None,
         retry_at: float | None = None,
+        *,
+        count: bool = True,
     ) -> DeliveryEvent:
-        metrics.OUTCOMES.labels(r.provider, outcome).inc()
+        if count:
+            metrics.OUTCOMES.labels(r.provider, outcome).inc()
         return DeliveryEvent(
             notification_id=r.item["notification_id"],
             post_id=r.post_id,
@@ -236,8 +239,12 @@ class DeliveryEngine:
         status: int | None,
         reason: str | None,
         due_at: float | None,
+        *,
+        count: bool = True,
     ) -> list[DeliveryOutput]:
-        out: list[DeliveryOutput] = [self._event(r, state, attempts, now, status, reason, due_at)]
+        out: list[DeliveryOutput] = [
+            self._event(r, state, attempts, now, status, reason, due_at, count=count)
+        ]
         if state == "retry_scheduled":
             out.append(
                 RetryRecord(
@@ -254,7 +261,8 @@ class DeliveryEngine:
                 )
             )
         elif state == "invalid_token":
-            metrics.TOKENS_DEACTIVATED.labels(r.provider).inc()
+            if count:
+                metrics.TOKENS_DEACTIVATED.labels(r.provider).inc()
             out.append(
                 DeviceChange(
                     user_id=r.item["user_id"],
@@ -272,8 +280,17 @@ class DeliveryEngine:
     def _reemit(self, r: SendRequest, row: LedgerRow, now: float) -> list[DeliveryOutput]:
         """Repeat a finished decision of the owner that was replayed (sinks drop repeats)."""
         # A retry_scheduled row re-emits its retry record too: it may not have reached push.retry.
+        # Not counted again: the outcome was counted when it was decided.
         return self._outputs(
-            r, row.state, row.attempts, row.schedules, now, row.status, row.reason, row.due_at
+            r,
+            row.state,
+            row.attempts,
+            row.schedules,
+            now,
+            row.status,
+            row.reason,
+            row.due_at,
+            count=False,
         )
 
     # -- one call ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from operators import metrics
 from operators.adapters.edge_claims import InMemoryEdgeClaims
 from operators.adapters.notification_store import SQLiteNotificationStore
 from operators.adapters.rate_limiter import LocalRateLimiter
@@ -94,12 +95,15 @@ def test_replay_of_the_owner_resends_an_unfinished_send_and_reemits_a_finished_o
     assert events(out) == [("u1", "d1", "accepted", 1), ("u2", "d1", "accepted", 1)]
     assert len(sender.sent) == 2
     assert sender.sent[0].apns_id == request("u1").apns_id  # the same apns-id as before
-    # Replayed again after it finished: the same events, no send.
+    # Replayed again after it finished: the same events, no send, and not counted twice.
+    accepted = metrics.OUTCOMES.labels("apns", "accepted")
+    counted = accepted._value.get()
     again = e.deliver([request("u1", source="push.apns/0@5")])
     assert [x.identity for x in again if isinstance(x, DeliveryEvent)] == [
         x.identity for x in out if isinstance(x, DeliveryEvent) and x.user_id == "u1"
     ]
     assert len(sender.sent) == 2
+    assert accepted._value.get() == counted
 
 
 def test_invalid_token_deactivates_the_device_without_retry(store: SQLiteNotificationStore) -> None:
