@@ -256,6 +256,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _ROW_COLUMNS = (
     "notification_id, device_id, owner, state, attempts, schedules, status, reason, due_at"
 )
+_QUALIFIED_ROW_COLUMNS = ", ".join(f"deliveries.{c.strip()}" for c in _ROW_COLUMNS.split(","))
 _CHUNK = 4_000  # keys per IN (...) query: SQLite allows 32,766 parameters
 _PURGE_EVERY_S = 600.0
 
@@ -329,8 +330,10 @@ class SQLiteNotificationStore(NotificationStore):
             marks = ",".join("(?,?)" for _ in chunk)
             params: list[object] = [v for key in chunk for v in key]
             for nid, dev, owner, state, att, sch, status, reason, due in conn.execute(
-                f"SELECT {_ROW_COLUMNS} FROM deliveries "
-                f"WHERE (notification_id, device_id) IN (VALUES {marks}) AND expires_at > ?",
+                # A join on the keys: SQLite scans the whole table for `(a, b) IN (VALUES ...)`.
+                f"WITH k(n, d) AS (VALUES {marks}) SELECT {_QUALIFIED_ROW_COLUMNS} "
+                "FROM k JOIN deliveries ON deliveries.notification_id = k.n "
+                "AND deliveries.device_id = k.d WHERE deliveries.expires_at > ?",
                 [*params, now],
             ):
                 found[(nid, dev)] = LedgerRow(owner, state, att, sch, status, reason, due)
