@@ -4,18 +4,170 @@ A claim binds a post_id to the identity of the message that first carried it
 (`topic/partition@offset`). The same message read again (a replay after a restart) still owns
 its claim and fans out again, its output deduped downstream; a different message with the same
 post_id (a re-delivered or re-published duplicate) is refused. Claims expire after a TTL.
+
+Redis outages. Post claims are the fan-out's dedupe authority for posts, so a claim is never
+skipped: while Redis does not answer, a claim is retried with bounded exponential backoff
+(`retry_for_s`, 60 s by default: a failover or a restart rides through in the same process),
+then `RedisUnavailable` fails the worker and the supervisor restarts the flow from its last
+snapshot (visible in /live; it gives up after --max-restarts). Retrying a claim is idempotent
+(the same identity owns its own claim). If Redis comes back EMPTY (no persistence), the claims
+are gone: a duplicate `post_created` read after that is fanned out again, and the delivery
+ledger (the notification store's unique key) still keeps every device at one push.
+
+This module also holds what the other Redis adapters share: the per-thread client, the
+options of a client that fails fast (a 1 s connect timeout, and one immediate retry, which
+reconnects a pooled connection that a Redis restart closed: without it the first command after
+the restart fails), the bounded retry, and `RedisOutage`, which lets a fast path skip Redis for
+a moment after a connection error instead of paying for it on every call.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+"""What an unreachable, restarting or loading Redis raises (BusyLoadingError is a
+ConnectionError); anything else (a script error, a wrong type) is a bug and is not retried."""
+
+
+def fail_fast_options(socket_timeout: float = 2.0, connect_timeout: float = 1.0) -> dict[str, Any]:
+    """Options for a client that fails fast: short socket timeouts, one immediate retry.
+
+    The retry reconnects a pooled connection that a Redis restart closed; a second error is
+    raised at once.
+    """
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "retry": Retry(NoBackoff(), 1),
+    }
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis did not answer within the bounded retry: the caller cannot go on safely."""
+
+
+def retry_while_down(
+    call: Callable[[], T],
+    *,
+    what: str,
+    retry_for_s: float,
+    base_s: float = 0.05,
+    cap_s: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rand: Callable[[], float] = random.random,
+) -> T:
+    """`call()`, retried on connection errors for at most `retry_for_s` seconds.
+
+    The backoff is exponential from `base_s`, jittered, capped at `cap_s`; past the bound,
+    RedisUnavailable. `call` must be idempotent.
+    """
+    started = clock()
+    attempt = 0
+    while True:
+        try:
+            result = call()
+        except REDIS_DOWN_ERRORS as exc:
+            waited = clock() - started
+            if waited >= retry_for_s:
+                raise RedisUnavailable(
+                    f"{what}: Redis did not answer for {waited:.1f} s ({exc}); giving up so "
+                    "that the supervisor restarts the flow from its last snapshot"
+                ) from exc
+            if attempt == 0:
+                log.warning(
+                    "%s: Redis unreachable (%s); retrying for up to %.0f s", what, exc, retry_for_s
+                )
+            pause = min(cap_s, base_s * 2**attempt) * (0.5 + rand() / 2)
+            sleep(max(0.0, min(pause, retry_for_s - waited)))
+            attempt += 1
+            continue
+        if attempt:
+            log.warning(
+                "%s: Redis answers again after %.1f s (%d retries)",
+                what,
+                clock() - started,
+                attempt,
+            )
+        return result
+
+
+class RedisOutage:
+    """For a fast path: after a connection error, skip Redis for `probe_s` seconds.
+
+    While Redis is down every call would pay a connection attempt (or a timeout, when the
+    network drops packets); with this, one call per `probe_s` tries Redis and the others go
+    straight to the fallback. Logs once when an outage starts and once when it ends.
+    """
+
+    def __init__(
+        self, what: str, probe_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._what = what
+        self._probe_s = probe_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+        self.down_since: float | None = None
+        self.failures = 0  # calls that met an error
+        self.skipped = 0  # calls that did not try Redis because of a recent error
+
+    def skip(self) -> bool:
+        """True when the fast path should not try Redis now."""
+        with self._lock:
+            if self.down_since is not None and self._clock() < self._retry_at:
+                self.skipped += 1
+                return True
+            return False
+
+    def started(self) -> float:
+        """The clock now: pass it to `failed` so that a slow failure waits longer."""
+        return self._clock()
+
+    def failed(self, exc: Exception, started: float | None = None) -> None:
+        """A call met a connection error; `started` is when the call began.
+
+        The next try waits `probe_s`, or four times what the failed call took when that is
+        longer (a timeout, when the network drops packets), so a caller is never held by
+        Redis more than a fifth of the time.
+        """
+        with self._lock:
+            now = self._clock()
+            took = 0.0 if started is None else max(0.0, now - started)
+            self.failures += 1
+            self._retry_at = now + max(self._probe_s, 4 * took)
+            if self.down_since is None:
+                self.down_since = now
+                log.warning("%s: Redis unreachable (%s)", self._what, exc)
+
+    def answered(self) -> None:
+        """A call succeeded."""
+        if self.down_since is None:  # the common case: no lock
+            return
+        with self._lock:
+            if self.down_since is not None:
+                log.warning(
+                    "%s: Redis answers again after %.1f s",
+                    self._what,
+                    self._clock() - self.down_since,
+                )
+                self.down_since = None
+
 
 _CLAIM_SCRIPT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
@@ -62,17 +214,29 @@ class PostClaims(ABC):
 
 
 class RedisPostClaims(PostClaims):
-    """Claims in Redis (SET NX EX, one pipelined script call per batch of posts)."""
+    """Claims in Redis (SET NX EX, one pipelined script call per batch of posts).
 
-    def __init__(self, url: str, prefix: str, ttl_s: int) -> None:
+    While Redis does not answer, a batch is retried for up to `retry_for_s` seconds (the
+    worker waits), then RedisUnavailable fails the worker (see the module docstring).
+    """
+
+    def __init__(self, url: str, prefix: str, ttl_s: int, retry_for_s: float = 60.0) -> None:
         self._prefix = prefix
         self._ttl = ttl_s
-        self._redis = PerThreadRedis(url, socket_timeout=10, health_check_interval=30)
+        self._retry_for_s = retry_for_s
+        self._redis = PerThreadRedis(
+            url, health_check_interval=30, **fail_fast_options(socket_timeout=10)
+        )
 
     def claim(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
-        """Atomic per post; one round trip per batch."""
+        """Atomic per post; one round trip per batch (retried while Redis is down)."""
         if not claims:
             return []
+        return retry_while_down(
+            lambda: self._claim_once(claims), what="post claims", retry_for_s=self._retry_for_s
+        )
+
+    def _claim_once(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
         script = self._redis.script(_CLAIM_SCRIPT)
         pipe = self._redis().pipeline(transaction=False)
         for post_id, identity in claims:
@@ -104,20 +268,49 @@ class InMemoryPostClaims(PostClaims):
 
 
 class RedisWriterStartMarks:
-    """Channel writers' start offsets until their first snapshot (SET NX with a TTL)."""
+    """Channel writers' start offsets until their first snapshot (SET NX with a TTL).
 
-    def __init__(self, url: str, prefix: str, ttl_s: int = 86_400) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=10)
+    A mark is what lets a writer that crashes before its first snapshot find what it wrote,
+    so `mark` is retried like a post claim (then RedisUnavailable). `clear` is only tidying
+    (a resumed writer never reads its mark again): when Redis does not answer within
+    `clear_retry_for_s`, the mark is left to its TTL with a warning.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        ttl_s: int = 86_400,
+        retry_for_s: float = 60.0,
+        clear_retry_for_s: float = 5.0,
+    ) -> None:
+        self._client = redis.Redis.from_url(url, **fail_fast_options(socket_timeout=10))
         self._prefix = prefix
         self._ttl = ttl_s
+        self._retry_for_s = retry_for_s
+        self._clear_retry_for_s = clear_retry_for_s
 
     def mark(self, part: str, offset: int) -> int:
         """Keep the earliest start: an existing mark comes from a crashed execution."""
         key = f"{self._prefix}writer-start:{part}"
-        self._client.set(key, offset, nx=True, ex=self._ttl)
-        held = self._client.get(key)
-        return offset if held is None else int(held)
+
+        def once() -> int:
+            self._client.set(key, offset, nx=True, ex=self._ttl)
+            held = self._client.get(key)
+            return offset if held is None else int(held)
+
+        return retry_while_down(
+            once, what=f"writer start mark {part}", retry_for_s=self._retry_for_s
+        )
 
     def clear(self, part: str) -> None:
         """A snapshot now records where this writer's writes began."""
-        self._client.delete(f"{self._prefix}writer-start:{part}")
+        key = f"{self._prefix}writer-start:{part}"
+        try:
+            retry_while_down(
+                lambda: self._client.delete(key),
+                what=f"writer start mark {part}",
+                retry_for_s=self._clear_retry_for_s,
+            )
+        except RedisUnavailable as exc:
+            log.warning("%s; the mark is left to expire (TTL %d s)", exc, self._ttl)

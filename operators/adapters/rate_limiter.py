@@ -6,9 +6,20 @@ the last `bulk_reserve` share, so normal posts keep flowing while a celebrity ca
 by whatever is left. The arithmetic is `operators.token_bucket.take`, mirrored in Lua so that
 one round trip refills and takes atomically, on Redis' clock (workers' clocks may differ).
 
-If Redis cannot be reached, the limiter fails *closed to a local bucket*: each worker paces
-itself at `rate / local_share` until Redis answers again, so an outage neither stops delivery
-nor lets a fleet of workers exceed the quota many times over (documented in the README).
+Redis outages: the limiter falls back to a *local bucket*. While Redis is unreachable each
+worker paces itself at `rate / local_share` (a quarter of the rate, a quarter of the burst) and
+tries Redis again at most once per `probe_s` (RedisOutage: no connection attempt per send, and
+the event loop is never held by one); the first answer puts it back on the shared bucket (one
+that Redis lost starts full). The choice, against the two others:
+
+- stopping delivery (fail closed) would turn an outage of a pacing aid into an outage of every
+  notification, and the ledger, not Redis, is what keeps pushes single;
+- sending unpaced (fail open) would let a fleet burst far past the provider's quota, turning
+  into 429s, retries and possibly throttling by the provider.
+
+A quarter keeps a fleet of up to four workers within the quota; a fleet of W > 4 workers may
+send up to W/4 times the quota during an outage, and the provider's 429s then go through the
+retry path (Retry-After honoured) and the circuit breaker. Tested in tests/reliability.
 """
 
 from __future__ import annotations
@@ -20,9 +31,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
-
-from operators.adapters.post_claims import PerThreadRedis
+from operators.adapters.post_claims import (
+    REDIS_DOWN_ERRORS,
+    PerThreadRedis,
+    RedisOutage,
+    fail_fast_options,
+)
 from operators.token_bucket import Grant, take
 
 log = logging.getLogger(__name__)
@@ -113,24 +127,40 @@ class LocalRateLimiter(RateLimiter):
 class RedisRateLimiter(RateLimiter):
     """The shared bucket; one script call per take."""
 
-    def __init__(self, url: str, prefix: str, local_share: float = 4.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        local_share: float = 4.0,
+        probe_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._prefix = prefix
-        self._redis = PerThreadRedis(url, socket_timeout=2, socket_connect_timeout=2)
-        self._fallback = LocalRateLimiter(share=local_share)
+        self._redis = PerThreadRedis(url, **fail_fast_options(socket_timeout=2))
+        self._fallback = LocalRateLimiter(clock=clock, share=local_share)
+        self.outage = RedisOutage(
+            f"rate limiter (pacing on a local bucket at 1/{local_share:g} of the rate)",
+            probe_s,
+            clock,
+        )
         self.fallbacks = 0
 
     def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
         """Take from Redis, or from the local bucket while Redis is unreachable."""
         if wanted <= 0:
             return Grant(0, 0.0)
+        if self.outage.skip():
+            self.fallbacks += 1
+            return self._fallback.take(spec, wanted, lane)
+        started = self.outage.started()
         try:
             granted, wait = self._redis.script(_TAKE_SCRIPT)(
                 keys=[f"{self._prefix}ratelimit:{spec.name}"],
                 args=[spec.rate, spec.capacity, wanted, spec.reserve_for(lane)],
             )
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except REDIS_DOWN_ERRORS as exc:
+            self.outage.failed(exc, started)
             self.fallbacks += 1
-            if self.fallbacks == 1 or self.fallbacks % 1000 == 0:
-                log.warning("rate limiter: Redis unreachable (%s); pacing on a local bucket", exc)
             return self._fallback.take(spec, wanted, lane)
+        self.outage.answered()
         return Grant(int(granted), float(wait))
