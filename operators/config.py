@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 # Every topic of the contract (DESIGN.md). Channel topics carry dispatch batches per provider,
 # with a `.bulk` lane for celebrity posts so they never hold up a normal post.
@@ -64,8 +65,13 @@ class Settings:
     kafka_options: Mapping[str, str] = field(default_factory=dict)
     """FANFARE_KAFKA_OPTIONS: extra librdkafka settings, `key=value` comma separated
     (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`)."""
+    kafka_secrets_file: str = ""
+    """FANFARE_KAFKA_SECRETS_FILE: file of secret librdkafka settings, one `key=value` a line
+    (`sasl.password`, `ssl.key.password`, ...), merged over FANFARE_KAFKA_OPTIONS; never logged."""
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """FANFARE_REDIS_URL: Redis for post claims (and, later, rate limits)."""
+    """FANFARE_REDIS_URL: Redis for claims and rate limits (no password here: see below)."""
+    redis_password_file: str = ""
+    """FANFARE_REDIS_PASSWORD_FILE: file holding the Redis password (AUTH); never logged."""
     redis_prefix: str = "fanfare:"
     """FANFARE_REDIS_PREFIX: prefix of every Redis key fanfare writes."""
     store_url: str = ""
@@ -193,6 +199,8 @@ class Settings:
         """Librdkafka configuration: brokers, pass-through options, then per-use settings."""
         conf: dict[str, object] = {"bootstrap.servers": self.kafka_brokers}
         conf.update(self.kafka_options)
+        if self.kafka_secrets_file:
+            conf.update(read_kafka_secrets(self.kafka_secrets_file))
         conf.update(extra)
         return conf
 
@@ -302,6 +310,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
     if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("FANFARE_REDIS_URL must start with redis://, rediss:// or unix://")
+    settings = _with_secrets(settings)
     if not settings.resolved_notification_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
             "FANFARE_NOTIFICATION_STORE_URL must be sqlite:///PATH or "
@@ -326,6 +335,79 @@ def _check_template(settings: Settings) -> None:
         PushTemplate(settings.push_title, settings.push_body, settings.push_link)
     except ValueError as exc:
         raise ConfigError(f"FANFARE_PUSH_TITLE/BODY/LINK: {exc}") from None
+
+
+SECRET_KAFKA_OPTIONS = frozenset(
+    {
+        "sasl.password",
+        "ssl.key.password",
+        "ssl.keystore.password",
+        "sasl.oauthbearer.client.secret",
+    }
+)
+"""librdkafka settings that are credentials: only from FANFARE_KAFKA_SECRETS_FILE."""
+
+
+def read_secret_file(var: str, path: str) -> str:
+    """A secret from a file (one trailing newline dropped); ConfigError says what to fix."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{var}={path}: cannot read it ({exc.strerror})") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def read_kafka_secrets(path: str) -> dict[str, str]:
+    """FANFARE_KAFKA_SECRETS_FILE: `key=value` lines; blank lines and `#` comments skipped."""
+    out: dict[str, str] = {}
+    text = read_secret_file("FANFARE_KAFKA_SECRETS_FILE", path)
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            # Never echo the line: it may hold a secret.
+            raise ConfigError(f"FANFARE_KAFKA_SECRETS_FILE={path}: line {n} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _with_secrets(settings: Settings) -> Settings:
+    """Refuse credentials outside files; put the Redis password file's password in the URL.
+
+    Environment variables show in `ps e`, /proc/PID/environ, orchestrators' describe output
+    and crash reports; files can be mounted read-only with their own permissions.
+    """
+    given = sorted(SECRET_KAFKA_OPTIONS & set(settings.kafka_options))
+    if given:
+        raise ConfigError(
+            f"FANFARE_KAFKA_OPTIONS holds {', '.join(given)}: credentials are read from files "
+            "only; put them in a file of key=value lines and name it in "
+            "FANFARE_KAFKA_SECRETS_FILE"
+        )
+    if settings.kafka_secrets_file:
+        read_kafka_secrets(settings.kafka_secrets_file)  # fail at start, not at first use
+    url = urlsplit(settings.redis_url)
+    if url.password:
+        raise ConfigError(
+            "FANFARE_REDIS_URL holds a password: credentials are read from files only; put it "
+            "in a file named by FANFARE_REDIS_PASSWORD_FILE (a user name may stay in the URL)"
+        )
+    if not settings.redis_password_file:
+        return settings
+    password = read_secret_file("FANFARE_REDIS_PASSWORD_FILE", settings.redis_password_file)
+    if url.scheme == "unix":
+        sep = "&" if url.query else "?"
+        with_pw = f"{settings.redis_url}{sep}password={quote(password, safe='')}"
+    else:
+        user = quote(url.username or "", safe="")
+        host = url.netloc.rpartition("@")[2]
+        with_pw = urlunsplit(
+            (url.scheme, f"{user}:{quote(password, safe='')}@{host}", url.path, url.query, "")
+        )
+    # Held in memory for the clients; every report of the URL redacts the password.
+    return settings.with_overrides(redis_url=with_pw)
 
 
 def cassandra_credentials(settings: Settings) -> dict[str, str | None]:

@@ -55,6 +55,9 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_APNS_KEY_FILE": ("/run/secrets/apns.p8", "/run/secrets/apns.p8"),
     "FANFARE_CASSANDRA_USERNAME": ("fanfare", "fanfare"),
     "FANFARE_CASSANDRA_PASSWORD_FILE": ("/run/secrets/cassandra", "/run/secrets/cassandra"),
+    # Read at load: the test writes these files (the Redis one's password lands in the URL).
+    "FANFARE_KAFKA_SECRETS_FILE": ("KAFKA_SECRETS", "KAFKA_SECRETS"),
+    "FANFARE_REDIS_PASSWORD_FILE": ("REDIS_PASSWORD", "REDIS_PASSWORD"),
     "FANFARE_APNS_KEY_ID": ("ABC123DEFG", "ABC123DEFG"),
     "FANFARE_APNS_TEAM_ID": ("TEAM123456", "TEAM123456"),
     "FANFARE_APNS_TOPIC": ("com.example.app", "com.example.app"),
@@ -106,13 +109,21 @@ def test_unrelated_variables_are_ignored() -> None:
     assert load_settings({"FANFARE_NOT_A_SETTING": "x", "HOME": "/root"}) == Settings()
 
 
-def test_every_variable_is_parsed() -> None:
+def test_every_variable_is_parsed(tmp_path: Path) -> None:
     # The table above must cover every setting, so a new field cannot go untested.
     assert set(EVERY_VARIABLE) == set(ENV_VARIABLES.values())
-    env = {var: raw for var, (raw, _) in EVERY_VARIABLE.items()}
+    files = {"KAFKA_SECRETS": "sasl.password=pw\n", "REDIS_PASSWORD": "pw\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    table = {
+        var: (str(tmp_path / raw), str(tmp_path / raw)) if raw in files else (raw, value)
+        for var, (raw, value) in EVERY_VARIABLE.items()
+    }
+    table["FANFARE_REDIS_URL"] = ("redis://cache:6380/2", "redis://:pw@cache:6380/2")
+    env = {var: raw for var, (raw, _) in table.items()}
     settings = load_settings(env)
     for field_name, var in ENV_VARIABLES.items():
-        expected = EVERY_VARIABLE[var][1]
+        expected = table[var][1]
         assert getattr(settings, field_name) == expected, var
         assert expected != getattr(Settings(), field_name), f"{var} test value is the default"
 

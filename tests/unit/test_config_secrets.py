@@ -1,0 +1,68 @@
+"""Credentials come from files only (issue 6, security): Kafka secrets and the Redis password."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from operators.config import ConfigError, load_settings
+
+
+def secret(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_kafka_secrets_file_is_merged_over_the_options(tmp_path: Path) -> None:
+    path = secret(
+        tmp_path,
+        "kafka",
+        "# SASL\nsasl.password = s3cr=t\n\nssl.key.password=k3y\n",
+    )
+    settings = load_settings(
+        {
+            "FANFARE_KAFKA_OPTIONS": "security.protocol=SASL_SSL,sasl.username=fanfare",
+            "FANFARE_KAFKA_SECRETS_FILE": path,
+        }
+    )
+    conf = settings.kafka_config()
+    assert conf["sasl.password"] == "s3cr=t" and conf["ssl.key.password"] == "k3y"
+    assert conf["sasl.username"] == "fanfare"
+    assert "s3cr" not in repr(settings)  # the settings hold the path, not the secret
+
+
+@pytest.mark.parametrize("option", ["sasl.password", "ssl.key.password"])
+def test_a_kafka_credential_in_the_environment_is_refused(option: str) -> None:
+    with pytest.raises(ConfigError, match="FANFARE_KAFKA_SECRETS_FILE") as err:
+        load_settings({"FANFARE_KAFKA_OPTIONS": f"{option}=hunter2"})
+    assert "hunter2" not in str(err.value)
+
+
+def test_a_bad_secrets_file_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_settings({"FANFARE_KAFKA_SECRETS_FILE": str(tmp_path / "missing")})
+    path = secret(tmp_path, "kafka", "hunter2\n")
+    with pytest.raises(ConfigError, match="line 1 is not key=value") as err:
+        load_settings({"FANFARE_KAFKA_SECRETS_FILE": path})
+    assert "hunter2" not in str(err.value)
+
+
+def test_redis_password_file_goes_into_the_clients_url_only(tmp_path: Path) -> None:
+    path = secret(tmp_path, "redis", "p@ss:w/rd\n")
+    settings = load_settings(
+        {"FANFARE_REDIS_URL": "rediss://default@cache:6380/2", "FANFARE_REDIS_PASSWORD_FILE": path}
+    )
+    assert settings.redis_url == "rediss://default:p%40ss%3Aw%2Frd@cache:6380/2"
+    plain = load_settings(
+        {"FANFARE_REDIS_URL": "redis://cache:6379/0", "FANFARE_REDIS_PASSWORD_FILE": path}
+    )
+    assert plain.redis_url == "redis://:p%40ss%3Aw%2Frd@cache:6379/0"
+
+
+def test_a_redis_password_in_the_url_is_refused() -> None:
+    with pytest.raises(ConfigError, match="FANFARE_REDIS_PASSWORD_FILE") as err:
+        load_settings({"FANFARE_REDIS_URL": "redis://:hunter2@cache:6379/0"})
+    assert "hunter2" not in str(err.value)
