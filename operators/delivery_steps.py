@@ -10,8 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import orjson
-
 from operators.adapters.kafka_io import RawEvent
 from operators.delivery_engine import DeliveryEngine, DeliveryOutput
 from operators.delivery_model import SendRequest
@@ -49,12 +47,15 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
 
 
 def retry_due_at(raw: bytes | None) -> float:
-    """When a `push.retry` record is due; 0 (now) when unreadable, so it is dead-lettered now."""
+    """When a `push.retry` record is due; 0 (now) when it is not a valid record.
+
+    Validated first: a malformed record with a due_at in the future would otherwise be held
+    (in memory and in snapshots) until then and dead-lettered only then.
+    """
     try:
-        due = orjson.loads(raw or b"").get("due_at")
-    except (orjson.JSONDecodeError, AttributeError):
+        return decode_retry_record(raw).due_at
+    except InvalidEvent:
         return 0.0
-    return float(due) if isinstance(due, int | float) and not isinstance(due, bool) else 0.0
 
 
 def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:

@@ -15,6 +15,7 @@ from operators.eligibility import post_suppression
 from operators.fanout_shard import CaughtUp, ShardJob
 from operators.sharding import shard_key, shard_of
 from schemas.codecs import (
+    RAW_TEXT_LIMIT,
     InvalidEvent,
     decode_device_change,
     decode_follow_change,
@@ -23,6 +24,9 @@ from schemas.codecs import (
     raw_text,
 )
 from schemas.records import DeadLetter, PostCreated
+
+ERROR_TEXT_LIMIT = 2_000
+"""Characters of a dead letter's error text (the schema messages are short; this is a bound)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +43,14 @@ def dead_letter(event: RawEvent, error: InvalidEvent | str) -> DeadLetter:
     """A dead letter for an event, counted by reason."""
     reason = error.kind if isinstance(error, InvalidEvent) else "unprocessable"
     metrics.DEAD_LETTERS.labels(event.topic, reason).inc()
-    return DeadLetter(event.topic, event.partition, event.offset, str(error), raw_text(event.value))
+    # Both bounded, so a dead letter fits the broker's message size whatever the input.
+    return DeadLetter(
+        event.topic,
+        event.partition,
+        event.offset,
+        str(error)[:ERROR_TEXT_LIMIT],
+        raw_text(event.value, RAW_TEXT_LIMIT),
+    )
 
 
 def decode_post(event: RawEvent) -> ReadPost | DeadLetter:

@@ -80,6 +80,11 @@ def _parse(raw: bytes | str | None, schema: str) -> dict[str, Any]:
     return data
 
 
+def _whole(value: int | float | None) -> int | None:
+    """A schema integer as an int: JSON Schema counts 7.0 as one, datetime() refuses it."""
+    return None if value is None else int(value)
+
+
 def parse_timestamp(value: str) -> datetime:
     """RFC 3339 to an aware datetime; naive times are refused (they have no meaning here)."""
     try:
@@ -139,8 +144,8 @@ def decode_preference_change(raw: bytes | str | None) -> PreferenceChange:
     return PreferenceChange(
         user_id=d["user_id"],
         push_enabled=d.get("push_enabled", True),
-        quiet_hours_start=start,
-        quiet_hours_end=end,
+        quiet_hours_start=_whole(start),
+        quiet_hours_end=_whole(end),
         timezone=d["timezone"],
         ts=parse_timestamp(d["ts"]),
     )
@@ -336,8 +341,8 @@ def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
             device_id=i["device_id"],
             token=i["token"],
         ),
-        attempt=d["attempt"],
-        seq=d["seq"],
+        attempt=int(d["attempt"]),
+        seq=int(d["seq"]),
         due_at=float(d["due_at"]),
         reason=d["reason"],
     )
@@ -348,10 +353,21 @@ def encode_dead_letter(letter: DeadLetter) -> bytes:
     return orjson.dumps(letter)
 
 
-def raw_text(raw: bytes | str | None) -> str:
-    """The original message as text, keeping bytes that are not UTF-8 as escapes."""
+RAW_TEXT_LIMIT = 64 * 1024
+"""Characters of an original message a dead letter keeps: a dead letter must stay far below the
+broker's message size limit (1 MB by default) whatever the input, or writing it would fail and
+the flow would crash-loop on that message."""
+
+
+def raw_text(raw: bytes | str | None, limit: int | None = None) -> str:
+    """The original message as text, keeping bytes that are not UTF-8 as escapes.
+
+    With `limit`, at most that many characters of it, then a marker with the original size.
+    """
     if raw is None:
         return ""
-    if isinstance(raw, str):
-        return raw
-    return raw.decode("utf-8", errors="backslashreplace")
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", errors="backslashreplace")
+    if limit is None or len(text) <= limit:
+        return text
+    size = len(raw.encode("utf-8", errors="surrogatepass")) if isinstance(raw, str) else len(raw)
+    return f"{text[:limit]}...[truncated: the original value is {size} bytes]"

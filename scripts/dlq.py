@@ -11,6 +11,8 @@ a summary, not the original message). Before sending, each is checked again: a r
 fails the topic's schema is not sent (it would only come back), and a change a later message on
 the same partition superseded (a newer preference record of the same user, device, or follow
 edge) is not sent, so a redrive never rolls a user back to an older state.
+A raw value over 64 KiB is kept cut, with its original size (a dead letter must fit the
+broker's message limit); it fails its schema and is therefore never redriven.
 
 Redriving twice does not send anything twice: each dead letter's source identity
 (`topic/partition@offset`) is claimed in a Redis hash under the configured prefix

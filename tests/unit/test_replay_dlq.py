@@ -511,3 +511,18 @@ def test_namespace_defaults_are_what_the_commands_read() -> None:
     args = cli.build_parser().parse_args(["dlq", "redrive"])
     assert isinstance(args, argparse.Namespace)
     assert (args.reasons, args.source_topics, args.since, args.dry_run) == ([], [], None, False)
+
+
+def test_rebuild_summary_shows_reader_positions_of_every_snapshot_version() -> None:
+    # Regression: reader snapshots became (offset, topic id); the summary showed their repr.
+    import pickle
+
+    states = {
+        ("fanout.read_posts", "post_created/0"): pickle.dumps(12),
+        ("fanout.read_posts", "post_created/1"): pickle.dumps((34, "AaIDJwLu")),
+        ("fanout.read_posts", "post_created/2"): pickle.dumps((-2, None)),
+    }
+    lines = recovery_cli.summarize(states)
+    assert "post_created/0: next offset 12" in lines[1]
+    assert "post_created/1: next offset 34 (topic id AaIDJwLu)" in lines[2]
+    assert "post_created/2: next offset -2 (topic id not seen yet)" in lines[3]
