@@ -232,8 +232,15 @@ def flow_processes(recovery: Path) -> list[int]:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, int):
+    if isinstance(value, int):  # a reader's snapshot before topic ids
         return f"next offset {value:,}"
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], int)
+        and isinstance(value[1], str | None)
+    ):  # a reader's snapshot: the offset and the id of the topic log it counts in
+        return f"next offset {value[0]:,} (topic id {value[1] or 'not seen yet'})"
     if isinstance(value, dict) and value.get("v") == 2 and "jobs" in value:
         return f"{len(value['jobs'])} job(s) in flight, {len(value['deferred'])} deferred push(es)"
     text = repr(value)

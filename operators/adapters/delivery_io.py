@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -35,11 +35,15 @@ from operators.adapters.kafka_io import (
     _TopicPartitionReader,
     topic_partitions,
 )
-from operators.config import PROVIDERS, channel_topic
+from operators.adapters.topic_identity import shared_topic_ids
+from operators.config import MAX_DISPATCH_BATCH, PROVIDERS, channel_topic
 from schemas.codecs import encode_delivery_event
 from schemas.records import DeliveryEvent
 
-LaneOffsets = tuple[int, int, int]
+LaneOffsets = tuple[int, int, int, str | None, str | None]
+"""(normal offset, bulk offset, next item of that bulk message, normal topic id, bulk topic id).
+
+Recovery stores of earlier versions hold the first two or three only."""
 """Where a lane pair resumes: next normal offset, bulk offset, and the next item of that bulk
 message (a dispatch batch is sent in slices); offsets -2 = the partition's start."""
 
@@ -95,7 +99,9 @@ def _item_count(value: bytes | None) -> int | None:
         items = orjson.loads(value or b"").get("items")
     except (orjson.JSONDecodeError, AttributeError):
         return None
-    return len(items) if isinstance(items, list) and items else None
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_DISPATCH_BATCH:
+        return None  # not a valid batch: handed out whole, decoded once and dead-lettered
+    return len(items)
 
 
 class _BulkSlicer:
@@ -110,6 +116,9 @@ class _BulkSlicer:
         for event in self._reader.next_batch():
             assert isinstance(event, RawEvent)
             first = self._resume[1] if event.offset == self._resume[0] else 0
+            # The resume point is the first message read, never a later one: after a re-created
+            # topic the same offset is another message, whose items must all be sent.
+            self._resume = (OFFSET_BEGINNING, 0)
             self._pending.append([event, _item_count(event.value), first])
 
     def wanted(self) -> int:
@@ -142,7 +151,12 @@ class _BulkSlicer:
         if self._pending:
             event, _, i = self._pending[0]
             return event.offset, i
-        return self._reader.snapshot(), 0
+        return self._reader.offset(), 0
+
+    @property
+    def topic_id(self) -> str | None:
+        """The id of the topic log the reader counts in."""
+        return self._reader.topic_id
 
     def close(self) -> None:
         """Leave the broker."""
@@ -187,10 +201,15 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
 
     def snapshot(self) -> LaneOffsets:
         """Both positions (and the next item of a bulk message sent in part)."""
-        bulk = self._bulk.snapshot() if self._bulk is not None else (OFFSET_BEGINNING, 0)
+        bulk_at, bulk_item = (
+            self._bulk.snapshot() if self._bulk is not None else (OFFSET_BEGINNING, 0)
+        )
         return (
-            self._normal.snapshot() if self._normal is not None else OFFSET_BEGINNING,
-            *bulk,
+            self._normal.offset() if self._normal is not None else OFFSET_BEGINNING,
+            bulk_at,
+            bulk_item,
+            self._normal.topic_id if self._normal is not None else None,
+            self._bulk.topic_id if self._bulk is not None else None,
         )
 
     def close(self) -> None:
@@ -242,27 +261,43 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
         provider, _, index = for_part.partition("#")
         i = int(index)
         counts = self._counts()
-        # Recovery stores of earlier versions hold (normal, bulk): resume at the bulk message.
-        normal_at, bulk_at, bulk_item = (
-            *(resume_state or ()),
-            OFFSET_BEGINNING,
-            OFFSET_BEGINNING,
-            0,
-        )[:3]
+        # Recovery stores of earlier versions hold (normal, bulk) or (normal, bulk, item).
+        given = tuple(resume_state or ())
+        normal_at, bulk_at, bulk_item, normal_id, bulk_id = cast(
+            LaneOffsets, given + (OFFSET_BEGINNING, OFFSET_BEGINNING, 0, None, None)[len(given) :]
+        )
         normal_topic, bulk_topic = (
             channel_topic(provider, "normal"),
             channel_topic(provider, "bulk"),
         )
         normal = (
             _TopicPartitionReader(
-                self._config, normal_topic, i, normal_at, self._normal_batch, False, 1.0
+                self._config,
+                normal_topic,
+                i,
+                normal_at,
+                self._normal_batch,
+                False,
+                1.0,
+                topic_ids=shared_topic_ids(self._config),
+                start_topic_id=normal_id,
             )
             if i < counts[normal_topic]
             else None
         )
         bulk = (
             _BulkSlicer(
-                _TopicPartitionReader(self._config, bulk_topic, i, bulk_at, 2, False, 1.0),
+                _TopicPartitionReader(
+                    self._config,
+                    bulk_topic,
+                    i,
+                    bulk_at,
+                    2,
+                    False,
+                    1.0,
+                    topic_ids=shared_topic_ids(self._config),
+                    start_topic_id=bulk_id,
+                ),
                 bulk_at,
                 bulk_item,
             )
@@ -331,7 +366,9 @@ class DeliveryEventsSink(PartitionedTopicsSink[DeliveryEvent]):
         )
 
 
-RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | None]]]
+RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | None]], str | None]
+"""(next offset, the held records, the topic id the offset counts in); earlier recovery stores
+hold the first two only."""
 
 
 class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]):
@@ -378,7 +415,7 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
 
     def snapshot(self) -> RetryPartitionState:
         """The next offset and what is held."""
-        return (self._reader.snapshot(), list(self._heap))
+        return (self._reader.offset(), list(self._heap), self._reader.topic_id)
 
     def close(self) -> None:
         """Leave the broker."""
@@ -409,6 +446,18 @@ class RetryTopicSource(FixedPartitionedSource[object, RetryPartitionState]):
     ) -> _RetryPartitionReader:
         """Resume at the snapshotted offset with the held records."""
         topic, partition = _split_part(for_part)
-        start, held = resume_state if resume_state is not None else (OFFSET_BEGINNING, [])
-        reader = _TopicPartitionReader(self._config, topic, partition, start, 5_000, False, 1.0)
+        start, held, topic_id = (
+            (*resume_state, None)[:3] if resume_state is not None else (OFFSET_BEGINNING, [], None)
+        )
+        reader = _TopicPartitionReader(
+            self._config,
+            topic,
+            partition,
+            start,
+            5_000,
+            False,
+            1.0,
+            topic_ids=shared_topic_ids(self._config),
+            start_topic_id=topic_id,
+        )
         return _RetryPartitionReader(reader, topic, partition, held, self._due_of, self._clock)

@@ -26,10 +26,18 @@ from bytewax.outputs import (
     StatefulSinkPartition,
     StatelessSinkPartition,
 )
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from operators import metrics
+from operators.adapters.topic_identity import TopicIds, shared_topic_ids
 from operators.fanout_shard import CaughtUp
 from schemas.codecs import encode_dead_letter, encode_dispatch_batch
 from schemas.records import DeadLetter, DispatchBatch
@@ -37,6 +45,25 @@ from schemas.records import DeadLetter, DispatchBatch
 log = logging.getLogger(__name__)
 
 KafkaConfig = dict[str, object]
+
+STALE_OFFSET_AFTER_S = 5.0
+"""Seconds a reader's position must stay past its partition's end before it rewinds."""
+READBACK_BEYOND_END_S = 2.0
+"""Seconds a read-back's start must stay past the partition's end before it reads nothing."""
+
+
+ReaderState = tuple[int, str | None]
+"""A partition reader's snapshot: the next offset, and the id of the topic log it counts in."""
+
+
+def resume_point(state: object) -> ReaderState:
+    """A reader snapshot of any version: None (start), an offset (before topic ids), or both."""
+    if state is None:
+        return (OFFSET_BEGINNING, None)
+    if isinstance(state, int):
+        return (state, None)
+    offset, topic_id = cast(tuple[int, str | None], state)
+    return (offset, topic_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +108,25 @@ def _split_part(part: str) -> tuple[str, int]:
     return topic, int(partition)
 
 
-class _TopicPartitionReader(StatefulSourcePartition[object, int]):
+class _TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
     """Reads one partition; with `report_caught_up`, emits a CaughtUp whenever it is at the end.
 
     librdkafka reports the end of a partition once per arrival there, so an idle partition is
     probed by seeking to its own position: the next end-of-partition event then reflects a fetch
     issued after the probe, and `as_of` is the probe's time. Watermarks are not used (on the
     embedded broker they can trail the true end).
+
+    A position beyond the partition's end (the broker lost the log: the embedded broker keeps
+    memory only, so a restart empties every topic; or the topic was deleted and re-created) is
+    detected and the reader rewinds to the partition's beginning, with a warning. Kafka answers
+    a fetch past the end with OFFSET_OUT_OF_RANGE and librdkafka resets to the earliest offset
+    by itself (`auto.offset.reset`); Tansu answers with an empty fetch, forever, so the reader
+    would wait at its old offset: it would skip the first messages of the re-created partition
+    and, for a changelog, never report it read to its end again. The signal is the high
+    watermark of the fetch answers (librdkafka's cached one, no round trip), which never trails
+    the position on a healthy partition: it must stay below the position, with no message and
+    no end-of-partition event, for `stale_after_s`. The beginning, not the end: everything on
+    a re-created partition was written after the loss, so none of it has been read.
     """
 
     def __init__(
@@ -100,6 +139,9 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
         report_caught_up: bool,
         probe_interval_s: float,
         clock: Callable[[], float] = time.time,
+        stale_after_s: float = STALE_OFFSET_AFTER_S,
+        topic_ids: TopicIds | None = None,
+        start_topic_id: str | None = None,
     ) -> None:
         conf = dict(config)
         conf.update(
@@ -127,10 +169,26 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
         self._last_eof_at = 0.0
         self._lag = metrics.CONSUMER_LAG.labels(topic, str(partition))
         self._lag_at = 0.0
+        self._stale_after_s = stale_after_s
+        self._behind_since: float | None = None
+        self._beyond_check_at = 0.0
+        self.rewinds = 0  # times the reader went back to the beginning of a new log
+        self._topic_ids = topic_ids
+        # The id of the log `_position` points into: from the snapshot, else the first seen.
+        # A snapshot's id that differs from the topic's now means the log it counted in is
+        # gone (a flow started again after the broker lost its data): start at the beginning.
+        self._topic_id = start_topic_id
+        self._id_check_at = 0.0
+        if topic_ids is not None:
+            topic_ids.register([topic])
         self._consumer.assign([TopicPartition(topic, partition, start)])
 
     def next_batch(self) -> list[object]:
         """Whatever is ready now (never blocks)."""
+        if self._topic_ids is not None and self._clock() >= self._id_check_at:
+            self._id_check_at = self._clock() + 0.5
+            if self._topic_recreated():
+                return []
         msgs = self._consumer.consume(self._batch_size, 0)
         out: list[object] = []
         now = self._clock()
@@ -150,6 +208,10 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
             offset = cast(int, m.offset())
             out.append(RawEvent(self._topic, self._partition, offset, m.key(), m.value(), now))
             self._position = offset + 1
+        if out or at_end:
+            self._behind_since = None
+        elif now >= self._beyond_check_at:
+            self._check_beyond_end(now)
         if self._report and not out:
             if at_end:
                 out.append(CaughtUp(self._source, self._probe_at))
@@ -162,6 +224,75 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
         if now >= self._lag_at:
             self._sample_lag(now, at_end)
         return out
+
+    def _topic_recreated(self) -> bool:
+        """Rewind to the beginning if the topic's id changed (see `topic_identity`).
+
+        The new log's offsets start again at 0, so the position in the old one would skip the
+        new log's first messages once enough arrived. Messages of the new log read before the
+        change was seen are read again: at least once, as after any restart.
+        """
+        assert self._topic_ids is not None
+        current = self._topic_ids.current(self._topic)
+        if current is None or current == self._topic_id:
+            return False
+        if self._topic_id is None:  # the first id seen: the log we are reading
+            self._topic_id = current
+            return False
+        if not self._rewind():
+            return False
+        log.warning(
+            "%s: the topic was re-created (its id changed from %s to %s: the broker lost its "
+            "data, as the embedded broker does when it restarts, or someone deleted and created "
+            "it); its offsets start again, so reading resumes at its beginning",
+            self._source,
+            self._topic_id,
+            current,
+        )
+        self._topic_id = current
+        return True
+
+    def _rewind(self) -> bool:
+        """Seek to the partition's beginning; False if the client refused (tried again later)."""
+        try:
+            self._consumer.seek(TopicPartition(self._topic, self._partition, OFFSET_BEGINNING))
+        except KafkaException as exc:
+            log.warning("%s: rewinding failed (%s); trying again", self._source, exc)
+            return False
+        self._behind_since = None
+        self._position = OFFSET_BEGINNING
+        self.rewinds += 1
+        return True
+
+    def _check_beyond_end(self, now: float) -> None:
+        """Rewind to the beginning if the position has stayed past the partition's end."""
+        self._beyond_check_at = now + 0.5
+        if self._position < 0:  # a logical offset (beginning/end): nothing to compare
+            return
+        _, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._topic, self._partition), cached=True
+        )
+        if high < 0 or high >= self._position:
+            self._behind_since = None
+            return
+        if self._behind_since is None:
+            self._behind_since = now
+            return
+        if now - self._behind_since < self._stale_after_s:
+            return
+        behind_for, position = now - self._behind_since, self._position
+        if not self._rewind():
+            return
+        log.warning(
+            "%s: the next offset to read, %d, is beyond the partition's end (%d) for %.0f s: "
+            "the broker lost the partition's data (the embedded broker keeps memory only, "
+            "so a restart empties every topic) or the topic was re-created. Everything on it "
+            "now was written since, so reading resumes at its beginning",
+            self._source,
+            position,
+            high,
+            behind_for,
+        )
 
     def _sample_lag(self, now: float, at_end: bool) -> None:
         """The lag gauge from the watermark the client last saw (no broker round trip)."""
@@ -179,9 +310,18 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
         """Poll again at once (Bytewax waits 1 ms after an empty batch)."""
         return None
 
-    def snapshot(self) -> int:
+    def offset(self) -> int:
         """The next offset to read."""
         return self._position
+
+    @property
+    def topic_id(self) -> str | None:
+        """The id of the topic log the offset points into (None until first seen)."""
+        return self._topic_id
+
+    def snapshot(self) -> ReaderState:
+        """The next offset to read, and the id of the log it belongs to."""
+        return (self._position, self._topic_id)
 
     def close(self) -> None:
         """Leave the broker."""
@@ -190,7 +330,7 @@ class _TopicPartitionReader(StatefulSourcePartition[object, int]):
             metrics.CONSUMER_LAG.remove(self._topic, str(self._partition))
 
 
-class KafkaTopicsSource(FixedPartitionedSource[object, int]):
+class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     """Every partition of some topics; items are RawEvent (and CaughtUp when reporting).
 
     `replay_topics` are read from their beginning on every start, whatever the snapshot says:
@@ -219,11 +359,11 @@ class KafkaTopicsSource(FixedPartitionedSource[object, int]):
         return topic_partitions(self._config, self._topics)
 
     def build_part(
-        self, step_id: str, for_part: str, resume_state: int | None
+        self, step_id: str, for_part: str, resume_state: ReaderState | int | None
     ) -> _TopicPartitionReader:
         """Resume from the snapshotted offset, or start at the beginning of the partition."""
         topic, partition = _split_part(for_part)
-        start = OFFSET_BEGINNING if resume_state is None else resume_state
+        start, topic_id = resume_point(resume_state)
         if topic in self._replay_topics:
             start = OFFSET_BEGINNING  # state rebuilt from the changelog, not from snapshots
         return _TopicPartitionReader(
@@ -234,6 +374,8 @@ class KafkaTopicsSource(FixedPartitionedSource[object, int]):
             self._batch_size,
             self._report,
             self._probe_interval,
+            topic_ids=shared_topic_ids(self._config),
+            start_topic_id=topic_id,
         )
 
 
@@ -253,11 +395,13 @@ def read_partition_to_end(
     consumer.assign([TopicPartition(topic, partition, start)])
     out: list[tuple[int, bytes | None]] = []
     deadline = time.monotonic() + timeout_s
+    behind_since: float | None = None
     try:
         while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic}/{partition} to its end took over {timeout_s}s")
-            for m in consumer.consume(10_000, 0.2):
+            msgs = consumer.consume(10_000, 0.2)
+            for m in msgs:
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
@@ -266,6 +410,25 @@ def read_partition_to_end(
                         raise RuntimeError(f"reading {topic}/{partition}: {err.str()}")
                     continue
                 out.append((cast(int, m.offset()), m.value()))
+            if msgs or out or start < 0:
+                continue
+            # `start` past the partition's end (see _TopicPartitionReader): the broker lost
+            # what was written there, so there is nothing to read back.
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            if not 0 <= high < start:
+                behind_since = None
+            elif behind_since is None:
+                behind_since = time.monotonic()
+            elif time.monotonic() - behind_since >= min(READBACK_BEYOND_END_S, timeout_s / 4):
+                log.warning(
+                    "reading back %s/%s from offset %d: the partition ends before it, at %d "
+                    "(the broker lost its data, or the topic was re-created); nothing to read",
+                    topic,
+                    partition,
+                    start,
+                    high,
+                )
+                return out
     finally:
         consumer.close()
 
@@ -373,9 +536,23 @@ class _IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gen
             self._next = self._replay_from = -1
         else:
             self._next, self._replay_from = resume
+            foreign = 0
             for _, value in read_partition_to_end(config, topic, partition, self._replay_from):
-                if value is not None:
-                    self._seen.update(self._identities(value))
+                # The topic is also an input others write to: a message that is not in our
+                # shape is not ours, so it cannot be a replay of our writes.
+                try:
+                    self._seen.update(self._identities(value or b""))
+                except (ValueError, LookupError, TypeError, AttributeError):
+                    foreign += 1
+            if foreign:
+                log.warning(
+                    "%s/%s: %d messages written since the last snapshot are not in this "
+                    "writer's format (malformed input from another producer): not replays of "
+                    "ours; the topic's readers dead-letter them",
+                    topic,
+                    partition,
+                    foreign,
+                )
             self._epochs_left = replay_window_epochs if self._seen else 0
             if self._seen:
                 log.info(

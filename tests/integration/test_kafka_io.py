@@ -6,6 +6,7 @@ import time
 
 import orjson
 import pytest
+from confluent_kafka import Producer
 
 from operators.adapters.kafka_io import (
     ChannelTopicsSink,
@@ -57,7 +58,7 @@ def test_reader_reports_caught_up_only_after_reading_to_the_end(stack: Stack) ->
             for i, e in enumerate(events)
             if isinstance(e, RawEvent)
         )
-        assert r.snapshot() == end_offset(kafka, "preference_changes", int(part[-1]))
+        assert r.offset() == end_offset(kafka, "preference_changes", int(part[-1]))
     assert all(m.as_of >= built_at - 0.01 for m in markers)
     # While idle, later markers keep coming with later as_of times (probing the end).
     later = drain(
@@ -112,6 +113,36 @@ def test_channel_sink_drops_items_written_since_the_snapshot_on_resume(stack: St
     assert sorted(users, key=lambda u: int(u[1:])) == [f"u{i}" for i in range(30)]
     assert (20, 10) in written  # ten dropped as replayed
     resumed.close()
+
+
+def test_channel_sink_resumes_past_malformed_messages_other_producers_wrote(
+    stack: Stack,
+) -> None:
+    # Regression (found by the 10k malformed-input run): push.* are input topics too, and a
+    # writer resuming read back a malformed message there as its own: TypeError on start,
+    # and the fan-out crash-looped.
+    kafka = stack.settings.kafka_config()
+    written: list[tuple[int, int]] = []
+    sink = ChannelTopicsSink(
+        kafka, ["push.apns"], on_written=lambda b, dropped: written.append((len(b.items), dropped))
+    )
+    part_name = sink.route_key(batch("m1", range(1)))
+    topic, p = part_name.rsplit("/", 1)
+    part = sink.build_part("out", part_name, None)
+    part.write_batch([batch("m1", range(0, 5))])
+    state = part.snapshot()
+    part.write_batch([batch("m1", range(5, 10))])  # written after the snapshot
+    part.close()
+    foreign = [b"not json", b'{"items": [1.5, null]}', b"[]", b'{"items": [{}]}', b""]
+    producer = Producer({**kafka, "acks": "all"})
+    for value in foreign:
+        producer.produce(topic, value=value, key=b"k", partition=int(p))
+    assert producer.flush(30) == 0
+    resumed = sink.build_part("out", part_name, state)  # raised TypeError before the fix
+    resumed.write_batch([batch("m1", range(5, 12))])
+    resumed.snapshot()
+    resumed.close()
+    assert (7, 5) in written  # the replayed five still dropped, the two new ones written
 
 
 def test_channel_sink_refuses_a_batch_routed_to_another_topic(stack: Stack) -> None:
