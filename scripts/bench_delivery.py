@@ -96,7 +96,6 @@ from scripts.bench_fanout import (
     cmdline,
     cpu_seconds,
     delete_redis_keys,
-    free_port,
     git_revision,
     log,
     percentile,
@@ -107,6 +106,7 @@ from scripts.bench_fanout import (
     wait_until,
 )
 from scripts.local_providers.control import AcceptedRecord, ProviderControl
+from scripts.ports import free_port
 
 TARGET_APNS_PER_S = 10_000
 TARGET_P50_S = 0.100

@@ -50,7 +50,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -87,6 +86,7 @@ from operators.config import (
 from operators.quiet_hours import hour_is_quiet
 from operators.sharding import shard_of
 from scripts import devstack
+from scripts.ports import free_port, free_port_run, port_free
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_BASE_PORT = 2101  # scripts.runner's fixed cluster ports (127.0.0.1:2101 + i)
@@ -302,32 +302,6 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, threshol
 
 
 # --- processes and /proc --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for the broker)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_free(port: int) -> bool:
-    """Whether a TCP port on 127.0.0.1 can be bound now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_run(count: int) -> int:
-    """The first of `count` consecutive free ports."""
-    for _ in range(200):
-        base = random.randint(20_000, 60_000)
-        if all(port_free(base + i) for i in range(count)):
-            return base
-    raise BenchError(f"no {count} consecutive free ports found")
 
 
 def _stat_fields(pid: int) -> list[str] | None:

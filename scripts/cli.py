@@ -208,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_parser(sub)
     dlq.add_parser(sub)
     recovery_cli.add_parser(sub)
+    # Fault scenarios (issue 6): the same options as `python -m scripts.chaos`.
+    from scripts import chaos as chaos_runner
+
+    chaos = sub.add_parser(
+        "chaos",
+        help="inject faults on a throwaway embedded stack; count pushes lost and repeated",
+        description="Run fault scenarios (worker crashes, a cluster against one process, "
+        "provider outages, 429s, GOAWAY, slow answers), each on its own embedded stack, and "
+        "print per fault the pushes expected, delivered, lost and repeated, and the recovery "
+        "times. Exit 0 when every scenario came back without problems.",
+    )
+    chaos_runner.add_arguments(chaos)
+    chaos.set_defaults(func=chaos_runner.command)
     return parser
 
 
