@@ -41,6 +41,7 @@ from operators.adapters.push_senders import (
     fcm_config,
 )
 from operators.adapters.rate_limiter import BucketSpec, RedisRateLimiter
+from operators.adapters.recovery_marker import recovery_lineage
 from operators.config import (
     DEVICE_CHANGES,
     PUSH_RETRY,
@@ -195,7 +196,11 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     kafka = settings.kafka_config()
     pacer = BulkPacer()
     marks = functools.cache(
-        lambda: RedisWriterStartMarks(settings.redis_url, settings.redis_prefix)
+        lambda: RedisWriterStartMarks(
+            settings.redis_url,
+            settings.redis_prefix,
+            recovery_lineage(settings.recovery_dir("delivery")),
+        )
     )
     events = DeliveryEventsSink(kafka, marks=marks)
     return build_delivery_flow(

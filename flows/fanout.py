@@ -33,6 +33,7 @@ from operators.adapters.kafka_io import (
     topic_partitions,
 )
 from operators.adapters.post_claims import PostClaims, RedisPostClaims, RedisWriterStartMarks
+from operators.adapters.recovery_marker import recovery_lineage
 from operators.config import (
     CHANGELOG_TOPICS,
     CHANNEL_TOPICS,
@@ -132,7 +133,11 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         CHANNEL_TOPICS,
         on_written=_count_written,
         marks=functools.cache(
-            lambda: RedisWriterStartMarks(settings.redis_url, settings.redis_prefix)
+            lambda: RedisWriterStartMarks(
+                settings.redis_url,
+                settings.redis_prefix,
+                recovery_lineage(settings.recovery_dir("fanout")),
+            )
         ),
     )
     return build_fanout_flow(

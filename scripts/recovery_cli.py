@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from zlib import crc32
 
+from operators.adapters.recovery_marker import recovery_lineage
 from operators.config import FOLLOW_CHANGES, Settings
 
 _PREFIX = "fanfare recovery"
@@ -180,8 +181,13 @@ def dropped_keys(
     }
 
 
-def write_recovery(path: Path, partitions: int, states: Mapping[tuple[str, str], bytes]) -> None:
+def write_recovery(
+    path: Path, partitions: int, states: Mapping[tuple[str, str], bytes], lineage: str = ""
+) -> None:
     """A new recovery directory holding `states`, resumed from as if just snapshotted.
+
+    `lineage` continues the old directory's (see `recovery_marker`): its writers' start marks
+    still say where writers with no snapshot began.
 
     One execution (ex 0, one worker) whose frontier is SEEDED_EPOCH + 1, and every state at
     SEEDED_EPOCH, so Bytewax resumes at epoch 2 with them. Each state goes to a partition by a
@@ -189,7 +195,7 @@ def write_recovery(path: Path, partitions: int, states: Mapping[tuple[str, str],
     """
     from scripts.runner import ensure_recovery_dir
 
-    ensure_recovery_dir(path, partitions)
+    ensure_recovery_dir(path, partitions, lineage=lineage)
     dbs = [sqlite3.connect(path / f"part-{i}.sqlite3") for i in range(partitions)]
     try:
         dbs[0].execute(
@@ -330,7 +336,7 @@ def rebuild(
     staging = target.with_name(f"{flow}.rebuilding")
     if staging.exists():
         shutil.rmtree(staging)  # left by an interrupted rebuild; never swapped in
-    write_recovery(staging, settings.recovery_partitions, carried)
+    write_recovery(staging, settings.recovery_partitions, carried, recovery_lineage(target))
     check = read_recovery(staging)
     if check.states != carried:
         shutil.rmtree(staging)

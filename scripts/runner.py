@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -33,6 +32,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from operators.adapters.recovery_marker import (
+    RECOVERY_MARKER,
+    read_marker,
+    recovery_lineage,
+    write_marker,
+)
 from operators.config import Settings
 from scripts import readiness
 from scripts.supervisor import Member, RestartPolicy, Supervisor
@@ -55,7 +60,6 @@ BYTEWAX_IDENTITY_VARIABLES = (
     "BYTEWAX_HOSTFILE_PATH",
     "BYTEWAX_WORKERS_PER_PROCESS",
 )
-RECOVERY_MARKER = "fanfare-recovery.json"
 
 
 class UsageError(ValueError):
@@ -243,20 +247,21 @@ def check_ports(settings: Settings, spec: ClusterSpec) -> None:
 # --- recovery ------------------------------------------------------------------------------------
 
 
-def ensure_recovery_dir(path: Path, partitions: int, member: tuple[int, int] | None = None) -> bool:
+def ensure_recovery_dir(
+    path: Path, partitions: int, member: tuple[int, int] | None = None, lineage: str = ""
+) -> bool:
     """Create the recovery partitions once; returns True when it made them.
 
     For a member (process_id, processes) of a multi-host cluster, the directory keeps only its
     share, partitions k with k % processes == process_id: the cluster as a whole must hold every
     partition exactly once, and each member's directory is its own (a volume per pod). A marker
-    records the split; a member whose cluster size changed refuses to start.
+    records the split and the directory's lineage id (see `recovery_marker`); a member whose
+    cluster size changed refuses to start. A directory from before lineage ids gets one; a
+    new one gets `lineage` when given (a rebuild continues the old directory's), else a new id.
     """
     marker = path / RECOVERY_MARKER
     if marker.exists():
-        try:
-            made = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            made = {}
+        made = read_marker(path)
         if member is not None and made.get("processes") not in (None, member[1]):
             raise UsageError(
                 f"{path} holds this member's share of recovery partitions split over "
@@ -264,14 +269,17 @@ def ensure_recovery_dir(path: Path, partitions: int, member: tuple[int, int] | N
                 "run every member with --fresh (start over), or move the part-* files so that "
                 f"each partition is on exactly one member and delete {marker}"
             )
+        if not recovery_lineage(path):
+            write_marker(path, made)
         return False
     if any(path.glob("part-*.sqlite3")):
+        write_marker(path, {})  # partitions made by hand or by Bytewax's tool: adopted
         return False
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "bytewax.recovery", str(path), str(partitions)], check=True
     )
-    info: dict[str, Any] = {"partitions": partitions}
+    info: dict[str, Any] = {"partitions": partitions, "lineage": lineage}
     if member is not None:
         process_id, processes = member
         for k in range(partitions):
@@ -279,7 +287,7 @@ def ensure_recovery_dir(path: Path, partitions: int, member: tuple[int, int] | N
                 for f in path.glob(f"part-{k}.sqlite3*"):
                     f.unlink()
         info.update(processes=processes, process_id=process_id)
-    marker.write_text(json.dumps(info))
+    write_marker(path, info)
     return True
 
 

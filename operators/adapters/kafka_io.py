@@ -448,13 +448,14 @@ def end_offset(config: KafkaConfig, topic: str, partition: int) -> int:
 
 
 class WriterStartMarks(Protocol):
-    """Where a channel writer with no snapshot yet began writing (see post_claims' Redis)."""
+    """Where a channel writer first began writing in its recovery lineage (post_claims' Redis).
+
+    Never cleared by a snapshot: a cluster may resume from before a writer's first snapshot
+    after it was taken (the resume epoch is the slowest worker's last durable one).
+    """
 
     def mark(self, part: str, offset: int) -> int:
-        """Record `offset` unless a mark is held; return the held one."""
-
-    def clear(self, part: str) -> None:
-        """Forget the mark once a snapshot covers the writer."""
+        """Record `offset` unless an earlier mark is held; return the held one."""
 
 
 def high_watermark(config: KafkaConfig, topic: str, partition: int) -> int:
@@ -487,7 +488,9 @@ class _IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gen
     After a restart, Bytewax replays the work of the epoch that was not snapshotted. This writer
     snapshots the partition's next offset at each epoch; on resume it reads back what was
     written since, and drops values (or items of values) whose identity is already there. They
-    stay remembered for `replay_window_epochs` snapshots or until all were seen again.
+    stay remembered until all were seen again, or until `replay_window_epochs` snapshots in a
+    row pass with none of them seen (the count starts again at each one seen: a replay slower
+    than the original, on a loaded machine or behind a long catch-up, is still deduped).
     Subclasses say what identifies a message and how to encode one.
     """
 
@@ -517,16 +520,17 @@ class _IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gen
         self._last_offset = -1
         self._errors: list[str] = []
         self._seen: set[Hashable] = set()
+        self._replay_window = replay_window_epochs
         self._epochs_left = 0
         self._end_probe: concurrent.futures.Future[int] | None = None
-        self._marks = marks
         self._part = f"{topic}/{partition}"
         if resume is None and marks is not None:
-            # No snapshot covers this writer yet, so a crash before its first snapshot would
-            # leave no record of where its writes began: keep one in Redis (a watermark may
-            # trail the end, which only makes the read-back start earlier). A mark left by a
-            # crashed execution is older and wins.
+            # No durable snapshot covers this writer, so Bytewax replays from before its first
+            # write: read back from where the lineage's first writer here began (a mark left
+            # by an earlier execution is older and wins; a watermark may trail the end, which
+            # only makes the read-back start earlier).
             start = marks.mark(self._part, high_watermark(config, topic, partition))
+            log.info("%s: no snapshot; reading back from offset %d (start mark)", self._part, start)
             resume = (start, start)
         if resume is None:
             # Bytewax builds a writer when its first batch arrives: finding the partition's end
@@ -592,6 +596,7 @@ class _IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gen
             if self._seen:
                 kept, dropped = self._unseen(value)
                 if dropped:
+                    self._epochs_left = self._replay_window  # the replay is still under way
                     self._written(value, dropped)
                 if kept is None:
                     continue
@@ -627,9 +632,6 @@ class _IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gen
         elif self._end_probe is not None:
             self._next = self._end_probe.result(timeout=60)
         self._end_probe = None
-        if self._marks is not None:
-            self._marks.clear(self._part)  # from now on the snapshot says where writes began
-            self._marks = None
         if self._epochs_left > 0:
             self._epochs_left -= 1
             if self._epochs_left == 0 or not self._seen:

@@ -268,49 +268,45 @@ class InMemoryPostClaims(PostClaims):
 
 
 class RedisWriterStartMarks:
-    """Channel writers' start offsets until their first snapshot (SET NX with a TTL).
+    """Where each channel writer of a recovery lineage first began writing (SET NX, a TTL).
 
-    A mark is what lets a writer that crashes before its first snapshot find what it wrote,
-    so `mark` is retried like a post claim (then RedisUnavailable). `clear` is only tidying
-    (a resumed writer never reads its mark again): when Redis does not answer within
-    `clear_retry_for_s`, the mark is left to its TTL with a warning.
+    A writer that Bytewax builds with no snapshot reads back from its mark, so that what it
+    (or an earlier execution of the same lineage) wrote is not written again. A mark is never
+    cleared by a snapshot: the resume epoch is the slowest worker's last durable one, so a
+    cluster can resume from before a writer's first snapshot well after that snapshot was
+    taken (a kill -9 of one member while another member's writer had snapshotted: every push
+    written so far was written again). A writer with a snapshot never reads its mark, so a
+    held mark costs nothing; it expires `ttl_s` after the last writer that needed it was built.
+    Marks are keyed by the recovery directory's lineage (`recovery_marker`): a new directory
+    starts over. `mark` is retried like a post claim while Redis is down (then
+    RedisUnavailable): without it a crash could repeat every write.
     """
 
     def __init__(
         self,
         url: str,
         prefix: str,
+        lineage: str = "",
         ttl_s: int = 86_400,
         retry_for_s: float = 60.0,
-        clear_retry_for_s: float = 5.0,
     ) -> None:
         self._client = redis.Redis.from_url(url, **fail_fast_options(socket_timeout=10))
-        self._prefix = prefix
+        self._prefix = f"{prefix}writer-start:{lineage + ':' if lineage else ''}"
         self._ttl = ttl_s
         self._retry_for_s = retry_for_s
-        self._clear_retry_for_s = clear_retry_for_s
 
     def mark(self, part: str, offset: int) -> int:
-        """Keep the earliest start: an existing mark comes from a crashed execution."""
-        key = f"{self._prefix}writer-start:{part}"
+        """Record `offset` unless the lineage holds an earlier mark; return the held one."""
+        key = f"{self._prefix}{part}"
 
         def once() -> int:
-            self._client.set(key, offset, nx=True, ex=self._ttl)
-            held = self._client.get(key)
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(key, offset, nx=True, ex=self._ttl)
+            pipe.get(key)
+            pipe.expire(key, self._ttl)
+            _, held, _ = pipe.execute()
             return offset if held is None else int(held)
 
         return retry_while_down(
             once, what=f"writer start mark {part}", retry_for_s=self._retry_for_s
         )
-
-    def clear(self, part: str) -> None:
-        """A snapshot now records where this writer's writes began."""
-        key = f"{self._prefix}writer-start:{part}"
-        try:
-            retry_while_down(
-                lambda: self._client.delete(key),
-                what=f"writer start mark {part}",
-                retry_for_s=self._clear_retry_for_s,
-            )
-        except RedisUnavailable as exc:
-            log.warning("%s; the mark is left to expire (TTL %d s)", exc, self._ttl)

@@ -299,15 +299,10 @@ def test_post_claims_fail_the_worker_when_redis_stays_away() -> None:
     assert 0.5 <= time.monotonic() - started < 3.0
 
 
-def test_writer_start_marks_wait_for_redis_and_clearing_never_fails_a_snapshot(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    marks = RedisWriterStartMarks(closed_url(), "t:", retry_for_s=0.3, clear_retry_for_s=0.2)
+def test_writer_start_marks_wait_for_redis_then_give_up() -> None:
+    marks = RedisWriterStartMarks(closed_url(), "t:", retry_for_s=0.3)
     with pytest.raises(RedisUnavailable, match=r"writer start mark push\.apns/0"):
         marks.mark("push.apns/0", 42)
-    with caplog.at_level(logging.WARNING):
-        marks.clear("push.apns/0")  # only tidying: a warning, never an error
-    assert "left to expire" in caplog.text
 
 
 def test_writer_start_marks_survive_a_redis_restart(own_redis: OwnRedis) -> None:
@@ -317,8 +312,22 @@ def test_writer_start_marks_survive_a_redis_restart(own_redis: OwnRedis) -> None
     own_redis.kill()
     own_redis.start()
     assert marks.mark("push.apns/0", 50) == 50  # Redis lost it; the stale connection reconnects
-    marks.clear("push.apns/0")
-    assert own_redis.client().exists("t:writer-start:push.apns/0") == 0
+
+
+def test_writer_start_marks_belong_to_one_lineage_and_outlive_their_ttl_while_used(
+    own_redis: OwnRedis,
+) -> None:
+    first = RedisWriterStartMarks(own_redis.url, "t:", lineage="aaa", ttl_s=100)
+    assert first.mark("push.apns/0", 42) == 42
+    # Another recovery directory (after --fresh) starts over: its own mark.
+    fresh = RedisWriterStartMarks(own_redis.url, "t:", lineage="bbb", ttl_s=100)
+    assert fresh.mark("push.apns/0", 900) == 900
+    assert first.mark("push.apns/0", 950) == 42
+    client = own_redis.client()
+    assert client.get("t:writer-start:aaa:push.apns/0") == b"42"
+    client.expire("t:writer-start:aaa:push.apns/0", 5)
+    first.mark("push.apns/0", 960)  # built again with no snapshot: the mark's TTL starts over
+    assert client.ttl("t:writer-start:aaa:push.apns/0") > 50
 
 
 # --- broker restarts: a reader whose offset lies beyond the partition's end -----------------

@@ -16,6 +16,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig
 from bytewax.testing import TestingSink, TestingSource, run_main
 
+from operators.adapters.recovery_marker import recovery_lineage
 from operators.config import load_settings
 from scripts import cli, dlq, recovery_cli, replay
 from scripts.dlq import Fate, Letter, MemoryRedriveMarks, plan_redrive
@@ -475,6 +476,7 @@ def test_rebuild_swaps_directories_and_keeps_the_old_one(tmp_path: Path) -> None
     )
     target = settings.recovery_dir("fanout")
     ensure_recovery_dir(target, 3)
+    lineage = recovery_lineage(target)
     run(target, [1, 2, 3])
     out = io.StringIO()
     assert (
@@ -496,6 +498,8 @@ def test_rebuild_swaps_directories_and_keeps_the_old_one(tmp_path: Path) -> None
     assert names[0] == "fanout" and names[1].startswith("fanout.replaced-") and len(names) == 2
     assert len(list(target.glob("part-*.sqlite3"))) == 2
     assert "t.inp" in out.getvalue() and "the old directory is" in out.getvalue()
+    # The same lineage: writers with no snapshot still find their start marks.
+    assert recovery_lineage(target) == lineage != ""
     assert run(target, [1, 2, 3, 4]) == [("k", 10)]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from operators import metrics
+from operators.adapters.recovery_marker import RECOVERY_MARKER, read_marker, recovery_lineage
 from operators.config import Settings
 from operators.fanout_logic import ExpandFollowerShardLogic
 from operators.fanout_shard import CaughtUp, FollowerShard
@@ -205,6 +206,29 @@ def test_member_recovery_dir_keeps_its_share(tmp_path: Path) -> None:
     local = tmp_path / "local"
     assert runner.ensure_recovery_dir(local, 3)
     assert len(list(local.glob("part-*.sqlite3"))) == 3
+
+
+def test_recovery_dirs_have_a_lineage_kept_until_the_directory_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "recovery"
+    assert runner.ensure_recovery_dir(path, 2)
+    lineage = recovery_lineage(path)
+    assert len(lineage) == 16
+    assert not runner.ensure_recovery_dir(path, 2)
+    assert recovery_lineage(path) == lineage  # every execution from it: one lineage
+    other = tmp_path / "other"
+    assert runner.ensure_recovery_dir(other, 2)
+    assert recovery_lineage(other) not in ("", lineage)
+    continued = tmp_path / "continued"
+    assert runner.ensure_recovery_dir(continued, 2, lineage=lineage)  # a rebuild
+    assert recovery_lineage(continued) == lineage
+    # A directory from before lineage ids (or made by Bytewax's own tool) is given one.
+    (path / RECOVERY_MARKER).write_text(json.dumps({"partitions": 2}))
+    assert not runner.ensure_recovery_dir(path, 2)
+    assert recovery_lineage(path) not in ("", lineage)
+    assert read_marker(path)["partitions"] == 2
+    (path / RECOVERY_MARKER).unlink()
+    assert not runner.ensure_recovery_dir(path, 2)
+    assert recovery_lineage(path)
 
 
 # --- the restart policy --------------------------------------------------------------------------
