@@ -235,6 +235,7 @@ class LocalProviders(_Handle):
     def __init__(
         self, running: Running, loop: asyncio.AbstractEventLoop, thread: threading.Thread
     ) -> None:
+        self.running = running  # what the servers saw, for tests in the same process
         self.info = running.info
         self.credentials = running.credentials
         self.home = running.home

@@ -22,8 +22,6 @@ README's "Security").
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import ipaddress
 import json
 import re
@@ -31,7 +29,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,7 +45,7 @@ import redis
 from operators.adapters.kafka_io import produce_all
 from operators.config import ALL_TOPICS
 from scripts.local_providers.control import ProviderControl
-from scripts.local_providers.runner import Running, serve
+from scripts.local_providers.runner import LocalProviders, Running, start_local_providers
 from tests.conftest import Stack, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,9 +60,11 @@ TS = "2026-06-01T12:00:00Z"
 class InProcessProviders:
     """The local APNs and FCM servers on a thread of the test, so it can see what they saw."""
 
-    running: Running
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
+    providers: LocalProviders
+
+    @property
+    def running(self) -> Running:
+        return self.providers.running
 
     @property
     def info(self) -> Any:
@@ -83,33 +82,11 @@ class InProcessProviders:
         }
 
     def stop(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=15)
+        self.providers.stop()
 
 
 def serve_in_thread(home: Path, fcm_access_token: str) -> InProcessProviders:
-    loop = asyncio.new_event_loop()
-    ready: concurrent.futures.Future[Running] = concurrent.futures.Future()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            running = loop.run_until_complete(serve(home, fcm_access_token=fcm_access_token))
-        except BaseException as exc:
-            ready.set_exception(exc)
-            loop.close()
-            return
-        ready.set_result(running)
-        try:
-            loop.run_forever()
-            loop.run_until_complete(running.close())
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="local-providers", daemon=True)
-    thread.start()
-    return InProcessProviders(ready.result(timeout=60), loop, thread)
+    return InProcessProviders(start_local_providers(home, fcm_access_token=fcm_access_token))
 
 
 @dataclass
