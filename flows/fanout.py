@@ -105,6 +105,7 @@ def build_fanout_flow(
             page_size=settings.follower_page_size,
             batch_size=settings.dispatch_batch_size,
             settle_s=settings.changelog_settle_ms / 1000,
+            celebrity_threshold=settings.celebrity_threshold,
         )
         if resume is not None:
             shard.restore(resume, clock().timestamp())

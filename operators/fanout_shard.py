@@ -96,11 +96,14 @@ class FollowerShard:
         page_size: int = 2_000,
         batch_size: int = 500,
         settle_s: float = 0.1,
+        celebrity_threshold: int | None = None,
     ) -> None:
         self.changelog_sources = frozenset(changelog_sources)
         self.page_size = page_size
         self.batch_size = batch_size
         self.settle_s = settle_s
+        self.celebrity_threshold = celebrity_threshold
+        self._lane_confirmed: set[str] = set()  # post_ids; not snapshotted: confirmed again
         self.users: dict[str, UserRecord] = {}
         self.caught_up: dict[str, float] = {}
         # Deferred pushes are released only against a complete user table: after a restore,
@@ -212,6 +215,7 @@ class FollowerShard:
         out: list[DispatchBatch] = []
         now_ts = now.timestamp()
         quiet_cache: dict[Prefs, float] = {}
+        self._confirm_lanes(store)
         for lane in ("normal", "bulk"):
             for job in [j for j in self.jobs.values() if j.lane == lane]:
                 if budget <= 0:
@@ -220,6 +224,29 @@ class FollowerShard:
                     continue
                 budget -= self._expand_job(job, store, now, now_ts, budget, quiet_cache, out, tally)
         return out
+
+    def _confirm_lanes(self, store: FollowerStore) -> None:
+        """Decide the lane of each job about to start, from the follower count now.
+
+        The planner chose it when the post was read; on a cold start the follow changes were
+        not applied yet, so a celebrity's post looked small and took the normal lanes. A job
+        starts only once the changelogs were read to their end after the post, so the count is
+        as current here as the edges the job expands. A started job keeps its lane.
+        """
+        if self.celebrity_threshold is None:
+            return
+        counts: dict[str, int] = {}
+        for job in self.jobs.values():
+            if (
+                job.cursor is not None
+                or job.post_id in self._lane_confirmed
+                or not self.gate_open_for(job.read_at)
+            ):
+                continue
+            if job.author_id not in counts:
+                counts[job.author_id] = store.follower_count(job.author_id)
+            job.lane = "bulk" if counts[job.author_id] > self.celebrity_threshold else "normal"
+            self._lane_confirmed.add(job.post_id)
 
     def _expand_job(
         self,
@@ -244,6 +271,7 @@ class FollowerShard:
                 job.cursor = rows[-1][0]
             if len(rows) < limit:  # a short page is the shard's end
                 del self.jobs[job.post_id]
+                self._lane_confirmed.discard(job.post_id)
                 self.recent[job.post_id] = now_ts + RECENT_JOB_TTL_S
                 tally.jobs_completed += 1
                 break

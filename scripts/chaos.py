@@ -590,7 +590,8 @@ def cluster(stack: ChaosStack, scale: Scale) -> Result:
         for what, n in off_lane[p].items():
             result.notes.append(
                 f"{label}: {n:,} pushes of {what}: the lane is chosen from the follower "
-                "store's count when the post is read, before follow_changes are caught up"
+                "store's count when the shard job starts; another worker had not applied its "
+                "follow changes yet"
             )
     return result
 

@@ -197,6 +197,38 @@ def test_normal_lane_before_bulk() -> None:
     assert out[0].lane == "normal" and out[1].lane == "bulk"
 
 
+def test_a_job_takes_its_lane_from_the_follower_count_when_it_starts() -> None:
+    # Cold start: the planner saw 0 followers (follow changes not applied yet) and chose the
+    # normal lane; by the time the job may start, the changelogs are read and it is a celebrity.
+    shard = FollowerShard(SOURCES, settle_s=0, celebrity_threshold=3)
+    store = InMemoryFollowerStore(shard_count=1)
+    shard.add_job(job("big", "celeb", "normal", read_at=10.0), 0, FanoutTally())
+    shard.add_job(job("small", "a", "bulk", read_at=10.0), 0, FanoutTally())
+    assert shard.expand(store, NOON, 100, FanoutTally()) == []  # gate closed: nothing decided
+    assert shard.jobs["big"].lane == "normal"
+    store.apply_follow_changes([follow("celeb", f"u{i}") for i in range(5)] + [follow("a", "u1")])
+    for i in range(5):
+        shard.apply_device(device(f"u{i}", "d"))
+    caught_up(shard)
+    out = shard.expand(store, NOON, 100, FanoutTally())
+    assert [(b.post_id, b.lane) for b in out] == [("small", "normal"), ("big", "bulk")]
+
+
+def test_a_started_job_keeps_its_lane() -> None:
+    shard = FollowerShard(SOURCES, page_size=2, settle_s=0, celebrity_threshold=3)
+    caught_up(shard)
+    store = InMemoryFollowerStore(shard_count=1)
+    store.apply_follow_changes([follow("celeb", f"u{i}") for i in range(6)])
+    for i in range(6):
+        shard.apply_device(device(f"u{i}", "d"))
+    shard.add_job(job("big", "celeb", "normal"), 0, FanoutTally())
+    first = shard.expand(store, NOON, 2, FanoutTally())
+    assert [b.lane for b in first] == ["bulk"]
+    store.apply_follow_changes([follow("celeb", f"u{i}", op="unfollow") for i in range(4)])
+    rest = shard.expand(store, NOON, 100, FanoutTally())
+    assert rest and all(b.lane == "bulk" for b in rest)  # two followers left: still bulk
+
+
 def test_quiet_hours_defer_then_release_with_preferences_checked_again() -> None:
     shard, store = make()
     store.apply_follow_changes([follow("a", u) for u in ["night", "night_off", "night_unf", "day"]])
