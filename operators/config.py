@@ -7,6 +7,7 @@ pure logic never reads the environment and tests build settings explicitly.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -371,6 +372,17 @@ def read_kafka_secrets(path: str) -> dict[str, str]:
             raise ConfigError(f"FANFARE_KAFKA_SECRETS_FILE={path}: line {n} is not key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to print: a password in the authority or in a `password=` query is `***`.
+
+    A unix:// Redis URL carries FANFARE_REDIS_PASSWORD_FILE's password in its query.
+    """
+    password = urlsplit(url).password
+    if password is not None:
+        url = url.replace(f":{password}@", ":***@", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\g<1>***", url)
 
 
 def _with_secrets(settings: Settings) -> Settings:

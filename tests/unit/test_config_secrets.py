@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from operators.config import ConfigError, load_settings
+from operators.config import ConfigError, load_settings, redact_url
+from scripts import devstack, readiness
 
 
 def secret(tmp_path: Path, name: str, text: str) -> str:
@@ -66,3 +67,29 @@ def test_a_redis_password_in_the_url_is_refused() -> None:
     with pytest.raises(ConfigError, match="FANFARE_REDIS_PASSWORD_FILE") as err:
         load_settings({"FANFARE_REDIS_URL": "redis://:hunter2@cache:6379/0"})
     assert "hunter2" not in str(err.value)
+
+
+def test_every_printed_redis_url_hides_the_password_file_s_password(tmp_path: Path) -> None:
+    # Regression: a unix:// URL carries the password in its query, which the reports' redaction
+    # (netloc only) printed as it was.
+    path = secret(tmp_path, "redis", "s3cr3t-value\n")
+    unix = load_settings(
+        {
+            "FANFARE_REDIS_URL": f"unix://{tmp_path}/no-redis.sock?db=3",
+            "FANFARE_REDIS_PASSWORD_FILE": path,
+        }
+    )
+    assert "s3cr3t-value" in unix.redis_url  # the clients need it
+    assert redact_url(unix.redis_url) == f"unix://{tmp_path}/no-redis.sock?db=3&password=***"
+    tcp = load_settings(
+        {"FANFARE_REDIS_URL": "redis://u@127.0.0.1:1/0", "FANFARE_REDIS_PASSWORD_FILE": path}
+    )
+    assert redact_url(tcp.redis_url) == "redis://u:***@127.0.0.1:1/0"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    # What `fanfare dev status` and /ready say when Redis does not answer.
+    for settings in (unix, tcp):
+        problem = devstack.redis_reachable(settings)
+        check = readiness.probe_redis(settings, timeout_s=1)
+        assert problem is not None and not check.ok
+        assert "s3cr3t-value" not in problem + check.detail
+        assert "***" in problem + check.detail
