@@ -28,6 +28,7 @@ NOTIFICATION_ACKS = "notification_acks"
 DEAD_LETTERS = "dead_letters"
 PROVIDERS = ("apns", "fcm")
 LANES = ("normal", "bulk")
+METRICS_SERVERS = ("fanfare", "bytewax")
 CHANGELOG_TOPICS = (FOLLOW_CHANGES, PREFERENCE_CHANGES, DEVICE_CHANGES)
 
 
@@ -103,6 +104,13 @@ class Settings:
     """FANFARE_RECOVERY_PARTITIONS: partitions of a new recovery directory."""
     metrics_port: int = 3030
     """FANFARE_METRICS_PORT: first /metrics port (one per process)."""
+    metrics_host: str = "127.0.0.1"
+    """FANFARE_METRICS_HOST: address fanfare's /metrics server binds (`0.0.0.0` for a scraper on
+    another host)."""
+    metrics_server: str = "fanfare"
+    """FANFARE_METRICS_SERVER: `fanfare` (fanfare's own /metrics on FANFARE_METRICS_HOST) or
+    `bytewax` (Bytewax's API server: adds its `bytewax_*` step metrics and /dataflow, but binds
+    every interface, with no setting in bytewax 0.21)."""
     ready_port: int = 3040
     """FANFARE_READY_PORT: `fanfare run`'s `/ready` and `/live` endpoints (0: not served)."""
     ready_host: str = "127.0.0.1"
@@ -322,11 +330,35 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(
             f"FANFARE_READY_HOST={settings.ready_host!r}: use one address (127.0.0.1, 0.0.0.0)"
         )
+    _check_metrics_server(settings, env)
     if not settings.resolved_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
             "FANFARE_STORE_URL must be sqlite:///PATH or cassandra://host1,host2/keyspace[?dc=DC]"
         )
     return settings
+
+
+def _check_metrics_server(settings: Settings, env: Mapping[str, str]) -> None:
+    if settings.metrics_server not in METRICS_SERVERS:
+        raise ConfigError(
+            f"FANFARE_METRICS_SERVER={settings.metrics_server!r}: use fanfare (its own /metrics "
+            "on FANFARE_METRICS_HOST, 127.0.0.1 by default) or bytewax (Bytewax's API server, "
+            "on every interface)"
+        )
+    host = settings.metrics_host
+    if not host.strip() or any(c.isspace() for c in host):
+        raise ConfigError(f"FANFARE_METRICS_HOST={host!r}: use one address (127.0.0.1, 0.0.0.0)")
+    # Bytewax's server has no address setting: a host asked for would be silently ignored.
+    if settings.metrics_server == "bytewax" and env.get("FANFARE_METRICS_HOST", "") not in (
+        "",
+        "0.0.0.0",
+        "::",
+    ):
+        raise ConfigError(
+            f"FANFARE_METRICS_HOST={host}: Bytewax's API server (FANFARE_METRICS_SERVER=bytewax) "
+            "binds every interface and cannot be given an address; unset FANFARE_METRICS_HOST, "
+            "or use FANFARE_METRICS_SERVER=fanfare"
+        )
 
 
 def _check_template(settings: Settings) -> None:

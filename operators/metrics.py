@@ -1,4 +1,4 @@
-"""The fan-out funnel as Prometheus metrics (served on /metrics by Bytewax's API server).
+"""The fan-out funnel as Prometheus metrics (served on /metrics: scripts/flow_process.py).
 
 Counters are per process; `fanfare demo` and `fanfare metrics` sum them across endpoints.
 """
@@ -17,6 +17,9 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
+# Which flow a process runs, for `fanfare metrics` (Bytewax's step metrics name it too, but
+# only its own API server serves those).
+FLOW_INFO = Gauge("fanfare_flow_info", "1 for the flow this process runs", ["flow"])
 POSTS_READ = Counter("fanfare_posts_read_total", "post_created events decoded and valid")
 POSTS_SUPPRESSED = Counter(
     "fanfare_posts_suppressed_total", "posts that notify nobody, by reason", ["reason"]

@@ -1121,6 +1121,8 @@ def bench_env(args: argparse.Namespace, home: Path, redis_prefix: str) -> dict[s
             "FANFARE_APNS_RATE_PER_MIN": str(args.rate_per_min),
             "FANFARE_FCM_RATE_PER_MIN": str(args.rate_per_min),
             "FANFARE_LOG_LEVEL": os.environ.get("FANFARE_LOG_LEVEL", "WARNING"),
+            "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there
+            "FANFARE_METRICS_SERVER": "fanfare",
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -86,6 +86,7 @@ from operators.config import (
 from operators.quiet_hours import hour_is_quiet
 from operators.sharding import shard_of
 from scripts import devstack
+from scripts.flow_process import is_flow_process
 from scripts.ports import free_port, free_port_run, port_free
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -500,7 +501,7 @@ class Flow:
         if self.proc is None:
             return []
         if len(self._pids) < self.processes:
-            kids = [k for k in children_of(self.proc.pid) if "bytewax.run" in cmdline(k)]
+            kids = [k for k in children_of(self.proc.pid) if is_flow_process(cmdline(k))]
             if len(kids) == self.processes:
                 self._pids = sorted(kids, key=_process_index)
             else:
@@ -520,7 +521,7 @@ class Flow:
                 self.proc.kill()
                 self.proc.wait(5)
         for pid in kids:  # the runner waits for them, but make sure
-            if _stat_fields(pid) is not None and "bytewax.run" in cmdline(pid):
+            if _stat_fields(pid) is not None and is_flow_process(cmdline(pid)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.proc = None
@@ -1104,6 +1105,8 @@ def bench_env(
         "FANFARE_TOPIC_PARTITIONS": str(args.partitions),
         "FANFARE_REDIS_PREFIX": redis_prefix,
         "FANFARE_METRICS_PORT": str(metrics_port),
+        "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there
+        "FANFARE_METRICS_SERVER": "fanfare",
         "FANFARE_STORE_URL": "",
         "FANFARE_LOG_LEVEL": os.environ.get("FANFARE_LOG_LEVEL", "WARNING"),
     }

@@ -144,6 +144,9 @@ class FlowRun:
             **env,
             "FANFARE_READY_PORT": str(self.ready_port),
             "FANFARE_METRICS_PORT": str(self.metrics_port),
+            # Scraped on the loopback (metrics_urls), whatever the caller's shell says.
+            "FANFARE_METRICS_HOST": "127.0.0.1",
+            "FANFARE_METRICS_SERVER": "fanfare",
         }
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)

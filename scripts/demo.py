@@ -240,6 +240,9 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         "FANFARE_REDIS_PREFIX": demo_prefix,
         "FANFARE_CELEBRITY_THRESHOLD": str(threshold),
         "FANFARE_METRICS_PORT": str(metrics_port),
+        # The demo reads its flows' /metrics on the loopback, whatever the shell says.
+        "FANFARE_METRICS_HOST": "127.0.0.1",
+        "FANFARE_METRICS_SERVER": "fanfare",
         "FANFARE_KAFKA_BROKERS": settings.kafka_brokers,
     }
     demo_settings = settings.with_overrides(home=demo_home)

@@ -41,6 +41,7 @@ from scripts.metrics_scrape import (
     parse,
     total,
 )
+from scripts.readiness import local_url
 
 DEFAULT_SCAN = 8  # ports tried from FANFARE_METRICS_PORT (`--scan`)
 POST_REASONS = (Suppressed.PRIVATE.value, Suppressed.NOTIFY_FOLLOWERS_OFF.value)
@@ -49,7 +50,10 @@ OUTCOMES = ("accepted", "invalid_token", "failed", "expired", "dead_lettered", "
 CIRCUIT = {0: "closed", 1: "half-open", 2: "open"}
 MAX_MERGED = frozenset({"fanfare_circuit_state"})  # gauges where the worst process wins
 QUANTILES = (0.5, 0.9, 0.99)
-_FLOW = re.compile(r'step_id="([A-Za-z0-9_-]+)\.')
+# The flow a process runs: fanfare's own gauge, or the step ids of Bytewax's step metrics.
+_FLOW = re.compile(
+    r'^fanfare_flow_info\{flow="([A-Za-z0-9_-]+)"\} 1|step_id="([A-Za-z0-9_-]+)\.', re.M
+)
 
 Samples = dict[Sample, float]
 
@@ -81,22 +85,28 @@ def normalize(target: str) -> str:
 
 
 def default_urls(settings: Settings, scan: int) -> list[str]:
-    """127.0.0.1 on FANFARE_METRICS_PORT and the next ports."""
-    first = settings.metrics_port
-    return [f"http://127.0.0.1:{p}/metrics" for p in range(first, min(first + scan, 65_536))]
+    """FANFARE_METRICS_HOST, as a local client reaches it, on FANFARE_METRICS_PORT and on."""
+    first, host = settings.metrics_port, settings.metrics_host
+    if settings.metrics_server == "bytewax":
+        host = "0.0.0.0"
+    return [local_url(host, p, "/metrics") for p in range(first, min(first + scan, 65_536))]
 
 
-def _environ_port(pid: int) -> int | None:
-    """FANFARE_METRICS_PORT in a running process's environment (Linux /proc), if set."""
+def _environ_metrics(pid: int) -> tuple[str | None, int | None]:
+    """Where a running process's flows serve /metrics, from its environment (Linux /proc).
+
+    The host a local client uses (None: the default) and FANFARE_METRICS_PORT (None: not set).
+    """
     try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return None
-    for entry in env:
-        if entry.startswith(b"FANFARE_METRICS_PORT="):
-            value = entry.split(b"=", 1)[1]
-            return int(value) if value.isdigit() else None
-    return None
+        return None, None
+    env = dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
+    raw_port = env.get("FANFARE_METRICS_PORT", "")
+    port = int(raw_port) if raw_port.isdigit() else None
+    if env.get("FANFARE_METRICS_SERVER") == "bytewax":
+        return "0.0.0.0", port
+    return env.get("FANFARE_METRICS_HOST") or None, port
 
 
 def discovered_urls(settings: Settings) -> list[str]:
@@ -110,8 +120,9 @@ def discovered_urls(settings: Settings) -> list[str]:
             processes = 1 if info.get("process_id") is not None else int(info["processes"] or 1)
         except (KeyError, TypeError, ValueError):
             continue
-        port = _environ_port(pid) or settings.metrics_port
-        urls += [f"http://127.0.0.1:{port + i}/metrics" for i in range(processes)]
+        host, port = _environ_metrics(pid)
+        host, port = host or settings.metrics_host, port or settings.metrics_port
+        urls += [local_url(host, port + i, "/metrics") for i in range(processes)]
     return list(dict.fromkeys(urls))
 
 
@@ -126,7 +137,7 @@ def scrape_endpoints(urls: Iterable[str], timeout_s: float) -> list[Endpoint]:
         except (OSError, ValueError) as exc:  # no answer, or not a Prometheus exposition
             ep.error = _why(exc)
         else:
-            ep.flows = sorted(set(_FLOW.findall(text)))
+            ep.flows = sorted({a or b for a, b in _FLOW.findall(text)})
         out.append(ep)
     return out
 

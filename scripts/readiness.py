@@ -261,15 +261,20 @@ class HealthServer:
         self._server.server_close()
 
 
-def ready_url(host: str, port: int) -> str:
-    """Where a local client reaches the endpoint bound at host:port."""
+def local_url(host: str, port: int, path: str) -> str:
+    """Where a local client reaches `path` of an endpoint bound at host:port."""
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}/ready"
+    return f"http://{host}:{port}{path}"
+
+
+def ready_url(host: str, port: int) -> str:
+    """Where a local client reaches the /ready endpoint bound at host:port."""
+    return local_url(host, port, "/ready")
 
 
 def fetch_ready(url: str, timeout_s: float = 5.0) -> tuple[int | None, dict[str, Any] | str]:

@@ -44,6 +44,7 @@ from zlib import crc32
 
 from operators.adapters.recovery_marker import recovery_lineage
 from operators.config import FOLLOW_CHANGES, Settings
+from scripts.flow_process import is_flow_process
 
 _PREFIX = "fanfare recovery"
 FLOWS = ("fanout", "delivery", "acks")
@@ -220,7 +221,7 @@ def write_recovery(
 
 
 def flow_processes(recovery: Path) -> list[int]:
-    """Pids of local `bytewax.run` processes using this recovery directory."""
+    """Pids of local flow processes (`bytewax.run` under any name) using this recovery directory."""
     target = str(recovery.resolve())
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
@@ -229,7 +230,7 @@ def flow_processes(recovery: Path) -> list[int]:
         except OSError:
             continue
         text = [a.decode(errors="replace") for a in args]
-        if "bytewax.run" not in text:
+        if not is_flow_process(text):
             continue
         for i, arg in enumerate(text[:-1]):
             if arg == "-r" and str(Path(text[i + 1]).resolve()) == target:

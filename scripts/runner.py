@@ -3,8 +3,8 @@
 Two shapes:
 
 - the whole cluster on this host: `--processes P --workers W` starts P `python -m bytewax.run`
-  processes (process i serves /metrics on FANFARE_METRICS_PORT + i; the cluster's own ports are
-  picked free at every start);
+  processes, each behind scripts/flow_process.py (process i serves /metrics on
+  FANFARE_METRICS_PORT + i; the cluster's own ports are picked free at every start);
 - one member of a multi-host cluster: `--process-id I --addresses "h1:2101;h2:2101"` (or the
   environment variables `python -m bytewax.run` reads: BYTEWAX_PROCESS_ID, or BYTEWAX_POD_NAME
   with BYTEWAX_STATEFULSET_NAME; BYTEWAX_ADDRESSES or BYTEWAX_HOSTFILE_PATH). The cluster has
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -40,15 +41,11 @@ from operators.adapters.recovery_marker import (
 )
 from operators.config import Settings
 from scripts import readiness
+from scripts.flow_process import FLOWS, MODULE
 from scripts.supervisor import Member, RestartPolicy, Supervisor
 
 log = logging.getLogger("fanfare.runner")
 
-FLOWS = {
-    "fanout": "flows.fanout:get_flow",
-    "delivery": "flows.delivery:get_flow",
-    "acks": "flows.acks:get_flow",
-}
 # What `python -m bytewax.run` reads for a cluster member's identity. `fanfare run` reads them
 # itself, passes -w/-i/-a explicitly and keeps them from the children, so that a process never
 # derives another identity than the one the supervisor gave it.
@@ -244,6 +241,35 @@ def check_ports(settings: Settings, spec: ClusterSpec) -> None:
         )
 
 
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_peers_reach_metrics(settings: Settings, spec: ClusterSpec) -> None:
+    """A member of a multi-host cluster serves /metrics where its peers can read it.
+
+    Each member's /ready counts the follower shards caught up across the cluster from its
+    peers' /metrics; on the loopback no peer on another host could ever read them.
+    """
+    if not spec.is_member or settings.metrics_server == "bytewax":
+        return
+    if not _is_loopback(settings.metrics_host):
+        return
+    remote = [a for a in spec.addresses if not _is_loopback(a.rpartition(":")[0])]
+    if remote:
+        raise UsageError(
+            f"this member serves /metrics on {settings.metrics_host}, which its peers on other "
+            f"hosts ({', '.join(remote)}) cannot reach for /ready: set FANFARE_METRICS_HOST to "
+            "this host's address in the cluster (or 0.0.0.0)"
+        )
+
+
 # --- recovery ------------------------------------------------------------------------------------
 
 
@@ -297,12 +323,14 @@ def ensure_recovery_dir(
 def bytewax_command(
     settings: Settings, flow: str, workers: int, process_id: int | None, addresses: list[str]
 ) -> list[str]:
-    """The `python -m bytewax.run` command line for one process."""
+    """The command line of one process: `python -m bytewax.run` behind fanfare's /metrics."""
+    if flow not in FLOWS:
+        raise ValueError(f"unknown flow {flow!r}")
     cmd = [
         sys.executable,
         "-m",
-        "bytewax.run",
-        FLOWS[flow],
+        MODULE,
+        flow,
         "-w",
         str(workers),
         "-r",
@@ -320,13 +348,28 @@ def bytewax_command(
 def process_env(
     settings: Settings, metrics_port: int, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """Environment of one process: its own /metrics port, no BYTEWAX_* identity variables."""
+    """Environment of one process: its own /metrics port, no BYTEWAX_* identity variables.
+
+    Bytewax's API server runs only when FANFARE_METRICS_SERVER=bytewax: it binds every
+    interface, so a BYTEWAX_DATAFLOW_API_ENABLED inherited from the shell is dropped otherwise.
+    """
     env = dict(os.environ if environ is None else environ)
     for name in BYTEWAX_IDENTITY_VARIABLES:
         env.pop(name, None)
-    env.setdefault("BYTEWAX_DATAFLOW_API_ENABLED", "1")
-    env["BYTEWAX_DATAFLOW_API_PORT"] = str(metrics_port)
+    env["FANFARE_METRICS_PORT"] = str(metrics_port)
+    if settings.metrics_server == "bytewax":
+        env["BYTEWAX_DATAFLOW_API_ENABLED"] = "1"
+        env["BYTEWAX_DATAFLOW_API_PORT"] = str(metrics_port)
+    else:
+        env.pop("BYTEWAX_DATAFLOW_API_ENABLED", None)
+        env.pop("BYTEWAX_DATAFLOW_API_PORT", None)
     return env
+
+
+def member_metrics_url(settings: Settings, port: int) -> str:
+    """Where this host reaches a local process's /metrics."""
+    host = "0.0.0.0" if settings.metrics_server == "bytewax" else settings.metrics_host
+    return readiness.local_url(host, port, "/metrics")
 
 
 def free_ports(count: int) -> list[int]:
@@ -349,11 +392,11 @@ def plan_members(settings: Settings, flow: str, spec: ClusterSpec) -> list[Membe
     if spec.is_member:
         assert spec.process_id is not None
         cmd = bytewax_command(settings, flow, spec.workers, spec.process_id, list(spec.addresses))
-        url = f"http://127.0.0.1:{ports[0]}/metrics"
+        url = member_metrics_url(settings, ports[0])
         return [Member(spec.process_id, cmd, process_env(settings, ports[0]), url)]
     if spec.processes == 1:
         cmd = bytewax_command(settings, flow, spec.workers, None, [])
-        url = f"http://127.0.0.1:{ports[0]}/metrics"
+        url = member_metrics_url(settings, ports[0])
         return [Member(0, cmd, process_env(settings, ports[0]), url)]
     addresses = [f"127.0.0.1:{p}" for p in free_ports(spec.processes)]
     return [
@@ -361,7 +404,7 @@ def plan_members(settings: Settings, flow: str, spec: ClusterSpec) -> list[Membe
             i,
             bytewax_command(settings, flow, spec.workers, i, addresses),
             process_env(settings, port),
-            f"http://127.0.0.1:{port}/metrics",
+            member_metrics_url(settings, port),
         )
         for i, port in enumerate(ports)
     ]
@@ -386,6 +429,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         spec = resolve_cluster(args, os.environ)
         check_ports(settings, spec)
+        check_peers_reach_metrics(settings, spec)
         recovery = settings.recovery_dir(args.flow)
         if args.fresh and recovery.exists():
             shutil.rmtree(recovery)

@@ -66,7 +66,6 @@ class Stack:
         env = {**os.environ, **self.env, **dict(extra_env)}
         if self.flows:  # a second flow in the same test needs its own /metrics port
             env["FANFARE_METRICS_PORT"] = str(free_port())
-        env["BYTEWAX_DATAFLOW_API_PORT"] = env["FANFARE_METRICS_PORT"]
         log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as log:
@@ -198,6 +197,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "FANFARE_SHARDS": "4",
         "FANFARE_SNAPSHOT_INTERVAL_S": "1",
         "FANFARE_METRICS_PORT": str(free_port()),
+        "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there, whatever the shell says
+        "FANFARE_METRICS_SERVER": "fanfare",
         "FANFARE_CELEBRITY_THRESHOLD": "1000",
     }
     settings = load_settings(env)

@@ -529,10 +529,13 @@ def test_the_dashboard_queries_only_metrics_running_workers_expose(
     )
     publish(stack, "post_created", [post("q1", "ann")])
     publish(stack, "notification_acks", [ack("q1:ben", "ben-ios", "delivered")])
+    # As docker-compose.yml runs them: Bytewax's API server, whose bytewax_* step metrics the
+    # step panel reads (fanfare's own server has the rest).
+    bytewax = (("FANFARE_METRICS_SERVER", "bytewax"), ("FANFARE_METRICS_HOST", "0.0.0.0"))
     urls = [
-        metrics_url(stack, stack.start_flow()),
-        metrics_url(stack, stack.start_flow(flow="delivery")),
-        metrics_url(stack, stack.start_flow(flow="acks")),
+        metrics_url(stack, stack.start_flow(*bytewax)),
+        metrics_url(stack, stack.start_flow(*bytewax, flow="delivery")),
+        metrics_url(stack, stack.start_flow(*bytewax, flow="acks")),
     ]
 
     def accepted() -> bool:

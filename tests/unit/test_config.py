@@ -48,6 +48,8 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_SNAPSHOT_INTERVAL_S": ("2", 2),
     "FANFARE_RECOVERY_PARTITIONS": ("8", 8),
     "FANFARE_METRICS_PORT": ("4040", 4_040),
+    "FANFARE_METRICS_HOST": ("0.0.0.0", "0.0.0.0"),
+    "FANFARE_METRICS_SERVER": ("bytewax", "bytewax"),
     "FANFARE_READY_PORT": ("0", 0),
     "FANFARE_READY_HOST": ("0.0.0.0", "0.0.0.0"),
     "FANFARE_LOG_LEVEL": ("debug", "DEBUG"),
@@ -165,6 +167,8 @@ def test_derived_values() -> None:
         ("FANFARE_READY_PORT", "65536", "between 0 and 65535"),
         ("FANFARE_READY_PORT", "-1", "out of range"),
         ("FANFARE_READY_HOST", "127.0.0.1 ::1", "one address"),
+        ("FANFARE_METRICS_HOST", "127.0.0.1 ::1", "one address"),
+        ("FANFARE_METRICS_SERVER", "prometheus", "use fanfare"),
         ("FANFARE_CHANGELOG_SETTLE_MS", "-5", "out of range"),
         ("FANFARE_TOPIC_PARTITIONS_OVERRIDES", "nope=3", "unknown topics"),
         ("FANFARE_TOPIC_PARTITIONS_OVERRIDES", "post_created", "key=value"),
@@ -183,6 +187,18 @@ def test_bad_values_name_the_variable(var: str, raw: str, fragment: str) -> None
     message = str(caught.value)
     assert var in message
     assert fragment in message
+
+
+def test_a_metrics_host_bytewax_s_server_would_ignore_is_refused() -> None:
+    # Bytewax 0.21's API server binds 0.0.0.0 whatever is asked: say so rather than ignore it.
+    with pytest.raises(ConfigError, match=r"FANFARE_METRICS_HOST=10\.0\.0\.5") as caught:
+        load_settings({"FANFARE_METRICS_SERVER": "bytewax", "FANFARE_METRICS_HOST": "10.0.0.5"})
+    assert "FANFARE_METRICS_SERVER=fanfare" in str(caught.value)
+    for host in ("0.0.0.0", "::"):
+        env = {"FANFARE_METRICS_SERVER": "bytewax", "FANFARE_METRICS_HOST": host}
+        assert load_settings(env).metrics_host == host
+    assert load_settings({}).metrics_host == "127.0.0.1"
+    assert load_settings({}).metrics_server == "fanfare"
 
 
 def test_unknown_override_lists_known_topics() -> None:

@@ -178,9 +178,47 @@ def test_plans_a_local_cluster_with_fresh_ports(monkeypatch: pytest.MonkeyPatch)
         assert m.command[m.command.index("-i") + 1] == str(m.process_id)
         assert m.command[m.command.index("-r") + 1] == "/h/recovery/fanout"
         assert "BYTEWAX_POD_NAME" not in m.env and "BYTEWAX_ADDRESSES" not in m.env
-        assert m.env["BYTEWAX_DATAFLOW_API_PORT"] == str(5000 + m.process_id)
+        assert m.env["FANFARE_METRICS_PORT"] == str(5000 + m.process_id)
+        assert "BYTEWAX_DATAFLOW_API_ENABLED" not in m.env  # Bytewax's server binds 0.0.0.0
+        assert m.command[1:4] == ["-m", "scripts.flow_process", "fanout"]
     single = runner.plan_members(settings, "acks", ClusterSpec(1, 1))
-    assert "-i" not in single[0].command and "flows.acks:get_flow" in single[0].command
+    assert "-i" not in single[0].command and single[0].command[3] == "acks"
+
+
+def test_bytewax_metrics_server_is_chosen_not_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A shell's BYTEWAX_DATAFLOW_API_ENABLED would start a server on every interface.
+    monkeypatch.setenv("BYTEWAX_DATAFLOW_API_ENABLED", "1")
+    monkeypatch.setenv("BYTEWAX_DATAFLOW_API_PORT", "9999")
+    (own,) = runner.plan_members(Settings(metrics_port=5000), "fanout", ClusterSpec(1, 1))
+    assert "BYTEWAX_DATAFLOW_API_ENABLED" not in own.env
+    assert "BYTEWAX_DATAFLOW_API_PORT" not in own.env
+    assert own.metrics_url == "http://127.0.0.1:5000/metrics"
+    settings = Settings(metrics_port=5000, metrics_server="bytewax")
+    (bytewax,) = runner.plan_members(settings, "fanout", ClusterSpec(1, 1))
+    assert bytewax.env["BYTEWAX_DATAFLOW_API_ENABLED"] == "1"
+    assert bytewax.env["BYTEWAX_DATAFLOW_API_PORT"] == "5000"
+    there = Settings(metrics_port=5000, metrics_host="10.1.2.3")
+    assert runner.plan_members(there, "acks", ClusterSpec(1, 1))[0].metrics_url == (
+        "http://10.1.2.3:5000/metrics"
+    )
+    v6 = Settings(metrics_port=5000, metrics_host="::")
+    assert runner.plan_members(v6, "acks", ClusterSpec(1, 1))[0].metrics_url == (
+        "http://[::1]:5000/metrics"
+    )
+
+
+def test_a_member_on_the_loopback_is_refused_when_peers_are_elsewhere() -> None:
+    remote = ClusterSpec(2, 1, 0, ("10.0.0.1:2101", "10.0.0.2:2101"))
+    with pytest.raises(UsageError, match="FANFARE_METRICS_HOST") as err:
+        runner.check_peers_reach_metrics(Settings(), remote)
+    assert "10.0.0.2:2101" in str(err.value)
+    # Reachable: an address of this host, every interface, Bytewax's server, or local peers.
+    runner.check_peers_reach_metrics(Settings(metrics_host="10.0.0.1"), remote)
+    runner.check_peers_reach_metrics(Settings(metrics_host="0.0.0.0"), remote)
+    runner.check_peers_reach_metrics(Settings(metrics_server="bytewax"), remote)
+    local = ClusterSpec(2, 1, 1, ("127.0.0.1:2101", "localhost:2102"))
+    runner.check_peers_reach_metrics(Settings(), local)
+    runner.check_peers_reach_metrics(Settings(), ClusterSpec(2, 1))  # the whole cluster here
 
 
 def test_plans_one_member_and_its_peers() -> None:
@@ -189,7 +227,7 @@ def test_plans_one_member_and_its_peers() -> None:
     (member,) = runner.plan_members(settings, "fanout", spec)
     assert member.process_id == 1
     assert member.command[-4:] == ["-i", "1", "-a", "ff-0.ff:2101;ff-1.ff:2101;[fd00::2]:2101"]
-    assert member.env["BYTEWAX_DATAFLOW_API_PORT"] == "3030"
+    assert member.env["FANFARE_METRICS_PORT"] == "3030"
     assert runner.peer_metrics_urls(settings, spec) == [
         "http://ff-0.ff:3030/metrics",
         "http://[fd00::2]:3030/metrics",

@@ -1,0 +1,149 @@
+"""One process of a flow: fanfare's /metrics on FANFARE_METRICS_HOST, then `python -m bytewax.run`.
+
+`fanfare run` starts every member as `python -m scripts.flow_process FLOW <bytewax.run options>`.
+Bytewax 0.21's own API server (`BYTEWAX_DATAFLOW_API_ENABLED`) binds 0.0.0.0, with no setting to
+change it (src/webserver/mod.rs). So by default (FANFARE_METRICS_SERVER=fanfare) this process
+serves its Prometheus registry itself, on FANFARE_METRICS_HOST (127.0.0.1 unless set) and
+FANFARE_METRICS_PORT: fanfare's metrics, `process_*` and `python_*`. What that leaves out is
+Bytewax's Rust-side step metrics (`bytewax_*`) and `/dataflow`, which only Bytewax's server can
+serve: FANFARE_METRICS_SERVER=bytewax starts that server instead (every interface).
+
+The dataflow itself runs exactly as `python -m bytewax.run` runs it, in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import runpy
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import CollectorRegistry
+
+from operators.config import ConfigError, load_settings
+from operators.metrics import FLOW_INFO
+
+log = logging.getLogger("fanfare.flow_process")
+
+FLOWS = {
+    "fanout": "flows.fanout:get_flow",
+    "delivery": "flows.delivery:get_flow",
+    "acks": "flows.acks:get_flow",
+}
+MODULE = "scripts.flow_process"
+
+
+class MetricsServer:
+    """`GET /metrics` (the Prometheus text format) from a background thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0].rstrip("/") != "/metrics":
+                    self._send(404, b"not found: try /metrics\n", "text/plain; charset=utf-8")
+                    return
+                try:
+                    body = generate_latest(registry)
+                except Exception as exc:  # a collector's bug must not kill the endpoint
+                    self._send(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain")
+                    return
+                # The classic text format: every Prometheus version reads it.
+                self._send(200, body, CONTENT_TYPE_PLAIN_0_0_4)
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # a scrape every few seconds would flood the flow's log
+
+        # IPv6 literals need their own address family.
+        server_class = _V6Server if ":" in host else ThreadingHTTPServer
+        self._server = server_class((host, port), Handler)  # OSError if taken
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fanfare-metrics", daemon=True
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Serve in the background."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _V6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def is_flow_process(argv: Sequence[str]) -> bool:
+    """True for the argv of a flow process: this module's, or a plain `python -m bytewax.run`."""
+    return MODULE in argv or "bytewax.run" in argv
+
+
+def bytewax_argv(flow: str, options: Sequence[str]) -> list[str]:
+    """`sys.argv` for `python -m bytewax.run` running this flow."""
+    return ["bytewax.run", FLOWS[flow], *options]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve /metrics (unless Bytewax's server does), then run the flow until it returns."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in FLOWS:
+        print(
+            f"usage: python -m {MODULE} {{{','.join(FLOWS)}}} [bytewax.run options]; "
+            "`fanfare run FLOW` starts it for you",
+            file=sys.stderr,
+        )
+        return 2
+    flow, options = args[0], args[1:]
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"fanfare: {exc}", file=sys.stderr)
+        return 2
+    server: MetricsServer | None = None
+    if settings.metrics_server == "fanfare":
+        try:
+            server = MetricsServer(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            print(
+                f"fanfare: cannot serve /metrics on {settings.metrics_host}:"
+                f"{settings.metrics_port} ({exc.strerror or exc}): another process holds it; "
+                "choose another FANFARE_METRICS_PORT",
+                file=sys.stderr,
+            )
+            return 1
+        server.start()
+    FLOW_INFO.labels(flow=flow).set(1)
+    sys.argv = bytewax_argv(flow, options)
+    try:
+        runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)
+    finally:
+        if server is not None:
+            server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
