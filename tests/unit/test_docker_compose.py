@@ -320,9 +320,9 @@ def test_fanout_service_serves_metrics_and_keeps_its_home(
 ) -> None:
     fanout = services["fanout"]
     assert fanout["command"] == ["run", "fanout", "--workers", "1"]
-    env = environment(fanout)
-    assert env["BYTEWAX_DATAFLOW_API_ENABLED"] == "1"
     settings = service_settings("fanout", fanout)
+    # Bytewax's server: the dashboard's step panel; Prometheus scrapes it from its container.
+    assert settings.metrics_server == "bytewax"
     port = settings.metrics_port
     assert ("127.0.0.1", str(port), str(port)) in set(published_ports(fanout))
     assert f"127.0.0.1:{port}/metrics" in " ".join(fanout["healthcheck"]["test"])
@@ -377,7 +377,7 @@ def test_every_flow_has_a_service_serving_metrics_on_its_own_host_port(
         svc = services[name]
         assert is_fanfare_service(svc), name
         assert svc["command"][:2] == ["run", name], f"{name} runs {svc['command']}"
-        assert environment(svc)["BYTEWAX_DATAFLOW_API_ENABLED"] == "1", name
+        assert service_settings(name, svc).metrics_server == "bytewax", name
         port = service_settings(name, svc).metrics_port
         published = [(ip, hp) for ip, hp, c in published_ports(svc) if c == str(port)]
         assert len(published) == 1, f"{name}: publish /metrics ({port}) once on 127.0.0.1"
