@@ -14,7 +14,6 @@ The dataflow itself runs exactly as `python -m bytewax.run` runs it, in this pro
 from __future__ import annotations
 
 import contextlib
-import logging
 import runpy
 import socket
 import sys
@@ -29,8 +28,6 @@ from prometheus_client.registry import CollectorRegistry
 
 from operators.config import ConfigError, load_settings
 from operators.metrics import FLOW_INFO
-
-log = logging.getLogger("fanfare.flow_process")
 
 FLOWS = {
     "fanout": "flows.fanout:get_flow",

@@ -261,7 +261,11 @@ def check_peers_reach_metrics(settings: Settings, spec: ClusterSpec) -> None:
         return
     if not _is_loopback(settings.metrics_host):
         return
-    remote = [a for a in spec.addresses if not _is_loopback(a.rpartition(":")[0])]
+    remote = [
+        a
+        for i, a in enumerate(spec.addresses)
+        if i != spec.process_id and not _is_loopback(a.rpartition(":")[0])
+    ]
     if remote:
         raise UsageError(
             f"this member serves /metrics on {settings.metrics_host}, which its peers on other "
