@@ -13,14 +13,9 @@ The dataflow itself runs exactly as `python -m bytewax.run` runs it, in this pro
 
 from __future__ import annotations
 
-import contextlib
 import runpy
-import socket
 import sys
-import threading
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -28,6 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from operators.config import ConfigError, load_settings
 from operators.metrics import FLOW_INFO
+from scripts.http_endpoint import BackgroundHTTPServer, QuietHandler
 
 FLOWS = {
     "fanout": "flows.fanout:get_flow",
@@ -37,60 +33,24 @@ FLOWS = {
 MODULE = "scripts.flow_process"
 
 
-class MetricsServer:
+class MetricsServer(BackgroundHTTPServer):
     """`GET /metrics` (the Prometheus text format) from a background thread."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if self.path.split("?", 1)[0].rstrip("/") != "/metrics":
-                    self._send(404, b"not found: try /metrics\n", "text/plain; charset=utf-8")
+                    self.send_body(404, b"not found: try /metrics\n", "text/plain; charset=utf-8")
                     return
                 try:
                     body = generate_latest(registry)
                 except Exception as exc:  # a collector's bug must not kill the endpoint
-                    self._send(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain")
+                    self.send_body(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain")
                     return
                 # The classic text format: every Prometheus version reads it.
-                self._send(200, body, CONTENT_TYPE_PLAIN_0_0_4)
+                self.send_body(200, body, CONTENT_TYPE_PLAIN_0_0_4)
 
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(OSError):
-                    self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return  # a scrape every few seconds would flood the flow's log
-
-        # IPv6 literals need their own address family.
-        server_class = _V6Server if ":" in host else ThreadingHTTPServer
-        self._server = server_class((host, port), Handler)  # OSError if taken
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fanfare-metrics", daemon=True
-        )
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound (host, port)."""
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        """Serve in the background."""
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-
-
-class _V6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+        super().__init__(host, port, Handler, "fanfare-metrics")
 
 
 def is_flow_process(argv: Sequence[str]) -> bool:

@@ -19,14 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from operators.config import Settings, redact_url
+from scripts.http_endpoint import BackgroundHTTPServer, QuietHandler
 
 CAUGHT_UP_METRIC = "fanfare_changelogs_caught_up_shards"  # operators.metrics sets it
 # Seconds each probe may take; the checks run in parallel, so /ready answers within about this.
@@ -204,7 +203,7 @@ class ReadinessChecker:
 # --- the HTTP endpoint ---------------------------------------------------------------------------
 
 
-class HealthServer:
+class HealthServer(BackgroundHTTPServer):
     """`GET /ready` and `GET /live` in a background thread of the supervisor."""
 
     def __init__(
@@ -216,7 +215,7 @@ class HealthServer:
     ) -> None:
         routes = {"/ready": ready, "/live": live}
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0].rstrip("/") or "/")
                 if route is None:
@@ -230,35 +229,9 @@ class HealthServer:
 
             def _send(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body, sort_keys=False).encode() + b"\n"
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                with contextlib.suppress(OSError):
-                    self.wfile.write(data)
+                self.send_body(status, data, "application/json")
 
-            def log_message(self, format: str, *args: Any) -> None:
-                return  # probes every few seconds would flood the flow's log
-
-        self._server = ThreadingHTTPServer((host, port), Handler)  # raises OSError if taken
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fanfare-health", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful when asked for port 0 in tests)."""
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        """Serve in the background."""
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(host, port, Handler, "fanfare-health")
 
 
 def local_url(host: str, port: int, path: str) -> str:

@@ -528,6 +528,17 @@ def test_health_server_routes() -> None:
     assert readiness.fetch_ready(base + "/ready", 1)[0] is None  # closed
 
 
+def test_health_server_binds_an_ipv6_address() -> None:
+    # FANFARE_READY_HOST=:: (or ::1) must bind, as ready_url already assumed it could.
+    server = readiness.HealthServer("::1", 0, lambda: (200, {}), lambda: (200, {"live": True}))
+    server.start()
+    try:
+        assert server.address[0] == "::1"
+        assert get(readiness.local_url("::1", server.port, "/live")) == (200, {"live": True})
+    finally:
+        server.close()
+
+
 def test_real_probes_report_a_closed_port() -> None:
     from tests.conftest import free_port
 
