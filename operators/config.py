@@ -182,6 +182,14 @@ class Settings:
     """FANFARE_PUSH_LINK: deep link to the post; same fields."""
 
     @property
+    def metrics_listen_host(self) -> str:
+        """The address /metrics listens on.
+
+        FANFARE_METRICS_HOST, or every interface for Bytewax's API server (no address setting).
+        """
+        return "0.0.0.0" if self.metrics_server == "bytewax" else self.metrics_host
+
+    @property
     def resolved_store_url(self) -> str:
         """The follower store URL, defaulting to SQLite inside FANFARE_HOME."""
         return self.store_url or f"sqlite:///{self.home / 'store.db'}"

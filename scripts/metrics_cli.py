@@ -24,7 +24,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -86,27 +86,27 @@ def normalize(target: str) -> str:
 
 def default_urls(settings: Settings, scan: int) -> list[str]:
     """FANFARE_METRICS_HOST, as a local client reaches it, on FANFARE_METRICS_PORT and on."""
-    first, host = settings.metrics_port, settings.metrics_host
-    if settings.metrics_server == "bytewax":
-        host = "0.0.0.0"
+    first, host = settings.metrics_port, settings.metrics_listen_host
     return [local_url(host, p, "/metrics") for p in range(first, min(first + scan, 65_536))]
 
 
-def _environ_metrics(pid: int) -> tuple[str | None, int | None]:
-    """Where a running process's flows serve /metrics, from its environment (Linux /proc).
+def _environ_metrics(pid: int, settings: Settings) -> Settings:
+    """`settings` with a running process's /metrics settings, where set in its environment.
 
-    The host a local client uses (None: the default) and FANFARE_METRICS_PORT (None: not set).
+    FANFARE_METRICS_PORT, _HOST and _SERVER, read from Linux /proc.
     """
     try:
         entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return None, None
+        return settings
     env = dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
     raw_port = env.get("FANFARE_METRICS_PORT", "")
-    port = int(raw_port) if raw_port.isdigit() else None
-    if env.get("FANFARE_METRICS_SERVER") == "bytewax":
-        return "0.0.0.0", port
-    return env.get("FANFARE_METRICS_HOST") or None, port
+    return replace(
+        settings,
+        metrics_port=int(raw_port) if raw_port.isdigit() else settings.metrics_port,
+        metrics_host=env.get("FANFARE_METRICS_HOST") or settings.metrics_host,
+        metrics_server=env.get("FANFARE_METRICS_SERVER") or settings.metrics_server,
+    )
 
 
 def discovered_urls(settings: Settings) -> list[str]:
@@ -120,8 +120,8 @@ def discovered_urls(settings: Settings) -> list[str]:
             processes = 1 if info.get("process_id") is not None else int(info["processes"] or 1)
         except (KeyError, TypeError, ValueError):
             continue
-        host, port = _environ_metrics(pid)
-        host, port = host or settings.metrics_host, port or settings.metrics_port
+        its = _environ_metrics(pid, settings)
+        host, port = its.metrics_listen_host, its.metrics_port
         urls += [local_url(host, port + i, "/metrics") for i in range(processes)]
     return list(dict.fromkeys(urls))
 

@@ -44,10 +44,9 @@ from zlib import crc32
 
 from operators.adapters.recovery_marker import recovery_lineage
 from operators.config import FOLLOW_CHANGES, Settings
-from scripts.flow_process import is_flow_process
+from scripts.flow_process import FLOWS, is_flow_process
 
 _PREFIX = "fanfare recovery"
-FLOWS = ("fanout", "delivery", "acks")
 SEEDED_EPOCH = 1
 """Epoch of every state in a rebuilt directory; its execution's frontier is the next one."""
 

@@ -257,9 +257,7 @@ def check_peers_reach_metrics(settings: Settings, spec: ClusterSpec) -> None:
     Each member's /ready counts the follower shards caught up across the cluster from its
     peers' /metrics; on the loopback no peer on another host could ever read them.
     """
-    if not spec.is_member or settings.metrics_server == "bytewax":
-        return
-    if not _is_loopback(settings.metrics_host):
+    if not spec.is_member or not _is_loopback(settings.metrics_listen_host):
         return
     remote = [
         a
@@ -372,8 +370,7 @@ def process_env(
 
 def member_metrics_url(settings: Settings, port: int) -> str:
     """Where this host reaches a local process's /metrics."""
-    host = "0.0.0.0" if settings.metrics_server == "bytewax" else settings.metrics_host
-    return readiness.local_url(host, port, "/metrics")
+    return readiness.local_url(settings.metrics_listen_host, port, "/metrics")
 
 
 def free_ports(count: int) -> list[int]:
