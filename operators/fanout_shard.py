@@ -39,6 +39,11 @@ RECENT_JOB_TTL_S = 600.0
 _PROVIDER_NAMES = {"apns": "apns", "fcm": "fcm"}
 
 
+def lane_for(follower_count: int, celebrity_threshold: int) -> str:
+    """Celebrities (more followers than the threshold) use the bulk lanes."""
+    return "bulk" if follower_count > celebrity_threshold else "normal"
+
+
 @dataclass(slots=True)
 class ShardJob:
     """Expand one post's followers in this shard; `cursor` is the last follower done."""
@@ -245,7 +250,7 @@ class FollowerShard:
                 continue
             if job.author_id not in counts:
                 counts[job.author_id] = store.follower_count(job.author_id)
-            job.lane = "bulk" if counts[job.author_id] > self.celebrity_threshold else "normal"
+            job.lane = lane_for(counts[job.author_id], self.celebrity_threshold)
             self._lane_confirmed.add(job.post_id)
 
     def _expand_job(

@@ -12,7 +12,7 @@ from operators.adapters.kafka_io import RawEvent
 from operators.adapters.post_claims import PostClaims
 from operators.config import DEVICE_CHANGES, FOLLOW_CHANGES, PREFERENCE_CHANGES
 from operators.eligibility import post_suppression
-from operators.fanout_shard import CaughtUp, ShardJob
+from operators.fanout_shard import CaughtUp, ShardJob, lane_for
 from operators.sharding import shard_key, shard_of
 from schemas.codecs import (
     RAW_TEXT_LIMIT,
@@ -120,8 +120,8 @@ class ShardJobPlanner:
         self._threshold = celebrity_threshold
 
     def lane_for(self, author_id: str) -> str:
-        """Celebrities (more followers than the threshold) use the bulk lanes."""
-        return "bulk" if self._store().follower_count(author_id) > self._threshold else "normal"
+        """The lane by the author's follower count now (a shard job confirms it when it starts)."""
+        return lane_for(self._store().follower_count(author_id), self._threshold)
 
     def plan(self, read: ReadPost) -> list[tuple[str, ShardJob]]:
         """Jobs for every shard (a shard with no followers of the author finishes at once)."""
