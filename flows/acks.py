@@ -17,9 +17,9 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from operators.ack_steps import ApplyAcks, ReadAck, decode_ack
-from operators.adapters.kafka_io import DeadLetterSink, KafkaTopicsSource
-from operators.adapters.notification_store import open_notification_store
+from operators.acks.steps import ApplyAcks, ReadAck, decode_ack
+from operators.adapters.kafka.io import DeadLetterSink, KafkaTopicsSource
+from operators.adapters.stores.sqlite_notifications import open_notification_store
 from operators.config import NOTIFICATION_ACKS, Settings, cassandra_credentials, load_settings
 from schemas.records import DeadLetter
 

@@ -22,17 +22,15 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from operators.adapters.delivery_io import (
+from flows.runtime.recovery_marker import recovery_lineage
+from operators.adapters.kafka.channel_lanes import (
     BulkPacer,
     ChannelLanesSource,
     DeliveryEventsSink,
     RetryTopicSource,
 )
-from operators.adapters.edge_claims import RedisEdgeClaims
-from operators.adapters.kafka_io import DeadLetterSink, FlushingTopicSink
-from operators.adapters.notification_store import open_notification_store
-from operators.adapters.post_claims import RedisWriterStartMarks
-from operators.adapters.push_senders import (
+from operators.adapters.kafka.io import DeadLetterSink, FlushingTopicSink
+from operators.adapters.providers.senders import (
     ApnsSender,
     EventLoopThread,
     FcmSender,
@@ -40,8 +38,10 @@ from operators.adapters.push_senders import (
     apns_config,
     fcm_config,
 )
-from operators.adapters.rate_limiter import BucketSpec, RedisRateLimiter
-from operators.adapters.recovery_marker import recovery_lineage
+from operators.adapters.redis.edge_claims import RedisEdgeClaims
+from operators.adapters.redis.post_claims import RedisWriterStartMarks
+from operators.adapters.redis.rate_limiter import BucketSpec, RedisRateLimiter
+from operators.adapters.stores.sqlite_notifications import open_notification_store
 from operators.config import (
     DEVICE_CHANGES,
     PUSH_RETRY,
@@ -49,15 +49,15 @@ from operators.config import (
     cassandra_credentials,
     load_settings,
 )
-from operators.delivery_engine import DeliveryEngine, DeliverySettings, PushSender
-from operators.delivery_model import RetryPolicy, SendRequest
-from operators.delivery_steps import (
+from operators.delivery.engine import DeliveryEngine, DeliverySettings, PushSender
+from operators.delivery.model import RetryPolicy, SendRequest
+from operators.delivery.payloads import PushTemplate
+from operators.delivery.steps import (
     SendStep,
     decode_channel_message,
     decode_retry_message,
     retry_due_at,
 )
-from operators.payloads import PushTemplate
 from schemas.codecs import encode_device_change, encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
 

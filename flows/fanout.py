@@ -24,16 +24,16 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
+from flows.runtime.recovery_marker import recovery_lineage
 from operators import metrics
-from operators.adapters.follower_store import FollowerStore, open_follower_store
-from operators.adapters.kafka_io import (
+from operators.adapters.kafka.io import (
     ChannelTopicsSink,
     DeadLetterSink,
     KafkaTopicsSource,
     topic_partitions,
 )
-from operators.adapters.post_claims import PostClaims, RedisPostClaims, RedisWriterStartMarks
-from operators.adapters.recovery_marker import recovery_lineage
+from operators.adapters.redis.post_claims import PostClaims, RedisPostClaims, RedisWriterStartMarks
+from operators.adapters.stores.sqlite_followers import FollowerStore, open_follower_store
 from operators.config import (
     CHANGELOG_TOPICS,
     CHANNEL_TOPICS,
@@ -45,9 +45,9 @@ from operators.config import (
     cassandra_credentials,
     load_settings,
 )
-from operators.fanout_logic import ExpandFollowerShardLogic
-from operators.fanout_shard import FollowerShard, utc_now
-from operators.fanout_steps import (
+from operators.fanout.logic import ExpandFollowerShardLogic
+from operators.fanout.shard import FollowerShard, utc_now
+from operators.fanout.steps import (
     ChangelogRouter,
     PostClaimer,
     ReadPost,

@@ -370,7 +370,7 @@ def _check_metrics_server(settings: Settings, env: Mapping[str, str]) -> None:
 
 
 def _check_template(settings: Settings) -> None:
-    from operators.payloads import PushTemplate
+    from operators.delivery.payloads import PushTemplate
 
     try:
         PushTemplate(settings.push_title, settings.push_body, settings.push_link)

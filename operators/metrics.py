@@ -1,4 +1,4 @@
-"""The fan-out funnel as Prometheus metrics (served on /metrics: scripts/flow_process.py).
+"""The fan-out funnel as Prometheus metrics (served on /metrics: flows/runtime/flow_process.py).
 
 Counters are per process; `fanfare demo` and `fanfare metrics` sum them across endpoints.
 """
@@ -50,8 +50,8 @@ CHANGES_APPLIED = Counter(
 )
 SHARD_JOBS_CREATED = Counter("fanfare_shard_jobs_created_total", "(post, shard) jobs created")
 SHARD_JOBS_COMPLETED = Counter("fanfare_shard_jobs_completed_total", "(post, shard) jobs done")
-# Readiness (scripts/readiness.py): the flow is caught up when the sum over every process equals
-# FANFARE_SHARDS. A count, not a 0/1 per process: a process may host no shard at all.
+# Readiness (flows/runtime/readiness.py): the flow is caught up when the sum over every process
+# equals FANFARE_SHARDS. A count, not a 0/1 per process: a process may host no shard at all.
 CHANGELOGS_CAUGHT_UP_SHARDS = Gauge(
     "fanfare_changelogs_caught_up_shards",
     "follower shards in this process whose every changelog partition was read to its end "

@@ -24,7 +24,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; each subcommand sets `func`."""
-    from scripts import devstack, runner
+    from flows.runtime import runner
+    from scripts.dev import devstack
 
     parser = argparse.ArgumentParser(
         prog="fanfare",
@@ -203,13 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--timeout", type=float, default=2.0, help="seconds per endpoint (2)")
     metrics.set_defaults(func=_metrics)
     # Backfill, dead letters and recovery (issue 5): each module adds its own subcommand.
-    from scripts import dlq, recovery_cli, replay
+    from scripts.commands import dlq, replay
+    from scripts.commands import recovery as recovery_cli
 
     replay.add_parser(sub)
     dlq.add_parser(sub)
     recovery_cli.add_parser(sub)
-    # Fault scenarios (issue 6): the same options as `python -m scripts.chaos`.
-    from scripts import chaos as chaos_runner
+    # Fault scenarios (issue 6): the same options as `python -m scripts.harness.chaos`.
+    from scripts.harness import chaos as chaos_runner
 
     chaos = sub.add_parser(
         "chaos",
@@ -225,37 +227,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _store(args: argparse.Namespace, settings: Settings) -> int:
-    from scripts import store_cli
+    from scripts.commands import store as store_cli
 
     return store_cli.command(args, settings)
 
 
 def _inbox(args: argparse.Namespace, settings: Settings) -> int:
-    from scripts import inbox_cli
+    from scripts.commands import inbox as inbox_cli
 
     return inbox_cli.inbox_command(args, settings)
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from scripts import inbox_cli
+    from scripts.commands import inbox as inbox_cli
 
     return inbox_cli.status_command(args, settings)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from scripts import demo
+    from scripts.dev import demo
 
     return demo.command(args, settings)
 
 
 def _followers(args: argparse.Namespace, settings: Settings) -> int:
-    from scripts import followers_import
+    from scripts.commands import followers_import
 
     return followers_import.command(args, settings)
 
 
 def _metrics(args: argparse.Namespace, settings: Settings) -> int:
-    from scripts import metrics_cli
+    from scripts.commands import metrics as metrics_cli
 
     return metrics_cli.command(args, settings)
 

@@ -19,10 +19,10 @@ import orjson
 import pytest
 import redis
 
-from operators.adapters.kafka_admin import create_topics
-from operators.adapters.kafka_io import message_count, read_partition_to_end, topic_partitions
+from operators.adapters.kafka.admin import create_topics
+from operators.adapters.kafka.io import message_count, read_partition_to_end, topic_partitions
 from operators.config import CHANNEL_TOPICS, Settings, load_settings
-from scripts import devstack
+from scripts.dev import devstack
 
 REDIS_URL = os.environ.get("FANFARE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -128,19 +128,19 @@ class Providers:
     """The local APNs and FCM servers in their own process, and their control API."""
 
     proc: subprocess.Popen[bytes]
-    control: Any  # scripts.local_providers.control.ProviderControl
+    control: Any  # scripts.dev.local_providers.control.ProviderControl
     info: dict[str, Any]
 
 
 def start_providers(directory: Path) -> Providers:
-    from scripts.local_providers.control import ProviderControl
+    from scripts.dev.local_providers.control import ProviderControl
 
     directory.mkdir(parents=True, exist_ok=True)
     info_file = directory / "providers.json"
     info_file.unlink(missing_ok=True)
     log = (directory / "providers.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.local_providers", "--dir", str(directory)],
+        [sys.executable, "-m", "scripts.dev.local_providers", "--dir", str(directory)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

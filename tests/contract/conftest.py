@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.follower_store import FollowerStore, SQLiteFollowerStore
-from operators.adapters.notification_store import NotificationStore, SQLiteNotificationStore
+from operators.adapters.stores.sqlite_followers import FollowerStore, SQLiteFollowerStore
+from operators.adapters.stores.sqlite_notifications import (
+    NotificationStore,
+    SQLiteNotificationStore,
+)
 
 CASSANDRA_HOSTS = os.environ.get("FANFARE_CASSANDRA_HOSTS", "")
 NO_CASSANDRA = (
@@ -33,7 +36,7 @@ NotificationStoreFactory = Callable[..., NotificationStore]
 @pytest.fixture(scope="session")
 def cassandra_keyspace() -> Iterator[str]:
     """A fresh keyspace for this run, migrated, dropped at the end."""
-    from operators.adapters import cassandra_store
+    from operators.adapters.stores import cassandra as cassandra_store
 
     keyspace = f"fanfare_contract_{uuid.uuid4().hex[:10]}"
     url = f"cassandra://{CASSANDRA_HOSTS}/{keyspace}"
@@ -58,7 +61,7 @@ def notification_store_factory(
         if request.param == "sqlite":
             store = SQLiteNotificationStore(tmp_path / "notifications.db", ttl_s=ttl_s)
         else:
-            from operators.adapters import cassandra_store
+            from operators.adapters.stores import cassandra as cassandra_store
 
             url = request.getfixturevalue("cassandra_keyspace")
             store = cassandra_store.CassandraNotificationStore.open(url, ttl_s=ttl_s)
@@ -76,7 +79,7 @@ def follower_store(
     """A follower store of an adapter kind (tests use ids of their own: stores are shared)."""
     if kind == "sqlite":
         return SQLiteFollowerStore(tmp_path / "followers.db", shards)
-    from operators.adapters import cassandra_store
+    from operators.adapters.stores import cassandra as cassandra_store
 
     url = request.getfixturevalue("cassandra_keyspace")
     return cassandra_store.CassandraFollowerStore.open(url, shards)

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.follower_store import (
+from operators.adapters.stores.sqlite_followers import (
     FollowerStore,
     InMemoryFollowerStore,
     SQLiteFollowerStore,
     StoreMismatch,
     open_follower_store,
 )
-from operators.eligibility import edge_flags
-from operators.sharding import shard_of
+from operators.fanout.eligibility import edge_flags
+from operators.fanout.sharding import shard_of
 from schemas.records import FollowChange
 from tests.contract.conftest import ADAPTERS, follower_store
 

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from operators.adapters.notification_store import InvalidCursor, LedgerUpdate
-from operators.delivery_model import LedgerRow
+from operators.adapters.stores.sqlite_notifications import InvalidCursor, LedgerUpdate
+from operators.delivery.model import LedgerRow
 from schemas.records import NotificationAck
 from tests.contract.conftest import NotificationStoreFactory
-from tests.delivery_fakes import request
+from tests.fakes import request
 
 TS = datetime(2026, 11, 22, tzinfo=UTC)
 

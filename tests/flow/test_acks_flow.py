@@ -9,11 +9,11 @@ import orjson
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from flows.acks import build_acks_flow
-from operators.ack_steps import ApplyAcks
-from operators.adapters.kafka_io import RawEvent
-from operators.adapters.notification_store import LedgerUpdate, SQLiteNotificationStore
+from operators.acks.steps import ApplyAcks
+from operators.adapters.kafka.io import RawEvent
+from operators.adapters.stores.sqlite_notifications import LedgerUpdate, SQLiteNotificationStore
 from schemas.records import DeadLetter
-from tests.delivery_fakes import request
+from tests.fakes import request
 
 
 def ack(offset: int, nid: str, device: str, event: str) -> RawEvent:

@@ -10,16 +10,16 @@ import orjson
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from flows.delivery import build_delivery_flow
-from operators.adapters.edge_claims import InMemoryEdgeClaims
-from operators.adapters.kafka_io import RawEvent
-from operators.adapters.notification_store import SQLiteNotificationStore
-from operators.adapters.rate_limiter import LocalRateLimiter
-from operators.delivery_engine import DeliveryEngine, DeliverySettings
-from operators.delivery_model import ProviderAnswer
-from operators.delivery_steps import SendStep
+from operators.adapters.kafka.io import RawEvent
+from operators.adapters.redis.edge_claims import InMemoryEdgeClaims
+from operators.adapters.redis.rate_limiter import LocalRateLimiter
+from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.engine import DeliveryEngine, DeliverySettings
+from operators.delivery.model import ProviderAnswer
+from operators.delivery.steps import SendStep
 from schemas.codecs import encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.delivery_fakes import InlineLoop, ScriptedSender
+from tests.fakes import InlineLoop, ScriptedSender
 
 NOW = time.time()
 CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 5))

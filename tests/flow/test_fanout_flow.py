@@ -11,11 +11,11 @@ import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.fanout import build_fanout_flow
-from operators.adapters.follower_store import InMemoryFollowerStore
-from operators.adapters.kafka_io import RawEvent
-from operators.adapters.post_claims import InMemoryPostClaims
+from operators.adapters.kafka.io import RawEvent
+from operators.adapters.redis.post_claims import InMemoryPostClaims
+from operators.adapters.stores.sqlite_followers import InMemoryFollowerStore
 from operators.config import Settings
-from operators.fanout_shard import CaughtUp
+from operators.fanout.shard import CaughtUp
 from schemas.records import DeadLetter, DispatchBatch
 
 TS = "2026-06-01T12:00:00Z"

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from operators.adapters.kafka_io import produce_all
-from operators.delivery_model import TERMINAL_STATES
+from operators.adapters.kafka.io import produce_all
+from operators.delivery.model import TERMINAL_STATES
 from tests.conftest import Providers, Stack, wait_for
 
 FAST_RETRIES = (

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.kafka_admin import list_topics
+from operators.adapters.kafka.admin import list_topics
 from operators.config import ALL_TOPICS, Settings, load_settings
-from scripts import devstack
+from scripts.dev import devstack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 2

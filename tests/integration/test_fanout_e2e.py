@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from operators.adapters.follower_store import SQLiteFollowerStore
-from operators.adapters.kafka_io import produce_all
+from operators.adapters.kafka.io import produce_all
+from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.config import CHANNEL_TOPICS
 from tests.conftest import Stack, wait_for
 

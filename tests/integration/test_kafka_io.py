@@ -8,7 +8,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from operators.adapters.kafka_io import (
+from operators.adapters.kafka.io import (
     ChannelTopicsSink,
     KafkaTopicsSource,
     RawEvent,
@@ -16,7 +16,7 @@ from operators.adapters.kafka_io import (
     produce_all,
     read_partition_to_end,
 )
-from operators.fanout_shard import CaughtUp
+from operators.fanout.shard import CaughtUp
 from schemas.records import DispatchBatch, DispatchItem
 from tests.conftest import Stack
 

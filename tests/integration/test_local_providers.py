@@ -29,15 +29,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from firebase_admin import exceptions as fb_exceptions
 from firebase_admin import messaging
 
-from scripts.local_providers import (
+from scripts.dev.local_providers import (
     ControlError,
     LocalProviders,
     ProviderControl,
     spawn_local_providers,
     start_local_providers,
 )
-from scripts.local_providers.clients import apns_client, firebase_app
-from scripts.local_providers.loadtest import fcm_token
+from scripts.dev.local_providers.clients import apns_client, firebase_app
+from scripts.dev.local_providers.loadtest import fcm_token
 
 TOKEN = "ab" * 32
 FCM_TOKENS = [fcm_token(__import__("random").Random(i)) for i in range(8)]
@@ -798,12 +798,12 @@ def test_subprocess_mode_writes_providers_json_and_stops_on_sigterm(tmp_path: Pa
 def test_the_delivery_fcm_sender_speaks_http2_to_the_local_server_and_closes_in_its_loop(
     providers: LocalProviders, control: ProviderControl, tmp_path: Path
 ) -> None:
-    from operators.adapters.push_senders import FcmSender, fcm_config
-    from operators.adapters.rate_limiter import BucketSpec
+    from operators.adapters.providers.senders import FcmSender, fcm_config
+    from operators.adapters.redis.rate_limiter import BucketSpec
     from operators.config import load_settings
-    from operators.delivery_model import RetryPolicy
-    from operators.payloads import PushTemplate
-    from tests.delivery_fakes import request
+    from operators.delivery.model import RetryPolicy
+    from operators.delivery.payloads import PushTemplate
+    from tests.fakes import request
 
     home = tmp_path / "home"
     (home / "providers").mkdir(parents=True)

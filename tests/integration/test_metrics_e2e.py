@@ -22,10 +22,10 @@ from typing import Any
 import orjson
 import pytest
 
-from operators.adapters.follower_store import SQLiteFollowerStore
-from operators.adapters.kafka_io import produce_all
-from operators.sharding import shard_of
-from scripts.metrics_scrape import Sample, by_labels, exposed_names, fetch_text, parse
+from flows.runtime.metrics_scrape import Sample, by_labels, exposed_names, fetch_text, parse
+from operators.adapters.kafka.io import produce_all
+from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
+from operators.fanout.sharding import shard_of
 from tests.conftest import Providers, Stack, wait_for
 from tests.integration.test_delivery_e2e import apns_token, fcm_token, iso
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from operators.adapters.kafka_io import produce_all
+from flows.runtime.metrics_scrape import fetch_text, parse
+from operators.adapters.kafka.io import produce_all
 from operators.config import CHANNEL_TOPICS, POST_CREATED, POST_CREATED_BACKFILL
-from scripts import cli, recovery_cli
-from scripts.metrics_scrape import fetch_text, parse
+from scripts import cli
+from scripts.commands import recovery as recovery_cli
 from tests.conftest import Stack, Watcher, wait_for
 from tests.integration.test_fanout_e2e import device, follow, post, prefs, publish
 

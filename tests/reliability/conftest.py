@@ -2,7 +2,7 @@
 
 The broker, topics, Redis prefix, FANFARE_HOME and local provider servers are the `stack` and
 `providers` fixtures of tests/conftest.py (pytest finds that conftest for this folder too);
-`chaos` wraps them in the `ChaosStack` that `python -m scripts.chaos` drives, so these tests run
+`chaos` wraps them in the `ChaosStack` that `python -m scripts.harness.chaos` drives, so these tests run
 the runner's own scenario code at its small scale. `chaos` stops the flows it started before
 those fixtures stop the broker and the servers.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from scripts.chaos import SMALL, Result, print_report
-from scripts.chaos_stack import ChaosStack
+from scripts.harness.chaos import SMALL, Result, print_report
+from scripts.harness.chaos_stack import ChaosStack
 from tests.conftest import Providers, Stack
 
 

@@ -11,7 +11,7 @@
 - The same scenario through `fanfare run fanout --processes 2` and `--processes 1`, each on a
   fresh stack: both dispatch exactly the expected pushes, each once.
 
-The scenarios are `scripts/chaos.py`'s, at its small scale; `python -m scripts.chaos --scale
+The scenarios are `scripts/harness/chaos.py`'s, at its small scale; `python -m scripts.harness.chaos --scale
 full` runs them larger for the README's figures.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import pytest
 
-from scripts.chaos import SMALL, Result, cluster, crash_delivery, crash_fanout
-from scripts.chaos_stack import ChaosStack
+from scripts.harness.chaos import SMALL, Result, cluster, crash_delivery, crash_fanout
+from scripts.harness.chaos_stack import ChaosStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -17,7 +17,7 @@ from the fault's end:
 - APNs answering later than FANFARE_SEND_TIMEOUT_MS: sends time out, the circuit opens and
   closes; the server accepted the timed-out sends, so the retries are same-apns-id resends.
 
-The scenarios are `scripts/chaos.py`'s, at its small scale.
+The scenarios are `scripts/harness/chaos.py`'s, at its small scale.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import pytest
 
-from scripts.chaos import SMALL, Result, provider_fault, provider_faults
-from scripts.chaos_stack import ChaosStack
+from scripts.harness.chaos import SMALL, Result, provider_fault, provider_faults
+from scripts.harness.chaos_stack import ChaosStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

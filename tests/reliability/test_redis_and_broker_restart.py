@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.kafka_admin import create_topics, list_topics
-from scripts import devstack
+from operators.adapters.kafka.admin import create_topics, list_topics
+from scripts.dev import devstack
 from tests.conftest import Providers, Stack, free_port, wait_for
 from tests.integration.test_delivery_e2e import apns_token, publish, wait_terminal
 from tests.integration.test_fanout_e2e import device, follow, post

@@ -43,10 +43,10 @@ import orjson
 import pytest
 import redis
 
-from operators.adapters.kafka_io import produce_all
+from operators.adapters.kafka.io import produce_all
 from operators.config import ALL_TOPICS
-from scripts.local_providers.control import ProviderControl
-from scripts.local_providers.runner import LocalProviders, Running, start_local_providers
+from scripts.dev.local_providers.control import ProviderControl
+from scripts.dev.local_providers.runner import LocalProviders, Running, start_local_providers
 from tests.conftest import Stack, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

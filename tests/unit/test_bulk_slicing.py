@@ -8,15 +8,15 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from operators.adapters.delivery_io import (
+from operators.adapters.kafka.channel_lanes import (
     BulkPacer,
     BulkRoundBudget,
     _BulkSlicer,
     _LanePairReader,
 )
-from operators.adapters.kafka_io import RawEvent, _TopicPartitionReader
-from operators.delivery_model import SendRequest
-from operators.delivery_steps import decode_channel_message
+from operators.adapters.kafka.io import RawEvent, _TopicPartitionReader
+from operators.delivery.model import SendRequest
+from operators.delivery.steps import decode_channel_message
 from schemas.records import DeadLetter
 
 TOPIC = "push.apns.bulk"

@@ -18,14 +18,18 @@ from cassandra import ConsistencyLevel as CL  # type: ignore[import-untyped]
 from cassandra import InvalidRequest
 from cassandra.concurrent import ExecutionResult  # type: ignore[import-untyped]
 
-from operators.adapters import cassandra_store as cs
-from operators.adapters.follower_store import StoreMismatch
-from operators.adapters.notification_store import InvalidCursor, LedgerUpdate, encode_cursor
+from operators.adapters.stores import cassandra as cs
+from operators.adapters.stores.sqlite_followers import StoreMismatch
+from operators.adapters.stores.sqlite_notifications import (
+    InvalidCursor,
+    LedgerUpdate,
+    encode_cursor,
+)
 from operators.config import Settings
-from operators.delivery_model import LedgerRow
+from operators.delivery.model import LedgerRow
 from schemas.records import FollowChange, NotificationAck
-from scripts import store_cli
-from tests.delivery_fakes import request
+from scripts.commands import store as store_cli
+from tests.fakes import request
 
 Rows = list[dict[str, Any]]
 Answer = Rows | Callable[[tuple[Any, ...]], Rows]
@@ -225,7 +229,7 @@ def test_follow_changes_fold_in_order_one_write_per_edge_and_exact_count_deltas(
             change("a", "u2", muted=True),  # the last change wins
         ]
     )
-    from operators.sharding import shard_of
+    from operators.fanout.sharding import shard_of
 
     assert session.executed("SELECT notify_on_post, muted") == [
         ("a", shard_of(u, 4), u) for u in ("u1", "u2", "u3", "u4", "u5")

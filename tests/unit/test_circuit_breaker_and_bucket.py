@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from operators.adapters.rate_limiter import BucketSpec, LocalRateLimiter
-from operators.circuit_breaker import BreakerState, CircuitBreaker
-from operators.token_bucket import take
+from operators.adapters.redis.rate_limiter import BucketSpec, LocalRateLimiter
+from operators.delivery.circuit_breaker import BreakerState, CircuitBreaker
+from operators.delivery.token_bucket import take
 
 
 class Clock:

@@ -30,11 +30,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from operators.ack_steps import decode_ack
-from operators.adapters.kafka_io import RawEvent
-from operators.delivery_steps import decode_channel_message, decode_retry_message, retry_due_at
-from operators.fanout_steps import ChangelogRouter, dead_letter, decode_post
-from operators.quiet_hours import quiet_until
+from operators.acks.steps import decode_ack
+from operators.adapters.kafka.io import RawEvent
+from operators.delivery.steps import decode_channel_message, decode_retry_message, retry_due_at
+from operators.fanout.quiet_hours import quiet_until
+from operators.fanout.steps import ChangelogRouter, dead_letter, decode_post
 from schemas.codecs import (
     InvalidEvent,
     decode_delivery_event,
@@ -1184,7 +1184,7 @@ class _OneMessageReader:
 # s of a delivery worker here) for one dead letter.
 @pytest.mark.parametrize("items", [[0] * 5_000, [{}] * 1_000, [{"token": 1}] * 501])
 def test_a_malformed_bulk_batch_is_decoded_once_not_once_per_slice(items: list[Any]) -> None:
-    from operators.adapters.delivery_io import _BulkSlicer
+    from operators.adapters.kafka.channel_lanes import _BulkSlicer
 
     batch = {
         "schema": "dispatch_batch/v1",

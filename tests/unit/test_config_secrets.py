@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.runtime import readiness
 from operators.config import ConfigError, load_settings, redact_url
-from scripts import devstack, readiness
+from scripts.dev import devstack
 
 
 def secret(tmp_path: Path, name: str, text: str) -> str:

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from operators import metrics
-from operators.adapters.edge_claims import InMemoryEdgeClaims
-from operators.adapters.notification_store import SQLiteNotificationStore
-from operators.adapters.rate_limiter import LocalRateLimiter
-from operators.circuit_breaker import BreakerState
-from operators.delivery_engine import DeliveryEngine, DeliverySettings
-from operators.delivery_model import ProviderAnswer, RetryPolicy
+from operators.adapters.redis.edge_claims import InMemoryEdgeClaims
+from operators.adapters.redis.rate_limiter import LocalRateLimiter
+from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.circuit_breaker import BreakerState
+from operators.delivery.engine import DeliveryEngine, DeliverySettings
+from operators.delivery.model import ProviderAnswer, RetryPolicy
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.delivery_fakes import InlineLoop, ScriptedSender, request
+from tests.fakes import InlineLoop, ScriptedSender, request
 
 
 class Clock:

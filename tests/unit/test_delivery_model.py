@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from operators.delivery_model import (
+from operators.delivery.model import (
     Action,
     LedgerRow,
     ProviderAnswer,
@@ -12,7 +12,7 @@ from operators.delivery_model import (
     decide,
     plan_retry,
 )
-from tests.delivery_fakes import request
+from tests.fakes import request
 
 R = request(source="push.apns/0@7")
 

@@ -1,4 +1,4 @@
-"""docker-compose.yml and scripts/Dockerfile agree with fanfare's settings and with each other.
+"""docker-compose.yml and scripts/deploy/Dockerfile agree with fanfare's settings and with each other.
 
 No Docker engine is needed: the compose file is read with PyYAML (anchors and `<<` merges
 resolved), and `docker compose config -q` runs only where the compose plugin is installed.
@@ -21,7 +21,7 @@ from operators.config import ENV_VARIABLES, ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-DOCKERFILE = "scripts/Dockerfile"
+DOCKERFILE = "scripts/deploy/Dockerfile"
 KAFKA_SERVICE = "kafka"
 REDIS_SERVICE = "redis"
 

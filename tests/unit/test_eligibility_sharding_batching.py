@@ -3,8 +3,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from operators.batching import dispatch_batches, notification_id
-from operators.eligibility import (
+from operators.fanout.batching import dispatch_batches, notification_id
+from operators.fanout.eligibility import (
     FLAG_MUTED,
     FLAG_NOTIFY_ON_POST,
     Suppressed,
@@ -12,7 +12,7 @@ from operators.eligibility import (
     follower_suppression,
     post_suppression,
 )
-from operators.sharding import all_shard_keys, shard_key, shard_of
+from operators.fanout.sharding import all_shard_keys, shard_key, shard_of
 from schemas.records import DispatchItem, PostCreated
 
 

@@ -3,9 +3,9 @@
 import pickle
 from datetime import UTC, datetime, timedelta
 
-from operators.adapters.follower_store import InMemoryFollowerStore
-from operators.eligibility import Suppressed
-from operators.fanout_shard import CaughtUp, FanoutTally, FollowerShard, ShardJob
+from operators.adapters.stores.sqlite_followers import InMemoryFollowerStore
+from operators.fanout.eligibility import Suppressed
+from operators.fanout.shard import CaughtUp, FanoutTally, FollowerShard, ShardJob
 from schemas.records import DeviceChange, FollowChange, PreferenceChange
 
 NOON = datetime(2026, 6, 1, 12, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""A flow process's own /metrics server (scripts/flow_process.py) and its command line."""
+"""A flow process's own /metrics server (flows/runtime/flow_process.py) and its command line."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from scripts import flow_process
-from scripts.flow_process import MetricsServer, bytewax_argv, is_flow_process
-from scripts.ports import free_port
+from flows.runtime import flow_process
+from flows.runtime.flow_process import MetricsServer, bytewax_argv, is_flow_process
+from flows.runtime.ports import free_port
 
 
 def get(url: str) -> tuple[int, str, str]:
@@ -85,6 +85,6 @@ def test_runs_bytewax_run_on_the_flow_s_factory() -> None:
         "-w",
         "2",
     ]
-    assert is_flow_process(["/usr/bin/python3", "-m", "scripts.flow_process", "fanout"])
+    assert is_flow_process(["/usr/bin/python3", "-m", "flows.runtime.flow_process", "fanout"])
     assert is_flow_process(["python", "-m", "bytewax.run", "flows.fanout:get_flow"])
     assert not is_flow_process(["python", "-m", "scripts.cli", "run", "fanout"])

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.follower_store import InMemoryFollowerStore, SQLiteFollowerStore
-from operators.eligibility import edge_flags
-from operators.sharding import shard_of
+from operators.adapters.stores.sqlite_followers import InMemoryFollowerStore, SQLiteFollowerStore
+from operators.fanout.eligibility import edge_flags
+from operators.fanout.sharding import shard_of
 from scripts import cli
-from scripts.followers_import import (
+from scripts.commands.followers_import import (
     MAX_SHOWN_ERRORS,
     BadRow,
     Edge,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.notification_store import LedgerUpdate, SQLiteNotificationStore
+from operators.adapters.stores.sqlite_notifications import LedgerUpdate, SQLiteNotificationStore
 from schemas.records import NotificationAck
 from scripts.cli import main
-from tests.delivery_fakes import request
+from tests.fakes import request
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
 
-from scripts.local_providers.credentials import make_local_credentials
-from scripts.local_providers.speedups import fast_decode_huffman
-from scripts.local_providers.state import ProviderState, RateLimit
+from scripts.dev.local_providers.credentials import make_local_credentials
+from scripts.dev.local_providers.speedups import fast_decode_huffman
+from scripts.dev.local_providers.state import ProviderState, RateLimit
 
 
 def test_credentials_are_generated_once_and_reused(tmp_path: Path) -> None:

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from operators import metrics
-from scripts import metrics_cli
-from scripts.cli import main
-from scripts.metrics_scrape import (
+from flows.runtime.metrics_scrape import (
     buckets,
     exposed_names,
     histogram_quantile,
     parse,
 )
+from operators import metrics
+from scripts.cli import main
+from scripts.commands import metrics as metrics_cli
 
 FANOUT = """\
 # HELP fanfare_posts_read_total post_created events decoded and valid

@@ -4,7 +4,7 @@ import multiprocessing
 import sqlite3
 from pathlib import Path
 
-from operators.adapters.notification_store import (
+from operators.adapters.stores.sqlite_notifications import (
     _MIGRATIONS,
     LedgerUpdate,
     SQLiteNotificationStore,
@@ -12,8 +12,8 @@ from operators.adapters.notification_store import (
     migrate_sqlite,
     open_notification_store,
 )
-from operators.delivery_model import LedgerRow
-from tests.delivery_fakes import request
+from operators.delivery.model import LedgerRow
+from tests.fakes import request
 
 # The port's behaviour is the contract suite's (tests/contract); here, what is SQLite's own.
 

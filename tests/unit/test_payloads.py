@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from operators.payloads import (
+from operators.delivery.payloads import (
     PayloadTooLarge,
     PushTemplate,
     apns_payload,
     collapse_id,
     fcm_content,
 )
-from tests.delivery_fakes import request
+from tests.fakes import request
 
 
 def test_apns_payload_is_rendered_from_the_compact_item() -> None:

@@ -6,7 +6,7 @@ import uuid
 import pytest
 import redis
 
-from operators.adapters.post_claims import InMemoryPostClaims, PostClaims, RedisPostClaims
+from operators.adapters.redis.post_claims import InMemoryPostClaims, PostClaims, RedisPostClaims
 from tests.conftest import REDIS_URL
 
 

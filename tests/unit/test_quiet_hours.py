@@ -2,7 +2,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from operators.quiet_hours import hour_is_quiet, quiet_until
+from operators.fanout.quiet_hours import hour_is_quiet, quiet_until
 
 
 @pytest.mark.parametrize(

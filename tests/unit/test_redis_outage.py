@@ -30,24 +30,24 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, KafkaError
 
 from operators import metrics
-from operators.adapters import kafka_io
-from operators.adapters.edge_claims import RedisEdgeClaims
-from operators.adapters.kafka_io import RawEvent, _TopicPartitionReader, read_partition_to_end
-from operators.adapters.notification_store import SQLiteNotificationStore
-from operators.adapters.post_claims import (
+from operators.adapters.kafka import io as kafka_io
+from operators.adapters.kafka.io import RawEvent, _TopicPartitionReader, read_partition_to_end
+from operators.adapters.redis.edge_claims import RedisEdgeClaims
+from operators.adapters.redis.post_claims import (
     RedisOutage,
     RedisPostClaims,
     RedisUnavailable,
     RedisWriterStartMarks,
     retry_while_down,
 )
-from operators.adapters.rate_limiter import BucketSpec, RedisRateLimiter
-from operators.delivery_engine import DeliveryEngine, DeliverySettings
-from operators.fanout_shard import CaughtUp
+from operators.adapters.redis.rate_limiter import BucketSpec, RedisRateLimiter
+from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.engine import DeliveryEngine, DeliverySettings
+from operators.fanout.shard import CaughtUp
 from schemas.records import DeliveryEvent
-from scripts.chaos_stack import RedisServer
+from scripts.harness.chaos_stack import RedisServer
 from tests.conftest import free_port
-from tests.delivery_fakes import InlineLoop, ScriptedSender, request
+from tests.fakes import InlineLoop, ScriptedSender, request
 
 
 class FakeClock:

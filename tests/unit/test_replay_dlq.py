@@ -16,11 +16,13 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from operators.adapters.recovery_marker import recovery_lineage
+from flows.runtime.recovery_marker import recovery_lineage
 from operators.config import load_settings
-from scripts import cli, dlq, recovery_cli, replay
-from scripts.dlq import Fate, Letter, MemoryRedriveMarks, plan_redrive
-from scripts.replay import (
+from scripts import cli
+from scripts.commands import dlq, replay
+from scripts.commands import recovery as recovery_cli
+from scripts.commands.dlq import Fate, Letter, MemoryRedriveMarks, plan_redrive
+from scripts.commands.replay import (
     Message,
     Position,
     ReplayStats,
@@ -447,7 +449,7 @@ def run(directory: Path, items: list[int]) -> list[Any]:
 
 
 def test_a_rebuilt_directory_resumes_with_positions_and_state(tmp_path: Path) -> None:
-    from scripts.runner import ensure_recovery_dir
+    from flows.runtime.runner import ensure_recovery_dir
 
     old = tmp_path / "old"
     ensure_recovery_dir(old, 3)
@@ -469,7 +471,7 @@ def test_a_rebuilt_directory_resumes_with_positions_and_state(tmp_path: Path) ->
 
 
 def test_rebuild_swaps_directories_and_keeps_the_old_one(tmp_path: Path) -> None:
-    from scripts.runner import ensure_recovery_dir
+    from flows.runtime.runner import ensure_recovery_dir
 
     settings = load_settings(
         {"FANFARE_HOME": str(tmp_path / "home"), "FANFARE_RECOVERY_PARTITIONS": "2"}

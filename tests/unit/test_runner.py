@@ -15,15 +15,16 @@ from typing import Any
 
 import pytest
 
+from flows.runtime import readiness, runner
+from flows.runtime.readiness import CheckResult, ReadinessChecker, Scrape, aggregate, flow_check
+from flows.runtime.recovery_marker import RECOVERY_MARKER, read_marker, recovery_lineage
+from flows.runtime.runner import ClusterSpec, UsageError, resolve_cluster
+from flows.runtime.supervisor import Member, RestartPolicy, Supervisor, describe_exit, restart_delay
 from operators import metrics
-from operators.adapters.recovery_marker import RECOVERY_MARKER, read_marker, recovery_lineage
 from operators.config import Settings
-from operators.fanout_logic import ExpandFollowerShardLogic
-from operators.fanout_shard import CaughtUp, FollowerShard
-from scripts import cli, readiness, runner
-from scripts.readiness import CheckResult, ReadinessChecker, Scrape, aggregate, flow_check
-from scripts.runner import ClusterSpec, UsageError, resolve_cluster
-from scripts.supervisor import Member, RestartPolicy, Supervisor, describe_exit, restart_delay
+from operators.fanout.logic import ExpandFollowerShardLogic
+from operators.fanout.shard import CaughtUp, FollowerShard
+from scripts import cli
 
 NO_ENV: dict[str, str] = {}
 
@@ -180,7 +181,7 @@ def test_plans_a_local_cluster_with_fresh_ports(monkeypatch: pytest.MonkeyPatch)
         assert "BYTEWAX_POD_NAME" not in m.env and "BYTEWAX_ADDRESSES" not in m.env
         assert m.env["FANFARE_METRICS_PORT"] == str(5000 + m.process_id)
         assert "BYTEWAX_DATAFLOW_API_ENABLED" not in m.env  # Bytewax's server binds 0.0.0.0
-        assert m.command[1:4] == ["-m", "scripts.flow_process", "fanout"]
+        assert m.command[1:4] == ["-m", "flows.runtime.flow_process", "fanout"]
     single = runner.plan_members(settings, "acks", ClusterSpec(1, 1))
     assert "-i" not in single[0].command and single[0].command[3] == "acks"
 
@@ -405,7 +406,7 @@ def test_members_die_with_the_supervisor(tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
     script = f"""
 import sys
-from scripts.supervisor import Member, spawn_member
+from flows.runtime.supervisor import Member, spawn_member
 p = spawn_member(Member(0, [sys.executable, "-c",
     "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"], {{}}, "u"))
 p.wait()

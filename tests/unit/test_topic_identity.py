@@ -10,10 +10,10 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING
 
-from operators.adapters import kafka_io
-from operators.adapters.delivery_io import _BulkSlicer
-from operators.adapters.kafka_io import RawEvent, _TopicPartitionReader, resume_point
-from operators.adapters.topic_identity import TopicIds
+from operators.adapters.kafka import io as kafka_io
+from operators.adapters.kafka.channel_lanes import _BulkSlicer
+from operators.adapters.kafka.io import RawEvent, _TopicPartitionReader, resume_point
+from operators.adapters.kafka.topic_identity import TopicIds
 from tests.unit.test_redis_outage import FakeClock, FakeConsumer, FakeMessage
 
 

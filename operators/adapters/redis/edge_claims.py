@@ -1,0 +1,104 @@
+"""Edge claims: the fast path of "one push per (post, user, device)", in Redis.
+
+Before a dispatch item is sent, `SET key=<message identity> NX GET EX ttl` claims it. A new
+claim (or our own, when the same message is replayed) goes on to the notification store, which
+is the authority; a claim held by a different message is a duplicate and stops here, without a
+store round trip. If Redis lost its data, the store's unique key still refuses the duplicate.
+
+Redis outages. The claim is only a fast path, so a connection error never fails a send: the
+batch is answered "claimed now" (None) for every item, which sends each to the store's claim,
+exactly as a first claim does; the store decides. After an error, Redis is tried again at most
+once per `probe_s` (RedisOutage), so an outage costs no connection attempt per batch. When Redis
+comes back empty, old claims are gone and the store alone refuses duplicates (as above); new
+claims are written again from then on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+from operators.adapters.redis.post_claims import (
+    REDIS_DOWN_ERRORS,
+    PerThreadRedis,
+    RedisOutage,
+    fail_fast_options,
+)
+
+
+class EdgeClaims(ABC):
+    """Port: claim (notification_id, device_id) sends for a message identity."""
+
+    @abstractmethod
+    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
+        """Per (notification_id, device_id, identity): None if claimed now, else the holder.
+
+        The holder is our own identity when the same message is replayed.
+        """
+
+
+class RedisEdgeClaims(EdgeClaims):
+    """One pipelined round trip per batch; keys expire after `ttl_s`.
+
+    While Redis is unreachable every claim answers None (go to the store): see the module
+    docstring. `bypassed` counts the claims answered that way.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        ttl_s: int,
+        probe_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._prefix = prefix
+        self._ttl = ttl_s
+        self._redis = PerThreadRedis(
+            url, health_check_interval=30, **fail_fast_options(socket_timeout=5)
+        )
+        self.outage = RedisOutage("edge claims (skipped: the store decides)", probe_s, clock)
+        self.bypassed = 0
+
+    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
+        """SET NX GET per claim (Redis 7); None for all when Redis does not answer."""
+        if not claims:
+            return []
+        if self.outage.skip():
+            self.bypassed += len(claims)
+            return [None] * len(claims)
+        started = self.outage.started()
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            for nid, device, identity in claims:
+                pipe.set(
+                    f"{self._prefix}edge:{nid}|{device}", identity, nx=True, get=True, ex=self._ttl
+                )
+            replies = pipe.execute()
+        except REDIS_DOWN_ERRORS as exc:
+            self.outage.failed(exc, started)
+            self.bypassed += len(claims)
+            return [None] * len(claims)
+        self.outage.answered()
+        return [None if r is None else r.decode() for r in replies]
+
+
+class InMemoryEdgeClaims(EdgeClaims):
+    """Same semantics in a dict (unit and flow tests)."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
+        """Claim each key unless held; answer the holder as Redis' SET NX GET does."""
+        with self._lock:
+            out: list[str | None] = []
+            for nid, device, identity in claims:
+                held = self.held.get((nid, device))
+                if held is None:
+                    self.held[(nid, device)] = identity
+                out.append(held)
+            return out

@@ -1,0 +1,166 @@
+"""Rate limits: a token bucket per provider and app/project, in Redis, shared by every worker.
+
+The bucket refills continuously at the configured rate (FCM's default quota is 600,000
+messages a minute per project) and holds `burst_s` seconds of it. The bulk lane may not take
+the last `bulk_reserve` share, so normal posts keep flowing while a celebrity campaign is paced
+by whatever is left. The arithmetic is `operators.delivery.token_bucket.take`, mirrored in Lua
+so that one round trip refills and takes atomically, on Redis' clock (workers' clocks may differ).
+
+Redis outages: the limiter falls back to a *local bucket*. While Redis is unreachable each
+worker paces itself at `rate / local_share` (a quarter of the rate, a quarter of the burst) and
+tries Redis again at most once per `probe_s` (RedisOutage: no connection attempt per send, and
+the event loop is never held by one); the first answer puts it back on the shared bucket (one
+that Redis lost starts full). The choice, against the two others:
+
+- stopping delivery (fail closed) would turn an outage of a pacing aid into an outage of every
+  notification, and the ledger, not Redis, is what keeps pushes single;
+- sending unpaced (fail open) would let a fleet burst far past the provider's quota, turning
+  into 429s, retries and possibly throttling by the provider.
+
+A quarter keeps a fleet of up to four workers within the quota; a fleet of W > 4 workers may
+send up to W/4 times the quota during an outage, and the provider's 429s then go through the
+retry path (Retry-After honoured) and the circuit breaker. Tested in tests/reliability.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from operators.adapters.redis.post_claims import (
+    REDIS_DOWN_ERRORS,
+    PerThreadRedis,
+    RedisOutage,
+    fail_fast_options,
+)
+from operators.delivery.token_bucket import Grant, take
+
+log = logging.getLogger(__name__)
+
+_TAKE_SCRIPT = """
+local rate = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+local reserve = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'level', 'at')
+local level = tonumber(b[1]) or capacity
+local at = tonumber(b[2]) or now
+level = math.min(capacity, level + math.max(0, now - at) * rate)
+local available = math.max(0, level - reserve)
+local granted = math.min(wanted, math.floor(available))
+level = level - granted
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], 3600)
+local short = wanted - granted
+local wait = 0
+if short > 0 then wait = (short - (available - granted)) / rate end
+return {granted, tostring(wait)}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """One bucket: its name (`apns:<topic>`, `fcm:<project>`), rate and size."""
+
+    name: str
+    per_minute: int
+    burst_s: float = 1.0
+    bulk_reserve: float = 0.2  # share of the bucket the bulk lane leaves to normal posts
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second."""
+        return self.per_minute / 60.0
+
+    @property
+    def capacity(self) -> float:
+        """The most tokens the bucket holds (at least one send)."""
+        return max(1.0, self.rate * self.burst_s)
+
+    def reserve_for(self, lane: str) -> float:
+        """Tokens the lane must leave in the bucket."""
+        return self.capacity * self.bulk_reserve if lane == "bulk" else 0.0
+
+
+class RateLimiter(ABC):
+    """Port: take tokens for sends."""
+
+    @abstractmethod
+    def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
+        """Up to `wanted` tokens now, and the wait before the rest could be had."""
+
+
+class LocalRateLimiter(RateLimiter):
+    """A bucket in this process (tests, and the fallback while Redis is unreachable)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, share: float = 1.0) -> None:
+        self._clock = clock
+        self._share = share
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
+        """Refill and take."""
+        rate, capacity = spec.rate / self._share, spec.capacity / self._share
+        now = self._clock()
+        with self._lock:
+            level, at = self._buckets.get(spec.name, (capacity, now))
+            grant, level = take(
+                level,
+                at,
+                now,
+                rate=rate,
+                capacity=capacity,
+                wanted=wanted,
+                reserve=spec.reserve_for(lane) / self._share,
+            )
+            self._buckets[spec.name] = (level, now)
+        return grant
+
+
+class RedisRateLimiter(RateLimiter):
+    """The shared bucket; one script call per take."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        local_share: float = 4.0,
+        probe_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._prefix = prefix
+        self._redis = PerThreadRedis(url, **fail_fast_options(socket_timeout=2))
+        self._fallback = LocalRateLimiter(clock=clock, share=local_share)
+        self.outage = RedisOutage(
+            f"rate limiter (pacing on a local bucket at 1/{local_share:g} of the rate)",
+            probe_s,
+            clock,
+        )
+        self.fallbacks = 0
+
+    def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
+        """Take from Redis, or from the local bucket while Redis is unreachable."""
+        if wanted <= 0:
+            return Grant(0, 0.0)
+        if self.outage.skip():
+            self.fallbacks += 1
+            return self._fallback.take(spec, wanted, lane)
+        started = self.outage.started()
+        try:
+            granted, wait = self._redis.script(_TAKE_SCRIPT)(
+                keys=[f"{self._prefix}ratelimit:{spec.name}"],
+                args=[spec.rate, spec.capacity, wanted, spec.reserve_for(lane)],
+            )
+        except REDIS_DOWN_ERRORS as exc:
+            self.outage.failed(exc, started)
+            self.fallbacks += 1
+            return self._fallback.take(spec, wanted, lane)
+        self.outage.answered()
+        return Grant(int(granted), float(wait))

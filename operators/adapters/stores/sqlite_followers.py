@@ -1,0 +1,292 @@
+"""The follower store: follow edges bucketed by (author_id, shard_id of the follower).
+
+`FollowerStore` is the port the fan-out uses; `SQLiteFollowerStore` is the embedded adapter for
+one machine (a Cassandra adapter implements the same port in a later issue). Pages are read by
+cursor (the last follower_id returned), so a job can stop and resume mid-shard.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from operators.fanout.eligibility import edge_flags
+from operators.fanout.sharding import shard_of
+from schemas.records import FollowChange
+
+FollowerRow = tuple[str, int]  # (follower_id, flags)
+
+
+class StoreMismatch(RuntimeError):
+    """The store was built for another shard count; resharding needs a re-import."""
+
+
+class FollowerStore(ABC):
+    """Port: what the fan-out needs from the follower graph."""
+
+    shard_count: int
+
+    @abstractmethod
+    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
+        """Apply follow/unfollow changes in order (a follow with new flags updates the edge)."""
+
+    @abstractmethod
+    def follower_page(
+        self, author_id: str, shard_id: int, after: str | None, limit: int
+    ) -> list[FollowerRow]:
+        """Up to `limit` followers of the author in the shard, ordered by id, after `after`."""
+
+    @abstractmethod
+    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
+        """The edge's flags, or None when the follower does not follow the author."""
+
+    @abstractmethod
+    def follower_count(self, author_id: str) -> int:
+        """How many followers the author has (all shards)."""
+
+    @abstractmethod
+    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
+        """Upsert (author_id, follower_id, flags) edges; returns how many were written."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook; most stores have nothing to close)
+        """Release connections."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS followers (
+    author_id TEXT NOT NULL,
+    shard_id INTEGER NOT NULL,
+    follower_id TEXT NOT NULL,
+    flags INTEGER NOT NULL,
+    PRIMARY KEY (author_id, shard_id, follower_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS author_stats (
+    author_id TEXT PRIMARY KEY,
+    followers INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+
+_EDGE_EXISTS = "SELECT 1 FROM followers WHERE author_id=? AND shard_id=? AND follower_id=?"
+
+
+class SQLiteFollowerStore(FollowerStore):
+    """Embedded follower store; one connection per thread (Bytewax workers are threads)."""
+
+    def __init__(self, path: Path | str, shard_count: int) -> None:
+        self.path = Path(path)
+        self.shard_count = shard_count
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        with conn:
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO store_meta VALUES ('shard_count', ?)", (str(shard_count),)
+            )
+        stored = conn.execute("SELECT value FROM store_meta WHERE key='shard_count'").fetchone()
+        if int(stored[0]) != shard_count:
+            raise StoreMismatch(
+                f"{self.path} was built with {stored[0]} shards but FANFARE_SHARDS={shard_count}; "
+                "use the original shard count or re-import the follower graph into a new store"
+            )
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache per connection
+            conn.execute("PRAGMA mmap_size=1073741824")
+            self._local.conn = conn
+        return conn
+
+    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
+        """Apply in order inside one transaction; author follower counts stay exact."""
+        if not changes:
+            return
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for c in changes:
+                shard = shard_of(c.follower_id, self.shard_count)
+                key = (c.author_id, shard, c.follower_id)
+                existed = conn.execute(_EDGE_EXISTS, key).fetchone() is not None
+                if c.op == "follow":
+                    conn.execute(
+                        "INSERT INTO followers VALUES (?,?,?,?) ON CONFLICT DO UPDATE "
+                        "SET flags=excluded.flags",
+                        (*key, edge_flags(c.notify_on_post, c.muted)),
+                    )
+                    delta = 0 if existed else 1
+                else:
+                    conn.execute(
+                        "DELETE FROM followers WHERE author_id=? AND shard_id=? AND follower_id=?",
+                        key,
+                    )
+                    delta = -1 if existed else 0
+                if delta:
+                    conn.execute(
+                        "INSERT INTO author_stats VALUES (?, ?) ON CONFLICT DO UPDATE "
+                        "SET followers = followers + excluded.followers",
+                        (c.author_id, delta),
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def follower_page(
+        self, author_id: str, shard_id: int, after: str | None, limit: int
+    ) -> list[FollowerRow]:
+        """One page by primary key order; `after=None` starts the shard."""
+        rows: list[FollowerRow] = (
+            self._conn()
+            .execute(
+                "SELECT follower_id, flags FROM followers WHERE author_id=? AND shard_id=? "
+                "AND follower_id > ? ORDER BY follower_id LIMIT ?",
+                (author_id, shard_id, after or "", limit),
+            )
+            .fetchall()
+        )
+        return rows
+
+    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
+        """Point lookup of one edge."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT flags FROM followers WHERE author_id=? AND shard_id=? AND follower_id=?",
+                (author_id, shard_of(follower_id, self.shard_count), follower_id),
+            )
+            .fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    def follower_count(self, author_id: str) -> int:
+        """Maintained count (exact under follow changes and bulk loads)."""
+        row = (
+            self._conn()
+            .execute("SELECT followers FROM author_stats WHERE author_id=?", (author_id,))
+            .fetchone()
+        )
+        return 0 if row is None else int(row[0])
+
+    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
+        """Fast import for seeding and benchmarks; recomputes the touched authors' counts."""
+        conn = self._conn()
+        written = 0
+        authors: set[str] = set()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            chunk: list[tuple[str, int, str, int]] = []
+            for author_id, follower_id, flags in edges:
+                chunk.append(
+                    (author_id, shard_of(follower_id, self.shard_count), follower_id, flags)
+                )
+                authors.add(author_id)
+                if len(chunk) >= 50_000:
+                    written += self._write_chunk(conn, chunk)
+            written += self._write_chunk(conn, chunk)
+            conn.executemany(
+                "INSERT OR REPLACE INTO author_stats "
+                "SELECT author_id, COUNT(*) FROM followers WHERE author_id=?",
+                [(a,) for a in authors],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return written
+
+    @staticmethod
+    def _write_chunk(conn: sqlite3.Connection, chunk: list[tuple[str, int, str, int]]) -> int:
+        conn.executemany(
+            "INSERT INTO followers VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET flags=excluded.flags",
+            chunk,
+        )
+        n = len(chunk)
+        chunk.clear()
+        return n
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class InMemoryFollowerStore(FollowerStore):
+    """A fake for unit tests of the fan-out logic: same behaviour, plain dicts."""
+
+    def __init__(self, shard_count: int) -> None:
+        self.shard_count = shard_count
+        self.edges: dict[tuple[str, int], dict[str, int]] = {}
+        self.page_reads = 0
+
+    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
+        """Apply in order."""
+        for c in changes:
+            bucket = self.edges.setdefault(
+                (c.author_id, shard_of(c.follower_id, self.shard_count)), {}
+            )
+            if c.op == "follow":
+                bucket[c.follower_id] = edge_flags(c.notify_on_post, c.muted)
+            else:
+                bucket.pop(c.follower_id, None)
+
+    def follower_page(
+        self, author_id: str, shard_id: int, after: str | None, limit: int
+    ) -> list[FollowerRow]:
+        """Sorted page after the cursor."""
+        self.page_reads += 1
+        bucket = self.edges.get((author_id, shard_id), {})
+        ids = sorted(f for f in bucket if after is None or f > after)[:limit]
+        return [(f, bucket[f]) for f in ids]
+
+    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
+        """Point lookup."""
+        return self.edges.get((author_id, shard_of(follower_id, self.shard_count)), {}).get(
+            follower_id
+        )
+
+    def follower_count(self, author_id: str) -> int:
+        """Sum over shards."""
+        return sum(len(v) for (a, _), v in self.edges.items() if a == author_id)
+
+    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
+        """Upsert edges."""
+        n = 0
+        for author_id, follower_id, flags in edges:
+            key = (author_id, shard_of(follower_id, self.shard_count))
+            self.edges.setdefault(key, {})[follower_id] = flags
+            n += 1
+        return n
+
+
+def open_follower_store(
+    store_url: str,
+    shard_count: int,
+    *,
+    username: str | None = None,
+    password_file: str | None = None,
+) -> FollowerStore:
+    """Build the adapter FANFARE_STORE_URL names (per worker; never at import time)."""
+    if store_url.startswith("sqlite:///"):
+        return SQLiteFollowerStore(store_url.removeprefix("sqlite:///"), shard_count)
+    if store_url.startswith("cassandra://"):
+        from operators.adapters.stores.cassandra import CassandraFollowerStore
+
+        return CassandraFollowerStore.open(
+            store_url, shard_count, username=username, password_file=password_file
+        )
+    raise ValueError(
+        f"unsupported FANFARE_STORE_URL {store_url!r}: use sqlite:///PATH or "
+        "cassandra://host1,host2/keyspace"
+    )

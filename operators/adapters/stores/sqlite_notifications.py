@@ -1,0 +1,634 @@
+"""The notification store: the authority on who owns each (notification, device) send.
+
+`NotificationStore` is the port delivery uses; `SQLiteNotificationStore` is the embedded
+adapter (a Cassandra adapter implements the same port in a later issue). It keeps:
+
+- the follower-level notification (post, user, author, created_at), once per notification_id;
+- one ledger row per (notification_id, device_id): the unique key that makes a second push to
+  a device impossible (see `operators.delivery.model` for the ownership rules);
+- every provider attempt per device, for `fanfare status` and debugging.
+
+The aggregated status of a notification is read from its device rows: `dispatched` when any
+device accepted it, `exhausted` when every device's send ended without one, else `pending`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from operators.delivery.model import TERMINAL_STATES, LedgerRow, RowState, SendRequest
+from schemas.records import NotificationAck
+
+NotificationStatus = Literal["pending", "dispatched", "delivered", "opened", "exhausted", "unknown"]
+AckOutcome = Literal["applied", "unknown_notification", "unknown_device"]
+NOTIFICATION_TEMPLATE = "new_post/v1"  # the template id stored with a notification (not its text)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerUpdate:
+    """A ledger row's new position after a decision, with the attempt it made (if any)."""
+
+    key: tuple[str, str]
+    state: RowState
+    attempts: int
+    schedules: int
+    status: int | None = None
+    reason: str | None = None
+    due_at: float | None = None
+    attempted: bool = False  # a provider send was made: log it as attempt number `attempts`
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One provider send of one device."""
+
+    device_id: str
+    attempt: int
+    at: float
+    state: str
+    status: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDelivery:
+    """Where one device of a notification stands (`fanfare status`)."""
+
+    device_id: str
+    provider: str
+    state: str
+    attempts: int
+    ack: str | None  # None, "delivered" or "opened"
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A follower-level notification: compact metadata, never the rendered payload."""
+
+    notification_id: str
+    user_id: str
+    post_id: str
+    author_id: str
+    template: str
+    created_ms: int  # the post's created_at, epoch milliseconds (the inbox order)
+    status: NotificationStatus
+
+
+@dataclass(frozen=True, slots=True)
+class InboxPage:
+    """Newest first; `next_cursor` is None on the last page."""
+
+    notifications: list[Notification]
+    next_cursor: str | None
+
+
+class InvalidCursor(ValueError):
+    """A cursor this store did not hand out (or from another user's inbox)."""
+
+
+def aggregate_status(states: Sequence[str], acks: Sequence[str | None] = ()) -> NotificationStatus:
+    """A notification's status from its devices' states and acks.
+
+    opened (any device opened it) > delivered (any device acked it) > dispatched (any device's
+    provider accepted it) > exhausted (every device's send ended without one) > pending.
+    """
+    if not states:
+        return "unknown"
+    if "opened" in acks:
+        return "opened"
+    if "delivered" in acks:
+        return "delivered"
+    if "accepted" in states:
+        return "dispatched"
+    if all(s in TERMINAL_STATES for s in states):
+        return "exhausted"
+    return "pending"
+
+
+def stronger_ack(current: str | None, new: str) -> str:
+    """Acks only move forward: delivered, then opened."""
+    return "opened" if "opened" in (current, new) else new
+
+
+def encode_cursor(user_id: str, created_ms: int, notification_id: str) -> str:
+    """An opaque inbox cursor: the last notification returned (and whose inbox it is)."""
+    raw = json.dumps([user_id, created_ms, notification_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(user_id: str, cursor: str) -> tuple[int, str]:
+    """(created_ms, notification_id) of a cursor from `encode_cursor`; InvalidCursor if not."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        owner, created_ms, nid = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if owner != user_id or not isinstance(created_ms, int) or not isinstance(nid, str):
+            raise ValueError
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise InvalidCursor(
+            f"{cursor!r} is not a cursor of {user_id!r}'s inbox: pass the next_cursor a page "
+            "printed, or no cursor for the first page"
+        ) from None
+    return created_ms, nid
+
+
+class NotificationStore(ABC):
+    """Port: the ledger of sends, the follower-level notifications, their acks and the inbox.
+
+    Every row lives `ttl_s` (FANFARE_STORE_TTL_S) after it was written, then disappears.
+    """
+
+    @abstractmethod
+    def claim(self, requests: Sequence[SendRequest]) -> list[LedgerRow | None]:
+        """Atomically, per request: create the row if absent (answer None), else answer it.
+
+        A created row is owned by the request's source, in state `sending`; the first claim
+        of a notification also records the notification (for the inbox).
+        """
+
+    @abstractmethod
+    def rows(self, keys: Sequence[tuple[str, str]]) -> list[LedgerRow | None]:
+        """The rows of (notification_id, device_id) keys, None where absent."""
+
+    @abstractmethod
+    def take_over(self, requests: Sequence[SendRequest]) -> list[bool]:
+        """For retry requests: take ownership (state `sending`) where the row awaits this retry.
+
+        That is: state `retry_scheduled` with `schedules == seq`; anything else is stale.
+        """
+
+    @abstractmethod
+    def record(self, updates: Sequence[LedgerUpdate], at: float) -> None:
+        """Apply updates to existing rows, logging attempts that were made."""
+
+    @abstractmethod
+    def apply_acks(self, acks: Sequence[NotificationAck]) -> list[AckOutcome]:
+        """Mark devices delivered/opened (never backwards); say which acks matched nothing."""
+
+    @abstractmethod
+    def notification(self, notification_id: str) -> Notification | None:
+        """A notification with its aggregated status, or None."""
+
+    @abstractmethod
+    def devices(self, notification_id: str) -> list[DeviceDelivery]:
+        """Every device row of a notification, by device_id."""
+
+    @abstractmethod
+    def attempts(self, notification_id: str) -> list[AttemptRecord]:
+        """Every attempt of every device of a notification, oldest first."""
+
+    @abstractmethod
+    def inbox(self, user_id: str, cursor: str | None, limit: int) -> InboxPage:
+        """The user's notifications, newest first, `limit` per page, from a cursor."""
+
+    def notification_status(self, notification_id: str) -> NotificationStatus:
+        """The aggregated status of a notification."""
+        found = self.notification(notification_id)
+        return "unknown" if found is None else found.status
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release connections."""
+
+
+# Versioned schema: PRAGMA user_version says which of these a file has had. Version 1 is the
+# delivery issue's schema; files written then are upgraded in place when opened.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+CREATE TABLE IF NOT EXISTS notifications (
+    notification_id TEXT PRIMARY KEY,
+    post_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    author_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    first_seen REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    notification_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    schedules INTEGER NOT NULL,
+    status INTEGER,
+    reason TEXT,
+    due_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (notification_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    notification_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at REAL NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    reason TEXT,
+    PRIMARY KEY (notification_id, device_id, attempt)
+) WITHOUT ROWID;
+""",
+    # 2: the inbox (order by the post's time), template id, acks, and expiry of every row.
+    """
+ALTER TABLE notifications ADD COLUMN created_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE notifications ADD COLUMN template TEXT NOT NULL DEFAULT 'new_post/v1';
+ALTER TABLE notifications ADD COLUMN expires_at REAL NOT NULL DEFAULT 1e18;
+ALTER TABLE deliveries ADD COLUMN ack TEXT;
+ALTER TABLE deliveries ADD COLUMN expires_at REAL NOT NULL DEFAULT 1e18;
+ALTER TABLE delivery_attempts ADD COLUMN expires_at REAL NOT NULL DEFAULT 1e18;
+CREATE INDEX IF NOT EXISTS notifications_inbox
+    ON notifications (user_id, created_ms DESC, notification_id DESC);
+CREATE INDEX IF NOT EXISTS deliveries_expiry ON deliveries (expires_at);
+CREATE INDEX IF NOT EXISTS notifications_expiry ON notifications (expires_at);
+CREATE INDEX IF NOT EXISTS attempts_expiry ON delivery_attempts (expires_at);
+""",
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_ROW_COLUMNS = (
+    "notification_id, device_id, owner, state, attempts, schedules, status, reason, due_at"
+)
+_QUALIFIED_ROW_COLUMNS = ", ".join(f"deliveries.{c.strip()}" for c in _ROW_COLUMNS.split(","))
+_CHUNK = 4_000  # keys per IN (...) query: SQLite allows 32,766 parameters
+_PURGE_EVERY_S = 600.0
+
+
+def migrate_sqlite(conn: sqlite3.Connection) -> list[int]:
+    """Apply the migrations a file has not had (safe to run twice); the versions applied."""
+    applied: list[int] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        for version, script in enumerate(_MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            applied.append(version)
+        if applied:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return applied
+
+
+def _notification(row: Sequence[Any], status: NotificationStatus) -> Notification:
+    nid, user_id, post_id, author_id, template, created_ms = row
+    return Notification(nid, user_id, post_id, author_id, template, int(created_ms), status)
+
+
+class SQLiteNotificationStore(NotificationStore):
+    """The embedded adapter: one SQLite file in WAL mode, shared by every delivery worker.
+
+    Each thread (Bytewax worker) gets its own connection; claims run in an immediate
+    transaction, so two processes claiming the same key cannot both win. Rows past their
+    expiry are invisible to every read and purged now and then (Cassandra's TTL, emulated).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        ttl_s: float = 604_800,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = str(path)
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._ttl = ttl_s
+        self._clock = clock
+        self._local = threading.local()
+        self._purged_at = 0.0
+        self.migrated = migrate_sqlite(self._conn())
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _select(
+        self, conn: sqlite3.Connection, keys: Sequence[tuple[str, str]], now: float
+    ) -> dict[tuple[str, str], LedgerRow]:
+        found: dict[tuple[str, str], LedgerRow] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            marks = ",".join("(?,?)" for _ in chunk)
+            params: list[object] = [v for key in chunk for v in key]
+            for nid, dev, owner, state, att, sch, status, reason, due in conn.execute(
+                # A join on the keys: SQLite scans the whole table for `(a, b) IN (VALUES ...)`.
+                f"WITH k(n, d) AS (VALUES {marks}) SELECT {_QUALIFIED_ROW_COLUMNS} "
+                "FROM k JOIN deliveries ON deliveries.notification_id = k.n "
+                "AND deliveries.device_id = k.d WHERE deliveries.expires_at > ?",
+                [*params, now],
+            ):
+                found[(nid, dev)] = LedgerRow(owner, state, att, sch, status, reason, due)
+        return found
+
+    def claim(self, requests: Sequence[SendRequest]) -> list[LedgerRow | None]:
+        """Insert missing rows as `sending`, owned by each request's source."""
+        if not requests:
+            return []
+        conn = self._conn()
+        now = self._clock()
+        expires = now + self._ttl
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            existing = self._select(conn, [r.key for r in requests], now)
+            answers: list[LedgerRow | None] = []
+            new_rows = []
+            new_notifications = []
+            claimed: set[tuple[str, str]] = set()
+            for r in requests:
+                row = existing.get(r.key)
+                if row is None and r.key in claimed:
+                    # The same item twice in one call: the first copy owns it.
+                    row = LedgerRow(r.source + "#dup", "sending", 0, 0)
+                answers.append(row)
+                if row is None:
+                    claimed.add(r.key)
+                    nid, dev = r.key
+                    new_rows.append((nid, dev, r.provider, r.source, "sending", 0, 0, now, expires))
+                    new_notifications.append(
+                        (
+                            nid,
+                            r.post_id,
+                            r.item["user_id"],
+                            r.author_id,
+                            r.created_at,
+                            now,
+                            round(r.created_ts * 1000),
+                            NOTIFICATION_TEMPLATE,
+                            expires,
+                        )
+                    )
+            # An expired row is gone (as a Cassandra TTL would have it): replace it.
+            conn.executemany(
+                "INSERT OR REPLACE INTO deliveries (notification_id, device_id, provider, owner, "
+                "state, attempts, schedules, updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                new_rows,
+            )
+            conn.executemany(
+                "INSERT INTO notifications (notification_id, post_id, user_id, author_id, "
+                "created_at, first_seen, created_ms, template, expires_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                "first_seen=excluded.first_seen, expires_at=excluded.expires_at "
+                "WHERE notifications.expires_at <= excluded.first_seen",
+                new_notifications,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return answers
+
+    def rows(self, keys: Sequence[tuple[str, str]]) -> list[LedgerRow | None]:
+        """Rows by key."""
+        found = self._select(self._conn(), keys, self._clock())
+        return [found.get(k) for k in keys]
+
+    def take_over(self, requests: Sequence[SendRequest]) -> list[bool]:
+        """Compare-and-set each row from `retry_scheduled`/seq to `sending`/new owner."""
+        if not requests:
+            return []
+        conn = self._conn()
+        now = self._clock()
+        out = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for r in requests:
+                cur = conn.execute(
+                    "UPDATE deliveries SET owner=?, state='sending', updated_at=? "
+                    "WHERE notification_id=? AND device_id=? AND state='retry_scheduled' "
+                    "AND schedules=? AND expires_at > ?",
+                    (r.source, now, r.key[0], r.key[1], r.seq, now),
+                )
+                out.append(cur.rowcount == 1)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return out
+
+    def record(self, updates: Sequence[LedgerUpdate], at: float) -> None:
+        """Update rows and log attempts in one transaction."""
+        if not updates:
+            return
+        conn = self._conn()
+        expires = self._clock() + self._ttl
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "UPDATE deliveries SET state=?, attempts=?, schedules=?, status=?, reason=?, "
+                "due_at=?, updated_at=? WHERE notification_id=? AND device_id=?",
+                [
+                    (u.state, u.attempts, u.schedules, u.status, u.reason, u.due_at, at, *u.key)
+                    for u in updates
+                ],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO delivery_attempts (notification_id, device_id, attempt, "
+                "at, state, status, reason, expires_at) VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (*u.key, u.attempts, at, u.state, u.status, u.reason, expires)
+                    for u in updates
+                    if u.attempted
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._maybe_purge()
+
+    def apply_acks(self, acks: Sequence[NotificationAck]) -> list[AckOutcome]:
+        """Forward-only ack per device row, in one transaction."""
+        if not acks:
+            return []
+        conn = self._conn()
+        now = self._clock()
+        out: list[AckOutcome] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for a in acks:
+                row = conn.execute(
+                    "SELECT ack FROM deliveries WHERE notification_id=? AND device_id=? "
+                    "AND expires_at > ?",
+                    (a.notification_id, a.device_id, now),
+                ).fetchone()
+                if row is None:
+                    known = conn.execute(
+                        "SELECT 1 FROM notifications WHERE notification_id=? AND expires_at > ?",
+                        (a.notification_id, now),
+                    ).fetchone()
+                    out.append("unknown_device" if known else "unknown_notification")
+                    continue
+                conn.execute(
+                    "UPDATE deliveries SET ack=?, updated_at=? "
+                    "WHERE notification_id=? AND device_id=?",
+                    (stronger_ack(row[0], a.event), now, a.notification_id, a.device_id),
+                )
+                out.append("applied")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return out
+
+    def _statuses(
+        self, conn: sqlite3.Connection, nids: Sequence[str], now: float
+    ) -> dict[str, NotificationStatus]:
+        states: dict[str, list[str]] = {}
+        acks: dict[str, list[str | None]] = {}
+        for start in range(0, len(nids), _CHUNK):
+            chunk = nids[start : start + _CHUNK]
+            marks = ",".join("?" for _ in chunk)
+            for nid, state, ack in conn.execute(
+                f"SELECT notification_id, state, ack FROM deliveries "
+                f"WHERE notification_id IN ({marks}) AND expires_at > ?",
+                [*chunk, now],
+            ):
+                states.setdefault(nid, []).append(state)
+                acks.setdefault(nid, []).append(ack)
+        return {n: aggregate_status(states.get(n, []), acks.get(n, [])) for n in nids}
+
+    def notification(self, notification_id: str) -> Notification | None:
+        """The notification row with its devices' aggregated status."""
+        conn = self._conn()
+        now = self._clock()
+        row = conn.execute(
+            "SELECT notification_id, user_id, post_id, author_id, template, created_ms "
+            "FROM notifications WHERE notification_id=? AND expires_at > ?",
+            (notification_id, now),
+        ).fetchone()
+        if row is None:
+            return None
+        status = self._statuses(conn, [notification_id], now)[notification_id]
+        return _notification(row, status)
+
+    def devices(self, notification_id: str) -> list[DeviceDelivery]:
+        """Device rows by device_id."""
+        return [
+            DeviceDelivery(*r)
+            for r in self._conn().execute(
+                "SELECT device_id, provider, state, attempts, ack, updated_at FROM deliveries "
+                "WHERE notification_id=? AND expires_at > ? ORDER BY device_id",
+                (notification_id, self._clock()),
+            )
+        ]
+
+    def attempts(self, notification_id: str) -> list[AttemptRecord]:
+        """The attempt log of a notification."""
+        return [
+            AttemptRecord(dev, att, at, state, status, reason)
+            for dev, att, at, state, status, reason in self._conn().execute(
+                "SELECT device_id, attempt, at, state, status, reason FROM delivery_attempts "
+                "WHERE notification_id=? AND expires_at > ? ORDER BY at, device_id, attempt",
+                (notification_id, self._clock()),
+            )
+        ]
+
+    def inbox(self, user_id: str, cursor: str | None, limit: int) -> InboxPage:
+        """Newest first by (post time, notification_id), resuming after the cursor's row."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        conn = self._conn()
+        now = self._clock()
+        after = decode_cursor(user_id, cursor) if cursor else None
+        where = "user_id=? AND expires_at > ?"
+        params: list[object] = [user_id, now]
+        if after is not None:
+            where += " AND (created_ms, notification_id) < (?, ?)"
+            params += list(after)
+        rows = conn.execute(
+            "SELECT notification_id, user_id, post_id, author_id, template, created_ms "
+            f"FROM notifications WHERE {where} "
+            "ORDER BY created_ms DESC, notification_id DESC LIMIT ?",
+            [*params, limit + 1],
+        ).fetchall()
+        page, more = rows[:limit], len(rows) > limit
+        statuses = self._statuses(conn, [r[0] for r in page], now)
+        notes = [_notification(r, statuses[r[0]]) for r in page]
+        last = notes[-1] if notes else None
+        next_cursor = (
+            encode_cursor(user_id, last.created_ms, last.notification_id)
+            if more and last is not None
+            else None
+        )
+        return InboxPage(notes, next_cursor)
+
+    def purge_expired(self) -> int:
+        """Delete rows past their expiry; how many."""
+        conn = self._conn()
+        now = self._clock()
+        deleted = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("deliveries", "delivery_attempts", "notifications"):
+                deleted += conn.execute(
+                    f"DELETE FROM {table} WHERE expires_at <= ?", (now,)
+                ).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._purged_at = now
+        return deleted
+
+    def _maybe_purge(self) -> None:
+        if self._clock() - self._purged_at >= _PURGE_EVERY_S:
+            self.purge_expired()
+
+    def state_counts(self) -> dict[str, int]:
+        """How many device rows are in each state (the demo's and tests' summary)."""
+        return dict(
+            self._conn()
+            .execute(
+                "SELECT state, count(*) FROM deliveries WHERE expires_at > ? GROUP BY state",
+                (self._clock(),),
+            )
+            .fetchall()
+        )
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def open_notification_store(
+    url: str,
+    ttl_s: float = 604_800,
+    *,
+    username: str | None = None,
+    password_file: str | None = None,
+) -> NotificationStore:
+    """Build the adapter the URL names (per worker; never at import time)."""
+    if url.startswith("sqlite:///"):
+        return SQLiteNotificationStore(url.removeprefix("sqlite:///"), ttl_s=ttl_s)
+    if url.startswith("cassandra://"):
+        from operators.adapters.stores.cassandra import CassandraNotificationStore
+
+        return CassandraNotificationStore.open(
+            url, ttl_s, username=username, password_file=password_file
+        )
+    raise ValueError(
+        f"unsupported FANFARE_NOTIFICATION_STORE_URL {url!r}: use sqlite:///PATH or "
+        "cassandra://host1,host2/keyspace"
+    )

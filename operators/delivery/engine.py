@@ -1,0 +1,486 @@
+"""The delivery engine: one call takes the send requests a worker read and returns every output.
+
+    claim (Redis edge claim, then the store's unique key)
+      -> expired?            -> `expired`
+      -> circuit open?       -> held: `retry_scheduled` (cause circuit_open), no attempt used
+      -> rate-limit tokens   -> bounded async wait, then held (cause rate_limited)
+      -> render (<= 4 KB)    -> `failed` (PayloadTooLarge) + dead letter
+      -> send, concurrently on the worker's event loop (HTTP/2 streams)
+      -> classify: accepted | invalid_token (+ device_changes active:false)
+                   | failed (+ dead letter) | transient -> retry_scheduled (+ push.retry)
+                     or, past the caps, expired | dead_lettered (+ dead letter)
+      -> record in the store, then return the outputs for the sinks
+
+The call returns only after every send in it has an answer, and its outputs are written by the
+sinks within the same Bytewax epoch: an input offset is never snapshotted ahead of the outcome
+of what it carried. Retries are never waited for here: they go to `push.retry` and come back
+through a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from operators import metrics
+from operators.adapters.redis.edge_claims import EdgeClaims
+from operators.adapters.redis.rate_limiter import BucketSpec, RateLimiter
+from operators.adapters.stores.sqlite_notifications import LedgerUpdate, NotificationStore
+from operators.delivery.circuit_breaker import CircuitBreaker
+from operators.delivery.model import (
+    Action,
+    LedgerRow,
+    ProviderAnswer,
+    RetryPolicy,
+    RowState,
+    SendRequest,
+    Verdict,
+    classify,
+    decide,
+    plan_retry,
+)
+from operators.delivery.payloads import PayloadTooLarge
+from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, Provider, RetryRecord
+
+log = logging.getLogger(__name__)
+
+DeliveryOutput = DeliveryEvent | DeviceChange | RetryRecord | DeadLetter
+T = TypeVar("T")
+
+
+class PushSender(ABC):
+    """Port: one provider's client, living on the worker's event loop."""
+
+    provider: Provider
+    bucket: BucketSpec
+
+    @abstractmethod
+    def render(self, request: SendRequest) -> object:
+        """The provider payload for a request; raises PayloadTooLarge."""
+
+    @abstractmethod
+    async def send(
+        self, requests: Sequence[SendRequest], payloads: Sequence[object]
+    ) -> list[ProviderAnswer]:
+        """Send all concurrently; one answer each (timeouts and lost connections included)."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release connections."""
+
+
+class LoopRunner(ABC):
+    """Port: run a coroutine on the worker's event loop and wait for it."""
+
+    @abstractmethod
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run to completion and return its result."""
+
+
+@dataclass
+class DeliverySettings:
+    """The engine's knobs (from Settings)."""
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rate_wait_max_s: float = 0.5
+    breaker_failures: int = 20
+    breaker_cooldown_s: float = 5.0
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _dead_letter(request: SendRequest, error: str) -> DeadLetter:
+    raw = (
+        f'{{"post_id":"{request.post_id}","notification_id":"{request.item["notification_id"]}",'
+        f'"device_id":"{request.item["device_id"]}","provider":"{request.provider}"}}'
+    )
+    topic, _, rest = request.source.partition("/")
+    partition, _, offset = rest.partition("@")
+    return DeadLetter(
+        topic,
+        int(partition) if partition.isdigit() else None,
+        int(offset.split("#")[0]) if offset.split("#")[0].isdigit() else None,
+        error,
+        raw,
+    )
+
+
+class DeliveryEngine:
+    """Per worker: the ledger, the limiter, a breaker per provider and the senders."""
+
+    def __init__(
+        self,
+        *,
+        claims: EdgeClaims,
+        store: NotificationStore,
+        limiter: RateLimiter,
+        senders: dict[str, PushSender],
+        loop: LoopRunner,
+        settings: DeliverySettings,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        on_bulk_pause: Callable[[str, float], None] = lambda provider, until: None,
+    ) -> None:
+        self._claims = claims
+        self._store = store
+        self._limiter = limiter
+        self._senders = senders
+        self._loop = loop
+        self._settings = settings
+        self._clock = clock
+        self._rand = rand
+        self._on_bulk_pause = on_bulk_pause
+        self.breakers = {
+            p: CircuitBreaker(
+                clock=clock,
+                failure_threshold=settings.breaker_failures,
+                cooldown_s=settings.breaker_cooldown_s,
+            )
+            for p in senders
+        }
+
+    # -- the ledger -----------------------------------------------------------------------
+    def _ledger(self, requests: Sequence[SendRequest]) -> list[tuple[SendRequest, Action, Any]]:
+        decided: list[tuple[SendRequest, Action, Any]] = []
+        fresh = [r for r in requests if r.seq == 0]
+        retries = [r for r in requests if r.seq > 0]
+        holders = self._claims.claim([(*r.key, r.source) for r in fresh])
+        to_store = []
+        for r, holder in zip(fresh, holders, strict=True):
+            if holder is None or holder == r.source:
+                to_store.append(r)
+            else:
+                metrics.DELIVERY_DEDUPED.labels("edge").inc()
+                decided.append((r, Action.SKIP, None))
+        for r, row in zip(to_store, self._store.claim(to_store), strict=True):
+            action = decide(r, row)
+            if action is Action.SKIP:
+                metrics.DELIVERY_DEDUPED.labels("store").inc()
+            decided.append((r, action, row))
+        if retries:
+            rows = self._store.rows([r.key for r in retries])
+            takers = []
+            for r, row in zip(retries, rows, strict=True):
+                action = decide(r, row)
+                if action is Action.SEND:
+                    takers.append((r, row))
+                else:
+                    decided.append((r, action, row))
+            taken = self._store.take_over([r for r, _ in takers])
+            for (r, row), ok in zip(takers, taken, strict=True):
+                decided.append((r, Action.SEND if ok else Action.SKIP, row))
+        return decided
+
+    # -- outputs ----------------------------------------------------------------------------
+    def _event(
+        self,
+        r: SendRequest,
+        outcome: str,
+        attempt: int,
+        now: float,
+        status: int | None = None,
+        reason: str | None = None,
+        retry_at: float | None = None,
+        *,
+        count: bool = True,
+    ) -> DeliveryEvent:
+        if count:
+            metrics.OUTCOMES.labels(r.provider, outcome).inc()
+        return DeliveryEvent(
+            notification_id=r.item["notification_id"],
+            post_id=r.post_id,
+            user_id=r.item["user_id"],
+            device_id=r.item["device_id"],
+            provider=r.provider,
+            outcome=outcome,  # type: ignore[arg-type]
+            status=status,
+            reason=reason,
+            attempt=attempt,
+            ts=_rfc3339(now),
+            retry_at=None if retry_at is None else _rfc3339(retry_at),
+        )
+
+    def _finish(
+        self,
+        r: SendRequest,
+        state: RowState,
+        attempts: int,
+        now: float,
+        out: list[DeliveryOutput],
+        updates: list[LedgerUpdate],
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        due_at: float | None = None,
+        attempted: bool = False,
+    ) -> None:
+        """Record a decision and produce its outputs."""
+        schedules = r.seq + 1 if state == "retry_scheduled" else r.seq
+        updates.append(
+            LedgerUpdate(r.key, state, attempts, schedules, status, reason, due_at, attempted)
+        )
+        out.extend(self._outputs(r, state, attempts, schedules, now, status, reason, due_at))
+
+    def _outputs(
+        self,
+        r: SendRequest,
+        state: RowState,
+        attempts: int,
+        schedules: int,
+        now: float,
+        status: int | None,
+        reason: str | None,
+        due_at: float | None,
+        *,
+        count: bool = True,
+    ) -> list[DeliveryOutput]:
+        out: list[DeliveryOutput] = [
+            self._event(r, state, attempts, now, status, reason, due_at, count=count)
+        ]
+        if state == "retry_scheduled":
+            out.append(
+                RetryRecord(
+                    r.provider,
+                    r.lane,
+                    r.post_id,
+                    r.author_id,
+                    r.created_at,
+                    r.item,
+                    attempts,
+                    schedules,
+                    due_at if due_at is not None else now,
+                    reason or "",
+                )
+            )
+        elif state == "invalid_token":
+            if count:
+                metrics.TOKENS_DEACTIVATED.labels(r.provider).inc()
+            out.append(
+                DeviceChange(
+                    user_id=r.item["user_id"],
+                    device_id=r.item["device_id"],
+                    provider=r.provider,
+                    token=None,
+                    active=False,
+                    ts=datetime.fromtimestamp(now, UTC),
+                )
+            )
+        elif state in ("failed", "dead_lettered"):
+            out.append(_dead_letter(r, f"{state}: {reason}"))
+        return out
+
+    def _reemit(self, r: SendRequest, row: LedgerRow, now: float) -> list[DeliveryOutput]:
+        """Repeat a finished decision of the owner that was replayed (sinks drop repeats)."""
+        # A retry_scheduled row re-emits its retry record too: it may not have reached push.retry.
+        # Not counted again: the outcome was counted when it was decided.
+        return self._outputs(
+            r,
+            row.state,
+            row.attempts,
+            row.schedules,
+            now,
+            row.status,
+            row.reason,
+            row.due_at,
+            count=False,
+        )
+
+    # -- one call ---------------------------------------------------------------------------
+    def deliver(self, requests: Sequence[SendRequest]) -> list[DeliveryOutput]:
+        """Everything for these requests: ledger, sends, outcomes (blocks until all answered)."""
+        now = self._clock()
+        out: list[DeliveryOutput] = []
+        updates: list[LedgerUpdate] = []
+        to_send: dict[str, list[SendRequest]] = {}
+        for r, action, row in self._ledger(requests):
+            if action is Action.SKIP:
+                continue
+            if action is Action.REEMIT:
+                out.extend(self._reemit(r, row, now))
+                continue
+            if action is Action.RESEND:
+                metrics.RESENDS.labels(r.provider).inc()
+            if self._settings.retry.expired(r.created_ts, now):
+                self._finish(r, "expired", r.attempt, now, out, updates, reason="max_age")
+                continue
+            to_send.setdefault(r.provider, []).append(r)
+
+        batches: dict[str, tuple[list[SendRequest], list[object]]] = {}
+        for provider, reqs in to_send.items():
+            sender = self._senders.get(provider)
+            if sender is None:
+                for r in reqs:
+                    self._finish(
+                        r, "failed", r.attempt, now, out, updates, reason="provider_not_configured"
+                    )
+                continue
+            breaker = self.breakers[provider]
+            admitted = breaker.admit(len(reqs))
+            metrics.BREAKER_STATE.labels(provider).set(breaker.state.value)
+            for r in reqs[admitted:]:
+                metrics.HELD.labels(provider, "circuit_open").inc()
+                due = max(breaker.retry_at, now) + self._rand() * 1.0
+                self._finish(
+                    r,
+                    "retry_scheduled",
+                    r.attempt,
+                    now,
+                    out,
+                    updates,
+                    reason="circuit_open",
+                    due_at=due,
+                )
+            ok_reqs, payloads = [], []
+            for r in reqs[:admitted]:
+                try:
+                    payloads.append(sender.render(r))
+                    ok_reqs.append(r)
+                except PayloadTooLarge as exc:
+                    self._finish(r, "failed", r.attempt, now, out, updates, reason=str(exc))
+            batches[provider] = (ok_reqs, payloads)
+
+        if batches:
+            results = self._loop.run(self._send_all(batches))
+            done = self._clock()
+            for provider, (sent, answers, held) in results.items():
+                for r in held:
+                    metrics.HELD.labels(provider, "rate_limited").inc()
+                    self._finish(
+                        r,
+                        "retry_scheduled",
+                        r.attempt,
+                        done,
+                        out,
+                        updates,
+                        reason="rate_limited",
+                        due_at=done + self._rand() + 0.5,
+                    )
+                self._judge(provider, sent, answers, done, out, updates)
+        self._store.record(updates, self._clock())
+        return out
+
+    async def _send_all(
+        self, batches: dict[str, tuple[list[SendRequest], list[object]]]
+    ) -> dict[str, tuple[list[SendRequest], list[ProviderAnswer], list[SendRequest]]]:
+        providers = list(batches)
+        results = await asyncio.gather(*(self._send_provider(p, *batches[p]) for p in providers))
+        return dict(zip(providers, results, strict=True))
+
+    async def _send_provider(
+        self, provider: str, reqs: list[SendRequest], payloads: list[object]
+    ) -> tuple[list[SendRequest], list[ProviderAnswer], list[SendRequest]]:
+        """Take tokens (normal lane first), wait briefly for missing ones, send what got one."""
+        sender = self._senders[provider]
+        go_reqs: list[SendRequest] = []
+        go_payloads: list[object] = []
+        held: list[SendRequest] = []
+        for lane in ("normal", "bulk"):
+            lane_idx = [i for i, r in enumerate(reqs) if r.lane == lane]
+            waited = 0.0
+            while lane_idx:
+                grant = self._limiter.take(sender.bucket, len(lane_idx), lane)
+                for i in lane_idx[: grant.granted]:
+                    go_reqs.append(reqs[i])
+                    go_payloads.append(payloads[i])
+                lane_idx = lane_idx[grant.granted :]
+                if not lane_idx:
+                    break
+                if lane == "bulk":
+                    self._on_bulk_pause(provider, time.monotonic() + grant.wait_s)
+                pause = min(grant.wait_s, self._settings.rate_wait_max_s - waited)
+                if pause <= 0:
+                    held.extend(reqs[i] for i in lane_idx)
+                    break
+                metrics.RATE_LIMIT_WAIT.labels(provider).inc(pause)
+                await asyncio.sleep(pause)  # bounded pacing; the rest is held, not waited for
+                waited += pause
+        for r in go_reqs:
+            metrics.SENDS.labels(provider, r.lane).inc()
+        answers = await sender.send(go_reqs, go_payloads) if go_reqs else []
+        return go_reqs, answers, held
+
+    def _judge(
+        self,
+        provider: str,
+        sent: list[SendRequest],
+        answers: list[ProviderAnswer],
+        now: float,
+        out: list[DeliveryOutput],
+        updates: list[LedgerUpdate],
+    ) -> None:
+        successes = failures = 0
+        for r, answer in zip(sent, answers, strict=True):
+            attempts = r.attempt + 1
+            verdict = classify(r.provider, answer)
+            if verdict is Verdict.ACCEPTED:
+                successes += 1
+                metrics.ACCEPT_LATENCY.labels(provider, r.lane).observe(
+                    max(0.0, now - r.created_ts)
+                )
+                self._finish(
+                    r,
+                    "accepted",
+                    attempts,
+                    now,
+                    out,
+                    updates,
+                    status=answer.status,
+                    attempted=True,
+                )
+                continue
+            metrics.PROVIDER_ERRORS.labels(provider, answer.reason or "transport").inc()
+            if verdict is Verdict.INVALID_TOKEN:
+                successes += 1
+                self._finish(
+                    r,
+                    "invalid_token",
+                    attempts,
+                    now,
+                    out,
+                    updates,
+                    status=answer.status,
+                    reason=answer.reason,
+                    attempted=True,
+                )
+            elif verdict is Verdict.PERMANENT:
+                successes += 1
+                self._finish(
+                    r,
+                    "failed",
+                    attempts,
+                    now,
+                    out,
+                    updates,
+                    status=answer.status,
+                    reason=answer.short,
+                    attempted=True,
+                )
+            else:
+                failures += 1
+                plan = plan_retry(
+                    self._settings.retry, r, attempts, now, answer.retry_after_s, self._rand
+                )
+                state: RowState = "retry_scheduled" if plan.kind == "retry" else plan.kind
+                self._finish(
+                    r,
+                    state,
+                    attempts,
+                    now,
+                    out,
+                    updates,
+                    status=answer.status,
+                    reason=answer.short,
+                    due_at=plan.due_at if plan.kind == "retry" else None,
+                    attempted=True,
+                )
+        breaker = self.breakers[provider]
+        breaker.record(successes, failures)
+        metrics.BREAKER_STATE.labels(provider).set(breaker.state.value)

@@ -1,0 +1,114 @@
+"""Payloads rendered at send time from the compact dispatch item (nothing rendered is stored).
+
+One notification template: a title and a body with `{author_id}` and `{post_id}` fields, a deep
+link to the post, and a collapse id per post, so a device shows one notification per post
+however often it is resent. The providers refuse more than 4096 bytes: checked before sending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from operators.delivery.model import SendRequest
+
+MAX_PAYLOAD_BYTES = 4096
+MAX_COLLAPSE_ID_BYTES = 64
+TEMPLATE_FIELDS = frozenset({"author_id", "post_id"})
+
+
+class PayloadTooLarge(ValueError):
+    """The rendered payload is over the providers' 4096-byte limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class PushTemplate:
+    """What a post notification says; fields are filled from the dispatch batch."""
+
+    title: str = "{author_id} posted"
+    body: str = "Tap to read the new post"
+    deep_link: str = "fanfare://posts/{post_id}"
+
+    def __post_init__(self) -> None:
+        for text in (self.title, self.body, self.deep_link):
+            for _, name, _, _ in string.Formatter().parse(text):
+                if name is not None and name not in TEMPLATE_FIELDS:
+                    raise ValueError(
+                        f"template {text!r} uses {{{name}}}; "
+                        f"available fields: {', '.join(sorted(TEMPLATE_FIELDS))}"
+                    )
+
+    def fill(self, request: SendRequest) -> tuple[str, str, str]:
+        """(title, body, deep link) for a request."""
+        fields = {"author_id": request.author_id, "post_id": request.post_id}
+        return (
+            self.title.format(**fields),
+            self.body.format(**fields),
+            self.deep_link.format(**fields),
+        )
+
+
+def collapse_id(post_id: str) -> str:
+    """The post's collapse id: the post_id, or its digest when over APNs' 64 bytes."""
+    if len(post_id.encode()) <= MAX_COLLAPSE_ID_BYTES:
+        return post_id
+    return "p-" + hashlib.sha256(post_id.encode()).hexdigest()[:40]
+
+
+def _data(request: SendRequest, link: str) -> dict[str, str]:
+    # notification_id and device_id let the app (and the local servers) tell resends apart.
+    return {
+        "notification_id": request.item["notification_id"],
+        "device_id": request.item["device_id"],
+        "post_id": request.post_id,
+        "link": link,
+    }
+
+
+def apns_payload(template: PushTemplate, request: SendRequest) -> dict[str, Any]:
+    """The APNs JSON body; raises PayloadTooLarge.
+
+    Measured as aioapns encodes it (`json.dumps(..., ensure_ascii=False)`), byte for byte.
+    """
+    title, body, link = template.fill(request)
+    payload: dict[str, Any] = {
+        "aps": {"alert": {"title": title, "body": body}, "sound": "default"},
+        **_data(request, link),
+    }
+    size = len(json.dumps(payload, ensure_ascii=False).encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"APNs payload is {size} bytes (limit {MAX_PAYLOAD_BYTES})")
+    return payload
+
+
+@dataclass(frozen=True, slots=True)
+class FcmContent:
+    """The parts of an FCM message the sender turns into a firebase_admin Message."""
+
+    title: str
+    body: str
+    data: dict[str, str]
+    collapse_key: str
+
+
+def fcm_content(template: PushTemplate, request: SendRequest) -> FcmContent:
+    """The FCM message content; raises PayloadTooLarge (measured as FCM counts: the JSON)."""
+    title, body, link = template.fill(request)
+    content = FcmContent(title, body, _data(request, link), collapse_id(request.post_id))
+    size = len(
+        orjson.dumps(
+            {
+                "notification": {"title": title, "body": body},
+                "data": content.data,
+                "android": {"collapse_key": content.collapse_key},
+            }
+        )
+    )
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"FCM message is {size} bytes (limit {MAX_PAYLOAD_BYTES})")
+    return content

@@ -1,0 +1,118 @@
+"""Bytewax adapter of a follower shard: feeds `FollowerShard` and schedules its work."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from bytewax.operators import StatefulBatchLogic
+
+from operators import metrics
+from operators.adapters.stores.sqlite_followers import FollowerStore
+from operators.fanout.shard import CaughtUp, FanoutTally, FollowerShard, ShardJob
+from schemas.records import DeviceChange, DispatchBatch, FollowChange, PreferenceChange
+
+
+class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, Any]]):
+    """Applies changelogs, queues jobs, and expands within a budget per activation."""
+
+    def __init__(
+        self,
+        shard: FollowerShard,
+        store: Callable[[], FollowerStore],
+        expand_budget: int,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.shard = shard
+        self._store = store
+        self._budget = expand_budget
+        self._clock = clock
+        # Readiness: counted once in metrics.CHANGELOGS_CAUGHT_UP_SHARDS when every changelog
+        # partition has been read to its end (a shard with no changelog is caught up at once).
+        self._caught_up = False
+        self._note_caught_up()
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[DispatchBatch], bool]:
+        """Apply everything that arrived, in order, then do a budget of work."""
+        tally = FanoutTally()
+        now = self._clock()
+        follows: list[FollowChange] = []
+        prefs = devices = 0
+        markers = False
+        for v in values:
+            if isinstance(v, CaughtUp):
+                self.shard.note_caught_up(v)
+                markers = True
+            elif isinstance(v, ShardJob):
+                self.shard.add_job(v, now.timestamp(), tally)
+            elif isinstance(v, PreferenceChange):
+                self.shard.apply_preference(v)
+                prefs += 1
+            elif isinstance(v, DeviceChange):
+                self.shard.apply_device(v)
+                devices += 1
+            elif isinstance(v, FollowChange):
+                follows.append(v)
+            else:
+                raise TypeError(f"unexpected item for a follower shard: {type(v).__name__}")
+        if follows:
+            # Before any expansion below: the gate promised these are applied.
+            self._store().apply_follow_changes(follows)
+            metrics.CHANGES_APPLIED.labels("follow_changes").inc(len(follows))
+        if prefs:
+            metrics.CHANGES_APPLIED.labels("preference_changes").inc(prefs)
+        if devices:
+            metrics.CHANGES_APPLIED.labels("device_changes").inc(devices)
+        if markers and not self._caught_up:
+            self._note_caught_up()
+        return self._work(now, tally), StatefulBatchLogic.RETAIN
+
+    def _note_caught_up(self) -> None:
+        if self.shard.changelog_sources <= self.shard.caught_up.keys():
+            self._caught_up = True
+            metrics.CHANGELOGS_CAUGHT_UP_SHARDS.inc()
+
+    def on_notify(self) -> tuple[Iterable[DispatchBatch], bool]:
+        """Continue expansion or release deferred notifications."""
+        return self._work(self._clock(), FanoutTally()), StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[DispatchBatch], bool]:
+        """A finite input ended (tests, backfills): finish every job whose gate is open."""
+        out: list[DispatchBatch] = []
+        while self.shard.has_runnable_jobs():
+            out.extend(self._work(self._clock(), FanoutTally()))
+        return out, StatefulBatchLogic.RETAIN
+
+    def _work(self, now: datetime, tally: FanoutTally) -> list[DispatchBatch]:
+        store = self._store()
+        out = self.shard.release_due(store, now, tally)
+        out.extend(self.shard.expand(store, now, self._budget, tally))
+        _record(tally)
+        return out
+
+    def notify_at(self) -> datetime | None:
+        """Now while runnable jobs remain, else the next quiet-hours release."""
+        if self.shard.has_runnable_jobs():
+            return self._clock()
+        release = self.shard.next_release()
+        return None if release is None else datetime.fromtimestamp(release, UTC)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The shard's state (see FollowerShard.snapshot)."""
+        return self.shard.snapshot()
+
+
+def _record(t: FanoutTally) -> None:
+    if t.candidates:
+        metrics.CANDIDATES.inc(t.candidates)
+    for reason, n in t.suppressed.items():
+        metrics.SUPPRESSED.labels(str(reason)).inc(n)
+    if t.deferred:
+        metrics.DEFERRED.inc(t.deferred)
+    if t.released:
+        metrics.RELEASED.inc(t.released)
+    if t.deduped_jobs:
+        metrics.DEDUPED.labels("shard_job").inc(t.deduped_jobs)
+    if t.jobs_completed:
+        metrics.SHARD_JOBS_COMPLETED.inc(t.jobs_completed)

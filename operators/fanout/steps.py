@@ -1,0 +1,142 @@
+"""The fan-out flow's steps before the shard: decode, claim, plan (pure but for the ports)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from operators import metrics
+from operators.adapters.kafka.io import RawEvent
+from operators.adapters.redis.post_claims import PostClaims
+from operators.adapters.stores.sqlite_followers import FollowerStore
+from operators.config import DEVICE_CHANGES, FOLLOW_CHANGES, PREFERENCE_CHANGES
+from operators.fanout.eligibility import post_suppression
+from operators.fanout.shard import CaughtUp, ShardJob, lane_for
+from operators.fanout.sharding import shard_key, shard_of
+from schemas.codecs import (
+    RAW_TEXT_LIMIT,
+    InvalidEvent,
+    decode_device_change,
+    decode_follow_change,
+    decode_post_created,
+    decode_preference_change,
+    raw_text,
+)
+from schemas.records import DeadLetter, PostCreated
+
+ERROR_TEXT_LIMIT = 2_000
+"""Characters of a dead letter's error text (the schema messages are short; this is a bound)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPost:
+    """A valid post with the identity of the message that carried it."""
+
+    post: PostCreated
+    created_at_raw: str
+    source: str
+    read_at: float
+
+
+def dead_letter(event: RawEvent, error: InvalidEvent | str) -> DeadLetter:
+    """A dead letter for an event, counted by reason."""
+    reason = error.kind if isinstance(error, InvalidEvent) else "unprocessable"
+    metrics.DEAD_LETTERS.labels(event.topic, reason).inc()
+    # Both bounded, so a dead letter fits the broker's message size whatever the input.
+    return DeadLetter(
+        event.topic,
+        event.partition,
+        event.offset,
+        str(error)[:ERROR_TEXT_LIMIT],
+        raw_text(event.value, RAW_TEXT_LIMIT),
+    )
+
+
+def decode_post(event: RawEvent) -> ReadPost | DeadLetter:
+    """Decode and validate a post_created message."""
+    try:
+        post = decode_post_created(event.value)
+    except InvalidEvent as exc:
+        return dead_letter(event, exc)
+    metrics.POSTS_READ.inc()
+    created_raw = post.created_at.isoformat().replace("+00:00", "Z")
+    return ReadPost(post, created_raw, event.source, event.read_at)
+
+
+_DECODERS: dict[str, Callable[[bytes | str | None], Any]] = {
+    FOLLOW_CHANGES: decode_follow_change,
+    PREFERENCE_CHANGES: decode_preference_change,
+    DEVICE_CHANGES: decode_device_change,
+}
+
+
+class ChangelogRouter:
+    """Decode changelog events and route each to its user's shard; fan markers to all shards."""
+
+    def __init__(self, shard_count: int) -> None:
+        self._shard_count = shard_count
+        self._all_keys = [shard_key(s) for s in range(shard_count)]
+
+    def route(self, event: object) -> Iterable[tuple[str, Any] | DeadLetter]:
+        """(shard_key, change or marker) items, or one dead letter."""
+        if isinstance(event, CaughtUp):
+            return [(k, event) for k in self._all_keys]
+        assert isinstance(event, RawEvent)
+        decoder = _DECODERS.get(event.topic)
+        if decoder is None:
+            return [dead_letter(event, f"unexpected topic {event.topic!r} for the changelog input")]
+        try:
+            change = decoder(event.value)
+        except InvalidEvent as exc:
+            return [dead_letter(event, exc)]
+        user = change.follower_id if event.topic == FOLLOW_CHANGES else change.user_id
+        return [(shard_key(shard_of(user, self._shard_count)), change)]
+
+
+class PostClaimer:
+    """Drop duplicate posts: the first message carrying a post_id owns it (see post_claims)."""
+
+    def __init__(self, claims: Callable[[], PostClaims]) -> None:
+        self._claims = claims
+
+    def claim_batch(self, posts: list[ReadPost]) -> list[ReadPost]:
+        """The posts this batch owns."""
+        owned = self._claims().claim([(p.post.post_id, p.source) for p in posts])
+        kept = [p for p, ok in zip(posts, owned, strict=True) if ok]
+        if len(kept) != len(posts):
+            metrics.DEDUPED.labels("post_claim").inc(len(posts) - len(kept))
+        return kept
+
+
+class ShardJobPlanner:
+    """Decide lane (normal or bulk) and create one job per follower shard."""
+
+    def __init__(
+        self, store: Callable[[], FollowerStore], shard_count: int, celebrity_threshold: int
+    ) -> None:
+        self._store = store
+        self._shard_count = shard_count
+        self._threshold = celebrity_threshold
+
+    def lane_for(self, author_id: str) -> str:
+        """The lane by the author's follower count now (a shard job confirms it when it starts)."""
+        return lane_for(self._store().follower_count(author_id), self._threshold)
+
+    def plan(self, read: ReadPost) -> list[tuple[str, ShardJob]]:
+        """Jobs for every shard (a shard with no followers of the author finishes at once)."""
+        reason = post_suppression(read.post)
+        if reason is not None:
+            metrics.POSTS_SUPPRESSED.labels(reason.value).inc()
+            return []
+        lane = self.lane_for(read.post.author_id)
+        metrics.POSTS_FANNED_OUT.labels(lane).inc()
+        metrics.SHARD_JOBS_CREATED.inc(self._shard_count)
+        p = read.post
+        return [
+            (
+                shard_key(s),
+                ShardJob(p.post_id, p.author_id, read.created_at_raw, lane, read.read_at, s),
+            )
+            for s in range(self._shard_count)
+        ]

@@ -1,0 +1,519 @@
+"""`fanfare demo`: seed a synthetic social graph on the embedded stack, fan out, deliver, summarise.
+
+The demo runs in its own folder (`$FANFARE_HOME/demo`, fresh each run) with its own Redis key
+prefix, starts the embedded broker if needed and the local APNs/FCM servers, publishes the graph
+to the changelog topics (the flow itself loads the follower store from `follow_changes`), runs
+`fanfare run fanout`, `fanfare run delivery` and `fanfare run acks`, and reads the funnel from
+the workers' /metrics endpoints and `delivery_events`. Some device tokens are made stale at the
+providers and FCM is down for two seconds when the posts arrive, so token clean-up and retries
+show. Then it plays the apps: every accepted push is acked `delivered` on `notification_acks`
+and a quarter `opened` (plus one ack of an unknown notification, dead-lettered), and it prints
+one follower's inbox from the notification store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from flows.runtime.metrics_scrape import by_label, scrape, total
+from operators.adapters.kafka.admin import create_topics, wait_for_broker
+from operators.adapters.kafka.io import (
+    message_count,
+    produce_all,
+    read_partition_to_end,
+    topic_partitions,
+)
+from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.config import (
+    DEAD_LETTERS,
+    DELIVERY_EVENTS,
+    NOTIFICATION_ACKS,
+    POST_CREATED,
+    Settings,
+)
+from scripts.dev import devstack
+from scripts.dev.demo_graph import build_graph, demo_posts
+from scripts.dev.local_providers.control import ProviderControl
+
+OPEN_RATE = 0.25  # the share of delivered pushes the demo's "apps" report opened
+
+MALFORMED_CHANGES = {
+    "follow_changes": [(b"a", b'{"author_id": "a", "op": "follow"}')],
+    "preference_changes": [
+        (
+            b"u",
+            orjson.dumps(
+                {"user_id": "u", "timezone": "Mars/Olympus_Mons", "ts": "2026-01-01T00:00:00Z"}
+            ),
+        )
+    ],
+    "device_changes": [
+        (
+            b"u",
+            orjson.dumps(
+                {
+                    "user_id": "u",
+                    "device_id": "d",
+                    "provider": "apns",
+                    "token": "not-a-token",
+                    "active": True,
+                    "ts": "2026-01-01T00:00:00Z",
+                }
+            ),
+        )
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _prepare_stack(settings: Settings) -> None:
+    """Embedded broker up with empty topics, Redis reachable."""
+    problem = devstack.redis_reachable(settings)
+    if problem is not None:
+        raise SystemExit(f"fanfare demo: {problem}\n{devstack.REDIS_HOWTO}")
+    ours = devstack.broker_running(settings)
+    if ours is None and wait_for_broker(settings, 2.0):
+        print(f"  using the broker that answers at {settings.kafka_brokers}")
+    elif ours is None:
+        try:
+            pid = devstack.start_broker(settings)
+        except devstack.BrokerStartError as exc:
+            raise SystemExit(f"fanfare demo: {exc}") from None
+        print(f"  started the embedded broker (pid {pid}) at {settings.kafka_brokers}")
+    create_topics(settings)
+    if message_count(settings.kafka_config(), [POST_CREATED]):
+        if devstack.broker_running(settings) is None:
+            raise SystemExit(
+                "fanfare demo: the broker at FANFARE_KAFKA_BROKERS already holds posts and was "
+                "not started by `fanfare dev up`; point FANFARE_KAFKA_BROKERS at an empty one"
+            )
+        # The embedded broker keeps memory only: a restart gives the demo empty topics.
+        devstack.stop_broker(settings)
+        pid = devstack.start_broker(settings)
+        create_topics(settings)
+        print(f"  restarted the embedded broker (pid {pid}) so the demo starts from empty topics")
+
+
+def _wait(
+    condition_name: str, check: object, timeout_s: float, flow: subprocess.Popen[bytes], log: Path
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if flow.poll() is not None:
+            raise SystemExit(
+                f"fanfare demo: the flow exited (code {flow.returncode}) while waiting for "
+                f"{condition_name}; the end of {log}:\n{log.read_text(errors='replace')[-3000:]}"
+            )
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except OSError:
+            pass  # the metrics endpoint is not up yet
+        time.sleep(0.25)
+    raise SystemExit(
+        f"fanfare demo: timed out after {timeout_s}s waiting for {condition_name}; see {log}"
+    )
+
+
+STALE_TOKEN_SHARE = 0.03  # devices whose token the providers say is gone
+FCM_OUTAGE_S = 2.0
+
+
+def _stale_tokens(devices: list[tuple[bytes, bytes]], seed: int) -> dict[str, dict[str, str]]:
+    rng = random.Random(seed + 2)
+    stale: dict[str, dict[str, str]] = {"apns": {}, "fcm": {}}
+    for _, value in devices:
+        d = orjson.loads(value)
+        if d.get("active") and rng.random() < STALE_TOKEN_SHARE:
+            reason = "Unregistered" if d["provider"] == "apns" else "UNREGISTERED"
+            stale[d["provider"]][d["token"]] = reason
+    return stale
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _accepted_events(settings: Settings) -> list[dict[str, Any]]:
+    """Every `accepted` delivery event (one per device push that reached its provider)."""
+    out = []
+    kafka = settings.kafka_config()
+    for part in topic_partitions(kafka, [DELIVERY_EVENTS]):
+        topic, _, p = part.rpartition("/")
+        for _, value in read_partition_to_end(kafka, topic, int(p), 0):
+            e = orjson.loads(value or b"{}")
+            if e.get("outcome") == "accepted":
+                out.append(e)
+    return out
+
+
+def _latencies(accepted: list[dict[str, Any]], created: dict[str, float]) -> list[float]:
+    """Seconds from each post's created_at to each provider acceptance."""
+    return sorted(
+        datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp() - created[e["post_id"]]
+        for e in accepted
+        if e.get("post_id") in created
+    )
+
+
+def _app_acks(accepted: list[dict[str, Any]], seed: int) -> list[tuple[bytes, bytes]]:
+    """What the apps would send back: every push delivered, a quarter opened, one unknown."""
+    rng = random.Random(seed)
+    ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    acks = []
+    for e in accepted:
+        events = ["delivered", "opened"] if rng.random() < OPEN_RATE else ["delivered"]
+        for event in events:
+            body = {"notification_id": e["notification_id"], "device_id": e["device_id"]}
+            acks.append(
+                (e["notification_id"].encode(), orjson.dumps({**body, "event": event, "ts": ts}))
+            )
+    unknown = {"notification_id": "no-such-post:u0", "device_id": "d0", "event": "opened"}
+    acks.append((b"no-such-post:u0", orjson.dumps({**unknown, "ts": ts})))
+    return acks
+
+
+def command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the demo end to end and print the summary."""
+    run_id = uuid.uuid4().hex[:6]
+    demo_home = settings.home / "demo"
+    if demo_home.exists():
+        shutil.rmtree(demo_home)
+    demo_home.mkdir(parents=True)
+    demo_prefix = f"{settings.redis_prefix}demo:{run_id}:"
+    threshold = max(100, args.users // 4)  # only the celebrity (60% of users) is above it
+    metrics_port = _free_port()
+    print(f"fanfare demo: {args.users} users, {args.posts} posts, seed {args.seed}")
+    _prepare_stack(settings)
+
+    graph = build_graph(args.users, args.seed)
+    kafka = settings.kafka_config()
+    t_seed = time.monotonic()
+    produce_all(kafka, "follow_changes", graph.follows + MALFORMED_CHANGES["follow_changes"])
+    produce_all(
+        kafka, "preference_changes", graph.preferences + MALFORMED_CHANGES["preference_changes"]
+    )
+    produce_all(kafka, "device_changes", graph.devices + MALFORMED_CHANGES["device_changes"])
+    print(
+        f"  published {len(graph.follows)} follow changes (celebrity {graph.celebrity} has "
+        f"{graph.followers_of[graph.celebrity]} followers; bulk lane above {threshold}), "
+        f"{len(graph.preferences)} preferences, {len(graph.devices)} devices, 3 malformed"
+    )
+
+    env = {
+        **os.environ,
+        "FANFARE_HOME": str(demo_home),
+        "FANFARE_STORE_URL": f"sqlite:///{demo_home / 'store.db'}",
+        "FANFARE_REDIS_PREFIX": demo_prefix,
+        "FANFARE_CELEBRITY_THRESHOLD": str(threshold),
+        "FANFARE_METRICS_PORT": str(metrics_port),
+        # The demo reads its flows' /metrics on the loopback, whatever the shell says.
+        "FANFARE_METRICS_HOST": "127.0.0.1",
+        "FANFARE_METRICS_SERVER": "fanfare",
+        "FANFARE_KAFKA_BROKERS": settings.kafka_brokers,
+    }
+    demo_settings = settings.with_overrides(home=demo_home)
+    devstack.start_providers(demo_settings)
+    control = ProviderControl(devstack.providers_info(demo_settings)["control_url"])  # type: ignore[index]
+    stale = _stale_tokens(graph.devices, args.seed)
+    for provider, errors in stale.items():
+        control.set_token_errors(provider, errors)
+    print(
+        f"  local APNs and FCM servers up; {len(stale['apns']) + len(stale['fcm'])} device "
+        "tokens are stale at the providers"
+    )
+    log = demo_home / "flow.log"
+    delivery_log = demo_home / "delivery.log"
+    delivery_port = _free_port()
+    flow = _start([sys.executable, "-m", "scripts.cli", "run", "fanout"], env, log)
+    delivery = _start(
+        [sys.executable, "-m", "scripts.cli", "run", "delivery"],
+        {
+            **env,
+            "FANFARE_METRICS_PORT": str(delivery_port),
+            "FANFARE_RETRY_BASE_MS": "250",
+            "FANFARE_BREAKER_COOLDOWN_S": "1",
+        },
+        delivery_log,
+    )
+    url = [f"http://127.0.0.1:{metrics_port}/metrics"]
+    delivery_url = [f"http://127.0.0.1:{delivery_port}/metrics"]
+    acks_log = demo_home / "acks.log"
+    acks_port = _free_port()
+    acks_flow = _start(
+        [sys.executable, "-m", "scripts.cli", "run", "acks"],
+        {**env, "FANFARE_METRICS_PORT": str(acks_port)},
+        acks_log,
+    )
+    acks_url = [f"http://127.0.0.1:{acks_port}/metrics"]
+    created: dict[str, float] = {}
+    try:
+        changes = len(graph.follows) + len(graph.preferences) + len(graph.devices)
+        _wait(
+            "the changelogs to be applied",
+            lambda: total(scrape(url), "fanfare_changes_applied_total") >= changes,
+            args.timeout,
+            flow,
+            log,
+        )
+        print(f"  flow running; changelogs applied in {time.monotonic() - t_seed:.1f} s")
+        posts = list(demo_posts(graph, args.posts, args.seed, run_id))
+        for _, value in posts:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                body = orjson.loads(value)
+                created[body["post_id"]] = datetime.fromisoformat(
+                    body["created_at"].replace("Z", "+00:00")
+                ).timestamp()
+        t0 = time.monotonic()
+        produce_all(kafka, POST_CREATED, posts)
+        # FCM goes down for a moment once pushes flow, so retries (and Retry-After) show.
+        _wait(
+            "the first FCM push",
+            lambda: control.stats()["fcm"]["accepted"] > 0,
+            args.timeout,
+            delivery,
+            delivery_log,
+        )
+        control.set_outage("fcm", FCM_OUTAGE_S)
+
+        def fanned_out() -> bool:
+            m = scrape(url)
+            read = total(m, "fanfare_posts_read_total")
+            bad = total(m, "fanfare_dead_letters_total", source_topic=POST_CREATED)
+            created = total(m, "fanfare_shard_jobs_created_total")
+            done = total(m, "fanfare_shard_jobs_completed_total")
+            deduped = total(m, "fanfare_deduped_total", stage="shard_job")
+            return read + bad >= len(posts) and done + deduped >= created
+
+        _wait("the fan-out", fanned_out, args.timeout, flow, log)
+        seconds = time.monotonic() - t0
+        # Jobs are done in the shards; wait until the sink has written their batches.
+        last = -1.0
+        metrics = scrape(url)
+        while total(metrics, "fanfare_dispatched_total") != last:
+            last = total(metrics, "fanfare_dispatched_total")
+            time.sleep(1.0)
+            metrics = scrape(url)
+        seconds = max(seconds, time.monotonic() - t0 - 1.0)
+        dispatched = total(metrics, "fanfare_dispatched_total")
+
+        def delivered() -> bool:
+            m = scrape(delivery_url)
+            ended = sum(
+                v
+                for outcome, v in by_label(m, "fanfare_delivery_outcomes_total", "outcome").items()
+                if outcome != "retry_scheduled"
+            )
+            return ended >= dispatched
+
+        _wait("every push to reach an outcome", delivered, args.timeout, delivery, delivery_log)
+        delivery_seconds = time.monotonic() - t0
+        # Held and retried sends settle after the count first matches: wait until it is still.
+        last = -1.0
+        delivery_metrics = scrape(delivery_url)
+        while total(delivery_metrics, "fanfare_delivery_outcomes_total") != last:
+            last = total(delivery_metrics, "fanfare_delivery_outcomes_total")
+            time.sleep(2.0)
+            delivery_metrics = scrape(delivery_url)
+        provider_stats = control.stats()
+        accepted = _accepted_events(settings)
+        # The apps answer: acks on notification_acks, applied to the store by the acks flow.
+        acks = _app_acks(accepted, args.seed)
+        produce_all(kafka, NOTIFICATION_ACKS, acks)
+        _wait(
+            "the acks to be applied",
+            lambda: total(scrape(acks_url), "fanfare_acks_total") >= len(acks),
+            args.timeout,
+            acks_flow,
+            acks_log,
+        )
+        acks_metrics = scrape(acks_url)
+    finally:
+        _stop(flow)
+        _stop(delivery)
+        _stop(acks_flow)
+        devstack.stop_providers(demo_settings)
+        client = redis.Redis.from_url(settings.redis_url)
+        keys = list(client.scan_iter(match=demo_prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    dead_total = message_count(settings.kafka_config(), [DEAD_LETTERS])
+    print_summary(metrics, len(posts), seconds, dead_total)
+    print_delivery(
+        delivery_metrics, provider_stats, _latencies(accepted, created), delivery_seconds
+    )
+    print_acks_and_inbox(acks_metrics, demo_settings, accepted, acks)
+    print(
+        f"\nThe embedded broker is still up (`fanfare dev status`); the flows' logs are {log}, "
+        f"{delivery_log} and {acks_log}."
+    )
+    return 0
+
+
+def print_delivery(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    provider_stats: dict[str, Any],
+    latencies: list[float],
+    seconds: float,
+) -> None:
+    """What delivery did, per provider."""
+
+    def n(value: float) -> str:
+        return f"{int(value):,}"
+
+    print("\ndelivery summary")
+    outcomes = by_label(m, "fanfare_delivery_outcomes_total", "outcome")
+    for provider in ("apns", "fcm"):
+        accepted = total(
+            m, "fanfare_delivery_outcomes_total", provider=provider, outcome="accepted"
+        )
+        at_server = provider_stats.get(provider, {}).get("distinct", 0)
+        print(
+            f"  delivered via {provider:<5}        {n(accepted):>9} "
+            f"(the {provider} server counted {n(at_server)})"
+        )
+    print(
+        f"  invalid tokens cleaned     {n(total(m, 'fanfare_tokens_deactivated_total')):>9} "
+        "(device_changes active: false)"
+    )
+    print(f"  retries scheduled          {n(outcomes.get('retry_scheduled', 0)):>9}")
+    print(f"  expired                    {n(outcomes.get('expired', 0)):>9}")
+    failed = outcomes.get("failed", 0) + outcomes.get("dead_lettered", 0)
+    print(f"  failed / dead-lettered     {n(failed):>9}")
+    print(f"  duplicate sends skipped    {n(total(m, 'fanfare_delivery_deduped_total')):>9}")
+    if latencies:
+        p50 = latencies[len(latencies) // 2]
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(
+            f"  post created -> provider accepted  p50 {p50:.2f} s  p99 {p99:.2f} s  "
+            f"max {latencies[-1]:.2f} s"
+        )
+    print(f"  seconds from publishing to every push settled  {seconds:.2f}")
+
+
+def print_acks_and_inbox(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    settings: Settings,
+    accepted: list[dict[str, Any]],
+    acks: list[tuple[bytes, bytes]],
+) -> None:
+    """The acks the flow applied, and one follower's inbox as `fanfare inbox` shows it."""
+
+    def n(value: float) -> str:
+        return f"{int(value):,}"
+
+    print("\nopen tracking (notification_acks -> the notification store)")
+    print(f"  acks published             {n(len(acks)):>9}")
+    for event in ("delivered", "opened"):
+        applied = total(m, "fanfare_acks_total", event=event, outcome="applied")
+        print(f"  {event + ' acks applied':<26} {n(applied):>9}")
+    unknown = sum(
+        v for k, v in by_label(m, "fanfare_acks_total", "outcome").items() if k != "applied"
+    )
+    print(f"  unknown, dead-lettered     {n(unknown):>9}")
+    if not accepted:
+        return
+    store = SQLiteNotificationStore(
+        settings.resolved_notification_store_url.removeprefix("sqlite:///"),
+        ttl_s=settings.store_ttl_s,
+    )
+    try:
+        counts: dict[str, int] = {}
+        for e in accepted:
+            counts[e["user_id"]] = counts.get(e["user_id"], 0) + 1
+        user = max(counts, key=lambda u: (counts[u], u))
+        page = store.inbox(user, None, 5)
+        print(f"\ninbox of {user} (the first page; newest first)")
+        for note in page.notifications:
+            when = datetime.fromtimestamp(note.created_ms / 1000, UTC).strftime("%H:%M:%S")
+            print(f"  {when}Z  {note.status:<10} {note.notification_id}")
+    finally:
+        store.close()
+    home = settings.home
+    print(
+        f"  see more: FANFARE_HOME={home} fanfare inbox {user}; "
+        f"FANFARE_HOME={home} fanfare status {page.notifications[0].notification_id}"
+    )
+
+
+def print_summary(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    published: int,
+    seconds: float,
+    dead_on_topic: int,
+) -> None:
+    """The funnel, readable."""
+
+    def n(value: float) -> str:
+        return f"{int(value):,}"
+
+    candidates = total(m, "fanfare_candidates_total")
+    print("\nfan-out summary")
+    print(f"  posts published          {n(published)}")
+    print(f"  posts read (valid)       {n(total(m, 'fanfare_posts_read_total'))}")
+    for lane, v in sorted(by_label(m, "fanfare_posts_fanned_out_total", "lane").items()):
+        print(f"    fanned out, {lane:<6}     {n(v)}")
+    for reason, v in sorted(by_label(m, "fanfare_posts_suppressed_total", "reason").items()):
+        print(f"    suppressed, {reason:<22} {n(v)}")
+    print(f"    duplicate posts dropped {n(total(m, 'fanfare_deduped_total', stage='post_claim'))}")
+    print(f"  candidates (follow edges) {n(candidates)}")
+    for reason, v in sorted(by_label(m, "fanfare_suppressed_total", "reason").items()):
+        print(f"    suppressed, {reason:<14} {n(v)}")
+    print(f"    deferred (quiet hours)  {n(total(m, 'fanfare_deferred_total'))}")
+    deduped = total(m, "fanfare_deduped_total", stage="shard_job") + total(
+        m, "fanfare_deduped_total", stage="replay"
+    )
+    print(f"    deduped                 {n(deduped)}")
+    print("  dispatched (device pushes, batches)")
+    batches = {
+        (dict(ls)["provider"], dict(ls)["lane"]): v
+        for (name, ls), v in m.items()
+        if name == "fanfare_dispatch_batches_total"
+    }
+    for (name, ls), v in sorted(m.items()):
+        if name == "fanfare_dispatched_total":
+            labels = dict(ls)
+            key = (labels["provider"], labels["lane"])
+            print(
+                f"    {labels['provider']:<5} {labels['lane']:<6}          {n(v):>9} in "
+                f"{n(batches.get(key, 0))} batches"
+            )
+    print("  dead letters")
+    for topic, v in sorted(by_label(m, "fanfare_dead_letters_total", "source_topic").items()):
+        print(f"    from {topic:<19} {n(v)}")
+    print(f"    on the dead_letters topic {n(dead_on_topic)}")
+    rate = candidates / seconds if seconds else 0.0
+    print(f"  seconds from publishing to fanned out  {seconds:.2f}  ({rate:,.0f} candidates/s)")
