@@ -18,10 +18,12 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from operators.acks.steps import ApplyAcks, ReadAck, decode_ack
-from operators.adapters.kafka.io import DeadLetterSink, KafkaTopicsSource
-from operators.adapters.stores.sqlite_notifications import open_notification_store
-from operators.config import NOTIFICATION_ACKS, Settings, cassandra_credentials, load_settings
+from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
+from operators.adapters.kafka.reader import KafkaTopicsSource
+from operators.adapters.stores.by_url import open_notification_store
+from operators.config import Settings, cassandra_credentials, load_settings
 from schemas.records import DeadLetter
+from schemas.topics import NOTIFICATION_ACKS
 
 
 def build_acks_flow(

@@ -23,43 +23,34 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows.runtime.recovery_marker import recovery_lineage
-from operators.adapters.kafka.channel_lanes import (
-    BulkPacer,
-    ChannelLanesSource,
-    DeliveryEventsSink,
-    RetryTopicSource,
-)
-from operators.adapters.kafka.io import DeadLetterSink, FlushingTopicSink
-from operators.adapters.providers.senders import (
-    ApnsSender,
-    EventLoopThread,
-    FcmSender,
-    ProviderConfigError,
-    apns_config,
-    fcm_config,
-)
+from operators.adapters.kafka.channel_lanes import BulkPacer, ChannelLanesSource
+from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
+from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
+from operators.adapters.kafka.retry_source import RetryTopicSource
+from operators.adapters.kafka.writer import FlushingTopicSink
+from operators.adapters.providers.apns import ApnsSender
+from operators.adapters.providers.config import ProviderConfigError, apns_config, fcm_config
+from operators.adapters.providers.event_loop import EventLoopThread
+from operators.adapters.providers.fcm import FcmSender
 from operators.adapters.redis.edge_claims import RedisEdgeClaims
-from operators.adapters.redis.post_claims import RedisWriterStartMarks
-from operators.adapters.redis.rate_limiter import BucketSpec, RedisRateLimiter
-from operators.adapters.stores.sqlite_notifications import open_notification_store
-from operators.config import (
-    DEVICE_CHANGES,
-    PUSH_RETRY,
-    Settings,
-    cassandra_credentials,
-    load_settings,
-)
-from operators.delivery.engine import DeliveryEngine, DeliverySettings, PushSender
+from operators.adapters.redis.rate_limiter import RedisRateLimiter
+from operators.adapters.redis.writer_marks import RedisWriterStartMarks
+from operators.adapters.stores.by_url import open_notification_store
+from operators.config import Settings, cassandra_credentials, load_settings
+from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import RetryPolicy, SendRequest
 from operators.delivery.payloads import PushTemplate
+from operators.delivery.ports import PushSender
 from operators.delivery.steps import (
     SendStep,
     decode_channel_message,
     decode_retry_message,
     retry_due_at,
 )
+from operators.delivery.token_bucket import BucketSpec
 from schemas.codecs import encode_device_change, encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
+from schemas.topics import DEVICE_CHANGES, PUSH_RETRY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

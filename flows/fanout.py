@@ -26,26 +26,16 @@ from bytewax.outputs import Sink
 
 from flows.runtime.recovery_marker import recovery_lineage
 from operators import metrics
-from operators.adapters.kafka.io import (
-    ChannelTopicsSink,
-    DeadLetterSink,
-    KafkaTopicsSource,
-    topic_partitions,
-)
-from operators.adapters.redis.post_claims import PostClaims, RedisPostClaims, RedisWriterStartMarks
-from operators.adapters.stores.sqlite_followers import FollowerStore, open_follower_store
-from operators.config import (
-    CHANGELOG_TOPICS,
-    CHANNEL_TOPICS,
-    DEVICE_CHANGES,
-    POST_CREATED,
-    POST_CREATED_BACKFILL,
-    PREFERENCE_CHANGES,
-    Settings,
-    cassandra_credentials,
-    load_settings,
-)
+from operators.adapters.kafka.channel_sink import ChannelTopicsSink
+from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
+from operators.adapters.kafka.probes import topic_partitions
+from operators.adapters.kafka.reader import KafkaTopicsSource
+from operators.adapters.redis.post_claims import RedisPostClaims
+from operators.adapters.redis.writer_marks import RedisWriterStartMarks
+from operators.adapters.stores.by_url import open_follower_store
+from operators.config import Settings, cassandra_credentials, load_settings
 from operators.fanout.logic import ExpandFollowerShardLogic
+from operators.fanout.ports import FollowerStore, PostClaims
 from operators.fanout.shard import FollowerShard, utc_now
 from operators.fanout.steps import (
     ChangelogRouter,
@@ -55,6 +45,14 @@ from operators.fanout.steps import (
     decode_post,
 )
 from schemas.records import DeadLetter, DispatchBatch
+from schemas.topics import (
+    CHANGELOG_TOPICS,
+    CHANNEL_TOPICS,
+    DEVICE_CHANGES,
+    POST_CREATED,
+    POST_CREATED_BACKFILL,
+    PREFERENCE_CHANGES,
+)
 
 
 def _is_dead_letter(item: object) -> bool:

@@ -1,4 +1,4 @@
-"""Typed, frozen records of the events on fanfare's topics (DESIGN.md, "Contracts")."""
+"""Typed, frozen records of the events on fanfare's topics (docs/design.md, "Contracts")."""
 
 from __future__ import annotations
 
@@ -151,3 +151,7 @@ class NotificationAck:
     device_id: str
     event: AckEvent
     ts: datetime
+
+
+AckOutcome = Literal["applied", "unknown_notification", "unknown_device"]
+"""What applying an ack did: applied, or which part of it the notification store did not know."""

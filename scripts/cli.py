@@ -24,6 +24,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; each subcommand sets `func`."""
+    from flows.registry import FLOWS
     from flows.runtime import runner
     from scripts.dev import devstack
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "restarts the cluster from the recovery directory (with backoff); /ready and /live "
         "answer on FANFARE_READY_PORT. SIGTERM or SIGINT stop it (exit 0).",
     )
-    run.add_argument("flow", choices=["fanout", "delivery", "acks"], help="which dataflow")
+    run.add_argument("flow", choices=list(FLOWS), help="which dataflow")
     run.add_argument(
         "--workers",
         type=_positive_int,
@@ -203,14 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("--timeout", type=float, default=2.0, help="seconds per endpoint (2)")
     metrics.set_defaults(func=_metrics)
-    # Backfill, dead letters and recovery (issue 5): each module adds its own subcommand.
+    # Backfill, dead letters and recovery: each module adds its own subcommand.
     from scripts.commands import dlq, replay
     from scripts.commands import recovery as recovery_cli
 
     replay.add_parser(sub)
     dlq.add_parser(sub)
     recovery_cli.add_parser(sub)
-    # Fault scenarios (issue 6): the same options as `python -m scripts.harness.chaos`.
+    # Fault scenarios: the same options as `python -m scripts.harness.chaos`.
     from scripts.harness import chaos as chaos_runner
 
     chaos = sub.add_parser(

@@ -20,8 +20,9 @@ import pytest
 import redis
 
 from operators.adapters.kafka.admin import create_topics
-from operators.adapters.kafka.io import message_count, read_partition_to_end, topic_partitions
-from operators.config import CHANNEL_TOPICS, Settings, load_settings
+from operators.adapters.kafka.probes import message_count, read_partition_to_end, topic_partitions
+from operators.config import Settings, load_settings
+from schemas.topics import CHANNEL_TOPICS
 from scripts.dev import devstack
 
 REDIS_URL = os.environ.get("FANFARE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -1,16 +1,25 @@
-"""Fakes for delivery tests: a scripted provider, an inline event loop, request builders."""
+"""In-memory fakes of fanfare's ports, for unit and flow tests (and the request builders).
+
+Each behaves as the real adapter does (the follower store's fake runs the store contract suite);
+they record what happened, so tests assert on it instead of on mocks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
-from operators.adapters.redis.rate_limiter import BucketSpec
-from operators.delivery.engine import LoopRunner, PushSender
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.payloads import PayloadTooLarge
+from operators.delivery.ports import EdgeClaims, LoopRunner, PushSender
+from operators.delivery.token_bucket import BucketSpec
+from operators.fanout.eligibility import edge_flags
+from operators.fanout.ports import FollowerRow, FollowerStore, PostClaims
+from operators.fanout.sharding import shard_of
+from schemas.records import FollowChange
 
 T = TypeVar("T")
 OK = ProviderAnswer(200, None)
@@ -93,3 +102,93 @@ def request(
         attempt=attempt,
         seq=seq,
     )
+
+
+class InMemoryFollowerStore(FollowerStore):
+    """A fake for unit tests of the fan-out logic: same behaviour, plain dicts."""
+
+    def __init__(self, shard_count: int) -> None:
+        self.shard_count = shard_count
+        self.edges: dict[tuple[str, int], dict[str, int]] = {}
+        self.page_reads = 0
+
+    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
+        """Apply in order."""
+        for c in changes:
+            bucket = self.edges.setdefault(
+                (c.author_id, shard_of(c.follower_id, self.shard_count)), {}
+            )
+            if c.op == "follow":
+                bucket[c.follower_id] = edge_flags(c.notify_on_post, c.muted)
+            else:
+                bucket.pop(c.follower_id, None)
+
+    def follower_page(
+        self, author_id: str, shard_id: int, after: str | None, limit: int
+    ) -> list[FollowerRow]:
+        """Sorted page after the cursor."""
+        self.page_reads += 1
+        bucket = self.edges.get((author_id, shard_id), {})
+        ids = sorted(f for f in bucket if after is None or f > after)[:limit]
+        return [(f, bucket[f]) for f in ids]
+
+    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
+        """Point lookup."""
+        return self.edges.get((author_id, shard_of(follower_id, self.shard_count)), {}).get(
+            follower_id
+        )
+
+    def follower_count(self, author_id: str) -> int:
+        """Sum over shards."""
+        return sum(len(v) for (a, _), v in self.edges.items() if a == author_id)
+
+    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
+        """Upsert edges."""
+        n = 0
+        for author_id, follower_id, flags in edges:
+            key = (author_id, shard_of(follower_id, self.shard_count))
+            self.edges.setdefault(key, {})[follower_id] = flags
+            n += 1
+        return n
+
+
+class InMemoryPostClaims(PostClaims):
+    """Same semantics in a dict, for flow tests and single-process tools."""
+
+    def __init__(self, ttl_s: float = 86_400.0) -> None:
+        self._ttl = ttl_s
+        self._claims: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        """Claim each post unless another identity holds an unexpired claim."""
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for post_id, identity in claims:
+                held = self._claims.get(post_id)
+                if held is None or held[1] <= now:
+                    self._claims[post_id] = (identity, now + self._ttl)
+                    out.append(True)
+                else:
+                    out.append(held[0] == identity)
+        return out
+
+
+class InMemoryEdgeClaims(EdgeClaims):
+    """Same semantics in a dict (unit and flow tests)."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
+        """Claim each key unless held; answer the holder as Redis' SET NX GET does."""
+        with self._lock:
+            out: list[str | None] = []
+            for nid, device, identity in claims:
+                held = self.held.get((nid, device))
+                if held is None:
+                    self.held[(nid, device)] = identity
+                out.append(held)
+            return out

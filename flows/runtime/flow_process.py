@@ -22,15 +22,11 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import CollectorRegistry
 
+from flows.registry import FLOWS
 from flows.runtime.http_endpoint import BackgroundHTTPServer, QuietHandler
 from operators.config import ConfigError, load_settings
 from operators.metrics import FLOW_INFO
 
-FLOWS = {
-    "fanout": "flows.fanout:get_flow",
-    "delivery": "flows.delivery:get_flow",
-    "acks": "flows.acks:get_flow",
-}
 MODULE = "flows.runtime.flow_process"
 
 

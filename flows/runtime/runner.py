@@ -34,8 +34,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from flows.registry import FLOWS
 from flows.runtime import readiness
-from flows.runtime.flow_process import FLOWS, MODULE
+from flows.runtime.flow_process import MODULE
 from flows.runtime.recovery_marker import (
     RECOVERY_MARKER,
     read_marker,

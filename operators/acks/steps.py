@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from operators import metrics
-from operators.adapters.kafka.io import RawEvent
-from operators.adapters.stores.sqlite_notifications import NotificationStore
-from operators.fanout.steps import dead_letter
+from operators.acks.ports import AckStore
+from operators.events import RawEvent, dead_letter
 from schemas.codecs import InvalidEvent, decode_notification_ack
 from schemas.records import DeadLetter, NotificationAck
 
@@ -39,13 +38,13 @@ def decode_ack(event: RawEvent) -> ReadAck | DeadLetter:
 class ApplyAcks:
     """`flat_map_batch` mapper: apply a worker's acks in one store call; dead letters out."""
 
-    def __init__(self, open_store: Callable[[], NotificationStore]) -> None:
+    def __init__(self, open_store: Callable[[], AckStore]) -> None:
         self._open = open_store
         self._local = threading.local()
 
     def __call__(self, batch: list[ReadAck]) -> list[DeadLetter]:
         """Apply; return a dead letter per ack that matched no notification or device."""
-        store: NotificationStore | None = getattr(self._local, "store", None)
+        store: AckStore | None = getattr(self._local, "store", None)
         if store is None:
             store = self._open()
             self._local.store = store

@@ -23,17 +23,14 @@ import asyncio
 import logging
 import random
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from operators import metrics
-from operators.adapters.redis.edge_claims import EdgeClaims
-from operators.adapters.redis.rate_limiter import BucketSpec, RateLimiter
-from operators.adapters.stores.sqlite_notifications import LedgerUpdate, NotificationStore
 from operators.delivery.circuit_breaker import CircuitBreaker
+from operators.delivery.ledger import LedgerUpdate
 from operators.delivery.model import (
     Action,
     LedgerRow,
@@ -47,40 +44,19 @@ from operators.delivery.model import (
     plan_retry,
 )
 from operators.delivery.payloads import PayloadTooLarge
-from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, Provider, RetryRecord
+from operators.delivery.ports import (
+    EdgeClaims,
+    LoopRunner,
+    NotificationStore,
+    PushSender,
+    RateLimiter,
+)
+from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
 
 log = logging.getLogger(__name__)
 
 DeliveryOutput = DeliveryEvent | DeviceChange | RetryRecord | DeadLetter
 T = TypeVar("T")
-
-
-class PushSender(ABC):
-    """Port: one provider's client, living on the worker's event loop."""
-
-    provider: Provider
-    bucket: BucketSpec
-
-    @abstractmethod
-    def render(self, request: SendRequest) -> object:
-        """The provider payload for a request; raises PayloadTooLarge."""
-
-    @abstractmethod
-    async def send(
-        self, requests: Sequence[SendRequest], payloads: Sequence[object]
-    ) -> list[ProviderAnswer]:
-        """Send all concurrently; one answer each (timeouts and lost connections included)."""
-
-    async def close(self) -> None:  # noqa: B027 (optional hook)
-        """Release connections."""
-
-
-class LoopRunner(ABC):
-    """Port: run a coroutine on the worker's event loop and wait for it."""
-
-    @abstractmethod
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run to completion and return its result."""
 
 
 @dataclass

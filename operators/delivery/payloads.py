@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from operators.delivery.model import SendRequest
+from operators.delivery.model import RetryPolicy, SendRequest
 
 MAX_PAYLOAD_BYTES = 4096
 MAX_COLLAPSE_ID_BYTES = 64
@@ -112,3 +112,12 @@ def fcm_content(template: PushTemplate, request: SendRequest) -> FcmContent:
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(f"FCM message is {size} bytes (limit {MAX_PAYLOAD_BYTES})")
     return content
+
+
+def time_to_live_s(policy: RetryPolicy, request: SendRequest, now: float) -> int:
+    """A push's time to live in seconds (apns-expiration, FCM's ttl).
+
+    A provider keeps a push for an offline device only while it is worth showing: until the
+    notification's age reaches `max_age_s`.
+    """
+    return max(1, int(policy.max_age_s - (now - request.created_ts)))

@@ -10,10 +10,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from operators.adapters.kafka.io import RawEvent
 from operators.delivery.engine import DeliveryEngine, DeliveryOutput
 from operators.delivery.model import SendRequest
-from operators.fanout.steps import dead_letter
+from operators.events import RawEvent, dead_letter
 from schemas.codecs import InvalidEvent, decode_dispatch_batch, decode_retry_record, parse_timestamp
 from schemas.records import DeadLetter
 

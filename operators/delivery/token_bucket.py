@@ -36,3 +36,27 @@ def take(
     short = wanted - granted
     wait = 0.0 if short == 0 else (short - (available - granted)) / rate
     return Grant(granted, max(0.0, wait)), level
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """One bucket: its name (`apns:<topic>`, `fcm:<project>`), rate and size."""
+
+    name: str
+    per_minute: int
+    burst_s: float = 1.0
+    bulk_reserve: float = 0.2  # share of the bucket the bulk lane leaves to normal posts
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second."""
+        return self.per_minute / 60.0
+
+    @property
+    def capacity(self) -> float:
+        """The most tokens the bucket holds (at least one send)."""
+        return max(1.0, self.rate * self.burst_s)
+
+    def reserve_for(self, lane: str) -> float:
+        """Tokens the lane must leave in the bucket."""
+        return self.capacity * self.bulk_reserve if lane == "bulk" else 0.0

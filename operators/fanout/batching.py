@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from operators.config import MAX_DISPATCH_BATCH
 from schemas.records import DispatchBatch, DispatchItem, Provider
+from schemas.topics import MAX_DISPATCH_BATCH
 
 
 def notification_id(post_id: str, user_id: str) -> str:

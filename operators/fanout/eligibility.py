@@ -1,4 +1,4 @@
-"""Who gets notified of a post (DESIGN.md, the trust contract)."""
+"""Who gets notified of a post (docs/design.md, "The trust contract")."""
 
 from __future__ import annotations
 

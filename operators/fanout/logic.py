@@ -9,8 +9,9 @@ from typing import Any
 from bytewax.operators import StatefulBatchLogic
 
 from operators import metrics
-from operators.adapters.stores.sqlite_followers import FollowerStore
-from operators.fanout.shard import CaughtUp, FanoutTally, FollowerShard, ShardJob
+from operators.events import CaughtUp
+from operators.fanout.ports import FollowerStore
+from operators.fanout.shard import FanoutTally, FollowerShard, ShardJob
 from schemas.records import DeviceChange, DispatchBatch, FollowChange, PreferenceChange
 
 

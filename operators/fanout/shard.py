@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from operators.adapters.stores.sqlite_followers import FollowerStore
+from operators.events import CaughtUp
 from operators.fanout.batching import dispatch_batches
 from operators.fanout.eligibility import FLAG_NOTIFY_ON_POST, Suppressed, follower_suppression
+from operators.fanout.ports import FollowerStore
 from operators.fanout.quiet_hours import quiet_until
 from schemas.records import DeviceChange, DispatchBatch, DispatchItem, PreferenceChange, Provider
 
@@ -55,14 +56,6 @@ class ShardJob:
     read_at: float
     shard_id: int
     cursor: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CaughtUp:
-    """A changelog partition was read to its end at `as_of` (epoch seconds)."""
-
-    source: str
-    as_of: float
 
 
 @dataclass(slots=True)

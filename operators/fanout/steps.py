@@ -7,26 +7,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from operators import metrics
-from operators.adapters.kafka.io import RawEvent
-from operators.adapters.redis.post_claims import PostClaims
-from operators.adapters.stores.sqlite_followers import FollowerStore
-from operators.config import DEVICE_CHANGES, FOLLOW_CHANGES, PREFERENCE_CHANGES
+from operators.events import CaughtUp, RawEvent, dead_letter
 from operators.fanout.eligibility import post_suppression
-from operators.fanout.shard import CaughtUp, ShardJob, lane_for
+from operators.fanout.ports import FollowerStore, PostClaims
+from operators.fanout.shard import ShardJob, lane_for
 from operators.fanout.sharding import shard_key, shard_of
 from schemas.codecs import (
-    RAW_TEXT_LIMIT,
     InvalidEvent,
     decode_device_change,
     decode_follow_change,
     decode_post_created,
     decode_preference_change,
-    raw_text,
 )
 from schemas.records import DeadLetter, PostCreated
-
-ERROR_TEXT_LIMIT = 2_000
-"""Characters of a dead letter's error text (the schema messages are short; this is a bound)."""
+from schemas.topics import DEVICE_CHANGES, FOLLOW_CHANGES, PREFERENCE_CHANGES
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,20 +31,6 @@ class ReadPost:
     created_at_raw: str
     source: str
     read_at: float
-
-
-def dead_letter(event: RawEvent, error: InvalidEvent | str) -> DeadLetter:
-    """A dead letter for an event, counted by reason."""
-    reason = error.kind if isinstance(error, InvalidEvent) else "unprocessable"
-    metrics.DEAD_LETTERS.labels(event.topic, reason).inc()
-    # Both bounded, so a dead letter fits the broker's message size whatever the input.
-    return DeadLetter(
-        event.topic,
-        event.partition,
-        event.offset,
-        str(error)[:ERROR_TEXT_LIMIT],
-        raw_text(event.value, RAW_TEXT_LIMIT),
-    )
 
 
 def decode_post(event: RawEvent) -> ReadPost | DeadLetter:

@@ -84,7 +84,8 @@ from confluent_kafka import KafkaError, Producer
 
 from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import create_topics
-from operators.config import ConfigError, Settings, channel_topic, load_settings
+from operators.config import ConfigError, Settings, load_settings
+from schemas.topics import channel_topic
 from scripts.bench.fanout import (
     PROJECT_ROOT,
     BenchError,

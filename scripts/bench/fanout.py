@@ -74,19 +74,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from flows.runtime.flow_process import is_flow_process
 from flows.runtime.ports import free_port, free_port_run, port_free
 from operators.adapters.kafka.admin import create_topics
-from operators.adapters.kafka.io import produce_all
+from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
-from operators.config import (
-    DEVICE_CHANGES,
-    POST_CREATED,
-    PREFERENCE_CHANGES,
-    ConfigError,
-    Settings,
-    channel_topic,
-    load_settings,
-)
+from operators.config import ConfigError, Settings, load_settings
 from operators.fanout.quiet_hours import hour_is_quiet
 from operators.fanout.sharding import shard_of
+from schemas.topics import DEVICE_CHANGES, POST_CREATED, PREFERENCE_CHANGES, channel_topic
 from scripts.dev import devstack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

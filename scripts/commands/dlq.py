@@ -40,17 +40,8 @@ import redis
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from operators.adapters.kafka.admin import BrokerUnavailable
-from operators.adapters.kafka.io import end_offset
-from operators.config import (
-    DEAD_LETTERS,
-    DEVICE_CHANGES,
-    FOLLOW_CHANGES,
-    NOTIFICATION_ACKS,
-    POST_CREATED,
-    POST_CREATED_BACKFILL,
-    PREFERENCE_CHANGES,
-    Settings,
-)
+from operators.adapters.kafka.probes import end_offset
+from operators.config import Settings
 from schemas.codecs import (
     InvalidEvent,
     decode_device_change,
@@ -59,6 +50,15 @@ from schemas.codecs import (
     decode_post_created,
     decode_preference_change,
     validator,
+)
+from schemas.topics import (
+    DEAD_LETTERS,
+    DEVICE_CHANGES,
+    FOLLOW_CHANGES,
+    NOTIFICATION_ACKS,
+    POST_CREATED,
+    POST_CREATED_BACKFILL,
+    PREFERENCE_CHANGES,
 )
 from scripts.commands.replay import (
     Message,

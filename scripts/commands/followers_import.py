@@ -29,13 +29,10 @@ from typing import IO, Any, TextIO, cast
 import fastjsonschema
 import orjson
 
-from operators.adapters.stores.sqlite_followers import (
-    FollowerStore,
-    StoreMismatch,
-    open_follower_store,
-)
+from operators.adapters.stores.by_url import open_follower_store
 from operators.config import Settings, cassandra_credentials
 from operators.fanout.eligibility import edge_flags
+from operators.fanout.ports import FollowerStore, StoreMismatch
 from schemas.codecs import load_schema
 
 Edge = tuple[str, str, int]  # (author_id, follower_id, flags), what bulk_load takes

@@ -9,12 +9,10 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from operators.adapters.stores.sqlite_notifications import (
-    InvalidCursor,
-    NotificationStore,
-    open_notification_store,
-)
+from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials
+from operators.delivery.ledger import InvalidCursor
+from operators.delivery.ports import NotificationStore
 
 
 def _when(epoch_s: float) -> str:

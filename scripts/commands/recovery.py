@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import Any
 from zlib import crc32
 
-from flows.runtime.flow_process import FLOWS, is_flow_process
+from flows.registry import FLOWS
+from flows.runtime.flow_process import is_flow_process
 from flows.runtime.recovery_marker import recovery_lineage
-from operators.config import FOLLOW_CHANGES, Settings
+from operators.config import Settings
+from schemas.topics import FOLLOW_CHANGES
 
 _PREFIX = "fanfare recovery"
 SEEDED_EPOCH = 1

@@ -29,11 +29,12 @@ from typing import Any, TextIO, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from operators.adapters.kafka.admin import BrokerUnavailable, list_topics
-from operators.adapters.kafka.io import KafkaConfig, end_offset
-from operators.config import POST_CREATED, POST_CREATED_BACKFILL, Settings
+from operators.adapters.kafka.probes import KafkaConfig, end_offset
+from operators.config import Settings
 from operators.fanout.eligibility import post_suppression
 from schemas.codecs import InvalidEvent, decode_post_created, parse_timestamp
 from schemas.records import PostCreated
+from schemas.topics import POST_CREATED, POST_CREATED_BACKFILL
 
 # What can be replayed, and the lane it is replayed into.
 REPLAYABLE = {POST_CREATED: POST_CREATED_BACKFILL}
@@ -491,10 +492,8 @@ class FollowerCounts:
         if self._store is None:
             from pathlib import Path
 
-            from operators.adapters.stores.sqlite_followers import (
-                StoreMismatch,
-                open_follower_store,
-            )
+            from operators.adapters.stores.by_url import open_follower_store
+            from operators.fanout.ports import StoreMismatch
 
             url = self._settings.resolved_store_url
             if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():

@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 from operators.adapters.stores import cassandra as cassandra_store
-from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore, StoreMismatch
+from operators.adapters.stores.cassandra_followers import CassandraFollowerStore
+from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.adapters.stores.sqlite_notifications import SCHEMA_VERSION, SQLiteNotificationStore
 from operators.config import Settings
+from operators.fanout.ports import StoreMismatch
 
 FOLLOWERS = "follower store"
 NOTIFICATIONS = "notification store"
@@ -143,7 +145,7 @@ def _cassandra(
         else:
             print(f"{what}: up to date (schema version {max(names)})")
         if FOLLOWERS in labels:
-            followers = cassandra_store.CassandraFollowerStore(
+            followers = CassandraFollowerStore(
                 session, url.keyspace, settings.shard_count, consistency=url.consistency
             )
             verb = "recorded" if followers.recorded_shard_count else "matches the keyspace"

@@ -33,20 +33,11 @@ import redis
 
 from flows.runtime.metrics_scrape import by_label, scrape, total
 from operators.adapters.kafka.admin import create_topics, wait_for_broker
-from operators.adapters.kafka.io import (
-    message_count,
-    produce_all,
-    read_partition_to_end,
-    topic_partitions,
-)
+from operators.adapters.kafka.probes import message_count, read_partition_to_end, topic_partitions
+from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
-from operators.config import (
-    DEAD_LETTERS,
-    DELIVERY_EVENTS,
-    NOTIFICATION_ACKS,
-    POST_CREATED,
-    Settings,
-)
+from operators.config import Settings
+from schemas.topics import DEAD_LETTERS, DELIVERY_EVENTS, NOTIFICATION_ACKS, POST_CREATED
 from scripts.dev import devstack
 from scripts.dev.demo_graph import build_graph, demo_posts
 from scripts.dev.local_providers.control import ProviderControl

@@ -32,7 +32,8 @@ from operators.adapters.kafka.admin import (
     list_topics,
     wait_for_broker,
 )
-from operators.config import ALL_TOPICS, ConfigError, Settings, redact_url
+from operators.config import ConfigError, Settings, redact_url
+from schemas.topics import ALL_TOPICS
 
 # Seconds to wait for a freshly started broker to answer; it is usually ready in milliseconds.
 START_TIMEOUT_S = 20.0

@@ -45,8 +45,9 @@ from typing import Any
 import orjson
 
 from operators.adapters.kafka.admin import create_topics
-from operators.config import Settings, channel_topic, load_settings
+from operators.config import Settings, load_settings
 from operators.fanout.eligibility import edge_flags
+from schemas.topics import channel_topic
 from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord
 from scripts.harness.chaos_stack import (
@@ -430,7 +431,7 @@ class Graph:
 def cluster_graph(users: int, threshold: int, seed: int = 11) -> Graph:
     """A celebrity followed by everyone, 20 authors with 100 followers, opt-outs of every kind.
 
-    The expected set applies the trust contract (DESIGN.md) to what was generated: edge
+    The expected set applies the trust contract (docs/design.md) to what was generated: edge
     notify_on_post and not muted, push enabled, not the author, each active device; the lane
     is bulk above the celebrity threshold.
     """

@@ -41,10 +41,12 @@ from flows.runtime.metrics_scrape import Sample, fetch_text, parse
 from flows.runtime.ports import free_port, free_port_run
 from flows.runtime.readiness import fetch_ready
 from operators.adapters.kafka.admin import create_topics
-from operators.adapters.kafka.io import produce_all, read_partition_to_end, topic_partitions
+from operators.adapters.kafka.probes import read_partition_to_end, topic_partitions
+from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
-from operators.config import CHANNEL_TOPICS, DELIVERY_EVENTS, Settings, load_settings
+from operators.config import Settings, load_settings
 from operators.delivery.model import TERMINAL_STATES
+from schemas.topics import CHANNEL_TOPICS, DELIVERY_EVENTS
 from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord, ProviderControl
 

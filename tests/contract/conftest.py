@@ -1,8 +1,8 @@
 """The stores every adapter must pass: SQLite always, Cassandra when FANFARE_CASSANDRA_HOSTS is set.
 
 No Cassandra server can be had on the machines that build fanfare, so there the Cassandra
-parameter is skipped with that reason. docker-compose.yml runs one: see the README's
-"Cassandra" section for the command that runs this suite against it.
+parameter is skipped with that reason. docker-compose.yml runs one: see docs/operations.md,
+"Cassandra", for the command that runs this suite against it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.stores.sqlite_followers import FollowerStore, SQLiteFollowerStore
-from operators.adapters.stores.sqlite_notifications import (
-    NotificationStore,
-    SQLiteNotificationStore,
-)
+from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
+from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.ports import NotificationStore
+from operators.fanout.ports import FollowerStore
 
 CASSANDRA_HOSTS = os.environ.get("FANFARE_CASSANDRA_HOSTS", "")
 NO_CASSANDRA = (
@@ -61,10 +60,12 @@ def notification_store_factory(
         if request.param == "sqlite":
             store = SQLiteNotificationStore(tmp_path / "notifications.db", ttl_s=ttl_s)
         else:
-            from operators.adapters.stores import cassandra as cassandra_store
+            from operators.adapters.stores.cassandra_notifications import (
+                CassandraNotificationStore,
+            )
 
             url = request.getfixturevalue("cassandra_keyspace")
-            store = cassandra_store.CassandraNotificationStore.open(url, ttl_s=ttl_s)
+            store = CassandraNotificationStore.open(url, ttl_s=ttl_s)
         built.append(store)
         return store
 
@@ -79,7 +80,7 @@ def follower_store(
     """A follower store of an adapter kind (tests use ids of their own: stores are shared)."""
     if kind == "sqlite":
         return SQLiteFollowerStore(tmp_path / "followers.db", shards)
-    from operators.adapters.stores import cassandra as cassandra_store
+    from operators.adapters.stores.cassandra_followers import CassandraFollowerStore
 
     url = request.getfixturevalue("cassandra_keyspace")
-    return cassandra_store.CassandraFollowerStore.open(url, shards)
+    return CassandraFollowerStore.open(url, shards)

@@ -7,17 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.stores.sqlite_followers import (
-    FollowerStore,
-    InMemoryFollowerStore,
-    SQLiteFollowerStore,
-    StoreMismatch,
-    open_follower_store,
-)
+from operators.adapters.stores.by_url import open_follower_store
+from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.fanout.eligibility import edge_flags
+from operators.fanout.ports import FollowerStore, StoreMismatch
 from operators.fanout.sharding import shard_of
 from schemas.records import FollowChange
 from tests.contract.conftest import ADAPTERS, follower_store
+from tests.fakes import InMemoryFollowerStore
 
 TS = datetime(2026, 1, 1, tzinfo=UTC)
 

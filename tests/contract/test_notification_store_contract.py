@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from operators.adapters.stores.sqlite_notifications import InvalidCursor, LedgerUpdate
+from operators.delivery.ledger import InvalidCursor, LedgerUpdate
 from operators.delivery.model import LedgerRow
 from schemas.records import NotificationAck
 from tests.contract.conftest import NotificationStoreFactory

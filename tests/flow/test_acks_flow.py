@@ -10,8 +10,9 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 
 from flows.acks import build_acks_flow
 from operators.acks.steps import ApplyAcks
-from operators.adapters.kafka.io import RawEvent
-from operators.adapters.stores.sqlite_notifications import LedgerUpdate, SQLiteNotificationStore
+from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.ledger import LedgerUpdate
+from operators.events import RawEvent
 from schemas.records import DeadLetter
 from tests.fakes import request
 

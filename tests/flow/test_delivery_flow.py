@@ -10,16 +10,15 @@ import orjson
 from bytewax.testing import TestingSink, TestingSource, run_main
 
 from flows.delivery import build_delivery_flow
-from operators.adapters.kafka.io import RawEvent
-from operators.adapters.redis.edge_claims import InMemoryEdgeClaims
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import ProviderAnswer
 from operators.delivery.steps import SendStep
+from operators.events import RawEvent
 from schemas.codecs import encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.fakes import InlineLoop, ScriptedSender
+from tests.fakes import InlineLoop, InMemoryEdgeClaims, ScriptedSender
 
 NOW = time.time()
 CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 5))

@@ -11,12 +11,10 @@ import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.fanout import build_fanout_flow
-from operators.adapters.kafka.io import RawEvent
-from operators.adapters.redis.post_claims import InMemoryPostClaims
-from operators.adapters.stores.sqlite_followers import InMemoryFollowerStore
 from operators.config import Settings
-from operators.fanout.shard import CaughtUp
+from operators.events import CaughtUp, RawEvent
 from schemas.records import DeadLetter, DispatchBatch
+from tests.fakes import InMemoryFollowerStore, InMemoryPostClaims
 
 TS = "2026-06-01T12:00:00Z"
 NOON = datetime(2026, 6, 1, 12, tzinfo=UTC)

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from operators.adapters.kafka.io import produce_all
+from operators.adapters.kafka.writer import produce_all
 from operators.delivery.model import TERMINAL_STATES
 from tests.conftest import Providers, Stack, wait_for
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from operators.adapters.kafka.admin import list_topics
-from operators.config import ALL_TOPICS, Settings, load_settings
+from operators.config import Settings, load_settings
+from schemas.topics import ALL_TOPICS
 from scripts.dev import devstack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

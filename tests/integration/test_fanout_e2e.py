@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from operators.adapters.kafka.io import produce_all
+from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
-from operators.config import CHANNEL_TOPICS
+from schemas.topics import CHANNEL_TOPICS
 from tests.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.integration

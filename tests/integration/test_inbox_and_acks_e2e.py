@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from operators.adapters.kafka.io import produce_all
+from operators.adapters.kafka.writer import produce_all
 from tests.conftest import Providers, Stack, wait_for
 from tests.integration.test_delivery_e2e import apns_token, publish, wait_terminal
 

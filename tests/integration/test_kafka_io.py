@@ -8,15 +8,11 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from operators.adapters.kafka.io import (
-    ChannelTopicsSink,
-    KafkaTopicsSource,
-    RawEvent,
-    end_offset,
-    produce_all,
-    read_partition_to_end,
-)
-from operators.fanout.shard import CaughtUp
+from operators.adapters.kafka.channel_sink import ChannelTopicsSink
+from operators.adapters.kafka.probes import end_offset, read_partition_to_end
+from operators.adapters.kafka.reader import KafkaTopicsSource
+from operators.adapters.kafka.writer import produce_all
+from operators.events import CaughtUp, RawEvent
 from schemas.records import DispatchBatch, DispatchItem
 from tests.conftest import Stack
 

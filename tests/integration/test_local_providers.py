@@ -798,11 +798,12 @@ def test_subprocess_mode_writes_providers_json_and_stops_on_sigterm(tmp_path: Pa
 def test_the_delivery_fcm_sender_speaks_http2_to_the_local_server_and_closes_in_its_loop(
     providers: LocalProviders, control: ProviderControl, tmp_path: Path
 ) -> None:
-    from operators.adapters.providers.senders import FcmSender, fcm_config
-    from operators.adapters.redis.rate_limiter import BucketSpec
+    from operators.adapters.providers.config import fcm_config
+    from operators.adapters.providers.fcm import FcmSender
     from operators.config import load_settings
     from operators.delivery.model import RetryPolicy
     from operators.delivery.payloads import PushTemplate
+    from operators.delivery.token_bucket import BucketSpec
     from tests.fakes import request
 
     home = tmp_path / "home"

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from flows.runtime.metrics_scrape import Sample, by_labels, exposed_names, fetch_text, parse
-from operators.adapters.kafka.io import produce_all
+from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.fanout.sharding import shard_of
 from tests.conftest import Providers, Stack, wait_for

@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from flows.runtime.metrics_scrape import fetch_text, parse
-from operators.adapters.kafka.io import produce_all
-from operators.config import CHANNEL_TOPICS, POST_CREATED, POST_CREATED_BACKFILL
+from operators.adapters.kafka.writer import produce_all
+from schemas.topics import CHANNEL_TOPICS, POST_CREATED, POST_CREATED_BACKFILL
 from scripts import cli
 from scripts.commands import recovery as recovery_cli
 from tests.conftest import Stack, Watcher, wait_for

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
-from operators.config import CHANNEL_TOPICS
+from schemas.topics import CHANNEL_TOPICS
 from tests.conftest import Stack, free_port, wait_for
 from tests.integration.test_fanout_e2e import device, follow, post, publish
 

@@ -1,4 +1,4 @@
-"""Fixtures of the reliability suite's fault scenarios (issue 6, parts 1-3).
+"""Fixtures of the reliability suite's fault scenarios.
 
 The broker, topics, Redis prefix, FANFARE_HOME and local provider servers are the `stack` and
 `providers` fixtures of tests/conftest.py (pytest finds that conftest for this folder too);

@@ -1,4 +1,4 @@
-"""Worker crashes and a two-process cluster, counted where it matters (issue 6, parts 1-2).
+"""Worker crashes and a two-process cluster, counted where it matters.
 
 - The fan-out worker is killed with SIGKILL in the middle of a 50,000-follower post while the
   delivery flow sends what it dispatches; its supervisor restarts it from the recovery
@@ -11,8 +11,9 @@
 - The same scenario through `fanfare run fanout --processes 2` and `--processes 1`, each on a
   fresh stack: both dispatch exactly the expected pushes, each once.
 
-The scenarios are `scripts/harness/chaos.py`'s, at its small scale; `python -m scripts.harness.chaos --scale
-full` runs them larger for the README's figures.
+The scenarios are `scripts/harness/chaos.py`'s, at its small scale;
+`python -m scripts.harness.chaos --scale full` runs them larger for the figures of
+docs/operations.md, "Reliability".
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, Producer
 
-from operators.adapters.stores.sqlite_notifications import open_notification_store
+from operators.adapters.stores.by_url import open_notification_store
 from schemas.codecs import RAW_TEXT_LIMIT, raw_text
 from tests.conftest import Providers, Stack, free_port, wait_for
 from tests.integration.test_delivery_e2e import apns_token, fcm_token

@@ -1,4 +1,4 @@
-"""Provider faults under steady traffic, end to end through delivery (issue 6, part 3).
+"""Provider faults under steady traffic, end to end through delivery.
 
 Dispatch batches are published at a steady rate on both providers (100 APNs and 40 FCM pushes
 a second) before, during and after a 5 s fault; afterwards every push must be accepted exactly

@@ -1,4 +1,4 @@
-"""Redis and the broker restarted under running flows (issue 6, parts 4 and 6).
+"""Redis and the broker restarted under running flows.
 
 - Redis killed in the middle of a delivery and started again EMPTY (no persistence) after 4.5 s:
   the delivery flow rides it out in the same process (edge claims skip their fast path, the

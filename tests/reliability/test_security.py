@@ -18,7 +18,7 @@ may appear. The run also checks who listens where: the readiness endpoint, fanfa
 servers, the broker and the local provider servers on 127.0.0.1; Bytewax's own API server, which
 the acks flow runs here with FANFARE_METRICS_SERVER=bytewax, on every interface (0.0.0.0 is
 hard-coded in bytewax 0.21.1's src/webserver/mod.rs, with no setting to change it: see the
-README's "Security").
+docs/operations.md, "Security").
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import orjson
 import pytest
 import redis
 
-from operators.adapters.kafka.io import produce_all
-from operators.config import ALL_TOPICS
+from operators.adapters.kafka.writer import produce_all
+from schemas.topics import ALL_TOPICS
 from scripts.dev.local_providers.control import ProviderControl
 from scripts.dev.local_providers.runner import LocalProviders, Running, start_local_providers
 from tests.conftest import Stack, free_port, wait_for
@@ -497,7 +497,7 @@ def test_no_secret_in_logs_topics_or_metrics_and_loopback_binds(
     assert listen_addresses(tls_port) == {"127.0.0.1"}
     # fanfare's /metrics server binds FANFARE_METRICS_HOST (127.0.0.1 by default). Bytewax's
     # API server, chosen with FANFARE_METRICS_SERVER=bytewax, binds every interface and nothing
-    # sets it otherwise (bytewax 0.21.1): the README's "Security" says so. If it changes, say so.
+    # sets it otherwise (bytewax 0.21.1): the docs/operations.md, "Security" says so. If it changes, say so.
     for i in range(3):
         for port in metrics_ports(stack, i):
             assert listen_addresses(port) == {hosts[i]}, (servers[i], port)

@@ -14,9 +14,10 @@ from operators.adapters.kafka.channel_lanes import (
     _BulkSlicer,
     _LanePairReader,
 )
-from operators.adapters.kafka.io import RawEvent, _TopicPartitionReader
+from operators.adapters.kafka.reader import TopicPartitionReader
 from operators.delivery.model import SendRequest
 from operators.delivery.steps import decode_channel_message
+from operators.events import RawEvent
 from schemas.records import DeadLetter
 
 TOPIC = "push.apns.bulk"
@@ -70,7 +71,7 @@ class FakeReader:
 
 
 def slicer(events: list[RawEvent], offset: int = 0, item: int = 0) -> _BulkSlicer:
-    reader = cast(_TopicPartitionReader, FakeReader(events, offset))
+    reader = cast(TopicPartitionReader, FakeReader(events, offset))
     return _BulkSlicer(reader, offset, item)
 
 
@@ -163,7 +164,7 @@ def test_lane_pair_prefers_normal_and_snapshots_three_positions() -> None:
     bulk = slicer([batch(0, 500)])
     pair = _LanePairReader(
         "apns#0",
-        cast(_TopicPartitionReader, normal),
+        cast(TopicPartitionReader, normal),
         bulk,
         "apns",
         BulkPacer(),

@@ -19,14 +19,12 @@ from cassandra import InvalidRequest
 from cassandra.concurrent import ExecutionResult  # type: ignore[import-untyped]
 
 from operators.adapters.stores import cassandra as cs
-from operators.adapters.stores.sqlite_followers import StoreMismatch
-from operators.adapters.stores.sqlite_notifications import (
-    InvalidCursor,
-    LedgerUpdate,
-    encode_cursor,
-)
+from operators.adapters.stores import cassandra_followers as cf
+from operators.adapters.stores import cassandra_notifications as cn
 from operators.config import Settings
+from operators.delivery.ledger import InvalidCursor, LedgerUpdate, encode_cursor
 from operators.delivery.model import LedgerRow
+from operators.fanout.ports import StoreMismatch
 from schemas.records import FollowChange, NotificationAck
 from scripts.commands import store as store_cli
 from tests.fakes import request
@@ -154,10 +152,10 @@ FOLLOWER_CQL = {
 
 def follower_store(
     session: FakeSession | None = None, shards: int = 4
-) -> tuple[cs.CassandraFollowerStore, FakeSession]:
+) -> tuple[cf.CassandraFollowerStore, FakeSession]:
     session = session or FakeSession()
     session.on("store_meta", applied)
-    return cs.CassandraFollowerStore(session, KS, shards), session
+    return cf.CassandraFollowerStore(session, KS, shards), session
 
 
 def change(
@@ -183,7 +181,7 @@ def test_follower_store_prepares_each_statement_once_at_its_level() -> None:
 def test_quorum_consistency_from_the_url_moves_every_deciding_statement() -> None:
     session = FakeSession()
     session.on("store_meta", applied)
-    cs.CassandraFollowerStore(session, KS, 4, consistency="quorum")
+    cf.CassandraFollowerStore(session, KS, 4, consistency="quorum")
     levels = session.levels()
     assert levels[
         "INSERT INTO ks.store_meta (key, value) VALUES ('shard_count', ?) IF NOT EXISTS"
@@ -201,9 +199,9 @@ def test_another_shard_count_is_refused() -> None:
     with pytest.raises(
         StoreMismatch, match="keyspace ks was built with 8 shards but FANFARE_SHARDS=4"
     ):
-        cs.CassandraFollowerStore(session, KS, 4)
+        cf.CassandraFollowerStore(session, KS, 4)
     session.on("store_meta", [{"[applied]": False, "key": "shard_count", "value": "4"}])
-    assert cs.CassandraFollowerStore(session, KS, 4).recorded_shard_count is False
+    assert cf.CassandraFollowerStore(session, KS, 4).recorded_shard_count is False
 
 
 def test_follow_changes_fold_in_order_one_write_per_edge_and_exact_count_deltas() -> None:
@@ -276,7 +274,7 @@ def test_flags_and_counts() -> None:
 def test_bulk_load_writes_in_bounded_chunks_and_counts_once_per_author(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cs, "_BULK_CHUNK", 3)
+    monkeypatch.setattr(cf, "_BULK_CHUNK", 3)
     store, session = follower_store()
     session.runs.clear()
     edges = [("a", f"u{i}", 1) for i in range(7)] + [("b", "u1", 3), ("a", "u0", 3)]
@@ -293,7 +291,7 @@ def test_close_shuts_down_only_a_cluster_the_store_opened() -> None:
     store, session = follower_store()
     store.close()
     assert session.cluster.shutdowns == 0
-    owned = cs.CassandraFollowerStore(session, KS, 4, owns_cluster=True)
+    owned = cf.CassandraFollowerStore(session, KS, 4, owns_cluster=True)
     owned.close()
     owned.close()
     assert session.cluster.shutdowns == 1
@@ -303,9 +301,9 @@ def test_a_keyspace_without_tables_says_to_migrate() -> None:
     session = FakeSession()
     session.fail_prepare = InvalidRequest("unconfigured table store_meta")
     with pytest.raises(cs.SchemaMissing, match="run `fanfare store migrate`"):
-        cs.CassandraFollowerStore(session, KS, 4)
+        cf.CassandraFollowerStore(session, KS, 4)
     with pytest.raises(cs.SchemaMissing, match="keyspace ks lacks fanfare's tables"):
-        cs.CassandraNotificationStore(session, KS)
+        cn.CassandraNotificationStore(session, KS)
 
 
 # -- the notification store ------------------------------------------------------------------
@@ -353,9 +351,9 @@ INBOX = "FROM ks.notifications_by_user"
 
 def notification_store(
     session: FakeSession | None = None, ttl_s: float = TTL, now: float = NOW
-) -> tuple[cs.CassandraNotificationStore, FakeSession]:
+) -> tuple[cn.CassandraNotificationStore, FakeSession]:
     session = session or FakeSession()
-    return cs.CassandraNotificationStore(session, KS, ttl_s=ttl_s, clock=lambda: now), session
+    return cn.CassandraNotificationStore(session, KS, ttl_s=ttl_s, clock=lambda: now), session
 
 
 def test_notification_store_prepares_each_statement_once_at_its_level() -> None:
@@ -485,7 +483,7 @@ def test_a_claim_over_an_expired_claims_remnant_retakes_it_or_reads_the_winner()
     assert store.claim([r]) == [LedgerRow("push.apns/1@1", "sending", 0, 0)]
     assert session.executed(SERIAL_ROW) == [("p1:u1", "d1")]
     session.on(SERIAL_ROW, [])
-    with pytest.raises(cs.ClaimConflict, match="retry the batch"):
+    with pytest.raises(cn.ClaimConflict, match="retry the batch"):
         store.claim([r])
 
 
@@ -816,10 +814,10 @@ def test_inbox_refuses_bad_cursors_and_limits() -> None:
 
 
 def test_month_buckets_and_driver_timestamps() -> None:
-    assert cs.month_bucket(ms(2026, 1, 31, 23)) == "2026-01"
-    assert cs.month_bucket(ms(2026, 12, 1)) == "2026-12"
-    assert cs._ms(stamp(1_767_225_600_123)) == 1_767_225_600_123
-    assert cs._ms(datetime(2026, 1, 1, tzinfo=UTC)) == ms(2026, 1, 1)
+    assert cn.month_bucket(ms(2026, 1, 31, 23)) == "2026-01"
+    assert cn.month_bucket(ms(2026, 12, 1)) == "2026-12"
+    assert cs.epoch_ms(stamp(1_767_225_600_123)) == 1_767_225_600_123
+    assert cs.epoch_ms(datetime(2026, 1, 1, tzinfo=UTC)) == ms(2026, 1, 1)
 
 
 # -- URLs, passwords, connecting -------------------------------------------------------------

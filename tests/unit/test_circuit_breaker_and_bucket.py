@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from operators.adapters.redis.rate_limiter import BucketSpec, LocalRateLimiter
+from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.delivery.circuit_breaker import BreakerState, CircuitBreaker
-from operators.delivery.token_bucket import take
+from operators.delivery.token_bucket import BucketSpec, take
 
 
 class Clock:

@@ -31,10 +31,10 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from operators.acks.steps import decode_ack
-from operators.adapters.kafka.io import RawEvent
 from operators.delivery.steps import decode_channel_message, decode_retry_message, retry_due_at
+from operators.events import RawEvent, dead_letter
 from operators.fanout.quiet_hours import quiet_until
-from operators.fanout.steps import ChangelogRouter, dead_letter, decode_post
+from operators.fanout.steps import ChangelogRouter, decode_post
 from schemas.codecs import (
     InvalidEvent,
     decode_delivery_event,

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from operators.config import (
-    ALL_TOPICS,
-    ENV_VARIABLES,
-    MAX_DISPATCH_BATCH,
-    ConfigError,
-    Settings,
-    load_settings,
-)
+from operators.config import ENV_VARIABLES, ConfigError, Settings, load_settings
+from schemas.topics import ALL_TOPICS, MAX_DISPATCH_BATCH
 from scripts import cli
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Credentials come from files only (issue 6, security): Kafka secrets and the Redis password."""
+"""Credentials come from files only: Kafka secrets and the Redis password."""
 
 from __future__ import annotations
 

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 
 from operators import metrics
-from operators.adapters.redis.edge_claims import InMemoryEdgeClaims
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.circuit_breaker import BreakerState
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import ProviderAnswer, RetryPolicy
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.fakes import InlineLoop, ScriptedSender, request
+from tests.fakes import InlineLoop, InMemoryEdgeClaims, ScriptedSender, request
 
 
 class Clock:

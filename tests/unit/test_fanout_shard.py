@@ -3,10 +3,11 @@
 import pickle
 from datetime import UTC, datetime, timedelta
 
-from operators.adapters.stores.sqlite_followers import InMemoryFollowerStore
+from operators.events import CaughtUp
 from operators.fanout.eligibility import Suppressed
-from operators.fanout.shard import CaughtUp, FanoutTally, FollowerShard, ShardJob
+from operators.fanout.shard import FanoutTally, FollowerShard, ShardJob
 from schemas.records import DeviceChange, FollowChange, PreferenceChange
+from tests.fakes import InMemoryFollowerStore
 
 NOON = datetime(2026, 6, 1, 12, tzinfo=UTC)
 TS = NOON

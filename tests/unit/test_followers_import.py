@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.stores.sqlite_followers import InMemoryFollowerStore, SQLiteFollowerStore
+from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.fanout.eligibility import edge_flags
 from operators.fanout.sharding import shard_of
 from scripts import cli
@@ -27,6 +27,7 @@ from scripts.commands.followers_import import (
     parse_csv,
     parse_jsonl,
 )
+from tests.fakes import InMemoryFollowerStore
 
 ON = edge_flags(notify_on_post=True, muted=False)
 OFF = edge_flags(notify_on_post=False, muted=False)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from operators.adapters.stores.sqlite_notifications import LedgerUpdate, SQLiteNotificationStore
+from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.ledger import LedgerUpdate
 from schemas.records import NotificationAck
 from scripts.cli import main
 from tests.fakes import request

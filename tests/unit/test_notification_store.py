@@ -4,14 +4,13 @@ import multiprocessing
 import sqlite3
 from pathlib import Path
 
+from operators.adapters.stores.by_url import open_notification_store
 from operators.adapters.stores.sqlite_notifications import (
     _MIGRATIONS,
-    LedgerUpdate,
     SQLiteNotificationStore,
-    aggregate_status,
     migrate_sqlite,
-    open_notification_store,
 )
+from operators.delivery.ledger import LedgerUpdate, aggregate_status
 from operators.delivery.model import LedgerRow
 from tests.fakes import request
 

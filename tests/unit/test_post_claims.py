@@ -6,8 +6,10 @@ import uuid
 import pytest
 import redis
 
-from operators.adapters.redis.post_claims import InMemoryPostClaims, PostClaims, RedisPostClaims
+from operators.adapters.redis.post_claims import RedisPostClaims
+from operators.fanout.ports import PostClaims
 from tests.conftest import REDIS_URL
+from tests.fakes import InMemoryPostClaims
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-from operators.config import ALL_TOPICS, ENV_VARIABLES, Settings
+from operators.config import ENV_VARIABLES, Settings
+from schemas.topics import ALL_TOPICS
 from scripts.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Redis outages and broker restarts, adapter by adapter (issue 6, parts 4 and 6).
+"""Redis outages and broker restarts, adapter by adapter.
 
 Redis: a closed port stands for a Redis that is down, and a redis-server of the test's own
 (no persistence, on a free port; never the shared one) for one that restarts EMPTY.
@@ -30,20 +30,19 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, KafkaError
 
 from operators import metrics
-from operators.adapters.kafka import io as kafka_io
-from operators.adapters.kafka.io import RawEvent, _TopicPartitionReader, read_partition_to_end
+from operators.adapters.kafka import probes as kafka_probes
+from operators.adapters.kafka import reader as kafka_reader
+from operators.adapters.kafka.probes import read_partition_to_end
+from operators.adapters.kafka.reader import TopicPartitionReader
+from operators.adapters.redis.client import RedisOutage, RedisUnavailable, retry_while_down
 from operators.adapters.redis.edge_claims import RedisEdgeClaims
-from operators.adapters.redis.post_claims import (
-    RedisOutage,
-    RedisPostClaims,
-    RedisUnavailable,
-    RedisWriterStartMarks,
-    retry_while_down,
-)
-from operators.adapters.redis.rate_limiter import BucketSpec, RedisRateLimiter
+from operators.adapters.redis.post_claims import RedisPostClaims
+from operators.adapters.redis.rate_limiter import RedisRateLimiter
+from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
-from operators.fanout.shard import CaughtUp
+from operators.delivery.token_bucket import BucketSpec
+from operators.events import CaughtUp, RawEvent
 from schemas.records import DeliveryEvent
 from scripts.harness.chaos_stack import RedisServer
 from tests.conftest import free_port
@@ -404,14 +403,15 @@ def consumers(monkeypatch: pytest.MonkeyPatch) -> list[FakeConsumer]:
         made.append(FakeConsumer(conf))
         return made[-1]
 
-    monkeypatch.setattr(kafka_io, "Consumer", make)
+    monkeypatch.setattr(kafka_reader, "Consumer", make)
+    monkeypatch.setattr(kafka_probes, "Consumer", make)
     return made
 
 
 def reader(
     clock: FakeClock, start: int, report: bool = False, stale_after_s: float = 5.0
-) -> _TopicPartitionReader:
-    return _TopicPartitionReader(
+) -> TopicPartitionReader:
+    return TopicPartitionReader(
         {"bootstrap.servers": "x"},
         "post_created",
         0,
@@ -424,7 +424,7 @@ def reader(
     )
 
 
-def poll_for(r: _TopicPartitionReader, clock: FakeClock, seconds: float) -> list[object]:
+def poll_for(r: TopicPartitionReader, clock: FakeClock, seconds: float) -> list[object]:
     out: list[object] = []
     end = clock.now + seconds
     while clock.now < end:

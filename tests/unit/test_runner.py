@@ -22,8 +22,9 @@ from flows.runtime.runner import ClusterSpec, UsageError, resolve_cluster
 from flows.runtime.supervisor import Member, RestartPolicy, Supervisor, describe_exit, restart_delay
 from operators import metrics
 from operators.config import Settings
+from operators.events import CaughtUp
 from operators.fanout.logic import ExpandFollowerShardLogic
-from operators.fanout.shard import CaughtUp, FollowerShard
+from operators.fanout.shard import FollowerShard
 from scripts import cli
 
 NO_ENV: dict[str, str] = {}

@@ -10,10 +10,12 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING
 
-from operators.adapters.kafka import io as kafka_io
+from operators.adapters.kafka import probes as kafka_probes
+from operators.adapters.kafka import reader as kafka_reader
 from operators.adapters.kafka.channel_lanes import _BulkSlicer
-from operators.adapters.kafka.io import RawEvent, _TopicPartitionReader, resume_point
+from operators.adapters.kafka.reader import TopicPartitionReader, resume_point
 from operators.adapters.kafka.topic_identity import TopicIds
+from operators.events import RawEvent
 from tests.unit.test_redis_outage import FakeClock, FakeConsumer, FakeMessage
 
 
@@ -92,12 +94,13 @@ def consumers(monkeypatch: pytest.MonkeyPatch) -> list[FakeConsumer]:
         made.append(FakeConsumer(conf, high=100))
         return made[-1]
 
-    monkeypatch.setattr(kafka_io, "Consumer", make)
+    monkeypatch.setattr(kafka_reader, "Consumer", make)
+    monkeypatch.setattr(kafka_probes, "Consumer", make)
     return made
 
 
-def _reader(clock: FakeClock, ids: TopicIds, start: int) -> _TopicPartitionReader:
-    return _TopicPartitionReader(
+def _reader(clock: FakeClock, ids: TopicIds, start: int) -> TopicPartitionReader:
+    return TopicPartitionReader(
         {"bootstrap.servers": "x"},
         "post_created",
         0,
@@ -110,7 +113,7 @@ def _reader(clock: FakeClock, ids: TopicIds, start: int) -> _TopicPartitionReade
     )
 
 
-def _poll(r: _TopicPartitionReader, clock: FakeClock, seconds: float) -> list[int]:
+def _poll(r: TopicPartitionReader, clock: FakeClock, seconds: float) -> list[int]:
     offsets: list[int] = []
     end = clock.now + seconds
     while clock.now < end:
@@ -175,7 +178,7 @@ def test_bulk_slicer_resumes_mid_message_only_for_the_first_message_it_reads(
     broker = FakeBroker({"push.apns.bulk": "A"})
     ids = TopicIds(broker.describe, background=False)
     clock = FakeClock()
-    reader = _TopicPartitionReader(
+    reader = TopicPartitionReader(
         {"bootstrap.servers": "x"},
         "push.apns.bulk",
         0,
@@ -205,7 +208,7 @@ def test_reader_resumed_from_a_snapshot_of_a_lost_log_starts_at_the_new_beginnin
     broker = FakeBroker({"post_created": "B"})
     ids = TopicIds(broker.describe, background=False)
     clock = FakeClock()
-    r = _TopicPartitionReader(
+    r = TopicPartitionReader(
         {"bootstrap.servers": "x"},
         "post_created",
         0,

@@ -15,7 +15,8 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # the stubs only export it from here
 
-from operators.config import ALL_TOPICS, ConfigError, Settings
+from operators.config import ConfigError, Settings
+from schemas.topics import ALL_TOPICS
 
 _log = logging.getLogger(__name__)
 

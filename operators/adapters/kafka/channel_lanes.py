@@ -1,4 +1,4 @@
-"""Kafka adapters of the delivery flow: lane-aware channel source, delivery_events sink.
+"""The delivery flow's channel source: each provider's normal and bulk lanes, normal first.
 
 Normal lanes first: each source partition owns partition `i` of a provider's normal topic and
 partition `i` of its bulk topic, and reads the bulk one only when the normal one has nothing
@@ -13,32 +13,21 @@ own resend rules.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Iterable
 from typing import Any, cast
 
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
 
-from operators.adapters.kafka.io import (
-    ChannelSinkState,
-    KafkaConfig,
-    PartitionedTopicsSink,
-    RawEvent,
-    WriterStartMarks,
-    _IdempotentPartitionWriter,
-    _split_part,
-    _TopicPartitionReader,
-    topic_partitions,
-)
+from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
+from operators.adapters.kafka.reader import TopicPartitionReader
 from operators.adapters.kafka.topic_identity import shared_topic_ids
-from operators.config import MAX_DISPATCH_BATCH, PROVIDERS, channel_topic
-from schemas.codecs import encode_delivery_event
-from schemas.records import DeliveryEvent
+from operators.events import RawEvent
+from schemas.topics import MAX_DISPATCH_BATCH, PROVIDERS, channel_topic
 
 LaneOffsets = tuple[int, int, int, str | None, str | None]
 """(normal offset, bulk offset, next item of that bulk message, normal topic id, bulk topic id).
@@ -107,7 +96,7 @@ def _item_count(value: bytes | None) -> int | None:
 class _BulkSlicer:
     """A bulk partition's read messages, handed out a slice of items at a time."""
 
-    def __init__(self, reader: _TopicPartitionReader, resume_offset: int, resume_item: int) -> None:
+    def __init__(self, reader: TopicPartitionReader, resume_offset: int, resume_item: int) -> None:
         self._reader = reader
         self._pending: deque[list[Any]] = deque()  # [RawEvent, item count | None, next item]
         self._resume = (resume_offset, resume_item)
@@ -169,7 +158,7 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
     def __init__(
         self,
         part: str,
-        normal: _TopicPartitionReader | None,
+        normal: TopicPartitionReader | None,
         bulk: _BulkSlicer | None,
         provider: str,
         pacer: BulkPacer,
@@ -241,7 +230,7 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
         topics = [channel_topic(p, lane) for p in self._providers for lane in ("normal", "bulk")]
         counts: dict[str, int] = {}
         for part in topic_partitions(self._config, topics):
-            topic, _ = _split_part(part)
+            topic, _ = split_part(part)
             counts[topic] = counts.get(topic, 0) + 1
         return counts
 
@@ -271,7 +260,7 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
             channel_topic(provider, "bulk"),
         )
         normal = (
-            _TopicPartitionReader(
+            TopicPartitionReader(
                 self._config,
                 normal_topic,
                 i,
@@ -287,7 +276,7 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
         )
         bulk = (
             _BulkSlicer(
-                _TopicPartitionReader(
+                TopicPartitionReader(
                     self._config,
                     bulk_topic,
                     i,
@@ -305,159 +294,3 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
             else None
         )
         return _LanePairReader(for_part, normal, bulk, provider, self._pacer, self._budget)
-
-
-class _DeliveryEventWriter(_IdempotentPartitionWriter[DeliveryEvent]):
-    """delivery_events partition writer; a replayed event (same identity) is written once."""
-
-    def _identities(self, raw: bytes) -> Iterable[Hashable]:
-        d = orjson.loads(raw)
-        return [
-            (
-                d["notification_id"],
-                d["device_id"],
-                d["outcome"],
-                d["attempt"],
-                d.get("retry_at"),
-            )
-        ]
-
-    def _unseen(self, event: DeliveryEvent) -> tuple[DeliveryEvent | None, int]:
-        if event.identity in self._seen:
-            self._seen.discard(event.identity)
-            return None, 1
-        return event, 0
-
-    def _encode(self, event: DeliveryEvent) -> tuple[bytes, bytes]:
-        return event.notification_id.encode(), encode_delivery_event(event)
-
-
-class DeliveryEventsSink(PartitionedTopicsSink[DeliveryEvent]):
-    """Delivery events, routed by notification_id, written once each across restarts."""
-
-    def __init__(
-        self,
-        config: KafkaConfig,
-        topic: str = "delivery_events",
-        *,
-        replay_window_epochs: int = 12,
-        marks: Callable[[], WriterStartMarks] | None = None,
-    ) -> None:
-        super().__init__(config, [topic])
-        self._topic = topic
-        self._replay_window = replay_window_epochs
-        self._marks = marks
-
-    def _topic_and_id(self, value: DeliveryEvent) -> tuple[str, str]:
-        return self._topic, value.notification_id
-
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
-    ) -> _DeliveryEventWriter:
-        """A writer that reads back what it wrote since its snapshot."""
-        topic, partition = _split_part(for_part)
-        return _DeliveryEventWriter(
-            self._config,
-            topic,
-            partition,
-            resume_state,
-            self._replay_window,
-            self._marks() if self._marks is not None else None,
-        )
-
-
-RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | None]], str | None]
-"""(next offset, the held records, the topic id the offset counts in); earlier recovery stores
-hold the first two only."""
-
-
-class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]):
-    """Reads `push.retry` and holds each record until it is due (the retry timer).
-
-    Held records live in this partition's snapshot, so the offset may move past them: a
-    restart resumes with them still held. Holding them here (not in a keyed timer downstream)
-    keeps the timer beside the poll loop, which Bytewax runs continuously.
-    """
-
-    def __init__(
-        self,
-        reader: _TopicPartitionReader,
-        topic: str,
-        partition: int,
-        held: list[tuple[float, int, bytes | None, bytes | None]],
-        due_of: Callable[[bytes | None], float],
-        clock: Callable[[], float],
-    ) -> None:
-        self._reader = reader
-        self._topic = topic
-        self._partition = partition
-        self._due_of = due_of
-        self._clock = clock
-        self._heap = list(held)
-        heapq.heapify(self._heap)
-
-    def next_batch(self) -> list[object]:
-        """Records that are due now (newly read ones too)."""
-        for event in self._reader.next_batch():
-            assert isinstance(event, RawEvent)
-            entry = (self._due_of(event.value), event.offset, event.key, event.value)
-            heapq.heappush(self._heap, entry)
-        now = self._clock()
-        out: list[object] = []
-        while self._heap and self._heap[0][0] <= now:
-            _, offset, key, value = heapq.heappop(self._heap)
-            out.append(RawEvent(self._topic, self._partition, offset, key, value, now))
-        return out
-
-    def next_awake(self) -> None:
-        """Poll again at once (new records may arrive; held ones come due)."""
-        return None
-
-    def snapshot(self) -> RetryPartitionState:
-        """The next offset and what is held."""
-        return (self._reader.offset(), list(self._heap), self._reader.topic_id)
-
-    def close(self) -> None:
-        """Leave the broker."""
-        self._reader.close()
-
-
-class RetryTopicSource(FixedPartitionedSource[object, RetryPartitionState]):
-    """`push.retry`, each record released as a RawEvent when its `due_at` comes."""
-
-    def __init__(
-        self,
-        config: KafkaConfig,
-        due_of: Callable[[bytes | None], float],
-        topic: str = "push.retry",
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._config = config
-        self._due_of = due_of
-        self._topic = topic
-        self._clock = clock
-
-    def list_parts(self) -> list[str]:
-        """Every partition of the retry topic."""
-        return topic_partitions(self._config, [self._topic])
-
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: RetryPartitionState | None
-    ) -> _RetryPartitionReader:
-        """Resume at the snapshotted offset with the held records."""
-        topic, partition = _split_part(for_part)
-        start, held, topic_id = (
-            (*resume_state, None)[:3] if resume_state is not None else (OFFSET_BEGINNING, [], None)
-        )
-        reader = _TopicPartitionReader(
-            self._config,
-            topic,
-            partition,
-            start,
-            5_000,
-            False,
-            1.0,
-            topic_ids=shared_topic_ids(self._config),
-            start_topic_id=topic_id,
-        )
-        return _RetryPartitionReader(reader, topic, partition, held, self._due_of, self._clock)

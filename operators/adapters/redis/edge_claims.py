@@ -15,28 +15,16 @@ claims are written again from then on.
 
 from __future__ import annotations
 
-import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-from operators.adapters.redis.post_claims import (
+from operators.adapters.redis.client import (
     REDIS_DOWN_ERRORS,
     PerThreadRedis,
     RedisOutage,
     fail_fast_options,
 )
-
-
-class EdgeClaims(ABC):
-    """Port: claim (notification_id, device_id) sends for a message identity."""
-
-    @abstractmethod
-    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
-        """Per (notification_id, device_id, identity): None if claimed now, else the holder.
-
-        The holder is our own identity when the same message is replayed.
-        """
+from operators.delivery.ports import EdgeClaims
 
 
 class RedisEdgeClaims(EdgeClaims):
@@ -83,22 +71,3 @@ class RedisEdgeClaims(EdgeClaims):
             return [None] * len(claims)
         self.outage.answered()
         return [None if r is None else r.decode() for r in replies]
-
-
-class InMemoryEdgeClaims(EdgeClaims):
-    """Same semantics in a dict (unit and flow tests)."""
-
-    def __init__(self) -> None:
-        self.held: dict[tuple[str, str], str] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
-        """Claim each key unless held; answer the holder as Redis' SET NX GET does."""
-        with self._lock:
-            out: list[str | None] = []
-            for nid, device, identity in claims:
-                held = self.held.get((nid, device))
-                if held is None:
-                    self.held[(nid, device)] = identity
-                out.append(held)
-            return out

@@ -27,17 +27,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from operators.adapters.redis.post_claims import (
+from operators.adapters.redis.client import (
     REDIS_DOWN_ERRORS,
     PerThreadRedis,
     RedisOutage,
     fail_fast_options,
 )
-from operators.delivery.token_bucket import Grant, take
+from operators.delivery.ports import RateLimiter
+from operators.delivery.token_bucket import BucketSpec, Grant, take
 
 log = logging.getLogger(__name__)
 
@@ -62,38 +61,6 @@ local wait = 0
 if short > 0 then wait = (short - (available - granted)) / rate end
 return {granted, tostring(wait)}
 """
-
-
-@dataclass(frozen=True, slots=True)
-class BucketSpec:
-    """One bucket: its name (`apns:<topic>`, `fcm:<project>`), rate and size."""
-
-    name: str
-    per_minute: int
-    burst_s: float = 1.0
-    bulk_reserve: float = 0.2  # share of the bucket the bulk lane leaves to normal posts
-
-    @property
-    def rate(self) -> float:
-        """Tokens per second."""
-        return self.per_minute / 60.0
-
-    @property
-    def capacity(self) -> float:
-        """The most tokens the bucket holds (at least one send)."""
-        return max(1.0, self.rate * self.burst_s)
-
-    def reserve_for(self, lane: str) -> float:
-        """Tokens the lane must leave in the bucket."""
-        return self.capacity * self.bulk_reserve if lane == "bulk" else 0.0
-
-
-class RateLimiter(ABC):
-    """Port: take tokens for sends."""
-
-    @abstractmethod
-    def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
-        """Up to `wanted` tokens now, and the wait before the rest could be had."""
 
 
 class LocalRateLimiter(RateLimiter):

@@ -1,59 +1,20 @@
-"""The follower store: follow edges bucketed by (author_id, shard_id of the follower).
+"""The follower store on SQLite: follow edges bucketed by (author_id, shard_id of the follower).
 
-`FollowerStore` is the port the fan-out uses; `SQLiteFollowerStore` is the embedded adapter for
-one machine (a Cassandra adapter implements the same port in a later issue). Pages are read by
-cursor (the last follower_id returned), so a job can stop and resume mid-shard.
+`SQLiteFollowerStore` implements `operators.fanout.ports.FollowerStore` for one machine. Pages
+are read by cursor (the last follower_id returned), so a job can stop and resume mid-shard.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from operators.fanout.eligibility import edge_flags
+from operators.fanout.ports import FollowerRow, FollowerStore, StoreMismatch
 from operators.fanout.sharding import shard_of
 from schemas.records import FollowChange
-
-FollowerRow = tuple[str, int]  # (follower_id, flags)
-
-
-class StoreMismatch(RuntimeError):
-    """The store was built for another shard count; resharding needs a re-import."""
-
-
-class FollowerStore(ABC):
-    """Port: what the fan-out needs from the follower graph."""
-
-    shard_count: int
-
-    @abstractmethod
-    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
-        """Apply follow/unfollow changes in order (a follow with new flags updates the edge)."""
-
-    @abstractmethod
-    def follower_page(
-        self, author_id: str, shard_id: int, after: str | None, limit: int
-    ) -> list[FollowerRow]:
-        """Up to `limit` followers of the author in the shard, ordered by id, after `after`."""
-
-    @abstractmethod
-    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
-        """The edge's flags, or None when the follower does not follow the author."""
-
-    @abstractmethod
-    def follower_count(self, author_id: str) -> int:
-        """How many followers the author has (all shards)."""
-
-    @abstractmethod
-    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
-        """Upsert (author_id, follower_id, flags) edges; returns how many were written."""
-
-    def close(self) -> None:  # noqa: B027 (optional hook; most stores have nothing to close)
-        """Release connections."""
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS followers (
@@ -220,73 +181,3 @@ class SQLiteFollowerStore(FollowerStore):
         if conn is not None:
             conn.close()
             self._local.conn = None
-
-
-class InMemoryFollowerStore(FollowerStore):
-    """A fake for unit tests of the fan-out logic: same behaviour, plain dicts."""
-
-    def __init__(self, shard_count: int) -> None:
-        self.shard_count = shard_count
-        self.edges: dict[tuple[str, int], dict[str, int]] = {}
-        self.page_reads = 0
-
-    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
-        """Apply in order."""
-        for c in changes:
-            bucket = self.edges.setdefault(
-                (c.author_id, shard_of(c.follower_id, self.shard_count)), {}
-            )
-            if c.op == "follow":
-                bucket[c.follower_id] = edge_flags(c.notify_on_post, c.muted)
-            else:
-                bucket.pop(c.follower_id, None)
-
-    def follower_page(
-        self, author_id: str, shard_id: int, after: str | None, limit: int
-    ) -> list[FollowerRow]:
-        """Sorted page after the cursor."""
-        self.page_reads += 1
-        bucket = self.edges.get((author_id, shard_id), {})
-        ids = sorted(f for f in bucket if after is None or f > after)[:limit]
-        return [(f, bucket[f]) for f in ids]
-
-    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
-        """Point lookup."""
-        return self.edges.get((author_id, shard_of(follower_id, self.shard_count)), {}).get(
-            follower_id
-        )
-
-    def follower_count(self, author_id: str) -> int:
-        """Sum over shards."""
-        return sum(len(v) for (a, _), v in self.edges.items() if a == author_id)
-
-    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
-        """Upsert edges."""
-        n = 0
-        for author_id, follower_id, flags in edges:
-            key = (author_id, shard_of(follower_id, self.shard_count))
-            self.edges.setdefault(key, {})[follower_id] = flags
-            n += 1
-        return n
-
-
-def open_follower_store(
-    store_url: str,
-    shard_count: int,
-    *,
-    username: str | None = None,
-    password_file: str | None = None,
-) -> FollowerStore:
-    """Build the adapter FANFARE_STORE_URL names (per worker; never at import time)."""
-    if store_url.startswith("sqlite:///"):
-        return SQLiteFollowerStore(store_url.removeprefix("sqlite:///"), shard_count)
-    if store_url.startswith("cassandra://"):
-        from operators.adapters.stores.cassandra import CassandraFollowerStore
-
-        return CassandraFollowerStore.open(
-            store_url, shard_count, username=username, password_file=password_file
-        )
-    raise ValueError(
-        f"unsupported FANFARE_STORE_URL {store_url!r}: use sqlite:///PATH or "
-        "cassandra://host1,host2/keyspace"
-    )

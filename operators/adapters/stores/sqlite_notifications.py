@@ -1,206 +1,45 @@
-"""The notification store: the authority on who owns each (notification, device) send.
+"""The notification store on SQLite: the authority on who owns each (notification, device) send.
 
-`NotificationStore` is the port delivery uses; `SQLiteNotificationStore` is the embedded
-adapter (a Cassandra adapter implements the same port in a later issue). It keeps:
+`SQLiteNotificationStore` implements `operators.delivery.ports.NotificationStore` in one file
+(WAL mode, shared by every delivery worker of a host). It keeps:
 
 - the follower-level notification (post, user, author, created_at), once per notification_id;
 - one ledger row per (notification_id, device_id): the unique key that makes a second push to
   a device impossible (see `operators.delivery.model` for the ownership rules);
 - every provider attempt per device, for `fanfare status` and debugging.
 
-The aggregated status of a notification is read from its device rows: `dispatched` when any
-device accepted it, `exhausted` when every device's send ended without one, else `pending`.
+The aggregated status of a notification is read from its device rows
+(`operators.delivery.ledger.aggregate_status`).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import sqlite3
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from operators.delivery.model import TERMINAL_STATES, LedgerRow, RowState, SendRequest
-from schemas.records import NotificationAck
-
-NotificationStatus = Literal["pending", "dispatched", "delivered", "opened", "exhausted", "unknown"]
-AckOutcome = Literal["applied", "unknown_notification", "unknown_device"]
-NOTIFICATION_TEMPLATE = "new_post/v1"  # the template id stored with a notification (not its text)
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerUpdate:
-    """A ledger row's new position after a decision, with the attempt it made (if any)."""
-
-    key: tuple[str, str]
-    state: RowState
-    attempts: int
-    schedules: int
-    status: int | None = None
-    reason: str | None = None
-    due_at: float | None = None
-    attempted: bool = False  # a provider send was made: log it as attempt number `attempts`
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    """One provider send of one device."""
-
-    device_id: str
-    attempt: int
-    at: float
-    state: str
-    status: int | None
-    reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceDelivery:
-    """Where one device of a notification stands (`fanfare status`)."""
-
-    device_id: str
-    provider: str
-    state: str
-    attempts: int
-    ack: str | None  # None, "delivered" or "opened"
-    updated_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """A follower-level notification: compact metadata, never the rendered payload."""
-
-    notification_id: str
-    user_id: str
-    post_id: str
-    author_id: str
-    template: str
-    created_ms: int  # the post's created_at, epoch milliseconds (the inbox order)
-    status: NotificationStatus
-
-
-@dataclass(frozen=True, slots=True)
-class InboxPage:
-    """Newest first; `next_cursor` is None on the last page."""
-
-    notifications: list[Notification]
-    next_cursor: str | None
-
-
-class InvalidCursor(ValueError):
-    """A cursor this store did not hand out (or from another user's inbox)."""
-
-
-def aggregate_status(states: Sequence[str], acks: Sequence[str | None] = ()) -> NotificationStatus:
-    """A notification's status from its devices' states and acks.
-
-    opened (any device opened it) > delivered (any device acked it) > dispatched (any device's
-    provider accepted it) > exhausted (every device's send ended without one) > pending.
-    """
-    if not states:
-        return "unknown"
-    if "opened" in acks:
-        return "opened"
-    if "delivered" in acks:
-        return "delivered"
-    if "accepted" in states:
-        return "dispatched"
-    if all(s in TERMINAL_STATES for s in states):
-        return "exhausted"
-    return "pending"
-
-
-def stronger_ack(current: str | None, new: str) -> str:
-    """Acks only move forward: delivered, then opened."""
-    return "opened" if "opened" in (current, new) else new
-
-
-def encode_cursor(user_id: str, created_ms: int, notification_id: str) -> str:
-    """An opaque inbox cursor: the last notification returned (and whose inbox it is)."""
-    raw = json.dumps([user_id, created_ms, notification_id], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(user_id: str, cursor: str) -> tuple[int, str]:
-    """(created_ms, notification_id) of a cursor from `encode_cursor`; InvalidCursor if not."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        owner, created_ms, nid = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if owner != user_id or not isinstance(created_ms, int) or not isinstance(nid, str):
-            raise ValueError
-    except (ValueError, TypeError, UnicodeDecodeError):
-        raise InvalidCursor(
-            f"{cursor!r} is not a cursor of {user_id!r}'s inbox: pass the next_cursor a page "
-            "printed, or no cursor for the first page"
-        ) from None
-    return created_ms, nid
-
-
-class NotificationStore(ABC):
-    """Port: the ledger of sends, the follower-level notifications, their acks and the inbox.
-
-    Every row lives `ttl_s` (FANFARE_STORE_TTL_S) after it was written, then disappears.
-    """
-
-    @abstractmethod
-    def claim(self, requests: Sequence[SendRequest]) -> list[LedgerRow | None]:
-        """Atomically, per request: create the row if absent (answer None), else answer it.
-
-        A created row is owned by the request's source, in state `sending`; the first claim
-        of a notification also records the notification (for the inbox).
-        """
-
-    @abstractmethod
-    def rows(self, keys: Sequence[tuple[str, str]]) -> list[LedgerRow | None]:
-        """The rows of (notification_id, device_id) keys, None where absent."""
-
-    @abstractmethod
-    def take_over(self, requests: Sequence[SendRequest]) -> list[bool]:
-        """For retry requests: take ownership (state `sending`) where the row awaits this retry.
-
-        That is: state `retry_scheduled` with `schedules == seq`; anything else is stale.
-        """
-
-    @abstractmethod
-    def record(self, updates: Sequence[LedgerUpdate], at: float) -> None:
-        """Apply updates to existing rows, logging attempts that were made."""
-
-    @abstractmethod
-    def apply_acks(self, acks: Sequence[NotificationAck]) -> list[AckOutcome]:
-        """Mark devices delivered/opened (never backwards); say which acks matched nothing."""
-
-    @abstractmethod
-    def notification(self, notification_id: str) -> Notification | None:
-        """A notification with its aggregated status, or None."""
-
-    @abstractmethod
-    def devices(self, notification_id: str) -> list[DeviceDelivery]:
-        """Every device row of a notification, by device_id."""
-
-    @abstractmethod
-    def attempts(self, notification_id: str) -> list[AttemptRecord]:
-        """Every attempt of every device of a notification, oldest first."""
-
-    @abstractmethod
-    def inbox(self, user_id: str, cursor: str | None, limit: int) -> InboxPage:
-        """The user's notifications, newest first, `limit` per page, from a cursor."""
-
-    def notification_status(self, notification_id: str) -> NotificationStatus:
-        """The aggregated status of a notification."""
-        found = self.notification(notification_id)
-        return "unknown" if found is None else found.status
-
-    def close(self) -> None:  # noqa: B027 (optional hook)
-        """Release connections."""
-
+from operators.delivery.ledger import (
+    NOTIFICATION_TEMPLATE,
+    AttemptRecord,
+    DeviceDelivery,
+    InboxPage,
+    LedgerUpdate,
+    Notification,
+    NotificationStatus,
+    aggregate_status,
+    decode_cursor,
+    encode_cursor,
+    stronger_ack,
+)
+from operators.delivery.model import LedgerRow, SendRequest
+from operators.delivery.ports import NotificationStore
+from schemas.records import AckOutcome, NotificationAck
 
 # Versioned schema: PRAGMA user_version says which of these a file has had. Version 1 is the
-# delivery issue's schema; files written then are upgraded in place when opened.
+# first release's schema; files written then are upgraded in place when opened.
 _MIGRATIONS: tuple[str, ...] = (
     """
 CREATE TABLE IF NOT EXISTS notifications (
@@ -610,25 +449,3 @@ class SQLiteNotificationStore(NotificationStore):
         if conn is not None:
             conn.close()
             self._local.conn = None
-
-
-def open_notification_store(
-    url: str,
-    ttl_s: float = 604_800,
-    *,
-    username: str | None = None,
-    password_file: str | None = None,
-) -> NotificationStore:
-    """Build the adapter the URL names (per worker; never at import time)."""
-    if url.startswith("sqlite:///"):
-        return SQLiteNotificationStore(url.removeprefix("sqlite:///"), ttl_s=ttl_s)
-    if url.startswith("cassandra://"):
-        from operators.adapters.stores.cassandra import CassandraNotificationStore
-
-        return CassandraNotificationStore.open(
-            url, ttl_s, username=username, password_file=password_file
-        )
-    raise ValueError(
-        f"unsupported FANFARE_NOTIFICATION_STORE_URL {url!r}: use sqlite:///PATH or "
-        "cassandra://host1,host2/keyspace"
-    )

@@ -115,7 +115,7 @@ def firebase_app(
             credential=service._credential, timeout=timeout_s, retry_config=retry
         )
     if http2:
-        from operators.adapters.providers.senders import trust_private_ca
+        from operators.adapters.providers.fcm import trust_private_ca
 
         trust_private_ca(service._async_client, service._credential, retry, f["ca_file"], timeout_s)
     return app

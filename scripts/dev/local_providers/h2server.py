@@ -1,6 +1,6 @@
 """An HTTP/2 server connection on asyncio and `h2`: the local APNs, and FCM over TLS, build on it.
 
-What a client depends on (PROVIDERS.md): each answer body goes out as one DATA frame carrying
+What a client depends on (docs/providers.md): each answer body goes out as one DATA frame carrying
 END_STREAM, and an answer without a body is a HEADERS frame with END_STREAM. The connection
 advertises large receive windows and hands them back as requests are read, so bursts never wait
 for a WINDOW_UPDATE; answers wait for window only when the client does not hand it back (aioapns

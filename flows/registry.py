@@ -1,0 +1,13 @@
+"""The flows fanfare runs: the one list of their names, each with its `bytewax.run` import path.
+
+`fanfare run FLOW`, the flow process, recovery rebuild and the command line's choices read it.
+"""
+
+from __future__ import annotations
+
+FLOWS = {
+    "fanout": "flows.fanout:get_flow",
+    "delivery": "flows.delivery:get_flow",
+    "acks": "flows.acks:get_flow",
+}
+"""Flow name -> the `module:factory` that `python -m bytewax.run` runs."""

@@ -1,0 +1,107 @@
+"""The fan-out's sink: dispatch batches to the channel topics, each item written once.
+
+A batch goes to the partition of its post on `push.<provider>` (or its `.bulk` lane); after a
+restart, items already on the partition are dropped from replayed batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+
+import orjson
+
+from operators import metrics
+from operators.adapters.kafka.probes import KafkaConfig, split_part
+from operators.adapters.kafka.writer import (
+    ChannelSinkState,
+    IdempotentPartitionWriter,
+    PartitionedTopicsSink,
+    WriterStartMarks,
+)
+from schemas.codecs import encode_dispatch_batch
+from schemas.records import DispatchBatch
+
+
+class _ChannelPartitionWriter(IdempotentPartitionWriter[DispatchBatch]):
+    """Dispatch batches to one channel-topic partition; identity: (notification_id, device_id)."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        replay_window_epochs: int,
+        on_written: Callable[[DispatchBatch, int], None],
+        marks: WriterStartMarks | None = None,
+    ) -> None:
+        self._on_written = on_written
+        super().__init__(config, topic, partition, resume, replay_window_epochs, marks)
+
+    def _identities(self, raw: bytes) -> Iterable[Hashable]:
+        return [(i["notification_id"], i["device_id"]) for i in orjson.loads(raw).get("items", ())]
+
+    def _unseen(self, batch: DispatchBatch) -> tuple[DispatchBatch | None, int]:
+        if batch.topic != self._topic:
+            raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
+        kept = tuple(
+            i for i in batch.items if (i["notification_id"], i["device_id"]) not in self._seen
+        )
+        for i in batch.items:
+            self._seen.discard((i["notification_id"], i["device_id"]))
+        dropped = len(batch.items) - len(kept)
+        if not kept:
+            return None, dropped
+        if dropped:
+            batch = DispatchBatch(
+                batch.post_id, batch.author_id, batch.provider, batch.created_at, batch.lane, kept
+            )
+        return batch, dropped
+
+    def _encode(self, batch: DispatchBatch) -> tuple[bytes, bytes]:
+        if batch.topic != self._topic:
+            raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
+        return batch.post_id.encode(), encode_dispatch_batch(batch)
+
+    def _written(self, batch: DispatchBatch, dropped: int) -> None:
+        if not dropped:
+            metrics.observe_dispatched(
+                batch.provider, batch.lane, batch.created_at, len(batch.items)
+            )
+        self._on_written(batch, dropped)
+
+
+class ChannelTopicsSink(PartitionedTopicsSink[DispatchBatch]):
+    """Dispatch batches to `push.*` topics, routed by post_id."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topics: Sequence[str],
+        *,
+        replay_window_epochs: int = 12,
+        on_written: Callable[[DispatchBatch, int], None] = lambda b, dropped: None,
+        marks: Callable[[], WriterStartMarks] | None = None,
+    ) -> None:
+        super().__init__(config, topics)
+        self._marks = marks
+        self._replay_window = replay_window_epochs
+        self._on_written = on_written
+
+    def _topic_and_id(self, value: DispatchBatch) -> tuple[str, str]:
+        return value.topic, value.post_id
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
+    ) -> _ChannelPartitionWriter:
+        """Build a writer, reading back what was written since the snapshot on resume."""
+        topic, partition = split_part(for_part)
+        return _ChannelPartitionWriter(
+            self._config,
+            topic,
+            partition,
+            resume_state,
+            self._replay_window,
+            self._on_written,
+            self._marks() if self._marks is not None else None,
+        )

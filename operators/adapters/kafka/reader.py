@@ -1,0 +1,319 @@
+"""The Kafka source of the dataflows: every partition of some topics, read without a group.
+
+Offsets live only in Bytewax's recovery snapshots (no consumer group), like Bytewax's own
+KafkaSource; a consumer is built per partition when Bytewax builds it, never at import time.
+The source can report when a changelog partition has been read to its true end (`CaughtUp`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+
+from operators import metrics
+from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
+from operators.adapters.kafka.topic_identity import TopicIds, shared_topic_ids
+from operators.events import CaughtUp, RawEvent
+
+log = logging.getLogger(__name__)
+
+
+STALE_OFFSET_AFTER_S = 5.0
+"""Seconds a reader's position must stay past its partition's end before it rewinds."""
+
+
+ReaderState = tuple[int, str | None]
+"""A partition reader's snapshot: the next offset, and the id of the topic log it counts in."""
+
+
+def resume_point(state: object) -> ReaderState:
+    """A reader snapshot of any version: None (start), an offset (before topic ids), or both."""
+    if state is None:
+        return (OFFSET_BEGINNING, None)
+    if isinstance(state, int):
+        return (state, None)
+    offset, topic_id = cast(tuple[int, str | None], state)
+    return (offset, topic_id)
+
+
+class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
+    """Reads one partition; with `report_caught_up`, emits a CaughtUp whenever it is at the end.
+
+    librdkafka reports the end of a partition once per arrival there, so an idle partition is
+    probed by seeking to its own position: the next end-of-partition event then reflects a fetch
+    issued after the probe, and `as_of` is the probe's time. Watermarks are not used (on the
+    embedded broker they can trail the true end).
+
+    A position beyond the partition's end (the broker lost the log: the embedded broker keeps
+    memory only, so a restart empties every topic; or the topic was deleted and re-created) is
+    detected and the reader rewinds to the partition's beginning, with a warning. Kafka answers
+    a fetch past the end with OFFSET_OUT_OF_RANGE and librdkafka resets to the earliest offset
+    by itself (`auto.offset.reset`); Tansu answers with an empty fetch, forever, so the reader
+    would wait at its old offset: it would skip the first messages of the re-created partition
+    and, for a changelog, never report it read to its end again. The signal is the high
+    watermark of the fetch answers (librdkafka's cached one, no round trip), which never trails
+    the position on a healthy partition: it must stay below the position, with no message and
+    no end-of-partition event, for `stale_after_s`. The beginning, not the end: everything on
+    a re-created partition was written after the loss, so none of it has been read.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str,
+        partition: int,
+        start: int,
+        batch_size: int,
+        report_caught_up: bool,
+        probe_interval_s: float,
+        clock: Callable[[], float] = time.time,
+        stale_after_s: float = STALE_OFFSET_AFTER_S,
+        topic_ids: TopicIds | None = None,
+        start_topic_id: str | None = None,
+    ) -> None:
+        conf = dict(config)
+        conf.update(
+            {
+                "group.id": f"fanfare-reader-{topic}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 20,
+                "auto.offset.reset": "earliest",
+                # One consumer per partition: librdkafka's default prefetch (64 MB each) would
+                # dominate the worker's memory; 8 MB still keeps a partition's pipe full.
+                "queued.max.messages.kbytes": 8_192,
+            }
+        )
+        self._consumer = Consumer(cast(dict[str, Any], conf))
+        self._topic = topic
+        self._partition = partition
+        self._position = start
+        self._batch_size = batch_size
+        self._report = report_caught_up
+        self._probe_interval = probe_interval_s
+        self._clock = clock
+        self._source = f"{topic}/{partition}"
+        self._probe_at = clock()
+        self._last_eof_at = 0.0
+        self._lag = metrics.CONSUMER_LAG.labels(topic, str(partition))
+        self._lag_at = 0.0
+        self._stale_after_s = stale_after_s
+        self._behind_since: float | None = None
+        self._beyond_check_at = 0.0
+        self.rewinds = 0  # times the reader went back to the beginning of a new log
+        self._topic_ids = topic_ids
+        # The id of the log `_position` points into: from the snapshot, else the first seen.
+        # A snapshot's id that differs from the topic's now means the log it counted in is
+        # gone (a flow started again after the broker lost its data): start at the beginning.
+        self._topic_id = start_topic_id
+        self._id_check_at = 0.0
+        if topic_ids is not None:
+            topic_ids.register([topic])
+        self._consumer.assign([TopicPartition(topic, partition, start)])
+
+    def next_batch(self) -> list[object]:
+        """Whatever is ready now (never blocks)."""
+        if self._topic_ids is not None and self._clock() >= self._id_check_at:
+            self._id_check_at = self._clock() + 0.5
+            if self._topic_recreated():
+                return []
+        msgs = self._consumer.consume(self._batch_size, 0)
+        out: list[object] = []
+        now = self._clock()
+        at_end = False
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    at_end = True
+                    # The end offset: makes the position concrete even for an empty partition.
+                    self._position = max(self._position, cast(int, m.offset()))
+                    continue
+                if err.fatal() or not err.retriable():
+                    raise RuntimeError(f"reading {self._source}: {err.str()}")
+                log.warning("transient error reading %s: %s", self._source, err.str())
+                continue
+            offset = cast(int, m.offset())
+            out.append(RawEvent(self._topic, self._partition, offset, m.key(), m.value(), now))
+            self._position = offset + 1
+        if out or at_end:
+            self._behind_since = None
+        elif now >= self._beyond_check_at:
+            self._check_beyond_end(now)
+        if self._report and not out:
+            if at_end:
+                out.append(CaughtUp(self._source, self._probe_at))
+                self._last_eof_at = now
+            elif now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
+                # Idle: ask again whether we are at the end; the answer is about "now". Never
+                # while data flows, as a seek drops what the client had prefetched.
+                self._probe_at = now
+                self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
+        if now >= self._lag_at:
+            self._sample_lag(now, at_end)
+        return out
+
+    def _topic_recreated(self) -> bool:
+        """Rewind to the beginning if the topic's id changed (see `topic_identity`).
+
+        The new log's offsets start again at 0, so the position in the old one would skip the
+        new log's first messages once enough arrived. Messages of the new log read before the
+        change was seen are read again: at least once, as after any restart.
+        """
+        assert self._topic_ids is not None
+        current = self._topic_ids.current(self._topic)
+        if current is None or current == self._topic_id:
+            return False
+        if self._topic_id is None:  # the first id seen: the log we are reading
+            self._topic_id = current
+            return False
+        if not self._rewind():
+            return False
+        log.warning(
+            "%s: the topic was re-created (its id changed from %s to %s: the broker lost its "
+            "data, as the embedded broker does when it restarts, or someone deleted and created "
+            "it); its offsets start again, so reading resumes at its beginning",
+            self._source,
+            self._topic_id,
+            current,
+        )
+        self._topic_id = current
+        return True
+
+    def _rewind(self) -> bool:
+        """Seek to the partition's beginning; False if the client refused (tried again later)."""
+        try:
+            self._consumer.seek(TopicPartition(self._topic, self._partition, OFFSET_BEGINNING))
+        except KafkaException as exc:
+            log.warning("%s: rewinding failed (%s); trying again", self._source, exc)
+            return False
+        self._behind_since = None
+        self._position = OFFSET_BEGINNING
+        self.rewinds += 1
+        return True
+
+    def _check_beyond_end(self, now: float) -> None:
+        """Rewind to the beginning if the position has stayed past the partition's end."""
+        self._beyond_check_at = now + 0.5
+        if self._position < 0:  # a logical offset (beginning/end): nothing to compare
+            return
+        _, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._topic, self._partition), cached=True
+        )
+        if high < 0 or high >= self._position:
+            self._behind_since = None
+            return
+        if self._behind_since is None:
+            self._behind_since = now
+            return
+        if now - self._behind_since < self._stale_after_s:
+            return
+        behind_for, position = now - self._behind_since, self._position
+        if not self._rewind():
+            return
+        log.warning(
+            "%s: the next offset to read, %d, is beyond the partition's end (%d) for %.0f s: "
+            "the broker lost the partition's data (the embedded broker keeps memory only, "
+            "so a restart empties every topic) or the topic was re-created. Everything on it "
+            "now was written since, so reading resumes at its beginning",
+            self._source,
+            position,
+            high,
+            behind_for,
+        )
+
+    def _sample_lag(self, now: float, at_end: bool) -> None:
+        """The lag gauge from the watermark the client last saw (no broker round trip)."""
+        self._lag_at = now + metrics.LAG_SAMPLE_S
+        if at_end:
+            self._lag.set(0)
+            return
+        low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self._topic, self._partition), cached=True
+        )
+        if high >= 0:
+            self._lag.set(max(0, high - (self._position if self._position >= 0 else low)))
+
+    def next_awake(self) -> None:
+        """Poll again at once (Bytewax waits 1 ms after an empty batch)."""
+        return None
+
+    def offset(self) -> int:
+        """The next offset to read."""
+        return self._position
+
+    @property
+    def topic_id(self) -> str | None:
+        """The id of the topic log the offset points into (None until first seen)."""
+        return self._topic_id
+
+    def snapshot(self) -> ReaderState:
+        """The next offset to read, and the id of the log it belongs to."""
+        return (self._position, self._topic_id)
+
+    def close(self) -> None:
+        """Leave the broker."""
+        self._consumer.close()
+        with contextlib.suppress(KeyError):  # the series goes with the reader
+            metrics.CONSUMER_LAG.remove(self._topic, str(self._partition))
+
+
+class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
+    """Every partition of some topics; items are RawEvent (and CaughtUp when reporting).
+
+    `replay_topics` are read from their beginning on every start, whatever the snapshot says:
+    the state built from them is restored by replaying the changelog, not from snapshots.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topics: Sequence[str],
+        *,
+        batch_size: int = 5_000,
+        report_caught_up: bool = False,
+        probe_interval_s: float = 0.05,
+        replay_topics: Sequence[str] = (),
+    ) -> None:
+        self._config = config
+        self._topics = list(topics)
+        self._batch_size = batch_size
+        self._report = report_caught_up
+        self._probe_interval = probe_interval_s
+        self._replay_topics = frozenset(replay_topics)
+
+    def list_parts(self) -> list[str]:
+        """All partitions (every worker can read every partition)."""
+        return topic_partitions(self._config, self._topics)
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: ReaderState | int | None
+    ) -> TopicPartitionReader:
+        """Resume from the snapshotted offset, or start at the beginning of the partition."""
+        topic, partition = split_part(for_part)
+        start, topic_id = resume_point(resume_state)
+        if topic in self._replay_topics:
+            start = OFFSET_BEGINNING  # state rebuilt from the changelog, not from snapshots
+        return TopicPartitionReader(
+            self._config,
+            topic,
+            partition,
+            start,
+            self._batch_size,
+            self._report,
+            self._probe_interval,
+            topic_ids=shared_topic_ids(self._config),
+            start_topic_id=topic_id,
+        )

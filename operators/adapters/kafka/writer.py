@@ -1,0 +1,344 @@
+"""Kafka sinks: partition writers that drop what they wrote before a restart, flushing sinks.
+
+Bytewax's output is at-least-once: after a restart it replays the epoch that was not
+snapshotted. `IdempotentPartitionWriter` snapshots its partition's end and reads back what it
+wrote since, so replayed values are dropped; `FlushingTopicSink` waits for every write of a batch
+(rare, must-not-lose messages). Producers are built per partition or worker, never at import.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, Generic, Protocol, TypeVar, cast
+from zlib import crc32
+
+from bytewax.outputs import (
+    DynamicSink,
+    FixedPartitionedSink,
+    StatefulSinkPartition,
+    StatelessSinkPartition,
+)
+from confluent_kafka import (
+    KafkaError,
+    Producer,
+)
+
+from operators.adapters.kafka.probes import (
+    KafkaConfig,
+    end_offset,
+    high_watermark,
+    read_partition_to_end,
+    split_part,
+    topic_partitions,
+)
+
+log = logging.getLogger(__name__)
+
+
+ChannelSinkState = tuple[int, int]  # (next offset, earliest offset whose items may be replayed)
+
+
+V = TypeVar("V")
+
+
+class WriterStartMarks(Protocol):
+    """Where a channel writer first began writing in its recovery lineage (post_claims' Redis).
+
+    Never cleared by a snapshot: a cluster may resume from before a writer's first snapshot
+    after it was taken (the resume epoch is the slowest worker's last durable one).
+    """
+
+    def mark(self, part: str, offset: int) -> int:
+        """Record `offset` unless an earlier mark is held; return the held one."""
+
+
+_END_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-probe")
+
+
+class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Generic[V]):
+    """Writes to one topic partition, dropping what it already wrote before a restart.
+
+    After a restart, Bytewax replays the work of the epoch that was not snapshotted. This writer
+    snapshots the partition's next offset at each epoch; on resume it reads back what was
+    written since, and drops values (or items of values) whose identity is already there. They
+    stay remembered until all were seen again, or until `replay_window_epochs` snapshots in a
+    row pass with none of them seen (the count starts again at each one seen: a replay slower
+    than the original, on a loaded machine or behind a long catch-up, is still deduped).
+    Subclasses say what identifies a message and how to encode one.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        replay_window_epochs: int,
+        marks: WriterStartMarks | None = None,
+    ) -> None:
+        self._topic = topic
+        self._partition = partition
+        self._producer = Producer(
+            cast(
+                dict[str, Any],
+                {
+                    **config,
+                    "linger.ms": 5,
+                    "acks": "all",
+                    "message.max.bytes": 8 * 1024 * 1024,
+                    "queue.buffering.max.kbytes": 1024 * 1024,
+                },
+            )
+        )
+        self._last_offset = -1
+        self._errors: list[str] = []
+        self._seen: set[Hashable] = set()
+        self._replay_window = replay_window_epochs
+        self._epochs_left = 0
+        self._end_probe: concurrent.futures.Future[int] | None = None
+        self._part = f"{topic}/{partition}"
+        if resume is None and marks is not None:
+            # No durable snapshot covers this writer, so Bytewax replays from before its first
+            # write: read back from where the lineage's first writer here began (a mark left
+            # by an earlier execution is older and wins; a watermark may trail the end, which
+            # only makes the read-back start earlier).
+            start = marks.mark(self._part, high_watermark(config, topic, partition))
+            log.info("%s: no snapshot; reading back from offset %d (start mark)", self._part, start)
+            resume = (start, start)
+        if resume is None:
+            # Bytewax builds a writer when its first batch arrives: finding the partition's end
+            # takes ~0.6 s, so do it beside the worker; only a snapshot before our first write
+            # needs the answer.
+            self._end_probe = _END_PROBES.submit(end_offset, config, topic, partition)
+            self._next = self._replay_from = -1
+        else:
+            self._next, self._replay_from = resume
+            foreign = 0
+            for _, value in read_partition_to_end(config, topic, partition, self._replay_from):
+                # The topic is also an input others write to: a message that is not in our
+                # shape is not ours, so it cannot be a replay of our writes.
+                try:
+                    self._seen.update(self._identities(value or b""))
+                except (ValueError, LookupError, TypeError, AttributeError):
+                    foreign += 1
+            if foreign:
+                log.warning(
+                    "%s/%s: %d messages written since the last snapshot are not in this "
+                    "writer's format (malformed input from another producer): not replays of "
+                    "ours; the topic's readers dead-letter them",
+                    topic,
+                    partition,
+                    foreign,
+                )
+            self._epochs_left = replay_window_epochs if self._seen else 0
+            if self._seen:
+                log.info(
+                    "%s/%s resumed: %d items written since the last snapshot will not be "
+                    "written again",
+                    topic,
+                    partition,
+                    len(self._seen),
+                )
+            if not self._seen:
+                self._replay_from = self._next
+
+    def _identities(self, raw: bytes) -> Iterable[Hashable]:
+        """What a message already on the partition identifies (read back on resume)."""
+        raise NotImplementedError
+
+    def _unseen(self, value: V) -> tuple[V | None, int]:
+        """The value without what was already written, and how many parts were dropped."""
+        raise NotImplementedError
+
+    def _encode(self, value: V) -> tuple[bytes, bytes]:
+        """(key, value) bytes of a message."""
+        raise NotImplementedError
+
+    def _written(self, value: V, dropped: int) -> None:
+        """Hook: a value was written (dropped=0) or parts of it were dropped as replays."""
+
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(err.str())
+        else:
+            self._last_offset = max(self._last_offset, msg.offset())
+
+    def write_batch(self, values: list[V]) -> None:
+        """Produce each value (minus replayed parts) to this partition."""
+        for value in values:
+            if self._seen:
+                kept, dropped = self._unseen(value)
+                if dropped:
+                    self._epochs_left = self._replay_window  # the replay is still under way
+                    self._written(value, dropped)
+                if kept is None:
+                    continue
+                value = kept
+            self._produce(*self._encode(value))
+            self._written(value, 0)
+        self._producer.poll(0)
+
+    def _produce(self, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    self._topic,
+                    value=value,
+                    key=key,
+                    partition=self._partition,
+                    on_delivery=self._delivered,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: let deliveries drain
+
+    def snapshot(self) -> ChannelSinkState:
+        """Make every write durable, then record where the partition ends."""
+        remaining = self._producer.flush(60)
+        if remaining or self._errors:
+            raise RuntimeError(
+                f"writing {self._topic}/{self._partition} failed: "
+                f"{remaining} undelivered, errors: {self._errors[:3]}"
+            )
+        if self._last_offset >= 0:
+            self._next = self._last_offset + 1
+        elif self._end_probe is not None:
+            self._next = self._end_probe.result(timeout=60)
+        self._end_probe = None
+        if self._epochs_left > 0:
+            self._epochs_left -= 1
+            if self._epochs_left == 0 or not self._seen:
+                self._seen.clear()
+                self._epochs_left = 0
+        if not self._seen:
+            self._replay_from = self._next
+        return (self._next, self._replay_from)
+
+    def close(self) -> None:
+        """Flush what is queued."""
+        self._producer.flush(30)
+
+
+class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V]):
+    """One sink partition per topic partition; upstream keys each value with its partition.
+
+    :meth:`route_key` names the partition (`push.fcm/3`) from the value's topic and routing id,
+    so `part_fn` is an index into the sorted list of parts.
+    """
+
+    def __init__(self, config: KafkaConfig, topics: Sequence[str]) -> None:
+        self._config = config
+        self._topics = list(topics)
+        self._parts: list[str] | None = None
+        self._counts: dict[str, int] = {}
+
+    def _all_parts(self) -> list[str]:
+        if self._parts is None:
+            parts = sorted(topic_partitions(self._config, self._topics))
+            counts: dict[str, int] = {}
+            for p in parts:
+                topic, _ = split_part(p)
+                counts[topic] = counts.get(topic, 0) + 1
+            self._parts, self._counts = parts, counts
+        return self._parts
+
+    def _topic_and_id(self, value: V) -> tuple[str, str]:
+        """The value's topic and the id that picks its partition."""
+        raise NotImplementedError
+
+    def route_key(self, value: V) -> str:
+        """The partition a value goes to: by id, so one id's messages stay in order."""
+        self._all_parts()
+        topic, rid = self._topic_and_id(value)
+        return f"{topic}/{crc32(rid.encode()) % self._counts[topic]}"
+
+    def list_parts(self) -> list[str]:
+        """Every partition of the topics."""
+        return list(self._all_parts())
+
+    def part_fn(self, item_key: str) -> int:
+        """Index of the named partition in the sorted global list."""
+        return self._all_parts().index(item_key)
+
+
+class _FlushingWriter(StatelessSinkPartition[V], Generic[V]):
+    """Produces and waits for every write before Bytewax moves on (rare, must-not-lose)."""
+
+    def __init__(
+        self, config: KafkaConfig, topic: str, encode: Callable[[V], tuple[bytes, bytes]]
+    ) -> None:
+        self._topic = topic
+        self._encode = encode
+        self._producer = Producer(
+            cast(dict[str, Any], {**config, "acks": "all", "message.max.bytes": 8 * 1024 * 1024})
+        )
+        self._errors: list[str] = []
+
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(err.str())
+
+    def write_batch(self, items: list[V]) -> None:
+        for item in items:
+            key, value = self._encode(item)
+            while True:
+                try:
+                    self._producer.produce(
+                        self._topic, value=value, key=key, on_delivery=self._delivered
+                    )
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
+        remaining = self._producer.flush(60)
+        if remaining or self._errors:
+            raise RuntimeError(
+                f"writing to {self._topic} failed: {remaining} left, {self._errors[:3]}"
+            )
+
+    def close(self) -> None:
+        self._producer.flush(30)
+
+
+class FlushingTopicSink(DynamicSink[V], Generic[V]):
+    """Values to one topic, each write batch acknowledged before the flow goes on."""
+
+    def __init__(
+        self, config: KafkaConfig, topic: str, encode: Callable[[V], tuple[bytes, bytes]]
+    ) -> None:
+        self._config = config
+        self._topic = topic
+        self._encode = encode
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _FlushingWriter[V]:
+        """One producer per worker."""
+        return _FlushingWriter(self._config, self._topic, self._encode)
+
+
+def produce_all(
+    config: KafkaConfig, topic: str, messages: Iterable[tuple[bytes | None, bytes]]
+) -> int:
+    """Publish (key, value) messages and wait until all are acknowledged; returns the count."""
+    producer = Producer(cast(dict[str, Any], {**config, "linger.ms": 5, "acks": "all"}))
+    errors: list[str] = []
+
+    def delivered(err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err.str())
+
+    n = 0
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 10_000 == 0:
+            producer.poll(0)
+    remaining = producer.flush(120)
+    if remaining or errors:
+        raise RuntimeError(f"publishing to {topic} failed: {remaining} left, {errors[:3]}")
+    return n

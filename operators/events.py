@@ -1,0 +1,58 @@
+"""What the flows' steps receive from their inputs, and the dead letter made of a bad one.
+
+Plain data, shared by every flow's domain steps: a message as read from a topic (`RawEvent`), the
+marker that a changelog partition was read to its end (`CaughtUp`), and `dead_letter`, which
+turns a message that cannot be processed into its dead letter, counted by reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from operators import metrics
+from schemas.codecs import RAW_TEXT_LIMIT, InvalidEvent, raw_text
+from schemas.records import DeadLetter
+
+ERROR_TEXT_LIMIT = 2_000
+"""Characters of a dead letter's error text (the schema messages are short; this is a bound)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """A message as read, with where it came from (for dead letters and claims)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    read_at: float
+    window: tuple[int, int] | None = None
+    """For a dispatch batch sent in slices: the items [start, stop) this event carries."""
+
+    @property
+    def source(self) -> str:
+        """`topic/partition@offset`: the identity of this message."""
+        return f"{self.topic}/{self.partition}@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """A changelog partition was read to its end at `as_of` (epoch seconds)."""
+
+    source: str
+    as_of: float
+
+
+def dead_letter(event: RawEvent, error: InvalidEvent | str) -> DeadLetter:
+    """A dead letter for an event, counted by reason."""
+    reason = error.kind if isinstance(error, InvalidEvent) else "unprocessable"
+    metrics.DEAD_LETTERS.labels(event.topic, reason).inc()
+    # Both bounded, so a dead letter fits the broker's message size whatever the input.
+    return DeadLetter(
+        event.topic,
+        event.partition,
+        event.offset,
+        str(error)[:ERROR_TEXT_LIMIT],
+        raw_text(event.value, RAW_TEXT_LIMIT),
+    )

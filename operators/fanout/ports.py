@@ -1,0 +1,59 @@
+"""The fan-out's ports: the follower store and the post claims, as small abstract classes.
+
+Adapters implement them (`operators/adapters/stores/` for SQLite and Cassandra,
+`operators/adapters/redis/post_claims.py`); `flows/fanout.py` wires the real ones, the tests
+pass fakes (`tests/fakes.py`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+from schemas.records import FollowChange
+
+
+class PostClaims(ABC):
+    """Port: claim posts for fan-out."""
+
+    @abstractmethod
+    def claim(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each (post_id, message identity): True when this message owns the post."""
+
+
+FollowerRow = tuple[str, int]  # (follower_id, flags)
+
+
+class StoreMismatch(RuntimeError):
+    """The store was built for another shard count; resharding needs a re-import."""
+
+
+class FollowerStore(ABC):
+    """Port: what the fan-out needs from the follower graph."""
+
+    shard_count: int
+
+    @abstractmethod
+    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
+        """Apply follow/unfollow changes in order (a follow with new flags updates the edge)."""
+
+    @abstractmethod
+    def follower_page(
+        self, author_id: str, shard_id: int, after: str | None, limit: int
+    ) -> list[FollowerRow]:
+        """Up to `limit` followers of the author in the shard, ordered by id, after `after`."""
+
+    @abstractmethod
+    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
+        """The edge's flags, or None when the follower does not follow the author."""
+
+    @abstractmethod
+    def follower_count(self, author_id: str) -> int:
+        """How many followers the author has (all shards)."""
+
+    @abstractmethod
+    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
+        """Upsert (author_id, follower_id, flags) edges; returns how many were written."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook; most stores have nothing to close)
+        """Release connections."""
