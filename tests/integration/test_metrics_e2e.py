@@ -32,7 +32,7 @@ from tests.integration.test_delivery_e2e import apns_token, fcm_token, iso
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARDS = REPO / "scripts" / "grafana" / "dashboards"
+DASHBOARDS = REPO / "scripts" / "deploy" / "grafana" / "dashboards"
 FAST_RETRIES = (
     ("FANFARE_RETRY_BASE_MS", "200"),
     ("FANFARE_RETRY_MAX_BACKOFF_S", "1"),
