@@ -28,6 +28,10 @@ class Settings:
 
     home: Path = Path(".fanfare")
     """FANFARE_HOME: folder for the embedded stack's state, logs, store and recovery data."""
+    settings_file: str = ""
+    """FANFARE_SETTINGS_FILE: more settings, one `FANFARE_NAME=value` a line (`#` comments); by
+    default `$FANFARE_HOME/settings.env` when it exists. The environment wins; `fanfare dev up`
+    writes the local APNs and FCM servers' settings there."""
     kafka_brokers: str = "127.0.0.1:9092"
     """FANFARE_KAFKA_BROKERS: bootstrap servers, comma separated."""
     kafka_options: Mapping[str, str] = field(default_factory=dict)
@@ -93,8 +97,8 @@ class Settings:
     cassandra_password_file: str = ""
     """FANFARE_CASSANDRA_PASSWORD_FILE: file holding that user's password (never logged)."""
     apns_key_file: str = ""
-    """FANFARE_APNS_KEY_FILE: APNs token-auth key (.p8). Empty: the local APNs server that
-    `fanfare dev up` started, if any."""
+    """FANFARE_APNS_KEY_FILE: APNs token-auth key (.p8). Empty: no APNs (`fanfare dev up` sets
+    the local APNs server's in the settings file)."""
     apns_key_id: str = ""
     """FANFARE_APNS_KEY_ID: the key's id (10 characters, from Apple)."""
     apns_team_id: str = ""
@@ -108,10 +112,12 @@ class Settings:
     apns_ca_file: str = ""
     """FANFARE_APNS_CA_FILE: extra CA bundle to trust (the local APNs server's CA)."""
     fcm_credentials_file: str = ""
-    """FANFARE_FCM_CREDENTIALS_FILE: Google service-account JSON. Empty: the local FCM server
-    that `fanfare dev up` started, if any."""
+    """FANFARE_FCM_CREDENTIALS_FILE: Google service-account JSON. Empty: no FCM (`fanfare dev
+    up` sets the local FCM server's in the settings file)."""
     fcm_url: str = "https://fcm.googleapis.com"
     """FANFARE_FCM_URL: FCM HTTP v1 base URL."""
+    fcm_ca_file: str = ""
+    """FANFARE_FCM_CA_FILE: extra CA bundle to trust for FANFARE_FCM_URL (the local FCM's CA)."""
     apns_rate_per_min: int = 6_000_000
     """FANFARE_APNS_RATE_PER_MIN: APNs sends per minute, all workers together."""
     fcm_rate_per_min: int = 600_000
@@ -166,9 +172,9 @@ class Settings:
         return self.notification_store_url or f"sqlite:///{self.home / 'notifications.db'}"
 
     @property
-    def local_providers_dir(self) -> Path:
-        """Where `fanfare dev up` keeps the local provider servers' credentials and ports."""
-        return self.home / "providers"
+    def settings_path(self) -> Path:
+        """The settings file: FANFARE_SETTINGS_FILE, else `$FANFARE_HOME/settings.env`."""
+        return Path(self.settings_file) if self.settings_file else self.home / SETTINGS_FILE_NAME
 
     def recovery_dir(self, flow_name: str) -> Path:
         """Where a flow's recovery partitions live."""
@@ -257,9 +263,77 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
 }
 
 
+SETTINGS_FILE_NAME = "settings.env"
+"""The settings file's name in FANFARE_HOME (unless FANFARE_SETTINGS_FILE names another)."""
+PROVIDER_SETTINGS = (
+    (
+        "FANFARE_APNS_KEY_FILE",
+        "FANFARE_APNS_KEY_ID",
+        "FANFARE_APNS_TEAM_ID",
+        "FANFARE_APNS_TOPIC",
+        "FANFARE_APNS_HOST",
+        "FANFARE_APNS_PORT",
+        "FANFARE_APNS_CA_FILE",
+    ),
+    ("FANFARE_FCM_CREDENTIALS_FILE", "FANFARE_FCM_URL", "FANFARE_FCM_CA_FILE"),
+)
+"""Settings that only make sense together: where one comes from the environment, the settings
+file's values of the others are not used (a real key is never sent to a local server's host)."""
+
+
+def settings_file_path(env: Mapping[str, str]) -> Path:
+    """Where the settings file is: FANFARE_SETTINGS_FILE, else `$FANFARE_HOME/settings.env`."""
+    named = env.get("FANFARE_SETTINGS_FILE", "")
+    if named:
+        return Path(named)
+    return Path(env.get("FANFARE_HOME") or Settings.home) / SETTINGS_FILE_NAME
+
+
+def read_settings_file(path: Path) -> dict[str, str]:
+    """`FANFARE_NAME=value` lines of a settings file; ConfigError names a line it cannot use."""
+    known = set(ENV_VARIABLES.values()) - {"FANFARE_HOME", "FANFARE_SETTINGS_FILE"}
+    values: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"settings file {path}: cannot read it ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip().removeprefix("export ").strip()
+        if not sep or name not in known:
+            raise ConfigError(
+                f"settings file {path}, line {number}: {line[:80]!r} is not a FANFARE_NAME=value "
+                "setting of the README's configuration table (FANFARE_HOME and "
+                "FANFARE_SETTINGS_FILE cannot be set there)"
+            )
+        values[name] = value.strip()
+    return values
+
+
+def _with_settings_file(env: Mapping[str, str]) -> Mapping[str, str]:
+    """The environment over the settings file's values (a group from the environment wins whole)."""
+    path = settings_file_path(env)
+    if not path.exists():
+        if env.get("FANFARE_SETTINGS_FILE"):
+            raise ConfigError(f"FANFARE_SETTINGS_FILE={path}: no such file")
+        return env
+    values = read_settings_file(path)
+    for group in PROVIDER_SETTINGS:
+        if any(env.get(name) for name in group):
+            for name in group:
+                values.pop(name, None)
+    return {**values, **{k: v for k, v in env.items() if v != "" or k not in values}}
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read every ``FANFARE_*`` variable; unknown values raise :class:`ConfigError`."""
-    env = os.environ if environ is None else environ
+    """Read every ``FANFARE_*`` variable; unknown values raise :class:`ConfigError`.
+
+    Variables come from the environment, then from the settings file (see `settings_file`).
+    """
+    env = _with_settings_file(os.environ if environ is None else environ)
     values: dict[str, object] = {}
     for name, var in ENV_VARIABLES.items():
         raw = env.get(var)

@@ -133,7 +133,8 @@ class Providers:
     info: dict[str, Any]
 
 
-def start_providers(directory: Path) -> Providers:
+def start_providers(directory: Path, settings_file: Path) -> Providers:
+    """The local servers, their settings written into fanfare's settings file (as `dev up`)."""
     from scripts.dev.local_providers.control import ProviderControl
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,15 @@ def start_providers(directory: Path) -> Providers:
     info_file.unlink(missing_ok=True)
     log = (directory / "providers.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.dev.local_providers", "--dir", str(directory)],
+        [
+            sys.executable,
+            "-m",
+            "scripts.dev.local_providers",
+            "--dir",
+            str(directory),
+            "--settings-file",
+            str(settings_file),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -157,8 +166,8 @@ def start_providers(directory: Path) -> Providers:
 
 @pytest.fixture
 def providers(stack: Stack) -> Iterator[Providers]:
-    """Local provider servers where `fanfare run delivery` looks for them (FANFARE_HOME)."""
-    p = start_providers(stack.settings.local_providers_dir)
+    """Local provider servers, named in the stack's settings file as `fanfare dev up` does."""
+    p = start_providers(devstack.providers_dir(stack.settings), stack.settings.settings_path)
     try:
         yield p
     finally:

@@ -83,28 +83,6 @@ class ClusterSpec:
 # --- arguments -----------------------------------------------------------------------------------
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: seconds, more than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
-    return value
-
-
 def parse_addresses(text: str, source: str = "--addresses") -> tuple[str, ...]:
     """`h1:2101;h2:2101` into ('h1:2101', 'h2:2101'); every entry needs a host and a port."""
     entries = [a.strip() for a in text.split(";") if a.strip()]

@@ -92,8 +92,6 @@ from scripts.bench.fanout import (
     Broker,
     Flow,
     Profiler,
-    _float_in,
-    _int_in,
     cmdline,
     cpu_seconds,
     delete_redis_keys,
@@ -106,6 +104,7 @@ from scripts.bench.fanout import (
     system_busy_seconds,
     wait_until,
 )
+from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord, ProviderControl
 
@@ -134,69 +133,71 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(PHASES),
         help=f"comma-separated subset of {','.join(PHASES)}",
     )
-    p.add_argument("--apns-items", type=_int_in(1, 10_000_000), default=100_000)
-    p.add_argument("--fcm-items", type=_int_in(1, 10_000_000), default=20_000)
+    p.add_argument("--apns-items", type=whole_number(1, 10_000_000), default=100_000)
+    p.add_argument("--fcm-items", type=whole_number(1, 10_000_000), default=20_000)
     p.add_argument(
         "--throughput-posts",
-        type=_int_in(1, 10_000),
+        type=whole_number(1, 10_000),
         default=1,
         help="posts the throughput items belong to (each post's batches share one partition)",
     )
     p.add_argument(
         "--background-rate",
-        type=_float_in(0, 1_000_000),
+        type=number_in(0, 1_000_000),
         default=5_000,
         help="bulk-lane candidates/s published during the latency phase",
     )
     p.add_argument(
         "--background-fcm-share",
-        type=_float_in(0, 1),
+        type=number_in(0, 1),
         default=0.5,
         help="share of the background that goes to push.fcm.bulk (the rest to push.apns.bulk)",
     )
     p.add_argument(
         "--background-post-batches",
-        type=_int_in(1, 1_000_000),
+        type=whole_number(1, 1_000_000),
         default=20,
         help="background batches per synthetic celebrity post (then a new post_id/partition)",
     )
-    p.add_argument("--post-rate", type=_float_in(0.1, 10_000), default=20.0, help="normal posts/s")
-    p.add_argument("--post-items", type=_int_in(1, 500), default=3, help="items per normal batch")
+    p.add_argument("--post-rate", type=number_in(0.1, 10_000), default=20.0, help="normal posts/s")
+    p.add_argument(
+        "--post-items", type=whole_number(1, 500), default=3, help="items per normal batch"
+    )
     p.add_argument(
         "--post-providers",
         default="apns,fcm",
         help="providers each normal post is sent to (one batch each)",
     )
-    p.add_argument("--duration", type=_float_in(1, 3_600), default=30.0, help="latency phase, s")
+    p.add_argument("--duration", type=number_in(1, 3_600), default=30.0, help="latency phase, s")
     p.add_argument(
         "--grace",
-        type=_float_in(1, 3_600),
+        type=number_in(1, 3_600),
         default=60.0,
         help="wait this long after publishing stops for normal items still in flight",
     )
-    p.add_argument("--drain-items", type=_int_in(1, 50_000_000), default=1_000_000)
+    p.add_argument("--drain-items", type=whole_number(1, 50_000_000), default=1_000_000)
     p.add_argument(
         "--drain-timeout",
-        type=_float_in(5, 7_200),
+        type=number_in(5, 7_200),
         default=600.0,
         help="stop the drain phase after this many seconds even if not drained",
     )
     p.add_argument(
         "--stall-timeout",
-        type=_float_in(5, 3_600),
+        type=number_in(5, 3_600),
         default=60.0,
         help="give a throughput phase up when nothing is accepted for this long",
     )
-    p.add_argument("--partitions", type=_int_in(1, 64), default=4, help="partitions per topic")
+    p.add_argument("--partitions", type=whole_number(1, 64), default=4, help="partitions per topic")
     p.add_argument(
         "--rate-per-min",
-        type=_int_in(1, 10**12),
+        type=whole_number(1, 10**12),
         default=600_000_000,
         help="FANFARE_APNS/FCM_RATE_PER_MIN for the flow (high: the limiter must not bind)",
     )
     p.add_argument(
         "--bulk-items-per-poll",
-        type=_int_in(1, 100_000),
+        type=whole_number(1, 100_000),
         default=None,
         help="FANFARE_BULK_ITEMS_PER_POLL for the flow (default: the flow's default)",
     )
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile-dir", type=Path, default=None, help="py-spy the flow in each phase, into DIR"
     )
-    p.add_argument("--profile-rate", type=_int_in(1, 1_000), default=100)
+    p.add_argument("--profile-rate", type=whole_number(1, 1_000), default=100)
     p.add_argument("--keep-home", action="store_true", help="keep FANFARE_HOME (logs) at the end")
     return p
 

@@ -80,6 +80,7 @@ from operators.config import ConfigError, Settings, load_settings
 from operators.fanout.quiet_hours import hour_is_quiet
 from operators.fanout.sharding import shard_of
 from schemas.topics import DEVICE_CHANGES, POST_CREATED, PREFERENCE_CHANGES, channel_topic
+from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -114,32 +115,6 @@ def log(msg: str) -> None:
 # --- arguments -----------------------------------------------------------------------------------
 
 
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.replace("_", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
-        return value
-
-    return parse
-
-
-def _float_in(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
@@ -153,64 +128,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--users",
-        type=_int_in(1, 20_000_000),
+        type=whole_number(1, 20_000_000),
         default=1_000_000,
         help="users seeded, all following the celebrity (default 1,000,000)",
     )
-    p.add_argument("--processes", type=_int_in(1, 16), default=1, help="flow processes (default 1)")
+    p.add_argument(
+        "--processes", type=whole_number(1, 16), default=1, help="flow processes (default 1)"
+    )
     p.add_argument(
         "--workers",
-        type=_int_in(1, 16),
+        type=whole_number(1, 16),
         default=1,
         help="worker threads per flow process (default 1)",
     )
     p.add_argument(
-        "--shards", type=_int_in(1, 65_536), default=32, help="FANFARE_SHARDS (default 32)"
+        "--shards", type=whole_number(1, 65_536), default=32, help="FANFARE_SHARDS (default 32)"
     )
     p.add_argument(
-        "--partitions", type=_int_in(1, 256), default=4, help="FANFARE_TOPIC_PARTITIONS (default 4)"
+        "--partitions",
+        type=whole_number(1, 256),
+        default=4,
+        help="FANFARE_TOPIC_PARTITIONS (default 4)",
     )
     p.add_argument(
         "--authors",
-        type=_int_in(1, 1_000_000),
+        type=whole_number(1, 1_000_000),
         default=2_000,
         help="normal authors in the follower store (default 2,000)",
     )
     p.add_argument(
         "--followers-per-author",
-        type=_int_in(1, 10_000),
+        type=whole_number(1, 10_000),
         default=200,
         help="followers of each normal author (default 200; must stay at or below "
         "the celebrity threshold so their posts use the normal lanes)",
     )
     p.add_argument(
         "--post-rate",
-        type=_float_in(0, 10_000),
+        type=number_in(0, 10_000),
         default=50.0,
         help="normal posts per second during the measurement (default 50, about "
         "10k candidates/s with 200 followers each; 0 turns the stream off)",
     )
     p.add_argument(
         "--warmup",
-        type=_float_in(0, 600),
+        type=number_in(0, 600),
         default=10.0,
         help="seconds of the normal-post stream before the celebrity post (default 10)",
     )
     p.add_argument(
         "--disabled-fraction",
-        type=_float_in(0, 1),
+        type=number_in(0, 1),
         default=0.10,
         help="fraction of users with push_enabled false (default 0.10)",
     )
     p.add_argument(
         "--quiet-fraction",
-        type=_float_in(0, 1),
+        type=number_in(0, 1),
         default=0.20,
         help="fraction of users with quiet hours (default 0.20)",
     )
     p.add_argument(
         "--quiet-now-fraction",
-        type=_float_in(0, 1),
+        type=number_in(0, 1),
         default=0.25,
         help="of the users with quiet hours, the fraction whose window covers the "
         "whole benchmark (their pushes are deferred, not dispatched); the others' "
@@ -218,21 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--celebrity-posts",
-        type=_int_in(1, 10),
+        type=whole_number(1, 10),
         default=2,
         help="celebrity posts, one after the other (default 2: the first pays for starting the "
         "bulk-lane writers, the second shows the warm figure)",
     )
     p.add_argument(
         "--pause",
-        type=_float_in(0, 600),
+        type=number_in(0, 600),
         default=5.0,
         help="seconds between one celebrity post's drain and the next post (default 5)",
     )
     p.add_argument("--seed", type=int, default=7, help="random seed of the synthetic data")
     p.add_argument(
         "--timeout",
-        type=_int_in(10, 7_200),
+        type=whole_number(10, 7_200),
         default=600,
         help="seconds to wait for the state load, and again for the celebrity drain (default 600)",
     )
@@ -251,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile-rate",
-        type=_int_in(1, 1000),
+        type=whole_number(1, 1000),
         default=100,
         help="with --profile-dir: samples per second (default 100)",
     )

@@ -60,6 +60,7 @@ from schemas.topics import (
     POST_CREATED_BACKFILL,
     PREFERENCE_CHANGES,
 )
+from scripts.commands.arguments import non_negative_int
 from scripts.commands.replay import (
     Message,
     Position,
@@ -621,16 +622,6 @@ def _print_plan(
 # -- the command line ---------------------------------------------------------------------------
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
 def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reason",
@@ -664,7 +655,11 @@ def add_parser(sub: Any) -> None:
     listing = actions.add_parser("list", help="dead letters grouped by reason, with examples")
     _filters(listing)
     listing.add_argument(
-        "--limit", type=_limit, default=3, metavar="N", help="examples per reason (default 3)"
+        "--limit",
+        type=non_negative_int,
+        default=3,
+        metavar="N",
+        help="examples per reason (default 3)",
     )
     redrive = actions.add_parser(
         "redrive", help="send chosen dead letters back to their source topic (once each)"
@@ -675,7 +670,7 @@ def add_parser(sub: Any) -> None:
     )
     redrive.add_argument(
         "--limit",
-        type=_limit,
+        type=non_negative_int,
         default=20,
         metavar="N",
         help="dead letters shown per kind that is not sent (default 20)",

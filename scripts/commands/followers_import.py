@@ -34,6 +34,7 @@ from operators.config import Settings, cassandra_credentials
 from operators.fanout.eligibility import edge_flags
 from operators.fanout.ports import FollowerStore, StoreMismatch
 from schemas.codecs import load_schema
+from scripts.commands.arguments import positive_int
 
 Edge = tuple[str, str, int]  # (author_id, follower_id, flags), what bulk_load takes
 
@@ -393,6 +394,28 @@ def summary(stats: ImportStats, dry_run: bool) -> str:
         f"{stats.rows:,} rows read, {done}, {stats.bad:,} skipped (bad), "
         f"{stats.elapsed_s:.1f} s, {stats.rows_per_s:,.0f} rows/s"
     )
+
+
+def add_parser(sub: Any) -> None:
+    """Register `fanfare followers import`."""
+    followers = sub.add_parser("followers", help="manage the follower store")
+    followers_sub = followers.add_subparsers(
+        dest="followers_command", required=True, metavar="ACTION"
+    )
+    load = followers_sub.add_parser(
+        "import", help="bulk-load a follower graph (CSV or JSONL, optionally .gz) into the store"
+    )
+    load.add_argument("file", metavar="FILE", help="the graph file, or - for stdin")
+    load.add_argument(
+        "--format", choices=["csv", "jsonl"], default=None, help="default: from the extension"
+    )
+    load.add_argument("--dry-run", action="store_true", help="validate and count; write nothing")
+    load.add_argument("--quiet", action="store_true", help="no progress output")
+    load.add_argument("--errors-file", metavar="PATH", help="write every bad row here")
+    load.add_argument(
+        "--chunk-rows", type=positive_int, default=50_000, help="edges per store transaction"
+    )
+    followers.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,11 +8,13 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials
 from operators.delivery.ledger import InvalidCursor
 from operators.delivery.ports import NotificationStore
+from scripts.commands.arguments import positive_int
 
 
 def _when(epoch_s: float) -> str:
@@ -33,6 +35,25 @@ def open_store(settings: Settings) -> NotificationStore | None:
             )
             return None
     return open_notification_store(url, settings.store_ttl_s, **cassandra_credentials(settings))
+
+
+def add_parser(sub: Any) -> None:
+    """Register `fanfare inbox` and `fanfare status`."""
+    inbox = sub.add_parser("inbox", help="a user's notifications, newest first, a page at a time")
+    inbox.add_argument("user", help="the user_id")
+    inbox.add_argument("--cursor", default=None, help="the cursor a previous page printed")
+    inbox.add_argument(
+        "--limit", type=positive_int, default=20, help="notifications per page (default 20)"
+    )
+    inbox.add_argument("--json", action="store_true", help="print the page as JSON")
+    inbox.set_defaults(func=inbox_command)
+
+    status = sub.add_parser(
+        "status", help="a notification's aggregated status, its devices and attempts"
+    )
+    status.add_argument("notification_id", help="post_id:user_id")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.set_defaults(func=status_command)
 
 
 def inbox_command(args: argparse.Namespace, settings: Settings) -> int:

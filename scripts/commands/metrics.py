@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from flows.runtime.metrics_scrape import (
@@ -42,6 +43,7 @@ from flows.runtime.metrics_scrape import (
 from flows.runtime.readiness import local_url
 from operators.config import Settings
 from operators.fanout.eligibility import Suppressed
+from scripts.commands.arguments import positive_int
 
 DEFAULT_SCAN = 8  # ports tried from FANFARE_METRICS_PORT (`--scan`)
 POST_REASONS = (Suppressed.PRIVATE.value, Suppressed.NOTIFY_FOLLOWERS_OFF.value)
@@ -380,6 +382,41 @@ def _show(lines: list[str], watching: bool, first: bool) -> None:
     elif not first:
         print()
     print("\n".join(lines), flush=True)
+
+
+def add_parser(sub: Any) -> None:
+    """Register `fanfare metrics`."""
+    metrics = sub.add_parser(
+        "metrics",
+        help="summarise running workers' /metrics: funnel, latencies, circuits, lag",
+        description="Summarise running workers' Prometheus /metrics endpoints. With no URL: "
+        "the flows running from $FANFARE_HOME (its run files), else 127.0.0.1 on "
+        "FANFARE_METRICS_PORT and the next ports (--scan).",
+    )
+    metrics.add_argument(
+        "urls",
+        nargs="*",
+        metavar="URL",
+        help="a /metrics URL, host:port or a port (default: the running flows' endpoints)",
+    )
+    metrics.add_argument(
+        "--scan",
+        type=positive_int,
+        default=8,
+        help="ports tried from FANFARE_METRICS_PORT when no URL is given and no flow is found (8)",
+    )
+    metrics.add_argument(
+        "--watch",
+        type=float,
+        default=None,
+        metavar="N",
+        help="a summary every N seconds, with rates over the last N seconds (Ctrl-C stops)",
+    )
+    metrics.add_argument(
+        "--count", type=positive_int, default=None, metavar="K", help="with --watch: stop after K"
+    )
+    metrics.add_argument("--timeout", type=float, default=2.0, help="seconds per endpoint (2)")
+    metrics.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,6 +15,7 @@ import argparse
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 from operators.adapters.stores import cassandra as cassandra_store
 from operators.adapters.stores.cassandra_followers import CassandraFollowerStore
@@ -22,9 +23,31 @@ from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.adapters.stores.sqlite_notifications import SCHEMA_VERSION, SQLiteNotificationStore
 from operators.config import Settings
 from operators.fanout.ports import StoreMismatch
+from scripts.commands.arguments import positive_int
 
 FOLLOWERS = "follower store"
 NOTIFICATIONS = "notification store"
+
+
+def add_parser(sub: Any) -> None:
+    """Register `fanfare store migrate`."""
+    store = sub.add_parser("store", help="the follower and notification stores")
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    migrate = store_sub.add_parser(
+        "migrate",
+        help="create or upgrade both stores' schema (SQLite or Cassandra); safe to run twice",
+    )
+    migrate.add_argument(
+        "--replication",
+        type=positive_int,
+        default=None,
+        help="Cassandra replicas per datacenter when the keyspace is created (default: the "
+        "URL's replication=, else 1)",
+    )
+    migrate.add_argument(
+        "--dc", default=None, help="Cassandra datacenter for NetworkTopologyStrategy (or ?dc=)"
+    )
+    store.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:

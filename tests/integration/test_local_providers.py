@@ -804,11 +804,11 @@ def test_the_delivery_fcm_sender_speaks_http2_to_the_local_server_and_closes_in_
     from operators.delivery.model import RetryPolicy
     from operators.delivery.payloads import PushTemplate
     from operators.delivery.token_bucket import BucketSpec
+    from scripts.dev.local_providers.settings_file import write_provider_settings
     from tests.fakes import request
 
     home = tmp_path / "home"
-    (home / "providers").mkdir(parents=True)
-    (home / "providers" / "providers.json").write_text(json.dumps(providers.info))
+    write_provider_settings(home / "settings.env", providers.info)  # as `fanfare dev up` does
     config = fcm_config(load_settings({"FANFARE_HOME": str(home)}))
     assert config is not None
     assert config.url == providers.info["fcm"]["https_url"] and config.ca_file is not None

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # One non-default value per variable, and the field value it must become.
 EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_HOME": ("/var/lib/fanfare", Path("/var/lib/fanfare")),
+    "FANFARE_SETTINGS_FILE": ("SETTINGS", "SETTINGS"),
     "FANFARE_KAFKA_BROKERS": ("k1:9092,k2:9092", "k1:9092,k2:9092"),
     "FANFARE_KAFKA_OPTIONS": (
         "security.protocol=SASL_SSL, sasl.mechanism=PLAIN",
@@ -62,6 +64,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_APNS_CA_FILE": ("/etc/ca.pem", "/etc/ca.pem"),
     "FANFARE_FCM_CREDENTIALS_FILE": ("/run/secrets/fcm.json", "/run/secrets/fcm.json"),
     "FANFARE_FCM_URL": ("http://127.0.0.1:9999", "http://127.0.0.1:9999"),
+    "FANFARE_FCM_CA_FILE": ("/etc/ssl/fcm-ca.pem", "/etc/ssl/fcm-ca.pem"),
     "FANFARE_APNS_RATE_PER_MIN": ("120000", 120_000),
     "FANFARE_FCM_RATE_PER_MIN": ("300000", 300_000),
     "FANFARE_RATE_BURST_MS": ("250", 250),
@@ -108,7 +111,7 @@ def test_unrelated_variables_are_ignored() -> None:
 def test_every_variable_is_parsed(tmp_path: Path) -> None:
     # The table above must cover every setting, so a new field cannot go untested.
     assert set(EVERY_VARIABLE) == set(ENV_VARIABLES.values())
-    files = {"KAFKA_SECRETS": "sasl.password=pw\n", "REDIS_PASSWORD": "pw\n"}
+    files = {"KAFKA_SECRETS": "sasl.password=pw\n", "REDIS_PASSWORD": "pw\n", "SETTINGS": ""}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     table = {
@@ -239,3 +242,110 @@ def test_template_with_unknown_field_is_refused() -> None:
 def test_rate_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="FANFARE_FCM_RATE_PER_MIN=0 is out of range"):
         load_settings({"FANFARE_FCM_RATE_PER_MIN": "0"})
+
+
+# --- the settings file -----------------------------------------------------------------------
+
+
+def test_the_settings_file_fills_in_what_the_environment_does_not_set(tmp_path: Path) -> None:
+    (tmp_path / "settings.env").write_text(
+        "# written by hand\nFANFARE_SHARDS=8\nexport FANFARE_LOG_LEVEL=DEBUG\n\n"
+        "FANFARE_TOPIC_PARTITIONS = 6\n"
+    )
+    settings = load_settings(
+        {"FANFARE_HOME": str(tmp_path), "FANFARE_SHARDS": "16", "FANFARE_TOPIC_PARTITIONS": ""}
+    )
+    assert settings.shard_count == 16  # the environment wins
+    assert settings.log_level == "DEBUG"
+    assert settings.topic_partitions == 6  # an empty variable is not set
+    assert settings.settings_path == tmp_path / "settings.env"
+
+
+def test_a_named_settings_file_is_read_and_must_exist(tmp_path: Path) -> None:
+    named = tmp_path / "elsewhere.env"
+    named.write_text("FANFARE_SHARDS=8\n")
+    env = {"FANFARE_HOME": str(tmp_path / "home"), "FANFARE_SETTINGS_FILE": str(named)}
+    assert load_settings(env).shard_count == 8
+    named.unlink()
+    with pytest.raises(ConfigError, match=r"FANFARE_SETTINGS_FILE=.*no such file"):
+        load_settings(env)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "FANFARE_SHARDZ=8",
+        "SHARDS=8",
+        "FANFARE_SHARDS",
+        "FANFARE_HOME=/x",
+        "FANFARE_SETTINGS_FILE=y",
+    ],
+)
+def test_a_line_the_settings_file_cannot_use_is_named(tmp_path: Path, line: str) -> None:
+    (tmp_path / "settings.env").write_text(f"FANFARE_LOG_LEVEL=INFO\n{line}\n")
+    with pytest.raises(ConfigError, match=r"settings.env, line 2: .* FANFARE_NAME=value"):
+        load_settings({"FANFARE_HOME": str(tmp_path)})
+
+
+def test_a_bad_value_in_the_settings_file_names_the_variable(tmp_path: Path) -> None:
+    (tmp_path / "settings.env").write_text("FANFARE_SHARDS=many\n")
+    with pytest.raises(ConfigError, match="FANFARE_SHARDS"):
+        load_settings({"FANFARE_HOME": str(tmp_path)})
+
+
+def test_a_provider_configured_in_the_environment_takes_nothing_from_the_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "settings.env").write_text(
+        "FANFARE_APNS_KEY_FILE=/local/key.p8\nFANFARE_APNS_HOST=localhost\n"
+        "FANFARE_APNS_PORT=8443\nFANFARE_FCM_CREDENTIALS_FILE=/local/sa.json\n"
+        "FANFARE_FCM_URL=https://localhost:9443\n"
+    )
+    settings = load_settings(
+        {"FANFARE_HOME": str(tmp_path), "FANFARE_APNS_KEY_FILE": "/real/AuthKey.p8"}
+    )
+    # APNs is configured in the environment: its real key never goes to the local host.
+    assert (settings.apns_key_file, settings.apns_host, settings.apns_port) == (
+        "/real/AuthKey.p8",
+        "api.push.apple.com",
+        443,
+    )
+    # FCM is not: the file's settings are used whole.
+    assert settings.fcm_credentials_file == "/local/sa.json"
+    assert settings.fcm_url == "https://localhost:9443"
+
+
+def test_local_provider_settings_are_written_and_taken_out_keeping_other_lines(
+    tmp_path: Path,
+) -> None:
+    from scripts.dev.local_providers.settings_file import (
+        remove_provider_settings,
+        write_provider_settings,
+    )
+
+    def info(port: int) -> dict[str, Any]:
+        apns = {"key_file": "/p/k.p8", "key_id": "K", "team_id": "T", "topic": "app"}
+        fcm = {"credentials_file": "/p/sa.json", "ca_file": "/p/ca.pem"}
+        return {
+            "apns": {**apns, "host": "localhost", "port": port, "ca_file": "/p/ca.pem"},
+            "fcm": {**fcm, "https_url": f"https://localhost:{port + 1}"},
+        }
+
+    path = tmp_path / "settings.env"
+    path.write_text("FANFARE_SHARDS=8\n")
+    write_provider_settings(path, info(9000))
+    write_provider_settings(path, info(9100))  # a restart replaces, never appends
+    settings = load_settings({"FANFARE_HOME": str(tmp_path)})
+    assert (settings.shard_count, settings.apns_port) == (8, 9100)
+    assert (settings.fcm_url, settings.fcm_ca_file) == ("https://localhost:9101", "/p/ca.pem")
+    assert path.read_text().count("FANFARE_APNS_PORT") == 1
+    remove_provider_settings(path, info(9100))
+    assert path.read_text() == "FANFARE_SHARDS=8\n"
+    write_provider_settings(path, info(9200))
+    path.write_text(path.read_text().replace("FANFARE_APNS_PORT=9200", "FANFARE_APNS_PORT=1"))
+    remove_provider_settings(path, info(9200))  # a line changed since is not ours to remove
+    assert path.read_text() == "FANFARE_SHARDS=8\nFANFARE_APNS_PORT=1\n"
+    path.write_text("")
+    write_provider_settings(path, info(9300))
+    remove_provider_settings(path, info(9300))
+    assert not path.exists()  # nothing else was in it

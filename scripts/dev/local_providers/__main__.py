@@ -1,7 +1,8 @@
 """`python -m scripts.dev.local_providers --dir DIR`: the local APNs, FCM and control API.
 
-Writes DIR/providers.json once listening (see runner.py for its shape); SIGTERM or SIGINT stops
-the servers cleanly and removes the file.
+Writes DIR/providers.json once listening (see runner.py for its shape), and with
+`--settings-file` the settings that point fanfare at them; SIGTERM or SIGINT stops the servers
+cleanly and removes both.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ async def _run(args: argparse.Namespace) -> None:
         fcm_tls_port=args.fcm_tls_port,
         strict_tokens=not args.loose_tokens,
         fcm_access_token=args.fcm_access_token,
+        settings_file=Path(args.settings_file) if args.settings_file else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -65,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--fcm-access-token", default=None, help="a fixed FCM bearer to accept (default: random)"
+    )
+    parser.add_argument(
+        "--settings-file",
+        default=None,
+        metavar="PATH",
+        help="also write fanfare's FANFARE_APNS_*/FANFARE_FCM_* settings for these servers into "
+        "this settings file (fanfare's FANFARE_SETTINGS_FILE), and take them out on stop",
     )
     args = parser.parse_args(argv)
     asyncio.run(_run(args))

@@ -36,6 +36,10 @@ from scripts.dev.local_providers.apns import ApnsServer
 from scripts.dev.local_providers.control import ControlApi, ProviderControl
 from scripts.dev.local_providers.credentials import LocalCredentials, make_local_credentials
 from scripts.dev.local_providers.fcm import FcmServer
+from scripts.dev.local_providers.settings_file import (
+    remove_provider_settings,
+    write_provider_settings,
+)
 from scripts.dev.local_providers.state import ProviderState
 
 HOST = "127.0.0.1"
@@ -98,6 +102,7 @@ class Running:
     fcm: FcmServer
     servers: list[asyncio.Server]
     info: ProvidersInfo
+    settings_file: Path | None = None
 
     async def close(self) -> None:
         """Stop listening, close every connection, remove providers.json."""
@@ -117,6 +122,8 @@ class Running:
         with contextlib.suppress(OSError, ValueError, KeyError):
             if json.loads(path.read_text())["pid"] == self.info["pid"]:
                 path.unlink()
+        if self.settings_file is not None:
+            remove_provider_settings(self.settings_file, self.info)
 
 
 async def serve(
@@ -128,8 +135,13 @@ async def serve(
     fcm_tls_port: int = 0,
     strict_tokens: bool = True,
     fcm_access_token: str | None = None,
+    settings_file: Path | None = None,
 ) -> Running:
-    """Generate or reuse credentials in `home`, listen on 127.0.0.1, write providers.json."""
+    """Generate or reuse credentials in `home`, listen on 127.0.0.1, write providers.json.
+
+    With `settings_file`, also write the FANFARE_APNS_* / FANFARE_FCM_* settings that point
+    fanfare at these servers there (fanfare's settings file), and take them out on close.
+    """
     home = home.resolve()
     speedups.install()
     creds = make_local_credentials(home)
@@ -181,7 +193,9 @@ async def serve(
     tmp = home / f".providers.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     tmp.replace(home / "providers.json")  # readers never see half a file
-    return Running(home, creds, apns, fcm, servers, info)
+    if settings_file is not None:
+        write_provider_settings(settings_file, info)
+    return Running(home, creds, apns, fcm, servers, info, settings_file)
 
 
 class _Handle:
@@ -259,6 +273,7 @@ def start_local_providers(
     fcm_tls_port: int = 0,
     strict_tokens: bool = True,
     fcm_access_token: str | None = None,
+    settings_file: Path | None = None,
 ) -> LocalProviders:
     """Run the servers on a daemon thread with its own event loop; returns once they listen.
 
@@ -279,6 +294,7 @@ def start_local_providers(
                     fcm_tls_port=fcm_tls_port,
                     strict_tokens=strict_tokens,
                     fcm_access_token=fcm_access_token,
+                    settings_file=settings_file,
                 )
             )
         except BaseException as exc:
@@ -329,6 +345,7 @@ def spawn_local_providers(
     fcm_tls_port: int = 0,
     strict_tokens: bool = True,
     timeout_s: float = 30.0,
+    settings_file: Path | None = None,
 ) -> ProvidersProcess:
     """Start `python -m scripts.dev.local_providers` and wait until its providers.json is written.
 
@@ -344,6 +361,8 @@ def spawn_local_providers(
     args += ["--control-port", str(control_port), "--fcm-tls-port", str(fcm_tls_port)]
     if not strict_tokens:
         args.append("--loose-tokens")
+    if settings_file is not None:
+        args += ["--settings-file", str(settings_file)]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
