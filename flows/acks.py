@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
@@ -22,6 +22,7 @@ from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
 from operators.adapters.kafka.reader import KafkaTopicsSource
 from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials, load_settings
+from operators.dead_letters import Decoded, decode_or_dead_letter, one
 from schemas.records import DeadLetter
 from schemas.topics import NOTIFICATION_ACKS
 
@@ -35,10 +36,10 @@ def build_acks_flow(
     """Wire the graph from its ports (tests pass TestingSource/TestingSink)."""
     flow = Dataflow("acks")
     raw = op.input("read_acks", flow, source)
-    decoded = op.map("decode_ack", raw, decode_ack)
-    split = op.branch("split_ack_dead_letters", decoded, lambda x: isinstance(x, DeadLetter))
-    unknown = op.flat_map_batch("apply_acks", cast(Stream[ReadAck], split.falses), apply_acks)
-    op.output("write_dead_letters", op.merge("dead", split.trues, unknown), dead_letter_sink)
+    decoded: Decoded[ReadAck] = decode_or_dead_letter("decode_ack", raw, one(decode_ack))
+    unknown = op.flat_map_batch("apply_acks", decoded.oks, apply_acks)
+    dead = op.merge("merge_dead_letters", decoded.dead_letters, unknown)
+    op.output("write_dead_letters", dead, dead_letter_sink)
     return flow
 
 

@@ -15,10 +15,10 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
@@ -37,6 +37,7 @@ from operators.adapters.redis.rate_limiter import RedisRateLimiter
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials, load_settings
+from operators.dead_letters import Decoded, decode_or_dead_letter, one
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import RetryPolicy, SendRequest
 from operators.delivery.payloads import PushTemplate
@@ -54,10 +55,6 @@ from schemas.topics import DEVICE_CHANGES, PUSH_RETRY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def _is_dead_letter(item: object) -> bool:
-    return isinstance(item, DeadLetter)
 
 
 def _only(kind: type[T]) -> Callable[[object], T | None]:
@@ -79,17 +76,17 @@ def build_delivery_flow(
     flow = Dataflow("delivery")
 
     channel = op.input("read_channel_lanes", flow, channel_source)
-    decoded = op.flat_map("decode_dispatch", channel, decode_channel_message)
-    split = op.branch("split_dispatch_dead_letters", decoded, _is_dead_letter)
-    fresh = cast(Stream[SendRequest], split.falses)
+    fresh: Decoded[SendRequest] = decode_or_dead_letter(
+        "decode_dispatch", channel, decode_channel_message
+    )
 
     # The source holds each retry until its due time (see RetryTopicSource).
     due = op.input("read_due_retries", flow, retry_source)
-    decoded_retries = op.map("decode_retry", due, decode_retry_message)
-    retry_split = op.branch("split_retry_dead_letters", decoded_retries, _is_dead_letter)
-    due_requests = cast(Stream[SendRequest], retry_split.falses)
+    retries: Decoded[SendRequest] = decode_or_dead_letter(
+        "decode_retry", due, one(decode_retry_message)
+    )
 
-    requests = op.merge("merge_requests", fresh, due_requests)
+    requests = op.merge("merge_requests", fresh.oks, retries.oks)
     outputs = op.flat_map_batch("send_to_providers", requests, send)
 
     events = op.filter_map("events", outputs, _only(DeliveryEvent))
@@ -103,8 +100,8 @@ def build_delivery_flow(
     op.output("write_retries", op.filter_map("retries", outputs, _only(RetryRecord)), retry_sink)
     dead = op.merge(
         "merge_dead_letters",
-        split.trues,
-        retry_split.trues,
+        fresh.dead_letters,
+        retries.dead_letters,
         op.filter_map("send_dead_letters", outputs, _only(DeadLetter)),
     )
     op.output("write_dead_letters", dead, dead_letter_sink)

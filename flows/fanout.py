@@ -17,10 +17,10 @@ import functools
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow, Stream
+from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
@@ -34,6 +34,7 @@ from operators.adapters.redis.post_claims import RedisPostClaims
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_follower_store
 from operators.config import Settings, cassandra_credentials, load_settings
+from operators.dead_letters import Decoded, decode_or_dead_letter, one
 from operators.fanout.logic import ExpandFollowerShardLogic
 from operators.fanout.ports import FollowerStore, PostClaims
 from operators.fanout.shard import FollowerShard, utc_now
@@ -44,7 +45,7 @@ from operators.fanout.steps import (
     ShardJobPlanner,
     decode_post,
 )
-from schemas.records import DeadLetter, DispatchBatch
+from schemas.records import DispatchBatch
 from schemas.topics import (
     CHANGELOG_TOPICS,
     CHANNEL_TOPICS,
@@ -53,10 +54,6 @@ from schemas.topics import (
     POST_CREATED_BACKFILL,
     PREFERENCE_CHANGES,
 )
-
-
-def _is_dead_letter(item: object) -> bool:
-    return isinstance(item, DeadLetter)
 
 
 def _count_written(batch: DispatchBatch, dropped: int) -> None:
@@ -84,18 +81,18 @@ def build_fanout_flow(
     flow = Dataflow("fanout")
 
     posts = op.input("read_posts", flow, post_source)
-    decoded = op.map("decode_post", posts, decode_post)
-    post_split = op.branch("split_post_dead_letters", decoded, _is_dead_letter)
-    valid_posts = cast(Stream[ReadPost], post_split.falses)
-    owned = op.flat_map_batch("claim_post", valid_posts, PostClaimer(claims).claim_batch)
+    decoded: Decoded[ReadPost] = decode_or_dead_letter("decode_post", posts, one(decode_post))
+    owned = op.flat_map_batch("claim_post", decoded.oks, PostClaimer(claims).claim_batch)
     planner = ShardJobPlanner(store, settings.shard_count, settings.celebrity_threshold)
     jobs = op.flat_map("plan_shard_jobs", owned, planner.plan)
 
     changes = op.input("read_changelogs", flow, changelog_source)
-    routed = op.flat_map("route_changelog", changes, ChangelogRouter(settings.shard_count).route)
-    change_split = op.branch("split_changelog_dead_letters", routed, _is_dead_letter)
+    router = ChangelogRouter(settings.shard_count)
+    routed: Decoded[tuple[str, Any]] = decode_or_dead_letter(
+        "route_changelog", changes, router.route
+    )
 
-    shard_inputs = op.merge("merge_shard_inputs", jobs, change_split.falses)
+    shard_inputs = op.merge("merge_shard_inputs", jobs, routed.oks)
 
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
         shard = FollowerShard(
@@ -115,7 +112,7 @@ def build_fanout_flow(
     )
     op.output("write_channel_topics", to_partitions, channel_sink)
 
-    dead = op.merge("merge_dead_letters", post_split.trues, change_split.trues)
+    dead = op.merge("merge_dead_letters", decoded.dead_letters, routed.dead_letters)
     op.output("write_dead_letters", dead, dead_letter_sink)
     return flow
 

@@ -18,6 +18,28 @@ ERROR_TEXT_LIMIT = 2_000
 
 
 @dataclass(frozen=True, slots=True)
+class MessageOrigin:
+    """Where a message was read: topic, partition, offset, and which item of a batch.
+
+    `key` is the message's identity as claims and the ledger store it: compared, never parsed.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    item: int | None = None
+
+    @property
+    def key(self) -> str:
+        """`topic/partition@offset`: the message, whichever of its items (stored by claims)."""
+        return f"{self.topic}/{self.partition}@{self.offset}"
+
+    def of_item(self, index: int) -> MessageOrigin:
+        """The origin of one item of this message."""
+        return MessageOrigin(self.topic, self.partition, self.offset, index)
+
+
+@dataclass(frozen=True, slots=True)
 class RawEvent:
     """A message as read, with where it came from (for dead letters and claims)."""
 
@@ -31,9 +53,9 @@ class RawEvent:
     """For a dispatch batch sent in slices: the items [start, stop) this event carries."""
 
     @property
-    def source(self) -> str:
-        """`topic/partition@offset`: the identity of this message."""
-        return f"{self.topic}/{self.partition}@{self.offset}"
+    def origin(self) -> MessageOrigin:
+        """Where this message was read."""
+        return MessageOrigin(self.topic, self.partition, self.offset)
 
 
 @dataclass(frozen=True, slots=True)

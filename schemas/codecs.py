@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -182,13 +182,22 @@ def encode_notification_ack(ack: NotificationAck) -> bytes:
             "notification_id": ack.notification_id,
             "device_id": ack.device_id,
             "event": ack.event,
-            "ts": _rfc3339(ack.ts),
+            "ts": format_timestamp(ack.ts),
         }
     )
 
 
-def _rfc3339(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
+def format_timestamp(when: datetime | float, timespec: str = "auto") -> str:
+    """RFC 3339 in UTC with a `Z`: how fanfare writes every time (an aware datetime or epoch s).
+
+    `timespec` is `datetime.isoformat`'s: "auto" (microseconds when there are any),
+    "milliseconds", "seconds".
+    """
+    if isinstance(when, datetime):
+        moment = when.astimezone(UTC)
+    else:
+        moment = datetime.fromtimestamp(when, UTC)
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def encode_post_created(post: PostCreated) -> bytes:
@@ -198,7 +207,7 @@ def encode_post_created(post: PostCreated) -> bytes:
         "post_id": post.post_id,
         "author_id": post.author_id,
         "visibility": post.visibility,
-        "created_at": _rfc3339(post.created_at),
+        "created_at": format_timestamp(post.created_at),
         "notify_followers": post.notify_followers,
     }
     if post.text is not None:
@@ -215,7 +224,7 @@ def encode_follow_change(change: FollowChange) -> bytes:
             "op": change.op,
             "notify_on_post": change.notify_on_post,
             "muted": change.muted,
-            "ts": _rfc3339(change.ts),
+            "ts": format_timestamp(change.ts),
         }
     )
 
@@ -229,7 +238,7 @@ def encode_preference_change(change: PreferenceChange) -> bytes:
             "quiet_hours_start": change.quiet_hours_start,
             "quiet_hours_end": change.quiet_hours_end,
             "timezone": change.timezone,
-            "ts": _rfc3339(change.ts),
+            "ts": format_timestamp(change.ts),
         }
     )
 
@@ -241,7 +250,7 @@ def encode_device_change(change: DeviceChange) -> bytes:
         "device_id": change.device_id,
         "provider": change.provider,
         "active": change.active,
-        "ts": _rfc3339(change.ts),
+        "ts": format_timestamp(change.ts),
     }
     if change.token is not None:
         body["token"] = change.token
@@ -351,6 +360,17 @@ def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
 def encode_dead_letter(letter: DeadLetter) -> bytes:
     """The wire form of a dead letter."""
     return orjson.dumps(letter)
+
+
+def encode_send_reference(post_id: str, item: DispatchItem, provider: str) -> str:
+    """The `raw` of a dead letter about one send: which push, not the whole batch it came in."""
+    reference = {
+        "post_id": post_id,
+        "notification_id": item["notification_id"],
+        "device_id": item["device_id"],
+        "provider": provider,
+    }
+    return orjson.dumps(reference).decode()
 
 
 RAW_TEXT_LIMIT = 64 * 1024

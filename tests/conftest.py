@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +17,15 @@ import orjson
 import pytest
 import redis
 
+from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import create_topics
 from operators.adapters.kafka.probes import message_count, read_partition_to_end, topic_partitions
 from operators.config import Settings, load_settings
 from schemas.topics import CHANNEL_TOPICS
 from scripts.dev import devstack
+from scripts.harness.spawn import signal_fanfare, start_fanfare
 
 REDIS_URL = os.environ.get("FANFARE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Watcher:
@@ -68,21 +62,12 @@ class Stack:
         if self.flows:  # a second flow in the same test needs its own /metrics port
             env["FANFARE_METRICS_PORT"] = str(free_port())
         log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "scripts.cli", "run", flow],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # so a kill reaches the bytewax child too
-            )
+        proc = start_fanfare(["run", flow], env, log_path)
         self.flows.append(proc)
         return proc
 
     def kill_flow(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+        signal_fanfare(proc, sig)
         proc.wait(timeout=30)
 
     def flow_log(self) -> str:

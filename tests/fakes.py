@@ -16,6 +16,7 @@ from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.payloads import PayloadTooLarge
 from operators.delivery.ports import EdgeClaims, LoopRunner, PushSender
 from operators.delivery.token_bucket import BucketSpec
+from operators.events import MessageOrigin
 from operators.fanout.eligibility import edge_flags
 from operators.fanout.ports import FollowerRow, FollowerStore, PostClaims
 from operators.fanout.sharding import shard_of
@@ -84,7 +85,9 @@ def request(
     attempt: int = 0,
     seq: int = 0,
 ) -> SendRequest:
-    """A send request with sensible defaults."""
+    """A send request with sensible defaults; `source` is where it was read, `topic/p@offset`."""
+    topic, _, position = source.rpartition("/")
+    partition, _, offset = position.partition("@")
     return SendRequest(
         provider=provider,  # type: ignore[arg-type]
         lane=lane,  # type: ignore[arg-type]
@@ -98,7 +101,7 @@ def request(
             "device_id": device,
             "token": token or f"tok-{user}-{device}",
         },
-        source=source,
+        origin=MessageOrigin(topic, int(partition), int(offset)),
         attempt=attempt,
         seq=seq,
     )

@@ -1,15 +1,31 @@
-"""Free TCP ports on 127.0.0.1, for the throwaway stacks of the benchmarks and the chaos runner."""
+"""Free TCP ports on 127.0.0.1.
+
+A local cluster's ports, and those of the throwaway stacks of the tests, the demo, the fault
+harness and the benchmarks.
+"""
 
 from __future__ import annotations
 
 import socket
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different ports nothing listens on now (held together while they are picked)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def port_free(port: int) -> bool:

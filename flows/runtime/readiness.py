@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from flows.runtime.http_endpoint import BackgroundHTTPServer, QuietHandler
+from flows.runtime.metrics_scrape import fetch_text, parse
 from operators.config import Settings, redact_url
 
 CAUGHT_UP_METRIC = "fanfare_changelogs_caught_up_shards"  # operators.metrics sets it
@@ -137,20 +137,16 @@ def probe_redis(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> Check
 def scrape_member(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> Scrape:
     """A member's /metrics, reduced to the caught-up shard count (absent: None)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            text = resp.read().decode("utf-8", errors="replace")
+        text = fetch_text(url, timeout_s)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         return Scrape(url, error=str(reason))
-    caught: float | None = None
     try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == CAUGHT_UP_METRIC:
-                    caught = (caught or 0.0) + sample.value
+        samples = parse(text, prefixes=(CAUGHT_UP_METRIC,))
     except ValueError as exc:
         return Scrape(url, error=f"unreadable /metrics: {exc}")
-    return Scrape(url, caught)
+    caught = [v for (name, _), v in samples.items() if name == CAUGHT_UP_METRIC]
+    return Scrape(url, sum(caught) if caught else None)
 
 
 class ReadinessChecker:

@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from typing import Any
 from flows.registry import FLOWS
 from flows.runtime import readiness
 from flows.runtime.flow_process import MODULE
+from flows.runtime.ports import free_ports
 from flows.runtime.recovery_marker import (
     RECOVERY_MARKER,
     read_marker,
@@ -351,20 +351,6 @@ def process_env(
 def member_metrics_url(settings: Settings, port: int) -> str:
     """Where this host reaches a local process's /metrics."""
     return readiness.local_url(settings.metrics_listen_host, port, "/metrics")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (a local cluster's ports, fresh at every start)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def plan_members(settings: Settings, flow: str, spec: ClusterSpec) -> list[Member]:

@@ -51,6 +51,7 @@ from operators.delivery.ports import (
     PushSender,
     RateLimiter,
 )
+from schemas.codecs import encode_send_reference, format_timestamp
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
 
 log = logging.getLogger(__name__)
@@ -69,24 +70,11 @@ class DeliverySettings:
     breaker_cooldown_s: float = 5.0
 
 
-def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _dead_letter(request: SendRequest, error: str) -> DeadLetter:
-    raw = (
-        f'{{"post_id":"{request.post_id}","notification_id":"{request.item["notification_id"]}",'
-        f'"device_id":"{request.item["device_id"]}","provider":"{request.provider}"}}'
-    )
-    topic, _, rest = request.source.partition("/")
-    partition, _, offset = rest.partition("@")
-    return DeadLetter(
-        topic,
-        int(partition) if partition.isdigit() else None,
-        int(offset.split("#")[0]) if offset.split("#")[0].isdigit() else None,
-        error,
-        raw,
-    )
+    """A send given up on (its outcome is counted as `dead_lettered`, not as bad input)."""
+    origin = request.origin
+    raw = encode_send_reference(request.post_id, request.item, request.provider)
+    return DeadLetter(origin.topic, origin.partition, origin.offset, error, raw)
 
 
 class DeliveryEngine:
@@ -128,10 +116,10 @@ class DeliveryEngine:
         decided: list[tuple[SendRequest, Action, Any]] = []
         fresh = [r for r in requests if r.seq == 0]
         retries = [r for r in requests if r.seq > 0]
-        holders = self._claims.claim([(*r.key, r.source) for r in fresh])
+        holders = self._claims.claim([(*r.key, r.origin.key) for r in fresh])
         to_store = []
         for r, holder in zip(fresh, holders, strict=True):
-            if holder is None or holder == r.source:
+            if holder is None or holder == r.origin.key:
                 to_store.append(r)
             else:
                 metrics.DELIVERY_DEDUPED.labels("edge").inc()
@@ -180,8 +168,8 @@ class DeliveryEngine:
             status=status,
             reason=reason,
             attempt=attempt,
-            ts=_rfc3339(now),
-            retry_at=None if retry_at is None else _rfc3339(retry_at),
+            ts=format_timestamp(now, "milliseconds"),
+            retry_at=None if retry_at is None else format_timestamp(retry_at, "milliseconds"),
         )
 
     def _finish(

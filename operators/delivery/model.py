@@ -20,10 +20,11 @@ import math
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
+from operators.events import MessageOrigin
 from schemas.records import DispatchItem, Provider
 
 Lane = Literal["normal", "bulk"]
@@ -56,7 +57,8 @@ class SendRequest:
     created_at: str
     created_ts: float
     item: DispatchItem
-    source: str
+    origin: MessageOrigin
+    """The message that carries the send: its key owns the ledger row (see `decide`)."""
     attempt: int = 0
     seq: int = 0
 
@@ -72,6 +74,11 @@ class SendRequest:
 
 
 _APNS_NS = uuid.UUID("6f1c2d4e-9a7b-4c3d-8e5f-0a1b2c3d4e5f")
+
+
+EARLIER_COPY_IN_CALL = "(an earlier copy of the same item in this call)"
+"""The owner a claim answers for the second copy of an item claimed twice in one call: no
+message's key, so `decide` skips the copy (the first one owns the send)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +107,7 @@ def decide(request: SendRequest, row: LedgerRow | None) -> Action:
     """The ledger rules (module docstring). `row` is None only when no message claimed it yet."""
     if row is None:
         return Action.SEND
-    if row.owner == request.source:
+    if row.owner == request.origin.key:
         if row.state == "sending":
             return Action.RESEND
         return Action.REEMIT
@@ -222,8 +229,3 @@ def plan_retry(
     if due - request.created_ts > policy.max_age_s:
         return RetryPlan("expired")
     return RetryPlan("retry", due)
-
-
-def rescheduled(request: SendRequest, attempts_made: int, source: str = "") -> SendRequest:
-    """The request as its retry record carries it: one more schedule, attempts so far."""
-    return replace(request, attempt=attempts_made, seq=request.seq + 1, source=source)

@@ -26,10 +26,8 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
     except InvalidEvent as exc:
         # A batch handed out in slices is dead-lettered once, with its first slice.
         return [dead_letter(event, exc)] if event.window is None or event.window[0] == 0 else []
-    source = event.source
-    items = batch.items
-    if event.window is not None:
-        items = items[event.window[0] : event.window[1]]
+    origin = event.origin
+    first, stop = event.window if event.window is not None else (0, len(batch.items))
     return [
         SendRequest(
             provider=batch.provider,
@@ -38,10 +36,10 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
             author_id=batch.author_id,
             created_at=batch.created_at,
             created_ts=created_ts,
-            item=item,
-            source=source,
+            item=batch.items[index],
+            origin=origin.of_item(index),
         )
-        for item in items
+        for index in range(first, stop)
     ]
 
 
@@ -72,7 +70,7 @@ def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
         created_at=record.created_at,
         created_ts=created_ts,
         item=record.item,
-        source=event.source,
+        origin=event.origin,
         attempt=record.attempt,
         seq=record.seq,
     )

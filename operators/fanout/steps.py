@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from operators import metrics
-from operators.events import CaughtUp, RawEvent, dead_letter
+from operators.events import CaughtUp, MessageOrigin, RawEvent, dead_letter
 from operators.fanout.eligibility import post_suppression
 from operators.fanout.ports import FollowerStore, PostClaims
 from operators.fanout.shard import ShardJob, lane_for
@@ -18,6 +18,7 @@ from schemas.codecs import (
     decode_follow_change,
     decode_post_created,
     decode_preference_change,
+    format_timestamp,
 )
 from schemas.records import DeadLetter, PostCreated
 from schemas.topics import DEVICE_CHANGES, FOLLOW_CHANGES, PREFERENCE_CHANGES
@@ -29,7 +30,7 @@ class ReadPost:
 
     post: PostCreated
     created_at_raw: str
-    source: str
+    origin: MessageOrigin
     read_at: float
 
 
@@ -40,8 +41,8 @@ def decode_post(event: RawEvent) -> ReadPost | DeadLetter:
     except InvalidEvent as exc:
         return dead_letter(event, exc)
     metrics.POSTS_READ.inc()
-    created_raw = post.created_at.isoformat().replace("+00:00", "Z")
-    return ReadPost(post, created_raw, event.source, event.read_at)
+    created_raw = format_timestamp(post.created_at)
+    return ReadPost(post, created_raw, event.origin, event.read_at)
 
 
 _DECODERS: dict[str, Callable[[bytes | str | None], Any]] = {
@@ -82,7 +83,7 @@ class PostClaimer:
 
     def claim_batch(self, posts: list[ReadPost]) -> list[ReadPost]:
         """The posts this batch owns."""
-        owned = self._claims().claim([(p.post.post_id, p.source) for p in posts])
+        owned = self._claims().claim([(p.post.post_id, p.origin.key) for p in posts])
         kept = [p for p, ok in zip(posts, owned, strict=True) if ok]
         if len(kept) != len(posts):
             metrics.DEDUPED.labels("post_claim").inc(len(posts) - len(kept))

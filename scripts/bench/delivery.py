@@ -65,7 +65,6 @@ import platform
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -74,7 +73,6 @@ import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from zlib import crc32
@@ -85,9 +83,9 @@ from confluent_kafka import KafkaError, Producer
 from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import create_topics
 from operators.config import ConfigError, Settings, load_settings
+from schemas.codecs import format_timestamp
 from schemas.topics import channel_topic
 from scripts.bench.fanout import (
-    PROJECT_ROOT,
     BenchError,
     Broker,
     Flow,
@@ -107,6 +105,7 @@ from scripts.bench.fanout import (
 from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord, ProviderControl
+from scripts.harness.spawn import start_fanfare
 
 TARGET_APNS_PER_S = 10_000
 TARGET_P50_S = 0.100
@@ -263,7 +262,7 @@ class Tokens:
 
 def iso(ts: float) -> str:
     """RFC 3339 with microseconds, as the fan-out writes created_at."""
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    return format_timestamp(ts)
 
 
 def partition_of(post_id: str, partitions: int) -> int:
@@ -602,21 +601,10 @@ class DeliveryFlow(Flow):
 
     def start(self) -> None:
         """Start it in its own session (a terminal Ctrl-C reaches only the benchmark)."""
-        cmd = [sys.executable, "-m", "scripts.cli", "run", "delivery", "--workers", "1", "--fresh"]
-        self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        with self.logfile.open("ab") as out:
-            out.write(f"--- {' '.join(cmd)}\n".encode())
-            out.flush()
-            self.started_at = time.time()
-            self.proc = subprocess.Popen(
-                cmd,
-                env=self.env,
-                cwd=PROJECT_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.started_at = time.time()
+        self.proc = start_fanfare(
+            ["run", "delivery", "--workers", "1", "--fresh"], self.env, self.logfile
+        )
 
 
 def log_problems(path: Path, limit: int = 12) -> dict[str, Any]:

@@ -72,6 +72,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from flows.runtime.flow_process import is_flow_process
+from flows.runtime.metrics_scrape import Sample, fetch_text, parse
 from flows.runtime.ports import free_port, free_port_run, port_free
 from operators.adapters.kafka.admin import create_topics
 from operators.adapters.kafka.writer import produce_all
@@ -79,9 +80,11 @@ from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.config import ConfigError, Settings, load_settings
 from operators.fanout.quiet_hours import hour_is_quiet
 from operators.fanout.sharding import shard_of
+from schemas.codecs import format_timestamp
 from schemas.topics import DEVICE_CHANGES, POST_CREATED, PREFERENCE_CHANGES, channel_topic
 from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
+from scripts.harness.spawn import start_fanfare
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_BASE_PORT = 2101  # flows.runtime.runner's fixed cluster ports (127.0.0.1:2101 + i)
@@ -338,27 +341,10 @@ def system_busy_seconds() -> float:
 
 # --- metrics --------------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
-
-def scrape(port: int, timeout: float = 5.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """One /metrics endpoint as {(name, labels): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
-        text = resp.read().decode()
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m is None:
-            continue
-        labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
-        try:
-            out[(m.group(1), labels)] = float(m.group(3))
-        except ValueError:
-            continue
-    return out
+def scrape(port: int, timeout: float = 5.0) -> dict[Sample, float]:
+    """One /metrics endpoint as {(name, labels): value}, every family (process_* too)."""
+    return parse(fetch_text(f"http://127.0.0.1:{port}/metrics", timeout), prefixes=("",))
 
 
 class Metrics:
@@ -433,33 +419,10 @@ class Flow:
 
     def start(self) -> None:
         """Start `fanfare run fanout --fresh` in its own session, output to the log file."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "scripts.cli",
-            "run",
-            "fanout",
-            "--processes",
-            str(self.processes),
-            "--workers",
-            str(self.workers),
-            "--fresh",
-        ]
-        self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        with self.logfile.open("ab") as out:
-            out.write(f"--- {' '.join(cmd)}\n".encode())
-            out.flush()
-            self.started_at = time.time()
-            # Own session: a Ctrl-C in the terminal reaches only the benchmark, which stops this.
-            self.proc = subprocess.Popen(
-                cmd,
-                env=self.env,
-                cwd=PROJECT_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        argv = ["run", "fanout", "--processes", str(self.processes)]
+        argv += ["--workers", str(self.workers), "--fresh"]
+        self.started_at = time.time()
+        self.proc = start_fanfare(argv, self.env, self.logfile)
 
     def check_alive(self) -> None:
         """Raise BenchError with the log's end if the flow exited."""
@@ -674,7 +637,7 @@ def make_seed(args: argparse.Namespace) -> Seed:
 
 def preference_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
     """One preference_changes message per user, keyed by user id."""
-    ts = seed.seeded_at.isoformat().replace("+00:00", "Z")
+    ts = format_timestamp(seed.seeded_at)
     tzs = QUIET_TIMEZONES
     for i in range(seed.users):
         uid = seed.uid(i)
@@ -696,7 +659,7 @@ def preference_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes,
 
 def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
     """One active device_changes message per user, keyed by user id."""
-    ts = seed.seeded_at.isoformat().replace("+00:00", "Z")
+    ts = format_timestamp(seed.seeded_at)
     for i in range(seed.users):
         uid = seed.uid(i)
         if seed.apns[i]:
@@ -876,7 +839,7 @@ class PostStream(threading.Thread):
                     "post_id": post_id,
                     "author_id": author_id(j),
                     "visibility": "public",
-                    "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                    "created_at": format_timestamp(time.time()),
                 }
             )
             self._producer.produce(
@@ -1478,7 +1441,7 @@ def measure_celebrity(
         "post_id": post_id,
         "author_id": CELEBRITY,
         "visibility": "public",
-        "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "created_at": format_timestamp(time.time()),
     }
     produce_all(kafka, POST_CREATED, [(CELEBRITY.encode(), orjson.dumps(body))])
     t_acked = time.time()

@@ -42,6 +42,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from operators.adapters.kafka.admin import BrokerUnavailable
 from operators.adapters.kafka.probes import end_offset
 from operators.config import Settings
+from operators.events import MessageOrigin
 from schemas.codecs import (
     InvalidEvent,
     decode_device_change,
@@ -49,6 +50,7 @@ from schemas.codecs import (
     decode_notification_ack,
     decode_post_created,
     decode_preference_change,
+    format_timestamp,
     validator,
 )
 from schemas.topics import (
@@ -61,7 +63,7 @@ from schemas.topics import (
     PREFERENCE_CHANGES,
 )
 from scripts.commands.arguments import non_negative_int
-from scripts.commands.replay import (
+from scripts.commands.topic_scan import (
     Message,
     Position,
     ProgressLine,
@@ -71,7 +73,6 @@ from scripts.commands.replay import (
     partition_bounds,
     read_windows,
     resolve_windows,
-    rfc3339,
     time_arg,
     topic_partition_count,
 )
@@ -132,7 +133,7 @@ class Letter:
         """`topic/partition@offset` of the original message, when the dead letter says."""
         if self.partition is None or self.offset is None:
             return None
-        return f"{self.source_topic}/{self.partition}@{self.offset}"
+        return MessageOrigin(self.source_topic, self.partition, self.offset).key
 
 
 def decode_letter(m: Message) -> Letter | None:
@@ -143,7 +144,7 @@ def decode_letter(m: Message) -> Letter | None:
     except (orjson.JSONDecodeError, fastjsonschema.JsonSchemaValueException):
         return None
     return Letter(
-        m.source,
+        m.origin.key,
         m.timestamp_ms,
         d["source_topic"],
         d["partition"],
@@ -401,7 +402,7 @@ def newer_changes_reader(settings: Settings, skip: frozenset[str]) -> NewerChang
         if window.size == 0:
             return latest
         for m in read_windows(config, topic, {partition: window}):
-            if m.source in skip:
+            if m.origin.key in skip:
                 continue
             try:
                 record = spec.decode(m.value)
@@ -425,7 +426,7 @@ def _filters_text(args: argparse.Namespace) -> str:
     if args.source_topics:
         parts.append(f"source topic {', '.join(args.source_topics)}")
     if args.since is not None:
-        parts.append(f"since {rfc3339(cast(int, args.since.time_ms))}")
+        parts.append(f"since {format_timestamp(cast(int, args.since.time_ms) / 1000, 'seconds')}")
     return f" ({'; '.join(parts)})" if parts else ""
 
 
@@ -455,7 +456,8 @@ def list_command(args: argparse.Namespace, settings: Settings, out: TextIO, err:
         redriven = f"; {g.redriven:,} redriven" if g.redriven else ""
         print(f"  {g.reason:<22}{g.count:>8,}  from {topics}{redriven}", file=out)
         for x in g.examples:
-            when = rfc3339(x.timestamp_ms) if x.timestamp_ms is not None else "?"
+            stamped = x.timestamp_ms
+            when = "?" if stamped is None else format_timestamp(stamped / 1000, "seconds")
             origin = x.identity or f"{x.source_topic} (no position)"
             mark = f"  [redriven: {marked[x.identity]}]" if marked and x.identity in marked else ""
             print(f"      {x.at}  {when}  {origin}{mark}", file=out)
@@ -501,7 +503,7 @@ def _send(
     ordered = sorted(
         plans, key=lambda p: (p.letter.source_topic, p.letter.partition, p.letter.offset)
     )
-    stamp = rfc3339(time.time() * 1000)
+    stamp = format_timestamp(time.time(), "seconds")
     idents = [cast(str, p.letter.identity) for p in ordered]
     owned = marks.claim(idents, f"sending since {stamp}")
     partitions = {

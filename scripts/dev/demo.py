@@ -18,10 +18,7 @@ import contextlib
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -32,16 +29,19 @@ import orjson
 import redis
 
 from flows.runtime.metrics_scrape import by_label, scrape, total
+from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import create_topics, wait_for_broker
 from operators.adapters.kafka.probes import message_count, read_partition_to_end, topic_partitions
 from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.config import Settings
+from schemas.codecs import format_timestamp
 from schemas.topics import DEAD_LETTERS, DELIVERY_EVENTS, NOTIFICATION_ACKS, POST_CREATED
 from scripts.commands.arguments import positive_int
 from scripts.dev import devstack
 from scripts.dev.demo_graph import build_graph, demo_posts
 from scripts.dev.local_providers.control import ProviderControl
+from scripts.harness.spawn import start_fanfare, stop_fanfare
 
 OPEN_RATE = 0.25  # the share of delivered pushes the demo's "apps" report opened
 
@@ -71,12 +71,6 @@ MALFORMED_CHANGES = {
         )
     ],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _prepare_stack(settings: Settings) -> None:
@@ -143,22 +137,6 @@ def _stale_tokens(devices: list[tuple[bytes, bytes]], seed: int) -> dict[str, di
     return stale
 
 
-def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _accepted_events(settings: Settings) -> list[dict[str, Any]]:
     """Every `accepted` delivery event (one per device push that reached its provider)."""
     out = []
@@ -184,7 +162,7 @@ def _latencies(accepted: list[dict[str, Any]], created: dict[str, float]) -> lis
 def _app_acks(accepted: list[dict[str, Any]], seed: int) -> list[tuple[bytes, bytes]]:
     """What the apps would send back: every push delivered, a quarter opened, one unknown."""
     rng = random.Random(seed)
-    ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    ts = format_timestamp(time.time())
     acks = []
     for e in accepted:
         events = ["delivered", "opened"] if rng.random() < OPEN_RATE else ["delivered"]
@@ -219,7 +197,7 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     demo_home.mkdir(parents=True)
     demo_prefix = f"{settings.redis_prefix}demo:{run_id}:"
     threshold = max(100, args.users // 4)  # only the celebrity (60% of users) is above it
-    metrics_port = _free_port()
+    metrics_port = free_port()
     print(f"fanfare demo: {args.users} users, {args.posts} posts, seed {args.seed}")
     _prepare_stack(settings)
 
@@ -261,10 +239,10 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     )
     log = demo_home / "flow.log"
     delivery_log = demo_home / "delivery.log"
-    delivery_port = _free_port()
-    flow = _start([sys.executable, "-m", "scripts.cli", "run", "fanout"], env, log)
-    delivery = _start(
-        [sys.executable, "-m", "scripts.cli", "run", "delivery"],
+    delivery_port = free_port()
+    flow = start_fanfare(["run", "fanout"], env, log)
+    delivery = start_fanfare(
+        ["run", "delivery"],
         {
             **env,
             "FANFARE_METRICS_PORT": str(delivery_port),
@@ -276,9 +254,9 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     url = [f"http://127.0.0.1:{metrics_port}/metrics"]
     delivery_url = [f"http://127.0.0.1:{delivery_port}/metrics"]
     acks_log = demo_home / "acks.log"
-    acks_port = _free_port()
-    acks_flow = _start(
-        [sys.executable, "-m", "scripts.cli", "run", "acks"],
+    acks_port = free_port()
+    acks_flow = start_fanfare(
+        ["run", "acks"],
         {**env, "FANFARE_METRICS_PORT": str(acks_port)},
         acks_log,
     )
@@ -366,9 +344,9 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         )
         acks_metrics = scrape(acks_url)
     finally:
-        _stop(flow)
-        _stop(delivery)
-        _stop(acks_flow)
+        stop_fanfare(flow, 20)
+        stop_fanfare(delivery, 20)
+        stop_fanfare(acks_flow, 20)
         devstack.stop_providers(demo_settings)
         client = redis.Redis.from_url(settings.redis_url)
         keys = list(client.scan_iter(match=demo_prefix + "*", count=1000))

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from schemas.codecs import format_timestamp
+
 TIMEZONES = (
     "America/New_York",
     "America/Los_Angeles",
@@ -56,7 +58,7 @@ class SyntheticGraph:
 def build_graph(user_count: int, seed: int, now: datetime | None = None) -> SyntheticGraph:
     """Users, follows (power law + a celebrity followed by 60%), preferences and devices."""
     rng = random.Random(seed)
-    ts = (now or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+    ts = format_timestamp(now or datetime.now(UTC))
     users = [f"user{i:07d}" for i in range(user_count)]
     celebrity = users[0]
     graph = SyntheticGraph(users, celebrity)
@@ -133,7 +135,7 @@ def build_graph(user_count: int, seed: int, now: datetime | None = None) -> Synt
 def demo_posts(graph: SyntheticGraph, count: int, seed: int, run_id: str) -> Iterator[Message]:
     """Posts by authors weighted by audience, plus the cases the demo must show."""
     rng = random.Random(seed + 1)
-    ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    ts = format_timestamp(datetime.now(UTC))
     # The celebrity posts once, explicitly; the others are picked by audience.
     authors = [a for a in graph.followers_of if a != graph.celebrity]
     weights = [graph.followers_of[a] for a in authors]

@@ -29,7 +29,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,9 +45,11 @@ from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.config import Settings, load_settings
 from operators.delivery.model import TERMINAL_STATES
+from schemas.codecs import format_timestamp
 from schemas.topics import CHANNEL_TOPICS, DELIVERY_EVENTS
 from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord, ProviderControl
+from scripts.harness.spawn import start_fanfare
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The caller's own fanfare and Bytewax settings never reach a chaos flow (a real
@@ -121,7 +122,7 @@ def token_for(provider: str, name: str) -> str:
 
 def iso(ts: float) -> str:
     """RFC 3339 in UTC with milliseconds."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return format_timestamp(ts, "milliseconds")
 
 
 # --- flows ----------------------------------------------------------------------------------------
@@ -151,20 +152,7 @@ class FlowRun:
             "FANFARE_METRICS_SERVER": "fanfare",
         }
         self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "scripts.cli", "run", flow, *argv]
-        with log_path.open("ab") as out:
-            out.write(f"--- {' '.join(cmd)}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                cmd,
-                env=self.env,
-                cwd=PROJECT_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a terminal's Ctrl-C reaches the runner, which stops it
-            )
+        self.proc = start_fanfare(["run", flow, *argv], self.env, log_path)
         self.started_at = time.time()
 
     def _get(self, path: str) -> tuple[int | None, dict[str, Any]]:

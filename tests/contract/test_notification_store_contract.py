@@ -39,7 +39,7 @@ def test_claim_creates_once_and_answers_the_holder(
     assert again == [LedgerRow("push.apns/0@1", "sending", 0, 0)]
     c = request("u3", post=post, source="push.apns/0@2")
     first, second = store.claim([c, c])
-    assert first is None and second is not None and second.owner != c.source
+    assert first is None and second is not None and second.owner != c.origin.key
     assert store.rows([a.key, (f"{post}:nobody", "d1")]) == [
         LedgerRow("push.apns/0@1", "sending", 0, 0),
         None,

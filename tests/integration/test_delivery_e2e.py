@@ -13,6 +13,7 @@ import orjson
 
 from operators.adapters.kafka.writer import produce_all
 from operators.delivery.model import TERMINAL_STATES
+from schemas.codecs import format_timestamp
 from tests.conftest import Providers, Stack, wait_for
 
 FAST_RETRIES = (
@@ -36,7 +37,7 @@ def fcm_token(rng: random.Random) -> str:
 
 
 def iso(dt: datetime) -> str:
-    return dt.isoformat().replace("+00:00", "Z")
+    return format_timestamp(dt)
 
 
 def publish(

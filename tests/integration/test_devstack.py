@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import list_topics
 from operators.config import Settings, load_settings
 from schemas.topics import ALL_TOPICS
@@ -23,12 +24,6 @@ from scripts.dev import devstack
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stack_env(home: Path, port: int, **extra: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from operators.adapters.kafka.writer import produce_all
+from schemas.codecs import format_timestamp
 from tests.conftest import Providers, Stack, wait_for
 from tests.integration.test_delivery_e2e import apns_token, publish, wait_terminal
 
@@ -60,7 +61,7 @@ def test_delivered_notifications_fill_the_inbox_and_an_ack_opens_one(
     assert [n["notification_id"] for n in second["notifications"]] == ["post0:u1"]
     assert second["next_cursor"] is None
 
-    ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    ts = format_timestamp(datetime.now(UTC))
     acks = [
         {"notification_id": "post2:u1", "device_id": "ipad", "event": "delivered", "ts": ts},
         {"notification_id": "post2:u1", "device_id": "ipad", "event": "opened", "ts": ts},

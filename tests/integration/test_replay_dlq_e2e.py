@@ -18,6 +18,7 @@ import pytest
 
 from flows.runtime.metrics_scrape import fetch_text, parse
 from operators.adapters.kafka.writer import produce_all
+from schemas.codecs import format_timestamp
 from schemas.topics import CHANNEL_TOPICS, POST_CREATED, POST_CREATED_BACKFILL
 from scripts import cli
 from scripts.commands import recovery as recovery_cli
@@ -63,7 +64,7 @@ def count_of(out: str, label: str) -> int:
 
 
 def iso(ms: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{int(ms % 1000):03d}Z"
+    return format_timestamp(ms / 1000, "milliseconds")
 
 
 def wait_items(stack: Stack, watcher: Watcher, n: int, what: str) -> None:

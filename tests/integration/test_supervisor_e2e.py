@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from flows.runtime.ports import free_port
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from schemas.topics import CHANNEL_TOPICS
-from tests.conftest import Stack, free_port, wait_for
+from tests.conftest import Stack, wait_for
 from tests.integration.test_fanout_e2e import device, follow, post, publish
 
 pytestmark = pytest.mark.integration

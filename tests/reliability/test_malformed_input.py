@@ -35,7 +35,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,9 +42,10 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, Producer
 
+from flows.runtime.ports import free_port
 from operators.adapters.stores.by_url import open_notification_store
-from schemas.codecs import RAW_TEXT_LIMIT, raw_text
-from tests.conftest import Providers, Stack, free_port, wait_for
+from schemas.codecs import RAW_TEXT_LIMIT, format_timestamp, raw_text
+from tests.conftest import Providers, Stack, wait_for
 from tests.integration.test_delivery_e2e import apns_token, fcm_token
 from tests.unit.test_codecs_properties import (
     INPUT_TOPICS,
@@ -75,7 +75,7 @@ DEVICES = {
 
 
 def iso_now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return format_timestamp(time.time())
 
 
 def http_json(url: str) -> tuple[int, Any]:

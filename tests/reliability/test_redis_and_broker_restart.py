@@ -31,9 +31,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import create_topics, list_topics
 from scripts.dev import devstack
-from tests.conftest import Providers, Stack, free_port, wait_for
+from tests.conftest import Providers, Stack, wait_for
 from tests.integration.test_delivery_e2e import apns_token, publish, wait_terminal
 from tests.integration.test_fanout_e2e import device, follow, post
 from tests.integration.test_fanout_e2e import publish as publish_topic

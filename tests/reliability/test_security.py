@@ -35,7 +35,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,13 @@ import orjson
 import pytest
 import redis
 
+from flows.runtime.ports import free_port
 from operators.adapters.kafka.writer import produce_all
+from schemas.codecs import format_timestamp
 from schemas.topics import ALL_TOPICS
 from scripts.dev.local_providers.control import ProviderControl
 from scripts.dev.local_providers.runner import LocalProviders, Running, start_local_providers
-from tests.conftest import Stack, free_port, wait_for
+from tests.conftest import Stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -188,7 +189,7 @@ def metrics_ports(stack: Stack, index: int) -> list[int]:
 
 
 def iso_now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return format_timestamp(time.time())
 
 
 def apns_token(i: int) -> str:

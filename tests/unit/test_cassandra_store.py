@@ -23,7 +23,7 @@ from operators.adapters.stores import cassandra_followers as cf
 from operators.adapters.stores import cassandra_notifications as cn
 from operators.config import Settings
 from operators.delivery.ledger import InvalidCursor, LedgerUpdate, encode_cursor
-from operators.delivery.model import LedgerRow
+from operators.delivery.model import EARLIER_COPY_IN_CALL, LedgerRow
 from operators.fanout.ports import StoreMismatch
 from schemas.records import FollowChange, NotificationAck
 from scripts.commands import store as store_cli
@@ -419,7 +419,7 @@ def test_claim_answers_none_when_applied_and_the_holders_row_when_not() -> None:
     assert answers == [
         None,
         LedgerRow("push.apns/3@7", "retry_scheduled", 2, 2, 503, "503", 99.5),
-        LedgerRow("push.apns/0@1#dup", "sending", 0, 0),  # the same key twice: not the owner
+        LedgerRow(EARLIER_COPY_IN_CALL, "sending", 0, 0),  # the same key twice: not the owner
         LedgerRow("push.apns/0@1", "sending", 0, 0),  # a replay of the owner: its own row
     ]
     now_ms = round(NOW * 1000)

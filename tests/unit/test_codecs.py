@@ -1,9 +1,12 @@
 """The contracts: schema files are valid JSON Schema, decoders agree with them, bad input is named."""
 
+from datetime import datetime, timedelta, timezone
+
 import orjson
 import pytest
 from jsonschema import Draft7Validator
 
+from operators.events import MessageOrigin
 from schemas.codecs import (
     SCHEMA_NAMES,
     InvalidEvent,
@@ -17,7 +20,9 @@ from schemas.codecs import (
     encode_follow_change,
     encode_post_created,
     encode_preference_change,
+    format_timestamp,
     load_schema,
+    parse_timestamp,
     raw_text,
 )
 from schemas.records import DispatchBatch
@@ -150,3 +155,17 @@ def test_null_quiet_hours_are_none() -> None:
 def test_raw_text_keeps_undecodable_bytes() -> None:
     assert raw_text(b"ok \xff") == "ok \\xff"
     assert raw_text(None) == ""
+
+
+def test_format_timestamp_writes_utc_with_a_z() -> None:
+    plus_two = datetime(2026, 6, 1, 14, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    assert format_timestamp(plus_two) == "2026-06-01T12:00:00.123456Z"
+    assert format_timestamp(plus_two, "seconds") == "2026-06-01T12:00:00Z"
+    assert format_timestamp(1_780_315_200.5, "milliseconds") == "2026-06-01T12:00:00.500Z"
+    assert parse_timestamp(format_timestamp(plus_two)) == plus_two
+
+
+def test_message_origin_key_is_the_message_whichever_item() -> None:
+    origin = MessageOrigin("push.apns", 2, 40)
+    assert origin.key == "push.apns/2@40"
+    assert origin.of_item(7).key == origin.key and origin.of_item(7).item == 7

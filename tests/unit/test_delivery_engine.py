@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from operators import metrics
@@ -174,6 +175,25 @@ def test_permanent_failure_and_payload_too_large_are_failed_and_dead_lettered(
     assert events(out) == [("u2", "d1", "failed", 0), ("u1", "d1", "failed", 1)]
     assert len([x for x in out if isinstance(x, DeadLetter)]) == 2
     assert [r.item["token"] for r in sender.sent] == ["bad"]
+
+
+def test_a_dead_letter_names_the_send_in_valid_json_whatever_its_ids_hold(
+    store: SQLiteNotificationStore,
+) -> None:
+    # The dead letter's raw was written with f-strings: a quote in an id made it invalid JSON.
+    sender = ScriptedSender(answers={"bad": ProviderAnswer(400, "BadTopic")})
+    odd = 'd"1\\x'
+    out = engine(store, sender).deliver(
+        [request("u1", odd, token="bad", source="push.apns.bulk/3@41")]
+    )
+    [letter] = [x for x in out if isinstance(x, DeadLetter)]
+    assert (letter.source_topic, letter.partition, letter.offset) == ("push.apns.bulk", 3, 41)
+    assert orjson.loads(letter.raw) == {
+        "post_id": "p1",
+        "notification_id": "p1:u1",
+        "device_id": odd,
+        "provider": "apns",
+    }
 
 
 def test_breaker_opens_and_holds_sends_without_losing_them(store: SQLiteNotificationStore) -> None:

@@ -29,6 +29,7 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, KafkaError
 
+from flows.runtime.ports import free_port
 from operators import metrics
 from operators.adapters.kafka import probes as kafka_probes
 from operators.adapters.kafka import reader as kafka_reader
@@ -45,7 +46,6 @@ from operators.delivery.token_bucket import BucketSpec
 from operators.events import CaughtUp, RawEvent
 from schemas.records import DeliveryEvent
 from scripts.harness.chaos_stack import RedisServer
-from tests.conftest import free_port
 from tests.fakes import InlineLoop, ScriptedSender, request
 
 

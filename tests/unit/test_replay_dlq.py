@@ -22,17 +22,16 @@ from scripts import cli
 from scripts.commands import dlq, replay
 from scripts.commands import recovery as recovery_cli
 from scripts.commands.dlq import Fate, Letter, MemoryRedriveMarks, plan_redrive
-from scripts.commands.replay import (
+from scripts.commands.replay import ReplayStats, select_posts
+from scripts.commands.topic_scan import (
     Message,
     Position,
-    ReplayStats,
     UsageError,
     Verdict,
     Window,
     WindowCursor,
     parse_position,
     resolve_windows,
-    select_posts,
 )
 
 NOW = 1_780_000_000.0  # a fixed "now" (seconds)

@@ -542,7 +542,7 @@ def test_health_server_binds_an_ipv6_address() -> None:
 
 
 def test_real_probes_report_a_closed_port() -> None:
-    from tests.conftest import free_port
+    from flows.runtime.ports import free_port
 
     port = free_port()
     settings = Settings(kafka_brokers=f"127.0.0.1:{port}", redis_url=f"redis://127.0.0.1:{port}/0")

@@ -39,7 +39,7 @@ from operators.delivery.ledger import (
     encode_cursor,
     stronger_ack,
 )
-from operators.delivery.model import LedgerRow, SendRequest
+from operators.delivery.model import EARLIER_COPY_IN_CALL, LedgerRow, SendRequest
 from operators.delivery.ports import NotificationStore
 from schemas.records import AckOutcome, NotificationAck
 
@@ -234,14 +234,14 @@ class CassandraNotificationStore(NotificationStore):
         seen: set[tuple[str, str]] = set()
         for i, r in enumerate(requests):
             if r.key in seen:
-                answers[i] = LedgerRow(r.source + "#dup", "sending", 0, 0)
+                answers[i] = LedgerRow(EARLIER_COPY_IN_CALL, "sending", 0, 0)
             else:
                 seen.add(r.key)
                 first.append(i)
         results = self._run.each(
             self._claim,
             [
-                (*requests[i].key, requests[i].provider, requests[i].source, now_ms, self._ttl)
+                (*requests[i].key, requests[i].provider, requests[i].origin.key, now_ms, self._ttl)
                 for i in first
             ],
         )
@@ -258,7 +258,7 @@ class CassandraNotificationStore(NotificationStore):
         owned = [
             requests[i]
             for i in first
-            if answers[i] is None or answers[i].owner == requests[i].source  # type: ignore[union-attr]
+            if answers[i] is None or answers[i].owner == requests[i].origin.key  # type: ignore[union-attr]
         ]
         self._write_notifications(owned)
         return answers
@@ -273,7 +273,7 @@ class CassandraNotificationStore(NotificationStore):
         """Re-claim rows left by an expired claim (IF owner = null); read the winner if lost."""
         results = self._run.each(
             self._reclaim,
-            [(self._ttl, r.provider, r.source, now_ms, *r.key) for r in requests],
+            [(self._ttl, r.provider, r.origin.key, now_ms, *r.key) for r in requests],
         )
         lost = [
             (r, i)
@@ -337,7 +337,7 @@ class CassandraNotificationStore(NotificationStore):
             [
                 (
                     self._ttl,
-                    requests[i].source,
+                    requests[i].origin.key,
                     requests[i].provider,
                     now_ms,
                     *requests[i].key,

@@ -34,7 +34,7 @@ from operators.delivery.ledger import (
     encode_cursor,
     stronger_ack,
 )
-from operators.delivery.model import LedgerRow, SendRequest
+from operators.delivery.model import EARLIER_COPY_IN_CALL, LedgerRow, SendRequest
 from operators.delivery.ports import NotificationStore
 from schemas.records import AckOutcome, NotificationAck
 
@@ -196,12 +196,14 @@ class SQLiteNotificationStore(NotificationStore):
                 row = existing.get(r.key)
                 if row is None and r.key in claimed:
                     # The same item twice in one call: the first copy owns it.
-                    row = LedgerRow(r.source + "#dup", "sending", 0, 0)
+                    row = LedgerRow(EARLIER_COPY_IN_CALL, "sending", 0, 0)
                 answers.append(row)
                 if row is None:
                     claimed.add(r.key)
                     nid, dev = r.key
-                    new_rows.append((nid, dev, r.provider, r.source, "sending", 0, 0, now, expires))
+                    new_rows.append(
+                        (nid, dev, r.provider, r.origin.key, "sending", 0, 0, now, expires)
+                    )
                     new_notifications.append(
                         (
                             nid,
@@ -254,7 +256,7 @@ class SQLiteNotificationStore(NotificationStore):
                     "UPDATE deliveries SET owner=?, state='sending', updated_at=? "
                     "WHERE notification_id=? AND device_id=? AND state='retry_scheduled' "
                     "AND schedules=? AND expires_at > ?",
-                    (r.source, now, r.key[0], r.key[1], r.seq, now),
+                    (r.origin.key, now, r.key[0], r.key[1], r.seq, now),
                 )
                 out.append(cur.rowcount == 1)
             conn.execute("COMMIT")
