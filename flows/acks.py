@@ -8,7 +8,6 @@ Run it with `fanfare run acks`. Everything here is wiring; decisions live in `op
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
+from flows.runtime.logs import configure_logging
 from operators.acks.steps import ApplyAcks, ReadAck, decode_ack
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
 from operators.adapters.kafka.reader import KafkaTopicsSource
@@ -46,9 +46,7 @@ def build_acks_flow(
 def get_flow(settings: Settings | None = None) -> Dataflow:
     """The production flow on Kafka and the notification store."""
     settings = settings or load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     url, ttl = settings.resolved_notification_store_url, settings.store_ttl_s
     return build_acks_flow(
         source=KafkaTopicsSource(settings.kafka_config(), [NOTIFICATION_ACKS], batch_size=1_000),

@@ -22,6 +22,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
+from flows.runtime.logs import configure_logging
 from flows.runtime.recovery_marker import recovery_lineage
 from operators.adapters.kafka.channel_lanes import BulkPacer, ChannelLanesSource
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
@@ -178,9 +179,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
 def get_flow(settings: Settings | None = None) -> Dataflow:
     """The production flow on Kafka, Redis, the notification store and the providers."""
     settings = settings or load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     kafka = settings.kafka_config()
     pacer = BulkPacer()
     marks = functools.cache(

@@ -14,7 +14,6 @@ Everything here is wiring; decisions live in `operators/`.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -24,6 +23,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
+from flows.runtime.logs import configure_logging
 from flows.runtime.recovery_marker import recovery_lineage
 from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
@@ -120,9 +120,7 @@ def build_fanout_flow(
 def get_flow(settings: Settings | None = None) -> Dataflow:
     """The production flow on Kafka, Redis and the configured follower store."""
     settings = settings or load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     kafka = settings.kafka_config()
     sink = ChannelTopicsSink(
         kafka,

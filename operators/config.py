@@ -86,7 +86,8 @@ class Settings:
     ready_host: str = "127.0.0.1"
     """FANFARE_READY_HOST: address the `/ready` endpoint binds (`0.0.0.0` for a kubelet probe)."""
     log_level: str = "INFO"
-    """FANFARE_LOG_LEVEL: Python logging level."""
+    """FANFARE_LOG_LEVEL: DEBUG, INFO (one line per notable event: starts, stops, restarts,
+    outages), WARNING or ERROR; the client libraries log warnings only unless DEBUG."""
     notification_store_url: str = ""
     """FANFARE_NOTIFICATION_STORE_URL: notification store; default
     `sqlite:///$FANFARE_HOME/notifications.db`."""

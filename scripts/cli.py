@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from flows.runtime.logs import configure_logging
 from operators.config import ConfigError, Settings, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -87,14 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fanfare: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     func: Command = args.func
     try:
         return func(args, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fanfare metrics | head`): stop quietly, as `yes | head` does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import redis
 
 from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import create_topics
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import message_count, read_partition_to_end, topic_partitions
 from operators.config import Settings, load_settings
 from schemas.topics import CHANNEL_TOPICS
@@ -32,7 +33,9 @@ class Watcher:
     def __init__(self, kafka: dict[str, object], topics: tuple[str, ...]) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        self.consumer = Consumer({**kafka, "group.id": "test-watcher", "enable.auto.commit": False})  # type: ignore[dict-item]
+        self.consumer = Consumer(
+            client_config(kafka, **{"group.id": "test-watcher", "enable.auto.commit": False})
+        )
         parts = [p.rsplit("/", 1) for p in topic_partitions(kafka, list(topics))]
         self.consumer.assign([TopicPartition(t, int(p), 0) for t, p in parts])
         self.items = 0
@@ -58,9 +61,11 @@ class Stack:
     def start_flow(
         self, *extra_env: tuple[str, str], flow: str = "fanout"
     ) -> subprocess.Popen[bytes]:
-        env = {**os.environ, **self.env, **dict(extra_env)}
+        # Each flow its own /ready port (a taken one stops `fanfare run` at start).
+        env = {**os.environ, **self.env, "FANFARE_READY_PORT": str(free_port())}
         if self.flows:  # a second flow in the same test needs its own /metrics port
             env["FANFARE_METRICS_PORT"] = str(free_port())
+        env.update(extra_env)
         log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
         proc = start_fanfare(["run", flow], env, log_path)
         self.flows.append(proc)

@@ -24,6 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from flows.registry import FLOWS
 from flows.runtime.http_endpoint import BackgroundHTTPServer, QuietHandler
+from flows.runtime.supervisor import EXIT_CANNOT_START, EXIT_CONFIGURATION
 from operators.config import ConfigError, load_settings
 from operators.metrics import FLOW_INFO
 
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except ConfigError as exc:
         print(f"fanfare: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIGURATION
     server: MetricsServer | None = None
     if settings.metrics_server == "fanfare":
         try:
@@ -87,16 +88,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "choose another FANFARE_METRICS_PORT",
                 file=sys.stderr,
             )
-            return 1
+            return EXIT_CANNOT_START
         server.start()
     FLOW_INFO.labels(flow=flow).set(1)
     sys.argv = bytewax_argv(flow, options)
     try:
         runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)
+    except KeyboardInterrupt:
+        return 0  # stopped by SIGINT before Bytewax ran: nothing to report
+    except Exception as exc:
+        if stopped_by_signal(exc):
+            return 0  # the supervisor's SIGINT: a clean stop, not a failure
+        config = configuration_error(exc)
+        if config is not None:
+            print(f"fanfare {flow}: {config}", file=sys.stderr)
+            return EXIT_CONFIGURATION
+        raise
     finally:
         if server is not None:
             server.close()
     return 0
+
+
+def stopped_by_signal(exc: BaseException) -> bool:
+    """True for how Bytewax ends a run on SIGINT: "signal received", from a KeyboardInterrupt."""
+    return isinstance(exc.__cause__, KeyboardInterrupt) or "signal received" in str(exc)
+
+
+def configuration_error(exc: BaseException) -> str | None:
+    """The message of a configuration error behind `exc` (building the flow checks settings)."""
+    from operators.adapters.providers.config import ProviderConfigError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConfigError, ProviderConfigError)):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 if __name__ == "__main__":

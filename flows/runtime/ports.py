@@ -28,11 +28,17 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def port_free(port: int) -> bool:
-    """Whether a TCP port on 127.0.0.1 can be bound now."""
-    with socket.socket() as s:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP port can be bound on `host` now, as fanfare's HTTP servers bind it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        return False
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the servers do: a port whose last connection is in TIME_WAIT is free for them.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
         return True

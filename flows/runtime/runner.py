@@ -37,6 +37,7 @@ from flows.registry import FLOWS
 from flows.runtime import readiness
 from flows.runtime.flow_process import MODULE
 from flows.runtime.ports import free_ports
+from flows.runtime.preflight import exit_code, startup_problems
 from flows.runtime.recovery_marker import (
     RECOVERY_MARKER,
     read_marker,
@@ -392,11 +393,24 @@ def peer_metrics_urls(settings: Settings, spec: ClusterSpec) -> list[str]:
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`fanfare run FLOW`: exit 0 when stopped by a signal, 1 when it gave up, 2 for usage."""
+    """`fanfare run FLOW` until stopped.
+
+    Exit codes: 0 stopped by a signal, 1 gave up after restarts, 2 a bad argument or setting,
+    3 something it needs is missing or taken (the broker, Redis, a topic, a port).
+    """
     try:
         spec = resolve_cluster(args, os.environ)
         check_ports(settings, spec)
         check_peers_reach_metrics(settings, spec)
+    except UsageError as exc:
+        print(f"fanfare run: error: {exc}", file=sys.stderr)
+        return 2
+    problems = startup_problems(settings, args.flow, metrics_ports(settings, spec))
+    for problem in problems:
+        print(f"fanfare run {args.flow}: cannot start: {problem.line}", file=sys.stderr)
+    if problems:
+        return exit_code(problems)
+    try:
         recovery = settings.recovery_dir(args.flow)
         if args.fresh and recovery.exists():
             shutil.rmtree(recovery)

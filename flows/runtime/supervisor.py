@@ -22,12 +22,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 log = logging.getLogger("fanfare.supervisor")
 
@@ -37,6 +40,16 @@ STOP_GRACE_S = 10.0
 # Seconds the survivors of a failed member get before SIGKILL (they usually panic within 1 s).
 FAIL_GRACE_S = 5.0
 POLL_S = 0.1
+
+EXIT_CONFIGURATION = 2
+"""A member's exit code for a setting it cannot use: restarting cannot fix it."""
+EXIT_CANNOT_START = 3
+"""A member's (or `fanfare run`'s) exit code when something it needs is missing or taken at
+start (the broker, Redis, a topic, a port): restarting cannot fix it either."""
+PERMANENT_FAILURES = {
+    EXIT_CONFIGURATION: "a setting it cannot use",
+    EXIT_CANNOT_START: "something it needs is missing or taken",
+}
 
 
 @dataclass(frozen=True)
@@ -96,11 +109,51 @@ _PDEATHSIG_SHIM = (
 
 
 def spawn_member(member: Member) -> subprocess.Popen[bytes]:
-    """Start a member; on Linux it dies with this process (PR_SET_PDEATHSIG survives exec)."""
+    """Start a member; on Linux it dies with this process (PR_SET_PDEATHSIG survives exec).
+
+    Its stderr comes through a pipe, which the supervisor forwards (see `StopNoiseFilter`).
+    """
     cmd = member.command
     if sys.platform.startswith("linux"):
         cmd = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *cmd]
-    return subprocess.Popen(cmd, env=member.env)
+    return subprocess.Popen(cmd, env=member.env, stderr=subprocess.PIPE)
+
+
+_PANIC = re.compile(rb"^thread '[^']*' panicked at ")
+_PANIC_DETAIL = re.compile(rb"^(\s|Box<dyn Any>|stack backtrace:|note: )")
+
+
+class StopNoiseFilter:
+    """Drops the Rust panic report a member prints when it is stopped on purpose.
+
+    Bytewax ends a run on SIGINT by panicking its worker thread, and Rust's panic hook prints
+    the panic (and, with RUST_BACKTRACE set, a 40-frame backtrace) although nothing failed.
+    After the supervisor sent SIGINT, such a report is dropped: from its `thread '...' panicked
+    at` line through its detail lines. Everything else, and every report of a member that was
+    not asked to stop, is forwarded as it came.
+    """
+
+    def __init__(self) -> None:
+        self._dropping = False
+
+    def keep(self, line: bytes, asked_to_stop: bool) -> bool:
+        """Whether to forward this stderr line."""
+        if self._dropping and _PANIC_DETAIL.match(line):
+            return False
+        self._dropping = asked_to_stop and bool(_PANIC.match(line))
+        return not self._dropping
+
+
+def forward_stderr(source: IO[bytes], asked_to_stop: Callable[[], bool]) -> None:
+    """Copy a member's stderr lines to ours until it closes, minus a stop's panic report."""
+    noise = StopNoiseFilter()
+    out = sys.stderr.buffer
+    for line in iter(source.readline, b""):
+        if noise.keep(line, asked_to_stop()):
+            with contextlib.suppress(OSError, ValueError):
+                out.write(line)
+                out.flush()
+    source.close()
 
 
 class Supervisor:
@@ -131,6 +184,8 @@ class Supervisor:
         self._stopping = False
         self._kill_now = False
         self._procs: list[tuple[Member, subprocess.Popen[bytes]]] = []
+        self._signalled: set[int] = set()  # pids this supervisor sent SIGINT to
+        self._forwarders: list[threading.Thread] = []
         self.state = "starting"
         self.restarts = 0
         self.last_failure: str | None = None
@@ -187,6 +242,20 @@ class Supervisor:
                     for m, p, code in failed
                 )
                 self.last_failure = what
+                permanent = sorted({c for _, _, c in failed if c in PERMANENT_FAILURES})
+                if permanent:
+                    code = permanent[0]
+                    log.error(
+                        "%s: %s (%s: see its message above); a restart cannot fix that, so "
+                        "the cluster stops. Fix it, then run the flow again: it resumes from "
+                        "the recovery directory",
+                        self.name,
+                        what,
+                        PERMANENT_FAILURES[code],
+                    )
+                    self.state = "failed"
+                    self._shutdown(self._fail_grace_s, "failed")
+                    return code
                 log.error("%s: %s; stopping the cluster", self.name, what)
                 self.state = "restarting"
                 self._shutdown(self._fail_grace_s, "failed")
@@ -234,7 +303,18 @@ class Supervisor:
         members = self._plan(attempt)
         self._procs = []
         for m in members:
-            self._procs.append((m, self._spawn(m)))
+            proc = self._spawn(m)
+            self._procs.append((m, proc))
+            if proc.stderr is not None:
+                pid = proc.pid
+                forwarder = threading.Thread(
+                    target=forward_stderr,
+                    args=(proc.stderr, lambda pid=pid: pid in self._signalled),
+                    name=f"stderr-{m.process_id}",
+                    daemon=True,
+                )
+                forwarder.start()
+                self._forwarders.append(forwarder)
         self.state = "running"
         pids = ", ".join(f"{m.process_id}: pid {p.pid}" for m, p in self._procs)
         log.info("%s: started %d process(es) (%s)", self.name, len(self._procs), pids)
@@ -275,6 +355,7 @@ class Supervisor:
                 grace_s,
             )
             for _, p in alive:
+                self._signalled.add(p.pid)
                 _signal(p, signal.SIGINT)
             deadline = self._clock() + grace_s
             while self._clock() < deadline and not self._kill_now:
@@ -287,6 +368,9 @@ class Supervisor:
                 _signal(p, signal.SIGKILL)
         for _, p in alive:
             p.wait()
+        for forwarder in self._forwarders:  # the members' last lines, before ours
+            forwarder.join(timeout=2.0)
+        self._forwarders = [f for f in self._forwarders if f.is_alive()]
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:

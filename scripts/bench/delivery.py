@@ -737,6 +737,7 @@ class Bench:
         env = dict(self.base_env)
         env["FANFARE_KAFKA_BROKERS"] = f"127.0.0.1:{port}"
         env["FANFARE_METRICS_PORT"] = str(self.metrics_port)
+        env["FANFARE_READY_PORT"] = "0"  # not used here; never collides with a flow of the host
         store = self.home / "phases" / name / "notifications.db"
         store.parent.mkdir(parents=True, exist_ok=True)
         env["FANFARE_NOTIFICATION_STORE_URL"] = f"sqlite:///{store}"

@@ -1043,6 +1043,7 @@ def bench_env(
         "FANFARE_METRICS_PORT": str(metrics_port),
         "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there
         "FANFARE_METRICS_SERVER": "fanfare",
+        "FANFARE_READY_PORT": "0",  # not used here; never collides with a flow of the host
         "FANFARE_STORE_URL": "",
         "FANFARE_LOG_LEVEL": os.environ.get("FANFARE_LOG_LEVEL", "WARNING"),
     }

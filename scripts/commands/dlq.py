@@ -40,6 +40,7 @@ import redis
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from operators.adapters.kafka.admin import BrokerUnavailable
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import end_offset
 from operators.config import Settings
 from operators.events import MessageOrigin
@@ -510,9 +511,8 @@ def _send(
         t: topic_partition_count(settings, t) for t in {p.letter.source_topic for p in ordered}
     }
     producer = Producer(
-        cast(
-            dict[str, Any],
-            {**settings.kafka_config(), "enable.idempotence": True, "acks": "all", "linger.ms": 5},
+        client_config(
+            settings.kafka_config(), **{"enable.idempotence": True, "acks": "all", "linger.ms": 5}
         )
     )
     results: dict[str, tuple[KafkaError | None, int, int]] = {}

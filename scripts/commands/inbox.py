@@ -15,10 +15,19 @@ from operators.config import Settings, cassandra_credentials
 from operators.delivery.ledger import InvalidCursor
 from operators.delivery.ports import NotificationStore
 from scripts.commands.arguments import positive_int
+from scripts.commands.hints import fanfare_command
 
 
 def _when(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S") + "Z"
+
+
+def attempt_answer(status: int | None, reason: str | None) -> str:
+    """`503 ServiceUnavailable`: the status once, though a reason may start with it already."""
+    reason = reason or ""
+    if status is not None and not reason.startswith(str(status)):
+        reason = f"{status} {reason}"
+    return reason.strip() or "-"
 
 
 def open_store(settings: Settings) -> NotificationStore | None:
@@ -90,7 +99,10 @@ def inbox_command(args: argparse.Namespace, settings: Settings) -> int:
             f"{n.notification_id}"
         )
     if page.next_cursor is not None:
-        print(f"next page: fanfare inbox {args.user} --cursor {page.next_cursor}")
+        more = [args.user, "--cursor", page.next_cursor]
+        if args.limit != 20:
+            more += ["--limit", str(args.limit)]
+        print(f"next page: {fanfare_command(['inbox', *more])}")
     return 0
 
 
@@ -138,6 +150,6 @@ def status_command(args: argparse.Namespace, settings: Settings) -> int:
     if not attempts:
         print("    none yet")
     for a in attempts:
-        answer = f"{a.status or '-'} {a.reason or ''}".rstrip()
+        answer = attempt_answer(a.status, a.reason)
         print(f"    {_when(a.at)}  {a.device_id:<20} #{a.attempt:<3} {a.state:<16} {answer}")
     return 0

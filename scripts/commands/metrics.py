@@ -19,6 +19,7 @@ interval. Exit codes: 0 when at least one endpoint answered, 1 when none did.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -68,6 +69,7 @@ class Endpoint:
     samples: Samples | None = None
     flows: list[str] = field(default_factory=list)
     error: str | None = None
+    started_at: float | None = None  # the process's start (epoch s): its counters count since
 
     @property
     def name(self) -> str:
@@ -136,10 +138,12 @@ def scrape_endpoints(urls: Iterable[str], timeout_s: float) -> list[Endpoint]:
         try:
             text = fetch_text(url, timeout_s)
             ep.samples = parse(text)
+            started = parse(text, prefixes=(PROCESS_START,)).get((PROCESS_START, ()))
         except (OSError, ValueError) as exc:  # no answer, or not a Prometheus exposition
             ep.error = _why(exc)
         else:
             ep.flows = sorted({a or b for a, b in _FLOW.findall(text)})
+            ep.started_at = started
         out.append(ep)
     return out
 
@@ -162,6 +166,11 @@ def merge(endpoints: Iterable[Endpoint]) -> Samples:
 
 
 # --- the report ---------------------------------------------------------------------------------
+
+
+PROCESS_START = "process_start_time_seconds"
+MIN_FOR_PERCENTILES = 20
+"""Below this many observations a latency shows its bucket bound, not percentiles."""
 
 
 def _n(value: float) -> str:
@@ -214,6 +223,11 @@ class Report:
         count = cum[-1][1] if cum else 0.0
         if count <= 0:
             self.text(indent, label, "no observations")
+            return
+        if count < MIN_FOR_PERCENTILES:  # a percentile of a handful of items says nothing
+            bound = next((le for le, c in cum if c >= count), math.inf)
+            within = f"all within {_secs(bound)}" if math.isfinite(bound) else "some very slow"
+            self.text(indent, label, f"{_n(count)} item{'' if count == 1 else 's'}: {within}")
             return
         parts = [f"p{q * 100:g} {_secs(histogram_quantile(q, cum))}" for q in QUANTILES]
         self.text(
@@ -355,7 +369,16 @@ def render(endpoints: list[Endpoint], prev: Samples | None, interval_s: float) -
     up = [ep for ep in endpoints if ep.samples is not None]
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     lines = [f"fanfare metrics at {stamp}: {len(up)} endpoint(s)"]
-    lines += [f"  {ep.name:<24}{', '.join(ep.flows) or '(no flow steps seen)'}" for ep in up]
+    for ep in up:
+        since = ""
+        if ep.started_at is not None:
+            since = datetime.fromtimestamp(ep.started_at, UTC).strftime("%H:%M:%SZ")
+            since = f"  (process started {since})"
+        lines.append(f"  {ep.name:<24}{', '.join(ep.flows) or '(no flow steps seen)'}{since}")
+    lines.append(
+        "counts are since each process started: a restart (`fanfare run` restarts a failed "
+        "cluster) starts them at 0 again"
+    )
     report = Report(merge(up), prev, interval_s)
     flows = {f for ep in up for f in ep.flows}
     _fanout(report, flows)

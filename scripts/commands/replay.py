@@ -16,11 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from operators.adapters.kafka.admin import BrokerUnavailable
+from operators.adapters.kafka.client_log import client_config
 from operators.config import Settings
 from operators.fanout.eligibility import post_suppression
 from schemas.codecs import InvalidEvent, decode_post_created, format_timestamp
@@ -228,9 +229,14 @@ def _claim_holders(chunk: list[Selected], claims: ClaimLookup, stats: ReplayStat
 
 def _would_fan_out(s: Selected, holder: str, oldest_ms: float, stats: ReplayStats) -> str:
     """What the flow will do with a replayed post, for humans; counts suppressed and too old."""
-    if holder and holder != _UNKNOWN:
-        return f"already fanned out (claimed by {holder}): dropped as a duplicate"
     reason = post_suppression(s.post)
+    if holder and holder != _UNKNOWN:
+        if reason is None:
+            return f"already fanned out (claimed by {holder}): dropped as a duplicate"
+        # Read before, but it never fanned out: it notifies nobody, whoever holds the claim.
+        stats.claimed -= 1
+        stats.suppressed += 1
+        return f"notifies nobody ({reason.value}); read before (claimed by {holder})"
     if reason is not None:
         stats.suppressed += 1
         return f"notifies nobody ({reason.value})"
@@ -287,10 +293,7 @@ def run_replay(
         _print_dry_run(out, topic, lane, windows, rows, stats, followers.problem, settings)
         return 0
     producer = Producer(
-        cast(
-            dict[str, Any],
-            {**config, "enable.idempotence": True, "acks": "all", "linger.ms": 5},
-        )
+        client_config(config, **{"enable.idempotence": True, "acks": "all", "linger.ms": 5})
     )
 
     def delivered(error: KafkaError | None, _msg: Any) -> None:
@@ -435,7 +438,8 @@ def _print_summary(
             ("already fanned out", stats.claimed, "claimed: the flow drops them as duplicates")
         )
     if stats.claimed or stats.unclaimed:
-        rows.append(("to fan out", stats.unclaimed - stats.suppressed, "not claimed yet"))
+        to_fan_out = stats.selected - stats.claimed - stats.suppressed
+        rows.append(("to fan out", to_fan_out, "not claimed yet"))
     if stats.suppressed:
         rows.append(("notify nobody", stats.suppressed, "private or notify_followers off"))
     if stats.too_old:

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TextIO, cast
+from typing import TextIO, cast
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from operators.adapters.kafka.admin import list_topics
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import KafkaConfig, end_offset
 from operators.config import Settings
 from operators.events import MessageOrigin
@@ -253,7 +254,7 @@ def partition_bounds(
     config: KafkaConfig, topic: str, partitions: int
 ) -> dict[int, tuple[int, int]]:
     """(low watermark, true end) of each partition; the ends are read through partition EOF."""
-    consumer = Consumer(cast(dict[str, Any], {**config, "group.id": "fanfare-bounds"}))
+    consumer = Consumer(client_config(config, **{"group.id": "fanfare-bounds"}))
     try:
         lows = {
             p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[0])
@@ -276,7 +277,7 @@ def broker_time_lookup(config: KafkaConfig, topic: str) -> TimeLookup:
     """`offsets_for_times` on a partition set: the earliest offset stamped at or after a time."""
 
     def lookup(ms: int, partitions: Sequence[int]) -> dict[int, int]:
-        consumer = Consumer(cast(dict[str, Any], {**config, "group.id": "fanfare-times"}))
+        consumer = Consumer(client_config(config, **{"group.id": "fanfare-times"}))
         try:
             found = consumer.offsets_for_times(
                 [TopicPartition(topic, p, ms) for p in partitions], timeout=10
@@ -302,10 +303,9 @@ def read_windows(
     if not windows:
         return
     consumer = Consumer(
-        cast(
-            dict[str, Any],
-            {
-                **config,
+        client_config(
+            config,
+            **{
                 "group.id": "fanfare-replay",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

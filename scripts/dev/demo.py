@@ -1,14 +1,15 @@
 """`fanfare demo`: seed a synthetic social graph on the embedded stack, fan out, deliver, summarise.
 
-The demo runs in its own folder (`$FANFARE_HOME/demo`, fresh each run) with its own Redis key
-prefix, starts the embedded broker if needed and the local APNs/FCM servers, publishes the graph
-to the changelog topics (the flow itself loads the follower store from `follow_changes`), runs
-`fanfare run fanout`, `fanfare run delivery` and `fanfare run acks`, and reads the funnel from
-the workers' /metrics endpoints and `delivery_events`. Some device tokens are made stale at the
-providers and FCM is down for two seconds when the posts arrive, so token clean-up and retries
-show. Then it plays the apps: every accepted push is acked `delivered` on `notification_acks`
-and a quarter `opened` (plus one ack of an unknown notification, dead-lettered), and it prints
-one follower's inbox from the notification store.
+The demo runs on a throwaway stack of its own: its folder (`$FANFARE_HOME/demo`, fresh each
+run), its own Redis key prefix, an embedded broker of its own on a free port and its own local
+APNs/FCM servers, all stopped at the end, so a stack of `fanfare dev up` is never touched. It
+publishes the graph to the changelog topics (the flow itself loads the follower store from
+`follow_changes`), runs `fanfare run fanout`, `fanfare run delivery` and `fanfare run acks`,
+and reads the funnel from the workers' /metrics endpoints and `delivery_events`. Some device
+tokens are made stale at the providers and FCM is down for two seconds when the posts arrive,
+so token clean-up and retries show. Then it plays the apps: every accepted push is acked
+`delivered` on `notification_acks` and a quarter `opened` (plus one ack of an unknown
+notification, dead-lettered), and it prints one follower's inbox from the notification store.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import redis
 
 from flows.runtime.metrics_scrape import by_label, scrape, total
 from flows.runtime.ports import free_port
-from operators.adapters.kafka.admin import create_topics, wait_for_broker
+from operators.adapters.kafka.admin import create_topics
 from operators.adapters.kafka.probes import message_count, read_partition_to_end, topic_partitions
 from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
@@ -38,11 +41,13 @@ from operators.config import Settings
 from schemas.codecs import format_timestamp
 from schemas.topics import DEAD_LETTERS, DELIVERY_EVENTS, NOTIFICATION_ACKS, POST_CREATED
 from scripts.commands.arguments import positive_int
+from scripts.commands.hints import fanfare_command
 from scripts.dev import devstack
-from scripts.dev.demo_graph import build_graph, demo_posts
+from scripts.dev.demo_graph import MALFORMED_POSTS, build_graph, demo_posts
 from scripts.dev.local_providers.control import ProviderControl
 from scripts.harness.spawn import start_fanfare, stop_fanfare
 
+PROVIDER_VARIABLES = ("FANFARE_APNS_", "FANFARE_FCM_")
 OPEN_RATE = 0.25  # the share of delivered pushes the demo's "apps" report opened
 
 MALFORMED_CHANGES = {
@@ -73,38 +78,35 @@ MALFORMED_CHANGES = {
 }
 
 
-def _prepare_stack(settings: Settings) -> None:
-    """Embedded broker up with empty topics, Redis reachable."""
+def _start_stack(settings: Settings) -> None:
+    """Redis reachable, and an embedded broker of the demo's own with fanfare's topics."""
     problem = devstack.redis_reachable(settings)
     if problem is not None:
         raise SystemExit(f"fanfare demo: {problem}\n{devstack.REDIS_HOWTO}")
-    ours = devstack.broker_running(settings)
-    if ours is None and wait_for_broker(settings, 2.0):
-        print(f"  using the broker that answers at {settings.kafka_brokers}")
-    elif ours is None:
-        try:
-            pid = devstack.start_broker(settings)
-        except devstack.BrokerStartError as exc:
-            raise SystemExit(f"fanfare demo: {exc}") from None
-        print(f"  started the embedded broker (pid {pid}) at {settings.kafka_brokers}")
-    create_topics(settings)
-    if message_count(settings.kafka_config(), [POST_CREATED]):
-        if devstack.broker_running(settings) is None:
-            raise SystemExit(
-                "fanfare demo: the broker at FANFARE_KAFKA_BROKERS already holds posts and was "
-                "not started by `fanfare dev up`; point FANFARE_KAFKA_BROKERS at an empty one"
-            )
-        # The embedded broker keeps memory only: a restart gives the demo empty topics.
-        devstack.stop_broker(settings)
+    try:
         pid = devstack.start_broker(settings)
-        create_topics(settings)
-        print(f"  restarted the embedded broker (pid {pid}) so the demo starts from empty topics")
+    except devstack.BrokerStartError as exc:
+        raise SystemExit(f"fanfare demo: {exc}") from None
+    create_topics(settings)
+    print(f"  started an embedded broker of its own (pid {pid}) at {settings.kafka_brokers}")
+
+
+PROGRESS_EVERY_S = 2.0
+"""A wait longer than this says how far it got, at this pace."""
 
 
 def _wait(
-    condition_name: str, check: object, timeout_s: float, flow: subprocess.Popen[bytes], log: Path
+    condition_name: str,
+    check: Callable[[], bool],
+    timeout_s: float,
+    flow: subprocess.Popen[bytes],
+    log: Path,
+    progress: Callable[[], str] | None = None,
 ) -> None:
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    said_at = started
+    said = False
     while time.monotonic() < deadline:
         if flow.poll() is not None:
             raise SystemExit(
@@ -112,10 +114,25 @@ def _wait(
                 f"{condition_name}; the end of {log}:\n{log.read_text(errors='replace')[-3000:]}"
             )
         try:
-            if check():  # type: ignore[operator]
+            if check():
+                if said and sys.stdout.isatty():
+                    print()  # end the progress line
                 return
         except OSError:
             pass  # the metrics endpoint is not up yet
+        now = time.monotonic()
+        if now - said_at >= PROGRESS_EVERY_S:
+            said_at = now
+            try:
+                how_far = f": {progress()}" if progress is not None else ""
+            except OSError:
+                how_far = ""
+            line = f"  waiting for {condition_name}{how_far} ({now - started:.0f} s)"
+            if sys.stdout.isatty():
+                print(f"\r{line}\033[K", end="", flush=True)
+            else:
+                print(line, flush=True)
+            said = True
         time.sleep(0.25)
     raise SystemExit(
         f"fanfare demo: timed out after {timeout_s}s waiting for {condition_name}; see {log}"
@@ -178,12 +195,31 @@ def _app_acks(accepted: list[dict[str, Any]], seed: int) -> list[tuple[bytes, by
 
 def add_parser(sub: Any) -> None:
     """Register `fanfare demo`."""
-    demo = sub.add_parser("demo", help="seed a synthetic social graph, fan out posts, summarise")
-    demo.add_argument("--users", type=positive_int, default=5_000, help="users to seed")
-    demo.add_argument("--posts", type=positive_int, default=40, help="posts to publish")
-    demo.add_argument("--seed", type=int, default=7, help="random seed of the synthetic graph")
+    demo = sub.add_parser(
+        "demo",
+        help="seed a synthetic social graph, fan out posts, deliver them, summarise",
+        description="Run fanfare end to end on a throwaway stack of its own (an embedded broker "
+        "on a free port, local APNs and FCM servers, a Redis key prefix), in $FANFARE_HOME/demo: "
+        "seed a social graph, fan out posts, deliver them, play the apps' acks, and print what "
+        "happened. A `fanfare dev up` stack is never touched. Needs Redis (FANFARE_REDIS_URL).",
+    )
     demo.add_argument(
-        "--timeout", type=positive_int, default=180, help="seconds to wait for the fan-out"
+        "--users", type=positive_int, default=5_000, help="users to seed (default 5000)"
+    )
+    demo.add_argument(
+        "--posts",
+        type=positive_int,
+        default=40,
+        help="posts to publish, one of them twice (default 40); 2 malformed ones are added",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=7, help="random seed of the synthetic graph (default 7)"
+    )
+    demo.add_argument(
+        "--timeout",
+        type=positive_int,
+        default=180,
+        help="seconds to wait for each stage before giving up (default 180)",
     )
     demo.set_defaults(func=command)
 
@@ -198,11 +234,39 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     demo_prefix = f"{settings.redis_prefix}demo:{run_id}:"
     threshold = max(100, args.users // 4)  # only the celebrity (60% of users) is above it
     metrics_port = free_port()
-    print(f"fanfare demo: {args.users} users, {args.posts} posts, seed {args.seed}")
-    _prepare_stack(settings)
+    demo_settings = settings.with_overrides(
+        home=demo_home,
+        settings_file=str(demo_home / "settings.env"),  # where its local providers say where
+        kafka_brokers=f"127.0.0.1:{free_port()}",
+        redis_prefix=demo_prefix,
+    )
+    print(
+        f"fanfare demo: {args.users} users, {args.posts} posts (one of them sent twice) and "
+        f"{MALFORMED_POSTS} malformed post messages, seed {args.seed}"
+    )
+    _start_stack(demo_settings)
+    try:
+        return _run(args, settings, demo_settings, run_id, threshold, metrics_port)
+    finally:
+        devstack.stop_providers(demo_settings)
+        devstack.stop_broker(demo_settings)
+        client = redis.Redis.from_url(settings.redis_url)
+        keys = list(client.scan_iter(match=demo_prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
 
+
+def _run(
+    args: argparse.Namespace,
+    settings: Settings,
+    demo_settings: Settings,
+    run_id: str,
+    threshold: int,
+    metrics_port: int,
+) -> int:
+    demo_home = demo_settings.home
     graph = build_graph(args.users, args.seed)
-    kafka = settings.kafka_config()
+    kafka = demo_settings.kafka_config()
     t_seed = time.monotonic()
     produce_all(kafka, "follow_changes", graph.follows + MALFORMED_CHANGES["follow_changes"])
     produce_all(
@@ -212,22 +276,25 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"  published {len(graph.follows)} follow changes (celebrity {graph.celebrity} has "
         f"{graph.followers_of[graph.celebrity]} followers; bulk lane above {threshold}), "
-        f"{len(graph.preferences)} preferences, {len(graph.devices)} devices, 3 malformed"
+        f"{len(graph.preferences)} preferences, {len(graph.devices)} devices, "
+        f"{len(MALFORMED_CHANGES)} malformed changes"
     )
-
+    # Its flows send to its own local providers: the shell's provider settings are left out.
+    shell = {k: v for k, v in os.environ.items() if not k.startswith(PROVIDER_VARIABLES)}
     env = {
-        **os.environ,
+        **shell,
         "FANFARE_HOME": str(demo_home),
+        "FANFARE_SETTINGS_FILE": str(demo_settings.settings_path),
         "FANFARE_STORE_URL": f"sqlite:///{demo_home / 'store.db'}",
-        "FANFARE_REDIS_PREFIX": demo_prefix,
+        "FANFARE_REDIS_PREFIX": demo_settings.redis_prefix,
         "FANFARE_CELEBRITY_THRESHOLD": str(threshold),
         "FANFARE_METRICS_PORT": str(metrics_port),
+        "FANFARE_READY_PORT": str(free_port()),
         # The demo reads its flows' /metrics on the loopback, whatever the shell says.
         "FANFARE_METRICS_HOST": "127.0.0.1",
         "FANFARE_METRICS_SERVER": "fanfare",
-        "FANFARE_KAFKA_BROKERS": settings.kafka_brokers,
+        "FANFARE_KAFKA_BROKERS": demo_settings.kafka_brokers,
     }
-    demo_settings = settings.with_overrides(home=demo_home)
     devstack.start_providers(demo_settings)
     control = ProviderControl(devstack.providers_info(demo_settings)["control_url"])  # type: ignore[index]
     stale = _stale_tokens(graph.devices, args.seed)
@@ -246,6 +313,7 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         {
             **env,
             "FANFARE_METRICS_PORT": str(delivery_port),
+            "FANFARE_READY_PORT": str(free_port()),
             "FANFARE_RETRY_BASE_MS": "250",
             "FANFARE_BREAKER_COOLDOWN_S": "1",
         },
@@ -257,19 +325,24 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     acks_port = free_port()
     acks_flow = start_fanfare(
         ["run", "acks"],
-        {**env, "FANFARE_METRICS_PORT": str(acks_port)},
+        {**env, "FANFARE_METRICS_PORT": str(acks_port), "FANFARE_READY_PORT": str(free_port())},
         acks_log,
     )
     acks_url = [f"http://127.0.0.1:{acks_port}/metrics"]
     created: dict[str, float] = {}
     try:
         changes = len(graph.follows) + len(graph.preferences) + len(graph.devices)
+
+        def applied() -> float:
+            return total(scrape(url), "fanfare_changes_applied_total")
+
         _wait(
             "the changelogs to be applied",
-            lambda: total(scrape(url), "fanfare_changes_applied_total") >= changes,
+            lambda: applied() >= changes,
             args.timeout,
             flow,
             log,
+            lambda: f"{applied():,.0f} of {changes:,} changes",
         )
         print(f"  flow running; changelogs applied in {time.monotonic() - t_seed:.1f} s")
         posts = list(demo_posts(graph, args.posts, args.seed, run_id))
@@ -300,7 +373,12 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
             deduped = total(m, "fanfare_deduped_total", stage="shard_job")
             return read + bad >= len(posts) and done + deduped >= created
 
-        _wait("the fan-out", fanned_out, args.timeout, flow, log)
+        def shard_jobs() -> str:
+            m = scrape(url)
+            done = total(m, "fanfare_shard_jobs_completed_total")
+            return f"{done:,.0f} of {total(m, 'fanfare_shard_jobs_created_total'):,.0f} shard jobs"
+
+        _wait("the fan-out", fanned_out, args.timeout, flow, log, shard_jobs)
         seconds = time.monotonic() - t0
         # Jobs are done in the shards; wait until the sink has written their batches.
         last = -1.0
@@ -312,16 +390,22 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         seconds = max(seconds, time.monotonic() - t0 - 1.0)
         dispatched = total(metrics, "fanfare_dispatched_total")
 
-        def delivered() -> bool:
+        def settled() -> float:
             m = scrape(delivery_url)
-            ended = sum(
+            return sum(
                 v
                 for outcome, v in by_label(m, "fanfare_delivery_outcomes_total", "outcome").items()
                 if outcome != "retry_scheduled"
             )
-            return ended >= dispatched
 
-        _wait("every push to reach an outcome", delivered, args.timeout, delivery, delivery_log)
+        _wait(
+            "every push to reach an outcome",
+            lambda: settled() >= dispatched,
+            args.timeout,
+            delivery,
+            delivery_log,
+            lambda: f"{settled():,.0f} of {dispatched:,.0f} pushes",
+        )
         delivery_seconds = time.monotonic() - t0
         # Held and retried sends settle after the count first matches: wait until it is still.
         last = -1.0
@@ -331,36 +415,37 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
             time.sleep(2.0)
             delivery_metrics = scrape(delivery_url)
         provider_stats = control.stats()
-        accepted = _accepted_events(settings)
+        accepted = _accepted_events(demo_settings)
         # The apps answer: acks on notification_acks, applied to the store by the acks flow.
         acks = _app_acks(accepted, args.seed)
         produce_all(kafka, NOTIFICATION_ACKS, acks)
+
+        def acks_applied() -> float:
+            return total(scrape(acks_url), "fanfare_acks_total")
+
         _wait(
             "the acks to be applied",
-            lambda: total(scrape(acks_url), "fanfare_acks_total") >= len(acks),
+            lambda: acks_applied() >= len(acks),
             args.timeout,
             acks_flow,
             acks_log,
+            lambda: f"{acks_applied():,.0f} of {len(acks):,} acks",
         )
         acks_metrics = scrape(acks_url)
     finally:
         stop_fanfare(flow, 20)
         stop_fanfare(delivery, 20)
         stop_fanfare(acks_flow, 20)
-        devstack.stop_providers(demo_settings)
-        client = redis.Redis.from_url(settings.redis_url)
-        keys = list(client.scan_iter(match=demo_prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-    dead_total = message_count(settings.kafka_config(), [DEAD_LETTERS])
-    print_summary(metrics, len(posts), seconds, dead_total)
+    dead_total = message_count(kafka, [DEAD_LETTERS])
+    print_summary(metrics, len(posts), seconds)
     print_delivery(
         delivery_metrics, provider_stats, _latencies(accepted, created), delivery_seconds
     )
     print_acks_and_inbox(acks_metrics, demo_settings, accepted, acks)
+    print_dead_letters([metrics, delivery_metrics, acks_metrics], dead_total)
     print(
-        f"\nThe embedded broker is still up (`fanfare dev status`); the flows' logs are {log}, "
-        f"{delivery_log} and {acks_log}."
+        f"\nThe demo's broker and local providers are stopped; its store and the flows' logs "
+        f"stay in {demo_home} ({log.name}, {delivery_log.name}, {acks_log.name})."
     )
     return 0
 
@@ -444,10 +529,11 @@ def print_acks_and_inbox(
             print(f"  {when}Z  {note.status:<10} {note.notification_id}")
     finally:
         store.close()
-    home = settings.home
+    home = {"FANFARE_HOME": str(settings.home)}
+    print("  see more:")
+    print(f"    {fanfare_command(['inbox', user, '--limit', '3'], overrides=home)}")
     print(
-        f"  see more: FANFARE_HOME={home} fanfare inbox {user}; "
-        f"FANFARE_HOME={home} fanfare status {page.notifications[0].notification_id}"
+        f"    {fanfare_command(['status', page.notifications[0].notification_id], overrides=home)}"
     )
 
 
@@ -455,7 +541,6 @@ def print_summary(
     m: dict[tuple[str, tuple[tuple[str, str], ...]], float],
     published: int,
     seconds: float,
-    dead_on_topic: int,
 ) -> None:
     """The funnel, readable."""
 
@@ -464,7 +549,10 @@ def print_summary(
 
     candidates = total(m, "fanfare_candidates_total")
     print("\nfan-out summary")
-    print(f"  posts published          {n(published)}")
+    print(
+        f"  messages published       {n(published)}  ({n(published - MALFORMED_POSTS)} posts, "
+        f"{MALFORMED_POSTS} malformed)"
+    )
     print(f"  posts read (valid)       {n(total(m, 'fanfare_posts_read_total'))}")
     for lane, v in sorted(by_label(m, "fanfare_posts_fanned_out_total", "lane").items()):
         print(f"    fanned out, {lane:<6}     {n(v)}")
@@ -493,9 +581,19 @@ def print_summary(
                 f"    {labels['provider']:<5} {labels['lane']:<6}          {n(v):>9} in "
                 f"{n(batches.get(key, 0))} batches"
             )
-    print("  dead letters")
-    for topic, v in sorted(by_label(m, "fanfare_dead_letters_total", "source_topic").items()):
-        print(f"    from {topic:<19} {n(v)}")
-    print(f"    on the dead_letters topic {n(dead_on_topic)}")
     rate = candidates / seconds if seconds else 0.0
     print(f"  seconds from publishing to fanned out  {seconds:.2f}  ({rate:,.0f} candidates/s)")
+
+
+def print_dead_letters(
+    flows: Sequence[dict[tuple[str, tuple[tuple[str, str], ...]], float]], on_topic: int
+) -> None:
+    """Every flow's dead letters by source topic, and what the dead_letters topic holds."""
+    sources: dict[str, float] = {}
+    for m in flows:
+        for topic, v in by_label(m, "fanfare_dead_letters_total", "source_topic").items():
+            sources[topic] = sources.get(topic, 0.0) + v
+    print("\ndead letters (bad input, each kept with its reason)")
+    for topic, v in sorted(sources.items()):
+        print(f"  from {topic:<21} {int(v):>5}")
+    print(f"  on the dead_letters topic  {on_topic:>5}")

@@ -132,8 +132,12 @@ def build_graph(user_count: int, seed: int, now: datetime | None = None) -> Synt
     return graph
 
 
+MALFORMED_POSTS = 2
+"""Malformed post_created messages `demo_posts` adds: truncated JSON, an unknown visibility."""
+
+
 def demo_posts(graph: SyntheticGraph, count: int, seed: int, run_id: str) -> Iterator[Message]:
-    """Posts by authors weighted by audience, plus the cases the demo must show."""
+    """`count` posts (one sent twice) by authors weighted by audience, then MALFORMED_POSTS."""
     rng = random.Random(seed + 1)
     ts = format_timestamp(datetime.now(UTC))
     # The celebrity posts once, explicitly; the others are picked by audience.

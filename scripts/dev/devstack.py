@@ -432,18 +432,46 @@ def _row(label: str, text: str) -> None:
 
 def add_parser(sub: Any) -> None:
     """Register `fanfare dev up|down|status`."""
-    dev = sub.add_parser("dev", help="the embedded stack (Kafka-protocol broker, Redis check)")
+    dev = sub.add_parser(
+        "dev",
+        help="the embedded stack (Kafka-protocol broker, Redis check)",
+        description="The embedded stack for one machine: a Kafka-protocol broker (memory only) "
+        "at FANFARE_KAFKA_BROKERS, a check of the Redis at FANFARE_REDIS_URL, fanfare's "
+        "topics, and local APNs and FCM servers; state and logs in FANFARE_HOME.",
+    )
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
-    dev_sub.add_parser("up", help="start the broker in the background, check Redis, create topics")
-    dev_sub.add_parser("down", help="stop what `dev up` started")
-    dev_sub.add_parser("status", help="say what is running and reachable")
+    dev_sub.add_parser(
+        "up",
+        help="start the broker and the local providers in the background, check Redis, create "
+        "the topics (safe to run twice)",
+        description="Start the embedded broker at FANFARE_KAFKA_BROKERS (127.0.0.1:9092 by "
+        "default) in the background, check that Redis answers at FANFARE_REDIS_URL, create "
+        "fanfare's topics, and start the local APNs and FCM servers (their settings go into "
+        "the settings file, $FANFARE_HOME/settings.env). Safe to run twice.",
+    )
+    down = dev_sub.add_parser(
+        "down",
+        help="stop what `dev up` started",
+        description="Stop the local providers and the embedded broker `dev up` started; the "
+        "broker keeps memory only, so its topics go with it. Refused while flows started "
+        "from this FANFARE_HOME run, unless --force.",
+    )
+    down.add_argument("--force", action="store_true", help="stop them even under running flows")
+    dev_sub.add_parser(
+        "status",
+        help="say what is running and reachable",
+        description="The broker, Redis, the local providers and the flows running from this "
+        "FANFARE_HOME, with their readiness.",
+    )
     dev.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
     """`fanfare dev up|down|status`."""
-    actions = {"up": _up, "down": _down, "status": _status}
+    actions = {"up": _up, "status": _status}
     try:
+        if args.dev_command == "down":
+            return _down(settings, force=getattr(args, "force", False))
         return actions[args.dev_command](settings)
     except (BrokerStartError, BrokerUnavailable, TopicAdminError, ConfigError) as exc:
         print(f"fanfare dev {args.dev_command}: {exc}", file=sys.stderr)
@@ -495,7 +523,19 @@ def _up(settings: Settings) -> int:
     return 0
 
 
-def _down(settings: Settings) -> int:
+def _down(settings: Settings, force: bool = False) -> int:
+    from flows.runtime.readiness import running_flows
+
+    flows = running_flows(settings)
+    if flows and not force:
+        running = ", ".join(f"{f.get('flow', '?')} (pid {f.get('pid', '?')})" for f in flows)
+        print(
+            f"fanfare dev down: refused: flows started from {settings.home} are running: "
+            f"{running}. Stop them first (Ctrl-C, or SIGTERM to those pids), or pass --force "
+            "to stop the broker under them (their reads then fail until it is back).",
+            file=sys.stderr,
+        )
+        return 1
     stopped = stop_providers(settings)
     if stopped is not None:
         print(f"Stopped the local provider servers (pid {stopped}).")

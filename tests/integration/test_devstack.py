@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from flows.runtime.ports import free_port
+from flows.runtime.readiness import write_run_file
 from operators.adapters.kafka.admin import list_topics
 from operators.config import Settings, load_settings
 from schemas.topics import ALL_TOPICS
@@ -118,6 +119,18 @@ def test_dev_lifecycle(stack: Stack) -> None:
     assert f"running (pid {pid})" in status.stdout
     assert f"all {len(ALL_TOPICS)} present" in status.stdout
     assert f"running (pid {providers['pid']}): APNs at localhost:" in status.stdout
+    # The local providers' settings are in the settings file, which every flow reads.
+    written = load_settings(stack.env)
+    assert written.apns_port == providers["apns"]["port"]
+    assert written.fcm_url == providers["fcm"]["https_url"]
+
+    # A flow running from this FANFARE_HOME (this test's own pid stands in for its supervisor).
+    run_file = write_run_file(stack.settings, {"flow": "fanout", "ready_url": None})
+    refused = stack.run("dev", "down")
+    assert refused.returncode == 1 and "refused: flows started from" in refused.stderr
+    assert f"fanout (pid {os.getpid()})" in refused.stderr and "--force" in refused.stderr
+    assert devstack.broker_running(stack.settings) == pid  # nothing was stopped
+    run_file.unlink()
 
     down = stack.run("dev", "down")
     assert down.returncode == 0, down.stdout + down.stderr
@@ -128,6 +141,7 @@ def test_dev_lifecycle(stack: Stack) -> None:
     assert "memory" in down.stdout
     assert not devstack.pid_file(stack.settings).exists()
     assert not alive(pid)
+    assert load_settings(stack.env).apns_key_file == ""  # the settings went with the servers
 
     after = stack.run("dev", "status")
     assert after.returncode == 1, after.stdout + after.stderr

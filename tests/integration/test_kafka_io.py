@@ -9,6 +9,7 @@ import pytest
 from confluent_kafka import Producer
 
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import end_offset, read_partition_to_end
 from operators.adapters.kafka.reader import KafkaTopicsSource
 from operators.adapters.kafka.writer import produce_all
@@ -130,7 +131,7 @@ def test_channel_sink_resumes_past_malformed_messages_other_producers_wrote(
     part.write_batch([batch("m1", range(5, 10))])  # written after the snapshot
     part.close()
     foreign = [b"not json", b'{"items": [1.5, null]}', b"[]", b'{"items": [{}]}', b""]
-    producer = Producer({**kafka, "acks": "all"})
+    producer = Producer(client_config(kafka, acks="all"))
     for value in foreign:
         producer.produce(topic, value=value, key=b"k", partition=int(p))
     assert producer.flush(30) == 0

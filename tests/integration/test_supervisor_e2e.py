@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,8 +20,10 @@ import pytest
 from flows.runtime.ports import free_port
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from schemas.topics import CHANNEL_TOPICS
+from scripts.dev import devstack
 from tests.conftest import Stack, wait_for
 from tests.integration.test_fanout_e2e import device, follow, post, publish
+from tests.unit.test_redis_outage import OwnRedis
 
 pytestmark = pytest.mark.integration
 
@@ -185,32 +188,73 @@ def test_ready_is_503_until_changelogs_are_caught_up_then_200(stack: Stack) -> N
     sigterm_and_check_clean_exit(run, run.pids())
 
 
-def test_ready_is_503_when_redis_or_the_broker_is_unreachable(stack: Stack) -> None:
-    closed = free_port()
-    no_redis = Run(stack, "fanout", env={"FANFARE_REDIS_URL": f"redis://127.0.0.1:{closed}/0"})
-    no_broker = Run(
-        stack,
-        "acks",
-        "--max-restarts",
-        "50",
-        env={"FANFARE_KAFKA_BROKERS": f"127.0.0.1:{closed}"},
+def test_ready_is_503_when_redis_or_the_broker_goes_away(stack: Stack, tmp_path: Path) -> None:
+    own_redis = OwnRedis(free_port(), tmp_path / "redis")
+    own_redis.start()
+    try:
+        fanout = Run(stack, "fanout", env={"FANFARE_REDIS_URL": own_redis.url})
+        wait_for(lambda: fanout.get("/ready")[0] == 200, 60, "the fan-out ready", stack)
+        own_redis.kill()
+        wait_for(lambda: fanout.get("/ready")[0] == 503, 30, "/ready 503 without Redis", stack)
+        body = fanout.get("/ready")[1]
+        assert body["ready"] is False and body["checks"]["broker"]["ok"] is True
+        assert body["checks"]["redis"]["ok"] is False
+        assert str(own_redis.port) in body["checks"]["redis"]["detail"]
+        assert fanout.get("/live")[0] == 200
+        sigterm_and_check_clean_exit(fanout, fanout.pids() or [fanout.proc.pid])
+    finally:
+        own_redis.kill()
+    acks = Run(stack, "acks")
+    wait_for(lambda: acks.get("/ready")[0] == 200, 60, "the acks flow ready", stack)
+    devstack.stop_broker(stack.settings)
+    wait_for(lambda: acks.get("/ready")[0] == 503, 30, "/ready 503 without the broker", stack)
+    body = acks.get("/ready")[1]
+    assert body["checks"]["broker"]["ok"] is False and body["checks"]["redis"]["ok"] is True
+    assert stack.settings.kafka_brokers in body["checks"]["broker"]["detail"]
+    assert acks.get("/live")[0] == 200
+    sigterm_and_check_clean_exit(acks, acks.pids())
+    assert "stopped on request; every process has exited" in acks.text()
+
+
+def cannot_start(stack: Stack, flow: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`fanfare run FLOW` expected to refuse to start: it must say why and exit at once."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "run", flow],
+        env={**os.environ, **stack.env, "FANFARE_READY_PORT": str(free_port()), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    for run, down, up in ((no_redis, "redis", "broker"), (no_broker, "broker", "redis")):
-        wait_for(run_answers(run), 30, "/ready", stack)
-        status, body = run.get("/ready")
-        assert status == 503, body
-        assert body["ready"] is False
-        assert body["checks"][down]["ok"] is False
-        assert str(closed) in body["checks"][down]["detail"]
-        assert body["checks"][up]["ok"] is True
-        assert run.get("/live")[0] == 200
-    # SIGTERM while the members fail and restart: still a clean exit 0, no member left
-    wait_for(lambda: "restarting in" in no_broker.text(), 60, "a failed acks member", stack)
-    assert "exited with code 1" in no_broker.text()
-    wait_for(lambda: len(no_broker.pids()) >= 1, 30, "the restarted acks member", stack)
-    sigterm_and_check_clean_exit(no_broker, no_broker.pids())
-    assert "stopped on request; every process has exited" in no_broker.text()
-    sigterm_and_check_clean_exit(no_redis, no_redis.pids() or [no_redis.proc.pid])
+    assert time.monotonic() - started < 20, "it waited instead of saying what is wrong"
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "%3|" not in done.stderr, done.stderr
+    assert "restarting" not in done.stdout + done.stderr  # nothing was started to restart
+    assert not list((Path(stack.env["FANFARE_HOME"]) / "recovery").glob(f"{flow}*")), "started"
+    problems = [line for line in done.stderr.splitlines() if "cannot start:" in line]
+    assert len(problems) == 1, done.stderr
+    return done
+
+
+def test_run_says_once_what_is_missing_or_taken_and_starts_nothing(stack: Stack) -> None:
+    closed = free_port()
+    no_broker = cannot_start(stack, "fanout", FANFARE_KAFKA_BROKERS=f"127.0.0.1:{closed}")
+    assert f"no Kafka broker answers at 127.0.0.1:{closed} (FANFARE_KAFKA_BROKERS" in (
+        no_broker.stderr
+    )
+    assert "fanfare dev up" in no_broker.stderr
+    no_redis = cannot_start(stack, "fanout", FANFARE_REDIS_URL=f"redis://127.0.0.1:{closed}/0")
+    assert f"Redis does not answer at redis://127.0.0.1:{closed}/0 (FANFARE_REDIS_URL" in (
+        no_redis.stderr
+    )
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        port = cannot_start(stack, "acks", FANFARE_METRICS_PORT=str(taken))
+        assert f"port {taken} (FANFARE_METRICS_PORT" in port.stderr
+        ready = cannot_start(stack, "acks", FANFARE_READY_PORT=str(taken))
+        assert f"port {taken} (FANFARE_READY_PORT" in ready.stderr
 
 
 def run_answers(run: Run) -> Any:

@@ -36,13 +36,14 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import pytest
 from confluent_kafka import KafkaError, Producer
 
 from flows.runtime.ports import free_port
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.stores.by_url import open_notification_store
 from schemas.codecs import RAW_TEXT_LIMIT, format_timestamp, raw_text
 from tests.conftest import Providers, Stack, wait_for
@@ -93,14 +94,9 @@ class Publisher:
 
     def __init__(self, stack: Stack) -> None:
         self._producer = Producer(
-            cast(
-                dict[str, Any],
-                {
-                    **stack.settings.kafka_config(),
-                    "linger.ms": 5,
-                    "acks": "all",
-                    "message.max.bytes": 16 * 1024 * 1024,
-                },
+            client_config(
+                stack.settings.kafka_config(),
+                **{"linger.ms": 5, "acks": "all", "message.max.bytes": 16 * 1024 * 1024},
             )
         )
         self.positions: dict[int, tuple[str, int, int]] = {}

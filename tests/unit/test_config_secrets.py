@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,22 @@ def test_every_printed_redis_url_hides_the_password_file_s_password(tmp_path: Pa
         assert problem is not None and not check.ok
         assert "s3cr3t-value" not in problem + check.detail
         assert "***" in problem + check.detail
+
+
+def test_placeholder_secrets_for_compose_are_well_formed_and_never_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from scripts.dev import secrets as dev_secrets
+
+    assert dev_secrets.main([str(tmp_path)]) == 0
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    key = tmp_path / Path(lines["FANFARE_APNS_KEY_FILE"]).name
+    assert lines["FANFARE_APNS_KEY_FILE"] == f"/run/fanfare-secrets/{key.name}"
+    assert key.name == f"AuthKey_{lines['FANFARE_APNS_KEY_ID']}.p8"
+    load_pem_private_key(key.read_bytes(), None)  # a real EC key, as Apple's .p8
+    account = json.loads((tmp_path / "service-account.json").read_text())
+    assert account["type"] == "service_account" and account["project_id"]
+    assert dev_secrets.main([str(tmp_path)]) == 1  # never overwritten
+    assert "already holds credentials" in capsys.readouterr().err

@@ -317,7 +317,8 @@ def test_fanout_service_serves_metrics_and_keeps_its_home(
     assert settings.metrics_server == "bytewax"
     port = settings.metrics_port
     assert ("127.0.0.1", str(port), str(port)) in set(published_ports(fanout))
-    assert f"127.0.0.1:{port}/metrics" in " ".join(fanout["healthcheck"]["test"])
+    ready = settings.ready_port
+    assert f"127.0.0.1:{ready}/ready" in " ".join(fanout["healthcheck"]["test"])
     mounts = {}
     for volume in fanout.get("volumes") or []:
         source, _, target = str(volume).partition(":")
@@ -374,7 +375,9 @@ def test_every_flow_has_a_service_serving_metrics_on_its_own_host_port(
         published = [(ip, hp) for ip, hp, c in published_ports(svc) if c == str(port)]
         assert len(published) == 1, f"{name}: publish /metrics ({port}) once on 127.0.0.1"
         host_ports[name] = published[0][1]
-        assert f"127.0.0.1:{port}/metrics" in " ".join(svc["healthcheck"]["test"]), name
+        # Healthy when ready (changelogs read, broker and Redis answering), not merely alive.
+        ready = service_settings(name, svc).ready_port
+        assert f"127.0.0.1:{ready}/ready" in " ".join(svc["healthcheck"]["test"]), name
         home = str(service_settings(name, svc).home)
         assert mounts(svc).get(home) == "fanfare-home", f"{name}: FANFARE_HOME on fanfare-home"
         assert depends_on(svc).get(KAFKA_SERVICE) == "service_healthy", name
@@ -382,6 +385,13 @@ def test_every_flow_has_a_service_serving_metrics_on_its_own_host_port(
         assert svc.get("restart") in {"always", "unless-stopped", "on-failure"}, name
     assert host_ports["fanout"] == "3030"
     assert len(set(host_ports.values())) == len(host_ports), f"host ports collide: {host_ports}"
+
+
+def test_redis_is_not_published_where_the_quick_starts_redis_listens(
+    services: dict[str, Service],
+) -> None:
+    published = {host_port for _, host_port, _ in published_ports(services[REDIS_SERVICE])}
+    assert "6379" not in published, "the host's own Redis (the quick start's) listens on 6379"
 
 
 def test_no_two_services_publish_the_same_host_port(services: dict[str, Service]) -> None:

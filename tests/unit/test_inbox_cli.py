@@ -13,6 +13,7 @@ from operators.adapters.stores.sqlite_notifications import SQLiteNotificationSto
 from operators.delivery.ledger import LedgerUpdate
 from schemas.records import NotificationAck
 from scripts.cli import main
+from scripts.commands.inbox import attempt_answer
 from tests.fakes import request
 
 
@@ -57,7 +58,13 @@ def test_inbox_pages_newest_first_and_prints_the_next_cursor(
     text = capsys.readouterr().out
     assert "p0:u1" in text and "next page" not in text
     assert main(["inbox", "u1", "--limit", "4"]) == 0
-    assert "next page: fanfare inbox u1 --cursor " in capsys.readouterr().out
+    [hint] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("next")]
+    # The hint is a command as typed: this home, how fanfare was started, the same page size.
+    assert hint.startswith(f"next page: FANFARE_HOME={home} ")
+    assert " inbox u1 --cursor " in hint and hint.endswith(" --limit 4")
+    cursor = hint.split(" --cursor ")[1].split()[0]
+    assert main(["inbox", "u1", "--limit", "4", "--cursor", cursor]) == 0
+    assert "p0:u1" in capsys.readouterr().out
 
 
 def test_inbox_refuses_a_bad_cursor_and_says_what_to_do(
@@ -99,3 +106,19 @@ def test_unknown_notification_and_missing_store_are_clear_errors(
     seed(home)
     assert main(["status", "nope:u1"]) == 1
     assert "no notification 'nope:u1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "shown"),
+    [
+        (503, "ServiceUnavailable", "503 ServiceUnavailable"),
+        (503, "503 ServiceUnavailable", "503 ServiceUnavailable"),  # was "503 503 ..."
+        (200, None, "200"),
+        (None, "timeout", "timeout"),
+        (None, None, "-"),
+    ],
+)
+def test_an_attempt_shows_its_status_once(
+    status: int | None, reason: str | None, shown: str
+) -> None:
+    assert attempt_answer(status, reason) == shown

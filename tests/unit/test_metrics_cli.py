@@ -360,3 +360,14 @@ def test_watch_prints_rates_over_the_interval(
 def test_watch_and_timeout_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["metrics", "--watch", "0", "1"]) == 2
     assert "above 0" in capsys.readouterr().err
+
+
+def test_a_handful_of_latencies_shows_a_bound_not_percentiles() -> None:
+    samples = {
+        ("fanfare_accept_latency_seconds_bucket", (("le", "0.5"),)): 0.0,
+        ("fanfare_accept_latency_seconds_bucket", (("le", "1.0"),)): 1.0,
+        ("fanfare_accept_latency_seconds_bucket", (("le", "+Inf"),)): 1.0,
+    }
+    report = metrics_cli.Report(samples, None, 0.0)
+    report.latency(0, "post -> accepted", "fanfare_accept_latency_seconds")
+    assert report.lines == [f"{'post -> accepted':<44}1 item: all within 1.00 s"]

@@ -531,3 +531,15 @@ def test_rebuild_summary_shows_reader_positions_of_every_snapshot_version() -> N
     assert "post_created/0: next offset 12" in lines[1]
     assert "post_created/1: next offset 34 (topic id AaIDJwLu)" in lines[2]
     assert "post_created/2: next offset -2 (topic id not seen yet)" in lines[3]
+
+
+def test_a_private_post_read_before_is_not_called_fanned_out() -> None:
+    public = message(0, post("p1", "alice"))
+    private = message(1, post("p2", "alice", visibility="private"))
+    stats = ReplayStats()
+    chosen = list(select_posts([public, private], frozenset(), stats))
+    stats.claimed = 2  # both claimed: the flow read them before
+    notes = [replay._would_fan_out(s, "post_created/0@9", 0.0, stats) for s in chosen]
+    assert notes[0].startswith("already fanned out")
+    assert notes[1] == "notifies nobody (private); read before (claimed by post_created/0@9)"
+    assert (stats.claimed, stats.suppressed) == (1, 1)  # counted where it belongs

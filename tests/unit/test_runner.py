@@ -19,7 +19,14 @@ from flows.runtime import readiness, runner
 from flows.runtime.readiness import CheckResult, ReadinessChecker, Scrape, aggregate, flow_check
 from flows.runtime.recovery_marker import RECOVERY_MARKER, read_marker, recovery_lineage
 from flows.runtime.runner import ClusterSpec, UsageError, resolve_cluster
-from flows.runtime.supervisor import Member, RestartPolicy, Supervisor, describe_exit, restart_delay
+from flows.runtime.supervisor import (
+    Member,
+    RestartPolicy,
+    StopNoiseFilter,
+    Supervisor,
+    describe_exit,
+    restart_delay,
+)
 from operators import metrics
 from operators.config import Settings
 from operators.events import CaughtUp
@@ -332,7 +339,7 @@ def test_gives_up_after_max_restarts(caplog: pytest.LogCaptureFixture) -> None:
         attempts.append(attempt)
         return [
             Member(0, py("import time; time.sleep(30)"), {}, "u0"),
-            Member(1, py("import sys; sys.exit(3)"), {}, "u1"),
+            Member(1, py("import sys; sys.exit(1)"), {}, "u1"),
         ]
 
     policy = RestartPolicy(max_restarts=2, window_s=60, base_delay_s=0.05, max_delay_s=0.1)
@@ -344,9 +351,51 @@ def test_gives_up_after_max_restarts(caplog: pytest.LogCaptureFixture) -> None:
     assert attempts == [0, 1, 2]
     assert sup.restarts == 2 and sup.state == "stopped"
     text = caplog.text
-    assert "process 1 (pid" in text and "exited with code 3" in text
+    assert "process 1 (pid" in text and "exited with code 1" in text
     assert "restarting in 0.05 s" in text and "restarting in 0.1 s" in text
     assert "giving up: 3 failures within 60 s (--max-restarts 2)" in text
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [(2, "a setting it cannot use"), (3, "something it needs is missing or taken")],
+)
+def test_a_failure_a_restart_cannot_fix_stops_the_cluster_at_once(
+    code: int, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[int] = []
+
+    def plan(attempt: int) -> list[Member]:
+        attempts.append(attempt)
+        return [
+            Member(0, py("import time; time.sleep(30)"), {}, "u0"),
+            Member(1, py(f"import sys; sys.exit({code})"), {}, "u1"),
+        ]
+
+    caplog.set_level("INFO", "fanfare.supervisor")
+    sup = Supervisor("test", plan, RestartPolicy(base_delay_s=0.05), fail_grace_s=2)
+    started = time.monotonic()
+    assert sup.run() == code
+    assert attempts == [0] and sup.restarts == 0  # no restart loop
+    assert time.monotonic() - started < 10
+    assert why in caplog.text and "a restart cannot fix that" in caplog.text
+    assert "restarting in" not in caplog.text
+
+
+def test_a_stopped_members_panic_report_is_dropped_and_a_failures_kept() -> None:
+    report = [
+        b"thread '<unnamed>' panicked at src/run.rs:133:25:\n",
+        b"Box<dyn Any>\n",
+        b"stack backtrace:\n",
+        b"   0: std::panicking::begin_panic\n",
+        b"             at /rustc/library/std/src/panicking.rs:1:1\n",
+        b"note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.\n",
+    ]
+    after = b"2026-12-06 10:00:00 INFO fanfare.supervisor: stopped\n"
+    stopped = StopNoiseFilter()
+    assert [line for line in [*report, after] if stopped.keep(line, asked_to_stop=True)] == [after]
+    failed = StopNoiseFilter()  # not asked to stop: a real panic, every line kept
+    assert [line for line in report if failed.keep(line, asked_to_stop=False)] == report
 
 
 def test_a_killed_member_restarts_the_whole_cluster() -> None:

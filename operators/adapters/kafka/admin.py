@@ -51,8 +51,8 @@ class TopicAdminError(RuntimeError):
 class _DebugLogger:
     """Sends librdkafka's own log lines to DEBUG.
 
-    Connection-refused noise would otherwise flood stderr while we probe a broker that is not
-    up yet, and BrokerUnavailable says it plainly instead.
+    Connection-refused noise would otherwise be logged while we probe a broker that is not up
+    yet, and BrokerUnavailable says it plainly instead.
     """
 
     def log(self, level: int, msg: str, *args: object) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 from confluent_kafka import (
     Consumer,
@@ -18,6 +18,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+
+from operators.adapters.kafka.client_log import client_config
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ def topic_partitions(
     config: KafkaConfig, topics: Sequence[str], timeout_s: float = 10.0
 ) -> list[str]:
     """`topic/partition` names of every partition of the topics, failing if one is missing."""
-    admin = AdminClient(cast(dict[str, Any], {k: v for k, v in config.items()}))
+    admin = AdminClient(client_config(config))
     meta = admin.list_topics(timeout=timeout_s)
     parts: list[str] = []
     for topic in topics:
@@ -65,7 +67,7 @@ def read_partition_to_end(
             "enable.partition.eof": True,
         }
     )
-    consumer = Consumer(cast(dict[str, Any], conf))
+    consumer = Consumer(client_config(conf))
     consumer.assign([TopicPartition(topic, partition, start)])
     out: list[tuple[int, bytes | None]] = []
     deadline = time.monotonic() + timeout_s
@@ -111,7 +113,7 @@ def end_offset(config: KafkaConfig, topic: str, partition: int) -> int:
     """The true end of a partition, found by reading to partition EOF from the low watermark."""
     conf = dict(config)
     conf.update({"group.id": "fanfare-endprobe", "enable.partition.eof": True})
-    consumer = Consumer(cast(dict[str, Any], conf))
+    consumer = Consumer(client_config(conf))
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
     finally:
@@ -123,7 +125,7 @@ def end_offset(config: KafkaConfig, topic: str, partition: int) -> int:
 
 def high_watermark(config: KafkaConfig, topic: str, partition: int) -> int:
     """The partition's high watermark (fast; may trail the true end on the embedded broker)."""
-    consumer = Consumer(cast(dict[str, Any], {**config, "group.id": "fanfare-watermark"}))
+    consumer = Consumer(client_config(config, **{"group.id": "fanfare-watermark"}))
     try:
         return int(consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1])
     finally:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import (
@@ -23,6 +23,7 @@ from confluent_kafka import (
 )
 
 from operators import metrics
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
 from operators.adapters.kafka.topic_identity import TopicIds, shared_topic_ids
 from operators.events import CaughtUp, RawEvent
@@ -96,7 +97,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 "queued.max.messages.kbytes": 8_192,
             }
         )
-        self._consumer = Consumer(cast(dict[str, Any], conf))
+        self._consumer = Consumer(client_config(conf))
         self._topic = topic
         self._partition = partition
         self._position = start

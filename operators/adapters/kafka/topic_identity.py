@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
 
 from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient
+
+from operators.adapters.kafka.client_log import client_config
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def admin_describe(config: Mapping[str, object], timeout_s: float = 1.0) -> Desc
 
     def describe(topics: list[str]) -> dict[str, str]:
         if not admin:
-            admin.append(AdminClient(cast(dict[str, Any], dict(config))))
+            admin.append(AdminClient(client_config(config)))
         futures = admin[0].describe_topics(TopicCollection(topics), request_timeout=timeout_s)
         out: dict[str, str] = {}
         for name, future in futures.items():

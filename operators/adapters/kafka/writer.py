@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar
 from zlib import crc32
 
 from bytewax.outputs import (
@@ -25,6 +25,7 @@ from confluent_kafka import (
     Producer,
 )
 
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import (
     KafkaConfig,
     end_offset,
@@ -81,10 +82,9 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         self._topic = topic
         self._partition = partition
         self._producer = Producer(
-            cast(
-                dict[str, Any],
-                {
-                    **config,
+            client_config(
+                config,
+                **{
                     "linger.ms": 5,
                     "acks": "all",
                     "message.max.bytes": 8 * 1024 * 1024,
@@ -105,7 +105,9 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
             # by an earlier execution is older and wins; a watermark may trail the end, which
             # only makes the read-back start earlier).
             start = marks.mark(self._part, high_watermark(config, topic, partition))
-            log.info("%s: no snapshot; reading back from offset %d (start mark)", self._part, start)
+            log.debug(
+                "%s: no snapshot; reading back from offset %d (start mark)", self._part, start
+            )
             resume = (start, start)
         if resume is None:
             # Bytewax builds a writer when its first batch arrives: finding the partition's end
@@ -272,7 +274,7 @@ class _FlushingWriter(StatelessSinkPartition[V], Generic[V]):
         self._topic = topic
         self._encode = encode
         self._producer = Producer(
-            cast(dict[str, Any], {**config, "acks": "all", "message.max.bytes": 8 * 1024 * 1024})
+            client_config(config, **{"acks": "all", "message.max.bytes": 8 * 1024 * 1024})
         )
         self._errors: list[str] = []
 
@@ -320,7 +322,7 @@ def produce_all(
     config: KafkaConfig, topic: str, messages: Iterable[tuple[bytes | None, bytes]]
 ) -> int:
     """Publish (key, value) messages and wait until all are acknowledged; returns the count."""
-    producer = Producer(cast(dict[str, Any], {**config, "linger.ms": 5, "acks": "all"}))
+    producer = Producer(client_config(config, **{"linger.ms": 5, "acks": "all"}))
     errors: list[str] = []
 
     def delivered(err: KafkaError | None, _msg: Any) -> None:
