@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from flows.runtime.metrics_scrape import fetch_text
 from operators.adapters.kafka.writer import produce_all
 from operators.delivery.model import TERMINAL_STATES
 from schemas.codecs import format_timestamp
@@ -93,6 +94,15 @@ def wait_terminal(
 
     wait_for(done, timeout_s, f"{expected} terminal outcomes", stack, every_s=1.0)
     return result
+
+
+def answers(url: str) -> bool:
+    """Whether a /metrics endpoint answers (the flow process runs)."""
+    try:
+        fetch_text(url, 1.0)
+    except OSError:
+        return False
+    return True
 
 
 def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
@@ -201,11 +211,15 @@ def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(
 ) -> None:
     rng = random.Random(2)
     ctl = providers.control
-    ctl.set_outage("apns", 4.0)
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(300)]
-    publish(stack, "apns", "p-outage", items)
     started = time.monotonic()
     stack.start_flow(*FAST_RETRIES, ("FANFARE_BREAKER_FAILURES", "20"), flow="delivery")
+    # The outage starts once the flow runs, so its first sends meet it however long the start
+    # took (a loaded machine took over 4 s to start, and the sends came after the outage).
+    metrics = f"http://127.0.0.1:{stack.env['FANFARE_METRICS_PORT']}/metrics"
+    wait_for(lambda: answers(metrics), 60, "the delivery flow's /metrics", stack)
+    ctl.set_outage("apns", 4.0)
+    publish(stack, "apns", "p-outage", items)
     outcomes = wait_terminal(stack, 300, 120)
     assert Counter(o for v in outcomes.values() for o in v) == {"accepted": 300}
     events = delivery_events(stack)
