@@ -80,7 +80,9 @@ def _validation(exc: RequestValidationError) -> JSONResponse:
         detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
         return error_response("invalid_json", f"the body is not valid JSON: {detail}".strip())
     if kind == "model_attributes_type" and not field:
-        return error_response("invalid_body", "send a JSON object (Content-Type: application/json)")
+        return error_response(
+            "invalid_body", "the body must be a JSON object, sent as application/json"
+        )
     if field == "recipients" and kind == "too_long":
         code = "too_many_recipients"
     elif kind == "missing":
