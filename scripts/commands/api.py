@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -54,7 +55,7 @@ from operators.adapters.stores.by_url import open_follower_store, open_notificat
 from operators.adapters.stores.campaign_sources import FollowerRecipients
 from operators.config import Settings, cassandra_credentials, redact_url
 from operators.fanout.ports import FollowerStore
-from operators.notify.campaigns import Target
+from operators.notify.campaigns import MAX_CHUNK, Target
 from operators.notify.catalog import Catalog, catalog_summary
 from operators.notify.categories import CatalogError
 from operators.notify.keys import ENDPOINT_SCOPES, ApiKey, new_key, parse_scope_list
@@ -121,6 +122,12 @@ def add_parser(sub: Any) -> None:
 
     scheduler = api_sub.add_parser(
         "scheduler", help="emit campaigns' per-user notifications at their rates"
+    )
+    scheduler.add_argument(
+        "--heartbeat-file",
+        default=None,
+        help="touch this file after every pass that reached Redis (a container health check "
+        "reads its age)",
     )
     scheduler.set_defaults(func=scheduler_command)
 
@@ -395,16 +402,24 @@ def build_scheduler(settings: Settings, owner: str) -> tuple[CampaignScheduler, 
 
 
 def run_scheduler(
-    scheduler: CampaignScheduler, stop: threading.Event, tick_s: float = TICK_S
+    scheduler: CampaignScheduler,
+    stop: threading.Event,
+    tick_s: float = TICK_S,
+    heartbeat: Path | None = None,
 ) -> None:
     """Step until `stop`; an outage of Redis or the broker is logged and waited out."""
     while not stop.is_set():
+        emitted = 0
         try:
-            scheduler.tick()
+            emitted = scheduler.tick()
         except (redis.ConnectionError, redis.TimeoutError, PublishFailed) as exc:
             log.warning("fanfare api scheduler: %s; retrying in 1 s", exc)
             stop.wait(1.0)
-        stop.wait(tick_s)
+        else:
+            if heartbeat is not None:
+                heartbeat.touch()
+        if emitted < MAX_CHUNK:  # a full chunk: a campaign is behind its rate, go on at once
+            stop.wait(tick_s)
 
 
 def scheduler_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -428,7 +443,8 @@ def scheduler_command(args: argparse.Namespace, settings: Settings) -> int:
         settings.api_campaign_lease_s,
     )
     try:
-        run_scheduler(scheduler, stop)
+        heartbeat = Path(args.heartbeat_file) if args.heartbeat_file else None
+        run_scheduler(scheduler, stop, heartbeat=heartbeat)
     finally:
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             scheduler.release_all()
