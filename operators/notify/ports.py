@@ -150,8 +150,8 @@ class CampaignStore(ABC):
     """Port: campaigns, their progress, and the lease that lets one scheduler emit each."""
 
     @abstractmethod
-    def create(self, spec: CampaignSpec) -> None:
-        """A new campaign, `scheduled`, on the active list."""
+    def create(self, spec: CampaignSpec) -> bool:
+        """A new campaign, `scheduled`, on the active list; False when the id exists."""
 
     @abstractmethod
     def get(self, campaign_id: str) -> tuple[CampaignSpec, CampaignProgress] | None:

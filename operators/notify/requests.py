@@ -54,8 +54,18 @@ class NotifyRequest:
 
 
 def new_id(prefix: str) -> str:
-    """A fresh id: `n_...` for notifications, `c_...` campaigns, `a_...` audiences."""
+    """A fresh id: `a_...` for audiences."""
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def request_id(prefix: str, key_id: str, idempotency_key: str) -> str:
+    """The id of what a request creates (`n_...`, `c_...`), from its API key and idempotency key.
+
+    A retry after a lost answer (the broker acknowledged late, the client timed out) publishes
+    the same id again, so a consumer can drop the copy; ids of two callers never meet.
+    """
+    digest = hashlib.sha256(f"{key_id}\x00{idempotency_key}".encode()).hexdigest()
+    return f"{prefix}_{digest[:32]}"
 
 
 def fingerprint(body: Mapping[str, Any]) -> str:

@@ -40,6 +40,7 @@ from operators.notify.requests import (
     fingerprint,
     new_id,
     plan_notification,
+    request_id,
     resolve_category,
     resolve_channels,
     resolve_template,
@@ -181,9 +182,14 @@ class NotifyService:
         scope: str,
         idempotency_key: str,
         body: Mapping[str, Any],
-        act: Callable[[], Answer],
+        act: Callable[[], tuple[Answer, Callable[[], None] | None]],
     ) -> Answer:
-        """`act()` once per (key, scope, idempotency key); repeats get its first answer."""
+        """`act()` once per (key, scope, idempotency key); repeats get its first answer.
+
+        `act` returns the answer and what to do once it is stored (a failure there is logged:
+        the request did what it had to). A failure inside `act` releases the key, so the
+        caller's retry runs.
+        """
         mark = fingerprint(body)
         held = self._idempotency.reserve(key.key_id, scope, idempotency_key, mark)
         if held is not None:
@@ -201,13 +207,18 @@ class NotifyService:
                 )
             return Answer(held.status, held.body, replayed=True)
         try:
-            answer = act()
+            answer, then = act()
         except BaseException:
             self._idempotency.release(key.key_id, scope, idempotency_key)
             raise
         self._idempotency.complete(
             key.key_id, scope, idempotency_key, StoredAnswer(mark, answer.status, answer.body)
         )
+        if then is not None:
+            try:
+                then()
+            except Exception:
+                log.exception("after answering %s %s: a record was not kept", scope, answer.body)
         return answer
 
     # --- POST /v1/notifications ----------------------------------------------------------------
@@ -216,12 +227,19 @@ class NotifyService:
         """Validate, then publish once per idempotency key to the category's tier topic."""
         self.require_category(key, request.category)
         now = datetime.fromtimestamp(self._clock(), UTC)
-        notification_id = new_id("n")
+        notification_id = request_id("n", key.key_id, request.idempotency_key)
         event = plan_notification(
             self.catalog, request, notification_id=notification_id, api_key_id=key.key_id, now=now
         )
 
-        def publish() -> Answer:
+        def publish() -> tuple[Answer, Callable[[], None]]:
+            if self._accepted.get(notification_id) is not None:
+                raise Rejected(
+                    "idempotency_key_reused",
+                    f"this idempotency_key made notification {notification_id} (its first "
+                    "answer is no longer kept): use a new key",
+                    "idempotency_key",
+                )
             topic = tier_topic(event.tier)
             try:
                 [(partition, offset)] = self._publisher.publish(
@@ -230,22 +248,20 @@ class NotifyService:
             except PublishFailed as exc:
                 raise Rejected("unavailable", f"the broker did not take it: {exc}") from None
             accepted_at = now.timestamp()
-            self._accepted.add(
-                Accepted(
-                    notification_id=notification_id,
-                    category=event.category,
-                    tier=event.tier,
-                    template_id=event.template_id,
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
-                    recipients=event.recipients,
-                    accepted_at=accepted_at,
-                    send_at=None if event.send_at is None else format_timestamp(event.send_at),
-                    api_key_id=key.key_id,
-                )
+            accepted = Accepted(
+                notification_id=notification_id,
+                category=event.category,
+                tier=event.tier,
+                template_id=event.template_id,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                recipients=event.recipients,
+                accepted_at=accepted_at,
+                send_at=None if event.send_at is None else format_timestamp(event.send_at),
+                api_key_id=key.key_id,
             )
-            return Answer(
+            answer = Answer(
                 202,
                 {
                     "notification_id": notification_id,
@@ -257,6 +273,7 @@ class NotifyService:
                     "accepted_at": format_timestamp(accepted_at, "milliseconds"),
                 },
             )
+            return answer, lambda: self._accepted.add(accepted)
 
         return self._once(key, "send", request.idempotency_key, body, publish)
 
@@ -319,7 +336,7 @@ class NotifyService:
                     "window.end",
                 )
 
-        def create() -> Answer:
+        def create() -> tuple[Answer, None]:
             if target.kind == "audience":
                 size = self._audiences.size(target.ref)
                 if size is None:
@@ -332,7 +349,7 @@ class NotifyService:
             else:
                 size = self._followers().follower_count(target.ref)
             spec = CampaignSpec(
-                campaign_id=new_id("c"),
+                campaign_id=request_id("c", key.key_id, request.idempotency_key),
                 category=category.name,
                 template_id=request.template_id,
                 data=dict(request.data),
@@ -348,10 +365,16 @@ class NotifyService:
                 total=size,
                 collapse_key=request.collapse_key,
             )
-            self._campaigns.create(spec)
+            if not self._campaigns.create(spec):
+                raise Rejected(
+                    "idempotency_key_reused",
+                    f"this idempotency_key made campaign {spec.campaign_id} (its first answer "
+                    "is no longer kept): use a new key",
+                    "idempotency_key",
+                )
             found = self._campaigns.get(spec.campaign_id)
             assert found is not None
-            return Answer(202, progress_view(*found))
+            return Answer(202, progress_view(*found)), None
 
         return self._once(key, "campaigns", request.idempotency_key, body, create)
 

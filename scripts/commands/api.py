@@ -274,10 +274,19 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
             server_header=False,
         )
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the
+    # handlers it found: let those note it, so the producer is flushed and the exit code is 0.
+    stopped_by: list[int] = []
+    previous = [
+        (sig, signal.signal(sig, lambda signum, _frame: stopped_by.append(signum)))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    ]
     try:
         server.run()
     finally:
         kafka.close()
+        for sig, handler in previous:
+            signal.signal(sig, handler)
     log.info("fanfare api: stopped")
     return 0
 

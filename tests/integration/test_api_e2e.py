@@ -198,13 +198,13 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         wait_for(healthy, 90, "fanfare api to answer /health", every_s=0.2)
         yield server
     finally:
-        if proc is not None:
-            stop_fanfare(proc)
+        code = stop_fanfare(proc) if proc is not None else 0
         devstack.stop_broker(settings)
         client = redis.Redis.from_url(REDIS_URL)
         keys = list(client.scan_iter(match=prefix + "*", count=1000))
         if keys:
             client.delete(*keys)
+    assert code == 0, f"fanfare api exited {code} on SIGTERM:\n{(home / 'api.log').read_text()}"
 
 
 def login(key_suffix: str = "", **changes: object) -> dict[str, object]:
@@ -270,6 +270,13 @@ def test_a_notification_goes_to_its_tier_topic_once_per_idempotency_key(api: Api
     assert again.headers.get("idempotent-replayed") == "true"
     changed = api.call("POST", "/v1/notifications", {**body, "recipients": ["u9"]}, key)
     assert_error(changed, 409, "idempotency_key_reused", "idempotency_key")
+    # Once the first answer expired, the key still names the notification it made.
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = api.stack.env["FANFARE_REDIS_PREFIX"]
+    client.delete(*client.scan_iter(match=f"{prefix}api:idem:{key.split('_')[1]}:*"))
+    expired = api.call("POST", "/v1/notifications", body, key)
+    assert_error(expired, 409, "idempotency_key_reused", "idempotency_key")
+    assert nid in expired.body["error"]["message"]
     social = api.call(
         "POST",
         "/v1/notifications",
@@ -621,6 +628,7 @@ def test_health_metrics_and_docs(api: Api) -> None:
         "/v1/users/{user_id}/preferences",
         "/v1/users/{user_id}/devices",
     } <= set(spec["paths"])
+    api.call("GET", "/v1/notifications/n_abc/status", key=api.key(endpoints="status"))
     metrics = api.call("GET", "/metrics").body.decode()
     assert 'fanfare_api_requests_total{method="GET",route="/health",status="200"}' in metrics
     assert "fanfare_api_request_seconds_bucket" in metrics

@@ -21,6 +21,7 @@ from operators.notify.requests import (
     Rejected,
     fingerprint,
     plan_notification,
+    request_id,
 )
 from operators.notify.service import parse_audience
 from schemas.codecs import decode_notification_request, encode_notification_request
@@ -128,6 +129,13 @@ def test_scope_lists() -> None:
         parse_scope_list("sned", ENDPOINT_SCOPES, "endpoint scopes")
     with pytest.raises(ValueError, match="at least one"):
         parse_scope_list(" , ", None, "categories")
+
+
+def test_ids_come_from_the_api_key_and_the_idempotency_key() -> None:
+    first = request_id("n", "key1", "order-1")
+    assert first == request_id("n", "key1", "order-1") and first.startswith("n_")
+    assert first != request_id("n", "key2", "order-1") != request_id("n", "key1", "order-2")
+    assert len(first) == 34
 
 
 def test_the_fingerprint_ignores_key_order_only() -> None:

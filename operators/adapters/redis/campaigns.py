@@ -178,13 +178,15 @@ class RedisCampaignStore(CampaignStore):
     def _active(self) -> str:
         return f"{self._p}campaigns:active"
 
-    def create(self, spec: CampaignSpec) -> None:
-        """The hash and the active list, in one transaction."""
-        pipe = self._r().pipeline(transaction=True)
+    def create(self, spec: CampaignSpec) -> bool:
+        """The hash and the active list, in one transaction; False if the id exists."""
+        client = self._r()
+        if not client.hsetnx(self._key(spec.campaign_id), "spec", spec_json(spec)):
+            return False
+        pipe = client.pipeline(transaction=True)
         pipe.hset(
             self._key(spec.campaign_id),
             mapping={
-                "spec": spec_json(spec),
                 "state": "scheduled",
                 "emitted": 0,
                 "cursor": "",
@@ -198,11 +200,12 @@ class RedisCampaignStore(CampaignStore):
         )
         pipe.sadd(self._active, spec.campaign_id)
         pipe.execute()
+        return True
 
     def get(self, campaign_id: str) -> tuple[CampaignSpec, CampaignProgress] | None:
         """Spec and progress."""
         h = cast(dict[bytes, bytes], self._r().hgetall(self._key(campaign_id)))
-        if not h or b"spec" not in h:
+        if not h or b"spec" not in h or b"state" not in h:
             return None
         return spec_from(h[b"spec"]), progress_from(h)
 
