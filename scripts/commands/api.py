@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -37,8 +37,6 @@ from flows.runtime.ports import port_free
 from flows.runtime.readiness import probe_broker, probe_redis
 from flows.runtime.supervisor import EXIT_CANNOT_START, EXIT_CONFIGURATION
 from operators.adapters.catalog_files import load_catalog
-from operators.adapters.http.app import ApiDeps, CountingPublisher, create_app
-from operators.adapters.http.middleware import ApiMetrics
 from operators.adapters.kafka.publisher import KafkaPublisher
 from operators.adapters.redis.api_store import (
     AudienceRecipients,
@@ -64,6 +62,9 @@ from operators.notify.scheduler import MARKETING_TOPIC, CampaignScheduler
 from operators.notify.service import NotifyService
 from schemas.topics import DEVICE_CHANGES, NOTIFICATION_ACKS, PREFERENCE_CHANGES, TIER_TOPICS
 from scripts.commands.arguments import number_in, positive_int, whole_number
+
+if TYPE_CHECKING:  # FastAPI is imported by `fanfare api` only, not by every `fanfare` command
+    from operators.adapters.http.app import CountingPublisher
 
 log = logging.getLogger("fanfare.api")
 
@@ -214,6 +215,9 @@ def build_service(
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     """Serve the API until SIGTERM or SIGINT."""
     import uvicorn
+
+    from operators.adapters.http.app import ApiDeps, CountingPublisher, create_app
+    from operators.adapters.http.middleware import ApiMetrics
 
     host = args.host or settings.api_host
     port = args.port or settings.api_port

@@ -421,6 +421,35 @@ def test_oversized_bodies_are_refused_before_they_are_read(api: Api) -> None:
     assert api.counts() == before
 
 
+def test_two_api_processes_share_idempotency_answers_and_rate_limits(api: Api) -> None:
+    home = Path(api.stack.env["FANFARE_HOME"])
+    port = free_port()
+    proc = start_fanfare(
+        ["api", "--port", str(port)], {**os.environ, **api.stack.env}, home / "api-2.log"
+    )
+    try:
+        second = Api(api.stack, port, proc, api.keys)
+
+        def healthy() -> bool:
+            try:
+                return second.call("GET", "/health").status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 60, "a second fanfare api", every_s=0.2)
+        key = api.key(endpoints="send", categories="login_code", rate=0.2, burst=2)
+        body = login()
+        first = api.call("POST", "/v1/notifications", body, key)
+        assert first.status == 202
+        replayed = second.call("POST", "/v1/notifications", body, key)
+        assert replayed.status == 202 and replayed.body == first.body
+        assert replayed.headers.get("idempotent-replayed") == "true"
+        # The key's bucket (2 at once) is shared: the third request, on either process, waits.
+        assert_error(second.call("POST", "/v1/notifications", login(), key), 429, "rate_limited")
+    finally:
+        assert stop_fanfare(proc) == 0
+
+
 # --- users: preferences and devices -------------------------------------------------------------
 
 
