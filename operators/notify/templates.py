@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,7 +199,7 @@ def payload_bytes(title: str, body: str, extra: Mapping[str, str]) -> int:
     )
 
 
-def _shortened(text: str, fits: Any) -> str:
+def _shortened(text: str, fits: Callable[[str], bool]) -> str:
     """The longest prefix of `text` (plus an ellipsis) for which `fits(candidate)` holds."""
     low, high = 0, len(text)
     while low < high:  # the largest k with fits(text[:k] + ELLIPSIS)

@@ -10,7 +10,7 @@ SQLite) belong; only the upload reads its body on the event loop.
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -77,7 +77,7 @@ class CountingPublisher(Publisher):
         """The inner publisher's."""
         return self._inner.marks(topic)
 
-    def read_since(self, topic: str, marks: Mapping[int, int]) -> Any:
+    def read_since(self, topic: str, marks: Mapping[int, int]) -> Iterator[bytes | None]:
         """The inner publisher's."""
         return self._inner.read_since(topic, marks)
 

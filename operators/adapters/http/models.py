@@ -55,7 +55,8 @@ class NotificationIn(_Body):
         default=None, min_length=1, description="default: the category's channels"
     )
     send_at: AwareDatetime | None = Field(
-        default=None, description="RFC 3339 with an offset; at most 30 days ahead"
+        default=None,
+        description="RFC 3339 with an offset; at most 30 days ahead (a past time: now)",
     )
     collapse_key: CollapseKey | None = None
 
