@@ -153,6 +153,34 @@ class Settings:
     """FANFARE_PUSH_BODY: notification body; same fields."""
     push_link: str = "fanfare://posts/{post_id}"
     """FANFARE_PUSH_LINK: deep link to the post; same fields."""
+    api_host: str = "127.0.0.1"
+    """FANFARE_API_HOST: address `fanfare api` binds (`0.0.0.0` in a container or behind a load
+    balancer on another host)."""
+    api_port: int = 8080
+    """FANFARE_API_PORT: port of `fanfare api`: the API, `/docs`, `/health` and its `/metrics`."""
+    api_max_body_bytes: int = 262_144
+    """FANFARE_API_MAX_BODY_BYTES: largest request body; a larger one gets 413 before it is
+    read or parsed."""
+    api_upload_max_bytes: int = 16_777_216
+    """FANFARE_API_UPLOAD_MAX_BYTES: largest audience upload (a list of user ids for a
+    campaign)."""
+    api_idempotency_ttl_s: int = 86_400
+    """FANFARE_API_IDEMPOTENCY_TTL_S: how long an idempotency key's first answer is kept."""
+    api_campaign_max_rate: int = 1_000
+    """FANFARE_API_CAMPAIGN_MAX_RATE: the highest `rate_per_s` (users a second) a campaign may
+    ask for."""
+    api_campaign_ttl_s: int = 2_592_000
+    """FANFARE_API_CAMPAIGN_TTL_S: how long a finished campaign's record and an uploaded audience
+    are kept."""
+    api_campaign_lease_s: int = 15
+    """FANFARE_API_CAMPAIGN_LEASE_S: a scheduler's lease on a campaign: another scheduler takes a
+    campaign over this long after its scheduler died."""
+    categories_file: str = ""
+    """FANFARE_CATEGORIES_FILE: the categories file (TOML); empty: the shipped one
+    (`operators/notify/defaults/categories.toml`)."""
+    templates_dir: str = ""
+    """FANFARE_TEMPLATES_DIR: the templates directory; empty: the shipped templates
+    (`operators/notify/defaults/templates/`)."""
 
     @property
     def metrics_listen_host(self) -> str:
@@ -261,6 +289,13 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "edge_claim_ttl_s": (1, None),
     "store_ttl_s": (60, 10 * 365 * 86_400),
     "bulk_items_per_poll": (1, 100_000),
+    "api_port": (1, 65_535),
+    "api_max_body_bytes": (1_024, 64 * 1024 * 1024),
+    "api_upload_max_bytes": (1_024, 1024 * 1024 * 1024),
+    "api_idempotency_ttl_s": (60, 30 * 86_400),
+    "api_campaign_max_rate": (1, 1_000_000),
+    "api_campaign_ttl_s": (3_600, 365 * 86_400),
+    "api_campaign_lease_s": (1, 600),
 }
 
 
@@ -375,6 +410,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "cassandra://host1,host2/keyspace[?dc=DC]"
         )
     _check_template(settings)
+    if not settings.api_host.strip() or any(c.isspace() for c in settings.api_host):
+        raise ConfigError(
+            f"FANFARE_API_HOST={settings.api_host!r}: use one address (127.0.0.1, 0.0.0.0)"
+        )
     if not settings.ready_host.strip() or any(c.isspace() for c in settings.ready_host):
         raise ConfigError(
             f"FANFARE_READY_HOST={settings.ready_host!r}: use one address (127.0.0.1, 0.0.0.0)"

@@ -24,6 +24,7 @@ from schemas.records import (
     DispatchItem,
     FollowChange,
     NotificationAck,
+    NotificationRequest,
     PostCreated,
     PreferenceChange,
     RetryRecord,
@@ -39,6 +40,7 @@ SCHEMA_NAMES = (
     "push_retry",
     "notification_acks",
     "dead_letters",
+    "notification_request",
 )
 
 
@@ -354,6 +356,51 @@ def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
         seq=int(d["seq"]),
         due_at=float(d["due_at"]),
         reason=d["reason"],
+    )
+
+
+def encode_notification_request(request: NotificationRequest) -> bytes:
+    """The wire form of a notification request (optional fields as null when unset)."""
+    return orjson.dumps(
+        {
+            "schema": "notification_request/v1",
+            "notification_id": request.notification_id,
+            "tier": request.tier,
+            "category": request.category,
+            "template_id": request.template_id,
+            "recipients": list(request.recipients),
+            "data": request.data,
+            "channels": list(request.channels),
+            "quiet_hours": request.quiet_hours,
+            "caps": request.caps,
+            "send_at": None if request.send_at is None else format_timestamp(request.send_at),
+            "collapse_key": request.collapse_key,
+            "campaign_id": request.campaign_id,
+            "api_key_id": request.api_key_id,
+            "created_at": format_timestamp(request.created_at),
+        }
+    )
+
+
+def decode_notification_request(raw: bytes | str | None) -> NotificationRequest:
+    """A validated :class:`NotificationRequest` (times must carry a UTC offset)."""
+    d = _parse(raw, "notification_request")
+    send_at = d.get("send_at")
+    return NotificationRequest(
+        notification_id=d["notification_id"],
+        tier=d["tier"],
+        category=d["category"],
+        template_id=d["template_id"],
+        recipients=tuple(d["recipients"]),
+        data=d["data"],
+        channels=tuple(d["channels"]),
+        quiet_hours=d["quiet_hours"],
+        caps=d["caps"],
+        api_key_id=d["api_key_id"],
+        created_at=parse_timestamp(d["created_at"]),
+        send_at=None if send_at is None else parse_timestamp(send_at),
+        collapse_key=d.get("collapse_key"),
+        campaign_id=d.get("campaign_id"),
     )
 
 

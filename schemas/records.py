@@ -10,6 +10,8 @@ Visibility = Literal["public", "followers", "private"]
 Provider = Literal["apns", "fcm"]
 FollowOp = Literal["follow", "unfollow"]
 AckEvent = Literal["delivered", "opened"]
+Tier = Literal["transactional", "social", "marketing"]
+Channel = Literal["push", "inbox"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +157,39 @@ class NotificationAck:
 
 AckOutcome = Literal["applied", "unknown_notification", "unknown_device"]
 """What applying an ack did: applied, or which part of it the notification store did not know."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationRequest:
+    """A notification the API accepted, on its tier's topic (`notify.<tier>`).
+
+    The category's policy is resolved at ingress (tier, channels, quiet hours, caps), so a
+    consumer needs no copy of the categories file to route it. A campaign message has one
+    recipient and its `campaign_id`; per-user notification ids are `notification_id:user_id`.
+    """
+
+    notification_id: str
+    tier: Tier
+    category: str
+    template_id: str
+    recipients: tuple[str, ...]
+    data: dict[str, str | int | float | bool | None]
+    channels: tuple[Channel, ...]
+    quiet_hours: bool
+    caps: bool
+    api_key_id: str
+    created_at: datetime
+    send_at: datetime | None = None
+    collapse_key: str | None = None
+    campaign_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The message key: the notification id, or a campaign message's per-user id.
+
+        A campaign's messages share a notification id; keying them by user spreads a campaign
+        over every partition of the marketing topic.
+        """
+        if self.campaign_id is not None and len(self.recipients) == 1:
+            return f"{self.notification_id}:{self.recipients[0]}"
+        return self.notification_id

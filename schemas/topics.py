@@ -15,6 +15,17 @@ DELIVERY_EVENTS = "delivery_events"
 PUSH_RETRY = "push.retry"
 NOTIFICATION_ACKS = "notification_acks"
 DEAD_LETTERS = "dead_letters"
+# The API's tier topics (`fanfare api`): notification requests of each priority tier, so a
+# marketing backlog never sits in front of a login code. Not read by the flows yet.
+TIERS = ("transactional", "social", "marketing")
+
+
+def tier_topic(tier: str) -> str:
+    """The topic of a priority tier: ``notify.transactional``, ``notify.social``, ..."""
+    return f"notify.{tier}"
+
+
+TIER_TOPICS = tuple(tier_topic(t) for t in TIERS)
 PROVIDERS = ("apns", "fcm")
 LANES = ("normal", "bulk")
 CHANGELOG_TOPICS = (FOLLOW_CHANGES, PREFERENCE_CHANGES, DEVICE_CHANGES)
@@ -35,6 +46,7 @@ ALL_TOPICS = (
     DELIVERY_EVENTS,
     NOTIFICATION_ACKS,
     DEAD_LETTERS,
+    *TIER_TOPICS,
 )
 
 MAX_DISPATCH_BATCH = 500

@@ -25,6 +25,7 @@ COMMANDS = (
     "scripts.commands.run",
     "scripts.commands.store",
     "scripts.commands.inbox",
+    "scripts.commands.api",
     "scripts.dev.demo",
     "scripts.commands.followers_import",
     "scripts.commands.metrics",

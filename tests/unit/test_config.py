@@ -83,6 +83,16 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_PUSH_TITLE": ("New from {author_id}", "New from {author_id}"),
     "FANFARE_PUSH_BODY": ("Post {post_id}", "Post {post_id}"),
     "FANFARE_PUSH_LINK": ("https://x.test/p/{post_id}", "https://x.test/p/{post_id}"),
+    "FANFARE_API_HOST": ("0.0.0.0", "0.0.0.0"),
+    "FANFARE_API_PORT": ("9080", 9_080),
+    "FANFARE_API_MAX_BODY_BYTES": ("65536", 65_536),
+    "FANFARE_API_UPLOAD_MAX_BYTES": ("1048576", 1_048_576),
+    "FANFARE_API_IDEMPOTENCY_TTL_S": ("3600", 3_600),
+    "FANFARE_API_CAMPAIGN_MAX_RATE": ("50", 50),
+    "FANFARE_API_CAMPAIGN_TTL_S": ("86400", 86_400),
+    "FANFARE_API_CAMPAIGN_LEASE_S": ("5", 5),
+    "FANFARE_CATEGORIES_FILE": ("/etc/fanfare/categories.toml", "/etc/fanfare/categories.toml"),
+    "FANFARE_TEMPLATES_DIR": ("/etc/fanfare/templates", "/etc/fanfare/templates"),
 }
 
 
@@ -176,6 +186,10 @@ def test_derived_values() -> None:
         ("FANFARE_LOG_LEVEL", "verbose", "DEBUG, INFO, WARNING or ERROR"),
         ("FANFARE_REDIS_URL", "http://127.0.0.1:6379", "redis://"),
         ("FANFARE_STORE_URL", "postgres://db/fanfare", "sqlite:///"),
+        ("FANFARE_API_HOST", "0.0.0.0 ::", "one address"),
+        ("FANFARE_API_PORT", "0", "out of range"),
+        ("FANFARE_API_MAX_BODY_BYTES", "100", "out of range"),
+        ("FANFARE_API_CAMPAIGN_LEASE_S", "0", "out of range"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, raw: str, fragment: str) -> None:

@@ -426,9 +426,34 @@ def test_prometheus_scrapes_every_flow_service(services: dict[str, Service]) -> 
     expected = {
         f"{name}:{service_settings(name, services[name]).metrics_port}" for name in FLOW_SERVICES
     }
+    expected.add(f"{API_SERVICE}:{service_settings(API_SERVICE, services[API_SERVICE]).api_port}")
     assert targets == expected
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+API_SERVICE = "api"
+
+
+def test_the_api_and_its_scheduler_run_as_services(services: dict[str, Service]) -> None:
+    api = services[API_SERVICE]
+    assert is_fanfare_service(api) and api["command"] == ["api"]
+    settings = service_settings(API_SERVICE, api)
+    # Inside its container on every interface, published on the host's loopback only.
+    assert settings.api_host == "0.0.0.0"
+    port = str(settings.api_port)
+    assert [(ip, c) for ip, _, c in published_ports(api)] == [("127.0.0.1", port)]
+    assert f"127.0.0.1:{port}/health" in " ".join(api["healthcheck"]["test"])
+    scheduler = services["api-scheduler"]
+    assert is_fanfare_service(scheduler) and scheduler["command"][:2] == ["api", "scheduler"]
+    heartbeat = scheduler["command"][scheduler["command"].index("--heartbeat-file") + 1]
+    assert heartbeat in " ".join(scheduler["healthcheck"]["test"])
+    assert not list(published_ports(scheduler))
+    for name in (API_SERVICE, "api-scheduler"):
+        svc = services[name]
+        assert depends_on(svc).get(REDIS_SERVICE) == "service_healthy", name
+        assert depends_on(svc).get("topics") == "service_completed_successfully", name
+        assert svc.get("restart") in {"always", "unless-stopped", "on-failure"}, name
 
 
 def test_grafana_provisions_the_datasource_and_the_dashboard(services: dict[str, Service]) -> None:

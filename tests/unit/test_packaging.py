@@ -67,6 +67,11 @@ def test_the_wheel_has_no_dev_stack_harness_or_benchmark_module(wheel: Path) -> 
         "operators/adapters/kafka/reader.py",
         "schemas/post_created.schema.json",
         "schemas/cql/001_initial.cql",
+        "schemas/notification_request.schema.json",
+        "scripts/commands/api.py",
+        "operators/adapters/http/app.py",
+        "operators/notify/defaults/categories.toml",
+        "operators/notify/defaults/templates/login_code.toml",
     ):
         assert expected in names, expected
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))

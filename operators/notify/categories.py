@@ -1,0 +1,126 @@
+"""Notification categories: one file says, per category, its tier and its policy.
+
+A category is what a producer sends (`login_code`, `receipt`, `new_post`, `campaign`): its
+priority tier (which topic, which worker budget), which channels are on by default, and whether
+the recipients' quiet hours and frequency caps apply. Transactional categories skip quiet hours
+and caps unless the file says otherwise; social and marketing ones respect them.
+
+The file is TOML::
+
+    [categories.login_code]
+    tier = "transactional"
+    description = "A one-time login code"
+    channels = { push = true, inbox = false }
+    # quiet_hours and caps default by tier (transactional: false; social, marketing: true)
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from schemas.records import Channel, Tier
+from schemas.topics import TIERS
+
+CHANNELS: tuple[Channel, ...] = ("push", "inbox")
+"""Channels a notification can use: a push to the user's devices, an entry in the in-app inbox."""
+NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+"""Category and template names: lower-case letters, digits and underscores (topic-safe)."""
+_KEYS = {"tier", "description", "channels", "quiet_hours", "caps"}
+
+
+class CatalogError(ValueError):
+    """A categories file or a template that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """A kind of notification and its policy."""
+
+    name: str
+    tier: Tier
+    channels: Mapping[Channel, bool]
+    quiet_hours: bool
+    caps: bool
+    description: str = ""
+
+    @property
+    def default_channels(self) -> tuple[Channel, ...]:
+        """The channels used when a request names none."""
+        return tuple(c for c in CHANNELS if self.channels.get(c, False))
+
+
+def tier_defaults(tier: Tier) -> tuple[bool, bool]:
+    """(quiet_hours, caps) of a tier: a login code must not wait for the morning."""
+    return (False, False) if tier == "transactional" else (True, True)
+
+
+def _bool(source: str, where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise CatalogError(f"{source}: {where} must be true or false, not {value!r}")
+    return value
+
+
+def parse_category(source: str, name: str, entry: object) -> Category:
+    """One `[categories.NAME]` table."""
+    where = f"category {name!r}"
+    if not NAME.match(name):
+        raise CatalogError(
+            f"{source}: {where}: names are 1-64 lower-case letters, digits or underscores"
+        )
+    if not isinstance(entry, dict):
+        raise CatalogError(f"{source}: {where} must be a table")
+    unknown = sorted(set(entry) - _KEYS)
+    if unknown:
+        raise CatalogError(
+            f"{source}: {where} has unknown keys {unknown}; known: {', '.join(sorted(_KEYS))}"
+        )
+    tier = entry.get("tier")
+    if tier not in TIERS:
+        raise CatalogError(f"{source}: {where}: tier must be one of {', '.join(TIERS)}")
+    tier = cast(Tier, tier)
+    raw_channels = entry.get("channels", {"push": True})
+    if not isinstance(raw_channels, dict):
+        raise CatalogError(f"{source}: {where}: channels must be a table like {{ push = true }}")
+    bad = sorted(set(raw_channels) - set(CHANNELS))
+    if bad:
+        raise CatalogError(
+            f"{source}: {where}: unknown channels {bad}; known: {', '.join(CHANNELS)}"
+        )
+    channels = {
+        cast(Channel, c): _bool(source, f"{where}: channels.{c}", v)
+        for c, v in raw_channels.items()
+    }
+    quiet_default, caps_default = tier_defaults(tier)
+    description = entry.get("description", "")
+    if not isinstance(description, str):
+        raise CatalogError(f"{source}: {where}: description must be a string")
+    category = Category(
+        name=name,
+        tier=tier,
+        channels={c: channels.get(c, False) for c in CHANNELS},
+        quiet_hours=_bool(source, f"{where}: quiet_hours", entry.get("quiet_hours", quiet_default)),
+        caps=_bool(source, f"{where}: caps", entry.get("caps", caps_default)),
+        description=description,
+    )
+    if not category.default_channels:
+        raise CatalogError(f"{source}: {where}: turn at least one channel on by default")
+    return category
+
+
+def parse_categories(text: str, source: str) -> dict[str, Category]:
+    """Every category of a categories file (TOML); CatalogError names what is wrong."""
+    try:
+        doc: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{source}: not valid TOML ({exc})") from None
+    unknown = sorted(set(doc) - {"categories"})
+    if unknown:
+        raise CatalogError(f"{source}: unknown top-level keys {unknown}; use [categories.NAME]")
+    tables = doc.get("categories")
+    if not isinstance(tables, dict) or not tables:
+        raise CatalogError(f"{source}: no categories (add [categories.NAME] tables)")
+    return {name: parse_category(source, name, entry) for name, entry in tables.items()}
