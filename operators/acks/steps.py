@@ -8,13 +8,13 @@ with that reason, as a malformed one does.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from operators import metrics
 from operators.acks.ports import AckStore
 from operators.events import RawEvent, dead_letter
+from operators.worker_local import WorkerLocal
 from schemas.codecs import InvalidEvent, decode_notification_ack
 from schemas.records import DeadLetter, NotificationAck
 
@@ -36,11 +36,14 @@ def decode_ack(event: RawEvent) -> ReadAck | DeadLetter:
 
 
 class ApplyAcks:
-    """`flat_map_batch` mapper: apply a worker's acks in one store call; dead letters out."""
+    """`flat_map_batch` mapper: apply a worker's acks in one store call; dead letters out.
+
+    Each worker thread opens its store once (a `WorkerLocal`: see operators/worker_local.py).
+    """
 
     def __init__(self, open_store: Callable[[], AckStore]) -> None:
         self._open = open_store
-        self._local = threading.local()
+        self._local = WorkerLocal()
 
     def __call__(self, batch: list[ReadAck]) -> list[DeadLetter]:
         """Apply; return a dead letter per ack that matched no notification or device."""

@@ -7,12 +7,12 @@ use.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from operators.delivery.engine import DeliveryEngine, DeliveryOutput
 from operators.delivery.model import SendRequest
 from operators.events import RawEvent, dead_letter
+from operators.worker_local import WorkerLocal
 from schemas.codecs import InvalidEvent, decode_dispatch_batch, decode_retry_record, parse_timestamp
 from schemas.records import DeadLetter
 
@@ -77,11 +77,16 @@ def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
 
 
 class SendStep:
-    """`flat_map_batch` mapper: each worker thread builds its engine once, on first use."""
+    """`flat_map_batch` mapper: each worker thread builds its engine once, on first use.
+
+    The engine is kept in a `WorkerLocal`, not a `threading.local`: Bytewax's cluster workers
+    lose a `threading.local` between activations, and an engine (event loop thread, provider
+    connections, a firebase app) was built on every call and never closed (issue 20).
+    """
 
     def __init__(self, build_engine: Callable[[], DeliveryEngine]) -> None:
         self._build = build_engine
-        self._local = threading.local()
+        self._local = WorkerLocal()
 
     def __call__(self, requests: list[SendRequest]) -> list[DeliveryOutput]:
         """Deliver everything this worker read (blocks until every send is answered)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from bytewax.testing import TestingSink, TestingSource, run_main
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.acks import build_acks_flow
 from operators.acks.steps import ApplyAcks
@@ -66,3 +66,28 @@ def test_acks_update_status_and_unknown_or_malformed_ones_are_dead_lettered(
     assert by_offset[5].startswith("unknown_notification: no p9:u9")
     assert by_offset[6].startswith("schema")
     assert by_offset[7].startswith("schema")
+
+
+def test_a_worker_opens_its_store_once_in_a_cluster(tmp_path: Path) -> None:
+    """Issue 20: with a threading.local the store was opened again on every call in a cluster."""
+    store = SQLiteNotificationStore(tmp_path / "n.db")
+    opened: list[int] = []
+
+    def open_store() -> SQLiteNotificationStore:
+        opened.append(1)
+        return store
+
+    events = [ack(i, f"p{i}:u1", "d1", "opened") for i in range(20)]
+    dead: list[Any] = []
+    cluster_main(
+        build_acks_flow(
+            source=TestingSource(events, batch_size=1),
+            apply_acks=ApplyAcks(open_store),
+            dead_letter_sink=TestingSink(dead),
+        ),
+        [],
+        0,
+        worker_count_per_proc=2,
+    )
+    assert len(dead) == 20  # none of them is in the store: each is dead-lettered
+    assert 1 <= len(opened) <= 2  # once per worker that applied acks (it was once per call)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from bytewax.testing import TestingSink, TestingSource, run_main
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.delivery import build_delivery_flow
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
@@ -131,3 +131,46 @@ def test_every_item_gets_one_outcome_and_bad_input_is_dead_lettered(tmp_path: Pa
         ("push.retry", "schema"),
     ]
     assert sorted(r.item["user_id"] for r in sender.sent) == ["u1", "u2", "u3"]
+
+
+def test_a_worker_builds_its_engine_once_in_a_cluster(tmp_path: Path) -> None:
+    """Issue 20: a threading.local does not survive Bytewax's (Rust) cluster worker threads.
+
+    Every activation enters Python through pyo3's GIL guard, which makes and deletes the thread's
+    Python thread state, and a threading.local's values with it: the engine (event loop thread,
+    provider connections, a firebase app) was built again on every send call in a cluster.
+    """
+    store = SQLiteNotificationStore(tmp_path / "n.db")
+    claims = InMemoryEdgeClaims()
+    sender = ScriptedSender()
+    builds: list[int] = []
+
+    def build() -> DeliveryEngine:
+        builds.append(1)
+        return DeliveryEngine(
+            claims=claims,
+            store=store,
+            limiter=LocalRateLimiter(),
+            senders={"apns": sender},
+            loop=InlineLoop(),
+            settings=DeliverySettings(),
+        )
+
+    channel = [
+        RawEvent("push.apns", 0, i, b"p", batch(f"p{i}", "apns", [(f"u{i}", "d1", f"t{i}")]), 1.0)
+        for i in range(30)
+    ]
+    events: list[Any] = []
+    flow = build_delivery_flow(
+        channel_source=TestingSource(channel, batch_size=1),
+        retry_source=TestingSource([]),
+        send=SendStep(build),
+        events_sink=TestingSink(events),
+        route_event=lambda e: "delivery_events/0",
+        device_changes_sink=TestingSink([]),
+        retry_sink=TestingSink([]),
+        dead_letter_sink=TestingSink([]),
+    )
+    cluster_main(flow, [], 0, worker_count_per_proc=2)
+    assert len(events) == 30
+    assert 1 <= len(builds) <= 2  # once per worker that sent (it was once per call)

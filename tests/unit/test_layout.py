@@ -2,7 +2,9 @@
 
 - The domain (`operators/fanout`, `delivery`, `acks`, `notify`) imports only
   `schemas`, `operators.events`, `operators.metrics` (the funnel's counters: a process-wide
-  registry, no I/O) and its own package, whose `ports.py` the adapters implement.
+  registry, no I/O), `operators.worker_local` (per-worker state that survives Bytewax's worker
+  threads, which a `threading.local` does not: standard library only, and kept so) and its own
+  package, whose `ports.py` the adapters implement.
 - `operators` never imports `flows` or `scripts`; production code never imports the dev stack,
   the harness or the benchmarks (`scripts/dev`, `scripts/harness`, `scripts/bench`), except the
   command line, which registers their commands only when they are there.
@@ -21,7 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "operators", "schemas", "scripts")
 DOMAIN = ("operators.fanout", "operators.delivery", "operators.acks", "operators.notify")
-DOMAIN_MAY_IMPORT = ("schemas", "operators.events", "operators.metrics")
+DOMAIN_MAY_IMPORT = ("schemas", "operators.events", "operators.metrics", "operators.worker_local")
+# What the domain may import that is not the contract itself: these import no project module.
+LEAVES = ("operators.worker_local",)
 NOT_SHIPPED = ("scripts.dev", "scripts.harness", "scripts.bench")
 # The command line is shipped but offers `fanfare dev`, `demo` and `chaos` in a source checkout.
 MAY_IMPORT_NOT_SHIPPED = ("scripts.cli",)
@@ -122,6 +126,16 @@ def test_the_domain_imports_only_schemas_events_metrics_and_itself() -> None:
         for imported, line in imports_of(path, modules):
             if not within(imported, (own, *DOMAIN_MAY_IMPORT)):
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
+    assert wrong == []
+
+
+def test_the_domain_s_helpers_import_no_project_module() -> None:
+    modules = project_modules()
+    wrong = [
+        f"{modules[name].relative_to(ROOT)}:{line} imports {imported}"
+        for name in LEAVES
+        for imported, line in imports_of(modules[name], modules)
+    ]
     assert wrong == []
 
 

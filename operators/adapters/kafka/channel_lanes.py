@@ -27,6 +27,7 @@ from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_parti
 from operators.adapters.kafka.reader import TopicPartitionReader
 from operators.adapters.kafka.topic_identity import shared_topic_ids
 from operators.events import RawEvent
+from operators.worker_local import WorkerLocal
 from schemas.topics import MAX_DISPATCH_BATCH, PROVIDERS, channel_topic
 
 LaneOffsets = tuple[int, int, int, str | None, str | None]
@@ -67,7 +68,7 @@ class BulkRoundBudget:
         if items_per_round < 1:
             raise ValueError("items_per_round must be at least 1")
         self._per_round = items_per_round
-        self._local = threading.local()
+        self._local = WorkerLocal()
 
     def take(self, part: str, wanted: int) -> int:
         """Up to `wanted` items for `part` in the current round (0: wait for the next one)."""

@@ -21,6 +21,8 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from operators.worker_local import WorkerLocal
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -165,7 +167,7 @@ class PerThreadRedis:
     def __init__(self, url: str, **options: Any) -> None:
         self._url = url
         self._options = options
-        self._local = threading.local()
+        self._local = WorkerLocal()
 
     def __call__(self) -> redis.Redis:
         """The calling thread's client."""

@@ -7,13 +7,13 @@ are read by cursor (the last follower_id returned), so a job can stop and resume
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from operators.fanout.eligibility import edge_flags
 from operators.fanout.ports import FollowerRow, FollowerStore, StoreMismatch
 from operators.fanout.sharding import shard_of
+from operators.worker_local import WorkerLocal
 from schemas.records import FollowChange
 
 _SCHEMA = """
@@ -41,7 +41,7 @@ class SQLiteFollowerStore(FollowerStore):
     def __init__(self, path: Path | str, shard_count: int) -> None:
         self.path = Path(path)
         self.shard_count = shard_count
-        self._local = threading.local()
+        self._local = WorkerLocal()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         with conn:

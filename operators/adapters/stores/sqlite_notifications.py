@@ -15,7 +15,6 @@ The aggregated status of a notification is read from its device rows
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from operators.delivery.ledger import (
 )
 from operators.delivery.model import EARLIER_COPY_IN_CALL, LedgerRow, SendRequest
 from operators.delivery.ports import NotificationStore
+from operators.worker_local import WorkerLocal
 from schemas.records import AckOutcome, NotificationAck
 
 # Versioned schema: PRAGMA user_version says which of these a file has had. Version 1 is the
@@ -147,7 +147,7 @@ class SQLiteNotificationStore(NotificationStore):
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         self._ttl = ttl_s
         self._clock = clock
-        self._local = threading.local()
+        self._local = WorkerLocal()
         self._purged_at = 0.0
         self.migrated = migrate_sqlite(self._conn())
 
