@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -150,8 +149,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
             senders["apns"] = ApnsSender(apns, template, bucket, policy, timeout)
         if fcm is not None:
             bucket = BucketSpec(f"fcm:{fcm.project_id}", settings.fcm_rate_per_min, burst, reserve)
-            app_name = f"fanfare-{os.getpid()}-{id(loop)}"
-            senders["fcm"] = FcmSender(fcm, template, bucket, policy, timeout, app_name)
+            senders["fcm"] = FcmSender(fcm, template, bucket, policy, timeout)
         return senders
 
     return DeliveryEngine(

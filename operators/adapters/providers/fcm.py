@@ -8,6 +8,8 @@ The service account comes from a file and is never logged.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import ssl
 import time
 import warnings
@@ -30,6 +32,7 @@ warnings.filterwarnings(
 )
 
 _FCM_CHUNK = 50
+_APP_NUMBERS = itertools.count(1)
 
 
 _FCM_PARALLEL_CHUNKS = 1
@@ -44,6 +47,17 @@ _FCM_ERRORS = {
     "InvalidArgumentError": "INVALID_ARGUMENT",
     "ThirdPartyAuthError": "THIRD_PARTY_AUTH_ERROR",
 }
+
+
+def app_name() -> str:
+    """A firebase app name no other sender of this process had.
+
+    firebase-admin keeps every app in a process-wide registry until `delete_app`, and refuses a
+    name twice. A name made of an object's `id()` is reused once that object is freed: when an
+    engine was dropped without being closed, its app was still registered and the next one
+    raised ValueError, which crashed the cluster (issue 20).
+    """
+    return f"fanfare-{os.getpid()}-{next(_APP_NUMBERS)}"
 
 
 def trust_private_ca(
@@ -81,7 +95,7 @@ class FcmSender(PushSender):
         bucket: BucketSpec,
         policy: RetryPolicy,
         timeout_s: float,
-        app_name: str,
+        name: str | None = None,
     ) -> None:
         import firebase_admin
         from firebase_admin import _http_client, credentials, messaging
@@ -99,9 +113,8 @@ class FcmSender(PushSender):
                 f"cannot load the FCM service account {config.credentials_file} "
                 f"({type(exc).__name__})"
             ) from None
-        self._app = firebase_admin.initialize_app(
-            cred, {"projectId": config.project_id, "httpTimeout": timeout_s}, name=app_name
-        )
+        options = {"projectId": config.project_id, "httpTimeout": timeout_s}
+        self._app = firebase_admin.initialize_app(cred, options, name=name or app_name())
         service = messaging._get_messaging_service(self._app)
         # No endpoint setting exists for messaging; the service reads this URL (docs/providers.md).
         service._fcm_url = f"{config.url}/v1/projects/{config.project_id}/messages:send"
