@@ -17,6 +17,7 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows.runtime.logs import configure_logging
+from flows.runtime.step_errors import FlowGuard
 from operators.acks.steps import ApplyAcks, ReadAck, decode_ack
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
 from operators.adapters.kafka.reader import KafkaTopicsSource
@@ -35,11 +36,15 @@ def build_acks_flow(
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink)."""
     flow = Dataflow("acks")
-    raw = op.input("read_acks", flow, source)
-    decoded: Decoded[ReadAck] = decode_or_dead_letter("decode_ack", raw, one(decode_ack))
-    unknown = op.flat_map_batch("apply_acks", decoded.oks, apply_acks)
+    # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
+    g = FlowGuard(flow.flow_id)
+    raw = op.input("read_acks", flow, g.source("read_acks", source))
+    decoded: Decoded[ReadAck] = decode_or_dead_letter(
+        "decode_ack", raw, g.step("decode_ack", one(decode_ack))
+    )
+    unknown = op.flat_map_batch("apply_acks", decoded.oks, g.step("apply_acks", apply_acks))
     dead = op.merge("merge_dead_letters", decoded.dead_letters, unknown)
-    op.output("write_dead_letters", dead, dead_letter_sink)
+    op.output("write_dead_letters", dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
 
 

@@ -23,6 +23,7 @@ from bytewax.outputs import Sink
 
 from flows.runtime.logs import configure_logging
 from flows.runtime.recovery_marker import recovery_lineage
+from flows.runtime.step_errors import FlowGuard
 from operators.adapters.kafka.channel_lanes import BulkPacer, ChannelLanesSource
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
 from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
@@ -74,37 +75,43 @@ def build_delivery_flow(
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
     flow = Dataflow("delivery")
+    # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
+    g = FlowGuard(flow.flow_id)
 
-    channel = op.input("read_channel_lanes", flow, channel_source)
+    channel = op.input("read_channel_lanes", flow, g.source("read_channel_lanes", channel_source))
     fresh: Decoded[SendRequest] = decode_or_dead_letter(
-        "decode_dispatch", channel, decode_channel_message
+        "decode_dispatch", channel, g.step("decode_dispatch", decode_channel_message)
     )
 
     # The source holds each retry until its due time (see RetryTopicSource).
-    due = op.input("read_due_retries", flow, retry_source)
+    due = op.input("read_due_retries", flow, g.source("read_due_retries", retry_source))
     retries: Decoded[SendRequest] = decode_or_dead_letter(
-        "decode_retry", due, one(decode_retry_message)
+        "decode_retry", due, g.step("decode_retry", one(decode_retry_message))
     )
 
     requests = op.merge("merge_requests", fresh.oks, retries.oks)
-    outputs = op.flat_map_batch("send_to_providers", requests, send)
+    outputs = op.flat_map_batch("send_to_providers", requests, g.step("send_to_providers", send))
 
     events = op.filter_map("events", outputs, _only(DeliveryEvent))
-    keyed = op.map("route_event", events, lambda e: (route_event(e), e))
-    op.output("write_delivery_events", keyed, events_sink)
+    keyed = op.map("route_event", events, g.step("route_event", lambda e: (route_event(e), e)))
+    op.output("write_delivery_events", keyed, g.sink("write_delivery_events", events_sink))
     op.output(
         "write_device_changes",
         op.filter_map("deactivations", outputs, _only(DeviceChange)),
-        device_changes_sink,
+        g.sink("write_device_changes", device_changes_sink),
     )
-    op.output("write_retries", op.filter_map("retries", outputs, _only(RetryRecord)), retry_sink)
+    op.output(
+        "write_retries",
+        op.filter_map("retries", outputs, _only(RetryRecord)),
+        g.sink("write_retries", retry_sink),
+    )
     dead = op.merge(
         "merge_dead_letters",
         fresh.dead_letters,
         retries.dead_letters,
         op.filter_map("send_dead_letters", outputs, _only(DeadLetter)),
     )
-    op.output("write_dead_letters", dead, dead_letter_sink)
+    op.output("write_dead_letters", dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
 
 

@@ -25,6 +25,7 @@ from bytewax.outputs import Sink
 
 from flows.runtime.logs import configure_logging
 from flows.runtime.recovery_marker import recovery_lineage
+from flows.runtime.step_errors import FlowGuard
 from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
@@ -79,17 +80,23 @@ def build_fanout_flow(
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
     flow = Dataflow("fanout")
+    # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
+    g = FlowGuard(flow.flow_id)
 
-    posts = op.input("read_posts", flow, post_source)
-    decoded: Decoded[ReadPost] = decode_or_dead_letter("decode_post", posts, one(decode_post))
-    owned = op.flat_map_batch("claim_post", decoded.oks, PostClaimer(claims).claim_batch)
+    posts = op.input("read_posts", flow, g.source("read_posts", post_source))
+    decoded: Decoded[ReadPost] = decode_or_dead_letter(
+        "decode_post", posts, g.step("decode_post", one(decode_post))
+    )
+    owned = op.flat_map_batch(
+        "claim_post", decoded.oks, g.step("claim_post", PostClaimer(claims).claim_batch)
+    )
     planner = ShardJobPlanner(store, settings.shard_count, settings.celebrity_threshold)
-    jobs = op.flat_map("plan_shard_jobs", owned, planner.plan)
+    jobs = op.flat_map("plan_shard_jobs", owned, g.step("plan_shard_jobs", planner.plan))
 
-    changes = op.input("read_changelogs", flow, changelog_source)
+    changes = op.input("read_changelogs", flow, g.source("read_changelogs", changelog_source))
     router = ChangelogRouter(settings.shard_count)
     routed: Decoded[tuple[str, Any]] = decode_or_dead_letter(
-        "route_changelog", changes, router.route
+        "route_changelog", changes, g.step("route_changelog", router.route)
     )
 
     shard_inputs = op.merge("merge_shard_inputs", jobs, routed.oks)
@@ -106,14 +113,18 @@ def build_fanout_flow(
             shard.restore(resume, clock().timestamp())
         return ExpandFollowerShardLogic(shard, store, settings.expand_budget, clock)
 
-    batches = op.stateful_batch("expand_follower_shards", shard_inputs, build_shard)
-    to_partitions = op.map(
-        "route_to_channel_partition", batches, lambda kv: (route_batch(kv[1]), kv[1])
+    batches = op.stateful_batch(
+        "expand_follower_shards", shard_inputs, g.stateful("expand_follower_shards", build_shard)
     )
-    op.output("write_channel_topics", to_partitions, channel_sink)
+    to_partitions = op.map(
+        "route_to_channel_partition",
+        batches,
+        g.step("route_to_channel_partition", lambda kv: (route_batch(kv[1]), kv[1])),
+    )
+    op.output("write_channel_topics", to_partitions, g.sink("write_channel_topics", channel_sink))
 
     dead = op.merge("merge_dead_letters", decoded.dead_letters, routed.dead_letters)
-    op.output("write_dead_letters", dead, dead_letter_sink)
+    op.output("write_dead_letters", dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
 
 

@@ -9,7 +9,9 @@ FANFARE_METRICS_PORT: fanfare's metrics, `process_*` and `python_*`. What that l
 Bytewax's Rust-side step metrics (`bytewax_*`) and `/dataflow`, which only Bytewax's server can
 serve: FANFARE_METRICS_SERVER=bytewax starts that server instead (every interface).
 
-The dataflow itself runs exactly as `python -m bytewax.run` runs it, in this process.
+The dataflow itself runs exactly as `python -m bytewax.run` runs it, in this process. When it
+stops on an error a step logged (flows/runtime/step_errors.py), or on a panic of Bytewax's
+cluster (a peer failed), this prints one line instead of a traceback, and exits 1.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from flows.registry import FLOWS
 from flows.runtime.http_endpoint import BackgroundHTTPServer, QuietHandler
+from flows.runtime.step_errors import LoggedError, first_logged
 from flows.runtime.supervisor import EXIT_CANNOT_START, EXIT_CONFIGURATION
 from operators.config import ConfigError, load_settings
 from operators.metrics import FLOW_INFO
@@ -61,6 +64,27 @@ def bytewax_argv(flow: str, options: Sequence[str]) -> list[str]:
     return ["bytewax.run", FLOWS[flow], *options]
 
 
+def _is_panic(exc: BaseException) -> bool:
+    """Bytewax's Rust side panicked (its traceback shows only this module and runpy)."""
+    return type(exc).__name__ == "PanicException"
+
+
+def stopped_line(exc: BaseException, first: LoggedError | None) -> str:
+    """One line on why the dataflow stopped, printed instead of a second traceback.
+
+    A step's error was logged with its traceback where it was raised (step_errors.py); what
+    Bytewax raises then is that error again (one process) or, in a cluster, "Send thread panic"
+    with the step's error lost. A cluster member whose peer failed ends with that panic too.
+    """
+    ended = f"Bytewax ended with {type(exc).__name__}: {exc}"
+    if first is not None:
+        return f"fanfare: the dataflow stopped: {first} (traceback logged above); {ended}"
+    return (
+        f"fanfare: the dataflow stopped: {ended}; no step of this process raised an error "
+        "(a step's error is logged with its traceback by the member where it was raised)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve /metrics (unless Bytewax's server does), then run the flow until it returns."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -96,14 +120,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)
     except KeyboardInterrupt:
         return 0  # stopped by SIGINT before Bytewax ran: nothing to report
-    except Exception as exc:
+    except SystemExit:
+        raise
+    except BaseException as exc:  # pyo3's PanicException (a cluster's end) is a BaseException
         if stopped_by_signal(exc):
             return 0  # the supervisor's SIGINT: a clean stop, not a failure
-        config = configuration_error(exc)
+        first = first_logged()
+        config = configuration_error(exc) or (first and configuration_error(first.error))
         if config is not None:
             print(f"fanfare {flow}: {config}", file=sys.stderr)
             return EXIT_CONFIGURATION
-        raise
+        if first is None and not _is_panic(exc):
+            raise  # not a step's error: its traceback is the news
+        print(stopped_line(exc, first), file=sys.stderr, flush=True)
+        return 1
     finally:
         if server is not None:
             server.close()

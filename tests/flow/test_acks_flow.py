@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.acks import build_acks_flow
@@ -91,3 +93,22 @@ def test_a_worker_opens_its_store_once_in_a_cluster(tmp_path: Path) -> None:
     )
     assert len(dead) == 20  # none of them is in the store: each is dead-lettered
     assert 1 <= len(opened) <= 2  # once per worker that applied acks (it was once per call)
+
+
+def test_a_step_s_error_is_logged_once_with_the_step_s_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 20: in a cluster Bytewax prints no Python error, only "Send thread panic"."""
+
+    def no_store() -> SQLiteNotificationStore:
+        raise OSError("store unreachable")
+
+    flow = build_acks_flow(
+        source=TestingSource([ack(0, "p1:u1", "d1", "opened")]),
+        apply_acks=ApplyAcks(no_store),
+        dead_letter_sink=TestingSink([]),
+    )
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="apply_acks"):
+        run_main(flow)
+    logged = [r.getMessage() for r in caplog.records if r.name == "flows.runtime.step_errors"]
+    assert len(logged) == 1 and logged[0].startswith("acks.apply_acks raised OSError"), logged

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.delivery import build_delivery_flow
@@ -174,3 +176,29 @@ def test_a_worker_builds_its_engine_once_in_a_cluster(tmp_path: Path) -> None:
     cluster_main(flow, [], 0, worker_count_per_proc=2)
     assert len(events) == 30
     assert 1 <= len(builds) <= 2  # once per worker that sent (it was once per call)
+
+
+def test_a_step_s_error_is_logged_once_with_the_step_s_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 20: in a cluster Bytewax prints no Python error, only "Send thread panic"."""
+
+    def no_engine() -> DeliveryEngine:
+        raise ValueError("Firebase app named 'fanfare-1-2' already exists")
+
+    channel = [RawEvent("push.apns", 0, 0, b"p", batch("p1", "apns", [("u1", "d1", "t1")]), 1.0)]
+    flow = build_delivery_flow(
+        channel_source=TestingSource(channel),
+        retry_source=TestingSource([]),
+        send=SendStep(no_engine),
+        events_sink=TestingSink([]),
+        route_event=lambda e: "delivery_events/0",
+        device_changes_sink=TestingSink([]),
+        retry_sink=TestingSink([]),
+        dead_letter_sink=TestingSink([]),
+    )
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="send_to_providers"):
+        run_main(flow)
+    logged = [r.getMessage() for r in caplog.records if r.name == "flows.runtime.step_errors"]
+    assert len(logged) == 1, logged
+    assert logged[0].startswith("delivery.send_to_providers raised ValueError"), logged

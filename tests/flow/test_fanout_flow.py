@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -194,3 +195,47 @@ def test_post_overtaking_its_followers_changelog_waits_for_catch_up() -> None:
     out: list[Any] = []
     run_main(build(changes, posts, out, []))
     assert items(out) == [("p1", "bob", "bob-phone")]
+
+
+class BrokenFollowerStore(InMemoryFollowerStore):
+    def follower_page(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("follower store gone")
+
+
+def test_a_step_s_error_is_logged_once_with_the_step_s_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 20: in a cluster Bytewax prints no Python error, only "Send thread panic"."""
+    e = Events()
+    changes: list[Any] = [
+        e("follow_changes", follow("alice", "bob")),
+        e("device_changes", device("bob", "bob-phone")),
+        *[CaughtUp(p, 1e12) for p in PARTS],
+    ]
+    settings = Settings(shard_count=4, dispatch_batch_size=2, follower_page_size=3, expand_budget=5)
+    store = BrokenFollowerStore(4)
+    claims = InMemoryPostClaims()
+    flow = build_fanout_flow(
+        settings,
+        post_source=TestingSource([e("post_created", post("p1", "alice"))]),
+        changelog_source=TestingSource(changes),
+        changelog_parts=PARTS,
+        channel_sink=TestingSink([]),
+        route_batch=lambda b: b.topic,
+        dead_letter_sink=TestingSink([]),
+        store=lambda: store,
+        claims=lambda: claims,
+        clock=lambda: NOON,
+    )
+    with (
+        caplog.at_level(logging.ERROR),
+        pytest.raises(RuntimeError, match="expand_follower_shards"),
+    ):
+        run_main(flow)
+    logged = logged_step_errors(caplog.records)
+    assert len(logged) == 1 and logged[0].startswith("fanout.expand_follower_shards.on_"), logged
+    assert "RuntimeError: follower store gone" in logged[0]
+
+
+def logged_step_errors(records: Sequence[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if r.name == "flows.runtime.step_errors"]
