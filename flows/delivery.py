@@ -140,6 +140,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
     timeout = settings.send_timeout_ms / 1000
     reserve = settings.bulk_reserve_pct / 100
     burst = settings.rate_burst_ms / 1000
+    slack = settings.rate_send_slack_ms / 1000
     apns, fcm = apns_config(settings), fcm_config(settings)
     if apns is None and fcm is None:
         raise ProviderConfigError(
@@ -152,10 +153,14 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
     async def make_senders() -> dict[str, PushSender]:
         senders: dict[str, PushSender] = {}
         if apns is not None:
-            bucket = BucketSpec(f"apns:{apns.topic}", settings.apns_rate_per_min, burst, reserve)
+            bucket = BucketSpec(
+                f"apns:{apns.topic}", settings.apns_rate_per_min, burst, reserve, slack
+            )
             senders["apns"] = ApnsSender(apns, template, bucket, policy, timeout)
         if fcm is not None:
-            bucket = BucketSpec(f"fcm:{fcm.project_id}", settings.fcm_rate_per_min, burst, reserve)
+            bucket = BucketSpec(
+                f"fcm:{fcm.project_id}", settings.fcm_rate_per_min, burst, reserve, slack
+            )
             senders["fcm"] = FcmSender(fcm, template, bucket, policy, timeout)
         return senders
 

@@ -125,10 +125,14 @@ class Settings:
     """FANFARE_FCM_RATE_PER_MIN: FCM sends per minute per project (FCM's default quota)."""
     rate_burst_ms: int = 1_000
     """FANFARE_RATE_BURST_MS: bucket size, in milliseconds of the rate."""
+    rate_send_slack_ms: int = 200
+    """FANFARE_RATE_SEND_SLACK_MS: milliseconds of the rate kept out of the bucket for sends that
+    reach the provider late (at most half of FANFARE_RATE_BURST_MS)."""
     bulk_reserve_pct: int = 20
     """FANFARE_BULK_RESERVE_PCT: share of each bucket the bulk lane leaves to normal posts."""
     rate_wait_max_ms: int = 500
-    """FANFARE_RATE_WAIT_MAX_MS: longest a send waits for tokens before it is held for later."""
+    """FANFARE_RATE_WAIT_MAX_MS: longest a worker's call waits for tokens (both lanes together)
+    before what is left is held for later."""
     retry_max_attempts: int = 8
     """FANFARE_RETRY_MAX_ATTEMPTS: provider sends per device before dead-lettering."""
     retry_base_ms: int = 1_000
@@ -277,6 +281,7 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "apns_rate_per_min": (1, None),
     "fcm_rate_per_min": (1, None),
     "rate_burst_ms": (1, 3_600_000),
+    "rate_send_slack_ms": (0, 3_600_000),
     "bulk_reserve_pct": (0, 90),
     "rate_wait_max_ms": (0, 60_000),
     "retry_max_attempts": (1, 100),

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,15 +59,16 @@ class Stack:
     flows: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start_flow(
-        self, *extra_env: tuple[str, str], flow: str = "fanout"
+        self, *extra_env: tuple[str, str], flow: str = "fanout", args: Sequence[str] = ()
     ) -> subprocess.Popen[bytes]:
+        """`fanfare run FLOW ARGS` (`args`: e.g. --processes 2) with the stack's settings."""
         # Each flow its own /ready port (a taken one stops `fanfare run` at start).
         env = {**os.environ, **self.env, "FANFARE_READY_PORT": str(free_port())}
         if self.flows:  # a second flow in the same test needs its own /metrics port
             env["FANFARE_METRICS_PORT"] = str(free_port())
         env.update(extra_env)
         log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
-        proc = start_fanfare(["run", flow], env, log_path)
+        proc = start_fanfare(["run", flow, *args], env, log_path)
         self.flows.append(proc)
         return proc
 

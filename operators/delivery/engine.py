@@ -3,9 +3,10 @@
     claim (Redis edge claim, then the store's unique key)
       -> expired?            -> `expired`
       -> circuit open?       -> held: `retry_scheduled` (cause circuit_open), no attempt used
-      -> rate-limit tokens   -> bounded async wait, then held (cause rate_limited)
       -> render (<= 4 KB)    -> `failed` (PayloadTooLarge) + dead letter
-      -> send, concurrently on the worker's event loop (HTTP/2 streams)
+      -> rate-limit tokens   -> each grant sent as soon as it is taken, concurrently on the
+                                worker's event loop (HTTP/2 streams); a bounded async wait
+                                for more, then the rest held (cause rate_limited)
       -> classify: accepted | invalid_token (+ device_changes active:false)
                    | failed (+ dead letter) | transient -> retry_scheduled (+ push.retry)
                      or, past the caps, expired | dead_lettered (+ dead letter)
@@ -55,6 +56,8 @@ from schemas.codecs import encode_send_reference, format_timestamp
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
 
 log = logging.getLogger(__name__)
+_MIN_PAUSE_S = 0.02
+"""The shortest wait for tokens: at most about 50 takes a second per provider and worker."""
 
 DeliveryOutput = DeliveryEvent | DeviceChange | RetryRecord | DeadLetter
 T = TypeVar("T")
@@ -65,7 +68,7 @@ class DeliverySettings:
     """The engine's knobs (from Settings)."""
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    rate_wait_max_s: float = 0.5
+    rate_wait_max_s: float = 0.5  # per call, both lanes together
     breaker_failures: int = 20
     breaker_cooldown_s: float = 5.0
 
@@ -341,35 +344,62 @@ class DeliveryEngine:
     async def _send_provider(
         self, provider: str, reqs: list[SendRequest], payloads: list[object]
     ) -> tuple[list[SendRequest], list[ProviderAnswer], list[SendRequest]]:
-        """Take tokens (normal lane first), wait briefly for missing ones, send what got one."""
+        """Send each grant as soon as it is taken (normal lane first); hold what waited too long.
+
+        The shared bucket bounds the tokens *taken* in any W seconds, by every process together,
+        to rate x W + its capacity. That bounds what the provider *receives* only if each send
+        leaves when its token is taken: tokens taken up to a second apart and sent together (as
+        this did before, issue 20) let a window receive about rate x (W + 1) + burst. So:
+
+        - a grant's sends start right after the take (APNs: every stream of the grant at once);
+        - a sender that sends a chunk at a time (`max_per_send`, `one_send_at_a_time`: FCM)
+          takes tokens for one chunk, sends it, and takes for the next once it is answered;
+        - short of tokens, it sleeps until about one more is due, not until all are, so grants
+          stay small and spread at the rate;
+        - one waiting budget (`rate_wait_max_s`) for both lanes together; what is left when it
+          is spent is held (retry_scheduled, cause rate_limited).
+        """
         sender = self._senders[provider]
-        go_reqs: list[SendRequest] = []
-        go_payloads: list[object] = []
+        spec = sender.bucket
+        per_send = sender.max_per_send or max(len(reqs), 1)
+        loop = asyncio.get_running_loop()
+        sending: list[tuple[list[int], asyncio.Task[list[ProviderAnswer]]]] = []
         held: list[SendRequest] = []
+        waited = 0.0
         for lane in ("normal", "bulk"):
-            lane_idx = [i for i, r in enumerate(reqs) if r.lane == lane]
-            waited = 0.0
-            while lane_idx:
-                grant = self._limiter.take(sender.bucket, len(lane_idx), lane)
-                for i in lane_idx[: grant.granted]:
-                    go_reqs.append(reqs[i])
-                    go_payloads.append(payloads[i])
-                lane_idx = lane_idx[grant.granted :]
-                if not lane_idx:
-                    break
+            waiting = [i for i, r in enumerate(reqs) if r.lane == lane]
+            while waiting:
+                wanted = min(len(waiting), per_send)
+                grant = self._limiter.take(spec, wanted, lane)
+                if grant.granted:
+                    go, waiting = waiting[: grant.granted], waiting[grant.granted :]
+                    metrics.SENDS.labels(provider, lane).inc(len(go))
+                    task = loop.create_task(
+                        sender.send([reqs[i] for i in go], [payloads[i] for i in go])
+                    )
+                    sending.append((go, task))
+                    if sender.one_send_at_a_time:
+                        await task  # the next take when the next chunk can leave
+                    else:
+                        await asyncio.sleep(0)  # the sends start before the next take
+                    continue
                 if lane == "bulk":
                     self._on_bulk_pause(provider, time.monotonic() + grant.wait_s)
-                pause = min(grant.wait_s, self._settings.rate_wait_max_s - waited)
+                # Until about one more token is due (the grant's wait is for all of `wanted`).
+                one_more = max(grant.wait_s - (wanted - 1) / spec.rate, 0.0)
+                pause = min(max(one_more, _MIN_PAUSE_S), self._settings.rate_wait_max_s - waited)
                 if pause <= 0:
-                    held.extend(reqs[i] for i in lane_idx)
+                    held.extend(reqs[i] for i in waiting)
                     break
                 metrics.RATE_LIMIT_WAIT.labels(provider).inc(pause)
                 await asyncio.sleep(pause)  # bounded pacing; the rest is held, not waited for
                 waited += pause
-        for r in go_reqs:
-            metrics.SENDS.labels(provider, r.lane).inc()
-        answers = await sender.send(go_reqs, go_payloads) if go_reqs else []
-        return go_reqs, answers, held
+        sent: list[SendRequest] = []
+        answers: list[ProviderAnswer] = []
+        for go, task in sending:
+            sent.extend(reqs[i] for i in go)
+            answers.extend(await task)
+        return sent, answers, held
 
     def _judge(
         self,

@@ -108,6 +108,12 @@ class PushSender(ABC):
 
     provider: Provider
     bucket: BucketSpec
+    max_per_send: int | None = None
+    """The most requests one `send` call should carry (None: any number)."""
+    one_send_at_a_time: bool = False
+    """True when `send` sends its requests over time (chunks one after another): the engine then
+    takes tokens for one `send` and calls the next only once it is answered, so no request
+    waits inside `send` after its token was taken."""
 
     @abstractmethod
     def render(self, request: SendRequest) -> object:

@@ -46,6 +46,12 @@ class BucketSpec:
     per_minute: int
     burst_s: float = 1.0
     bulk_reserve: float = 0.2  # share of the bucket the bulk lane leaves to normal posts
+    send_slack_s: float = 0.0
+    """Seconds of the rate kept out of the bucket, at most half the burst.
+
+    Tokens taken in any W seconds are at most rate x W + capacity. A send reaches the provider
+    some time after its take (event loop, connection, network); when that spread is at most
+    `send_slack_s`, the provider receives at most rate x W + rate x burst_s in any W seconds."""
 
     @property
     def rate(self) -> float:
@@ -55,7 +61,8 @@ class BucketSpec:
     @property
     def capacity(self) -> float:
         """The most tokens the bucket holds (at least one send)."""
-        return max(1.0, self.rate * self.burst_s)
+        kept_out = min(self.send_slack_s, self.burst_s / 2)
+        return max(1.0, self.rate * (self.burst_s - kept_out))
 
     def reserve_for(self, lane: str) -> float:
         """Tokens the lane must leave in the bucket."""

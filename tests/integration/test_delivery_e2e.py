@@ -3,6 +3,7 @@ firebase-admin, with `fanfare run delivery` as users run it."""
 
 from __future__ import annotations
 
+import bisect
 import random
 import time
 from collections import Counter
@@ -10,8 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
 
 from flows.runtime.metrics_scrape import fetch_text
+from flows.runtime.ports import free_port_run
 from operators.adapters.kafka.writer import produce_all
 from operators.delivery.model import TERMINAL_STATES
 from schemas.codecs import format_timestamp
@@ -243,15 +246,85 @@ def test_rate_limit_holds_the_send_rate(stack: Stack, providers: Providers) -> N
     wait_terminal(stack, 900, 120)
     times = sorted(r.time for r in providers.control.accepted("apns"))
     assert len(times) == 900
-    # 200/s with a 20-token bucket: no one-second window holds more than 200 + 20 sends.
-    j = 0
-    worst = 0
-    for i, t in enumerate(times):
-        while times[j] < t - 1.0:
-            j += 1
-        worst = max(worst, i - j + 1)
-    assert worst <= 225, worst
+    # 200/s with a 100 ms burst: no one-second window holds more than 200 + 20 sends, as the
+    # provider received them (it held 25 where 20 fit when grants were pooled, issue 20).
+    assert most_in_window(times, 1.0) <= 220, most_in_window(times, 1.0)
     assert times[-1] - times[0] >= (900 - 20) / 200 * 0.95
+
+
+def most_in_window(times: list[float], w: float) -> int:
+    """The most of the (sorted) times in any window [t, t + w)."""
+    return max((bisect.bisect_left(times, t + w) - i for i, t in enumerate(times)), default=0)
+
+
+# Issue 20's limits: 10 APNs and 9 FCM sends a second, the default burst (one second of the
+# rate) and the default send slack.
+RATES_PER_MIN = {"apns": 600, "fcm": 540}
+# Two celebrity posts on the bulk lanes, on different partitions (with two processes, each
+# reads one partition of each topic), and normal posts published one a second while they drain.
+CELEBRITIES = {"celeb-a": 1, "celeb-d": 0}  # post_id: its partition
+BULK_PER_POST = {"apns": 90, "fcm": 80}
+NORMAL_POSTS, NORMAL_DEVICES = 15, 2
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
+    stack: Stack, providers: Providers, processes: int
+) -> None:
+    """Issue 20: at a binding rate, with both lanes busy and one or two delivery processes, the
+    providers receive at most rate x W + burst in any W seconds (W = 1, 5, 10), every push is
+    accepted once, and the cluster never restarts (two processes crash-looped on
+    "Send thread panic": an engine built on every call, until two firebase apps shared a name).
+    """
+    rng = random.Random(20 + processes)
+    tokens = {"apns": apns_token, "fcm": fcm_token}
+    expected = {"apns": 0, "fcm": 0}
+    for post in CELEBRITIES:
+        for provider, n in BULK_PER_POST.items():
+            items = [(f"{post}-{provider}{i}", "d", tokens[provider](rng)) for i in range(n)]
+            publish(stack, provider, post, items, lane="bulk")
+            expected[provider] += n
+    # The test proves the cluster case only if both processes have a bulk lane to drain.
+    partitions = {p for p, _, _ in stack.read_topic("push.apns.bulk")}
+    assert partitions == set(CELEBRITIES.values()), partitions
+    flow = stack.start_flow(
+        *((f"FANFARE_{p.upper()}_RATE_PER_MIN", str(r)) for p, r in RATES_PER_MIN.items()),
+        ("FANFARE_METRICS_PORT", str(free_port_run(processes))),
+        flow="delivery",
+        args=["--processes", str(processes)],
+    )
+    ctl = providers.control
+    wait_for(lambda: ctl.stats()["apns"]["accepted"] > 0, 60, "the first sends", stack)
+    for j in range(NORMAL_POSTS):  # the normal lanes, busy while the bulk ones drain
+        for provider in ("apns", "fcm"):
+            devices = [
+                (f"n{j}", f"{provider}{k}", tokens[provider](rng)) for k in range(NORMAL_DEVICES)
+            ]
+            publish(stack, provider, f"post-{j}", devices)
+            expected[provider] += NORMAL_DEVICES
+        time.sleep(1.0)
+    outcomes = wait_terminal(stack, sum(expected.values()), 120)
+
+    log = stack.flow_log()
+    assert flow.poll() is None, log
+    assert "restarting in" not in log and "Send thread panic" not in log, log
+    assert Counter(o for v in outcomes.values() for o in v) == {"accepted": sum(expected.values())}
+    stats = ctl.stats()
+    report: dict[str, Any] = {}
+    # One client per process for the whole run (FCM: one more connection for its OAuth token).
+    # A worker made a new engine, with new connections, on every call before (issue 20).
+    connections = {"apns": processes, "fcm": 2 * processes}
+    for provider, per_min in RATES_PER_MIN.items():
+        rate = per_min / 60
+        assert stats[provider]["accepted"] == stats[provider]["distinct"] == expected[provider]
+        assert stats[provider]["connections_total"] <= connections[provider], stats[provider]
+        times = sorted(r.time for r in ctl.accepted(provider))
+        windows = {w: (most_in_window(times, w), rate * w + rate * 1.0) for w in (1, 5, 10)}
+        report[provider] = {**windows, "connections": stats[provider]["connections_total"]}
+        assert all(got <= allowed for got, allowed in windows.values()), (provider, windows)
+        # The limit did bind: the pushes took as long as the rate makes them.
+        assert times[-1] - times[0] >= (expected[provider] - 2 * rate) / rate, provider
+    print(f"\n{processes} process(es), most received in W s (got, allowed): {report}")
 
 
 def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(

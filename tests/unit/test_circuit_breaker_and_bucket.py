@@ -88,3 +88,12 @@ def test_local_limiter_paces_at_the_rate() -> None:
     assert limiter.take(spec, 25, "normal").granted == 2
     clock.now += 0.5
     assert limiter.take(spec, 25, "normal").granted == 5
+
+
+def test_the_send_slack_is_kept_out_of_the_bucket_up_to_half_the_burst() -> None:
+    """Sends reaching the provider up to the slack late still fit rate x W + burst."""
+    spec = BucketSpec("apns:t", per_minute=600, burst_s=1.0, send_slack_s=0.1)  # 10/s
+    assert spec.capacity == pytest.approx(9.0)
+    assert BucketSpec("apns:t", 600, 1.0, send_slack_s=0.8).capacity == pytest.approx(5.0)
+    assert BucketSpec("apns:t", 60, 1.0, send_slack_s=0.5).capacity == 1.0  # at least one send
+    assert BucketSpec("apns:t", 600, 1.0).capacity == 10.0  # no slack: the whole burst

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -13,7 +16,7 @@ from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.circuit_breaker import BreakerState
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
-from operators.delivery.model import ProviderAnswer, RetryPolicy
+from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
 from tests.fakes import InlineLoop, InMemoryEdgeClaims, ScriptedSender, request
 
@@ -236,3 +239,76 @@ def test_rate_limit_waits_briefly_for_tokens(store: SQLiteNotificationStore) -> 
     out = e.deliver([request(f"u{i}") for i in range(130)])
     assert len(sender.sent) == 130 and not [x for x in out if isinstance(x, RetryRecord)]
     assert time.monotonic() - started >= 0.25
+
+
+class TimedSender(ScriptedSender):
+    """Records when each request was handed to `send` (time.monotonic), and each call's size."""
+
+    def __init__(self, per_minute: int, answer_after_s: float = 0.0) -> None:
+        super().__init__(per_minute=per_minute)
+        self.answer_after_s = answer_after_s
+        self.times: list[float] = []
+        self.calls: list[tuple[int, float, float]] = []  # (requests, started, answered)
+
+    async def send(
+        self, requests: Sequence[SendRequest], payloads: Sequence[object]
+    ) -> list[ProviderAnswer]:
+        started = time.monotonic()
+        self.times.extend(started for _ in requests)
+        await asyncio.sleep(self.answer_after_s)
+        answers = await super().send(requests, payloads)
+        self.calls.append((len(requests), started, time.monotonic()))
+        return answers
+
+
+def most_in_window(times: list[float], w: float) -> int:
+    """The most times in any window [t, t + w)."""
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while j < len(times) and times[j] < t + w:
+            j += 1
+        best = max(best, j - i)
+    return best
+
+
+def test_each_grant_is_sent_when_taken(store: SQLiteNotificationStore) -> None:
+    """Issue 20: tokens taken up to a second apart were sent together (25 at once, 20 allowed)."""
+    sender = TimedSender(per_minute=600)  # 10/s, a bucket of 10
+    e = engine(store, sender, rate_wait_max_s=2.0)
+    e._limiter = LocalRateLimiter()  # real time
+    out = e.deliver([request(f"u{i}") for i in range(25)])
+    assert len(sender.sent) == 25 and not [x for x in out if isinstance(x, RetryRecord)]
+    # rate x W + burst: at most 10 + 10 in any second, 5 + 10 in any half second
+    assert most_in_window(sender.times, 1.0) <= 20
+    assert most_in_window(sender.times, 0.5) <= 15
+    assert sender.times[10] - sender.times[0] >= 0.05  # the 11th waited for its token
+
+
+def test_a_chunked_sender_takes_tokens_for_one_chunk_at_a_time(
+    store: SQLiteNotificationStore,
+) -> None:
+    """FCM sends a chunk of 50 at a time: a token must not wait behind another chunk."""
+    sender = TimedSender(per_minute=6_000_000, answer_after_s=0.01)
+    sender.max_per_send = 3
+    sender.one_send_at_a_time = True
+    engine(store, sender).deliver([request(f"u{i}") for i in range(8)])
+    assert [n for n, _, _ in sender.calls] == [3, 3, 2]
+    for (_, _, answered), (_, started, _) in itertools.pairwise(sender.calls):
+        assert started >= answered  # the next chunk only once the last one was answered
+
+
+def test_one_wait_budget_for_both_lanes(store: SQLiteNotificationStore) -> None:
+    """The wait no longer starts over for the bulk lane."""
+    sender = ScriptedSender(per_minute=600)  # 10/s, a bucket of 10
+    e = engine(store, sender, rate_wait_max_s=0.3)
+    e._limiter = LocalRateLimiter()
+    started = time.monotonic()
+    reqs = [request(f"n{i}") for i in range(12)] + [
+        request(f"b{i}", lane="bulk", source="push.apns.bulk/0@1") for i in range(12)
+    ]
+    out = e.deliver(reqs)
+    assert time.monotonic() - started < 0.3 + 0.15  # one budget, not one per lane
+    held = [x for x in out if isinstance(x, RetryRecord)]
+    assert held and len(sender.sent) + len(held) == 24
+    assert {r.reason for r in held} == {"rate_limited"}

@@ -87,6 +87,10 @@ class FcmSender(PushSender):
     """firebase-admin's send_each_async (httpx), with its built-in retries turned off."""
 
     provider = "fcm"
+    # firebase-admin sends a chunk's messages at once and chunks one after another: the engine
+    # takes tokens for one chunk at a time and sends it at once (issue 20).
+    max_per_send = _FCM_CHUNK
+    one_send_at_a_time = True
 
     def __init__(
         self,
