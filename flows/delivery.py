@@ -162,6 +162,17 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
                 f"fcm:{fcm.project_id}", settings.fcm_rate_per_min, burst, reserve, slack
             )
             senders["fcm"] = FcmSender(fcm, template, bucket, policy, timeout)
+        for name, sender in senders.items():
+            try:
+                await sender.warm_up()
+            except Exception as exc:  # not fatal: the first send connects
+                log.warning(
+                    "%s: could not connect before the first send (%s: %s); the first sends "
+                    "will, and may reach it late",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                )
         return senders
 
     return DeliveryEngine(

@@ -125,6 +125,13 @@ class PushSender(ABC):
     ) -> list[ProviderAnswer]:
         """Send all concurrently; one answer each (timeouts and lost connections included)."""
 
+    async def warm_up(self) -> None:  # noqa: B027 (optional hook)
+        """Connect and authenticate before the first send; raises if that fails.
+
+        A send's connection or credentials made after its rate-limit token was taken make it
+        reach the provider late, together with sends taken after it.
+        """
+
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -835,3 +836,55 @@ def test_the_delivery_fcm_sender_speaks_http2_to_the_local_server_and_closes_in_
     assert (ok.status, ok.reason) == (200, None)
     assert (gone.status, gone.reason) == (404, "UNREGISTERED")
     assert [r.notification_id for r in control.accepted("fcm")] == ["p1:u0"]
+
+
+def test_the_delivery_senders_connect_and_authenticate_before_their_first_send(
+    providers: LocalProviders, control: ProviderControl, tmp_path: Path
+) -> None:
+    """Issue 20: a connection or OAuth token made after a send's rate-limit token was taken
+    delays that send (170 ms for FCM's first chunk), and the bucket's promise with it."""
+    from operators.adapters.providers.apns import ApnsSender
+    from operators.adapters.providers.config import apns_config, fcm_config
+    from operators.adapters.providers.fcm import FcmSender
+    from operators.config import load_settings
+    from operators.delivery.model import ProviderAnswer, RetryPolicy
+    from operators.delivery.payloads import PushTemplate
+    from operators.delivery.token_bucket import BucketSpec
+    from scripts.dev.local_providers.settings_file import write_provider_settings
+    from tests.fakes import request
+
+    home = tmp_path / "home"
+    write_provider_settings(home / "settings.env", providers.info)
+    settings = load_settings({"FANFARE_HOME": str(home)})
+    apns, fcm = apns_config(settings), fcm_config(settings)
+    assert apns is not None and fcm is not None
+    template = PushTemplate("t", "b", "l")
+    before = control.stats()
+
+    async def scenario() -> None:
+        senders = [
+            ApnsSender(apns, template, BucketSpec("apns:t", 600), RetryPolicy(), 5.0),
+            FcmSender(fcm, template, BucketSpec("fcm:t", 600), RetryPolicy(), 5.0),
+        ]
+        for sender in senders:
+            await sender.warm_up()
+        stats.append(control.stats())
+        # A token about to expire is renewed after a send, not inside the next one.
+        credential = senders[1]._service._credential
+        credential.expiry = datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=2)
+        req = request(provider="fcm", token=FCM_TOKENS[0])
+        assert await senders[1].send([req], [senders[1].render(req)]) == [ProviderAnswer(200, None)]
+        assert credential.expiry > datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10)
+        await senders[1].close()
+
+    stats: list[Any] = []
+    run(scenario())
+    after, renewed = stats[0], control.stats()
+    # FCM: one connection for the OAuth token (the local server also serves /token), one for
+    # the sends.
+    for name, connections in (("apns", 1), ("fcm", 2)):
+        opened = after[name]["connections_total"] - before[name]["connections_total"]
+        assert opened == connections, (name, before[name], after[name])
+        assert after[name]["requests"] == before[name]["requests"]  # nothing was sent
+    assert after["fcm"]["tokens_issued"] == before["fcm"]["tokens_issued"] + 1
+    assert renewed["fcm"]["tokens_issued"] == after["fcm"]["tokens_issued"] + 1

@@ -88,6 +88,10 @@ class ApnsSender(PushSender):
             {"APNS_SERVER": config.host, "APNS_PORT": config.port},
         )
 
+    async def warm_up(self) -> None:
+        """Open a connection before the first send (aioapns connects on first use)."""
+        await asyncio.wait_for(self._client.pool.acquire(), self._timeout)
+
     def render(self, request: SendRequest) -> object:
         """The JSON payload (aioapns encodes it; size checked on our encoding)."""
         return apns_payload(self._template, request)
