@@ -98,11 +98,12 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource
 
 from flows.runtime.step_errors import FlowGuard
+from operators.adapters.providers.config import ProviderConfigError
 
 
 def check(x: int) -> int:
     if x == 7:
-        raise ValueError(f"item {x} is bad")
+        raise {error}(f"item {{x}} is bad")
     return x
 
 
@@ -125,9 +126,9 @@ sys.exit(flow_process.main(["boom", *sys.argv[1:]]))
 """
 
 
-def test_a_cluster_member_prints_the_step_s_traceback_once(tmp_path: Path) -> None:
-    """Bytewax alone prints only `PanicException: Send thread panic` in a 2-process cluster."""
-    (tmp_path / "boom_flow.py").write_text(textwrap.dedent(FLOW_MODULE))
+def run_cluster(tmp_path: Path, error: str) -> tuple[list[int], str]:
+    """A 2-process cluster whose step raises `error` on one item: exit codes, both outputs."""
+    (tmp_path / "boom_flow.py").write_text(textwrap.dedent(FLOW_MODULE.format(error=error)))
     addresses = ";".join(f"127.0.0.1:{p}" for p in free_ports(2))
     metrics = free_ports(2)
     procs = []
@@ -153,11 +154,25 @@ def test_a_cluster_member_prints_the_step_s_traceback_once(tmp_path: Path) -> No
     for proc in procs:
         out, _ = proc.communicate(timeout=60)
         outputs.append(out.decode(errors="replace"))
-    both = "\n".join(outputs)
-    assert all(p.returncode != 0 for p in procs), both
+    return [p.returncode for p in procs], "\n".join(outputs)
+
+
+def test_a_cluster_member_prints_the_step_s_traceback_once(tmp_path: Path) -> None:
+    """Bytewax alone prints only `PanicException: Send thread panic` in a 2-process cluster."""
+    codes, both = run_cluster(tmp_path, "ValueError")
+    assert 0 not in codes and 2 not in codes, both
     assert both.count("boom.check raised ValueError: item 7 is bad") == 2, both  # log + summary
     assert both.count("Traceback (most recent call last)") == 1, both
     assert 'raise ValueError(f"item {x} is bad")' in both, both
     assert "fanfare: the dataflow stopped: boom.check raised ValueError: item 7 is bad" in both
     # The peer ends with Bytewax's panic and no error of its own: one line, no traceback.
     assert "pyo3_runtime.PanicException" not in both, both
+
+
+def test_a_setting_a_step_cannot_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Exit 2 (a setting): the supervisor stops the cluster instead of restarting it."""
+    codes, both = run_cluster(tmp_path, "ProviderConfigError")
+    assert 2 in codes and 0 not in codes, (codes, both)
+    assert "boom.check raised ProviderConfigError: item 7 is bad (the dataflow stops)" in both
+    assert "fanfare boom: item 7 is bad" in both, both
+    assert "Traceback (most recent call last)" not in both, both
