@@ -242,23 +242,25 @@ class Supervisor:
                     for m, p, code in failed
                 )
                 self.last_failure = what
-                permanent = sorted({c for _, _, c in failed if c in PERMANENT_FAILURES})
-                if permanent:
-                    code = permanent[0]
-                    log.error(
-                        "%s: %s (%s: see its message above); a restart cannot fix that, so "
-                        "the cluster stops. Fix it, then run the flow again: it resumes from "
-                        "the recovery directory",
-                        self.name,
-                        what,
-                        PERMANENT_FAILURES[code],
-                    )
-                    self.state = "failed"
-                    self._shutdown(self._fail_grace_s, "failed")
-                    return code
                 log.error("%s: %s; stopping the cluster", self.name, what)
                 self.state = "restarting"
                 self._shutdown(self._fail_grace_s, "failed")
+                # Every member's code now: the one that found a bad setting may exit a moment
+                # after a peer that only lost it.
+                codes = {p.poll() for _, p in self._procs}
+                permanent = sorted(c for c in codes if c in PERMANENT_FAILURES)
+                if permanent:
+                    code = permanent[0]
+                    log.error(
+                        "%s: a process exited with code %d (%s: see its message above); a "
+                        "restart cannot fix that, so the cluster stays stopped. Fix it, then run "
+                        "the flow again: it resumes from the recovery directory",
+                        self.name,
+                        code,
+                        PERMANENT_FAILURES[code],
+                    )
+                    self.state = "failed"
+                    return code
                 if self._stopping:
                     return 0
                 now = self._clock()

@@ -382,6 +382,29 @@ def test_a_failure_a_restart_cannot_fix_stops_the_cluster_at_once(
     assert "restarting in" not in caplog.text
 
 
+def test_a_bad_setting_found_a_moment_after_a_peer_failed_still_stops_the_cluster(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts: list[int] = []
+    late_config_error = (
+        "import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "time.sleep(1.0); sys.exit(2)"
+    )
+
+    def plan(attempt: int) -> list[Member]:
+        attempts.append(attempt)
+        return [
+            # Lost its peer, say; after its peer has started (and ignores the SIGINT it gets).
+            Member(0, py("import sys, time; time.sleep(0.5); sys.exit(1)"), {}, "u0"),
+            Member(1, py(late_config_error), {}, "u1"),
+        ]
+
+    caplog.set_level("INFO", "fanfare.supervisor")
+    sup = Supervisor("test", plan, RestartPolicy(base_delay_s=0.05), fail_grace_s=3)
+    assert sup.run() == 2
+    assert attempts == [0] and "restarting in" not in caplog.text
+
+
 def test_a_stopped_members_panic_report_is_dropped_and_a_failures_kept() -> None:
     report = [
         b"thread '<unnamed>' panicked at src/run.rs:133:25:\n",
