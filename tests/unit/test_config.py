@@ -83,6 +83,12 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_PUSH_TITLE": ("New from {author_id}", "New from {author_id}"),
     "FANFARE_PUSH_BODY": ("Post {post_id}", "Post {post_id}"),
     "FANFARE_PUSH_LINK": ("https://x.test/p/{post_id}", "https://x.test/p/{post_id}"),
+    "FANFARE_OUTBOX_URL": ("postgresql://posts@db:5432/posts", "postgresql://posts@db:5432/posts"),
+    "FANFARE_OUTBOX_PASSWORD_FILE": ("/run/secrets/pg", "/run/secrets/pg"),
+    "FANFARE_OUTBOX_TABLE": ("posts.outbox", "posts.outbox"),
+    "FANFARE_OUTBOX_BATCH_SIZE": ("100", 100),
+    "FANFARE_OUTBOX_POLL_MS": ("250", 250),
+    "FANFARE_OUTBOX_METRICS_PORT": ("0", 0),
 }
 
 

@@ -1,6 +1,6 @@
 """The layout's rules, read from the code: no import circle, a domain that imports no I/O.
 
-- The domain (`operators/fanout`, `operators/delivery`, `operators/acks`) imports only
+- The domain (`operators/fanout`, `delivery`, `acks`, `outbox`) imports only
   `schemas`, `operators.events`, `operators.metrics` (the funnel's counters: a process-wide
   registry, no I/O) and its own package, whose `ports.py` the adapters implement.
 - `operators` never imports `flows` or `scripts`; production code never imports the dev stack,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "operators", "schemas", "scripts")
-DOMAIN = ("operators.fanout", "operators.delivery", "operators.acks")
+DOMAIN = ("operators.fanout", "operators.delivery", "operators.acks", "operators.outbox")
 DOMAIN_MAY_IMPORT = ("schemas", "operators.events", "operators.metrics")
 NOT_SHIPPED = ("scripts.dev", "scripts.harness", "scripts.bench")
 # The command line is shipped but offers `fanfare dev`, `demo` and `chaos` in a source checkout.
