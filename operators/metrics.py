@@ -134,14 +134,17 @@ LAG_SAMPLE_S = 2.0
 OUTBOX_PUBLISHED = Counter(
     "fanfare_outbox_published_total", "outbox rows published and deleted, by topic", ["topic"]
 )
+# Labelled by table, so only a relay's /metrics has these series (the flows declare them).
 OUTBOX_PENDING = Gauge(
     "fanfare_outbox_rows_pending",
     "rows in the outbox table waiting to be published (sampled every 2 s by each relay)",
+    ["table"],
     multiprocess_mode="max",
 )
 OUTBOX_OLDEST_AGE = Gauge(
     "fanfare_outbox_oldest_pending_age_seconds",
     "age of the oldest row waiting in the outbox table, on the database's clock (0: none)",
+    ["table"],
     multiprocess_mode="max",
 )
 OUTBOX_PUBLISH_DELAY = Histogram(

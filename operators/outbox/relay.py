@@ -34,6 +34,8 @@ class RelaySettings:
 
     batch_size: int = 500
     poll_s: float = 1.0
+    table: str = "fanfare_outbox"
+    """The table's name, the label of the backlog gauges."""
     backlog_every_s: float = 2.0
     backoff: Backoff = field(default_factory=Backoff)
 
@@ -124,8 +126,8 @@ class OutboxRelay:
             return
         self._backlog_at = now + self._settings.backlog_every_s
         backlog = self._outbox.backlog()
-        metrics.OUTBOX_PENDING.set(backlog.pending)
-        metrics.OUTBOX_OLDEST_AGE.set(backlog.oldest_age_s)
+        metrics.OUTBOX_PENDING.labels(self._settings.table).set(backlog.pending)
+        metrics.OUTBOX_OLDEST_AGE.labels(self._settings.table).set(backlog.oldest_age_s)
 
     def _release_quietly(self) -> None:
         with contextlib.suppress(OutboxUnavailable):  # the session is gone, and the claim

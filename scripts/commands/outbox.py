@@ -109,6 +109,7 @@ def build_relay(
         RelaySettings(
             batch_size=batch_size or settings.outbox_batch_size,
             poll_s=(poll_ms or settings.outbox_poll_ms) / 1000,
+            table=settings.outbox_table,
         ),
     )
     return Relay(relay, outbox, publisher)

@@ -26,6 +26,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from flows.runtime.metrics_scrape import fetch_text, parse
 from operators.adapters.kafka.admin import create_topics
 from operators.adapters.kafka.probes import topic_partitions
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
@@ -124,6 +125,19 @@ def test_a_committed_post_is_published_once_a_rolled_back_one_never(
     with pytest.raises(psycopg.errors.CheckViolation):
         outbox_db.insert([("posts", "alice", b"{}")])
     assert relay.poll() is None
+    # Its /metrics: published, and the backlog (sampled every 2 s) back to none.
+    port = int(re.findall(r"/metrics on 127\.0\.0\.1:(\d+)", stack.flow_log())[-1])
+    url = f"http://127.0.0.1:{port}/metrics"
+    table = {"table": outbox_db.table}
+
+    def gauge(name: str) -> float:
+        return parse(fetch_text(url)).get((name, tuple(table.items())), -1.0)
+
+    wait_for(lambda: gauge("fanfare_outbox_rows_pending") == 0, 10, "the backlog gauge", stack)
+    samples = parse(fetch_text(url))
+    assert samples[("fanfare_outbox_published_total", (("topic", "post_created"),))] == 1
+    assert gauge("fanfare_outbox_oldest_pending_age_seconds") == 0
+    assert samples[("fanfare_outbox_publish_delay_seconds_count", ())] == 1
 
 
 def test_a_relay_killed_before_during_or_after_publishing_fans_each_post_out_once(

@@ -129,11 +129,13 @@ class PostgresOutbox(Outbox):
         *,
         password: str | None = None,
         lock_timeout_ms: int = 5_000,
+        idle_timeout_ms: int = 120_000,
     ) -> None:
         self._conninfo = conninfo
         self._password = password
         self._table = table
         self._lock_timeout_ms = lock_timeout_ms
+        self._idle_timeout_ms = idle_timeout_ms
         self._conn: Session | None = None
         self._listen: Session | None = None
         t = table.ident()
@@ -163,6 +165,14 @@ class PostgresOutbox(Outbox):
                 )
                 self._conn.execute(
                     sql.SQL("SET lock_timeout = {}").format(sql.Literal(self._lock_timeout_ms))
+                )
+                # A relay host that vanishes without closing its socket would hold its rows
+                # until the server's TCP keepalive (2 h by default) noticed; a claim is idle
+                # in its transaction only while the broker acknowledges (30 s at most).
+                self._conn.execute(
+                    sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
+                        sql.Literal(self._idle_timeout_ms)
+                    )
                 )
                 self._conn.commit()
             except psycopg.Error as exc:
