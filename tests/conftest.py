@@ -266,8 +266,8 @@ class OutboxDb:
 
 
 @pytest.fixture
-def outbox_db(stack: Stack) -> Iterator[OutboxDb]:
-    """An outbox schema for the stack (FANFARE_OUTBOX_* set in its environment), not migrated."""
+def postgres_schema() -> Iterator[str]:
+    """A schema of its own in the test PostgreSQL, dropped at the end (its name)."""
     import psycopg
 
     schema = f"fanfare_test_{uuid.uuid4().hex[:10]}"
@@ -278,7 +278,17 @@ def outbox_db(stack: Stack) -> Iterator[OutboxDb]:
             f"no PostgreSQL at {POSTGRES_URL} ({exc}); start one (.ci/run does) or set "
             "FANFARE_TEST_POSTGRES_URL"
         )
-    db = OutboxDb(POSTGRES_URL, schema)
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def outbox_db(stack: Stack, postgres_schema: str) -> Iterator[OutboxDb]:
+    """An outbox schema for the stack (FANFARE_OUTBOX_* set in its environment), not migrated."""
+    db = OutboxDb(POSTGRES_URL, postgres_schema)
     stack.env.update(
         {
             "FANFARE_OUTBOX_URL": POSTGRES_URL,
@@ -287,11 +297,7 @@ def outbox_db(stack: Stack) -> Iterator[OutboxDb]:
         }
     )
     stack.settings = load_settings(stack.env)
-    try:
-        yield db
-    finally:
-        for proc in stack.flows:  # relays first: their sessions hold the schema
-            if proc.poll() is None:
-                stack.kill_flow(proc, signal.SIGTERM)
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    yield db
+    for proc in stack.flows:  # relays first: their sessions hold the schema
+        if proc.poll() is None:
+            stack.kill_flow(proc, signal.SIGTERM)

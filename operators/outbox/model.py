@@ -5,10 +5,12 @@ the rows. Several relays may run at once, so these rules keep each key's rows in
 
 - A key's *head* is its oldest pending row. A relay claims a key only by locking its head
   (rows another relay holds are skipped, never waited for), then takes that key's pending rows
-  from the head on, in id order, up to the batch size. While one relay holds a key's head, no
-  other relay can claim that key: a later row of the key is never a head while an older one
-  is pending. So a key's rows are published one run at a time, each run in id order, and a run
-  is deleted in the transaction that locked it before another relay can see the next head.
+  from the head on, in id order, up to the batch size. Heads are looked for among the oldest
+  rows only (a window of a few batches), so a claim costs the same whatever the backlog.
+  While one relay holds a key's head, no other relay can claim that key: a later row of the
+  key is never a head while an older one is pending. So a key's rows are published one run at
+  a time, each run in id order, and a run is deleted in the transaction that locked it before
+  another relay can see the next head.
 - A relay that dies mid-batch (its locks go with its session) leaves the whole run pending;
   the next claim of the key publishes it again, from the head, in order. So a copy of a row
   may appear twice, always in a run whose last copies are in order, never a stale row after a
@@ -82,17 +84,36 @@ class OutboxRow:
     """Seconds from the row's insert to its claim, on the database's clock."""
 
 
-def claimable(pending: Sequence[OutboxRow], locked: Collection[int], limit: int) -> list[OutboxRow]:
+WINDOW_BATCHES = 4
+"""A claim looks for heads among the oldest WINDOW_BATCHES x batch size pending rows."""
+
+
+def claimable(
+    pending: Sequence[OutboxRow], locked: Collection[int], limit: int, window: int | None = None
+) -> list[OutboxRow]:
     """The rows a relay claims: the runs of keys whose head it can lock, in id order.
 
     `pending` is every row of the table (pending rows are not deleted yet), `locked` the ids
-    other relays hold. At most `limit` rows; each key's rows taken are a prefix of its run.
+    other relays hold. Heads are looked for in the window, the oldest `window` rows (default
+    WINDOW_BATCHES x limit): it holds every row older than any row in it, so a key's first row
+    there is its head, and a claim's cost does not grow with the backlog. Only the heads whose
+    runs start within the batch are wanted (the window rows of the keys with earlier heads
+    leave room), so each head a claim locks has rows in it and other relays can take the
+    rest. At most `limit` rows, from the window; each key's rows taken are a prefix of its run.
     """
-    heads: dict[str, int] = {}
-    for row in sorted(pending, key=lambda r: r.id):
-        heads.setdefault(row.key, row.id)
-    free_keys = {key for key, head in heads.items() if head not in locked}
-    return [r for r in sorted(pending, key=lambda r: r.id) if r.key in free_keys][:limit]
+    ordered = sorted(pending, key=lambda r: r.id)[: window or WINDOW_BATCHES * limit]
+    runs: dict[str, list[int]] = {}
+    for row in ordered:
+        runs.setdefault(row.key, []).append(row.id)
+    before = 0
+    taken: set[str] = set()
+    for key, ids in sorted(runs.items(), key=lambda kv: kv[1][0]):
+        if before >= limit:
+            break
+        if ids[0] not in locked:
+            taken.add(key)
+        before += len(ids)
+    return [r for r in ordered if r.key in taken][:limit]
 
 
 def split_publishable(

@@ -29,9 +29,15 @@ def row(i: int, key: str) -> OutboxRow:
 def test_a_claim_takes_runs_of_free_keys_in_id_order_up_to_the_limit() -> None:
     pending = [row(1, "a"), row(2, "b"), row(3, "a"), row(4, "c"), row(5, "b"), row(6, "a")]
     assert [r.id for r in claimable(pending, set(), 10)] == [1, 2, 3, 4, 5, 6]
-    assert [r.id for r in claimable(pending, set(), 4)] == [1, 2, 3, 4]  # a prefix per key
+    # a's run (3 rows) and b's (2) fill a batch of 4: c's head is not locked, another relay
+    # may take it; a prefix of each key's run.
+    assert [r.id for r in claimable(pending, set(), 4)] == [1, 2, 3, 5]
     # Another relay holds b's head: none of b's rows, not even the later ones.
     assert [r.id for r in claimable(pending, {2}, 10)] == [1, 3, 4, 6]
+    # Heads are looked for in the window only (the oldest rows): a claim's cost is bounded.
+    hot = [row(i, "hot") for i in range(1, 9)] + [row(9, "cold")]
+    assert [r.id for r in claimable(hot, set(), 2)] == [1, 2]
+    assert claimable(hot, {1}, 2) == []  # cold's head lies beyond the window of 8
 
 
 def test_a_later_row_is_never_claimed_while_an_older_row_of_its_key_is_held() -> None:
@@ -53,7 +59,8 @@ def test_the_relay_publishes_in_order_and_deletes_what_was_published() -> None:
     publisher = RecordingPublisher()
     relay = OutboxRelay(InMemoryOutbox(table), publisher, RelaySettings(batch_size=4))
     assert [relay.relay_batch() for _ in range(4)] == [4, 4, 2, 0]
-    assert [m[2] for m in publisher.messages] == ids
+    assert sorted(m[2] for m in publisher.messages) == ids
+    assert in_key_order([row(i, key) for _, key, i in publisher.messages])
     assert not table.rows and not table.locks
 
 
