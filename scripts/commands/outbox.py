@@ -186,22 +186,17 @@ def _status(settings: Settings, limit: int) -> int:
             )
             return 2
         outbox = PostgresOutbox(settings.outbox_url, table, password=outbox_password(settings))
-        backlog = outbox.backlog()
-        outbox.close()
+        try:
+            backlog = outbox.backlog()
+            oldest = outbox.oldest(limit)
+        finally:
+            outbox.close()
         print(
             f"outbox {_where(settings)}: {backlog.pending:,} row(s) pending, the oldest "
             f"{backlog.oldest_age_s:.1f} s old"
         )
-        from psycopg import sql
-
-        oldest = conn.execute(
-            sql.SQL("SELECT id, topic, key, created_at FROM {} ORDER BY id LIMIT %s").format(
-                table.ident()
-            ),
-            [limit],
-        ).fetchall()
         for row_id, topic, key, created_at in oldest:
-            print(f"  {row_id:>10}  {topic:<22} {str(key)[:40]:<40} {created_at}")
+            print(f"  {row_id:>10}  {topic:<22} {key[:40]:<40} {created_at}")
         return 0
     except (psycopg.Error, OutboxUnavailable) as exc:
         print(f"fanfare outbox status: {exc}", file=sys.stderr)

@@ -92,15 +92,19 @@ def post_row(post_id: str, author: str) -> tuple[str, str, bytes]:
     return ("post_created", author, post(post_id, author))
 
 
-def migrate(stack: Stack) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "scripts.cli", "outbox", "migrate"],
+def run_fanfare(stack: Stack, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.cli", *argv],
         env={**stack.env, "PATH": "/usr/bin:/bin"},
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def migrate(stack: Stack) -> str:
+    result = run_fanfare(stack, "outbox", "migrate")
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -108,6 +112,8 @@ def migrate(stack: Stack) -> str:
 def test_a_committed_post_is_published_once_a_rolled_back_one_never(
     stack: Stack, outbox_db: OutboxDb
 ) -> None:
+    before = run_fanfare(stack, "outbox", "relay")  # no table yet: a message, exit 2
+    assert before.returncode == 2 and "fanfare outbox migrate" in before.stderr, before
     assert "created" in migrate(stack)
     assert "up to date" in migrate(stack)  # safe to run twice
     relay = stack.start_relay()
@@ -138,6 +144,8 @@ def test_a_committed_post_is_published_once_a_rolled_back_one_never(
     assert samples[("fanfare_outbox_published_total", (("topic", "post_created"),))] == 1
     assert gauge("fanfare_outbox_oldest_pending_age_seconds") == 0
     assert samples[("fanfare_outbox_publish_delay_seconds_count", ())] == 1
+    status = run_fanfare(stack, "outbox", "status")
+    assert status.returncode == 0 and "0 row(s) pending" in status.stdout, status
 
 
 def test_a_relay_killed_before_during_or_after_publishing_fans_each_post_out_once(

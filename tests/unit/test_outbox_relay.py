@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from operators.outbox.model import (
 )
 from operators.outbox.ports import PublishFailed
 from operators.outbox.relay import OutboxRelay, RelaySettings
+from scripts import cli
 from tests.fakes import InMemoryOutbox, OutboxTable, RecordingPublisher
 
 
@@ -194,3 +197,17 @@ def test_outbox_settings_refuse_a_password_and_a_bad_url_or_table() -> None:
     ):
         with pytest.raises(ConfigError, match=said):
             load_settings(env)
+
+
+def test_the_outbox_command_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for name in [n for n in os.environ if n.startswith("FANFARE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FANFARE_HOME", str(tmp_path))
+    assert cli.main(["outbox", "relay"]) == 2
+    assert "FANFARE_OUTBOX_URL is not set" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["outbox", "relay", "--batch-size", "0"])
+    assert exited.value.code == 2
+    assert "out of range: use 1 to 10000" in capsys.readouterr().err

@@ -164,6 +164,9 @@ class PostgresOutbox(Outbox):
             " FOR UPDATE OF r"
         ).format(t=t)
         self._delete_sql = sql.SQL("DELETE FROM {t} WHERE id = ANY(%s)").format(t=t)
+        self._oldest_sql = sql.SQL(
+            "SELECT id, topic, key, created_at FROM {t} ORDER BY id LIMIT %s"
+        ).format(t=t)
         self._backlog_sql = sql.SQL(
             "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() -"
             " (SELECT created_at FROM {t} ORDER BY id LIMIT 1)), 0)::float8 FROM {t}"
@@ -273,6 +276,15 @@ class PostgresOutbox(Outbox):
             raise OutboxUnavailable(f"counting outbox rows: {exc}") from exc
         pending, age = row if row else (0, 0.0)
         return Backlog(int(pending), float(age))
+
+    def oldest(self, limit: int) -> list[tuple[int, str, str, str]]:
+        """(id, topic, key, created_at) of the oldest pending rows (`fanfare outbox status`)."""
+        conn = self._listener()
+        try:
+            found = conn.execute(self._oldest_sql, [limit]).fetchall()
+        except psycopg.Error as exc:
+            raise OutboxUnavailable(f"reading the oldest outbox rows: {exc}") from exc
+        return [(int(i), str(topic), str(key), str(at)) for i, topic, key, at in found]
 
     def close(self) -> None:
         """Roll back what is claimed and close both sessions."""
