@@ -8,6 +8,7 @@ Run it with `fanfare run acks`. Everything here is wiring; decisions live in `op
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +18,12 @@ from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows.runtime.logs import configure_logging
+from flows.runtime.recovery_marker import recovery_lineage
 from flows.runtime.step_errors import FlowGuard
 from operators.acks.steps import ApplyAcks, ReadAck, decode_ack
-from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
+from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.reader import KafkaTopicsSource
+from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials, load_settings
 from operators.dead_letters import Decoded, decode_or_dead_letter, one
@@ -44,7 +47,8 @@ def build_acks_flow(
     )
     unknown = op.flat_map_batch("apply_acks", decoded.oks, g.step("apply_acks", apply_acks))
     dead = op.merge("merge_dead_letters", decoded.dead_letters, unknown)
-    op.output("write_dead_letters", dead, g.sink("write_dead_letters", dead_letter_sink))
+    keyed_dead = op.key_on("key_by_source_topic", dead, source_topic_of)
+    op.output("write_dead_letters", keyed_dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
 
 
@@ -53,10 +57,17 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     url, ttl = settings.resolved_notification_store_url, settings.store_ttl_s
+    marks = functools.cache(
+        lambda: RedisWriterStartMarks(
+            settings.redis_url,
+            settings.redis_prefix,
+            recovery_lineage(settings.recovery_dir("acks")),
+        )
+    )
     return build_acks_flow(
         source=KafkaTopicsSource(settings.kafka_config(), [NOTIFICATION_ACKS], batch_size=1_000),
         apply_acks=ApplyAcks(
             lambda: open_notification_store(url, ttl, **cassandra_credentials(settings))
         ),
-        dead_letter_sink=DeadLetterSink(settings.kafka_config()),
+        dead_letter_sink=DeadLetterSink(settings.kafka_config(), marks=marks),
     )

@@ -25,7 +25,7 @@ from flows.runtime.logs import configure_logging
 from flows.runtime.recovery_marker import recovery_lineage
 from flows.runtime.step_errors import FlowGuard
 from operators.adapters.kafka.channel_lanes import BulkPacer, ChannelLanesSource
-from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
+from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
 from operators.adapters.kafka.retry_source import RetryTopicSource
 from operators.adapters.kafka.writer import FlushingTopicSink
@@ -111,7 +111,8 @@ def build_delivery_flow(
         retries.dead_letters,
         op.filter_map("send_dead_letters", outputs, _only(DeadLetter)),
     )
-    op.output("write_dead_letters", dead, g.sink("write_dead_letters", dead_letter_sink))
+    keyed_dead = op.key_on("key_by_source_topic", dead, source_topic_of)
+    op.output("write_dead_letters", keyed_dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
 
 
@@ -221,5 +222,5 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         route_event=events.route_key,
         device_changes_sink=FlushingTopicSink(kafka, DEVICE_CHANGES, _device_change_message),
         retry_sink=FlushingTopicSink(kafka, PUSH_RETRY, _retry_message),
-        dead_letter_sink=DeadLetterSink(kafka),
+        dead_letter_sink=DeadLetterSink(kafka, marks=marks),
     )

@@ -28,7 +28,7 @@ from flows.runtime.recovery_marker import recovery_lineage
 from flows.runtime.step_errors import FlowGuard
 from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
-from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
+from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.probes import topic_partitions
 from operators.adapters.kafka.reader import KafkaTopicsSource
 from operators.adapters.redis.post_claims import RedisPostClaims
@@ -124,7 +124,8 @@ def build_fanout_flow(
     op.output("write_channel_topics", to_partitions, g.sink("write_channel_topics", channel_sink))
 
     dead = op.merge("merge_dead_letters", decoded.dead_letters, routed.dead_letters)
-    op.output("write_dead_letters", dead, g.sink("write_dead_letters", dead_letter_sink))
+    keyed_dead = op.key_on("key_by_source_topic", dead, source_topic_of)
+    op.output("write_dead_letters", keyed_dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
 
 
@@ -133,18 +134,14 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     kafka = settings.kafka_config()
-    sink = ChannelTopicsSink(
-        kafka,
-        CHANNEL_TOPICS,
-        on_written=_count_written,
-        marks=functools.cache(
-            lambda: RedisWriterStartMarks(
-                settings.redis_url,
-                settings.redis_prefix,
-                recovery_lineage(settings.recovery_dir("fanout")),
-            )
-        ),
+    marks = functools.cache(
+        lambda: RedisWriterStartMarks(
+            settings.redis_url,
+            settings.redis_prefix,
+            recovery_lineage(settings.recovery_dir("fanout")),
+        )
     )
+    sink = ChannelTopicsSink(kafka, CHANNEL_TOPICS, on_written=_count_written, marks=marks)
     return build_fanout_flow(
         settings,
         # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
@@ -161,7 +158,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         changelog_parts=topic_partitions(kafka, CHANGELOG_TOPICS),
         channel_sink=sink,
         route_batch=sink.route_key,
-        dead_letter_sink=DeadLetterSink(kafka),
+        dead_letter_sink=DeadLetterSink(kafka, marks=marks),
         # Built on first use in each worker process, never at import.
         store=functools.cache(
             lambda: open_follower_store(

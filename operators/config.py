@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from operators.outbox.model import TableName
 from schemas.topics import ALL_TOPICS, MAX_DISPATCH_BATCH
 
 METRICS_SERVERS = ("fanfare", "bytewax")
@@ -185,6 +186,22 @@ class Settings:
     templates_dir: str = ""
     """FANFARE_TEMPLATES_DIR: the templates directory; empty: the shipped templates
     (`operators/notify/defaults/templates/`)."""
+    outbox_url: str = ""
+    """FANFARE_OUTBOX_URL: the post service's PostgreSQL, where the outbox table is
+    (`postgresql://USER@HOST:5432/DB`; no password here: see below). `fanfare outbox` needs it."""
+    outbox_password_file: str = ""
+    """FANFARE_OUTBOX_PASSWORD_FILE: file holding that user's password; never logged."""
+    outbox_table: str = "fanfare_outbox"
+    """FANFARE_OUTBOX_TABLE: the outbox table, `NAME` or `SCHEMA.NAME`; its NOTIFY channel has
+    the same name."""
+    outbox_batch_size: int = 500
+    """FANFARE_OUTBOX_BATCH_SIZE: rows a relay claims, publishes and deletes per transaction."""
+    outbox_poll_ms: int = 1_000
+    """FANFARE_OUTBOX_POLL_MS: longest an idle relay waits for a notification before looking
+    for rows anyway (a notification lost with a broken session)."""
+    outbox_metrics_port: int = 3050
+    """FANFARE_OUTBOX_METRICS_PORT: `fanfare outbox relay`'s /metrics, on FANFARE_METRICS_HOST
+    (0: not served)."""
 
     @property
     def metrics_listen_host(self) -> str:
@@ -301,6 +318,9 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "api_campaign_max_rate": (1, 1_000_000),
     "api_campaign_ttl_s": (3_600, 365 * 86_400),
     "api_campaign_lease_s": (1, 600),
+    "outbox_batch_size": (1, 10_000),
+    "outbox_poll_ms": (10, 600_000),
+    "outbox_metrics_port": (0, 65_535),
 }
 
 
@@ -424,6 +444,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"FANFARE_READY_HOST={settings.ready_host!r}: use one address (127.0.0.1, 0.0.0.0)"
         )
     _check_metrics_server(settings, env)
+    _check_outbox(settings)
     if not settings.resolved_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
             "FANFARE_STORE_URL must be sqlite:///PATH or cassandra://host1,host2/keyspace[?dc=DC]"
@@ -452,6 +473,32 @@ def _check_metrics_server(settings: Settings, env: Mapping[str, str]) -> None:
             "binds every interface and cannot be given an address; unset FANFARE_METRICS_HOST, "
             "or use FANFARE_METRICS_SERVER=fanfare"
         )
+
+
+def _check_outbox(settings: Settings) -> None:
+    try:
+        TableName.parse(settings.outbox_table)
+    except ValueError as exc:
+        raise ConfigError(f"FANFARE_OUTBOX_TABLE: {exc}") from None
+    url = settings.outbox_url
+    if not url:
+        return
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "FANFARE_OUTBOX_URL must be postgresql://USER@HOST[:PORT]/DATABASE[?options]"
+        )
+    if urlsplit(url).password or re.search(r"(?i)[?&]password=", url):
+        raise ConfigError(
+            "FANFARE_OUTBOX_URL holds a password: credentials are read from files only; put it "
+            "in a file named by FANFARE_OUTBOX_PASSWORD_FILE (the user may stay in the URL)"
+        )
+
+
+def outbox_password(settings: Settings) -> str | None:
+    """The outbox database's password from FANFARE_OUTBOX_PASSWORD_FILE (None: none set)."""
+    if not settings.outbox_password_file:
+        return None
+    return read_secret_file("FANFARE_OUTBOX_PASSWORD_FILE", settings.outbox_password_file)
 
 
 def _check_template(settings: Settings) -> None:

@@ -51,6 +51,10 @@ class RawEvent:
     read_at: float
     window: tuple[int, int] | None = None
     """For a dispatch batch sent in slices: the items [start, stop) this event carries."""
+    replayed: bool = False
+    """Read again from a changelog that is replayed from its beginning on every start, below
+    the position its last snapshot recorded: an earlier execution processed it, so a dead
+    letter of it was written then (see `ReplayHorizon` in the Kafka reader)."""
 
     @property
     def origin(self) -> MessageOrigin:

@@ -129,6 +129,35 @@ CONSUMER_LAG = Gauge(
 )
 LAG_SAMPLE_S = 2.0
 
+# The outbox relay (`fanfare outbox relay`, operators/outbox/relay.py); published/s is the rate
+# of the counter.
+OUTBOX_PUBLISHED = Counter(
+    "fanfare_outbox_published_total", "outbox rows published and deleted, by topic", ["topic"]
+)
+# Labelled by table, so only a relay's /metrics has these series (the flows declare them).
+OUTBOX_PENDING = Gauge(
+    "fanfare_outbox_rows_pending",
+    "rows in the outbox table waiting to be published (sampled every 2 s by each relay)",
+    ["table"],
+    multiprocess_mode="max",
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "fanfare_outbox_oldest_pending_age_seconds",
+    "age of the oldest row waiting in the outbox table, on the database's clock (0: none)",
+    ["table"],
+    multiprocess_mode="max",
+)
+OUTBOX_PUBLISH_DELAY = Histogram(
+    "fanfare_outbox_publish_delay_seconds",
+    "from a row's insert to the broker's acknowledgement of its message",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+OUTBOX_RELAY_FAILURES = Counter(
+    "fanfare_outbox_relay_failures_total",
+    "batches released unpublished (published again later), by cause: broker or database",
+    ["cause"],
+)
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)
 
 

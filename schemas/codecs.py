@@ -405,8 +405,17 @@ def decode_notification_request(raw: bytes | str | None) -> NotificationRequest:
 
 
 def encode_dead_letter(letter: DeadLetter) -> bytes:
-    """The wire form of a dead letter."""
-    return orjson.dumps(letter)
+    """The wire form of a dead letter (`item` only for one about an item of a batch message)."""
+    fields: dict[str, object] = {
+        "source_topic": letter.source_topic,
+        "partition": letter.partition,
+        "offset": letter.offset,
+        "error": letter.error,
+        "raw": letter.raw,
+    }
+    if letter.item is not None:
+        fields["item"] = letter.item
+    return orjson.dumps(fields)
 
 
 def encode_send_reference(post_id: str, item: DispatchItem, provider: str) -> str:

@@ -100,6 +100,13 @@ class DeadLetter:
     offset: int | None
     error: str
     raw: str
+    item: int | None = None
+    """For a dead letter about one item of a message (a send of a dispatch batch): its index."""
+
+    @property
+    def identity(self) -> tuple[str, int | None, int | None, int | None]:
+        """What it is about: the source position (and item); written once per identity."""
+        return (self.source_topic, self.partition, self.offset, self.item)
 
 
 Outcome = Literal[

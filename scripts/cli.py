@@ -32,6 +32,7 @@ COMMANDS = (
     "scripts.commands.replay",
     "scripts.commands.dlq",
     "scripts.commands.recovery",
+    "scripts.commands.outbox",
     "scripts.harness.chaos",
 )
 """Each module's `add_parser(subparsers)` adds its command; the order is `fanfare --help`'s."""

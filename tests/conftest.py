@@ -27,6 +27,9 @@ from scripts.dev import devstack
 from scripts.harness.spawn import signal_fanfare, start_fanfare
 
 REDIS_URL = os.environ.get("FANFARE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "FANFARE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 class Watcher:
@@ -62,13 +65,24 @@ class Stack:
         self, *extra_env: tuple[str, str], flow: str = "fanout", args: Sequence[str] = ()
     ) -> subprocess.Popen[bytes]:
         """`fanfare run FLOW ARGS` (`args`: e.g. --processes 2) with the stack's settings."""
-        # Each flow its own /ready port (a taken one stops `fanfare run` at start).
+        return self.start_command(["run", flow, *args], *extra_env)
+
+    def start_relay(self, *extra_env: tuple[str, str]) -> subprocess.Popen[bytes]:
+        """`fanfare outbox relay` (the outbox_db fixture sets its database)."""
+        port = ("FANFARE_OUTBOX_METRICS_PORT", str(free_port()))
+        return self.start_command(["outbox", "relay"], port, *extra_env)
+
+    def start_command(
+        self, argv: list[str], *extra_env: tuple[str, str], module: str = "scripts.cli"
+    ) -> subprocess.Popen[bytes]:
+        """`fanfare ARGV` (or `python -m MODULE ARGV`), stopped with the stack."""
+        # Each its own /ready port (a taken one stops `fanfare run` at start).
         env = {**os.environ, **self.env, "FANFARE_READY_PORT": str(free_port())}
         if self.flows:  # a second flow in the same test needs its own /metrics port
             env["FANFARE_METRICS_PORT"] = str(free_port())
         env.update(extra_env)
         log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
-        proc = start_fanfare(["run", flow, *args], env, log_path)
+        proc = start_fanfare(argv, env, log_path, module=module)
         self.flows.append(proc)
         return proc
 
@@ -217,3 +231,79 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         keys = list(client.scan_iter(match=prefix + "*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@dataclass
+class OutboxDb:
+    """The stack's outbox: a schema of its own in the test PostgreSQL (dropped at the end)."""
+
+    url: str
+    schema: str
+
+    @property
+    def table(self) -> str:
+        return f"{self.schema}.fanfare_outbox"
+
+    def connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.url)
+
+    def pending(self) -> int:
+        with self.connect() as conn:
+            return int(conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0])
+
+    def insert(self, rows: list[tuple[str, str, bytes | str]], *, commit: bool = True) -> list[int]:
+        """(topic, key, payload) rows in one transaction, as the post service writes them."""
+        with self.connect() as conn:
+            ids = [
+                conn.execute(
+                    f"INSERT INTO {self.table} (topic, key, payload) VALUES (%s, %s, %s) "
+                    "RETURNING id",
+                    [topic, key, payload.decode() if isinstance(payload, bytes) else payload],
+                ).fetchone()[0]
+                for topic, key, payload in rows
+            ]
+            if commit:
+                conn.commit()
+            else:
+                conn.rollback()
+        return ids
+
+
+@pytest.fixture
+def postgres_schema() -> Iterator[str]:
+    """A schema of its own in the test PostgreSQL, dropped at the end (its name)."""
+    import psycopg
+
+    schema = f"fanfare_test_{uuid.uuid4().hex[:10]}"
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"no PostgreSQL at {POSTGRES_URL} ({exc}); start one (.ci/run does) or set "
+            "FANFARE_TEST_POSTGRES_URL"
+        )
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def outbox_db(stack: Stack, postgres_schema: str) -> Iterator[OutboxDb]:
+    """An outbox schema for the stack (FANFARE_OUTBOX_* set in its environment), not migrated."""
+    db = OutboxDb(POSTGRES_URL, postgres_schema)
+    stack.env.update(
+        {
+            "FANFARE_OUTBOX_URL": POSTGRES_URL,
+            "FANFARE_OUTBOX_TABLE": db.table,
+            "FANFARE_OUTBOX_POLL_MS": "500",
+        }
+    )
+    stack.settings = load_settings(stack.env)
+    yield db
+    for proc in stack.flows:  # relays first: their sessions hold the schema
+        if proc.poll() is None:
+            stack.kill_flow(proc, signal.SIGTERM)

@@ -20,7 +20,9 @@ from operators.events import MessageOrigin
 from operators.fanout.eligibility import edge_flags
 from operators.fanout.ports import FollowerRow, FollowerStore, PostClaims
 from operators.fanout.sharding import shard_of
-from schemas.records import FollowChange
+from operators.outbox.model import OutboxRow, claimable
+from operators.outbox.ports import Backlog, Outbox, PublishFailed, RowPublisher
+from schemas.records import DeadLetter, FollowChange
 
 T = TypeVar("T")
 OK = ProviderAnswer(200, None)
@@ -195,3 +197,72 @@ class InMemoryEdgeClaims(EdgeClaims):
                     self.held[(nid, device)] = identity
                 out.append(held)
             return out
+
+
+class OutboxTable:
+    """The outbox table in memory, shared by the sessions of several relays (row locks too)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, OutboxRow] = {}
+        self.locks: dict[int, object] = {}  # row id -> the session holding it
+        self._next_id = 1
+
+    def insert(self, topic: str, key: str, payload: bytes = b"{}") -> int:
+        """A committed row, as the post service's transaction leaves it."""
+        row_id, self._next_id = self._next_id, self._next_id + 1
+        self.rows[row_id] = OutboxRow(row_id, topic, key, payload, 0.0)
+        return row_id
+
+
+class InMemoryOutbox(Outbox):
+    """One relay's session on an `OutboxTable`: claims lock rows until complete or release."""
+
+    def __init__(self, table: OutboxTable) -> None:
+        self._table = table
+        self.waits = 0
+
+    def _held(self) -> list[int]:
+        return [i for i, who in self._table.locks.items() if who is self]
+
+    def claim(self, limit: int) -> list[OutboxRow]:
+        others = {i for i, who in self._table.locks.items() if who is not self}
+        rows = claimable(list(self._table.rows.values()), others, limit)
+        for row in rows:
+            self._table.locks[row.id] = self
+        return rows
+
+    def complete(self, rows: Sequence[OutboxRow]) -> None:
+        for row in rows:
+            del self._table.rows[row.id]
+        self.release()
+
+    def release(self) -> None:
+        for row_id in self._held():
+            del self._table.locks[row_id]
+
+    def wait_for_rows(self, timeout_s: float) -> bool:
+        self.waits += 1
+        return False
+
+    def backlog(self) -> Backlog:
+        return Backlog(len(self._table.rows), 0.0)
+
+
+class RecordingPublisher(RowPublisher):
+    """Records (topic, key, row id) of every message 'acknowledged'; can fail some batches."""
+
+    def __init__(self, fail_batches: int = 0) -> None:
+        self.messages: list[tuple[str, str, int]] = []
+        self.letters: list[DeadLetter] = []
+        self.fail_batches = fail_batches
+
+    def publish(self, rows: Sequence[OutboxRow]) -> None:
+        # Like a broker that took part of a batch before the failure: the first half lands.
+        if self.fail_batches:
+            self.fail_batches -= 1
+            self.messages += [(r.topic, r.key, r.id) for r in rows[: len(rows) // 2]]
+            raise PublishFailed("the broker went away")
+        self.messages += [(r.topic, r.key, r.id) for r in rows]
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        self.letters += letters

@@ -77,7 +77,8 @@ def _dead_letter(request: SendRequest, error: str) -> DeadLetter:
     """A send given up on (its outcome is counted as `dead_lettered`, not as bad input)."""
     origin = request.origin
     raw = encode_send_reference(request.post_id, request.item, request.provider)
-    return DeadLetter(origin.topic, origin.partition, origin.offset, error, raw)
+    # One message may carry many sends: the item keeps their dead letters apart.
+    return DeadLetter(origin.topic, origin.partition, origin.offset, error, raw, origin.item)
 
 
 class DeliveryEngine:

@@ -66,13 +66,19 @@ class ChangelogRouter:
         assert isinstance(event, RawEvent)
         decoder = _DECODERS.get(event.topic)
         if decoder is None:
-            return [dead_letter(event, f"unexpected topic {event.topic!r} for the changelog input")]
+            return self._dead(event, f"unexpected topic {event.topic!r} for the changelog input")
         try:
             change = decoder(event.value)
         except InvalidEvent as exc:
-            return [dead_letter(event, exc)]
+            return self._dead(event, exc)
         user = change.follower_id if event.topic == FOLLOW_CHANGES else change.user_id
         return [(shard_key(shard_of(user, self._shard_count)), change)]
+
+    @staticmethod
+    def _dead(event: RawEvent, error: InvalidEvent | str) -> list[tuple[str, Any] | DeadLetter]:
+        # A changelog replayed from its beginning meets its bad messages again on every start:
+        # each was dead-lettered when an earlier execution first read it.
+        return [] if event.replayed else [dead_letter(event, error)]
 
 
 class PostClaimer:

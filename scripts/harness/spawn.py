@@ -20,10 +20,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_fanfare(
-    argv: Sequence[str], env: Mapping[str, str], log_path: Path
+    argv: Sequence[str], env: Mapping[str, str], log_path: Path, module: str = "scripts.cli"
 ) -> subprocess.Popen[bytes]:
-    """`fanfare ARGV` (as `python -m scripts.cli`), its output appended to `log_path`."""
-    cmd = [sys.executable, "-m", "scripts.cli", *argv]
+    """`fanfare ARGV` (as `python -m scripts.cli`, or another module), output in `log_path`."""
+    cmd = [sys.executable, "-m", module, *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         out.write(f"--- {' '.join(cmd)}\n".encode())

@@ -61,8 +61,9 @@ def test_acks_update_status_and_unknown_or_malformed_ones_are_dead_lettered(
         "d1": "delivered",
         "d2": "opened",
     }
-    assert all(isinstance(d, DeadLetter) for d in dead)
-    by_offset = {d.offset: d.error for d in dead}
+    # Keyed by source topic, the dead_letters topic's key (it picks the partition).
+    assert all(k == "notification_acks" and isinstance(d, DeadLetter) for k, d in dead)
+    by_offset = {d.offset: d.error for _, d in dead}
     assert sorted(by_offset) == [4, 5, 6, 7]
     assert by_offset[4].startswith("unknown_device: no device d7 of p1:u1")
     assert by_offset[5].startswith("unknown_notification: no p9:u9")

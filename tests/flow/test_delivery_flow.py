@@ -126,7 +126,8 @@ def test_every_item_gets_one_outcome_and_bad_input_is_dead_lettered(tmp_path: Pa
         "bulk",
         1,
     )
-    dead = sinks["dead"]
+    assert all(k == d.source_topic for k, d in sinks["dead"])  # keyed by source topic
+    dead = [d for _, d in sinks["dead"]]
     assert all(isinstance(d, DeadLetter) for d in dead)
     assert sorted((d.source_topic, d.error.split(":")[0]) for d in dead) == [
         ("push.apns", "invalid_json"),

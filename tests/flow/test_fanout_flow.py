@@ -166,12 +166,14 @@ def items(out: list[tuple[str, DispatchBatch]]) -> list[tuple[str, str, str]]:
 def test_scenario_exact_dispatch_set(workers: int) -> None:
     changes, posts, expected, dead_sources = scenario()
     out: list[Any] = []
-    dead: list[DeadLetter] = []
-    flow = build(changes, posts, out, dead)
+    keyed_dead: list[tuple[str, DeadLetter]] = []
+    flow = build(changes, posts, out, keyed_dead)
     if workers == 1:
         run_main(flow)
     else:
         cluster_main(flow, [], 0, worker_count_per_proc=2)
+    assert all(k == d.source_topic for k, d in keyed_dead)  # keyed by source topic
+    dead = [d for _, d in keyed_dead]
     got = items(out)
     assert sorted(got) == sorted(expected)  # exact, and no duplicates
     assert {b.topic for _, b in out} == {"push.apns", "push.fcm"}

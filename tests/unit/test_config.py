@@ -94,6 +94,12 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_API_CAMPAIGN_LEASE_S": ("5", 5),
     "FANFARE_CATEGORIES_FILE": ("/etc/fanfare/categories.toml", "/etc/fanfare/categories.toml"),
     "FANFARE_TEMPLATES_DIR": ("/etc/fanfare/templates", "/etc/fanfare/templates"),
+    "FANFARE_OUTBOX_URL": ("postgresql://posts@db:5432/posts", "postgresql://posts@db:5432/posts"),
+    "FANFARE_OUTBOX_PASSWORD_FILE": ("/run/secrets/pg", "/run/secrets/pg"),
+    "FANFARE_OUTBOX_TABLE": ("posts.outbox", "posts.outbox"),
+    "FANFARE_OUTBOX_BATCH_SIZE": ("100", 100),
+    "FANFARE_OUTBOX_POLL_MS": ("250", 250),
+    "FANFARE_OUTBOX_METRICS_PORT": ("0", 0),
 }
 
 

@@ -269,7 +269,8 @@ def test_brokers_point_at_kafkas_internal_listener(services: dict[str, Service])
     for name, svc in fanfare_services(services).items():
         brokers = environment(svc)["FANFARE_KAFKA_BROKERS"].split(",")
         assert brokers == [f"{KAFKA_SERVICE}:{port}"], f"{name}: FANFARE_KAFKA_BROKERS={brokers}"
-        if svc["command"][:1] != ["store"]:  # `store migrate` talks to Cassandra only
+        # `store migrate` talks to Cassandra only, `outbox migrate` to PostgreSQL only.
+        if svc["command"][:2] not in (["store", "migrate"], ["outbox", "migrate"]):
             assert depends_on(svc).get(KAFKA_SERVICE) == "service_healthy", name
 
 
@@ -427,6 +428,8 @@ def test_prometheus_scrapes_every_flow_service(services: dict[str, Service]) -> 
         f"{name}:{service_settings(name, services[name]).metrics_port}" for name in FLOW_SERVICES
     }
     expected.add(f"{API_SERVICE}:{service_settings(API_SERVICE, services[API_SERVICE]).api_port}")
+    relay = service_settings(OUTBOX_RELAY, services[OUTBOX_RELAY])
+    expected.add(f"{OUTBOX_RELAY}:{relay.outbox_metrics_port}")
     assert targets == expected
     for job in config["scrape_configs"]:
         assert job.get("metrics_path", "/metrics") == "/metrics"
@@ -485,6 +488,54 @@ def test_grafana_provisions_the_datasource_and_the_dashboard(services: dict[str,
             uids = {panel["datasource"]["uid"]} | {t["datasource"]["uid"] for t in panel["targets"]}
             assert uids == {datasource["uid"]}, f"{path.name}: {panel['title']} uses {uids}"
             assert all(t["expr"].strip() for t in panel["targets"]), panel["title"]
+
+
+# --- the outbox: PostgreSQL, its migration and the relay ----------------------------------------
+
+POSTGRES_SERVICE = "postgres"
+OUTBOX_RELAY = "outbox-relay"
+
+
+def test_postgres_is_healthchecked_and_on_the_loopback_only(services: dict[str, Service]) -> None:
+    postgres = services[POSTGRES_SERVICE]
+    assert postgres["image"].startswith("postgres:")
+    assert int(postgres["image"].split(":")[1].split("-")[0]) >= 14  # CREATE OR REPLACE TRIGGER
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    # Not 5432: the host's own PostgreSQL (the tests') may listen there.
+    assert ("127.0.0.1", "15432", "5432") in set(published_ports(postgres))
+    assert mounts(postgres).get("/var/lib/postgresql/data") == "postgres-data"
+
+
+def test_outbox_url_points_at_the_postgres_service(services: dict[str, Service]) -> None:
+    env = environment(services[POSTGRES_SERVICE])
+    for name, svc in fanfare_services(services).items():
+        url = service_settings(name, svc).outbox_url
+        assert (
+            url
+            == f"postgresql://{env['POSTGRES_USER']}@{POSTGRES_SERVICE}:5432/" + env["POSTGRES_DB"]
+        ), name
+
+
+def test_the_relay_waits_for_its_table_the_broker_and_the_topics(
+    services: dict[str, Service],
+) -> None:
+    migrate = services["outbox-migrate"]
+    assert is_fanfare_service(migrate) and migrate["command"] == ["outbox", "migrate"]
+    assert depends_on(migrate) == {POSTGRES_SERVICE: "service_healthy"}
+    relay = services[OUTBOX_RELAY]
+    assert is_fanfare_service(relay) and relay["command"] == ["outbox", "relay"]
+    assert depends_on(relay) == {
+        KAFKA_SERVICE: "service_healthy",
+        POSTGRES_SERVICE: "service_healthy",
+        "topics": "service_completed_successfully",
+        "outbox-migrate": "service_completed_successfully",
+    }
+    settings = service_settings(OUTBOX_RELAY, relay)
+    port = settings.outbox_metrics_port
+    assert settings.metrics_host == "0.0.0.0"  # for Prometheus, from its own container
+    assert ("127.0.0.1", str(port), str(port)) in set(published_ports(relay))
+    assert f"127.0.0.1:{port}/metrics" in " ".join(relay["healthcheck"]["test"])
+    assert relay.get("restart") in {"always", "unless-stopped", "on-failure"}
 
 
 # --- docker compose itself, where it is installed -----------------------------------------------

@@ -1,6 +1,6 @@
 """The layout's rules, read from the code: no import circle, a domain that imports no I/O.
 
-- The domain (`operators/fanout`, `delivery`, `acks`, `notify`) imports only
+- The domain (`operators/fanout`, `delivery`, `acks`, `notify`, `outbox`) imports only
   `schemas`, `operators.events`, `operators.metrics` (the funnel's counters: a process-wide
   registry, no I/O), `operators.worker_local` (per-worker state that survives Bytewax's worker
   threads, which a `threading.local` does not: standard library only, and kept so) and its own
@@ -22,7 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "operators", "schemas", "scripts")
-DOMAIN = ("operators.fanout", "operators.delivery", "operators.acks", "operators.notify")
+DOMAIN = (
+    "operators.fanout",
+    "operators.delivery",
+    "operators.acks",
+    "operators.notify",
+    "operators.outbox",
+)
 DOMAIN_MAY_IMPORT = ("schemas", "operators.events", "operators.metrics", "operators.worker_local")
 # What the domain may import that is not the contract itself: these import no project module.
 LEAVES = ("operators.worker_local",)

@@ -38,6 +38,50 @@ STALE_OFFSET_AFTER_S = 5.0
 ReaderState = tuple[int, str | None]
 """A partition reader's snapshot: the next offset, and the id of the topic log it counts in."""
 
+TOPIC_ID_WAIT_S = 3.0
+"""Seconds a replayed changelog waits for its topic's id before trusting its replay horizon."""
+
+
+class ReplayHorizon:
+    """Where a changelog replayed from its beginning stops repeating what was read before.
+
+    A partition of a changelog that is read from offset 0 on every start (its state lives in
+    memory only) meets again everything an earlier execution read. The offsets below the one
+    its last snapshot recorded were processed then, dead letters included, so they are
+    *replayed*: applied to state again, never dead-lettered again. That holds only in the same
+    log: a topic that was re-created (the embedded broker restarted empty, or someone deleted
+    and created it) starts its offsets again, and nothing in the new log was read before. So the
+    horizon is trusted once the topic's id (KIP-516) is known to be the snapshot's, and dropped
+    when it differs; a broker that gives no id within `wait_s` is taken to keep its logs (Kafka
+    does).
+    """
+
+    def __init__(self, below: int, log_id: str | None, wait_s: float = TOPIC_ID_WAIT_S) -> None:
+        self.below = below if below > 0 else 0
+        self._log_id = log_id
+        self._wait_s = wait_s
+        self.settled = self.below == 0
+
+    def settle(self, current_id: str | None, waited_s: float) -> bool:
+        """Decide with the topic's id now (None: not known yet); False means wait and ask again."""
+        if self.settled:
+            return True
+        if current_id is None and waited_s < self._wait_s:
+            return False
+        if current_id is not None and self._log_id is not None and current_id != self._log_id:
+            self.below = 0  # a new log: none of it was read before
+        self.settled = True
+        return True
+
+    def forget(self) -> None:
+        """The reader went back to the beginning of a new log: nothing in it was read before."""
+        self.below = 0
+        self.settled = True
+
+    def replayed(self, offset: int) -> bool:
+        """Whether the message at `offset` was read by an earlier execution."""
+        return offset < self.below
+
 
 def resume_point(state: object) -> ReaderState:
     """A reader snapshot of any version: None (start), an offset (before topic ids), or both."""
@@ -83,6 +127,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         stale_after_s: float = STALE_OFFSET_AFTER_S,
         topic_ids: TopicIds | None = None,
         start_topic_id: str | None = None,
+        replayed_below: int = 0,
     ) -> None:
         conf = dict(config)
         conf.update(
@@ -120,12 +165,18 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         # gone (a flow started again after the broker lost its data): start at the beginning.
         self._topic_id = start_topic_id
         self._id_check_at = 0.0
+        self._horizon = ReplayHorizon(replayed_below, start_topic_id)
+        self._started_at = clock()
         if topic_ids is not None:
             topic_ids.register([topic])
         self._consumer.assign([TopicPartition(topic, partition, start)])
 
     def next_batch(self) -> list[object]:
         """Whatever is ready now (never blocks)."""
+        if not self._horizon.settled:
+            current = self._topic_ids.current(self._topic) if self._topic_ids else None
+            if not self._horizon.settle(current, self._clock() - self._started_at):
+                return []  # which log the snapshot's offsets count in is not known yet
         if self._topic_ids is not None and self._clock() >= self._id_check_at:
             self._id_check_at = self._clock() + 0.5
             if self._topic_recreated():
@@ -147,7 +198,12 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 log.warning("transient error reading %s: %s", self._source, err.str())
                 continue
             offset = cast(int, m.offset())
-            out.append(RawEvent(self._topic, self._partition, offset, m.key(), m.value(), now))
+            replayed = self._horizon.replayed(offset)
+            out.append(
+                RawEvent(
+                    self._topic, self._partition, offset, m.key(), m.value(), now, replayed=replayed
+                )
+            )
             self._position = offset + 1
         if out or at_end:
             self._behind_since = None
@@ -202,6 +258,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             return False
         self._behind_since = None
         self._position = OFFSET_BEGINNING
+        self._horizon.forget()
         self.rewinds += 1
         return True
 
@@ -275,7 +332,8 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     """Every partition of some topics; items are RawEvent (and CaughtUp when reporting).
 
     `replay_topics` are read from their beginning on every start, whatever the snapshot says:
-    the state built from them is restored by replaying the changelog, not from snapshots.
+    the state built from them is restored by replaying the changelog, not from snapshots. What
+    lies below the snapshot's offset is marked `replayed` (see `ReplayHorizon`).
     """
 
     def __init__(
@@ -305,7 +363,9 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         """Resume from the snapshotted offset, or start at the beginning of the partition."""
         topic, partition = split_part(for_part)
         start, topic_id = resume_point(resume_state)
+        replayed_below = 0
         if topic in self._replay_topics:
+            replayed_below = max(start, 0)
             start = OFFSET_BEGINNING  # state rebuilt from the changelog, not from snapshots
         return TopicPartitionReader(
             self._config,
@@ -317,4 +377,5 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
             self._probe_interval,
             topic_ids=shared_topic_ids(self._config),
             start_topic_id=topic_id,
+            replayed_below=replayed_below,
         )
