@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis
 
-from flows.runtime.ports import free_port
+from flows.runtime.ports import free_port, free_port_run
 from operators.adapters.kafka.admin import create_topics
 from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import message_count, read_partition_to_end, topic_partitions
@@ -27,6 +27,9 @@ from scripts.dev import devstack
 from scripts.harness.spawn import signal_fanfare, start_fanfare
 
 REDIS_URL = os.environ.get("FANFARE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+METRICS_PORTS = 4
+"""Consecutive free ports a flow's /metrics gets: one per process of a local cluster (a taken
+one stops `fanfare run` at start)."""
 POSTGRES_URL = os.environ.get(
     "FANFARE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -79,7 +82,7 @@ class Stack:
         # Each its own /ready port (a taken one stops `fanfare run` at start).
         env = {**os.environ, **self.env, "FANFARE_READY_PORT": str(free_port())}
         if self.flows:  # a second flow in the same test needs its own /metrics port
-            env["FANFARE_METRICS_PORT"] = str(free_port())
+            env["FANFARE_METRICS_PORT"] = str(free_port_run(METRICS_PORTS))
         env.update(extra_env)
         log_path = Path(self.env["FANFARE_HOME"]) / f"flow-{len(self.flows)}.log"
         proc = start_fanfare(argv, env, log_path, module=module)
@@ -211,7 +214,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         "FANFARE_TOPIC_PARTITIONS": "2",
         "FANFARE_SHARDS": "4",
         "FANFARE_SNAPSHOT_INTERVAL_S": "1",
-        "FANFARE_METRICS_PORT": str(free_port()),
+        "FANFARE_METRICS_PORT": str(free_port_run(METRICS_PORTS)),
         "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there, whatever the shell says
         "FANFARE_METRICS_SERVER": "fanfare",
         "FANFARE_CELEBRITY_THRESHOLD": "1000",

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from flows.runtime.ports import free_port
+from flows.runtime.ports import free_port, free_port_run
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from schemas.topics import CHANNEL_TOPICS
 from scripts.dev import devstack
-from tests.conftest import Stack, wait_for
+from tests.conftest import METRICS_PORTS, Stack, wait_for
 from tests.integration.test_fanout_e2e import device, follow, post, publish
 from tests.unit.test_redis_outage import OwnRedis
 
@@ -40,7 +40,7 @@ class Run:
             **(env or {}),
         }
         if stack.flows:
-            self.env["FANFARE_METRICS_PORT"] = str(free_port())
+            self.env["FANFARE_METRICS_PORT"] = str(free_port_run(METRICS_PORTS))
         self.log = Path(stack.env["FANFARE_HOME"]) / f"flow-{len(stack.flows)}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as out:
