@@ -51,6 +51,8 @@ class RawEvent:
     read_at: float
     window: tuple[int, int] | None = None
     """For a dispatch batch sent in slices: the items [start, stop) this event carries."""
+    log: str | None = None
+    """The id of the topic's log it was read from (None when the reader does not know it)."""
 
     @property
     def origin(self) -> MessageOrigin:

@@ -146,7 +146,17 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 log.warning("transient error reading %s: %s", self._source, err.str())
                 continue
             offset = cast(int, m.offset())
-            out.append(RawEvent(self._topic, self._partition, offset, m.key(), m.value(), now))
+            out.append(
+                RawEvent(
+                    self._topic,
+                    self._partition,
+                    offset,
+                    m.key(),
+                    m.value(),
+                    now,
+                    log=self._topic_id,
+                )
+            )
             self._position = offset + 1
         if out or at_end:
             self._behind_since = None
@@ -275,6 +285,9 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
 
     `replay_topics` are read from their beginning on every start, whatever the snapshot says:
     the state built from them is restored by replaying the changelog, not from snapshots.
+    `start_at(topic, partition)`, when given, says where to start a partition instead of the
+    snapshot: `(offset, topic id it counts in)`, e.g. the oldest position the follower shards'
+    checkpoints hold (`operators.adapters.stores.shard_state.FileShardStateStore.floor`).
     """
 
     def __init__(
@@ -286,6 +299,7 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         report_caught_up: bool = False,
         probe_interval_s: float = 0.05,
         replay_topics: Sequence[str] = (),
+        start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
     ) -> None:
         self._config = config
         self._topics = list(topics)
@@ -293,6 +307,7 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         self._report = report_caught_up
         self._probe_interval = probe_interval_s
         self._replay_topics = frozenset(replay_topics)
+        self._start_at = start_at
 
     def list_parts(self) -> list[str]:
         """All partitions (every worker can read every partition)."""
@@ -306,6 +321,10 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         start, topic_id = resume_point(resume_state)
         if topic in self._replay_topics:
             start = OFFSET_BEGINNING  # state rebuilt from the changelog, not from snapshots
+        chosen = self._start_at(topic, partition) if self._start_at is not None else None
+        if chosen is not None:
+            start, topic_id = chosen
+            log.info("%s: starting at offset %d (shard checkpoints)", for_part, start)
         return TopicPartitionReader(
             self._config,
             topic,
