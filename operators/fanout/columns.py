@@ -403,7 +403,7 @@ class UserTable:
             setattr(t, f"_{name}", _Growable(cols[name].dtype.type, cols[name]))
         arena = cols["frag_arena"].tobytes()
         ends = np.cumsum(cols["frag_lens"]).tolist()
-        starts = [0, *ends[:-1]]
+        starts = [0, *ends[:-1]] if ends else []
         t.fragments = [arena[s:e] for s, e in zip(starts, ends, strict=True)]
         owners: I32 = t._dev_owner.view()  # type: ignore[assignment]
         t._free_devices = np.flatnonzero(owners < 0).tolist()
