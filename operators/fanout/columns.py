@@ -150,16 +150,22 @@ class UserTable:
     def row_of(self, user_id: str) -> int:
         """The user's row, or -1 when the shard has never seen the user."""
         h = hash(user_id)
-        for row in self._recent.get(h, ()):
-            if self.uid(row) == user_id:
-                return row
+        recent = self._recent.get(h)
+        if recent is not None:
+            for row in recent:
+                if self.uid(row) == user_id:
+                    return row
         keys = self._keys
-        i = int(np.searchsorted(keys, h))
-        while i < len(keys) and keys[i] == h:
-            row = int(self._key_rows[i])
-            if self.uid(row) == user_id:
-                return row
-            i += 1
+        i = int(keys.searchsorted(h))
+        n = len(keys)
+        if i < n and keys.item(i) == h:
+            start, arena, key_rows = self._uid_start.a, self._uid_arena, self._key_rows
+            encoded = user_id.encode()
+            while i < n and keys.item(i) == h:
+                row = key_rows.item(i)
+                if arena[start.item(row) : start.item(row + 1)] == encoded:
+                    return int(row)
+                i += 1
         return -1
 
     def ensure_row(self, user_id: str) -> int:

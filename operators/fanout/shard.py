@@ -32,7 +32,7 @@ import numpy as np
 from operators.events import CaughtUp
 from operators.fanout.batching import encode_batches
 from operators.fanout.columns import I32, U8, Columns, UserTable, ZoneHours
-from operators.fanout.decide import PageDecision, decide_page
+from operators.fanout.decide import PageDecision, decide_few, decide_page
 from operators.fanout.eligibility import Suppressed
 from operators.fanout.ports import FollowerStore, Position
 from schemas.records import (
@@ -47,6 +47,7 @@ from schemas.records import (
 # execution is dropped; post-level dedupe (the post claim) covers longer windows.
 RECENT_JOB_TTL_S = 600.0
 COLUMN_PAGE = 50_000  # followers per store read when a column is built
+FEW = 48  # pages smaller than this are decided one follower at a time (decide.decide_few)
 MAX_COLUMN_EDGES = 8_000_000  # cached column entries per shard (5 bytes each)
 
 
@@ -168,8 +169,10 @@ class FollowerShard:
         batch_size: int = 500,
         settle_s: float = 0.1,
         celebrity_threshold: int | None = None,
+        few: int = FEW,
     ) -> None:
         self.changelog_sources = frozenset(changelog_sources)
+        self.few = few
         self.page_size = page_size
         self.batch_size = batch_size
         self.settle_s = settle_s
@@ -359,20 +362,22 @@ class FollowerShard:
             stop = min(len(column.rows), start + max(budget, 1))
             rows, flags = column.rows[start:stop], column.flags[start:stop]
             read, done = stop - start, stop >= len(column.rows)
+            column_last = self.users.uid(int(rows[-1])) if read else None
+            if read:
+                decision = self._decide(job.author_id, rows, flags, now, tally)
         else:
             limit = max(1, min(self.page_size, budget))
             page = store.follower_page(job.author_id, job.shard_id, job.cursor, limit)
-            rows = self.users.rows_of([f for f, _ in page])
-            flags = np.fromiter((fl for _, fl in page), np.uint8, len(page))
             read, done = len(page), len(page) < limit  # a short page is the shard's end
+            if read:
+                decision = self._decide_rows(job.author_id, page, now, tally)
         if read:
-            decision = self._decide(job.author_id, rows, flags, now, tally)
             tally.candidates += read
             acc.add(decision)
             self._defer_decided(
                 job.post_id, job.author_id, job.created_at, job.lane, decision, tally
             )
-            job.cursor = self.users.uid(int(rows[-1]))
+            job.cursor = column_last if column is not None else page[-1][0]
         if done:
             del self.jobs[job.post_id]
             self._lane_confirmed.discard(job.post_id)
@@ -406,6 +411,26 @@ class FollowerShard:
             _, old = self.columns.popitem(last=False)
             total -= len(old.rows)
         return col
+
+    def _decide_rows(
+        self, author_id: str, page: list[tuple[str, int]], now: datetime, tally: FanoutTally
+    ) -> PageDecision:
+        """Decide followers given by id (store pages, deferred releases)."""
+        if len(page) >= self.few:
+            rows = self.users.rows_of([f for f, _ in page])
+            flags = np.fromiter((fl for _, fl in page), np.uint8, len(page))
+            return self._decide(author_id, rows, flags, now, tally)
+        users = self.users
+        decision = decide_few(
+            users,
+            [users.ensure_row(f) for f, _ in page],
+            [fl for _, fl in page],
+            users.row_of(author_id),
+            self.zone_hours.hours(users.zones, now),
+            now,
+        )
+        tally.suppressed.update(decision.suppressed)
+        return decision
 
     def _decide(
         self, author_id: str, rows: I32, flags: U8, now: datetime, tally: FanoutTally

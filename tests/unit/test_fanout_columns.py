@@ -196,8 +196,9 @@ def run_shard(
     now: datetime,
     lane: str,
     page_size: int,
+    few: int,
 ) -> tuple[set[tuple[str, str, str, str]], set[tuple[str, float]], Counter[str], int]:
-    shard = FollowerShard(SOURCES, page_size=page_size, batch_size=3, settle_s=0)
+    shard = FollowerShard(SOURCES, page_size=page_size, batch_size=3, settle_s=0, few=few)
     for source in SOURCES:
         shard.note_caught_up(CaughtUp(source, 1e12))
     for i, e in enumerate(events):
@@ -236,6 +237,7 @@ def run_shard(
     now=moments(),
     lane=st.sampled_from(["normal", "bulk"]),
     page_size=st.integers(1, 7),
+    few=st.sampled_from([0, 1_000]),  # every page vectorised, or every page one by one
 )
 def test_columnar_decision_equals_the_reference(
     data: st.DataObject,
@@ -243,10 +245,11 @@ def test_columnar_decision_equals_the_reference(
     now: datetime,
     lane: str,
     page_size: int,
+    few: int,
 ) -> None:
     users = sorted({e.user_id for e in events})
     follow_changes = data.draw(follows(users))
-    pushes, deferred, counts, n_items = run_shard(events, follow_changes, now, lane, page_size)
+    pushes, deferred, counts, n_items = run_shard(events, follow_changes, now, lane, page_size, few)
     ref_users = reference_users(events)
     edges = reference_edges(follow_changes, "a")
     ref_pushes, ref_deferred, ref_counts = reference_decision(ref_users, edges, "a", now)
