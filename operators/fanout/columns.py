@@ -40,6 +40,7 @@ NO_HOUR = -1
 _USER_KEYS = b'","user_id":"'
 _DEVICE_KEYS = b'","device_id":"'
 _TOKEN_KEYS = b'","token":"'
+_FILLS = {"push": 1, "q_start": NO_HOUR, "q_end": NO_HOUR, "tz": 0, "dev_head": -1, "dev_next": -1}
 _MERGE_MIN = 4_096  # index entries added before they are merged into the sorted arrays
 
 
@@ -73,14 +74,20 @@ def _fragment_prefix(user_id: str, device_id: str) -> bytes:
 
 
 class _Growable:
-    """A 1-d numpy array with spare capacity (amortised O(1) appends)."""
+    """A 1-d numpy array with spare capacity (amortised O(1) appends), spare slots `fill`."""
 
-    __slots__ = ("a", "n")
+    __slots__ = ("a", "fill", "n")
 
-    def __init__(self, dtype: type[np.generic], data: npt.NDArray[np.generic] | None = None):
+    def __init__(
+        self,
+        dtype: type[np.generic],
+        data: npt.NDArray[np.generic] | None = None,
+        fill: int = 0,
+    ):
+        self.fill = fill
         # A copy: a checkpoint's arrays are views into the file it was read from.
         self.a: npt.NDArray[np.generic] = (
-            np.zeros(16, dtype) if data is None else np.array(data, dtype, copy=True)
+            np.full(16, fill, dtype) if data is None else np.array(data, dtype, copy=True)
         )
         self.n = 0 if data is None else len(data)
 
@@ -90,15 +97,14 @@ class _Growable:
         self.a[self.n] = value
         self.n += 1
 
-    def extend(self, values: npt.NDArray[np.generic]) -> None:
-        need = self.n + len(values)
-        if need > len(self.a):
-            self._grow(need)
-        self.a[self.n : need] = values
-        self.n = need
+    def add_default(self) -> None:
+        """Append one `fill` value (the spare slots already hold it)."""
+        if self.n == len(self.a):
+            self._grow(self.n + 1)
+        self.n += 1
 
     def _grow(self, need: int) -> None:
-        bigger = np.zeros(max(need, len(self.a) + len(self.a) // 2, 16), self.a.dtype)
+        bigger = np.full(max(need, len(self.a) + len(self.a) // 2, 16), self.fill, self.a.dtype)
         bigger[: self.n] = self.a[: self.n]
         self.a = bigger
 
@@ -116,14 +122,14 @@ class UserTable:
         # users
         self._uid_start = _Growable(np.int64, np.zeros(1, np.int64))  # row r: [r, r+1)
         self._uid_arena = bytearray()
-        self._push = _Growable(np.uint8)
-        self._q_start = _Growable(np.int8)
-        self._q_end = _Growable(np.int8)
+        self._push = _Growable(np.uint8, fill=1)
+        self._q_start = _Growable(np.int8, fill=NO_HOUR)
+        self._q_end = _Growable(np.int8, fill=NO_HOUR)
         self._tz = _Growable(np.uint16)
-        self._dev_head = _Growable(np.int32)
+        self._dev_head = _Growable(np.int32, fill=-1)
         # devices
         self._dev_owner = _Growable(np.int32)
-        self._dev_next = _Growable(np.int32)
+        self._dev_next = _Growable(np.int32, fill=-1)
         self._dev_provider = _Growable(np.uint8)
         self.fragments: list[bytes] = []
         self._free_devices: list[int] = []
@@ -201,11 +207,8 @@ class UserTable:
         row = self.rows
         self._uid_arena += user_id.encode()
         self._uid_start.append(len(self._uid_arena))
-        self._push.append(1)
-        self._q_start.append(NO_HOUR)
-        self._q_end.append(NO_HOUR)
-        self._tz.append(0)
-        self._dev_head.append(-1)
+        for column in (self._push, self._q_start, self._q_end, self._tz, self._dev_head):
+            column.add_default()
         self._recent.setdefault(hash(user_id), []).append(row)
         if len(self._recent) >= max(_MERGE_MIN, len(self._keys) // 4):
             self._merge_index()
@@ -279,7 +282,7 @@ class UserTable:
         else:
             d = self._dev_owner.n
             self._dev_owner.append(row)
-            self._dev_next.append(-1)
+            self._dev_next.add_default()
             self._dev_provider.append(provider)
             self.fragments.append(frag)
         # Append at the end of the user's list (a user has a handful of devices).
@@ -403,10 +406,10 @@ class UserTable:
         t = cls()
         t._uid_start = _Growable(np.int64, cols["uid_start"])
         t._uid_arena = bytearray(cols["uid_arena"].tobytes())
-        for name in ("push", "q_start", "q_end", "tz", "dev_head"):
-            setattr(t, f"_{name}", _Growable(cols[name].dtype.type, cols[name]))
-        for name in ("dev_owner", "dev_next", "dev_provider"):
-            setattr(t, f"_{name}", _Growable(cols[name].dtype.type, cols[name]))
+        for name in (*_FILLS, "dev_owner", "dev_provider"):
+            setattr(
+                t, f"_{name}", _Growable(cols[name].dtype.type, cols[name], _FILLS.get(name, 0))
+            )
         arena = cols["frag_arena"].tobytes()
         ends = np.cumsum(cols["frag_lens"]).tolist()
         starts = [0, *ends[:-1]] if ends else []
