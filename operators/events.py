@@ -62,10 +62,16 @@ class RawEvent:
 
 @dataclass(frozen=True, slots=True)
 class CaughtUp:
-    """A changelog partition was read to its end at `as_of` (epoch seconds)."""
+    """A changelog partition was read to its end at `as_of` (epoch seconds).
+
+    `offset` is that end (the next offset to read) and `log` the id of the partition's log,
+    when the reader knows them: every event before `offset` was emitted before this marker.
+    """
 
     source: str
     as_of: float
+    offset: int | None = None
+    log: str | None = None
 
 
 def dead_letter(event: RawEvent, error: InvalidEvent | str) -> DeadLetter:

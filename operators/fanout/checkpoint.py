@@ -36,6 +36,7 @@ class ShardCheckpointer:
         # Shards are spread over the interval so they do not all write at once.
         self._due = clock() + interval_s * (1 + (shard_id % 16) / 16)
         self._saved_count = 0
+        self._saved_positions: dict[str, object] = {}
         self._saved_caught_up = False
         self.saves = 0
 
@@ -49,7 +50,7 @@ class ShardCheckpointer:
 
     def maybe_save(self, shard: FollowerShard, *, caught_up: bool) -> bool:
         """Checkpoint when something changed: at the first catch-up, then every interval."""
-        if shard.changes_applied == self._saved_count:
+        if shard.changes_applied == self._saved_count and shard.positions == self._saved_positions:
             return False
         first = caught_up and not self._saved_caught_up
         if not first and self._clock() < self._due:
@@ -63,5 +64,6 @@ class ShardCheckpointer:
         columns, positions = shard.checkpoint_state()
         self.store.save(self.shard_id, columns, positions)
         self._saved_count = shard.changes_applied
+        self._saved_positions = dict(positions)
         self._due = self._clock() + self.interval_s
         self.saves += 1

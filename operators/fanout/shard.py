@@ -42,6 +42,10 @@ from schemas.records import (
     PreferenceChange,
     Provider,
 )
+from schemas.topics import DEVICE_CHANGES, PREFERENCE_CHANGES
+
+USER_TOPICS = frozenset((PREFERENCE_CHANGES, DEVICE_CHANGES))
+"""The changelogs a shard's user table is built from (and checkpoints positions in)."""
 
 # Completed jobs are remembered this long so a duplicate job reaching the shard in the same
 # execution is dropped; post-level dedupe (the post claim) covers longer windows.
@@ -232,7 +236,17 @@ class FollowerShard:
             self.columns.pop(author, None)
 
     def note_caught_up(self, marker: CaughtUp) -> None:
-        """Record how far a changelog partition has been read."""
+        """Record how far a changelog partition has been read (and so applied, here).
+
+        Every event of the partition before the marker's offset reached this shard before the
+        marker (one reader emits both, in order), so a shard none of whose users' events are in
+        a partition still records a position in it, and a checkpoint covers every partition.
+        """
+        topic = marker.source.rpartition("/")[0]
+        if marker.offset is not None and marker.log is not None and topic in USER_TOPICS:
+            log, next_offset = self.positions.get(marker.source, (None, 0))
+            if log in (None, marker.log) and marker.offset > next_offset:
+                self.positions[marker.source] = (marker.log, marker.offset)
         if marker.as_of > self.caught_up.get(marker.source, float("-inf")):
             self.caught_up[marker.source] = marker.as_of
             self._horizon = None  # recomputed once, not for every job

@@ -318,3 +318,23 @@ def test_fragments_escape_like_orjson() -> None:
         "device_id": 'd"',
         "token": "tok",
     }
+
+
+def test_caught_up_markers_give_positions_in_partitions_with_none_of_the_shards_users() -> None:
+    # Users are bucketed into shards and partitions by the same id: a shard may never see an
+    # event of some partitions. Their markers' offsets still count as applied, so a checkpoint
+    # covers every partition and the source's floor is not the beginning.
+    shard = FollowerShard(SOURCES)
+    e = PreferenceChange("u", False, None, None, "UTC", TS)
+    shard.apply(ChangelogEvent(e, 0, "preference_changes/0", 7, "L"))
+    shard.note_caught_up(CaughtUp("preference_changes/0", 1.0, 9, "L"))
+    shard.note_caught_up(CaughtUp("preference_changes/1", 1.0, 40, "L"))
+    shard.note_caught_up(CaughtUp("device_changes/1", 1.0, 12, "M"))
+    shard.note_caught_up(CaughtUp("follow_changes/0", 1.0, 5, "F"))  # not a user changelog
+    shard.note_caught_up(CaughtUp("preference_changes/1", 2.0, 30, "L"))  # never backwards
+    shard.note_caught_up(CaughtUp("device_changes/1", 2.0, 50, "other"))  # another log: no
+    assert shard.positions == {
+        "preference_changes/0": ("L", 9),
+        "preference_changes/1": ("L", 40),
+        "device_changes/1": ("M", 12),
+    }

@@ -164,7 +164,8 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             self._check_beyond_end(now)
         if self._report and not out:
             if at_end:
-                out.append(CaughtUp(self._source, self._probe_at))
+                end = self._position if self._position >= 0 else None
+                out.append(CaughtUp(self._source, self._probe_at, end, self._topic_id))
                 self._last_eof_at = now
             elif now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
