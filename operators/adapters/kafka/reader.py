@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -29,6 +30,16 @@ from operators.events import CaughtUp, RawEvent
 
 log = logging.getLogger(__name__)
 
+
+IDLE_POLL_S = 0.01
+"""Seconds between two polls of a partition that had nothing (see `next_awake`)."""
+_IDLE_POLL = timedelta(seconds=IDLE_POLL_S)
+
+FETCH_WAIT_MS = 100
+"""How long the broker may hold a fetch of a partition at its end. Every partition has its
+own consumer, so an idle flow's fetch rate is partitions / this: at 20 ms, two dozen idle
+partitions cost the flow a fifth of a core (and the broker as much); a caught-up marker
+comes at most this much later than the probe that asked for it."""
 
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
@@ -89,7 +100,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 "group.id": f"fanfare-reader-{topic}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
-                "fetch.wait.max.ms": 20,
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
                 "auto.offset.reset": "earliest",
                 # One consumer per partition: librdkafka's default prefetch (64 MB each) would
                 # dominate the worker's memory; 8 MB still keeps a partition's pipe full.
@@ -113,6 +124,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         self._behind_since: float | None = None
         self._beyond_check_at = 0.0
         self.rewinds = 0  # times the reader went back to the beginning of a new log
+        self._idle = False
         self._topic_ids = topic_ids
         # The id of the log `_position` points into: from the snapshot, else the first seen.
         # A snapshot's id that differs from the topic's now means the log it counted in is
@@ -174,6 +186,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
         if now >= self._lag_at:
             self._sample_lag(now, at_end)
+        self._idle = not out and not msgs
         return out
 
     def _topic_recreated(self) -> bool:
@@ -257,8 +270,14 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         if high >= 0:
             self._lag.set(max(0, high - (self._position if self._position >= 0 else low)))
 
-    def next_awake(self) -> None:
-        """Poll again at once (Bytewax waits 1 ms after an empty batch)."""
+    def next_awake(self) -> datetime | None:
+        """Poll again at once after messages; an idle partition only every `IDLE_POLL_S`.
+
+        Bytewax polls a source again 1 ms after an empty batch: with a few dozen idle
+        partitions that alone kept a good part of a core busy, which a busy fan-out needs.
+        """
+        if self._idle:
+            return datetime.now(UTC) + _IDLE_POLL
         return None
 
     def offset(self) -> int:
