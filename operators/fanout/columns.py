@@ -434,8 +434,15 @@ class UserTable:
         self._key_rows = order.astype(np.int32)
         self._recent = {}
 
-    def compact_capacity(self) -> None:
-        """Drop spare capacity (after a bulk load, before a long idle)."""
+    def compact(self) -> None:
+        """Pack the table after a bulk load (index merged, no spare capacity, fragments copied).
+
+        A load from the changelogs allocates each fragment between millions of short-lived
+        objects (decoded events), whose freed memory the allocator cannot return while one
+        fragment still lives among it; copying the fragments all at once frees those pages.
+        """
+        if self._recent:
+            self._merge_index()
         for g in (
             self._uid_start,
             self._push,
@@ -448,6 +455,16 @@ class UserTable:
             self._dev_provider,
         ):
             g.trim()
+        self._uid_arena = bytearray(bytes(self._uid_arena))
+        lens = [len(f) for f in self.fragments]
+        blob = b"".join(self.fragments)
+        self.fragments = []
+        out = []
+        at = 0
+        for n in lens:
+            out.append(blob[at : at + n])
+            at += n
+        self.fragments = out
 
 
 class ZoneHours:

@@ -129,6 +129,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
     def _note_caught_up(self) -> None:
         if self.shard.changelog_sources <= self.shard.caught_up.keys():
             self._caught_up = True
+            self.shard.users.compact()  # after the load: see UserTable.compact
             metrics.CHANGELOGS_CAUGHT_UP_SHARDS.inc()
 
     def on_notify(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
