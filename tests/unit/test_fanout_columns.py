@@ -338,3 +338,27 @@ def test_caught_up_markers_give_positions_in_partitions_with_none_of_the_shards_
         "preference_changes/1": ("L", 40),
         "device_changes/1": ("M", 12),
     }
+
+
+def test_the_largest_inputs_the_schemas_admit_fit_and_come_out_unchanged() -> None:
+    # Nothing a valid changelog event holds is refused for size: ids are bytes in an arena,
+    # tokens stay in their registered text (APNs tokens are variable length: 64 to 200 hex
+    # digits pass the schema, any case), so there is no "does not fit" dead letter to make.
+    shard = FollowerShard(SOURCES, settle_s=0)
+    for source in SOURCES:
+        shard.note_caught_up(CaughtUp(source, 1e12))
+    uid = 'é"\\' + "ü" * 125  # 128 characters, 256+ bytes of UTF-8, with JSON escapes
+    tokens = {"long": "AbC0" * 50, "fcm": "x:-_" * 1024, "short": "ab" * 32}
+    devices = [
+        DeviceChange(uid, "long", "apns", tokens["long"], True, TS),
+        DeviceChange(uid, "fcm", "fcm", tokens["fcm"], True, TS),
+        DeviceChange(uid, "short", "apns", tokens["short"], True, TS),
+    ]
+    for i, d in enumerate(devices):
+        assert shard.apply(ChangelogEvent(d, 0, "device_changes/0", i, "L"))
+    store = InMemoryFollowerStore(1)
+    store.apply_follow_changes([FollowChange("a", uid, "follow", True, False, TS)])
+    shard.add_job(ShardJob("p", "a", "2026-01-01T00:00:00Z", "bulk", 0.0, 0), 0, FanoutTally())
+    out = shard.expand(store, TS, 10, FanoutTally())
+    got = {(i["device_id"], i["token"], i["user_id"]) for b in out for i in b.items}
+    assert got == {(d, t, uid) for d, t in tokens.items()}
