@@ -55,6 +55,8 @@ class ShardCheckpointer:
         first = caught_up and not self._saved_caught_up
         if not first and self._clock() < self._due:
             return False
+        if self.store.busy():  # another shard's copy is being written: next activation
+            return False
         self.save(shard)
         self._saved_caught_up = self._saved_caught_up or caught_up
         return True

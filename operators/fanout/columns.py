@@ -120,7 +120,8 @@ class UserTable:
 
     def __init__(self) -> None:
         # users
-        self._uid_start = _Growable(np.int64, np.zeros(1, np.int64))  # row r: [r, r+1)
+        # Row r's id is uid_arena[start[r]:start[r + 1]] (a shard's ids stay far below 4 GB).
+        self._uid_start = _Growable(np.uint32, np.zeros(1, np.uint32))
         self._uid_arena = bytearray()
         self._push = _Growable(np.uint8, fill=1)
         self._q_start = _Growable(np.int8, fill=NO_HOUR)
@@ -404,7 +405,7 @@ class UserTable:
     def from_columns(cls, cols: Columns) -> UserTable:
         """A table from `to_columns`' arrays."""
         t = cls()
-        t._uid_start = _Growable(np.int64, cols["uid_start"])
+        t._uid_start = _Growable(np.uint32, cols["uid_start"])
         t._uid_arena = bytearray(cols["uid_arena"].tobytes())
         for name in (*_FILLS, "dev_owner", "dev_provider"):
             setattr(

@@ -94,3 +94,11 @@ class ShardStateStore(ABC):
 
     def flush(self) -> None:  # noqa: B027 (optional: stores that write in the background)
         """Wait until every save asked for so far is durable."""
+
+    def busy(self) -> bool:
+        """Whether an earlier save is still being written (a store writing in the background).
+
+        Shards then wait for their turn: each save holds a copy of a shard's table, and all
+        shards catch up at once after a start.
+        """
+        return False

@@ -98,7 +98,7 @@ QUIET_TIMEZONES = (
 )
 TARGET_CANDIDATES_PER_S = 350_000
 TARGET_CELEBRITY_S = 3.0
-TARGET_BYTES_PER_USER = 400
+TARGET_BYTES_PER_USER = 300
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # User status codes (a bytearray per user keeps the expected results small for 1M+ users).
@@ -1291,6 +1291,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         sampler.start()
         threads.append(sampler)
         stream = None
+        steady_rates = {"flow": 0.0, "broker": 0.0}
         steady_profiles: list[Path] = []
         stream_started = time.time()
         if args.post_rate > 0:
@@ -1300,7 +1301,18 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             log(f"normal-post stream at {args.post_rate:g}/s; warming up {args.warmup:g}s")
             if profiler is not None:
                 profiler.start("steady", flow.pids())
-            time.sleep(args.warmup)
+            # The flow's and broker's CPU per second with normal posts only (the second half of
+            # the warm-up): subtracted from a drain's CPU to see what the celebrity post cost.
+            time.sleep(args.warmup / 2)
+            steady0, steady_t0 = _cpu(flow.pids(), broker.pid), time.time()
+            time.sleep(args.warmup / 2)
+            steady1, steady_t1 = _cpu(flow.pids(), broker.pid), time.time()
+            span = steady_t1 - steady_t0
+            steady_rates = {
+                "flow": (sum(steady1["flow"]) - sum(steady0["flow"])) / span,
+                "broker": (steady1["broker"] - steady0["broker"]) / span,
+            }
+            report["steady_cpu_per_s"] = {k: round(v, 3) for k, v in steady_rates.items()}
         if profiler is not None:
             steady_profiles = profiler.stop()
         flow.check_alive()
@@ -1325,6 +1337,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 profiler,
                 stream,
                 kafka,
+                steady_rates,
             )
             drain_profiles.extend(Path(p) for p in res["throughput"]["profiles"])
             results.append(res)
@@ -1470,6 +1483,12 @@ def measure_restart(
         "changes_applied_after_restart": Metrics.get(snap, "fanfare_changes_applied_total"),
         "memory_after_restart": flow_memory(restarted),
     }
+    base = report.get("baseline")
+    if base is not None:
+        time.sleep(2.0)  # the checkpoints the restart wrote at its catch-up are written
+        rss = sum(m.get("VmRSS", 0) for m in flow_memory(restarted))
+        base_rss = sum(m.get("VmRSS", 0) for m in base["memory"])
+        report["restart"]["state_bytes_per_user_rss"] = round((rss - base_rss) / args.users)
     log(f"restart: caught up {ready_at - restarted.started_at:.1f}s after the start")
     return restarted
 
@@ -1513,6 +1532,7 @@ def measure_celebrity(
     profiler: Profiler | None,
     stream: PostStream | None,
     kafka: dict[str, object],
+    steady_rates: dict[str, float],
 ) -> dict[str, Any]:
     """Publish one celebrity post and measure its drain; the reader must be running."""
     pids = flow.pids()
@@ -1596,6 +1616,14 @@ def measure_celebrity(
             "cpu_seconds_per_1m_candidates": {
                 "flow": round(flow_cpu / cand * 1e6, 3) if cand else None,
                 "broker": round(broker_cpu / cand * 1e6, 3) if cand else None,
+            },
+            # The drain's CPU less what the normal-post stream and idling cost per second
+            # before it (steady_cpu_per_s), per follower of the celebrity post.
+            "celebrity_cpu_seconds_per_1m_followers": {
+                "flow": round((flow_cpu - steady_rates["flow"] * window) / args.users * 1e6, 3),
+                "broker": round(
+                    (broker_cpu - steady_rates["broker"] * window) / args.users * 1e6, 3
+                ),
             },
             "cpu_seconds_in_window": {
                 "flow_processes": [
@@ -1929,6 +1957,11 @@ def print_report(r: dict[str, Any]) -> None:
             f"  CPU-seconds per 1M candidates: flow {per_m['flow']}, broker {per_m['broker']} "
             f"(flow target <= 0.8)"
         )
+        cel = t["celebrity_cpu_seconds_per_1m_followers"]
+        print(
+            f"  the celebrity post alone (less the steady rate of {r.get('steady_cpu_per_s')} "
+            f"CPU-s/s x the window), per 1M followers: flow {cel['flow']}, broker {cel['broker']}"
+        )
         print(
             f"  CPU-seconds meanwhile: flow {cpu['flow_processes']}, broker {cpu['broker']}, "
             f"benchmark {cpu['benchmark']}, whole machine {cpu['machine_total']} of "
@@ -2042,6 +2075,12 @@ def print_report(r: dict[str, Any]) -> None:
             f"{rs['checkpoint_bytes_per_user']} B/user), {rs['changes_applied_after_restart']:.0f} "
             "changes applied after the restart"
         )
+        if "state_bytes_per_user_rss" in rs:
+            print(
+                "  state per user after the restart = (RSS - 0-user RSS) / N: "
+                f"{rs['state_bytes_per_user_rss']} B (the columns loaded side by side from "
+                "the checkpoints, none of the load's freed memory in between)"
+            )
     print(f"\nredis keys deleted: {r.get('redis_keys_deleted')}")
     if r.get("error"):
         print(f"ERROR: {r['error']}")

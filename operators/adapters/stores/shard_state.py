@@ -204,6 +204,11 @@ class FileShardStateStore(ShardStateStore):
             return None
         return columns, positions
 
+    def busy(self) -> bool:
+        """Whether a save is still being written (callers wait: each copy costs memory)."""
+        with self._lock:
+            return any(not f.done() for f in self._futures)
+
     def save(self, shard_id: int, columns: Columns, positions: dict[str, Position]) -> None:
         """Queue the write (latest wins for a shard whose previous save has not started)."""
         with self._lock:
