@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from schemas.records import (
     FollowChange,
     PreferenceChange,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dict[str, Any]]):
@@ -56,6 +59,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
         self._checkpointer_for = checkpoints
         self._checkpoints: ShardCheckpointer | None = None
         self._shard_id: int | None = None
+        self._built_at = time.monotonic()
         # Readiness: counted once in metrics.CHANGELOGS_CAUGHT_UP_SHARDS when every changelog
         # partition has been read to its end (a shard with no changelog is caught up at once).
         self._caught_up = False
@@ -123,14 +127,26 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
         if self._shard_id is None or self._checkpointer_for is None:
             return
         self._checkpoints = self._checkpointer_for(self._shard_id)
+        started = time.monotonic()
         if self._checkpoints.load_into(self.shard):
             metrics.SHARD_CHECKPOINTS_LOADED.inc()
+            log.info(
+                "shard %d: checkpoint of %d users loaded in %.3f s",
+                self._shard_id,
+                self.shard.users.rows,
+                time.monotonic() - started,
+            )
 
     def _note_caught_up(self) -> None:
         if self.shard.changelog_sources <= self.shard.caught_up.keys():
             self._caught_up = True
             self.shard.users.compact()  # after the load: see UserTable.compact
             metrics.CHANGELOGS_CAUGHT_UP_SHARDS.inc()
+            log.info(
+                "shard %s: changelogs caught up %.2f s after it was built",
+                self._shard_id,
+                time.monotonic() - self._built_at,
+            )
 
     def on_notify(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
         """Continue expansion or release deferred notifications."""
