@@ -160,6 +160,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
         return out, StatefulBatchLogic.RETAIN
 
     def _work(self, now: datetime, tally: FanoutTally) -> list[EncodedDispatchBatch]:
+        release = self.shard.next_release()
+        if not self.shard.jobs and (release is None or release > now.timestamp()):
+            _record(tally)  # nothing to expand or release (most calls: caught-up markers)
+            return []
         store = self._store()
         out = self.shard.release_due(store, now, tally)
         until = None if self._bulk_time_s is None else time.monotonic() + self._bulk_time_s
