@@ -308,9 +308,10 @@ class FollowerShard:
         """Expand queued jobs, normal lane first, then bulk.
 
         Normal jobs read at most `budget` followers; bulk jobs at most `bulk_budget` (default
-        `budget`), in steps of `budget`, and stop once `clock()` passes `bulk_until`: a whole
-        shard's portion of a celebrity post in one go when that is quick, normal posts waiting
-        at most one time budget.
+        `budget`), a page at a time from the store or the whole rest at once from a cached
+        column, and stop once `clock()` passes `bulk_until`: a whole shard's portion of a
+        celebrity post in one go when that is quick, normal posts waiting at most one time
+        budget.
         """
         out: list[EncodedDispatchBatch] = []
         self._confirm_lanes(store)
