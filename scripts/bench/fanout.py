@@ -1456,6 +1456,22 @@ def measure_restart(
     restarted = Flow(env, args.processes, args.workers, home / "logs" / "restart.log")
     log("restart: starting it again from its recovery directory and checkpoints")
     restarted.start(fresh=False)
+    try:
+        return _time_restart(args, settings, metrics, restarted, tail_n, ckpt_bytes, report)
+    except BaseException:
+        restarted.stop()  # the caller's cleanup only knows the flow it passed in
+        raise
+
+
+def _time_restart(
+    args: argparse.Namespace,
+    settings: Settings,
+    metrics: Metrics,
+    restarted: Flow,
+    tail_n: int,
+    ckpt_bytes: int,
+    report: dict[str, Any],
+) -> Flow:
 
     def caught_up() -> bool:
         try:
