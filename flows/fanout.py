@@ -31,13 +31,16 @@ from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.probes import topic_partitions
 from operators.adapters.kafka.reader import KafkaTopicsSource
+from operators.adapters.kafka.topic_identity import topic_id_of
 from operators.adapters.redis.post_claims import RedisPostClaims
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_follower_store
+from operators.adapters.stores.shard_state import FileShardStateStore
 from operators.config import Settings, cassandra_credentials, load_settings
 from operators.dead_letters import Decoded, decode_or_dead_letter, one
+from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.logic import ExpandFollowerShardLogic
-from operators.fanout.ports import FollowerStore, PostClaims
+from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
 from operators.fanout.shard import FollowerShard, utc_now
 from operators.fanout.steps import (
     ChangelogRouter,
@@ -46,7 +49,7 @@ from operators.fanout.steps import (
     ShardJobPlanner,
     decode_post,
 )
-from schemas.records import DispatchBatch
+from schemas.records import DispatchBatch, EncodedDispatchBatch
 from schemas.topics import (
     CHANGELOG_TOPICS,
     CHANNEL_TOPICS,
@@ -57,11 +60,12 @@ from schemas.topics import (
 )
 
 
-def _count_written(batch: DispatchBatch, dropped: int) -> None:
+def _count_written(batch: DispatchBatch | EncodedDispatchBatch, dropped: int) -> None:
     if dropped:
         metrics.DEDUPED.labels("replay").inc(dropped)
     else:
-        metrics.DISPATCHED.labels(batch.provider, batch.lane).inc(len(batch.items))
+        count = batch.count if isinstance(batch, EncodedDispatchBatch) else len(batch.items)
+        metrics.DISPATCHED.labels(batch.provider, batch.lane).inc(count)
         metrics.DISPATCH_BATCHES.labels(batch.provider, batch.lane).inc()
 
 
@@ -72,11 +76,12 @@ def build_fanout_flow(
     changelog_source: Source[Any],
     changelog_parts: list[str],
     channel_sink: Sink[Any],
-    route_batch: Callable[[DispatchBatch], str],
+    route_batch: Callable[[EncodedDispatchBatch], str],
     dead_letter_sink: Sink[Any],
     store: Callable[[], FollowerStore],
     claims: Callable[[], PostClaims],
     clock: Callable[[], datetime] = utc_now,
+    shard_states: ShardStateStore | None = None,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
     flow = Dataflow("fanout")
@@ -101,6 +106,14 @@ def build_fanout_flow(
 
     shard_inputs = op.merge("merge_shard_inputs", jobs, routed.oks)
 
+    checkpointer = (
+        None
+        if shard_states is None
+        else functools.partial(
+            ShardCheckpointer, shard_states, interval_s=settings.checkpoint_interval_s
+        )
+    )
+
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
         shard = FollowerShard(
             changelog_parts,
@@ -111,7 +124,15 @@ def build_fanout_flow(
         )
         if resume is not None:
             shard.restore(resume, clock().timestamp())
-        return ExpandFollowerShardLogic(shard, store, settings.expand_budget, clock)
+        return ExpandFollowerShardLogic(
+            shard,
+            store,
+            settings.expand_budget,
+            clock,
+            bulk_budget=settings.bulk_expand_budget,
+            bulk_time_s=settings.bulk_expand_ms / 1000,
+            checkpoints=checkpointer,
+        )
 
     batches = op.stateful_batch(
         "expand_follower_shards", shard_inputs, g.stateful("expand_follower_shards", build_shard)
@@ -141,6 +162,9 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             recovery_lineage(settings.recovery_dir("fanout")),
         )
     )
+    shard_states = FileShardStateStore(
+        settings.shard_state_dir, settings.shard_count, topic_id_of(kafka)
+    )
     sink = ChannelTopicsSink(kafka, CHANNEL_TOPICS, on_written=_count_written, marks=marks)
     return build_fanout_flow(
         settings,
@@ -151,9 +175,14 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             kafka,
             CHANGELOG_TOPICS,
             report_caught_up=True,
-            # Preferences and devices live in memory only and are replayed on every start;
-            # follow changes go to the follower store and resume from the snapshot.
-            replay_topics=(PREFERENCE_CHANGES, DEVICE_CHANGES),
+            # Preferences and devices are checkpointed by the shards: each partition starts at
+            # the oldest checkpoint's position; follow changes go to the follower store and
+            # resume from the snapshot.
+            start_at=lambda topic, partition: (
+                shard_states.floor(topic, partition)
+                if topic in (PREFERENCE_CHANGES, DEVICE_CHANGES)
+                else None
+            ),
         ),
         changelog_parts=topic_partitions(kafka, CHANGELOG_TOPICS),
         channel_sink=sink,
@@ -167,6 +196,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
                 **cassandra_credentials(settings),
             )
         ),
+        shard_states=shard_states,
         claims=functools.cache(
             lambda: RedisPostClaims(
                 settings.redis_url, settings.redis_prefix, settings.post_claim_ttl_s

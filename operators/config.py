@@ -65,6 +65,19 @@ class Settings:
     """FANFARE_FOLLOWER_PAGE_SIZE: followers read per page from the follower store."""
     expand_budget: int = 2_000
     """FANFARE_EXPAND_BUDGET: followers one shard expands before yielding to other work."""
+    bulk_expand_budget: int = 100_000
+    """FANFARE_BULK_EXPAND_BUDGET: followers of celebrity posts one shard expands per activation
+    (a whole shard's portion when it fits), within FANFARE_BULK_EXPAND_MS."""
+    bulk_expand_ms: int = 40
+    """FANFARE_BULK_EXPAND_MS: time one shard spends on celebrity posts per activation before
+    normal posts get their turn."""
+    checkpoint_interval_s: int = 300
+    """FANFARE_CHECKPOINT_INTERVAL_S: how often a follower shard checkpoints its users (and at
+    once when it first catches up after a start)."""
+    changelog_retention_hours: int = 168
+    """FANFARE_CHANGELOG_RETENTION_HOURS: retention `fanfare topics create` sets on
+    preference_changes and device_changes (0: keep forever); must exceed the checkpoint
+    interval plus the longest time the fan-out may stay down."""
     post_claim_ttl_s: int = 86_400
     """FANFARE_POST_CLAIM_TTL_S: how long a post_id is remembered for dedupe."""
     changelog_settle_ms: int = 100
@@ -230,6 +243,11 @@ class Settings:
         """Where a flow's recovery partitions live."""
         return self.home / "recovery" / flow_name
 
+    @property
+    def shard_state_dir(self) -> Path:
+        """Where follower shards checkpoint their users (kept by `--fresh`: see the README)."""
+        return self.home / "state" / "fanout"
+
     def partitions_for(self, topic: str) -> int:
         """Partition count for a topic (override, else the default)."""
         return self.topic_partition_overrides.get(topic, self.topic_partitions)
@@ -288,6 +306,10 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "dispatch_batch_size": (1, MAX_DISPATCH_BATCH),
     "follower_page_size": (1, 100_000),
     "expand_budget": (1, None),
+    "bulk_expand_budget": (1, None),
+    "bulk_expand_ms": (1, 60_000),
+    "checkpoint_interval_s": (1, 86_400),
+    "changelog_retention_hours": (0, None),
     "post_claim_ttl_s": (1, None),
     "changelog_settle_ms": (0, 60_000),
     "snapshot_interval_s": (1, 3_600),

@@ -55,6 +55,8 @@ class RawEvent:
     """Read again from a changelog that is replayed from its beginning on every start, below
     the position its last snapshot recorded: an earlier execution processed it, so a dead
     letter of it was written then (see `ReplayHorizon` in the Kafka reader)."""
+    log: str | None = None
+    """The id of the topic's log it was read from (None when the reader does not know it)."""
 
     @property
     def origin(self) -> MessageOrigin:
@@ -64,10 +66,16 @@ class RawEvent:
 
 @dataclass(frozen=True, slots=True)
 class CaughtUp:
-    """A changelog partition was read to its end at `as_of` (epoch seconds)."""
+    """A changelog partition was read to its end at `as_of` (epoch seconds).
+
+    `offset` is that end (the next offset to read) and `log` the id of the partition's log,
+    when the reader knows them: every event before `offset` was emitted before this marker.
+    """
 
     source: str
     as_of: float
+    offset: int | None = None
+    log: str | None = None
 
 
 def dead_letter(event: RawEvent, error: InvalidEvent | str) -> DeadLetter:

@@ -48,6 +48,12 @@ DEAD_LETTERS = Counter(
 CHANGES_APPLIED = Counter(
     "fanfare_changes_applied_total", "changelog events applied, by topic", ["topic"]
 )
+SHARD_CHECKPOINTS_SAVED = Counter(
+    "fanfare_shard_checkpoints_saved_total", "follower shard user tables checkpointed"
+)
+SHARD_CHECKPOINTS_LOADED = Counter(
+    "fanfare_shard_checkpoints_loaded_total", "follower shards started from a checkpoint"
+)
 SHARD_JOBS_CREATED = Counter("fanfare_shard_jobs_created_total", "(post, shard) jobs created")
 SHARD_JOBS_COMPLETED = Counter("fanfare_shard_jobs_completed_total", "(post, shard) jobs done")
 # Readiness (flows/runtime/readiness.py): the flow is caught up when the sum over every process

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, TypedDict
 
+import orjson
+
 Visibility = Literal["public", "followers", "private"]
 Provider = Literal["apns", "fcm"]
 FollowOp = Literal["follow", "unfollow"]
@@ -89,6 +91,33 @@ class DispatchBatch:
     def topic(self) -> str:
         """The channel topic this batch goes to."""
         return f"push.{self.provider}" if self.lane == "normal" else f"push.{self.provider}.bulk"
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedDispatchBatch:
+    """A dispatch batch as the fan-out makes it: its `dispatch_batch/v1` JSON already built.
+
+    `payload` is what goes on the channel topic, byte for byte what `encode_dispatch_batch`
+    writes for the same batch; `items` decodes it again (replay dedupe, tests).
+    """
+
+    post_id: str
+    author_id: str
+    provider: Provider
+    created_at: str
+    lane: str
+    payload: bytes
+    count: int
+
+    @property
+    def topic(self) -> str:
+        """The channel topic this batch goes to."""
+        return f"push.{self.provider}" if self.lane == "normal" else f"push.{self.provider}.bulk"
+
+    @property
+    def items(self) -> tuple[DispatchItem, ...]:
+        """The items, decoded from the payload."""
+        return tuple(orjson.loads(self.payload)["items"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,14 +115,15 @@ class InMemoryFollowerStore(FollowerStore):
     def __init__(self, shard_count: int) -> None:
         self.shard_count = shard_count
         self.edges: dict[tuple[str, int], dict[str, int]] = {}
+        self.versions: dict[tuple[str, int], int] = {}
         self.page_reads = 0
 
     def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
         """Apply in order."""
         for c in changes:
-            bucket = self.edges.setdefault(
-                (c.author_id, shard_of(c.follower_id, self.shard_count)), {}
-            )
+            key = (c.author_id, shard_of(c.follower_id, self.shard_count))
+            bucket = self.edges.setdefault(key, {})
+            self.versions[key] = self.versions.get(key, 0) + 1
             if c.op == "follow":
                 bucket[c.follower_id] = edge_flags(c.notify_on_post, c.muted)
             else:
@@ -136,6 +137,10 @@ class InMemoryFollowerStore(FollowerStore):
         bucket = self.edges.get((author_id, shard_id), {})
         ids = sorted(f for f in bucket if after is None or f > after)[:limit]
         return [(f, bucket[f]) for f in ids]
+
+    def follower_version(self, author_id: str, shard_id: int) -> int | None:
+        """Bumped by every write to the author's edges in the shard."""
+        return self.versions.get((author_id, shard_id), 0)
 
     def follow_flags(self, author_id: str, follower_id: str) -> int | None:
         """Point lookup."""
@@ -153,6 +158,7 @@ class InMemoryFollowerStore(FollowerStore):
         for author_id, follower_id, flags in edges:
             key = (author_id, shard_of(follower_id, self.shard_count))
             self.edges.setdefault(key, {})[follower_id] = flags
+            self.versions[key] = self.versions.get(key, 0) + 1
             n += 1
         return n
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -10,13 +12,32 @@ from bytewax.operators import StatefulBatchLogic
 
 from operators import metrics
 from operators.events import CaughtUp
+from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.ports import FollowerStore
-from operators.fanout.shard import FanoutTally, FollowerShard, ShardJob
-from schemas.records import DeviceChange, DispatchBatch, FollowChange, PreferenceChange
+from operators.fanout.shard import (
+    ChangelogEvent,
+    FanoutTally,
+    FollowerShard,
+    ShardJob,
+    ShardMarker,
+)
+from schemas.records import (
+    DeviceChange,
+    EncodedDispatchBatch,
+    FollowChange,
+    PreferenceChange,
+)
+
+log = logging.getLogger(__name__)
 
 
-class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, Any]]):
-    """Applies changelogs, queues jobs, and expands within a budget per activation."""
+class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dict[str, Any]]):
+    """Applies changelogs, queues jobs, and expands within a budget per activation.
+
+    Normal jobs expand up to `expand_budget` followers per activation; bulk jobs up to
+    `bulk_budget` followers or `bulk_time_s` of work, so a celebrity's portion in this shard
+    usually goes in one activation while normal posts wait at most that long.
+    """
 
     def __init__(
         self,
@@ -24,29 +45,51 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, 
         store: Callable[[], FollowerStore],
         expand_budget: int,
         clock: Callable[[], datetime],
+        *,
+        bulk_budget: int | None = None,
+        bulk_time_s: float | None = None,
+        checkpoints: Callable[[int], ShardCheckpointer] | None = None,
     ) -> None:
         self.shard = shard
         self._store = store
         self._budget = expand_budget
+        self._bulk_budget = bulk_budget
+        self._bulk_time_s = bulk_time_s
         self._clock = clock
+        self._checkpointer_for = checkpoints
+        self._checkpoints: ShardCheckpointer | None = None
+        self._shard_id: int | None = None
+        self._built_at = time.monotonic()
         # Readiness: counted once in metrics.CHANGELOGS_CAUGHT_UP_SHARDS when every changelog
         # partition has been read to its end (a shard with no changelog is caught up at once).
         self._caught_up = False
         self._note_caught_up()
 
-    def on_batch(self, values: list[Any]) -> tuple[Iterable[DispatchBatch], bool]:
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[EncodedDispatchBatch], bool]:
         """Apply everything that arrived, in order, then do a budget of work."""
         tally = FanoutTally()
         now = self._clock()
         follows: list[FollowChange] = []
         prefs = devices = 0
         markers = False
+        if self._shard_id is None:
+            self._start(values)
         for v in values:
-            if isinstance(v, CaughtUp):
+            if isinstance(v, ShardMarker):
+                self.shard.note_caught_up(v.marker)
+                markers = True
+            elif isinstance(v, CaughtUp):
                 self.shard.note_caught_up(v)
                 markers = True
             elif isinstance(v, ShardJob):
                 self.shard.add_job(v, now.timestamp(), tally)
+            elif isinstance(v, ChangelogEvent):
+                if isinstance(v.change, FollowChange):
+                    follows.append(v.change)
+                elif isinstance(v.change, PreferenceChange):
+                    prefs += self.shard.apply(v)
+                else:
+                    devices += self.shard.apply(v)
             elif isinstance(v, PreferenceChange):
                 self.shard.apply_preference(v)
                 prefs += 1
@@ -60,6 +103,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, 
         if follows:
             # Before any expansion below: the gate promised these are applied.
             self._store().apply_follow_changes(follows)
+            self.shard.follows_changed({f.author_id for f in follows})
             metrics.CHANGES_APPLIED.labels("follow_changes").inc(len(follows))
         if prefs:
             metrics.CHANGES_APPLIED.labels("preference_changes").inc(prefs)
@@ -67,28 +111,67 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, DispatchBatch, dict[str, 
             metrics.CHANGES_APPLIED.labels("device_changes").inc(devices)
         if markers and not self._caught_up:
             self._note_caught_up()
-        return self._work(now, tally), StatefulBatchLogic.RETAIN
+        out = self._work(now, tally)
+        if self._checkpoints is not None and self._checkpoints.maybe_save(
+            self.shard, caught_up=self._caught_up
+        ):
+            metrics.SHARD_CHECKPOINTS_SAVED.inc()
+        return out, StatefulBatchLogic.RETAIN
+
+    def _start(self, values: list[Any]) -> None:
+        """Learn the shard's id from its first items, and load its checkpoint before them."""
+        for v in values:
+            if isinstance(v, ShardJob | ChangelogEvent | ShardMarker):
+                self._shard_id = v.shard_id
+                break
+        if self._shard_id is None or self._checkpointer_for is None:
+            return
+        self._checkpoints = self._checkpointer_for(self._shard_id)
+        started = time.monotonic()
+        if self._checkpoints.load_into(self.shard):
+            metrics.SHARD_CHECKPOINTS_LOADED.inc()
+            log.info(
+                "shard %d: checkpoint of %d users loaded in %.3f s",
+                self._shard_id,
+                self.shard.users.rows,
+                time.monotonic() - started,
+            )
 
     def _note_caught_up(self) -> None:
         if self.shard.changelog_sources <= self.shard.caught_up.keys():
             self._caught_up = True
+            self.shard.users.compact()  # after the load: see UserTable.compact
             metrics.CHANGELOGS_CAUGHT_UP_SHARDS.inc()
+            log.info(
+                "shard %s: changelogs caught up %.2f s after it was built",
+                self._shard_id,
+                time.monotonic() - self._built_at,
+            )
 
-    def on_notify(self) -> tuple[Iterable[DispatchBatch], bool]:
+    def on_notify(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
         """Continue expansion or release deferred notifications."""
         return self._work(self._clock(), FanoutTally()), StatefulBatchLogic.RETAIN
 
-    def on_eof(self) -> tuple[Iterable[DispatchBatch], bool]:
+    def on_eof(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
         """A finite input ended (tests, backfills): finish every job whose gate is open."""
-        out: list[DispatchBatch] = []
+        out: list[EncodedDispatchBatch] = []
         while self.shard.has_runnable_jobs():
             out.extend(self._work(self._clock(), FanoutTally()))
         return out, StatefulBatchLogic.RETAIN
 
-    def _work(self, now: datetime, tally: FanoutTally) -> list[DispatchBatch]:
+    def _work(self, now: datetime, tally: FanoutTally) -> list[EncodedDispatchBatch]:
+        release = self.shard.next_release()
+        if not self.shard.jobs and (release is None or release > now.timestamp()):
+            _record(tally)  # nothing to expand or release (most calls: caught-up markers)
+            return []
         store = self._store()
         out = self.shard.release_due(store, now, tally)
-        out.extend(self.shard.expand(store, now, self._budget, tally))
+        until = None if self._bulk_time_s is None else time.monotonic() + self._bulk_time_s
+        out.extend(
+            self.shard.expand(
+                store, now, self._budget, tally, bulk_budget=self._bulk_budget, bulk_until=until
+            )
+        )
         _record(tally)
         return out
 

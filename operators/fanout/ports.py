@@ -10,7 +10,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
+from operators.fanout.columns import Columns
 from schemas.records import FollowChange
+
+Position = tuple[str | None, int]
+"""How far a changelog partition is applied: (the id of its log, the next offset)."""
 
 
 class PostClaims(ABC):
@@ -43,6 +47,14 @@ class FollowerStore(ABC):
     ) -> list[FollowerRow]:
         """Up to `limit` followers of the author in the shard, ordered by id, after `after`."""
 
+    def follower_version(self, author_id: str, shard_id: int) -> int | None:
+        """A number that changes whenever the author's edges in the shard change.
+
+        The fan-out keeps a celebrity's followers in a shard as a cached column while this
+        stays the same. None (this default) means the store cannot tell: pages are read.
+        """
+        return None
+
     @abstractmethod
     def follow_flags(self, author_id: str, follower_id: str) -> int | None:
         """The edge's flags, or None when the follower does not follow the author."""
@@ -57,3 +69,36 @@ class FollowerStore(ABC):
 
     def close(self) -> None:  # noqa: B027 (optional hook; most stores have nothing to close)
         """Release connections."""
+
+
+class ShardStateStore(ABC):
+    """Port: where follower shards checkpoint their user tables (`operators.fanout.checkpoint`).
+
+    A checkpoint is the table's arrays and the changelog positions it includes: the state after
+    applying every preference and device event before those positions, nothing after.
+    """
+
+    @abstractmethod
+    def load(self, shard_id: int) -> tuple[Columns, dict[str, Position]] | None:
+        """The shard's latest complete checkpoint, or None (start from the changelogs).
+
+        A checkpoint of logs that no longer exist (a topic re-created) is not returned.
+        """
+
+    @abstractmethod
+    def save(self, shard_id: int, columns: Columns, positions: dict[str, Position]) -> None:
+        """Replace the shard's checkpoint; the previous one stays until this one is complete.
+
+        May finish in the background: the arrays are the caller's copy, never changed again.
+        """
+
+    def flush(self) -> None:  # noqa: B027 (optional: stores that write in the background)
+        """Wait until every save asked for so far is durable."""
+
+    def busy(self) -> bool:
+        """Whether an earlier save is still being written (a store writing in the background).
+
+        Shards then wait for their turn: each save holds a copy of a shard's table, and all
+        shards catch up at once after a start.
+        """
+        return False

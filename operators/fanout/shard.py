@@ -1,12 +1,16 @@
-"""One follower shard's fan-out: users' preferences and devices, jobs, deferrals, the gate.
+"""One follower shard's fan-out: its users in columns, jobs, deferrals, the gate.
 
-A shard holds its users' preferences and devices, its expansion jobs, its deferred
-(quiet-hours) notifications, and the changelog gate.
+A shard holds its users' preferences and devices (`operators.fanout.columns.UserTable`), its
+expansion jobs, its deferred (quiet-hours) notifications, the changelog gate, and how far each
+changelog partition has been applied (`positions`, what a checkpoint records).
 
 Everything a shard needs to decide who gets a push is local to it: users are bucketed into
-shards by id (`operators.fanout.sharding`), follow edges are stored by the follower's shard, and the
-preference and device changelogs are routed to the shard of their user. So expanding a page of
-followers is a loop over dict lookups, with no per-candidate hop through the dataflow.
+shards by id (`operators.fanout.sharding`), follow edges are stored by the follower's shard, and
+the preference and device changelogs are routed to the shard of their user. A page of followers
+is decided as one mask (`operators.fanout.decide`), and dispatch batches are joined from the
+devices' pre-encoded JSON fragments (`operators.fanout.batching.encode_batches`). A celebrity's
+followers in the shard are read once into a column of rows (`FollowerColumn`), kept while the
+store says the edges have not changed.
 
 This module is plain Python: the Bytewax adapter (`operators.fanout.logic`) calls it, and the unit
 tests drive it directly with an in-memory follower store.
@@ -14,35 +18,68 @@ tests drive it directly with an in-memory follower store.
 
 from __future__ import annotations
 
+import bisect
 import heapq
-from collections import Counter
-from collections.abc import Iterable
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from operators.events import CaughtUp
-from operators.fanout.batching import dispatch_batches
-from operators.fanout.eligibility import FLAG_NOTIFY_ON_POST, Suppressed, follower_suppression
-from operators.fanout.ports import FollowerStore
-from operators.fanout.quiet_hours import quiet_until
-from schemas.records import DeviceChange, DispatchBatch, DispatchItem, PreferenceChange, Provider
+import numpy as np
 
-# (push_enabled, quiet_hours_start, quiet_hours_end, timezone); None stands for the defaults.
-Prefs = tuple[bool, int | None, int | None, str]
-# A user's record: (prefs or None, device_id, provider, token, device_id, provider, token, ...).
-# One flat tuple per user keeps the state near 300 bytes per user with one device.
-UserRecord = tuple[Any, ...]
+from operators.events import CaughtUp
+from operators.fanout.batching import encode_batches
+from operators.fanout.columns import I32, U8, Columns, UserTable, ZoneHours
+from operators.fanout.decide import PageDecision, decide_few, decide_page
+from operators.fanout.eligibility import Suppressed
+from operators.fanout.ports import FollowerStore, Position
+from schemas.records import (
+    DeviceChange,
+    EncodedDispatchBatch,
+    FollowChange,
+    PreferenceChange,
+    Provider,
+)
+from schemas.topics import DEVICE_CHANGES, PREFERENCE_CHANGES
+
+USER_TOPICS = frozenset((PREFERENCE_CHANGES, DEVICE_CHANGES))
+"""The changelogs a shard's user table is built from (and checkpoints positions in)."""
 
 # Completed jobs are remembered this long so a duplicate job reaching the shard in the same
 # execution is dropped; post-level dedupe (the post claim) covers longer windows.
 RECENT_JOB_TTL_S = 600.0
-_PROVIDER_NAMES = {"apns": "apns", "fcm": "fcm"}
+COLUMN_PAGE = 50_000  # followers per store read when a column is built
+FEW = 48  # pages smaller than this are decided one follower at a time (decide.decide_few)
+MAX_COLUMN_EDGES = 8_000_000  # cached column entries per shard (5 bytes each)
 
 
 def lane_for(follower_count: int, celebrity_threshold: int) -> str:
     """Celebrities (more followers than the threshold) use the bulk lanes."""
     return "bulk" if follower_count > celebrity_threshold else "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class ChangelogEvent:
+    """A decoded changelog event, its user's shard, and where it was read.
+
+    `source` is `topic/partition`, `log` the id of the topic's log (None when not known).
+    """
+
+    change: PreferenceChange | DeviceChange | FollowChange
+    shard_id: int
+    source: str
+    offset: int
+    log: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMarker:
+    """A caught-up marker on its way to one shard (the shard learns its id from its items)."""
+
+    shard_id: int
+    marker: CaughtUp
 
 
 @dataclass(slots=True)
@@ -70,10 +107,10 @@ class FanoutTally:
     jobs_completed: int = 0
     items: Counter[tuple[str, str]] = field(default_factory=Counter)  # (provider, lane)
 
-    def add_items(self, batches: Iterable[DispatchBatch]) -> None:
+    def add_items(self, batches: Iterable[EncodedDispatchBatch]) -> None:
         """Count dispatched items by provider and lane."""
         for b in batches:
-            self.items[(b.provider, b.lane)] += len(b.items)
+            self.items[(b.provider, b.lane)] += b.count
 
 
 @dataclass(slots=True)
@@ -82,6 +119,47 @@ class _PostRef:
     created_at: str
     lane: str
     pending: int = 0
+
+
+@dataclass(slots=True)
+class FollowerColumn:
+    """An author's followers in this shard as rows and edge flags, in follower-id order.
+
+    The store's page order, so a job's cursor (the last follower id done) means the same in a
+    column and in pages. Valid while the store's edge version is `version`.
+    """
+
+    rows: I32
+    flags: U8
+    version: int
+
+    def position_after(self, users: UserTable, cursor: str | None) -> int:
+        """Index of the first follower whose id sorts after `cursor`."""
+        if cursor is None:
+            return 0
+        rows = self.rows
+        return bisect.bisect_right(range(len(rows)), cursor, key=lambda i: users.uid(int(rows[i])))
+
+
+class _Pending:
+    """Devices a job decided in one activation, encoded into batches once at its end."""
+
+    __slots__ = ("apns", "fcm", "job")
+
+    def __init__(self, job: ShardJob) -> None:
+        self.job = job
+        self.apns: list[int] = []
+        self.fcm: list[int] = []
+
+    def add(self, decision: PageDecision) -> None:
+        self.apns.extend(decision.apns)
+        self.fcm.extend(decision.fcm)
+
+    def flush(
+        self, shard: FollowerShard, out: list[EncodedDispatchBatch], tally: FanoutTally
+    ) -> None:
+        j = self.job
+        shard.emit(j.post_id, j.author_id, j.created_at, j.lane, self.apns, self.fcm, out, tally)
 
 
 class FollowerShard:
@@ -95,14 +173,20 @@ class FollowerShard:
         batch_size: int = 500,
         settle_s: float = 0.1,
         celebrity_threshold: int | None = None,
+        few: int = FEW,
     ) -> None:
         self.changelog_sources = frozenset(changelog_sources)
+        self.few = few
         self.page_size = page_size
         self.batch_size = batch_size
         self.settle_s = settle_s
         self.celebrity_threshold = celebrity_threshold
         self._lane_confirmed: set[str] = set()  # post_ids; not snapshotted: confirmed again
-        self.users: dict[str, UserRecord] = {}
+        self.users = UserTable()
+        self.zone_hours = ZoneHours()
+        self.positions: dict[str, Position] = {}
+        self.changes_applied = 0  # changelog events applied since start (checkpoint pacing)
+        self.columns: OrderedDict[str, FollowerColumn] = OrderedDict()
         self.caught_up: dict[str, float] = {}
         # Deferred pushes are released only against a complete user table: after a restore,
         # not before every changelog partition was read to its end again.
@@ -114,51 +198,55 @@ class FollowerShard:
         self.deferred: dict[tuple[float, str], list[str]] = {}
         self.deferred_heap: list[tuple[float, str]] = []
         self.deferred_posts: dict[str, _PostRef] = {}
-        self._prefs_pool: dict[Prefs, Prefs] = {}
 
     # ---- changelogs -------------------------------------------------------------------------
 
+    def apply(self, event: ChangelogEvent) -> bool:
+        """Apply a preference or device event once, in partition order; False if skipped.
+
+        An event below the partition's position was applied already (the changelog is read
+        again from the oldest checkpoint's position after a restart). A new log id (the topic
+        was re-created: its offsets start again) resets the position.
+        """
+        log, next_offset = self.positions.get(event.source, (None, 0))
+        if event.offset < next_offset and (event.log is None or log is None or event.log == log):
+            return False
+        change = event.change
+        if isinstance(change, PreferenceChange):
+            self.users.apply_preference(change)
+        elif isinstance(change, DeviceChange):
+            self.users.apply_device(change)
+        else:
+            raise TypeError(f"not a user changelog event: {type(change).__name__}")
+        self.positions[event.source] = (event.log or log, event.offset + 1)
+        self.changes_applied += 1
+        return True
+
     def apply_preference(self, change: PreferenceChange) -> None:
         """Replace the user's preferences (a preference record is complete, not a patch)."""
-        prefs: Prefs | None = None
-        quiet = change.quiet_hours_start is not None and (
-            change.quiet_hours_start != change.quiet_hours_end
-        )
-        if not change.push_enabled or quiet:
-            key: Prefs = (
-                change.push_enabled,
-                change.quiet_hours_start,
-                change.quiet_hours_end,
-                change.timezone,
-            )
-            prefs = self._prefs_pool.setdefault(key, key)
-        rec = self.users.get(change.user_id)
-        devices = rec[1:] if rec is not None else ()
-        self._store_user(change.user_id, prefs, devices)
+        self.users.apply_preference(change)
 
     def apply_device(self, change: DeviceChange) -> None:
         """Register, refresh or deactivate one device of the user."""
-        rec = self.users.get(change.user_id)
-        prefs = rec[0] if rec is not None else None
-        old = rec[1:] if rec is not None else ()
-        devices: list[Any] = []
-        for i in range(0, len(old), 3):
-            if old[i] != change.device_id:
-                devices.extend(old[i : i + 3])
-        if change.active and change.token:
-            # One shared "apns"/"fcm" object, not a fresh string per user (~50 B each).
-            provider = _PROVIDER_NAMES[change.provider]
-            devices.extend((change.device_id, provider, change.token))
-        self._store_user(change.user_id, prefs, tuple(devices))
+        self.users.apply_device(change)
 
-    def _store_user(self, user_id: str, prefs: Prefs | None, devices: tuple[Any, ...]) -> None:
-        if prefs is None and not devices:
-            self.users.pop(user_id, None)
-        else:
-            self.users[user_id] = (prefs, *devices)
+    def follows_changed(self, authors: Iterable[str]) -> None:
+        """Forget the cached columns of authors whose edges this shard just changed."""
+        for author in authors:
+            self.columns.pop(author, None)
 
     def note_caught_up(self, marker: CaughtUp) -> None:
-        """Record how far a changelog partition has been read."""
+        """Record how far a changelog partition has been read (and so applied, here).
+
+        Every event of the partition before the marker's offset reached this shard before the
+        marker (one reader emits both, in order), so a shard none of whose users' events are in
+        a partition still records a position in it, and a checkpoint covers every partition.
+        """
+        topic = marker.source.rpartition("/")[0]
+        if marker.offset is not None and marker.log is not None and topic in USER_TOPICS:
+            log, next_offset = self.positions.get(marker.source, (None, 0))
+            if log in (None, marker.log) and marker.offset > next_offset:
+                self.positions[marker.source] = (marker.log, marker.offset)
         if marker.as_of > self.caught_up.get(marker.source, float("-inf")):
             self.caught_up[marker.source] = marker.as_of
             self._horizon = None  # recomputed once, not for every job
@@ -207,20 +295,47 @@ class FollowerShard:
         return any(self.gate_open_for(j.read_at) for j in self.jobs.values())
 
     def expand(
-        self, store: FollowerStore, now: datetime, budget: int, tally: FanoutTally
-    ) -> list[DispatchBatch]:
-        """Expand queued jobs, normal lane before bulk, until `budget` followers are read."""
-        out: list[DispatchBatch] = []
-        now_ts = now.timestamp()
-        quiet_cache: dict[Prefs, float] = {}
+        self,
+        store: FollowerStore,
+        now: datetime,
+        budget: int,
+        tally: FanoutTally,
+        *,
+        bulk_budget: int | None = None,
+        bulk_until: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> list[EncodedDispatchBatch]:
+        """Expand queued jobs, normal lane first, then bulk.
+
+        Normal jobs read at most `budget` followers; bulk jobs at most `bulk_budget` (default
+        `budget`), a page at a time from the store or the whole rest at once from a cached
+        column, and stop once `clock()` passes `bulk_until`: a whole shard's portion of a
+        celebrity post in one go when that is quick, normal posts waiting at most one time
+        budget.
+        """
+        out: list[EncodedDispatchBatch] = []
         self._confirm_lanes(store)
-        for lane in ("normal", "bulk"):
-            for job in [j for j in self.jobs.values() if j.lane == lane]:
-                if budget <= 0:
-                    return out
-                if not self.gate_open_for(job.read_at):
-                    continue
-                budget -= self._expand_job(job, store, now, now_ts, budget, quiet_cache, out, tally)
+        left = budget
+        for job in [j for j in self.jobs.values() if j.lane == "normal"]:
+            if left <= 0:
+                return out
+            if self.gate_open_for(job.read_at):
+                acc = _Pending(job)
+                while left > 0 and job.post_id in self.jobs:
+                    left -= self._expand_job(job, store, now, left, acc, tally)
+                acc.flush(self, out, tally)
+        left = budget if bulk_budget is None else bulk_budget
+        for job in [j for j in self.jobs.values() if j.lane == "bulk"]:
+            if left <= 0 or (bulk_until is not None and clock() >= bulk_until):
+                break
+            if not self.gate_open_for(job.read_at):
+                continue
+            acc = _Pending(job)
+            while left > 0 and job.post_id in self.jobs:
+                left -= self._expand_job(job, store, now, left, acc, tally)
+                if bulk_until is not None and clock() >= bulk_until:
+                    break
+            acc.flush(self, out, tally)
         return out
 
     def _confirm_lanes(self, store: FollowerStore) -> None:
@@ -251,112 +366,133 @@ class FollowerShard:
         job: ShardJob,
         store: FollowerStore,
         now: datetime,
-        now_ts: float,
         budget: int,
-        quiet_cache: dict[Prefs, float],
-        out: list[DispatchBatch],
+        acc: _Pending,
         tally: FanoutTally,
     ) -> int:
-        read = 0
-        apns: list[DispatchItem] = []
-        fcm: list[DispatchItem] = []
-        while read < budget:
-            limit = min(self.page_size, budget - read)
-            rows = store.follower_page(job.author_id, job.shard_id, job.cursor, limit)
-            read += len(rows)
-            if rows:
-                self._decide_page(job, rows, now, now_ts, quiet_cache, apns, fcm, tally)
-                job.cursor = rows[-1][0]
-            if len(rows) < limit:  # a short page is the shard's end
-                del self.jobs[job.post_id]
-                self._lane_confirmed.discard(job.post_id)
-                self.recent[job.post_id] = now_ts + RECENT_JOB_TTL_S
-                tally.jobs_completed += 1
+        """One step of a job: a slice of its cached column, or one page from the store."""
+        column = self._column(job, store) if job.lane == "bulk" else None
+        if column is not None:
+            start = column.position_after(self.users, job.cursor)
+            stop = min(len(column.rows), start + max(budget, 1))
+            rows, flags = column.rows[start:stop], column.flags[start:stop]
+            read, done = stop - start, stop >= len(column.rows)
+            column_last = self.users.uid(int(rows[-1])) if read else None
+            if read:
+                decision = self._decide(job.author_id, rows, flags, now, tally)
+        else:
+            limit = max(1, min(self.page_size, budget))
+            page = store.follower_page(job.author_id, job.shard_id, job.cursor, limit)
+            read, done = len(page), len(page) < limit  # a short page is the shard's end
+            if read:
+                decision = self._decide_rows(job.author_id, page, now, tally)
+        if read:
+            tally.candidates += read
+            acc.add(decision)
+            self._defer_decided(
+                job.post_id, job.author_id, job.created_at, job.lane, decision, tally
+            )
+            job.cursor = column_last if column is not None else page[-1][0]
+        if done:
+            del self.jobs[job.post_id]
+            self._lane_confirmed.discard(job.post_id)
+            self.recent[job.post_id] = now.timestamp() + RECENT_JOB_TTL_S
+            tally.jobs_completed += 1
+        return max(read, 1)
+
+    def _column(self, job: ShardJob, store: FollowerStore) -> FollowerColumn | None:
+        """The author's cached followers here, built or rebuilt when the edges changed."""
+        version = store.follower_version(job.author_id, job.shard_id)
+        if version is None:  # the store cannot tell when edges change: read pages
+            return None
+        col = self.columns.get(job.author_id)
+        if col is not None and col.version == version:
+            self.columns.move_to_end(job.author_id)
+            return col
+        ids: list[str] = []
+        flags: list[int] = []
+        after: str | None = None
+        while True:
+            page = store.follower_page(job.author_id, job.shard_id, after, COLUMN_PAGE)
+            ids.extend(f for f, _ in page)
+            flags.extend(fl for _, fl in page)
+            if len(page) < COLUMN_PAGE:
                 break
-        self._emit(job.post_id, job.author_id, job.created_at, job.lane, apns, fcm, out, tally)
-        return read
+            after = page[-1][0]
+        col = FollowerColumn(self.users.rows_of(ids), np.array(flags, np.uint8), version)
+        self.columns[job.author_id] = col
+        total = sum(len(c.rows) for c in self.columns.values())
+        while total > MAX_COLUMN_EDGES and len(self.columns) > 1:
+            _, old = self.columns.popitem(last=False)
+            total -= len(old.rows)
+        return col
 
-    def _decide_page(
-        self,
-        job: ShardJob,
-        rows: list[tuple[str, int]],
-        now: datetime,
-        now_ts: float,
-        quiet_cache: dict[Prefs, float],
-        apns: list[DispatchItem],
-        fcm: list[DispatchItem],
-        tally: FanoutTally,
-    ) -> None:
-        # The hot loop of the whole system: locals only, no calls for the common case.
-        users_get = self.users.get
-        author = job.author_id
-        prefix = job.post_id + ":"
-        suppressed = tally.suppressed
-        no_device = push_disabled = 0
-        deferred: list[tuple[float, str]] = []
-        for fid, flags in rows:
-            if flags != FLAG_NOTIFY_ON_POST or fid == author:
-                reason = follower_suppression(author, fid, flags)
-                if reason is not None:
-                    suppressed[reason] += 1
-                    continue
-            rec = users_get(fid)
-            if rec is None:
-                no_device += 1
-                continue
-            prefs = rec[0]
-            if prefs is not None:
-                if not prefs[0]:
-                    push_disabled += 1
-                    continue
-                release = quiet_cache.get(prefs)
-                if release is None:
-                    until = quiet_until(now, prefs[1], prefs[2], prefs[3])
-                    release = until.timestamp() if until is not None else 0.0
-                    quiet_cache[prefs] = release
-                if release:
-                    deferred.append((release, fid))
-                    continue
-            n = len(rec)
-            if n == 1:
-                no_device += 1
-                continue
-            nid = prefix + fid
-            for i in range(1, n, 3):
-                item: DispatchItem = {
-                    "notification_id": nid,
-                    "user_id": fid,
-                    "device_id": rec[i],
-                    "token": rec[i + 2],
-                }
-                (apns if rec[i + 1] == "apns" else fcm).append(item)
-        tally.candidates += len(rows)
-        if no_device:
-            suppressed[Suppressed.NO_DEVICE] += no_device
-        if push_disabled:
-            suppressed[Suppressed.PUSH_DISABLED] += push_disabled
-        if deferred:
-            tally.deferred += len(deferred)
-            self._defer(job.post_id, job.author_id, job.created_at, job.lane, deferred)
+    def _decide_rows(
+        self, author_id: str, page: list[tuple[str, int]], now: datetime, tally: FanoutTally
+    ) -> PageDecision:
+        """Decide followers given by id (store pages, deferred releases)."""
+        if len(page) >= self.few:
+            rows = self.users.rows_of([f for f, _ in page])
+            flags = np.fromiter((fl for _, fl in page), np.uint8, len(page))
+            return self._decide(author_id, rows, flags, now, tally)
+        users = self.users
+        decision = decide_few(
+            users,
+            [users.ensure_row(f) for f, _ in page],
+            [fl for _, fl in page],
+            users.row_of(author_id),
+            self.zone_hours.hours(users.zones, now),
+            now,
+        )
+        tally.suppressed.update(decision.suppressed)
+        return decision
 
-    def _emit(
+    def _decide(
+        self, author_id: str, rows: I32, flags: U8, now: datetime, tally: FanoutTally
+    ) -> PageDecision:
+        users = self.users
+        hours = self.zone_hours.hours(users.zones, now)
+        decision = decide_page(users, rows, flags, users.row_of(author_id), hours, now)
+        tally.suppressed.update(decision.suppressed)
+        return decision
+
+    def _defer_decided(
         self,
         post_id: str,
         author_id: str,
         created_at: str,
         lane: str,
-        apns: list[DispatchItem],
-        fcm: list[DispatchItem],
-        out: list[DispatchBatch],
+        decision: PageDecision,
         tally: FanoutTally,
     ) -> None:
-        providers: tuple[tuple[Provider, list[DispatchItem]], ...] = (("apns", apns), ("fcm", fcm))
-        for provider, items in providers:
-            if items:
-                batches = list(
-                    dispatch_batches(
-                        post_id, author_id, created_at, provider, lane, items, self.batch_size
-                    )
+        if len(decision.deferred_rows):
+            uid = self.users.uid
+            entries = zip(
+                decision.deferred_until.tolist(),
+                [uid(r) for r in decision.deferred_rows.tolist()],
+                strict=True,
+            )
+            tally.deferred += len(decision.deferred_rows)
+            self._defer(post_id, author_id, created_at, lane, entries)
+
+    def emit(
+        self,
+        post_id: str,
+        author_id: str,
+        created_at: str,
+        lane: str,
+        apns: list[int],
+        fcm: list[int],
+        out: list[EncodedDispatchBatch],
+        tally: FanoutTally,
+    ) -> None:
+        """Dispatch batches for these devices, joined from their fragments."""
+        frags = self.users.fragments
+        providers: tuple[tuple[Provider, list[int]], ...] = (("apns", apns), ("fcm", fcm))
+        for provider, devices in providers:
+            if devices:
+                batches = encode_batches(
+                    post_id, author_id, created_at, provider, lane, frags, devices, self.batch_size
                 )
                 tally.add_items(batches)
                 out.extend(batches)
@@ -369,7 +505,7 @@ class FollowerShard:
         author_id: str,
         created_at: str,
         lane: str,
-        entries: list[tuple[float, str]],
+        entries: Iterable[tuple[float, str]],
     ) -> None:
         ref = self.deferred_posts.get(post_id)
         if ref is None:
@@ -389,9 +525,9 @@ class FollowerShard:
 
     def release_due(
         self, store: FollowerStore, now: datetime, tally: FanoutTally
-    ) -> list[DispatchBatch]:
+    ) -> list[EncodedDispatchBatch]:
         """Release deferred notifications whose window ended, checking everything again."""
-        out: list[DispatchBatch] = []
+        out: list[EncodedDispatchBatch] = []
         now_ts = now.timestamp()
         if not self.releases_allowed():
             return out
@@ -401,22 +537,33 @@ class FollowerShard:
             post_id = key[1]
             ref = self.deferred_posts[post_id]
             ref.pending -= len(user_ids)
-            job = ShardJob(post_id, ref.author_id, ref.created_at, ref.lane, 0.0, -1)
             # The edge may have changed while the notification waited: re-read it.
-            rows = []
+            followers: list[str] = []
+            flags: list[int] = []
             for uid in user_ids:
-                flags = store.follow_flags(ref.author_id, uid)
-                if flags is None:
+                f = store.follow_flags(ref.author_id, uid)
+                if f is None:
                     tally.suppressed[Suppressed.UNFOLLOWED] += 1
                 else:
-                    rows.append((uid, flags))
-            apns: list[DispatchItem] = []
-            fcm: list[DispatchItem] = []
+                    followers.append(uid)
+                    flags.append(f)
             tally.released += len(user_ids)
-            candidates_before = tally.candidates
-            self._decide_page(job, rows, now, now_ts, {}, apns, fcm, tally)
-            tally.candidates = candidates_before  # they were counted when first expanded
-            self._emit(post_id, ref.author_id, ref.created_at, ref.lane, apns, fcm, out, tally)
+            if followers:
+                rows = self.users.rows_of(followers)
+                decision = self._decide(ref.author_id, rows, np.array(flags, np.uint8), now, tally)
+                self._defer_decided(
+                    post_id, ref.author_id, ref.created_at, ref.lane, decision, tally
+                )
+                self.emit(
+                    post_id,
+                    ref.author_id,
+                    ref.created_at,
+                    ref.lane,
+                    decision.apns,
+                    decision.fcm,
+                    out,
+                    tally,
+                )
             if ref.pending <= 0:
                 self.deferred_posts.pop(post_id, None)
         return out
@@ -426,9 +573,9 @@ class FollowerShard:
     def snapshot(self) -> dict[str, Any]:
         """Jobs, deferrals and dedupe memory: everything but the user table and the gate.
 
-        Users' preferences and devices are rebuilt by replaying their changelogs from the
-        beginning on every start (as Kafka Streams restores a store), so a snapshot stays small
-        whatever the number of users; Bytewax pickles it at once, so live containers are fine.
+        Users' preferences and devices are checkpointed apart (`checkpoint_state`), with the
+        changelog positions they include, so a snapshot stays small whatever the number of
+        users; Bytewax pickles it at once, so live containers are fine.
         """
         return {
             "v": 2,
@@ -445,7 +592,7 @@ class FollowerShard:
         }
 
     def restore(self, snap: dict[str, Any], now: float) -> None:
-        """Load a snapshot; users arrive again from the changelogs, the gate closes until then."""
+        """Load a snapshot; users come from a checkpoint and the changelogs, the gate closes."""
         if snap.get("v") != 2:
             raise ValueError(f"unknown follower shard snapshot version {snap.get('v')!r}")
         self.jobs = {j[0]: ShardJob(*j) for j in snap["jobs"]}
@@ -457,6 +604,16 @@ class FollowerShard:
         self.caught_up = {}
         self._horizon = None
         self.ready_after = now
+
+    def checkpoint_state(self) -> tuple[Columns, dict[str, Position]]:
+        """The user table's arrays and the changelog positions they include (a copy)."""
+        return self.users.to_columns(), dict(self.positions)
+
+    def load_checkpoint(self, columns: Columns, positions: dict[str, Position]) -> None:
+        """Start from a checkpoint: the changelogs' tail after `positions` completes it."""
+        self.users = UserTable.from_columns(columns)
+        self.positions = dict(positions)
+        self.columns.clear()
 
 
 def utc_now() -> datetime:

@@ -10,7 +10,7 @@ from operators import metrics
 from operators.events import CaughtUp, MessageOrigin, RawEvent, dead_letter
 from operators.fanout.eligibility import post_suppression
 from operators.fanout.ports import FollowerStore, PostClaims
-from operators.fanout.shard import ShardJob, lane_for
+from operators.fanout.shard import ChangelogEvent, ShardJob, ShardMarker, lane_for
 from operators.fanout.sharding import shard_key, shard_of
 from schemas.codecs import (
     InvalidEvent,
@@ -60,9 +60,9 @@ class ChangelogRouter:
         self._all_keys = [shard_key(s) for s in range(shard_count)]
 
     def route(self, event: object) -> Iterable[tuple[str, Any] | DeadLetter]:
-        """(shard_key, change or marker) items, or one dead letter."""
+        """(shard_key, ChangelogEvent or ShardMarker) items, or one dead letter."""
         if isinstance(event, CaughtUp):
-            return [(k, event) for k in self._all_keys]
+            return [(k, ShardMarker(s, event)) for s, k in enumerate(self._all_keys)]
         assert isinstance(event, RawEvent)
         decoder = _DECODERS.get(event.topic)
         if decoder is None:
@@ -72,7 +72,11 @@ class ChangelogRouter:
         except InvalidEvent as exc:
             return self._dead(event, exc)
         user = change.follower_id if event.topic == FOLLOW_CHANGES else change.user_id
-        return [(shard_key(shard_of(user, self._shard_count)), change)]
+        shard = shard_of(user, self._shard_count)
+        source = f"{event.topic}/{event.partition}"
+        return [
+            (self._all_keys[shard], ChangelogEvent(change, shard, source, event.offset, event.log))
+        ]
 
     @staticmethod
     def _dead(event: RawEvent, error: InvalidEvent | str) -> list[tuple[str, Any] | DeadLetter]:

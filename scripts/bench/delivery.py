@@ -599,12 +599,11 @@ def _r(x: float | None) -> float | None:
 class DeliveryFlow(Flow):
     """`fanfare run delivery --fresh` (1 process, 1 worker) as a subprocess."""
 
-    def start(self) -> None:
+    def start(self, fresh: bool = True) -> None:
         """Start it in its own session (a terminal Ctrl-C reaches only the benchmark)."""
         self.started_at = time.time()
-        self.proc = start_fanfare(
-            ["run", "delivery", "--workers", "1", "--fresh"], self.env, self.logfile
-        )
+        argv = ["run", "delivery", "--workers", "1"] + (["--fresh"] if fresh else [])
+        self.proc = start_fanfare(argv, self.env, self.logfile)
 
 
 def log_problems(path: Path, limit: int = 12) -> dict[str, Any]:

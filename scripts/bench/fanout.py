@@ -73,7 +73,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 
 from flows.runtime.flow_process import is_flow_process
 from flows.runtime.metrics_scrape import Sample, fetch_text, parse
-from flows.runtime.ports import free_port, free_port_run, port_free
+from flows.runtime.ports import free_port, free_port_run
 from operators.adapters.kafka.admin import create_topics
 from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
@@ -87,7 +87,6 @@ from scripts.dev import devstack
 from scripts.harness.spawn import start_fanfare
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CLUSTER_BASE_PORT = 2101  # flows.runtime.runner's fixed cluster ports (127.0.0.1:2101 + i)
 CELEBRITY = "celebrity"
 CELEBRITY_POST = "celebrity-post-1"
 QUIET_TIMEZONES = (
@@ -99,7 +98,7 @@ QUIET_TIMEZONES = (
 )
 TARGET_CANDIDATES_PER_S = 350_000
 TARGET_CELEBRITY_S = 3.0
-TARGET_BYTES_PER_USER = 400
+TARGET_BYTES_PER_USER = 300
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # User status codes (a bytearray per user keeps the expected results small for 1M+ users).
@@ -247,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after-load",
         action="store_true",
         help="stop once the state is loaded and measured (memory experiments)",
+    )
+    p.add_argument(
+        "--broker-port",
+        type=whole_number(1, 65_535),
+        default=None,
+        help="port of the benchmark's own broker (default: a free one)",
+    )
+    p.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="skip the restart phase (stop the flow, start it again from its checkpoints and "
+        "time it until every shard's changelogs are caught up)",
     )
     p.add_argument(
         "--keep-home",
@@ -417,10 +428,10 @@ class Flow:
         self.started_at = 0.0
         self._pids: list[int] = []
 
-    def start(self) -> None:
-        """Start `fanfare run fanout --fresh` in its own session, output to the log file."""
+    def start(self, fresh: bool = True) -> None:
+        """Start `fanfare run fanout [--fresh]` in its own session, output to the log file."""
         argv = ["run", "fanout", "--processes", str(self.processes)]
-        argv += ["--workers", str(self.workers), "--fresh"]
+        argv += ["--workers", str(self.workers)] + (["--fresh"] if fresh else [])
         self.started_at = time.time()
         self.proc = start_fanfare(argv, self.env, self.logfile)
 
@@ -708,8 +719,10 @@ class PostOut:
     batches: int = 0
     first_ts: float = float("inf")  # message timestamps (s)
     last_ts: float = 0.0
-    last_seen: float = 0.0  # when the benchmark consumed its last batch
+    last_seen: float = 0.0  # when the benchmark read its last batch back from the broker
     by_topic: dict[str, int] = field(default_factory=dict)
+    distinct: int = 0  # distinct (notification, device) items (normal posts, parsed exactly)
+    duplicates: int = 0
 
 
 class ChannelReader(threading.Thread):
@@ -725,6 +738,7 @@ class ChannelReader(threading.Thread):
         super().__init__(name="channel-reader", daemon=True)
         self.posts: dict[str, PostOut] = {}
         self.kept: dict[str, list[tuple[str, bytes]]] = {}
+        self._identities: dict[str, set[tuple[str, str]]] = {}
         self.errors: list[str] = []
         self._keep = keep_values_of
         self._stop_evt = threading.Event()
@@ -772,6 +786,14 @@ class ChannelReader(threading.Thread):
                         out.by_topic[topic] = out.by_topic.get(topic, 0) + n
                         if key in self._keep:
                             self.kept.setdefault(key, []).append((topic, value))
+                        else:  # a normal post: its items parsed, each counted once
+                            ids = self._identities.setdefault(key, set())
+                            for item in orjson.loads(value)["items"]:
+                                ident = (item["notification_id"], item["device_id"])
+                                if ident in ids:
+                                    out.duplicates += 1
+                                ids.add(ident)
+                            out.distinct = len(ids)
         finally:
             self._consumer.close()
 
@@ -789,6 +811,8 @@ class ChannelReader(threading.Thread):
                     out.last_ts,
                     out.last_seen,
                     dict(out.by_topic),
+                    out.distinct,
+                    out.duplicates,
                 )
             )
 
@@ -1059,7 +1083,7 @@ def bench_env(
 def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     """Run the whole benchmark, filling `report`; stops everything it started."""
     home = Path(tempfile.mkdtemp(prefix="fanfare-bench-"))
-    broker_port = free_port()
+    broker_port = args.broker_port or free_port()
     metrics_port = free_port_run(args.processes)
     redis_prefix = f"fanfare-bench-{uuid.uuid4().hex[:12]}:"
     env = bench_env(args, home, broker_port, metrics_port, redis_prefix)
@@ -1092,17 +1116,6 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         "platform": platform.platform(),
         "loadavg_at_start": os.getloadavg(),
     }
-    if args.processes > 1:
-        taken = [
-            CLUSTER_BASE_PORT + i
-            for i in range(args.processes)
-            if not port_free(CLUSTER_BASE_PORT + i)
-        ]
-        if taken:
-            raise BenchError(
-                f"cluster port(s) {taken} are taken (flows.runtime.runner uses 2101+i): is "
-                "another multi-process flow running?"
-            )
     broker = Broker(settings)
     flow: Flow | None = None
     profiler = (
@@ -1183,11 +1196,16 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
         # -- state load ---------------------------------------------------------------------------
         log("starting the flow; waiting until every changelog event is applied")
-        flow = Flow(env, args.processes, args.workers, home / "logs" / "flow.log")
+        main_flow = Flow(env, args.processes, args.workers, home / "logs" / "flow.log")
+        flow = main_flow
         flow.start()
         if profiler is not None:
             wait_until(
-                "the flow's processes", lambda: len(flow.pids()) == args.processes, 60, flow, 0.05
+                "the flow's processes",
+                lambda: len(main_flow.pids()) == args.processes,
+                60,
+                flow,
+                0.05,
             )
             profiler.start("load", flow.pids())
 
@@ -1210,7 +1228,9 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             0.2,
         )
         load_profiles = profiler.stop() if profiler is not None else []
-        wait_until("the flow's processes", lambda: len(flow.pids()) == args.processes, 30, flow)
+        wait_until(
+            "the flow's processes", lambda: len(main_flow.pids()) == args.processes, 30, flow
+        )
         mem_after_load = flow_memory(flow)
         snap = metrics.snapshot()
         report["load"] = {
@@ -1272,6 +1292,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         sampler.start()
         threads.append(sampler)
         stream = None
+        steady_rates = {"flow": 0.0, "broker": 0.0}
         steady_profiles: list[Path] = []
         stream_started = time.time()
         if args.post_rate > 0:
@@ -1281,7 +1302,18 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             log(f"normal-post stream at {args.post_rate:g}/s; warming up {args.warmup:g}s")
             if profiler is not None:
                 profiler.start("steady", flow.pids())
-            time.sleep(args.warmup)
+            # The flow's and broker's CPU per second with normal posts only (the second half of
+            # the warm-up): subtracted from a drain's CPU to see what the celebrity post cost.
+            time.sleep(args.warmup / 2)
+            steady0, steady_t0 = _cpu(flow.pids(), broker.pid), time.time()
+            time.sleep(args.warmup / 2)
+            steady1, steady_t1 = _cpu(flow.pids(), broker.pid), time.time()
+            span = steady_t1 - steady_t0
+            steady_rates = {
+                "flow": (sum(steady1["flow"]) - sum(steady0["flow"])) / span,
+                "broker": (steady1["broker"] - steady0["broker"]) / span,
+            }
+            report["steady_cpu_per_s"] = {k: round(v, 3) for k, v in steady_rates.items()}
         if profiler is not None:
             steady_profiles = profiler.stop()
         flow.check_alive()
@@ -1306,6 +1338,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 profiler,
                 stream,
                 kafka,
+                steady_rates,
             )
             drain_profiles.extend(Path(p) for p in res["throughput"]["profiles"])
             results.append(res)
@@ -1319,7 +1352,9 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         published = list(stream.published) if stream is not None else []
         pending_deadline = time.monotonic() + 20
         while time.monotonic() < pending_deadline:
-            if all(reader.get(pid).items >= seed.expected_for_author(j) for pid, j, _ in published):
+            if all(
+                reader.get(pid).distinct >= seed.expected_for_author(j) for pid, j, _ in published
+            ):
                 break
             time.sleep(0.2)
         sampler.stop()
@@ -1363,6 +1398,8 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             str(p): summarize_profile(p)
             for p in [*load_profiles, *idle_profiles, *steady_profiles, *drain_profiles]
         }
+        if not args.no_restart:
+            flow = measure_restart(args, settings, env, home, flow, metrics, seed, report)
         final = metrics.snapshot()
         report["errors"] = {
             "reader": reader.errors[:5],
@@ -1384,6 +1421,93 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             log(f"kept {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def measure_restart(
+    args: argparse.Namespace,
+    settings: Settings,
+    env: dict[str, str],
+    home: Path,
+    flow: Flow,
+    metrics: Metrics,
+    seed: Seed,
+    report: dict[str, Any],
+) -> Flow:
+    """Stop the flow and start it again (not fresh): time it until the changelogs are caught up.
+
+    Before stopping, a tail of changelog events (the preference record of 1% of the users,
+    published again unchanged) is written after the shards' checkpoints, so the restart loads
+    the checkpoints and reads that tail.
+    """
+    folder = settings.shard_state_dir
+    wait_until(
+        "every shard's checkpoint",
+        lambda: len(list(folder.glob("shard-*.ckpt"))) >= settings.shard_count,
+        120,
+        flow,
+    )
+    tail_n = max(1, args.users // 100)
+    rng = random.Random(args.seed + 3)
+    tail_msgs = list(preference_messages(seed, rng))[:tail_n]
+    produce_all(settings.kafka_config(), PREFERENCE_CHANGES, tail_msgs)
+    time.sleep(1.0)
+    log("restart: stopping the flow")
+    flow.stop()
+    ckpt_bytes = sum(p.stat().st_size for p in folder.glob("shard-*.ckpt"))
+    restarted = Flow(env, args.processes, args.workers, home / "logs" / "restart.log")
+    log("restart: starting it again from its recovery directory and checkpoints")
+    restarted.start(fresh=False)
+    try:
+        return _time_restart(args, settings, metrics, restarted, tail_n, ckpt_bytes, report)
+    except BaseException:
+        restarted.stop()  # the caller's cleanup only knows the flow it passed in
+        raise
+
+
+def _time_restart(
+    args: argparse.Namespace,
+    settings: Settings,
+    metrics: Metrics,
+    restarted: Flow,
+    tail_n: int,
+    ckpt_bytes: int,
+    report: dict[str, Any],
+) -> Flow:
+
+    def caught_up() -> bool:
+        try:
+            snap = metrics.snapshot()
+        except (OSError, urllib.error.URLError):
+            return False
+        return Metrics.get(snap, "fanfare_changelogs_caught_up_shards") >= settings.shard_count
+
+    up_at = wait_until("the restarted flow's /metrics", metrics.all_up, 120, restarted, 0.05)
+    ready_at = wait_until("the flow to catch up again", caught_up, args.timeout, restarted, 0.05)
+    snap = metrics.snapshot()
+    wait_until(
+        "the restarted flow's processes",
+        lambda: len(restarted.pids()) == args.processes,
+        30,
+        restarted,
+    )
+    report["restart"] = {
+        "tail_events_published": tail_n,
+        "checkpoint_bytes": ckpt_bytes,
+        "checkpoint_bytes_per_user": round(ckpt_bytes / args.users),
+        "start_to_metrics_s": round(up_at - restarted.started_at, 2),
+        "start_to_caught_up_s": round(ready_at - restarted.started_at, 2),
+        "checkpoints_loaded": Metrics.get(snap, "fanfare_shard_checkpoints_loaded_total"),
+        "changes_applied_after_restart": Metrics.get(snap, "fanfare_changes_applied_total"),
+        "memory_after_restart": flow_memory(restarted),
+    }
+    base = report.get("baseline")
+    if base is not None:
+        time.sleep(2.0)  # the checkpoints the restart wrote at its catch-up are written
+        rss = sum(m.get("VmRSS", 0) for m in flow_memory(restarted))
+        base_rss = sum(m.get("VmRSS", 0) for m in base["memory"])
+        report["restart"]["state_bytes_per_user_rss"] = round((rss - base_rss) / args.users)
+    log(f"restart: caught up {ready_at - restarted.started_at:.1f}s after the start")
+    return restarted
 
 
 def celebrity_post_ids(count: int, partitions: int) -> list[str]:
@@ -1425,6 +1549,7 @@ def measure_celebrity(
     profiler: Profiler | None,
     stream: PostStream | None,
     kafka: dict[str, object],
+    steady_rates: dict[str, float],
 ) -> dict[str, Any]:
     """Publish one celebrity post and measure its drain; the reader must be running."""
     pids = flow.pids()
@@ -1471,7 +1596,11 @@ def measure_celebrity(
     cand = Metrics.get(snap1, "fanfare_candidates_total") - Metrics.get(
         snap0, "fanfare_candidates_total"
     )
-    drain_s = out.last_ts - t_pub if out.items else None
+    # The headline is when the benchmark read the last batch back from the broker: the
+    # producer's timestamp alone would leave out the broker's share of the work.
+    drain_s = out.last_seen - t_pub if out.items else None
+    flow_cpu = sum(b - a for a, b in zip(cpu0["flow"], cpu1["flow"], strict=True))
+    broker_cpu = cpu1["broker"] - cpu0["broker"]
     return {
         "post_id": post_id,
         "label": label,
@@ -1488,7 +1617,7 @@ def measure_celebrity(
         "publish_ack_s": round(t_acked - t_pub, 3),
         "first_batch_s": round(out.first_ts - t_pub, 3) if out.items else None,
         "last_batch_s": round(drain_s, 3) if drain_s is not None else None,
-        "last_batch_consumed_s": round(out.last_seen - t_pub, 3) if out.items else None,
+        "last_batch_produced_s": round(out.last_ts - t_pub, 3) if out.items else None,
         "first_to_last_batch_s": round(out.last_ts - out.first_ts, 3) if out.items else None,
         "candidates_per_s": round(args.users / drain_s) if drain_s else None,
         "candidates_per_s_first_to_last_batch": (
@@ -1501,6 +1630,18 @@ def measure_celebrity(
             "candidates": cand,
             "candidates_per_s": round(cand / window) if window > 0 else None,
             "peak_1s_candidates_per_s": peak_rate(sampler.samples, "candidates", t_pub),
+            "cpu_seconds_per_1m_candidates": {
+                "flow": round(flow_cpu / cand * 1e6, 3) if cand else None,
+                "broker": round(broker_cpu / cand * 1e6, 3) if cand else None,
+            },
+            # The drain's CPU less what the normal-post stream and idling cost per second
+            # before it (steady_cpu_per_s), per follower of the celebrity post.
+            "celebrity_cpu_seconds_per_1m_followers": {
+                "flow": round((flow_cpu - steady_rates["flow"] * window) / args.users * 1e6, 3),
+                "broker": round(
+                    (broker_cpu - steady_rates["broker"] * window) / args.users * 1e6, 3
+                ),
+            },
             "cpu_seconds_in_window": {
                 "flow_processes": [
                     round(b - a, 2) for a, b in zip(cpu0["flow"], cpu1["flow"], strict=True)
@@ -1608,29 +1749,35 @@ def verify_celebrity(seed: Seed, kept: list[tuple[str, bytes]], expected: int) -
 def latency_summary(
     seed: Seed, posts: list[tuple[str, int, float]], reader: ChannelReader, origin: float
 ) -> dict[str, Any]:
-    """Latency publish -> last dispatch batch of normal posts (complete ones only)."""
+    """Latency publish -> last dispatch batch read back, of normal posts (complete ones only).
+
+    Items are counted exactly: each batch parsed, each (notification, device) once; a post is
+    complete when its distinct items are exactly the expected count and none came twice.
+    """
     lat: list[float] = []
     series: list[tuple[str, float, float | None]] = []
-    incomplete = no_items = extra = 0
+    incomplete = no_items = extra = duplicates = 0
     for post_id, j, at in posts:
         want = seed.expected_for_author(j)
         got = reader.get(post_id)
         done = False
+        duplicates += got.duplicates
         if want == 0:
             no_items += 1
-        elif got.items == want:
-            lat.append(got.last_ts - at)
+        elif got.distinct == want and not got.duplicates:
+            lat.append(got.last_seen - at)
             done = True
-        elif got.items > want:
+        elif got.distinct > want or got.duplicates:
             extra += 1
         else:
             incomplete += 1
-        series.append((post_id, round(at - origin, 3), _r(got.last_ts - at) if done else None))
+        series.append((post_id, round(at - origin, 3), _r(got.last_seen - at) if done else None))
     return {
         "posts": len(posts),
         "measured": len(lat),
         "incomplete": incomplete,
         "more_items_than_expected": extra,
+        "duplicate_items": duplicates,
         "nobody_eligible": no_items,
         "p50_s": _r(percentile(lat, 50)),
         "p99_s": _r(percentile(lat, 99)),
@@ -1804,10 +1951,9 @@ def print_report(r: dict[str, Any]) -> None:
             f"{'OK' if v['ok'] else 'FAILED'}"
         )
         print(
-            f"  publish -> first batch {ce['first_batch_s']}s -> last batch "
-            f"{ce['last_batch_s']}s (Kafka timestamps of the flow's producer; the benchmark had "
-            f"consumed it by {ce['last_batch_consumed_s']}s)"
-            + (" TIMED OUT" if ce["timed_out"] else "")
+            f"  publish -> first batch {ce['first_batch_s']}s -> last batch read back from the "
+            f"broker {ce['last_batch_s']}s (the flow's producer stamped it at "
+            f"{ce['last_batch_produced_s']}s)" + (" TIMED OUT" if ce["timed_out"] else "")
         )
         cps = ce["candidates_per_s"]
         cps2 = ce["candidates_per_s_first_to_last_batch"]
@@ -1823,6 +1969,16 @@ def print_report(r: dict[str, Any]) -> None:
                 f"candidates = {t['candidates_per_s']:,}/s (best 1 s: "
                 f"{t['peak_1s_candidates_per_s'] or 0:,}/s, from /metrics every 0.5 s)"
             )
+        per_m = t["cpu_seconds_per_1m_candidates"]
+        print(
+            f"  CPU-seconds per 1M candidates: flow {per_m['flow']}, broker {per_m['broker']} "
+            f"(flow target <= 0.8)"
+        )
+        cel = t["celebrity_cpu_seconds_per_1m_followers"]
+        print(
+            f"  the celebrity post alone (less the steady rate of {r.get('steady_cpu_per_s')} "
+            f"CPU-s/s x the window), per 1M followers: flow {cel['flow']}, broker {cel['broker']}"
+        )
         print(
             f"  CPU-seconds meanwhile: flow {cpu['flow_processes']}, broker {cpu['broker']}, "
             f"benchmark {cpu['benchmark']}, whole machine {cpu['machine_total']} of "
@@ -1840,15 +1996,17 @@ def print_report(r: dict[str, Any]) -> None:
             print(
                 f"  normal posts published meanwhile: {d['posts']} ({d['measured']} complete, "
                 f"{d['incomplete']} incomplete, {d['more_items_than_expected']} with extra "
-                f"items); latency p50 {d['p50_s']}s, p99 {d['p99_s']}s, max {d['max_s']}s"
+                f"items, {d['duplicate_items']} duplicate items); publish -> read back p50 "
+                f"{d['p50_s']}s, p99 {d['p99_s']}s, max {d['max_s']}s"
             )
     if "normal_posts" in r:
         for label, s in r["normal_posts"].items():
             print(
                 f"\nnormal posts, {label.replace('_', ' ')}: {s['posts']} published, "
                 f"{s['measured']} complete, {s['incomplete']} incomplete, "
-                f"{s['more_items_than_expected']} with extra items; publish -> last batch "
-                f"p50 {s['p50_s']}s, p99 {s['p99_s']}s, max {s['max_s']}s"
+                f"{s['more_items_than_expected']} with extra items, {s['duplicate_items']} "
+                f"duplicate items; publish -> last batch read back p50 {s['p50_s']}s, "
+                f"p99 {s['p99_s']}s, max {s['max_s']}s"
             )
     if "memory" in r:
         mm = r["memory"]
@@ -1924,6 +2082,22 @@ def print_report(r: dict[str, Any]) -> None:
             "snapshot: "
             + (_ok(blobs <= TARGET_BYTES_PER_USER) if blobs >= 16 else "n/a (no user table in it)")
         )
+    rs = r.get("restart")
+    if rs:
+        print(
+            f"\nrestart (stop, start again from checkpoints; {rs['tail_events_published']:,} "
+            f"changelog events published after them): /metrics after {rs['start_to_metrics_s']}s, "
+            f"every shard's changelogs caught up after {rs['start_to_caught_up_s']}s; "
+            f"{rs['checkpoints_loaded']:.0f} checkpoints loaded ({_mb(rs['checkpoint_bytes'])}, "
+            f"{rs['checkpoint_bytes_per_user']} B/user), {rs['changes_applied_after_restart']:.0f} "
+            "changes applied after the restart"
+        )
+        if "state_bytes_per_user_rss" in rs:
+            print(
+                "  state per user after the restart = (RSS - 0-user RSS) / N: "
+                f"{rs['state_bytes_per_user_rss']} B (the columns loaded side by side from "
+                "the checkpoints, none of the load's freed memory in between)"
+            )
     print(f"\nredis keys deleted: {r.get('redis_keys_deleted')}")
     if r.get("error"):
         print(f"ERROR: {r['error']}")

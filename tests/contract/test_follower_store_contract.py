@@ -101,3 +101,23 @@ def test_open_by_url(tmp_path: Path) -> None:
     assert isinstance(open_follower_store(f"sqlite:///{tmp_path}/x.db", 2), SQLiteFollowerStore)
     with pytest.raises(ValueError, match="sqlite"):
         open_follower_store("mysql://x", 2)
+
+
+def test_the_edge_version_moves_with_every_write_to_those_edges(store: FollowerStore) -> None:
+    # The fan-out caches a celebrity's followers per shard while this stays the same.
+    fa = "f-in-a-shard"
+    sa = shard_of(fa, store.shard_count)
+    before = store.follower_version("star", sa)
+    assert before is not None
+    store.apply_follow_changes([FollowChange("star", fa, "follow", True, False, datetime.now(UTC))])
+    after_follow = store.follower_version("star", sa)
+    assert after_follow != before
+    other = store.follower_version("someone-else", sa)
+    store.bulk_load([("star", fa, 3)])  # an import changes the flags
+    after_import = store.follower_version("star", sa)
+    assert after_import not in (before, after_follow)
+    assert store.follower_version("someone-else", sa) == other
+    store.apply_follow_changes(
+        [FollowChange("star", fa, "unfollow", True, False, datetime.now(UTC))]
+    )
+    assert store.follower_version("star", sa) not in (before, after_follow, after_import)

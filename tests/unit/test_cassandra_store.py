@@ -122,6 +122,14 @@ def stamp(millis: int) -> datetime:
 # -- the follower store ----------------------------------------------------------------------
 
 FOLLOWER_CQL = {
+    "UPDATE ks.follower_versions SET version = version + 1 WHERE author_id = ? AND shard_id = ?": (
+        CL.LOCAL_QUORUM,
+        None,
+    ),
+    "SELECT version FROM ks.follower_versions WHERE author_id = ? AND shard_id = ?": (
+        CL.LOCAL_QUORUM,
+        None,
+    ),
     "INSERT INTO ks.store_meta (key, value) VALUES ('shard_count', ?) IF NOT EXISTS": (
         CL.LOCAL_QUORUM,
         CL.LOCAL_SERIAL,
@@ -174,6 +182,7 @@ def test_follower_store_prepares_each_statement_once_at_its_level() -> None:
     store.follower_page("a", 0, None, 10)
     store.follow_flags("a", "u1")
     store.follower_count("a")
+    store.follower_version("a", 0)
     store.bulk_load([("a", "u2", 1)])
     assert len(session.prepared) == len(FOLLOWER_CQL)  # nothing prepared per call
 
@@ -284,7 +293,13 @@ def test_bulk_load_writes_in_bounded_chunks_and_counts_once_per_author(
     assert inserts[-1][2:] == ("u0", True, True)  # the later copy of (a, u0) is written last
     # Once per author, at the end; (a, u0) came in two chunks and counts twice: an estimate.
     assert session.executed("UPDATE ks.author_stats") == [(8, "a"), (1, "b")]
-    assert session.runs == [(3, 64), (3, 64), (3, 64), (2, 64)]  # three chunks, then the counters
+    # Each chunk's edges, then a version bump per (author, shard) it touched.
+    bumps = session.executed("UPDATE ks.follower_versions")
+    assert set(bumps) == {(a, cf.shard_of(f, 4)) for a, f, _flags in edges}
+    # Three chunks of edges, each followed by its (author, shard) bumps, then the counters.
+    assert [n for n, _ in session.runs[0:6:2]] == [3, 3, 3]
+    assert sum(n for n, _ in session.runs[1:6:2]) == len(bumps)
+    assert session.runs[6:] == [(2, 64)]
 
 
 def test_close_shuts_down_only_a_cluster_the_store_opened() -> None:
@@ -918,7 +933,7 @@ def test_split_cql_handles_comments_strings_and_semicolons() -> None:
 
 def test_the_initial_schema_file_has_every_table_with_ttls_on_the_hot_ones() -> None:
     files = cs.migration_files()
-    assert [(m.version, m.name) for m in files] == [(1, "initial")]
+    assert [(m.version, m.name) for m in files] == [(1, "initial"), (2, "follower_versions")]
     text = files[0].path.read_text().replace("{keyspace}", "ks").replace("{ttl_s}", "604800")
     statements = cs.split_cql(text)
     tables = [
@@ -1067,7 +1082,8 @@ def test_store_migrate_on_cassandra_applies_the_schema_and_records_the_shard_cou
     assert len(connected) == 1  # one keyspace: one connection, one migration
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        "follower store and notification store on Cassandra 127.0.0.1:9042/ks: applied 001_initial",
+        "follower store and notification store on Cassandra 127.0.0.1:9042/ks: applied "
+        "001_initial, 002_follower_versions",
         "follower store: shard count 8 recorded",
     ]
     assert session.calls[0][0] == (
@@ -1077,7 +1093,7 @@ def test_store_migrate_on_cassandra_applies_the_schema_and_records_the_shard_cou
     session.on("store_meta", [{"[applied]": False, "value": "8"}])
     assert store_cli.command(migrate_args(), settings) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "follower store and notification store on Cassandra 127.0.0.1:9042/ks: up to date (schema version 1)",
+        "follower store and notification store on Cassandra 127.0.0.1:9042/ks: up to date (schema version 2)",
         "follower store: shard count 8 matches the keyspace",
     ]
 

@@ -125,7 +125,7 @@ def test_deactivated_and_refreshed_devices() -> None:
     shard.add_job(job(), 0, FanoutTally())
     assert expand_all(shard, store) == {("push.apns", "p1:u", "u", "d2")}
     shard.apply_device(device("u", "d2", active=False))
-    assert "u" not in shard.users  # nothing left to remember
+    assert shard.users.record("u") == ((True, None, None, ""), [])  # nothing left to remember
 
 
 def test_gate_waits_for_every_changelog_partition_to_catch_up() -> None:
@@ -276,7 +276,7 @@ def test_start_equal_end_means_no_quiet_hours_and_no_state() -> None:
     store.apply_follow_changes([follow("a", "u")])
     shard.apply_device(device("u", "d"))
     shard.apply_preference(prefs("u", start=12, end=12))
-    assert shard.users["u"][0] is None  # stored as the default
+    assert shard.users.record("u")[0] == (True, None, None, "")  # stored as the default
     shard.add_job(job(), 0, FanoutTally())
     assert len(expand_all(shard, store)) == 1
 

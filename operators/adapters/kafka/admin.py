@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # the stubs only export it from here
 
 from operators.config import ConfigError, Settings
-from schemas.topics import ALL_TOPICS
+from schemas.topics import ALL_TOPICS, DEVICE_CHANGES, PREFERENCE_CHANGES
 
 _log = logging.getLogger(__name__)
 
@@ -124,7 +124,12 @@ def create_topics(settings: Settings, partitions: int | None = None) -> dict[str
     missing = [topic for topic in ALL_TOPICS if topic not in existing]
     if missing:
         futures = admin.create_topics(
-            [NewTopic(t, wanted[t], settings.replication_factor) for t in missing],
+            [
+                NewTopic(
+                    t, wanted[t], settings.replication_factor, config=topic_config(t, settings)
+                )
+                for t in missing
+            ],
             request_timeout=REQUEST_TIMEOUT_S,
         )
         for topic, future in futures.items():
@@ -137,6 +142,20 @@ def create_topics(settings: Settings, partitions: int | None = None) -> dict[str
                 if topic in counts:
                     result[topic] = _describe_existing(counts[topic], wanted[topic])
     return {topic: result[topic] for topic in ALL_TOPICS}
+
+
+def topic_config(topic: str, settings: Settings) -> dict[str, str]:
+    """Topic settings fanfare relies on: the retention of the checkpointed changelogs.
+
+    The follower shards checkpoint their users with the changelog positions they include and
+    read only the tail after them on start (README, "Restarts and changelog retention"), so
+    `preference_changes` and `device_changes` need the tail since the oldest checkpoint, not
+    their whole history. Other topics keep the broker's defaults.
+    """
+    if topic not in (PREFERENCE_CHANGES, DEVICE_CHANGES):
+        return {}
+    hours = settings.changelog_retention_hours
+    return {"retention.ms": str(hours * 3_600_000 if hours else -1)}
 
 
 def _describe_existing(have: int, asked: int) -> str:

@@ -19,10 +19,17 @@ from operators.adapters.kafka.writer import (
     WriterStartMarks,
 )
 from schemas.codecs import encode_dispatch_batch
-from schemas.records import DispatchBatch
+from schemas.records import DispatchBatch, EncodedDispatchBatch
+
+Batch = DispatchBatch | EncodedDispatchBatch
+"""What the fan-out emits (already encoded) or a batch rebuilt without replayed items."""
 
 
-class _ChannelPartitionWriter(IdempotentPartitionWriter[DispatchBatch]):
+def _count(batch: Batch) -> int:
+    return batch.count if isinstance(batch, EncodedDispatchBatch) else len(batch.items)
+
+
+class _ChannelPartitionWriter(IdempotentPartitionWriter[Batch]):
     """Dispatch batches to one channel-topic partition; identity: (notification_id, device_id)."""
 
     def __init__(
@@ -32,7 +39,7 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[DispatchBatch]):
         partition: int,
         resume: ChannelSinkState | None,
         replay_window_epochs: int,
-        on_written: Callable[[DispatchBatch, int], None],
+        on_written: Callable[[Batch, int], None],
         marks: WriterStartMarks | None = None,
     ) -> None:
         self._on_written = on_written
@@ -41,15 +48,14 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[DispatchBatch]):
     def _identities(self, raw: bytes) -> Iterable[Hashable]:
         return [(i["notification_id"], i["device_id"]) for i in orjson.loads(raw).get("items", ())]
 
-    def _unseen(self, batch: DispatchBatch) -> tuple[DispatchBatch | None, int]:
+    def _unseen(self, batch: Batch) -> tuple[Batch | None, int]:
         if batch.topic != self._topic:
             raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
-        kept = tuple(
-            i for i in batch.items if (i["notification_id"], i["device_id"]) not in self._seen
-        )
-        for i in batch.items:
+        items = batch.items  # decoded from an encoded batch: only while a replay is deduped
+        kept = tuple(i for i in items if (i["notification_id"], i["device_id"]) not in self._seen)
+        for i in items:
             self._seen.discard((i["notification_id"], i["device_id"]))
-        dropped = len(batch.items) - len(kept)
+        dropped = len(items) - len(kept)
         if not kept:
             return None, dropped
         if dropped:
@@ -58,20 +64,20 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[DispatchBatch]):
             )
         return batch, dropped
 
-    def _encode(self, batch: DispatchBatch) -> tuple[bytes, bytes]:
+    def _encode(self, batch: Batch) -> tuple[bytes, bytes]:
         if batch.topic != self._topic:
             raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
+        if isinstance(batch, EncodedDispatchBatch):
+            return batch.post_id.encode(), batch.payload
         return batch.post_id.encode(), encode_dispatch_batch(batch)
 
-    def _written(self, batch: DispatchBatch, dropped: int) -> None:
+    def _written(self, batch: Batch, dropped: int) -> None:
         if not dropped:
-            metrics.observe_dispatched(
-                batch.provider, batch.lane, batch.created_at, len(batch.items)
-            )
+            metrics.observe_dispatched(batch.provider, batch.lane, batch.created_at, _count(batch))
         self._on_written(batch, dropped)
 
 
-class ChannelTopicsSink(PartitionedTopicsSink[DispatchBatch]):
+class ChannelTopicsSink(PartitionedTopicsSink[Batch]):
     """Dispatch batches to `push.*` topics, routed by post_id."""
 
     def __init__(
@@ -80,7 +86,7 @@ class ChannelTopicsSink(PartitionedTopicsSink[DispatchBatch]):
         topics: Sequence[str],
         *,
         replay_window_epochs: int = 12,
-        on_written: Callable[[DispatchBatch, int], None] = lambda b, dropped: None,
+        on_written: Callable[[Batch, int], None] = lambda b, dropped: None,
         marks: Callable[[], WriterStartMarks] | None = None,
     ) -> None:
         super().__init__(config, topics)
@@ -88,7 +94,7 @@ class ChannelTopicsSink(PartitionedTopicsSink[DispatchBatch]):
         self._replay_window = replay_window_epochs
         self._on_written = on_written
 
-    def _topic_and_id(self, value: DispatchBatch) -> tuple[str, str]:
+    def _topic_and_id(self, value: Batch) -> tuple[str, str]:
         return value.topic, value.post_id
 
     def build_part(

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import cast
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import (
@@ -30,6 +31,17 @@ from operators.events import CaughtUp, RawEvent
 
 log = logging.getLogger(__name__)
 
+
+IDLE_POLL_S = 0.01
+"""Seconds between two polls of a partition that had nothing (see `next_awake`)."""
+_IDLE_POLL = timedelta(seconds=IDLE_POLL_S)
+
+FETCH_WAIT_MS = 50
+"""How long the broker may hold a fetch of a partition at its end. Every partition has its
+own consumer, so an idle flow's fetch rate is partitions / this: at 20 ms, two dozen idle
+partitions cost the flow a fifth of a core (and the broker as much); a caught-up marker
+comes at most this much later than the probe that asked for it, and a probe must wait longer
+than this (a seek restarts the fetch: probing faster, the end is never reported)."""
 
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
@@ -135,7 +147,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 "group.id": f"fanfare-reader-{topic}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
-                "fetch.wait.max.ms": 20,
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
                 "auto.offset.reset": "earliest",
                 # One consumer per partition: librdkafka's default prefetch (64 MB each) would
                 # dominate the worker's memory; 8 MB still keeps a partition's pipe full.
@@ -148,7 +160,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         self._position = start
         self._batch_size = batch_size
         self._report = report_caught_up
-        self._probe_interval = probe_interval_s
+        self._probe_interval = max(probe_interval_s, 2 * FETCH_WAIT_MS / 1000)
         self._clock = clock
         self._source = f"{topic}/{partition}"
         self._probe_at = clock()
@@ -159,6 +171,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         self._behind_since: float | None = None
         self._beyond_check_at = 0.0
         self.rewinds = 0  # times the reader went back to the beginning of a new log
+        self._idle = False
         self._topic_ids = topic_ids
         # The id of the log `_position` points into: from the snapshot, else the first seen.
         # A snapshot's id that differs from the topic's now means the log it counted in is
@@ -198,10 +211,16 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 log.warning("transient error reading %s: %s", self._source, err.str())
                 continue
             offset = cast(int, m.offset())
-            replayed = self._horizon.replayed(offset)
             out.append(
                 RawEvent(
-                    self._topic, self._partition, offset, m.key(), m.value(), now, replayed=replayed
+                    self._topic,
+                    self._partition,
+                    offset,
+                    m.key(),
+                    m.value(),
+                    now,
+                    replayed=self._horizon.replayed(offset),
+                    log=self._topic_id,
                 )
             )
             self._position = offset + 1
@@ -211,7 +230,8 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             self._check_beyond_end(now)
         if self._report and not out:
             if at_end:
-                out.append(CaughtUp(self._source, self._probe_at))
+                end = self._position if self._position >= 0 else None
+                out.append(CaughtUp(self._source, self._probe_at, end, self._topic_id))
                 self._last_eof_at = now
             elif now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
@@ -220,6 +240,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
         if now >= self._lag_at:
             self._sample_lag(now, at_end)
+        self._idle = not out and not msgs
         return out
 
     def _topic_recreated(self) -> bool:
@@ -304,8 +325,14 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         if high >= 0:
             self._lag.set(max(0, high - (self._position if self._position >= 0 else low)))
 
-    def next_awake(self) -> None:
-        """Poll again at once (Bytewax waits 1 ms after an empty batch)."""
+    def next_awake(self) -> datetime | None:
+        """Poll again at once after messages; an idle partition only every `IDLE_POLL_S`.
+
+        Bytewax polls a source again 1 ms after an empty batch: with a few dozen idle
+        partitions that alone kept a good part of a core busy, which a busy fan-out needs.
+        """
+        if self._idle:
+            return datetime.now(UTC) + _IDLE_POLL
         return None
 
     def offset(self) -> int:
@@ -332,8 +359,12 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     """Every partition of some topics; items are RawEvent (and CaughtUp when reporting).
 
     `replay_topics` are read from their beginning on every start, whatever the snapshot says:
-    the state built from them is restored by replaying the changelog, not from snapshots. What
-    lies below the snapshot's offset is marked `replayed` (see `ReplayHorizon`).
+    the state built from them is restored by replaying the changelog, not from snapshots.
+    `start_at(topic, partition)`, when given, says where to start a partition instead of the
+    snapshot: `(offset, topic id it counts in)`, e.g. the oldest position the follower shards'
+    checkpoints hold (`operators.adapters.stores.shard_state.FileShardStateStore.floor`).
+    Either way, what lies below the snapshot's offset was read by an earlier execution and is
+    marked `replayed` (see `ReplayHorizon`): applied again, never dead-lettered again.
     """
 
     def __init__(
@@ -343,8 +374,9 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         *,
         batch_size: int = 5_000,
         report_caught_up: bool = False,
-        probe_interval_s: float = 0.05,
+        probe_interval_s: float = 0.1,
         replay_topics: Sequence[str] = (),
+        start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
     ) -> None:
         self._config = config
         self._topics = list(topics)
@@ -352,6 +384,7 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         self._report = report_caught_up
         self._probe_interval = probe_interval_s
         self._replay_topics = frozenset(replay_topics)
+        self._start_at = start_at
 
     def list_parts(self) -> list[str]:
         """All partitions (every worker can read every partition)."""
@@ -367,6 +400,14 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         if topic in self._replay_topics:
             replayed_below = max(start, 0)
             start = OFFSET_BEGINNING  # state rebuilt from the changelog, not from snapshots
+        chosen = self._start_at(topic, partition) if self._start_at is not None else None
+        if chosen is not None:
+            # Started below the snapshot's position: what lies between was read before. The
+            # horizon counts in the snapshot's log, which the reader confirms before trusting.
+            if chosen[1] in (None, topic_id):
+                replayed_below = max(replayed_below, start, 0)
+            start, topic_id = chosen
+            log.info("%s: starting at offset %d (shard checkpoints)", for_part, start)
         return TopicPartitionReader(
             self._config,
             topic,

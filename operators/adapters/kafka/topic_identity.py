@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from confluent_kafka import KafkaException, TopicCollection
@@ -128,3 +129,26 @@ def shared_topic_ids(config: Mapping[str, object]) -> TopicIds:
         if ids is None:
             ids = _SHARED[key] = TopicIds(admin_describe(config))
         return ids
+
+
+def topic_id_of(
+    config: Mapping[str, object], attempts: int = 10, wait_s: float = 1.0
+) -> Callable[[str], str | None]:
+    """A topic's id asked now, trying a few times (None when the broker never says).
+
+    For decisions taken once at start (is a checkpoint's log still the topic's log?), where
+    "no news" must not be read as "the same".
+    """
+    describe = admin_describe(config)
+
+    def topic_id(topic: str) -> str | None:
+        for attempt in range(attempts):
+            found = describe([topic]).get(topic)
+            if found is not None:
+                return found
+            if attempt + 1 < attempts:
+                time.sleep(wait_s)
+        log.warning("the broker did not give %s's topic id: its checkpoints are not used", topic)
+        return None
+
+    return topic_id

@@ -87,6 +87,14 @@ class CassandraFollowerStore(FollowerStore):
             f"UPDATE {ks}.author_stats SET followers = followers + ? WHERE author_id = ?", q
         )
         self._count_get = prep(f"SELECT followers FROM {ks}.author_stats WHERE author_id = ?", ONE)
+        self._version_add = prep(
+            f"UPDATE {ks}.follower_versions SET version = version + 1 "
+            "WHERE author_id = ? AND shard_id = ?",
+            q,
+        )
+        self._version_get = prep(
+            f"SELECT version FROM {ks}.follower_versions WHERE author_id = ? AND shard_id = ?", q
+        )
         self._check_shard_count()
 
     @classmethod
@@ -177,6 +185,9 @@ class CassandraFollowerStore(FollowerStore):
                 )
         self._run.mixed(writes)
         self._run.each(self._count_add, [(n, a) for a, n in delta.items() if n])
+        # After the edges: a reader that sees the new version sees the new edges.
+        touched = dict.fromkeys((p[0], p[1]) for _, p in writes)
+        self._run.each(self._version_add, list(touched))
 
     def follower_page(
         self, author_id: str, shard_id: int, after: str | None, limit: int
@@ -184,6 +195,11 @@ class CassandraFollowerStore(FollowerStore):
         """`follower_id > after` in clustering order, `limit` rows."""
         rows = self._run.one(self._page, (author_id, shard_id, after or "", limit))
         return [(r["follower_id"], _flags(r)) for r in rows]
+
+    def follower_version(self, author_id: str, shard_id: int) -> int | None:
+        """The (author, shard) counter, bumped after every write to those edges."""
+        rows = self._run.one(self._version_get, (author_id, shard_id))
+        return int(rows[0]["version"] or 0) if rows else 0
 
     def follow_flags(self, author_id: str, follower_id: str) -> int | None:
         """Point read of one edge."""
@@ -229,6 +245,7 @@ class CassandraFollowerStore(FollowerStore):
             )
             counts[author_id] += 1
         self._run.each(self._edge_put, params)
+        self._run.each(self._version_add, list(dict.fromkeys((p[0], p[1]) for p in params)))
         chunk.clear()
 
     def close(self) -> None:

@@ -28,11 +28,20 @@ CREATE TABLE IF NOT EXISTS author_stats (
     author_id TEXT PRIMARY KEY,
     followers INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS follower_versions (
+    author_id TEXT NOT NULL,
+    shard_id INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (author_id, shard_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
 _EDGE_EXISTS = "SELECT 1 FROM followers WHERE author_id=? AND shard_id=? AND follower_id=?"
+_BUMP_VERSION = (
+    "INSERT INTO follower_versions VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET version = version + 1"
+)
 
 
 class SQLiteFollowerStore(FollowerStore):
@@ -91,6 +100,7 @@ class SQLiteFollowerStore(FollowerStore):
                         key,
                     )
                     delta = -1 if existed else 0
+                conn.execute(_BUMP_VERSION, key[:2])
                 if delta:
                     conn.execute(
                         "INSERT INTO author_stats VALUES (?, ?) ON CONFLICT DO UPDATE "
@@ -116,6 +126,18 @@ class SQLiteFollowerStore(FollowerStore):
             .fetchall()
         )
         return rows
+
+    def follower_version(self, author_id: str, shard_id: int) -> int | None:
+        """Bumped by every write to the author's edges in the shard (changes and imports)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT version FROM follower_versions WHERE author_id=? AND shard_id=?",
+                (author_id, shard_id),
+            )
+            .fetchone()
+        )
+        return 0 if row is None else int(row[0])
 
     def follow_flags(self, author_id: str, follower_id: str) -> int | None:
         """Point lookup of one edge."""
@@ -171,6 +193,7 @@ class SQLiteFollowerStore(FollowerStore):
             "INSERT INTO followers VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET flags=excluded.flags",
             chunk,
         )
+        conn.executemany(_BUMP_VERSION, list(dict.fromkeys((a, s) for a, s, _, _ in chunk)))
         n = len(chunk)
         chunk.clear()
         return n

@@ -1,0 +1,527 @@
+"""One shard's users in columns: preferences and devices as arrays, not an object per user.
+
+A row per user (append-only: a row is never reused, so a cached follower column of rows stays
+valid), found from the user id through a sorted hash index. Per row: push flag, quiet hours
+start and end (-1: none), a time-zone index (resolved against `ZoneHours`' table of local
+hours now) and the head of the user's device list. Per device: its owner, the next device of
+the same owner, the provider, and the device's pre-encoded JSON fragment (bytes): everything a
+dispatch item holds but the post, so a dispatch batch is a join of fragments
+(`operators.fanout.batching.encode_batches`).
+
+The tokens are kept as the text the device registered (inside the fragment) rather than as raw
+bytes: the fragment is what the hot path needs, and APNs documents device tokens as variable
+length, so every token `device_changes` admits fits.
+
+Changelog events update the columns in place; `to_columns` / `from_columns` give the arrays a
+checkpoint writes and reads (`operators.fanout.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from operators.fanout.quiet_hours import quiet_until, zone
+from schemas.records import DeviceChange, PreferenceChange, Provider
+
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+U8 = npt.NDArray[np.uint8]
+Columns = dict[str, npt.NDArray[np.generic]]
+
+PROVIDERS: tuple[Provider, Provider] = ("apns", "fcm")
+_PROVIDER_CODE = {"apns": 0, "fcm": 1}
+NO_HOUR = -1
+_USER_KEYS = b'","user_id":"'
+_DEVICE_KEYS = b'","device_id":"'
+_TOKEN_KEYS = b'","token":"'
+_FILLS = {"push": 1, "q_start": NO_HOUR, "q_end": NO_HOUR, "tz": 0, "dev_head": -1, "dev_next": -1}
+_MERGE_MIN = 4_096  # index entries added before they are merged into the sorted arrays
+
+
+def json_text(value: str) -> bytes:
+    """A string's JSON form without its quotes, exactly as orjson writes it inside a document."""
+    return orjson.dumps(value)[1:-1]
+
+
+def device_fragment(user_id: str, device_id: str, token: str) -> bytes:
+    """A dispatch item after `{"notification_id":"<post_id>:` (see batching.encode_batches)."""
+    uid = json_text(user_id)
+    return (
+        b"".join(
+            (
+                uid,
+                _USER_KEYS,
+                uid,
+                _DEVICE_KEYS,
+                json_text(device_id),
+                _TOKEN_KEYS,
+                json_text(token),
+            )
+        )
+        + b'"}'
+    )
+
+
+def _fragment_prefix(user_id: str, device_id: str) -> bytes:
+    uid = json_text(user_id)
+    return b"".join((uid, _USER_KEYS, uid, _DEVICE_KEYS, json_text(device_id), _TOKEN_KEYS))
+
+
+class _Growable:
+    """A 1-d numpy array with spare capacity (amortised O(1) appends), spare slots `fill`."""
+
+    __slots__ = ("a", "fill", "n")
+
+    def __init__(
+        self,
+        dtype: type[np.generic],
+        data: npt.NDArray[np.generic] | None = None,
+        fill: int = 0,
+    ):
+        self.fill = fill
+        # A copy: a checkpoint's arrays are views into the file it was read from.
+        self.a: npt.NDArray[np.generic] = (
+            np.full(16, fill, dtype) if data is None else np.array(data, dtype, copy=True)
+        )
+        self.n = 0 if data is None else len(data)
+
+    def append(self, value: int) -> None:
+        if self.n == len(self.a):
+            self._grow(self.n + 1)
+        self.a[self.n] = value
+        self.n += 1
+
+    def add_default(self) -> None:
+        """Append one `fill` value (the spare slots already hold it)."""
+        if self.n == len(self.a):
+            self._grow(self.n + 1)
+        self.n += 1
+
+    def _grow(self, need: int) -> None:
+        bigger = np.full(max(need, len(self.a) + len(self.a) // 2, 16), self.fill, self.a.dtype)
+        bigger[: self.n] = self.a[: self.n]
+        self.a = bigger
+
+    def view(self) -> npt.NDArray[np.generic]:
+        return self.a[: self.n]
+
+    def trim(self) -> None:
+        self.a = self.a[: self.n].copy()
+
+
+class UserTable:
+    """The users of one follower shard, their preferences and devices, in columns."""
+
+    def __init__(self) -> None:
+        # users
+        # Row r's id is uid_arena[start[r]:start[r + 1]] (a shard's ids stay far below 4 GB).
+        self._uid_start = _Growable(np.uint32, np.zeros(1, np.uint32))
+        self._uid_arena = bytearray()
+        self._push = _Growable(np.uint8, fill=1)
+        self._q_start = _Growable(np.int8, fill=NO_HOUR)
+        self._q_end = _Growable(np.int8, fill=NO_HOUR)
+        self._tz = _Growable(np.uint16)
+        self._dev_head = _Growable(np.int32, fill=-1)
+        # devices
+        self._dev_owner = _Growable(np.int32)
+        self._dev_next = _Growable(np.int32, fill=-1)
+        self._dev_provider = _Growable(np.uint8)
+        self.fragments: list[bytes] = []
+        self._free_devices: list[int] = []
+        # index: sorted (hash, row) plus recent additions not merged yet
+        self._keys: npt.NDArray[np.int64] = np.zeros(0, np.int64)
+        self._key_rows: I32 = np.zeros(0, np.int32)
+        self._recent: dict[int, list[int]] = {}
+        # time zones
+        self.zones: list[str] = ["UTC"]
+        self._zone_index: dict[str, int] = {"UTC": 0}
+
+    # ---- rows ---------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """How many user rows exist."""
+        return self._push.n
+
+    def uid(self, row: int) -> str:
+        """The user id of a row."""
+        s = self._uid_start.a
+        return self._uid_arena[int(s[row]) : int(s[row + 1])].decode()
+
+    def row_of(self, user_id: str) -> int:
+        """The user's row, or -1 when the shard has never seen the user."""
+        h = hash(user_id)
+        recent = self._recent.get(h)
+        if recent is not None:
+            for row in recent:
+                if self.uid(row) == user_id:
+                    return row
+        keys = self._keys
+        i = int(keys.searchsorted(h))
+        n = len(keys)
+        if i < n and keys.item(i) == h:
+            start, arena, key_rows = self._uid_start.a, self._uid_arena, self._key_rows
+            encoded = user_id.encode()
+            while i < n and keys.item(i) == h:
+                row = key_rows.item(i)
+                if arena[start.item(row) : start.item(row + 1)] == encoded:
+                    return int(row)
+                i += 1
+        return -1
+
+    def ensure_row(self, user_id: str) -> int:
+        """The user's row, created (defaults, no device) when new."""
+        row = self.row_of(user_id)
+        return row if row >= 0 else self._add_row(user_id)
+
+    def rows_of(self, user_ids: Sequence[str]) -> I32:
+        """Rows of many users at once (created when new), in the same order."""
+        out = np.empty(len(user_ids), np.int32)
+        if not len(user_ids):
+            return out
+        hashes = np.fromiter(map(hash, user_ids), np.int64, len(user_ids))
+        keys = self._keys
+        pos = np.searchsorted(keys, hashes)
+        pos_c = np.minimum(pos, max(len(keys) - 1, 0))
+        hit = (keys[pos_c] == hashes) if len(keys) else np.zeros(len(user_ids), np.bool_)
+        cand = self._key_rows[pos_c] if len(keys) else np.zeros(len(user_ids), np.int32)
+        start = self._uid_start.a
+        arena = self._uid_arena
+        hit_l = hit.tolist()
+        cand_l = cand.tolist()
+        for i, user_id in enumerate(user_ids):
+            if hit_l[i]:
+                row = cand_l[i]
+                if arena[int(start[row]) : int(start[row + 1])] == user_id.encode():
+                    out[i] = row
+                    continue
+            out[i] = self.ensure_row(user_id)
+        return out
+
+    def _add_row(self, user_id: str) -> int:
+        row = self.rows
+        self._uid_arena += user_id.encode()
+        self._uid_start.append(len(self._uid_arena))
+        for column in (self._push, self._q_start, self._q_end, self._tz, self._dev_head):
+            column.add_default()
+        self._recent.setdefault(hash(user_id), []).append(row)
+        if len(self._recent) >= max(_MERGE_MIN, len(self._keys) // 4):
+            self._merge_index()
+        return row
+
+    def _merge_index(self) -> None:
+        added = [(h, r) for h, rows in self._recent.items() for r in rows]
+        keys = np.concatenate([self._keys, np.fromiter((h for h, _ in added), np.int64)])
+        rows = np.concatenate(
+            [self._key_rows, np.fromiter((r for _, r in added), np.int32, len(added))]
+        )
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._key_rows = keys[order], rows[order]
+        self._recent = {}
+
+    # ---- changelogs ---------------------------------------------------------------------------
+
+    def apply_preference(self, change: PreferenceChange) -> None:
+        """Replace the user's preferences (a record is complete, not a patch)."""
+        row = self.ensure_row(change.user_id)
+        self._push.a[row] = 1 if change.push_enabled else 0
+        start, end = change.quiet_hours_start, change.quiet_hours_end
+        if start is None or end is None or start == end:
+            self._q_start.a[row] = self._q_end.a[row] = NO_HOUR
+            self._tz.a[row] = 0
+        else:
+            self._q_start.a[row] = start
+            self._q_end.a[row] = end
+            self._tz.a[row] = self.zone_index(change.timezone)
+
+    def zone_index(self, name: str) -> int:
+        """The index of a time zone in `zones` (added when new)."""
+        i = self._zone_index.get(name)
+        if i is None:
+            i = self._zone_index[name] = len(self.zones)
+            self.zones.append(name)
+        return i
+
+    def apply_device(self, change: DeviceChange) -> None:
+        """Register, refresh (to the end of the user's list) or deactivate one device."""
+        row = self.ensure_row(change.user_id)
+        prefix = _fragment_prefix(change.user_id, change.device_id)
+        self._remove_device(row, prefix)
+        if change.active and change.token:
+            frag = prefix + json_text(change.token) + b'"}'
+            self._add_device(row, _PROVIDER_CODE[change.provider], frag)
+
+    def _remove_device(self, row: int, prefix: bytes) -> None:
+        nxt, frags = self._dev_next.a, self.fragments
+        prev, d = -1, int(self._dev_head.a[row])
+        while d >= 0:
+            if frags[d].startswith(prefix):
+                after = int(nxt[d])
+                if prev < 0:
+                    self._dev_head.a[row] = after
+                else:
+                    nxt[prev] = after
+                frags[d] = b""
+                self._dev_owner.a[d] = -1
+                self._free_devices.append(d)
+                return
+            prev, d = d, int(nxt[d])
+
+    def _add_device(self, row: int, provider: int, frag: bytes) -> None:
+        if self._free_devices:
+            d = self._free_devices.pop()
+            self._dev_owner.a[d] = row
+            self._dev_next.a[d] = -1
+            self._dev_provider.a[d] = provider
+            self.fragments[d] = frag
+        else:
+            d = self._dev_owner.n
+            self._dev_owner.append(row)
+            self._dev_next.add_default()
+            self._dev_provider.append(provider)
+            self.fragments.append(frag)
+        # Append at the end of the user's list (a user has a handful of devices).
+        last = int(self._dev_head.a[row])
+        if last < 0:
+            self._dev_head.a[row] = d
+            return
+        nxt = self._dev_next.a
+        while nxt[last] >= 0:
+            last = int(nxt[last])
+        nxt[last] = d
+
+    # ---- what decisions read ----------------------------------------------------------------
+
+    @property
+    def push(self) -> U8:
+        """1 where push is enabled (the default), per row."""
+        return self._push.a  # type: ignore[return-value]
+
+    @property
+    def quiet_start(self) -> npt.NDArray[np.int8]:
+        """Quiet hours' first local hour per row (-1: none)."""
+        return self._q_start.a  # type: ignore[return-value]
+
+    @property
+    def quiet_end(self) -> npt.NDArray[np.int8]:
+        """Quiet hours' end (exclusive) per row (-1: none)."""
+        return self._q_end.a  # type: ignore[return-value]
+
+    @property
+    def tz(self) -> npt.NDArray[np.uint16]:
+        """Index into `zones` per row (meaningful only with quiet hours)."""
+        return self._tz.a  # type: ignore[return-value]
+
+    @property
+    def dev_head(self) -> I32:
+        """First device per row (-1: none)."""
+        return self._dev_head.a  # type: ignore[return-value]
+
+    @property
+    def dev_next(self) -> I32:
+        """Next device of the same user per device (-1: last)."""
+        return self._dev_next.a  # type: ignore[return-value]
+
+    @property
+    def dev_provider(self) -> U8:
+        """0 for APNs, 1 for FCM, per device."""
+        return self._dev_provider.a  # type: ignore[return-value]
+
+    def devices_of_rows(self, rows: I32) -> tuple[I32, I32]:
+        """(devices, how many of `rows` have none): every device of the rows, vectorised."""
+        heads = self.dev_head[rows]
+        has = heads >= 0
+        cur = heads[has]
+        out = [cur]
+        nxt = self.dev_next
+        while len(cur):
+            cur = nxt[cur]
+            cur = cur[cur >= 0]
+            if len(cur):
+                out.append(cur)
+        devices = out[0] if len(out) == 1 else np.concatenate(out)
+        return devices.astype(np.int32, copy=False), np.int32(len(rows) - int(has.sum()))  # type: ignore[return-value]
+
+    # ---- inspection (tests, state comparisons) ------------------------------------------------
+
+    def record(self, user_id: str) -> tuple[tuple[bool, int | None, int | None, str], list[bytes]]:
+        """(push, quiet start, quiet end, zone or "" without quiet hours) and device fragments."""
+        row = self.row_of(user_id)
+        if row < 0:
+            return (True, None, None, ""), []
+        return self._row_record(row)
+
+    def _row_record(self, row: int) -> tuple[tuple[bool, int | None, int | None, str], list[bytes]]:
+        qs, qe = int(self.quiet_start[row]), int(self.quiet_end[row])
+        prefs = (
+            bool(self.push[row]),
+            None if qs < 0 else qs,
+            None if qe < 0 else qe,
+            "" if qs < 0 else self.zones[int(self.tz[row])],
+        )
+        frags, d = [], int(self.dev_head[row])
+        while d >= 0:
+            frags.append(self.fragments[d])
+            d = int(self.dev_next[d])
+        return prefs, frags
+
+    def state(self) -> dict[str, tuple[tuple[bool, int | None, int | None, str], list[bytes]]]:
+        """Every user with something to remember, by id (row numbers left out)."""
+        out = {}
+        for row in range(self.rows):
+            rec = self._row_record(row)
+            if rec != ((True, None, None, ""), []):
+                out[self.uid(row)] = rec
+        return out
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def to_columns(self) -> Columns:
+        """The table as arrays (a copy that later changes do not touch)."""
+        frag_lens = np.fromiter(map(len, self.fragments), np.int64, len(self.fragments))
+        return {
+            "uid_start": self._uid_start.view().copy(),
+            "uid_arena": np.frombuffer(bytes(self._uid_arena), np.uint8),
+            "push": self._push.view().copy(),
+            "q_start": self._q_start.view().copy(),
+            "q_end": self._q_end.view().copy(),
+            "tz": self._tz.view().copy(),
+            "dev_head": self._dev_head.view().copy(),
+            "dev_owner": self._dev_owner.view().copy(),
+            "dev_next": self._dev_next.view().copy(),
+            "dev_provider": self._dev_provider.view().copy(),
+            "frag_lens": frag_lens,
+            "frag_arena": np.frombuffer(b"".join(self.fragments), np.uint8),
+            "zones": np.frombuffer("\n".join(self.zones).encode(), np.uint8),
+        }
+
+    @classmethod
+    def from_columns(cls, cols: Columns) -> UserTable:
+        """A table from `to_columns`' arrays."""
+        t = cls()
+        t._uid_start = _Growable(np.uint32, cols["uid_start"])
+        t._uid_arena = bytearray(cols["uid_arena"].tobytes())
+        for name in (*_FILLS, "dev_owner", "dev_provider"):
+            setattr(
+                t, f"_{name}", _Growable(cols[name].dtype.type, cols[name], _FILLS.get(name, 0))
+            )
+        arena = cols["frag_arena"].tobytes()
+        ends = np.cumsum(cols["frag_lens"]).tolist()
+        starts = [0, *ends[:-1]] if ends else []
+        t.fragments = [arena[s:e] for s, e in zip(starts, ends, strict=True)]
+        owners: I32 = t._dev_owner.view()  # type: ignore[assignment]
+        t._free_devices = np.flatnonzero(owners < 0).tolist()
+        t.zones = cols["zones"].tobytes().decode().split("\n")
+        t._zone_index = {z: i for i, z in enumerate(t.zones)}
+        t._rebuild_index()
+        return t
+
+    def _rebuild_index(self) -> None:
+        # Python's str hash is per process: the index is rebuilt, not saved.
+        n = self.rows
+        start = self._uid_start.a.tolist()
+        arena = bytes(self._uid_arena)
+        keys = np.fromiter(
+            (hash(arena[start[r] : start[r + 1]].decode()) for r in range(n)), np.int64, n
+        )
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._key_rows = order.astype(np.int32)
+        self._recent = {}
+
+    def compact(self) -> None:
+        """Pack the table after a bulk load (index merged, no spare capacity, fragments copied).
+
+        A load from the changelogs allocates each fragment between millions of short-lived
+        objects (decoded events), whose freed memory the allocator cannot return while one
+        fragment still lives among it; copying the fragments all at once frees those pages.
+        """
+        if self._recent:
+            self._merge_index()
+        for g in (
+            self._uid_start,
+            self._push,
+            self._q_start,
+            self._q_end,
+            self._tz,
+            self._dev_head,
+            self._dev_owner,
+            self._dev_next,
+            self._dev_provider,
+        ):
+            g.trim()
+        self._uid_arena = bytearray(bytes(self._uid_arena))
+        lens = [len(f) for f in self.fragments]
+        blob = b"".join(self.fragments)
+        self.fragments = []
+        out = []
+        at = 0
+        for n in lens:
+            out.append(blob[at : at + n])
+            at += n
+        self.fragments = out
+
+
+class ZoneHours:
+    """Local hour now per time zone (DST-aware via zoneinfo), recomputed when it may change.
+
+    Offsets are whole quarter hours in every zone in use today, so a local hour can only change
+    at a UTC quarter hour; the table is also recomputed when zones are added or the clock moves
+    back (tests drive time).
+    """
+
+    def __init__(self) -> None:
+        self._hours: npt.NDArray[np.int8] = np.zeros(0, np.int8)
+        self._from = self._until = 0.0
+
+    def hours(self, zones: Sequence[str], now: datetime) -> npt.NDArray[np.int8]:
+        """Local hour at `now` in each zone, indexed like `zones`."""
+        ts = now.timestamp()
+        if len(self._hours) != len(zones) or not self._from <= ts < self._until:
+            self._hours = np.fromiter(
+                (now.astimezone(zone(z)).hour for z in zones), np.int8, len(zones)
+            )
+            quarter = 900.0
+            self._from = ts
+            self._until = (ts // quarter + 1) * quarter
+        return self._hours
+
+
+@functools.lru_cache(maxsize=4096)
+def _release_ts(now_ts: float, start: int, end: int, zone_name: str) -> float:
+    until = quiet_until(datetime.fromtimestamp(now_ts, UTC), start, end, zone_name)
+    return 0.0 if until is None else until.timestamp()
+
+
+def release_times(table: UserTable, rows: I32, now: datetime) -> npt.NDArray[np.float64]:
+    """When each row's quiet window (which `now` falls in) ends, epoch seconds."""
+    qs = table.quiet_start[rows].astype(np.int64)
+    qe = table.quiet_end[rows].astype(np.int64)
+    tz = table.tz[rows].astype(np.int64)
+    combo = (qs * 24 + qe) * 65_536 + tz
+    uniq, inverse = np.unique(combo, return_inverse=True)
+    ts = now.timestamp()
+    out = np.empty(len(uniq), np.float64)
+    for i, c in enumerate(uniq.tolist()):
+        z = c % 65_536
+        s, e = divmod(c // 65_536, 24)
+        out[i] = _release_ts(ts, s, e, table.zones[z])
+    released: npt.NDArray[np.float64] = out[inverse.reshape(-1)]
+    return released
+
+
+def quiet_mask(table: UserTable, rows: I32, hours: npt.NDArray[np.int8]) -> npt.NDArray[np.bool_]:
+    """Whether each row is inside its quiet hours now ([start, end), wrapping midnight)."""
+    qs = table.quiet_start[rows]
+    qe = table.quiet_end[rows]
+    h = hours[table.tz[rows]]
+    plain = (qs <= h) & (h < qe)
+    wrapped = (h >= qs) | (h < qe)
+    quiet: npt.NDArray[np.bool_] = (qs >= 0) & (qs != qe) & np.where(qs < qe, plain, wrapped)
+    return quiet

@@ -1,0 +1,235 @@
+"""In-process benchmark of the follower shards alone: no broker, no Bytewax, no JSON decoding.
+
+    python -m scripts.bench.shards --users 10000000 [--shards 32] [--json out.json]
+
+It applies N users' preference and device changes (the mix of `scripts.bench.fanout`: 10% push
+off, 20% quiet hours of which a quarter inside their window now; half APNs 64-hex tokens, half
+FCM 152-character ones) to FANFARE_SHARDS shards, then measures what the full benchmark cannot
+separate from the broker: RSS per user, a checkpoint of every shard written and loaded again
+(`FileShardStateStore`), and one post of an author followed by everyone expanded by every
+shard through its cached column, CPU seconds per candidate (decide + dispatch batches) and the
+items checked against the seed. Used for the 10M and 20M figures in the README: the embedded
+broker (Tansu, memory storage) stops answering offset requests with 20M changelog messages in
+it, so the full benchmark cannot run there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from operators.adapters.stores.shard_state import FileShardStateStore
+from operators.events import CaughtUp
+from operators.fanout.checkpoint import ShardCheckpointer
+from operators.fanout.ports import FollowerRow, FollowerStore
+from operators.fanout.shard import ChangelogEvent, FanoutTally, FollowerShard, ShardJob
+from operators.fanout.sharding import shard_of
+from schemas.records import DeviceChange, FollowChange, PreferenceChange
+from scripts.commands.arguments import whole_number
+
+SOURCES = ("follow_changes/0", "preference_changes/0", "device_changes/0")
+TS = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def rss() -> int:
+    """Resident bytes of this process."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class CelebrityFollowers(FollowerStore):
+    """Everyone follows one author; pages in follower-id order, as the real stores give them."""
+
+    def __init__(self, by_shard: list[list[str]]) -> None:
+        self.shard_count = len(by_shard)
+        self._by_shard = by_shard
+
+    def apply_follow_changes(self, changes: Sequence[FollowChange]) -> None:
+        """Not used."""
+
+    def follower_page(
+        self, author_id: str, shard_id: int, after: str | None, limit: int
+    ) -> list[FollowerRow]:
+        """The shard's followers after the cursor."""
+        ids = self._by_shard[shard_id]
+        lo = 0 if after is None else _after(ids, after)
+        return [(f, 1) for f in ids[lo : lo + limit]]
+
+    def follower_version(self, author_id: str, shard_id: int) -> int | None:
+        """Edges never change here."""
+        return 1
+
+    def follow_flags(self, author_id: str, follower_id: str) -> int | None:
+        """Everyone follows, notify on."""
+        return 1
+
+    def follower_count(self, author_id: str) -> int:
+        """Everyone."""
+        return sum(len(s) for s in self._by_shard)
+
+    def bulk_load(self, edges: Iterable[tuple[str, str, int]]) -> int:
+        """Not used."""
+        return 0
+
+
+def _after(ids: list[str], cursor: str) -> int:
+    import bisect
+
+    return bisect.bisect_right(ids, cursor)
+
+
+def build(args: argparse.Namespace) -> tuple[list[FollowerShard], list[list[str]], int, float]:
+    """Shards with N users applied; (shards, ids by shard, expected pushes, CPU seconds)."""
+    rng = random.Random(args.seed)
+    shards = [FollowerShard(SOURCES, settle_s=0) for _ in range(args.shards)]
+    for shard in shards:
+        for source in SOURCES:
+            shard.note_caught_up(CaughtUp(source, 1e12))
+    by_shard: list[list[str]] = [[] for _ in range(args.shards)]
+    offsets = [0] * args.shards
+    width = max(7, len(str(args.users - 1)))
+    hour = datetime.now(UTC).hour
+    inside, outside = ((hour - 3) % 24, (hour + 4) % 24), ((hour + 6) % 24, (hour + 12) % 24)
+    expected = 0
+    cpu = 0.0
+    for i in range(args.users):
+        uid = f"u{i:0{width}d}"
+        s = shard_of(uid, args.shards)
+        by_shard[s].append(uid)
+        roll = rng.random()
+        push = roll >= 0.10
+        window = inside if roll >= 0.95 else outside if roll >= 0.80 else None
+        if push and window is not inside:
+            expected += 1
+        if i % 2:
+            provider, token = "apns", rng.randbytes(32).hex()
+        else:
+            raw = base64.urlsafe_b64encode(rng.randbytes(114)).decode()
+            provider, token = "fcm", raw[:22] + ":" + raw[23:]
+        pref = PreferenceChange(
+            uid, push, window[0] if window else None, window[1] if window else None, "UTC", TS
+        )
+        dev = DeviceChange(uid, rng.randbytes(8).hex(), provider, token, True, TS)  # type: ignore[arg-type]
+        t0 = time.process_time()
+        shards[s].apply(ChangelogEvent(pref, s, "preference_changes/0", offsets[s], "p"))
+        shards[s].apply(ChangelogEvent(dev, s, "device_changes/0", offsets[s], "d"))
+        cpu += time.process_time() - t0
+        offsets[s] += 1
+    for shard in shards:
+        shard.users.compact()
+    for ids in by_shard:
+        ids.sort()
+    return shards, by_shard, expected, cpu
+
+
+def fan_out(
+    shards: list[FollowerShard], store: FollowerStore, post: str
+) -> tuple[int, int, float, float]:
+    """(items, batches, CPU seconds, wall seconds) of one post expanded by every shard."""
+    now = datetime.now(UTC)
+    items = batches = 0
+    t0, w0 = time.process_time(), time.perf_counter()
+    for shard_id, shard in enumerate(shards):
+        shard.add_job(
+            ShardJob(post, "celebrity", "2026-01-01T00:00:00Z", "bulk", 0.0, shard_id),
+            0,
+            FanoutTally(),
+        )
+        while shard.jobs:
+            for b in shard.expand(store, now, 2_000, FanoutTally(), bulk_budget=100_000):
+                items += b.count
+                batches += 1
+    return items, batches, time.process_time() - t0, time.perf_counter() - w0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything, as a report."""
+    gc.collect()
+    rss0 = rss()
+    t0 = time.perf_counter()
+    shards, by_shard, expected, apply_cpu = build(args)
+    build_s = time.perf_counter() - t0
+    ids_bytes = sum(sys.getsizeof(x) for ids in by_shard for x in ids) + sum(
+        sys.getsizeof(ids) for ids in by_shard
+    )
+    gc.collect()
+    rss1 = rss()
+    store = CelebrityFollowers(by_shard)
+    report: dict[str, Any] = {
+        "users": args.users,
+        "shards": args.shards,
+        "build_s": round(build_s, 1),
+        "apply_cpu_us_per_event": round(apply_cpu / (2 * args.users) * 1e6, 2),
+        "rss_per_user_after_build": round((rss1 - rss0 - ids_bytes) / args.users),
+    }
+    posts = []
+    for k in range(2):
+        items, batches, cpu, wall = fan_out(shards, store, f"celebrity-post-{k}")
+        posts.append(
+            {
+                "items": items,
+                "expected": expected,
+                "batches": batches,
+                "cpu_s": round(cpu, 2),
+                "wall_s": round(wall, 2),
+                "cpu_us_per_candidate": round(cpu / args.users * 1e6, 3),
+            }
+        )
+    report["posts (first builds the cached columns)"] = posts
+    gc.collect()
+    report["rss_per_user_with_columns"] = round((rss() - rss0 - ids_bytes) / args.users)
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        states = FileShardStateStore(
+            Path(folder), args.shards, {"preference_changes": "p", "device_changes": "d"}.get
+        )
+        t0 = time.perf_counter()
+        for shard_id, shard in enumerate(shards):
+            ShardCheckpointer(states, shard_id, 60).save(shard)
+            states.flush()
+        report["checkpoint_write_s"] = round(time.perf_counter() - t0, 2)
+        report["checkpoint_bytes_per_user"] = round(
+            sum(p.stat().st_size for p in Path(folder).glob("*.ckpt")) / args.users
+        )
+        del shards, store
+        gc.collect()
+        t0 = time.perf_counter()
+        loaded = [FollowerShard(SOURCES, settle_s=0) for _ in range(args.shards)]
+        for shard_id, shard in enumerate(loaded):
+            ShardCheckpointer(states, shard_id, 60).load_into(shard)
+        report["checkpoint_load_s"] = round(time.perf_counter() - t0, 2)
+    gc.collect()
+    report["rss_per_user_after_load_from_checkpoints"] = round(
+        (rss() - rss0 - ids_bytes) / args.users
+    )
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run and print the report (JSON)."""
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.shards", description=__doc__)
+    p.add_argument("--users", type=whole_number(1, 50_000_000), default=10_000_000)
+    p.add_argument("--shards", type=whole_number(1, 1024), default=32)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dir", default=None, help="where the checkpoints go (a temporary folder)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
