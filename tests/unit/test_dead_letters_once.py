@@ -67,7 +67,7 @@ def test_a_replayed_bad_change_is_not_dead_lettered_again_but_good_ones_apply() 
     assert router.route(again) == []
     good_again = RawEvent("preference_changes", 0, 4, b"u1", GOOD, 0.0, replayed=True)
     [(_shard, change)] = router.route(good_again)  # type: ignore[misc]
-    assert change.user_id == "u1"
+    assert change.change.user_id == "u1" and change.offset == 4
 
 
 def test_wire_form_keeps_the_item_only_when_there_is_one() -> None:
