@@ -35,7 +35,7 @@ Data = Annotated[
         examples=[{"code": "482913", "minutes": 10}],
     ),
 ]
-ChannelName = Literal["push", "inbox"]
+ChannelName = Literal["push", "inbox", "email", "sms", "chat"]
 CollapseKey = Annotated[str, Field(min_length=1, max_length=64)]
 
 
