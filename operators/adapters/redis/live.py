@@ -71,7 +71,7 @@ class LivePublisher:
         """(user_id, JSON) pairs; the stream id of each, in order."""
         pipe = self._redis.pipeline(transaction=False)
         for user_id, payload in items:
-            self._script(
+            await self._script(  # queued on the pipeline (the script is loaded before it runs)
                 keys=[stream_key(self._prefix, user_id)],
                 args=[self._length, payload, self._ttl, channel_name(self._prefix, user_id)],
                 client=pipe,

@@ -78,9 +78,7 @@ class SmtpHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Recipient OK"
 
-    async def handle_DATA(
-        self, server: SMTP, session: Session, envelope: Envelope
-    ) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Record the message."""
         raw = envelope.original_content or b""
         parsed = email.message_from_bytes(raw, policy=email.policy.default)
@@ -126,7 +124,7 @@ def smtp_factory(state: ChannelState, tls: ssl.SSLContext, username: str, passwo
         )
         if not ok:
             state.reject("auth")
-        return AuthResult(success=ok)
+        return AuthResult(success=ok, handled=False)  # handled=True would send no answer
 
     def make() -> SMTP:
         return SMTP(
