@@ -633,6 +633,11 @@ def _check_channels(settings: Settings) -> None:
         raise ConfigError(f"FANFARE_SMS_API_URL={settings.sms_api_url}: {exc}") from None
     if not re.fullmatch(r"[A-Z]{3}", settings.sms_currency):
         raise ConfigError(f"FANFARE_SMS_CURRENCY={settings.sms_currency!r}: an ISO 4217 code")
+    if (settings.smtp_host or settings.sms_account_sid) and not settings.public_url and not dev:
+        raise ConfigError(
+            "email and SMS put links to the API in messages (unsubscribe, status callbacks): set "
+            "FANFARE_PUBLIC_URL to the API's public https address"
+        )
     if settings.webpush_vapid_key_file and not settings.webpush_subject.startswith(
         ("mailto:", "https://")
     ):

@@ -231,6 +231,7 @@ def test_derived_values() -> None:
         ("FANFARE_SMTP_TLS", "ssl", "starttls, tls or none"),
         ("FANFARE_SMTP_TLS", "none", "FANFARE_DEV_MODE"),
         ("FANFARE_SMTP_HOST", "smtp.example.com", "FANFARE_EMAIL_FROM"),
+        ("FANFARE_SMS_ACCOUNT_SID", "AC1", "FANFARE_SMS_FROM"),
         ("FANFARE_EMAIL_FROM", "not an address", "not an email address"),
         ("FANFARE_SMS_FROM", "555-0100", "E.164"),
         ("FANFARE_SMS_ACCOUNT_SID", "AC1", "FANFARE_SMS_FROM"),
