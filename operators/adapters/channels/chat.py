@@ -25,16 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
 
 from operators.adapters.channels.content import ChannelRenderer, Content
-from operators.adapters.channels.http import (
-    HostGuard,
-    http_client,
-    retry_after,
-    transport_answer,
-)
+from operators.adapters.channels.http import HostGuard, HttpClient
 from operators.adapters.channels.pacing import KeyedPacer, webhook_key
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.payloads import PayloadTooLarge
@@ -109,7 +103,7 @@ def teams_body(content: Content) -> dict[str, Any]:
 
 
 class WebhookChatSender(PushSender):
-    """httpx to incoming webhooks, a bucket per webhook."""
+    """aiohttp to incoming webhooks, a bucket per webhook."""
 
     provider = "chat"
 
@@ -123,7 +117,7 @@ class WebhookChatSender(PushSender):
     ) -> None:
         self.bucket = bucket
         self._renderer = renderer
-        self._client = http_client(timeout_s, config.ca_file, connections=200)
+        self._client = HttpClient(timeout_s, config.ca_file, connections=64)
         self._guard = HostGuard(config.allow_dev)
         self._pacer = KeyedPacer(
             "chat",
@@ -146,19 +140,16 @@ class WebhookChatSender(PushSender):
         refusal = await self._guard.refusal(post.url)
         if refusal is not None:
             return ProviderAnswer(400, "webhook_not_public", detail=refusal)
-        try:
-            response = await self._client.post(
-                post.url, content=post.body, headers={"Content-Type": "application/json"}
-            )
-        except httpx.HTTPError as exc:
-            return transport_answer(exc)
-        if 200 <= response.status_code < 300:
-            return ProviderAnswer(response.status_code, None)
-        text = response.text.strip()
-        reason = text if _REASON.match(text) else None
-        return ProviderAnswer(
-            response.status_code, reason, retry_after(response), detail=text[:300] or None
+        reply = await self._client.post(
+            post.url, data=post.body, headers={"Content-Type": "application/json"}
         )
+        if isinstance(reply, ProviderAnswer):
+            return reply
+        if 200 <= reply.status < 300:
+            return ProviderAnswer(reply.status, None)
+        text = reply.text.strip()
+        reason = text if _REASON.match(text) else None
+        return ProviderAnswer(reply.status, reason, reply.retry_after_s, detail=text[:300] or None)
 
     async def send(
         self, requests: Sequence[SendRequest], payloads: Sequence[object]
@@ -173,4 +164,4 @@ class WebhookChatSender(PushSender):
 
     async def close(self) -> None:
         """Close the connections."""
-        await self._client.aclose()
+        await self._client.close()

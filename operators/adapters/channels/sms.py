@@ -28,16 +28,17 @@ may reach the phone twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
-import httpx
+import orjson
 
 from operators import metrics
 from operators.adapters.channels.content import ChannelRenderer
-from operators.adapters.channels.http import http_client, retry_after, transport_answer
+from operators.adapters.channels.http import HttpClient
 from operators.adapters.channels.ports import SmsBudget
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.ports import PushSender
@@ -94,7 +95,7 @@ class RenderedSms:
 
 
 class TwilioSmsSender(PushSender):
-    """httpx to a Twilio-shaped Messages API, with the eligibility and budget checks."""
+    """aiohttp to a Twilio-shaped Messages API, with the eligibility and budget checks."""
 
     provider = "sms"
 
@@ -111,11 +112,12 @@ class TwilioSmsSender(PushSender):
         self._renderer = renderer
         self._budget = budget
         token = config.auth_token_file.read_text().strip()
-        self._auth = httpx.BasicAuth(config.account_sid, token)
+        basic = base64.b64encode(f"{config.account_sid}:{token}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {basic}"}
         self._url = (
             f"{config.api_url.rstrip('/')}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
         )
-        self._client = http_client(timeout_s, config.ca_file)
+        self._client = HttpClient(timeout_s, config.ca_file)
 
     async def warm_up(self) -> None:
         """Open a connection (TLS) to the API before the first send."""
@@ -155,23 +157,22 @@ class TwilioSmsSender(PushSender):
         return answer
 
     async def _post(self, sms: RenderedSms) -> ProviderAnswer:
-        try:
-            response = await self._client.post(self._url, data=sms.form, auth=self._auth)
-        except httpx.HTTPError as exc:
-            return transport_answer(exc)
-        if 200 <= response.status_code < 300:
-            return ProviderAnswer(response.status_code, None)
+        reply = await self._client.post(self._url, data=sms.form, headers=self._headers)
+        if isinstance(reply, ProviderAnswer):
+            return reply
+        if 200 <= reply.status < 300:
+            return ProviderAnswer(reply.status, None)
         code, message = None, None
         try:
-            doc = response.json()
+            doc = orjson.loads(reply.text)
             code, message = doc.get("code"), doc.get("message")
-        except ValueError:
+        except (orjson.JSONDecodeError, AttributeError):
             pass
         return ProviderAnswer(
-            response.status_code,
+            reply.status,
             str(code) if code is not None else None,
-            retry_after(response),
-            detail=(message or response.text)[:300] if message or response.text else None,
+            reply.retry_after_s,
+            detail=(message or reply.text)[:300] or None,
         )
 
     async def send(
@@ -189,4 +190,4 @@ class TwilioSmsSender(PushSender):
 
     async def close(self) -> None:
         """Close the connections."""
-        await self._client.aclose()
+        await self._client.close()

@@ -3,10 +3,10 @@
 A browser subscribes with the VAPID public key (`GET /v1/webpush/key` on `fanfare api`) and
 registers its subscription through the devices endpoint (platform `web`). A send encrypts the
 notification's JSON for the subscription's keys (pywebpush, aes128gcm: an ephemeral ECDH key
-per message, about 0.15 ms of CPU) and POSTs it to the endpoint with `TTL`, `Urgency` (high
-for transactional, normal for social, low for marketing), `Topic` (the collapse key's digest:
-a newer push replaces an undelivered one) and `Authorization: vapid t=JWT, k=KEY` (an ES256
-JWT per push service origin, reused for 12 hours).
+per message, about 0.15 ms of CPU) and POSTs it (aiohttp) to the endpoint with `TTL`,
+`Urgency` (high for transactional, normal for social, low for marketing), `Topic` (the
+collapse key's digest: a newer push replaces an undelivered one) and `Authorization: vapid
+t=JWT, k=KEY` (an ES256 JWT per push service origin, reused for 12 hours).
 
 Answers: 201 accepted; 404 and 410 say the subscription is gone (`invalid_token`: the engine
 deactivates it); 429 (Retry-After) and 5xx are retried; 401 (our VAPID token refused) is
@@ -23,16 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
 
 from operators.adapters.channels.content import ChannelRenderer
-from operators.adapters.channels.http import (
-    HostGuard,
-    http_client,
-    retry_after,
-    transport_answer,
-)
+from operators.adapters.channels.http import HostGuard, HttpClient
 from operators.adapters.providers.config import ProviderConfigError
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import PayloadTooLarge, time_to_live_s
@@ -95,7 +89,7 @@ def vapid_public_key(key_file: Path) -> str:
 
 
 class VapidWebPushSender(PushSender):
-    """pywebpush's encryption and py_vapid's signatures, sent with httpx."""
+    """pywebpush's encryption and py_vapid's signatures, sent with aiohttp."""
 
     provider = "webpush"
 
@@ -113,7 +107,7 @@ class VapidWebPushSender(PushSender):
         self._policy = policy
         self._vapid = load_vapid(config.vapid_key_file)
         self._vapid_headers: dict[str, tuple[float, str]] = {}
-        self._client = http_client(timeout_s, config.ca_file, connections=200)
+        self._client = HttpClient(timeout_s, config.ca_file, connections=64)
         self._guard = HostGuard(config.allow_dev)
 
     def _authorization(self, endpoint: str) -> str:
@@ -167,16 +161,13 @@ class VapidWebPushSender(PushSender):
         if refusal is not None:
             return ProviderAnswer(400, "endpoint_not_public", detail=refusal)
         headers = {**push.headers, "Authorization": self._authorization(push.endpoint)}
-        try:
-            response = await self._client.post(
-                push.endpoint, content=self._encrypt(push), headers=headers
-            )
-        except httpx.HTTPError as exc:
-            return transport_answer(exc)
-        if 200 <= response.status_code < 300:
-            return ProviderAnswer(response.status_code, None)
+        reply = await self._client.post(push.endpoint, data=self._encrypt(push), headers=headers)
+        if isinstance(reply, ProviderAnswer):
+            return reply
+        if 200 <= reply.status < 300:
+            return ProviderAnswer(reply.status, None)
         return ProviderAnswer(
-            response.status_code, None, retry_after(response), detail=response.text[:300] or None
+            reply.status, None, reply.retry_after_s, detail=reply.text[:300] or None
         )
 
     async def send(
@@ -189,4 +180,4 @@ class VapidWebPushSender(PushSender):
 
     async def close(self) -> None:
         """Close the connections."""
-        await self._client.aclose()
+        await self._client.close()

@@ -76,6 +76,7 @@ class SmsServer:
         self._basic = b"Basic " + base64.b64encode(expected)
         self._ca_file = ca_file
         self._tasks: set[asyncio.Task[None]] = set()
+        self._client: Any = None  # one httpx client for every callback, made on first use
 
     def handle(self, req: Request) -> Response:
         """Route one request."""
@@ -153,33 +154,37 @@ class SmsServer:
     ) -> None:
         import httpx
 
-        context = ssl.create_default_context(cafile=self._ca_file)
+        if self._client is None:
+            context = ssl.create_default_context(cafile=self._ca_file)
+            self._client = httpx.AsyncClient(verify=context, timeout=5)
+        client = self._client
         final = "undelivered" if error_code else "delivered"
-        async with httpx.AsyncClient(verify=context, timeout=5) as client:
-            for status in ("sent", final):
-                await asyncio.sleep(0.05)
-                params = {
-                    "AccountSid": self.account_sid,
-                    "ApiVersion": "2010-04-01",
-                    "From": form.get("From") or form.get("MessagingServiceSid", ""),
-                    "MessageSid": sid,
-                    "SmsSid": sid,
-                    "MessageStatus": status,
-                    "SmsStatus": status,
-                    "To": to,
-                }
-                if status == "undelivered":
-                    params["ErrorCode"] = str(error_code)
-                headers = {"X-Twilio-Signature": twilio_signature(self.auth_token, url, params)}
-                entry: dict[str, Any] = {"sid": sid, "status": status, "time": time.time()}
-                try:
-                    response = await client.post(url, data=params, headers=headers)
-                    entry["answer"] = response.status_code
-                except httpx.HTTPError as exc:
-                    entry["answer"] = f"{type(exc).__name__}"
-                self.state.extra.append(entry)
+        for status in ("sent", final):
+            await asyncio.sleep(0.05)
+            params = {
+                "AccountSid": self.account_sid,
+                "ApiVersion": "2010-04-01",
+                "From": form.get("From") or form.get("MessagingServiceSid", ""),
+                "MessageSid": sid,
+                "SmsSid": sid,
+                "MessageStatus": status,
+                "SmsStatus": status,
+                "To": to,
+            }
+            if status == "undelivered":
+                params["ErrorCode"] = str(error_code)
+            headers = {"X-Twilio-Signature": twilio_signature(self.auth_token, url, params)}
+            entry: dict[str, Any] = {"sid": sid, "status": status, "time": time.time()}
+            try:
+                response = await client.post(url, data=params, headers=headers)
+                entry["answer"] = response.status_code
+            except httpx.HTTPError as exc:
+                entry["answer"] = f"{type(exc).__name__}"
+            self.state.extra.append(entry)
 
     async def close(self) -> None:
         """Cancel callbacks still on their way."""
         for task in list(self._tasks):
             task.cancel()
+        if self._client is not None:
+            await self._client.aclose()

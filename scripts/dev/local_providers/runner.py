@@ -31,10 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import NotRequired, Self, TypedDict
+from typing import TYPE_CHECKING, NotRequired, Self, TypedDict
 
-from scripts.dev.local_channels.control import ChannelControl
-from scripts.dev.local_channels.runner import ChannelsInfo, RunningChannels, serve_channels
 from scripts.dev.local_providers import speedups
 from scripts.dev.local_providers.apns import ApnsServer
 from scripts.dev.local_providers.control import ControlApi, ProviderControl
@@ -45,6 +43,10 @@ from scripts.dev.local_providers.settings_file import (
     write_provider_settings,
 )
 from scripts.dev.local_providers.state import ProviderState
+
+if TYPE_CHECKING:  # local_channels imports this package's modules: imported when used
+    from scripts.dev.local_channels.control import ChannelControl
+    from scripts.dev.local_channels.runner import ChannelsInfo, RunningChannels
 
 HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -176,7 +178,11 @@ async def serve(
     # The token endpoint's address is known only now: write it into the service account.
     creds = make_local_credentials(home, fcm_token_uri=f"{fcm_url}/token")
     fcm.token_uri = f"{fcm_url}/token"
-    running_channels = await serve_channels(home, creds) if channels else None
+    running_channels = None
+    if channels:
+        from scripts.dev.local_channels.runner import serve_channels
+
+        running_channels = await serve_channels(home, creds)
     info: ProvidersInfo = {
         "apns": {
             "host": "localhost",
@@ -244,6 +250,8 @@ class _Handle:
 
     def channel_control(self) -> ChannelControl:
         """A client of the local channel servers' control API."""
+        from scripts.dev.local_channels.control import ChannelControl
+
         return ChannelControl(self.info["channels"]["control_url"])
 
     def stop(self) -> None:

@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from scripts.dev.local_channels.runner import channel_settings
-
 HEADER = (
     "# the local APNs, FCM and channel servers (scripts/dev/local_providers, local_channels); "
     "removed when they stop"
@@ -26,7 +24,11 @@ _OLD_HEADER = (
 def provider_settings(info: Any) -> dict[str, str]:
     """FANFARE_* settings that point fanfare at the servers of a providers.json."""
     apns, fcm = info["apns"], info["fcm"]
-    channels = channel_settings(info["channels"]) if "channels" in info else {}
+    channels: dict[str, str] = {}
+    if "channels" in info:
+        from scripts.dev.local_channels.runner import channel_settings  # (imports this package)
+
+        channels = channel_settings(info["channels"])
     return {
         "FANFARE_APNS_KEY_FILE": apns["key_file"],
         "FANFARE_APNS_KEY_ID": apns["key_id"],
