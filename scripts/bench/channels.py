@@ -39,6 +39,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -452,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--browser-samples", type=int, default=100)
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped and the keys deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.channels = [] if args.channels == "none" else [c for c in args.channels.split(",") if c]
     unknown = set(args.channels) - set(CHANNELS)
     if unknown:
