@@ -18,12 +18,15 @@ process's CPU time (every thread: the senders' event loop, rendering, encryption
 context: a real provider's is not on this machine).
 
 SSE: the embedded broker (`fanfare api` checks its topics) and one `fanfare api` process
-(FANFARE_DEV_MODE, FANFARE_SSE_MAX_CLIENTS raised); --sse-clients idle clients (one asyncio
-loop here, one connection and one user each, authenticated with stream tokens) connect and wait
-for `event: ready`; then --sse-samples in-app notifications are published (through the same
-Lua call the in-app sender makes) to random connected users, --sse-rate a second, and each
-one's latency is publish -> the client parsed its event (one clock: this process). Reported:
+(FANFARE_DEV_MODE, FANFARE_SSE_MAX_CLIENTS raised); --sse-clients idle clients (one connection
+and one user each, authenticated with stream tokens) connect and wait for `event: ready`; then
+--sse-samples in-app notifications are published (through the same Lua call the in-app sender
+makes), --sse-rate a second, and each one's latency is publish -> the client parsed its event
+(one clock: this process). Reported:
 clients held, connect time, the API's RSS per client, its CPU while they idle, p50/p99/max.
+The idle clients live in child processes (`--hold`, 5,000 each) and the samples go to
+--sse-samplers clients of this process, so the load generator's own loop, busy with thousands
+of sockets and their heartbeats, does not add to the latency it measures.
 With --browser, the same again with a headless Chromium on the dev inbox page: publish -> the
 event's `li` in the page's DOM (the page records Date.now() on receipt).
 
@@ -37,7 +40,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import resource
 import signal
 import statistics
@@ -243,104 +245,142 @@ class SseClient:
             self.writer.close()
 
 
+async def hold_idle(port: int, secret: bytes, first: int, count: int, ready_file: Path) -> None:
+    """The idle clients (a child process of their own: their loop must not delay the samples).
+
+    Connects `count` clients 250 at a time, writes how many are ready to `ready_file`, then
+    holds them until killed.
+    """
+    clients = [SseClient(f"sse-{first + i}") for i in range(count)]
+    tasks = []
+    for start in range(0, len(clients), 250):
+        group = clients[start : start + 250]
+        for c in group:
+            token = stream_token(secret, c.user, time.time())
+            path = f"/v1/users/{c.user}/notifications/stream?access_token={token}"
+            tasks.append(asyncio.create_task(c.run(port, path, lambda _n, _t: None)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in group)), 60)
+    ready = sum(c.ready.is_set() for c in clients)
+    ready_file.write_text(f"{ready}\n")
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def start_holders(args: argparse.Namespace, port: int, home: Path) -> list[tuple[Any, Path]]:
+    """`--hold` child processes sharing the idle clients (at most 5,000 each)."""
+    import subprocess
+
+    holders = []
+    per = 5_000
+    for first in range(0, args.sse_clients, per):
+        count = min(per, args.sse_clients - first)
+        ready = home / f"holder-{first}.ready"
+        argv = [sys.executable, "-m", "scripts.bench.channels", "--hold", str(count)]
+        argv += ["--hold-first", str(first), "--hold-port", str(port), "--hold-ready", str(ready)]
+        argv += ["--hold-secret-file", str(home / "link-secret")]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        holders.append((proc, ready))
+    return holders
+
+
 async def sse_phase(
     args: argparse.Namespace,
     settings: Settings,
     port: int,
     api_pid: int,
     secret: bytes,
+    home: Path,
     report: dict[str, Any],
-) -> list[str]:
-    """Connect the clients, publish the samples, measure."""
+) -> None:
+    """Connect the idle clients (children), then measure on sample clients of this process."""
     import redis.asyncio as aioredis
 
     from operators.adapters.redis.live import LivePublisher
 
-    arrivals: dict[str, float] = {}
-    clients = [SseClient(f"sse-{i}") for i in range(args.sse_clients)]
-    tasks = []
+    (home / "link-secret").write_bytes(secret)
     rss0 = rss_mb(api_pid)
     t0 = time.perf_counter()
+    holders = start_holders(args, port, home)
+    try:
+        deadline = time.monotonic() + 60 + args.sse_clients / 50
+        while not all(ready.exists() for _, ready in holders) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        connected = sum(int(r.read_text() or 0) for _, r in holders if r.exists())
+        connect_s = time.perf_counter() - t0
+        await asyncio.sleep(2)
+        rss1 = rss_mb(api_pid)
+        idle_cpu0 = cpu_seconds(api_pid)
+        await asyncio.sleep(args.idle_s)
+        idle_cpu = (cpu_seconds(api_pid) - idle_cpu0) / args.idle_s
+        print(
+            f"SSE      {connected:,} of {args.sse_clients:,} idle clients ready in "
+            f"{connect_s:.1f} s ({len(holders)} holder processes); "
+            f"API RSS {rss0:.0f} -> {rss1:.0f} MB "
+            f"({(rss1 - rss0) * 1024 / max(connected, 1):.1f} KB/client); idle API CPU "
+            f"{idle_cpu:.3f} cores",
+            flush=True,
+        )
+        arrivals: dict[str, float] = {}
 
-    def seen(nid: str, at: float) -> None:
-        arrivals[nid] = at
+        def seen(nid: str, at: float) -> None:
+            arrivals[nid] = at
 
-    failures = 0
-    for start in range(0, len(clients), 250):
-        group = clients[start : start + 250]
-        for c in group:
+        samplers = [SseClient(f"sample-{i}") for i in range(args.sse_samplers)]
+        tasks = []
+        for c in samplers:
             token = stream_token(secret, c.user, time.time())
             path = f"/v1/users/{c.user}/notifications/stream?access_token={token}"
             tasks.append(asyncio.create_task(c.run(port, path, seen)))
-        try:
-            await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in group)), 60)
-        except TimeoutError:
-            failures += sum(not c.ready.is_set() for c in group)
-    connected = sum(c.ready.is_set() for c in clients)
-    connect_s = time.perf_counter() - t0
-    await asyncio.sleep(2)
-    rss1 = rss_mb(api_pid)
-    idle_cpu0 = cpu_seconds(api_pid)
-    await asyncio.sleep(args.idle_s)
-    idle_cpu = (cpu_seconds(api_pid) - idle_cpu0) / args.idle_s
-    print(
-        f"SSE      {connected:,} of {args.sse_clients:,} clients ready in {connect_s:.1f} s; "
-        f"API RSS {rss0:.0f} -> {rss1:.0f} MB "
-        f"({(rss1 - rss0) * 1024 / max(connected, 1):.1f} KB/client); "
-        f"idle API CPU {idle_cpu:.3f} cores",
-        flush=True,
-    )
-    client = aioredis.Redis.from_url(settings.redis_url)
-    publisher = LivePublisher(client, settings.redis_prefix, settings.inapp_stream_length, 3600)
-    ready = [c for c in clients if c.ready.is_set()]
-    published: dict[str, float] = {}
-    for i in range(args.sse_samples):
-        c = random.choice(ready)
-        nid = f"n_sse{i}:{c.user}"
-        payload = json.dumps({"notification_id": nid, "user_id": c.user, "title": "t", "body": "b"})
-        published[nid] = time.perf_counter()
-        await publisher.publish([(c.user, payload.encode())])
-        await asyncio.sleep(1 / args.sse_rate)
-    await asyncio.sleep(3)
-    latencies = sorted((arrivals[n] - t) * 1000 for n, t in published.items() if n in arrivals)
-    missing = len(published) - len(latencies)
-    q = (
-        statistics.quantiles(latencies, n=100, method="inclusive")
-        if len(latencies) > 1
-        else [0.0] * 99
-    )
-    report["sse"] = {
-        "clients": args.sse_clients,
-        "connected": connected,
-        "connect_failures": failures,
-        "connect_s": round(connect_s, 2),
-        "api_rss_mb_before": round(rss0, 1),
-        "api_rss_mb_with_clients": round(rss1, 1),
-        "api_kb_per_client": round((rss1 - rss0) * 1024 / max(connected, 1), 1),
-        "api_idle_cores": round(idle_cpu, 3),
-        "samples": len(published),
-        "missing": missing,
-        "latency_ms": {
-            "p50": round(q[49], 2),
-            "p99": round(q[98], 2),
-            "max": round(latencies[-1], 2) if latencies else None,
-        },
-    }
-    print(
-        f"SSE      publish -> client event over {len(latencies)} samples at {args.sse_rate}/s: "
-        f"p50 {q[49]:.1f} ms, p99 {q[98]:.1f} ms, max {latencies[-1] if latencies else 0:.1f} ms; "
-        f"missing {missing}",
-        flush=True,
-    )
-    if args.browser:
-        await browser_phase(args, port, publisher, report)
-    for c in clients:
-        c.close()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await client.aclose()
-    return [c.user for c in clients]
+        await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in samplers)), 60)
+        client = aioredis.Redis.from_url(settings.redis_url)
+        publisher = LivePublisher(client, settings.redis_prefix, settings.inapp_stream_length, 3600)
+        published: dict[str, float] = {}
+        for i in range(args.sse_samples):
+            c = samplers[i % len(samplers)]
+            nid = f"n_sse{i}:{c.user}"
+            body = {"notification_id": nid, "user_id": c.user, "title": "t", "body": "b"}
+            published[nid] = time.perf_counter()
+            await publisher.publish([(c.user, json.dumps(body).encode())])
+            await asyncio.sleep(1 / args.sse_rate)
+        await asyncio.sleep(3)
+        latencies = sorted((arrivals[n] - t) * 1000 for n, t in published.items() if n in arrivals)
+        missing = len(published) - len(latencies)
+        q = statistics.quantiles(latencies, n=100, method="inclusive")
+        report["sse"] = {
+            "clients": args.sse_clients,
+            "connected": connected,
+            "connect_s": round(connect_s, 2),
+            "api_rss_mb_before": round(rss0, 1),
+            "api_rss_mb_with_clients": round(rss1, 1),
+            "api_kb_per_client": round((rss1 - rss0) * 1024 / max(connected, 1), 1),
+            "api_idle_cores": round(idle_cpu, 3),
+            "samplers": args.sse_samplers,
+            "samples": len(published),
+            "missing": missing,
+            "latency_ms": {
+                "p50": round(q[49], 2),
+                "p99": round(q[98], 2),
+                "max": round(latencies[-1], 2),
+            },
+        }
+        print(
+            f"SSE      publish -> client event, {len(latencies)} samples at {args.sse_rate}/s to "
+            f"{len(samplers)} measuring clients beside the idle ones: p50 {q[49]:.1f} ms, "
+            f"p99 {q[98]:.1f} ms, max {latencies[-1]:.1f} ms; missing {missing}",
+            flush=True,
+        )
+        if args.browser:
+            await browser_phase(args, port, publisher, report)
+        for c in samplers:
+            c.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+    finally:
+        for proc, _ in holders:
+            proc.kill()
+            proc.wait()
 
 
 async def browser_phase(
@@ -420,7 +460,7 @@ def bench_sse(
                 raise RuntimeError((home / "api.log").read_text()[-3000:])
             time.sleep(0.2)
         secret = Path(settings.link_secret_file).read_text().strip().encode()
-        asyncio.run(sse_phase(args, settings, port, api.pid, secret, report))
+        asyncio.run(sse_phase(args, settings, port, api.pid, secret, home, report))
     finally:
         if api is not None:
             stop_fanfare(api)
@@ -451,8 +491,23 @@ def main(argv: list[str] | None = None) -> int:
         "--browser", action="store_true", help="also publish -> DOM in a headless Chromium"
     )
     parser.add_argument("--browser-samples", type=int, default=100)
+    parser.add_argument(
+        "--sse-samplers", type=int, default=50, help="measuring clients in this process (50)"
+    )
     parser.add_argument("--json", default=None, help="write the figures to this file")
+    for hidden in ("--hold", "--hold-first", "--hold-port"):
+        parser.add_argument(hidden, type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--hold-ready", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--hold-secret-file", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.hold:  # a child holding idle clients (see start_holders)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.hold * 2 + 1000), hard))
+        secret = Path(args.hold_secret_file).read_bytes()
+        asyncio.run(
+            hold_idle(args.hold_port, secret, args.hold_first, args.hold, Path(args.hold_ready))
+        )
+        return 0
     # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped and the keys deleted.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.channels = [] if args.channels == "none" else [c for c in args.channels.split(",") if c]
