@@ -307,7 +307,7 @@ async def sse_phase(
             await asyncio.sleep(0.2)
         connected = sum(int(r.read_text() or 0) for _, r in holders if r.exists())
         connect_s = time.perf_counter() - t0
-        await asyncio.sleep(2)
+        await asyncio.sleep(args.settle_s)  # after a ramp of connections the collector catches up
         rss1 = rss_mb(api_pid)
         idle_cpu0 = cpu_seconds(api_pid)
         await asyncio.sleep(args.idle_s)
@@ -491,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         "--browser", action="store_true", help="also publish -> DOM in a headless Chromium"
     )
     parser.add_argument("--browser-samples", type=int, default=100)
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=30.0,
+        help="seconds between the last connect and the samples (30)",
+    )
     parser.add_argument(
         "--sse-samplers", type=int, default=50, help="measuring clients in this process (50)"
     )

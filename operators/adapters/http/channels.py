@@ -22,7 +22,6 @@ No `from __future__ import annotations` here: FastAPI reads the routes' annotati
 and the path types are local to `install_channel_routes`.
 """
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -75,7 +74,6 @@ class ChannelApi:
     dev_mode: bool
     public_url: str
     hub: LiveHub | None
-    heartbeat_s: float
     sms_auth_token: str | None = None
     vapid_public_key: str | None = None
     registry: CollectorRegistry | None = None
@@ -303,11 +301,8 @@ def install_channel_routes(
                 yield b"event: ready\ndata: {}\n\n"
                 last_key = stream_id_key(last) if last is not None else (-1, -1)
                 while True:
-                    try:
-                        event_id, payload = await asyncio.wait_for(
-                            listener.queue.get(), channels.heartbeat_s
-                        )
-                    except TimeoutError:
+                    event_id, payload = await listener.queue.get()
+                    if not event_id:  # the hub's heartbeat
                         yield b": keep-alive\n\n"
                         continue
                     if stream_id_key(event_id) <= last_key:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,13 @@ return id
 """
 QUEUE_LIMIT = 256
 """Events held for one slow client before its oldest are dropped."""
+HEARTBEAT_CHUNK = 100
+"""Heartbeats offered before the hub lets the loop run the woken streams."""
+_SLOTS = itertools.count()
+HEARTBEAT: tuple[str, str] = ("", "")
+"""What the hub puts in every listener's queue each heartbeat: one timer for the process, not a
+`wait_for` timer and task per client (with 10,000 clients those were garbage enough to make the
+collector pause the API loop for hundreds of milliseconds)."""
 
 
 def stream_key(prefix: str, user_id: str) -> str:
@@ -88,6 +96,8 @@ class Listener:
         default_factory=lambda: asyncio.Queue(QUEUE_LIMIT)
     )
     dropped: int = 0
+    slot: int = field(default_factory=lambda: next(_SLOTS))
+    """Which heartbeat tick beats it (listeners are spread over the heartbeat interval)."""
 
     def offer(self, event: tuple[str, str]) -> None:
         """Queue an event; a full queue loses its oldest."""
@@ -101,10 +111,12 @@ class Listener:
 class LiveHub:
     """An API process's subscriptions: one pub/sub connection, many listeners."""
 
-    def __init__(self, url: str, prefix: str, max_clients: int) -> None:
+    def __init__(self, url: str, prefix: str, max_clients: int, heartbeat_s: float = 15.0) -> None:
         self._url = url
         self._prefix = prefix
         self.max_clients = max_clients
+        self._heartbeat_s = heartbeat_s
+        self._beat: asyncio.Task[None] | None = None
         self._listeners: dict[str, set[Listener]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._redis: Any = None
@@ -123,7 +135,31 @@ class LiveHub:
         if self._reader is None:
             self._redis = aioredis.Redis.from_url(self._url, socket_connect_timeout=2)
             self._pubsub = self._redis.pubsub()
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read())
+            self._beat = loop.create_task(self._heartbeats())
+
+    async def _heartbeats(self) -> None:
+        """Each listener gets a heartbeat every `heartbeat_s`, spread over that time.
+
+        Beating every client at once stalls the loop for the whole burst (10,000 streams woken
+        together held a published event back for over a second): listeners are beaten in one
+        tick a second, by slot, and the loop gets control back every HEARTBEAT_CHUNK of them.
+        """
+        ticks = max(1, round(self._heartbeat_s))
+        tick = 0
+        while True:
+            await asyncio.sleep(self._heartbeat_s / ticks)
+            tick = (tick + 1) % ticks
+            beaten = 0
+            for listeners in list(self._listeners.values()):
+                for listener in list(listeners):
+                    if listener.slot % ticks != tick or not listener.queue.empty():
+                        continue  # not its turn, or it has events (which keep it alive)
+                    listener.offer(HEARTBEAT)
+                    beaten += 1
+                    if beaten % HEARTBEAT_CHUNK == 0:
+                        await asyncio.sleep(0)
 
     async def _read(self) -> None:
         while True:
@@ -196,10 +232,11 @@ class LiveHub:
 
     async def close(self) -> None:
         """Stop reading and close the connection."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
+        for task in (self._reader, self._beat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
