@@ -568,3 +568,23 @@ def test_in_app_notifications_reach_a_listener_and_stay_in_the_users_stream(
     body = json.loads(payload)
     assert body["title"] == "Receipt for order 1234" and body["category"] == "receipt"
     assert history == [(event_id, payload)]
+
+
+def test_the_hub_beats_idle_listeners_spread_over_the_interval(channels: Channels) -> None:
+    from operators.adapters.redis.live import HEARTBEAT
+
+    async def main() -> list[float]:
+        hub = LiveHub(REDIS_URL, channels.prefix, 100, heartbeat_s=2.0)
+        listeners = [await hub.listen(f"beat-{i}") for i in range(4)]
+        started = time.monotonic()
+        beats = []
+        for listener in listeners:
+            assert await asyncio.wait_for(listener.queue.get(), 5) == HEARTBEAT
+            beats.append(time.monotonic() - started)
+        for listener in listeners:
+            await hub.leave(listener)
+        await hub.close()
+        return beats
+
+    beats = asyncio.run(main())
+    assert max(beats) <= 4.0  # every idle listener within an interval (and a tick)
