@@ -215,6 +215,97 @@ class Settings:
     outbox_metrics_port: int = 3050
     """FANFARE_OUTBOX_METRICS_PORT: `fanfare outbox relay`'s /metrics, on FANFARE_METRICS_HOST
     (0: not served)."""
+    dev_mode: bool = False
+    """FANFARE_DEV_MODE: the development stack's allowances: http and loopback or private hosts
+    for chat webhooks, web push endpoints and FANFARE_PUBLIC_URL, SMTP without TLS, and the live
+    inbox page `/dev/inbox` on `fanfare api`. `fanfare dev up` sets it in the settings file;
+    never set it in production."""
+    public_url: str = ""
+    """FANFARE_PUBLIC_URL: the API's public base URL, for the links fanfare puts in messages
+    (one-click unsubscribe, SMS status callbacks); empty: `http://FANFARE_API_HOST:PORT`, which
+    only FANFARE_DEV_MODE accepts (it must be https otherwise)."""
+    link_secret_file: str = ""
+    """FANFARE_LINK_SECRET_FILE: file holding the key (32 bytes or more) that signs unsubscribe
+    links and live-stream tokens; never logged. Email and the browser's live stream need it."""
+    unsubscribe_ttl_s: int = 31_536_000
+    """FANFARE_UNSUBSCRIBE_TTL_S: how long an unsubscribe link works after its message left."""
+    stream_token_ttl_s: int = 3_600
+    """FANFARE_STREAM_TOKEN_TTL_S: how long a browser's live-stream token works."""
+    smtp_host: str = ""
+    """FANFARE_SMTP_HOST: the SMTP relay (a submission server). Empty: no email."""
+    smtp_port: int = 587
+    """FANFARE_SMTP_PORT: its port (587 with STARTTLS, 465 with implicit TLS)."""
+    smtp_tls: str = "starttls"
+    """FANFARE_SMTP_TLS: `starttls` (required, not opportunistic), `tls` (implicit, port 465) or
+    `none` (FANFARE_DEV_MODE only)."""
+    smtp_username: str = ""
+    """FANFARE_SMTP_USERNAME: the relay's user (empty: no AUTH)."""
+    smtp_password_file: str = ""
+    """FANFARE_SMTP_PASSWORD_FILE: file holding that user's password; never logged."""
+    smtp_ca_file: str = ""
+    """FANFARE_SMTP_CA_FILE: extra CA bundle to trust for the relay (the local SMTP server's)."""
+    smtp_connections: int = 4
+    """FANFARE_SMTP_CONNECTIONS: SMTP connections per delivery worker (one message at a time
+    each)."""
+    email_from: str = ""
+    """FANFARE_EMAIL_FROM: the From address (`Name <addr@domain>` or `addr@domain`); required
+    with FANFARE_SMTP_HOST."""
+    email_rate_per_min: int = 6_000
+    """FANFARE_EMAIL_RATE_PER_MIN: messages per minute to the relay, all workers together."""
+    email_domain_rate_per_min: int = 600
+    """FANFARE_EMAIL_DOMAIN_RATE_PER_MIN: messages per minute to one recipient domain (a bucket
+    per domain, shared by every worker)."""
+    sms_account_sid: str = ""
+    """FANFARE_SMS_ACCOUNT_SID: the SMS provider's account id (Twilio's `AC...`). Empty: no SMS."""
+    sms_auth_token_file: str = ""
+    """FANFARE_SMS_AUTH_TOKEN_FILE: file holding the account's auth token (basic auth, and the
+    key that signs status callbacks); never logged."""
+    sms_api_url: str = "https://api.twilio.com"
+    """FANFARE_SMS_API_URL: the Messages API's base URL (Twilio's, or a compatible one)."""
+    sms_from: str = ""
+    """FANFARE_SMS_FROM: the sender, an E.164 number or a messaging service id (`MG...`)."""
+    sms_rate_per_min: int = 600
+    """FANFARE_SMS_RATE_PER_MIN: messages per minute to the SMS provider, all workers together."""
+    sms_user_daily_limit: int = 10
+    """FANFARE_SMS_USER_DAILY_LIMIT: messages one user may get a UTC day; past it, `failed`."""
+    sms_daily_limit: int = 10_000
+    """FANFARE_SMS_DAILY_LIMIT: messages all users together may get a UTC day."""
+    sms_cost_micros: int = 7_900
+    """FANFARE_SMS_COST_MICROS: the price of one SMS segment in millionths of the currency,
+    counted in `fanfare_sms_cost_micros_total` per message sent."""
+    sms_currency: str = "USD"
+    """FANFARE_SMS_CURRENCY: the currency of FANFARE_SMS_COST_MICROS (ISO 4217)."""
+    webpush_vapid_key_file: str = ""
+    """FANFARE_WEBPUSH_VAPID_KEY_FILE: the VAPID private key (PEM, P-256) web pushes are signed
+    with; its public key is what browsers subscribe with. Empty: no web push."""
+    webpush_subject: str = ""
+    """FANFARE_WEBPUSH_SUBJECT: the VAPID `sub`, a `mailto:` or `https:` contact for push services;
+    required with FANFARE_WEBPUSH_VAPID_KEY_FILE."""
+    webpush_rate_per_min: int = 600_000
+    """FANFARE_WEBPUSH_RATE_PER_MIN: web pushes per minute, all workers together."""
+    chat_rate_per_min: int = 6_000
+    """FANFARE_CHAT_RATE_PER_MIN: chat webhook posts per minute, all workers together."""
+    chat_webhook_rate_per_min: int = 60
+    """FANFARE_CHAT_WEBHOOK_RATE_PER_MIN: posts per minute to one webhook (Slack allows about one
+    a second)."""
+    channel_ca_file: str = ""
+    """FANFARE_CHANNEL_CA_FILE: extra CA bundle the HTTP channel senders (SMS, web push, chat)
+    trust (the local servers' CA)."""
+    inapp_stream_length: int = 100
+    """FANFARE_INAPP_STREAM_LENGTH: in-app notifications kept per user for a live stream that
+    reconnects (`Last-Event-ID`)."""
+    inapp_stream_ttl_s: int = 604_800
+    """FANFARE_INAPP_STREAM_TTL_S: how long a user's kept in-app notifications live in Redis."""
+    sse_heartbeat_s: int = 15
+    """FANFARE_SSE_HEARTBEAT_S: seconds between keep-alive comments on an idle live stream."""
+    sse_max_clients: int = 20_000
+    """FANFARE_SSE_MAX_CLIENTS: live streams one `fanfare api` process holds at most (503 past
+    it)."""
+
+    @property
+    def resolved_public_url(self) -> str:
+        """FANFARE_PUBLIC_URL without its trailing slash, else the API's own address."""
+        return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
 
     @property
     def metrics_listen_host(self) -> str:
@@ -343,7 +434,27 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "outbox_batch_size": (1, 10_000),
     "outbox_poll_ms": (10, 600_000),
     "outbox_metrics_port": (0, 65_535),
+    "unsubscribe_ttl_s": (86_400, 10 * 365 * 86_400),
+    "stream_token_ttl_s": (60, 30 * 86_400),
+    "smtp_port": (1, 65_535),
+    "smtp_connections": (1, 1_000),
+    "email_rate_per_min": (1, None),
+    "email_domain_rate_per_min": (1, None),
+    "sms_rate_per_min": (1, None),
+    "sms_user_daily_limit": (0, 100_000),
+    "sms_daily_limit": (0, None),
+    "sms_cost_micros": (0, 100_000_000),
+    "webpush_rate_per_min": (1, None),
+    "chat_rate_per_min": (1, None),
+    "chat_webhook_rate_per_min": (1, None),
+    "inapp_stream_length": (1, 100_000),
+    "inapp_stream_ttl_s": (60, 365 * 86_400),
+    "sse_heartbeat_s": (1, 3_600),
+    "sse_max_clients": (1, 1_000_000),
 }
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True}
+_BOOLS.update({"false": False, "0": False, "no": False, "off": False})
+SMTP_TLS_MODES = ("starttls", "tls", "none")
 
 
 SETTINGS_FILE_NAME = "settings.env"
@@ -359,6 +470,22 @@ PROVIDER_SETTINGS = (
         "FANFARE_APNS_CA_FILE",
     ),
     ("FANFARE_FCM_CREDENTIALS_FILE", "FANFARE_FCM_URL", "FANFARE_FCM_CA_FILE"),
+    (
+        "FANFARE_SMTP_HOST",
+        "FANFARE_SMTP_PORT",
+        "FANFARE_SMTP_TLS",
+        "FANFARE_SMTP_USERNAME",
+        "FANFARE_SMTP_PASSWORD_FILE",
+        "FANFARE_SMTP_CA_FILE",
+        "FANFARE_EMAIL_FROM",
+    ),
+    (
+        "FANFARE_SMS_ACCOUNT_SID",
+        "FANFARE_SMS_AUTH_TOKEN_FILE",
+        "FANFARE_SMS_API_URL",
+        "FANFARE_SMS_FROM",
+    ),
+    ("FANFARE_WEBPUSH_VAPID_KEY_FILE", "FANFARE_WEBPUSH_SUBJECT"),
 )
 """Settings that only make sense together: where one comes from the environment, the settings
 file's values of the others are not used (a real key is never sent to a local server's host)."""
@@ -434,6 +561,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         elif name in _INT_BOUNDS:
             low, high = _INT_BOUNDS[name]
             values[name] = _parse_int(var, raw, low, high)
+        elif name == "dev_mode":
+            if raw.strip().lower() not in _BOOLS:
+                raise ConfigError(f"{var}={raw!r}: use true or false")
+            values[name] = _BOOLS[raw.strip().lower()]
         elif name == "log_level":
             level = raw.upper()
             if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -467,6 +598,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
     _check_metrics_server(settings, env)
     _check_outbox(settings)
+    _check_channels(settings)
     if not settings.resolved_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
             "FANFARE_STORE_URL must be sqlite:///PATH or cassandra://host1,host2/keyspace[?dc=DC]"
@@ -521,6 +653,67 @@ def outbox_password(settings: Settings) -> str | None:
     if not settings.outbox_password_file:
         return None
     return read_secret_file("FANFARE_OUTBOX_PASSWORD_FILE", settings.outbox_password_file)
+
+
+def _check_channels(settings: Settings) -> None:
+    """The channels' settings: shapes only (credential files are read by the senders)."""
+    from email.utils import parseaddr
+
+    from schemas.addresses import InvalidAddress, check_email, check_phone, check_url
+
+    dev = settings.dev_mode
+    if settings.public_url:
+        try:
+            check_url(settings.public_url, "FANFARE_PUBLIC_URL", allow_dev=dev)
+        except InvalidAddress as exc:
+            raise ConfigError(f"FANFARE_PUBLIC_URL={settings.public_url}: {exc}") from None
+    if settings.smtp_tls not in SMTP_TLS_MODES:
+        raise ConfigError(
+            f"FANFARE_SMTP_TLS={settings.smtp_tls!r}: use starttls, tls or none (none only "
+            "with FANFARE_DEV_MODE)"
+        )
+    if settings.smtp_tls == "none" and not dev:
+        raise ConfigError(
+            "FANFARE_SMTP_TLS=none sends passwords and mail in the clear: only with "
+            "FANFARE_DEV_MODE=true; use starttls or tls"
+        )
+    if settings.email_from:
+        try:
+            check_email(parseaddr(settings.email_from)[1])
+        except InvalidAddress as exc:
+            raise ConfigError(f"FANFARE_EMAIL_FROM={settings.email_from!r}: {exc}") from None
+    elif settings.smtp_host:
+        raise ConfigError("FANFARE_SMTP_HOST is set but FANFARE_EMAIL_FROM is not")
+    if settings.sms_from and not re.fullmatch(r"MG[0-9a-fA-F]{32}", settings.sms_from):
+        try:
+            check_phone(settings.sms_from)
+        except InvalidAddress as exc:
+            raise ConfigError(
+                f"FANFARE_SMS_FROM={settings.sms_from!r}: {exc}, or a messaging service id "
+                "(MG and 32 hex digits)"
+            ) from None
+    if settings.sms_account_sid and not (settings.sms_from and settings.sms_auth_token_file):
+        raise ConfigError(
+            "FANFARE_SMS_ACCOUNT_SID is set: set FANFARE_SMS_FROM and FANFARE_SMS_AUTH_TOKEN_FILE"
+        )
+    try:
+        check_url(settings.sms_api_url, "FANFARE_SMS_API_URL", allow_dev=dev)
+    except InvalidAddress as exc:
+        raise ConfigError(f"FANFARE_SMS_API_URL={settings.sms_api_url}: {exc}") from None
+    if not re.fullmatch(r"[A-Z]{3}", settings.sms_currency):
+        raise ConfigError(f"FANFARE_SMS_CURRENCY={settings.sms_currency!r}: an ISO 4217 code")
+    if (settings.smtp_host or settings.sms_account_sid) and not settings.public_url and not dev:
+        raise ConfigError(
+            "email and SMS put links to the API in messages (unsubscribe, status callbacks): set "
+            "FANFARE_PUBLIC_URL to the API's public https address"
+        )
+    if settings.webpush_vapid_key_file and not settings.webpush_subject.startswith(
+        ("mailto:", "https://")
+    ):
+        raise ConfigError(
+            "FANFARE_WEBPUSH_SUBJECT must be a mailto: or https: contact for push services "
+            "when FANFARE_WEBPUSH_VAPID_KEY_FILE is set"
+        )
 
 
 def _check_template(settings: Settings) -> None:

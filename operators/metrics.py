@@ -115,6 +115,28 @@ ACCEPT_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
 )
 
+# Channels beyond push (operators/adapters/channels/).
+CHANNEL_PACED = Counter(
+    "fanfare_channel_paced_total",
+    "channel sends a sender held before they left because a per-address bucket was empty "
+    "(email: the recipient's domain; chat: the webhook)",
+    ["provider"],
+)
+SMS_SEGMENTS = Counter("fanfare_sms_segments_total", "SMS segments the provider accepted")
+SMS_COST = Counter(
+    "fanfare_sms_cost_micros_total",
+    "what accepted SMS cost, in millionths of the currency (segments x FANFARE_SMS_COST_MICROS)",
+    ["currency"],
+)
+SMS_BUDGET_REFUSED = Counter(
+    "fanfare_sms_budget_refused_total",
+    "SMS not sent because a daily budget was spent, by budget (user, global)",
+    ["budget"],
+)
+INAPP_PUBLISHED = Counter(
+    "fanfare_inapp_published_total", "in-app notifications published to users' live streams"
+)
+
 ACKS = Counter(
     "fanfare_acks_total",
     "notification_acks applied or refused, by event and outcome",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -16,7 +16,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import fastjsonschema
 import orjson
 
+from schemas.addresses import DEVICE_PROVIDERS, PUSH_PROVIDERS, InvalidAddress, check_address
 from schemas.records import (
+    CategorySwitch,
+    ChannelMessage,
     DeadLetter,
     DeliveryEvent,
     DeviceChange,
@@ -134,8 +137,52 @@ def decode_follow_change(raw: bytes | str | None) -> FollowChange:
 
 
 def decode_preference_change(raw: bytes | str | None) -> PreferenceChange:
-    """A validated :class:`PreferenceChange`; the timezone must exist in the tz database."""
+    """A validated :class:`PreferenceChange`; the timezone must exist in the tz database.
+
+    A category switch (`kind: category_switch`) is refused with `unsupported_kind`: this is the
+    decoder of consumers that keep complete records only; `decode_preference_event` reads both.
+    """
     d = _parse(raw, "preference_changes")
+    if "kind" in d:
+        raise InvalidEvent(
+            "unsupported_kind",
+            f"{d['kind']} events need a consumer that reads per-category switches "
+            "(decode_preference_event)",
+        )
+    return _preference_change(d)
+
+
+def decode_preference_event(raw: bytes | str | None) -> PreferenceChange | CategorySwitch:
+    """A complete :class:`PreferenceChange`, or a :class:`CategorySwitch` (`kind` set)."""
+    d = _parse(raw, "preference_changes")
+    if "kind" not in d:
+        return _preference_change(d)
+    return CategorySwitch(
+        user_id=d["user_id"],
+        category=d["category"],
+        channel=d["channel"],
+        enabled=d["enabled"],
+        ts=parse_timestamp(d["ts"]),
+        source=d.get("source", "api"),
+    )
+
+
+def encode_category_switch(switch: CategorySwitch) -> bytes:
+    """The wire form of a category switch (on preference_changes, keyed by user_id)."""
+    return orjson.dumps(
+        {
+            "kind": "category_switch",
+            "user_id": switch.user_id,
+            "category": switch.category,
+            "channel": switch.channel,
+            "enabled": switch.enabled,
+            "source": switch.source,
+            "ts": format_timestamp(switch.ts),
+        }
+    )
+
+
+def _preference_change(d: dict[str, Any]) -> PreferenceChange:
     start, end = d.get("quiet_hours_start"), d.get("quiet_hours_end")
     if (start is None) != (end is None):
         raise InvalidEvent(
@@ -153,14 +200,40 @@ def decode_preference_change(raw: bytes | str | None) -> PreferenceChange:
     )
 
 
-def decode_device_change(raw: bytes | str | None) -> DeviceChange:
-    """A validated :class:`DeviceChange`."""
+def decode_device_change(
+    raw: bytes | str | None,
+    *,
+    providers: Collection[str] = PUSH_PROVIDERS,
+    allow_dev_addresses: bool = False,
+) -> DeviceChange:
+    """A validated :class:`DeviceChange` of one of `providers`, its address canonical.
+
+    `providers` are the kinds the consumer keeps: by default mobile push devices, as every
+    consumer did before channel addresses; another kind is `unsupported_provider` (a dead
+    letter, never a crash in a consumer that would not know what to do with it). Pass
+    `DEVICE_PROVIDERS` to read channel addresses too: each is checked as
+    `schemas.addresses.check_address` says (`invalid_address` otherwise), with
+    `allow_dev_addresses` (FANFARE_DEV_MODE) allowing http and loopback or private hosts.
+    """
     d = _parse(raw, "device_changes")
+    provider = d["provider"]
+    if provider not in providers:
+        raise InvalidEvent(
+            "unsupported_provider",
+            f"{provider} addresses need a consumer that reads channel addresses; this one "
+            f"reads {', '.join(providers)}",
+        )
+    token = d.get("token")
+    if token is not None and provider in DEVICE_PROVIDERS:
+        try:
+            token = check_address(provider, token, allow_dev=allow_dev_addresses)
+        except InvalidAddress as exc:
+            raise InvalidEvent("invalid_address", f"{provider}: {exc}") from None
     return DeviceChange(
         user_id=d["user_id"],
         device_id=d["device_id"],
-        provider=d["provider"],
-        token=d.get("token"),
+        provider=provider,
+        token=token,
         active=d["active"],
         ts=parse_timestamp(d["ts"]),
     )
@@ -269,8 +342,33 @@ def encode_dispatch_batch(batch: DispatchBatch) -> bytes:
             "provider": batch.provider,
             "created_at": batch.created_at,
             "items": batch.items,
+            **({"message": batch.message} if batch.message is not None else {}),
         }
     )
+
+
+def _item(i: dict[str, Any]) -> DispatchItem:
+    item = DispatchItem(
+        notification_id=i["notification_id"],
+        user_id=i["user_id"],
+        device_id=i["device_id"],
+        token=i["token"],
+    )
+    if "locale" in i:
+        item["locale"] = i["locale"]
+    return item
+
+
+def _message(d: dict[str, Any]) -> ChannelMessage | None:
+    m = d.get("message")
+    if m is None:
+        return None
+    message = ChannelMessage(
+        category=m["category"], template_id=m["template_id"], tier=m["tier"], data=m["data"]
+    )
+    if m.get("collapse_key") is not None:
+        message["collapse_key"] = m["collapse_key"]
+    return message
 
 
 def decode_dispatch_batch(raw: bytes | str | None, lane: str) -> DispatchBatch:
@@ -282,15 +380,8 @@ def decode_dispatch_batch(raw: bytes | str | None, lane: str) -> DispatchBatch:
         provider=d["provider"],
         created_at=d["created_at"],
         lane=lane,
-        items=tuple(
-            DispatchItem(
-                notification_id=i["notification_id"],
-                user_id=i["user_id"],
-                device_id=i["device_id"],
-                token=i["token"],
-            )
-            for i in d["items"]
-        ),
+        items=tuple(_item(i) for i in d["items"]),
+        message=_message(d),
     )
 
 
@@ -332,8 +423,13 @@ def decode_delivery_event(raw: bytes | str | None) -> DeliveryEvent:
 
 
 def encode_retry_record(record: RetryRecord) -> bytes:
-    """The wire form of a scheduled retry."""
+    """The wire form of a scheduled retry (`message` only when the send has one)."""
+    if record.message is None:
+        return orjson.dumps({f: getattr(record, f) for f in _RETRY_FIELDS})
     return orjson.dumps(record)
+
+
+_RETRY_FIELDS = tuple(f for f in RetryRecord.__slots__ if f != "message")
 
 
 def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
@@ -346,16 +442,12 @@ def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
         post_id=d["post_id"],
         author_id=d["author_id"],
         created_at=d["created_at"],
-        item=DispatchItem(
-            notification_id=i["notification_id"],
-            user_id=i["user_id"],
-            device_id=i["device_id"],
-            token=i["token"],
-        ),
+        item=_item(i),
         attempt=int(d["attempt"]),
         seq=int(d["seq"]),
         due_at=float(d["due_at"]),
         reason=d["reason"],
+        message=_message(d),
     )
 
 

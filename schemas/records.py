@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 import orjson
 
 Visibility = Literal["public", "followers", "private"]
-Provider = Literal["apns", "fcm"]
+PushProvider = Literal["apns", "fcm"]
+ChannelProvider = Literal["webpush", "email", "sms", "chat", "inapp"]
+Provider = Literal["apns", "fcm", "webpush", "email", "sms", "chat", "inapp"]
+"""Who delivers a dispatch item: a mobile push service, or a channel sender (schemas/addresses.py
+says what each one's address looks like)."""
 FollowOp = Literal["follow", "unfollow"]
 AckEvent = Literal["delivered", "opened"]
 Tier = Literal["transactional", "social", "marketing"]
-Channel = Literal["push", "inbox"]
+Channel = Literal["push", "inbox", "email", "sms", "chat"]
+"""What a category and a user's preferences switch: push (mobile and web push), inbox (the
+in-app list, live through the `inapp` provider), email, sms, chat (webhooks)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +59,28 @@ class PreferenceChange:
 
 
 @dataclass(frozen=True, slots=True)
+class CategorySwitch:
+    """A user turned a category on or off, on one channel or (`channel` None) on all of them.
+
+    A patch on `preference_changes` beside the complete preference records: an unsubscribe link
+    knows only the user and the category. Switches are kept per (category, channel) apart from
+    the complete record, which does not reset them.
+    """
+
+    user_id: str
+    category: str
+    channel: Channel | None
+    enabled: bool
+    ts: datetime
+    source: str = "api"
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceChange:
-    """A device was registered or refreshed (active) or deactivated."""
+    """A device or channel address was registered or refreshed (active) or deactivated.
+
+    `token` is the provider's token or the channel address (schemas/addresses.py).
+    """
 
     user_id: str
     device_id: str
@@ -68,12 +94,29 @@ class DispatchItem(TypedDict):
     """One push to one device; `notification_id` names the follower-level notification.
 
     A plain dict (not a dataclass): the fan-out builds one per device on its hottest path.
+    `token` is the device token or the channel address; `locale` the user's, for a notification
+    rendered from a template.
     """
 
     notification_id: str
     user_id: str
     device_id: str
     token: str
+    locale: NotRequired[str]
+
+
+class ChannelMessage(TypedDict):
+    """What an API notification says, for senders that render it from its template.
+
+    A dispatch batch of a `notify.<tier>` notification carries it (a post's carries none: its
+    text comes from FANFARE_PUSH_TITLE/BODY/LINK); a retry carries it on.
+    """
+
+    category: str
+    template_id: str
+    tier: Tier
+    data: dict[str, str | int | float | bool | None]
+    collapse_key: NotRequired[str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +129,16 @@ class DispatchBatch:
     created_at: str
     lane: str
     items: tuple[DispatchItem, ...]
+    message: ChannelMessage | None = None
 
     @property
     def topic(self) -> str:
-        """The channel topic this batch goes to."""
-        return f"push.{self.provider}" if self.lane == "normal" else f"push.{self.provider}.bulk"
+        """The channel topic this batch goes to (schemas/topics.py says the rule)."""
+        if self.provider in ("apns", "fcm"):
+            bulk = ".bulk" if self.lane != "normal" else ""
+            return f"push.{self.provider}{bulk}"
+        tier = self.message["tier"] if self.message is not None else "social"
+        return f"{self.provider}.{tier}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +227,7 @@ class RetryRecord:
     seq: int
     due_at: float
     reason: str
+    message: ChannelMessage | None = None
 
 
 @dataclass(frozen=True, slots=True)

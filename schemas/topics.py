@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from schemas.addresses import CHANNEL_PROVIDERS
+
 # Every topic of the contract (docs/design.md). Channel topics carry dispatch batches per provider,
 # with a `.bulk` lane for celebrity posts so they never hold up a normal post.
 POST_CREATED = "post_created"
@@ -37,6 +39,23 @@ def channel_topic(provider: str, lane: str) -> str:
 
 
 CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
+
+# The channels beyond mobile push (issue 18): one topic per channel provider and tier,
+# `email.transactional`, `sms.social`, `webpush.marketing`, ... The tier is the lane: a
+# marketing email backlog never sits in front of a receipt, and a slow SMTP relay never holds
+# up web push, since each (provider, tier) is read on its own and paced by its own bucket. Push
+# keeps normal/bulk because posts are all one tier (social) with celebrity lanes.
+
+
+def channel_tier_topic(provider: str, tier: str) -> str:
+    """The topic of a channel provider and tier: ``email.transactional``, ``inapp.social``."""
+    return f"{provider}.{tier}"
+
+
+TIER_LANES = {"transactional": "normal", "social": "normal", "marketing": "bulk"}
+"""The delivery engine's lane for a channel topic's tier until the engine has tier lanes:
+transactional and social read first, marketing as the bulk lane."""
+CHANNEL_TIER_TOPICS = tuple(channel_tier_topic(p, t) for t in TIERS for p in CHANNEL_PROVIDERS)
 ALL_TOPICS = (
     POST_CREATED,
     POST_CREATED_BACKFILL,
@@ -47,6 +66,7 @@ ALL_TOPICS = (
     NOTIFICATION_ACKS,
     DEAD_LETTERS,
     *TIER_TOPICS,
+    *CHANNEL_TIER_TOPICS,
 )
 
 MAX_DISPATCH_BATCH = 500

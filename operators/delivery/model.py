@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Literal
 
 from operators.events import MessageOrigin
-from schemas.records import DispatchItem, Provider
+from schemas.records import ChannelMessage, DispatchItem, Provider
 
 Lane = Literal["normal", "bulk"]
 RowState = Literal[
@@ -61,6 +61,9 @@ class SendRequest:
     """The message that carries the send: its key owns the ledger row (see `decide`)."""
     attempt: int = 0
     seq: int = 0
+    message: ChannelMessage | None = None
+    """What an API notification says (template, data, tier), from its dispatch batch or retry
+    record; None for a post, whose text comes from FANFARE_PUSH_TITLE/BODY/LINK."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -123,6 +126,15 @@ class Verdict(Enum):
     INVALID_TOKEN = "invalid_token"  # permanent token error: deactivate the device, no retry
     PERMANENT = "failed"  # the provider will never take this request as it is
     TRANSIENT = "transient"  # retry with backoff
+    HELD = "held"
+    """The sender's own pacing held the send before it left (a per-domain or per-webhook bucket
+    was empty): schedule it at `retry_after_s`, with no attempt used, and do not count it
+    towards the breaker: the provider did not fail. (An engine that does not know HELD treats
+    it as TRANSIENT, which is safe but uses an attempt.)"""
+
+
+HELD_PREFIX = "held: "
+"""The reason of an answer a sender made up for a send its own pacing held (see Verdict.HELD)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +172,22 @@ _APNS_TRANSIENT_REASONS = frozenset(
 
 
 def classify(provider: Provider, answer: ProviderAnswer) -> Verdict:
-    """Sort an answer into accepted, bad token, permanent failure or transient failure."""
+    """Sort an answer into accepted, bad token, permanent failure or transient failure.
+
+    For the channels, INVALID_TOKEN means a dead address: an email hard bounce, an SMS
+    recipient who opted out, a web push subscription or chat webhook that is gone; the engine
+    deactivates it through `device_changes` as it does a push token.
+    """
     status, reason = answer.status, answer.reason or ""
+    if reason.startswith(HELD_PREFIX):
+        return Verdict.HELD
     if status is None:
         return Verdict.TRANSIENT  # timeout, connection lost, GOAWAY without a resend
     if 200 <= status < 300:
         return Verdict.ACCEPTED
+    channel = _CHANNEL_RULES.get(provider)
+    if channel is not None:
+        return channel(status, reason)
     if provider == "apns":
         if status == 410 or reason in _APNS_TOKEN_REASONS:
             return Verdict.INVALID_TOKEN
@@ -182,6 +204,73 @@ def classify(provider: Provider, answer: ProviderAnswer) -> Verdict:
         # Our credentials (or the APNs key behind FCM) need fixing: retry until the age cap.
         return Verdict.TRANSIENT
     return Verdict.PERMANENT
+
+
+# --- the channels' answers (docs/providers.md says what each provider answers) -------------
+
+_SMTP_AUTH_CODES = frozenset({530, 534, 535, 538})
+"""AUTH refused or required: our credentials or TLS setup, not the message (retried, breaker)."""
+
+
+def _email(status: int, reason: str) -> Verdict:
+    # `reason` starts with the SMTP phase the code answered: "RCPT", "MAIL", "DATA", "AUTH"...
+    if 400 <= status < 500 or status == 552 or status in _SMTP_AUTH_CODES:
+        # 4xx: try later (greylisting, mailbox busy); 552 at RCPT is "mailbox full", which RFC
+        # 5321 says to treat as 452.
+        return Verdict.TRANSIENT
+    if 500 <= status < 600 and reason.startswith("RCPT"):
+        return Verdict.INVALID_TOKEN  # a hard bounce: no such mailbox, domain, relaying denied
+    return Verdict.PERMANENT  # 5xx at MAIL or DATA: the message itself is refused
+
+
+_TWILIO_DEAD_NUMBER = frozenset(
+    {
+        "21610",  # the recipient replied STOP: unsubscribed until they send START
+        "21211",  # the 'To' number is not a valid phone number
+        "21614",  # the 'To' number is not a mobile number
+    }
+)
+
+
+def _sms(status: int, reason: str) -> Verdict:
+    # `reason` is Twilio's error code (a number as text), or a sender's own refusal.
+    if reason in _TWILIO_DEAD_NUMBER:
+        return Verdict.INVALID_TOKEN
+    if status == 429 or reason == "20429" or status >= 500 or status == 401:
+        return Verdict.TRANSIENT  # 401 (20003): our credentials need fixing, not the message
+    return Verdict.PERMANENT  # budgets (402), a category not SMS-eligible (403), bad requests
+
+
+def _webpush(status: int, reason: str) -> Verdict:
+    if status in (404, 410):
+        return Verdict.INVALID_TOKEN  # the subscription expired or was unsubscribed (RFC 8030)
+    if status in (429, 401) or status >= 500:
+        return Verdict.TRANSIENT  # 401: our VAPID token was refused (clock, key), not the push
+    return Verdict.PERMANENT  # 400, 403 (VAPID key not the subscription's), 413 too large
+
+
+_CHAT_GONE = frozenset({"invalid_token", "no_service", "channel_not_found", "channel_is_archived"})
+
+
+def _chat(status: int, reason: str) -> Verdict:
+    if status in (404, 410) or reason in _CHAT_GONE:
+        return Verdict.INVALID_TOKEN  # the webhook was removed or its channel archived
+    if status == 429 or status >= 500:
+        return Verdict.TRANSIENT
+    return Verdict.PERMANENT  # invalid_payload, action_prohibited, ...
+
+
+def _inapp(status: int, reason: str) -> Verdict:
+    return Verdict.TRANSIENT if status >= 500 else Verdict.PERMANENT
+
+
+_CHANNEL_RULES = {
+    "email": _email,
+    "sms": _sms,
+    "webpush": _webpush,
+    "chat": _chat,
+    "inapp": _inapp,
+}
 
 
 @dataclass(frozen=True, slots=True)

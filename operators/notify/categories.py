@@ -12,6 +12,7 @@ The file is TOML::
     description = "A one-time login code"
     channels = { push = true, inbox = false }
     # quiet_hours and caps default by tier (transactional: false; social, marketing: true)
+    sms_eligible = true     # SMS costs money per message: only categories that say so use it
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import Any, cast
 from schemas.records import Channel, Tier
 from schemas.topics import TIERS
 
-CHANNELS: tuple[Channel, ...] = ("push", "inbox")
-"""Channels a notification can use: a push to the user's devices, an entry in the in-app inbox."""
+CHANNELS: tuple[Channel, ...] = ("push", "inbox", "email", "sms", "chat")
+"""Channels a notification can use: a push to the user's devices (mobile and web push), an entry
+in the in-app inbox (live on the in-app stream), an email, an SMS, a chat webhook post."""
 NAME = re.compile(r"^[a-z0-9_]{1,64}$")
 """Category and template names: lower-case letters, digits and underscores (topic-safe)."""
-_KEYS = {"tier", "description", "channels", "quiet_hours", "caps"}
+_KEYS = {"tier", "description", "channels", "quiet_hours", "caps", "sms_eligible"}
 
 
 class CatalogError(ValueError):
@@ -46,6 +48,8 @@ class Category:
     quiet_hours: bool
     caps: bool
     description: str = ""
+    sms_eligible: bool = False
+    """Whether the category may use SMS at all (requests, routing and the SMS sender check)."""
 
     @property
     def default_channels(self) -> tuple[Channel, ...]:
@@ -105,7 +109,13 @@ def parse_category(source: str, name: str, entry: object) -> Category:
         quiet_hours=_bool(source, f"{where}: quiet_hours", entry.get("quiet_hours", quiet_default)),
         caps=_bool(source, f"{where}: caps", entry.get("caps", caps_default)),
         description=description,
+        sms_eligible=_bool(source, f"{where}: sms_eligible", entry.get("sms_eligible", False)),
     )
+    if category.channels["sms"] and not category.sms_eligible:
+        raise CatalogError(
+            f"{source}: {where}: channels.sms is on but the category is not sms_eligible "
+            "(add sms_eligible = true: SMS costs money per message)"
+        )
     if not category.default_channels:
         raise CatalogError(f"{source}: {where}: turn at least one channel on by default")
     return category

@@ -129,6 +129,13 @@ def resolve_channels(category: Category, asked: Sequence[Channel] | None) -> tup
     chosen = tuple(c for c in CHANNELS if c in asked)
     if not chosen:
         raise Rejected("invalid_channels", "name at least one channel", "channels")
+    if "sms" in chosen and not category.sms_eligible:
+        raise Rejected(
+            "channel_not_allowed",
+            f"category {category.name!r} is not SMS-eligible (SMS costs money per message: a "
+            "category must say sms_eligible = true in the categories file)",
+            "channels",
+        )
     return chosen
 
 

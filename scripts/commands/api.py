@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from flows.runtime.readiness import probe_broker, probe_redis
 from flows.runtime.supervisor import EXIT_CANNOT_START, EXIT_CONFIGURATION
 from operators.adapters.catalog_files import load_catalog
 from operators.adapters.kafka.publisher import KafkaPublisher
+from operators.adapters.providers.config import ProviderConfigError
 from operators.adapters.redis.api_store import (
     AudienceRecipients,
     RedisAcceptedLog,
@@ -51,7 +53,13 @@ from operators.adapters.redis.campaigns import RedisCampaignStore
 from operators.adapters.redis.client import REDIS_DOWN_ERRORS, PerThreadRedis
 from operators.adapters.stores.by_url import open_follower_store, open_notification_store
 from operators.adapters.stores.campaign_sources import FollowerRecipients
-from operators.config import Settings, cassandra_credentials, redact_url
+from operators.config import (
+    ConfigError,
+    Settings,
+    cassandra_credentials,
+    read_secret_file,
+    redact_url,
+)
 from operators.fanout.ports import FollowerStore
 from operators.notify.campaigns import MAX_CHUNK, Target
 from operators.notify.catalog import Catalog, catalog_summary
@@ -65,6 +73,7 @@ from scripts.commands.arguments import number_in, positive_int, whole_number
 
 if TYPE_CHECKING:  # FastAPI is imported by `fanfare api` only, not by every `fanfare` command
     from operators.adapters.http.app import CountingPublisher
+    from operators.adapters.http.channels import ChannelApi
 
 log = logging.getLogger("fanfare.api")
 
@@ -209,6 +218,39 @@ def build_service(
     )
 
 
+def channel_api(settings: Settings, catalog: Catalog) -> ChannelApi:
+    """The channels' endpoints' settings: link key, live hub, SMS token, VAPID public key."""
+    from operators.adapters.channels.factory import read_link_secret
+    from operators.adapters.channels.webpush import vapid_public_key
+    from operators.adapters.http.channels import ChannelApi
+    from operators.adapters.redis.live import LiveHub
+
+    sms_token = None
+    if settings.sms_account_sid:
+        sms_token = read_secret_file(
+            "FANFARE_SMS_AUTH_TOKEN_FILE", settings.sms_auth_token_file
+        ).strip()
+    vapid = None
+    if settings.webpush_vapid_key_file:
+        vapid = vapid_public_key(Path(settings.webpush_vapid_key_file))
+    return ChannelApi(
+        catalog=catalog,
+        link_secret=read_link_secret(settings),
+        unsubscribe_ttl_s=settings.unsubscribe_ttl_s,
+        stream_token_ttl_s=settings.stream_token_ttl_s,
+        dev_mode=settings.dev_mode,
+        public_url=settings.resolved_public_url,
+        hub=LiveHub(
+            settings.redis_url,
+            settings.redis_prefix,
+            settings.sse_max_clients,
+            settings.sse_heartbeat_s,
+        ),
+        sms_auth_token=sms_token,
+        vapid_public_key=vapid,
+    )
+
+
 # --- fanfare api --------------------------------------------------------------------------------
 
 
@@ -234,9 +276,15 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         for line in problems:
             print(f"fanfare api: cannot start: {line}", file=sys.stderr)
         return EXIT_CANNOT_START
+    try:
+        channels = channel_api(settings, catalog)
+    except (ConfigError, ProviderConfigError) as exc:
+        print(f"fanfare api: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIGURATION
     redis = api_redis(settings.redis_url)
     kafka = KafkaPublisher(settings.kafka_config())
     metrics = ApiMetrics()
+    channels.registry = metrics.registry
     publisher = CountingPublisher(kafka, metrics)
     service = build_service(settings, catalog, redis, publisher)
 
@@ -257,6 +305,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
             checks={"redis": redis_check, "kafka": lambda: kafka.check(API_TOPICS)},
             max_body_bytes=settings.api_max_body_bytes,
             upload_max_bytes=settings.api_upload_max_bytes,
+            channels=channels,
         )
     )
     log.info(
@@ -276,8 +325,12 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
             lifespan="off",
             timeout_graceful_shutdown=10,
             server_header=False,
+            backlog=4096,  # live streams: thousands of clients may (re)connect at once
         )
     )
+    # What was made at start-up (modules, the catalog, the app) lives as long as the process:
+    # out of the collector's way, so its full collections walk only what requests made.
+    gc.freeze()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the
     # handlers it found: let those note it, so the producer is flushed and the exit code is 0.
     stopped_by: list[int] = []

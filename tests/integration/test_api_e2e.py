@@ -324,7 +324,18 @@ def test_bad_requests_get_a_json_reason_and_publish_nothing(api: Api) -> None:
         (login(data={"code": {"x": 1}, "minutes": 1}), 422, "invalid_request", None),
         (login(send_at="2026-12-24T10:00:00"), 422, "invalid_request", "send_at"),
         (login(send_at="2099-01-01T00:00:00Z"), 422, "invalid_send_at", "send_at"),
-        (login(channels=["sms"]), 422, "invalid_request", "channels.0"),
+        (login(channels=["fax"]), 422, "invalid_request", "channels.0"),
+        (
+            login(
+                category="receipt",
+                template_id="receipt",
+                data={"order_id": "1", "amount": "1", "currency": "EUR"},
+                channels=["push", "sms"],
+            ),
+            422,
+            "channel_not_allowed",
+            "channels",
+        ),
         (login(channels=[]), 422, "invalid_request", "channels"),
         (login(collapse_key="x" * 65), 422, "invalid_request", "collapse_key"),
         (login(idempotency_key=""), 422, "invalid_request", "idempotency_key"),
@@ -477,6 +488,12 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
             "POST",
             "devices",
             {"device_id": "d1", "provider": "sms", "token": "ab" * 32},
+            "invalid_address",  # sms is a channel address since issue 18: not E.164
+        ),
+        (
+            "POST",
+            "devices",
+            {"device_id": "d1", "provider": "fax", "token": "ab" * 32},
             "invalid_request",
         ),
         ("DELETE", "devices", {"device_id": "d1"}, "missing_field"),

@@ -784,7 +784,8 @@ def test_subprocess_mode_writes_providers_json_and_stops_on_sigterm(tmp_path: Pa
     try:
         info = json.loads((tmp_path / "providers.json").read_text())
         assert info["pid"] == proc.proc.pid
-        assert set(info) == {"apns", "fcm", "control_url", "pid"}
+        assert set(info) == {"apns", "fcm", "channels", "control_url", "pid"}
+        assert set(info["channels"]) >= {"smtp", "sms", "webpush", "chat", "control_url"}
         assert proc.control().health()
 
         async def main() -> NotificationResult:

@@ -419,7 +419,7 @@ unknown_enum_values = st.one_of(
             " follow",
             "opened ",
             "everyone",
-            "webpush",
+            "web_push",  # (webpush is a provider since channel addresses)
             "express",
             "clicked",
             "block",

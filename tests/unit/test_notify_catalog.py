@@ -68,7 +68,9 @@ def test_the_shipped_catalog_loads_with_the_four_default_categories() -> None:
         ('[categories.x]\ntier = "urgent"', "tier must be one of transactional, social, marketing"),
         ('[categories.X]\ntier = "social"', "lower-case"),
         ('[categories.x]\ntier = "social"\ncolor = "red"', "unknown keys ['color']"),
-        ('[categories.x]\ntier = "social"\nchannels = { sms = true }', "unknown channels ['sms']"),
+        ('[categories.x]\ntier = "social"\nchannels = { fax = true }', "unknown channels ['fax']"),
+        ('[categories.x]\ntier = "social"\nchannels = { sms = true }', "not sms_eligible"),
+        ('[categories.x]\ntier = "social"\nsms_eligible = 1', "true or false"),
         ('[categories.x]\ntier = "social"\nchannels = { push = false }', "at least one channel"),
         ('[categories.x]\ntier = "social"\nquiet_hours = "no"', "true or false"),
         ('[categories.x]\ntier = "social"\nchannels = { push = "yes" }', "true or false"),
@@ -92,6 +94,16 @@ def test_category_settings_override_the_tier_defaults() -> None:
     digest = parsed["digest"]
     assert (digest.quiet_hours, digest.caps) == (False, True)
     assert digest.default_channels == ("inbox",)
+    assert not digest.sms_eligible
+
+
+def test_sms_is_only_for_categories_that_say_so() -> None:
+    parsed = parse_categories(
+        '[categories.code]\ntier = "transactional"\nsms_eligible = true\n'
+        "channels = { push = true, sms = true, email = false }",
+        "f",
+    )
+    assert parsed["code"].sms_eligible and parsed["code"].default_channels == ("push", "sms")
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,16 @@ def test_a_request_becomes_an_event_with_the_categorys_policy() -> None:
         ({"send_at": NOW + timedelta(days=31)}, "invalid_send_at", "send_at"),
         ({"send_at": datetime(2026, 12, 7, 9, 0)}, "invalid_send_at", "send_at"),
         ({"channels": []}, "invalid_channels", "channels"),
+        (
+            {
+                "category": "receipt",
+                "template_id": "receipt",
+                "data": {"order_id": "1", "amount": "1", "currency": "EUR"},
+                "channels": ["email", "sms"],
+            },
+            "channel_not_allowed",
+            "channels",
+        ),
     ],
 )
 def test_each_rule_names_its_code_and_field(

@@ -17,7 +17,9 @@ def test_every_setting_is_documented_with_its_default() -> None:
     defaults = Settings()
     for field, var in ENV_VARIABLES.items():
         value = getattr(defaults, field)
-        if isinstance(value, (int, str)) and value != "" and field != "home":
+        if isinstance(value, bool):
+            assert f"`{str(value).lower()}`" == rows[var].strip(), var
+        elif isinstance(value, (int, str)) and value != "" and field != "home":
             assert f"`{value}`" == rows[var].strip(), var
 
 

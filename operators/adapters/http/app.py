@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from operators.adapters.http import inbox
+from operators.adapters.http.channels import ChannelApi, install_channel_routes
+from operators.adapters.http.devices import device_registration, device_removal
 from operators.adapters.http.errors import error_response, install_error_handlers
 from operators.adapters.http.middleware import ApiMetrics, BodyLimit, RecordMetrics
 from operators.adapters.http.models import (
@@ -45,9 +47,7 @@ from operators.notify.requests import NotifyRequest, Rejected
 from operators.notify.service import Answer, CampaignRequest, NotifyService
 from schemas.codecs import (
     InvalidEvent,
-    decode_device_change,
     decode_preference_change,
-    encode_device_change,
     encode_preference_change,
     format_timestamp,
 )
@@ -94,6 +94,8 @@ class ApiDeps:
     max_body_bytes: int
     upload_max_bytes: int
     clock: Callable[[], float] = time.time
+    channels: ChannelApi | None = None
+    """The channels' endpoints (unsubscribe, live stream, SMS callbacks, web push key)."""
 
 
 class _Cached:
@@ -402,13 +404,17 @@ def create_app(deps: ApiDeps) -> Any:
             raise Rejected("invalid_preferences", exc.detail) from None
         return published(PREFERENCE_CHANGES, user_id, raw)
 
-    def device_change(user_id: str, change: DeviceChange) -> JSONResponse:
-        raw = encode_device_change(change)
-        try:
-            decode_device_change(raw)
-        except InvalidEvent as exc:
-            raise Rejected("invalid_device", exc.detail) from None
-        return published(DEVICE_CHANGES, user_id, raw)
+    def device_change(user_id: str, change: DeviceChange, raw: bytes) -> JSONResponse:
+        publisher.publish(DEVICE_CHANGES, [(user_id.encode(), raw)])
+        body = Published(
+            user_id=user_id,
+            topic=DEVICE_CHANGES,
+            accepted_at=format_timestamp(deps.clock(), "milliseconds"),
+            device_id=change.device_id,
+        )
+        return JSONResponse(body.model_dump(), status_code=202)
+
+    allow_dev = deps.channels is not None and deps.channels.dev_mode
 
     @app.post(
         "/v1/users/{user_id}/devices",
@@ -420,10 +426,13 @@ def create_app(deps: ApiDeps) -> Any:
     def add_device(
         user_id: UserPath, body: DeviceIn, key: Annotated[ApiKey, Depends(needs("users"))]
     ) -> JSONResponse:
-        """Register or refresh a device (published to device_changes, active)."""
-        return device_change(
-            user_id, DeviceChange(user_id, body.device_id, body.provider, body.token, True, now())
-        )
+        """Register or refresh a device or a channel address (device_changes, active).
+
+        A phone: `{device_id, provider: apns|fcm, token}`; a browser: `{platform: web,
+        subscription}`; `{provider: email|sms|chat, address}`. Addresses are checked (email
+        syntax, E.164, https webhooks on public hosts, the subscription's keys).
+        """
+        return device_change(user_id, *device_registration(user_id, body, now(), allow_dev))
 
     @app.delete(
         "/v1/users/{user_id}/devices",
@@ -435,10 +444,11 @@ def create_app(deps: ApiDeps) -> Any:
     def remove_device(
         user_id: UserPath, body: DeviceOut, key: Annotated[ApiKey, Depends(needs("users"))]
     ) -> JSONResponse:
-        """Deactivate a device (published to device_changes, inactive)."""
-        return device_change(
-            user_id, DeviceChange(user_id, body.device_id, body.provider, None, False, now())
-        )
+        """Deactivate a device or a channel address (device_changes, inactive)."""
+        return device_change(user_id, *device_removal(user_id, body, now()))
+
+    if deps.channels is not None:
+        install_channel_routes(app, deps.channels, service, publisher, deps.clock)
 
     limited = BodyLimit(app, deps.max_body_bytes, deps.upload_max_bytes, {AUDIENCES_PATH})
     return RecordMetrics(limited, metrics, app)

@@ -35,7 +35,7 @@ Data = Annotated[
         examples=[{"code": "482913", "minutes": 10}],
     ),
 ]
-ChannelName = Literal["push", "inbox"]
+ChannelName = Literal["push", "inbox", "email", "sms", "chat"]
 CollapseKey = Annotated[str, Field(min_length=1, max_length=64)]
 
 
@@ -160,19 +160,49 @@ class PreferencesIn(_Body):
     timezone: str = Field(min_length=1, max_length=64, examples=["Europe/Paris"])
 
 
-class DeviceIn(_Body):
-    """`POST /v1/users/{id}/devices`: register (or refresh) a device."""
+DeviceProvider = Literal["apns", "fcm", "webpush", "email", "sms", "chat"]
+Platform = Literal["ios", "android", "web"]
 
-    device_id: str = Field(min_length=1, max_length=128)
-    provider: Literal["apns", "fcm"]
-    token: str = Field(min_length=1, max_length=4096)
+
+class WebPushKeys(_Body):
+    """A push subscription's keys (base64url)."""
+
+    p256dh: str = Field(min_length=1, max_length=200)
+    auth: str = Field(min_length=1, max_length=100)
+
+
+class WebPushSubscription(_Body):
+    """What a browser's `PushSubscription.toJSON()` gives."""
+
+    endpoint: str = Field(min_length=1, max_length=2048)
+    keys: WebPushKeys
+    expirationTime: int | None = None  # the browser's name for it
+
+
+class DeviceIn(_Body):
+    """`POST /v1/users/{id}/devices`: register (or refresh) a device or a channel address.
+
+    - a phone: `{device_id, provider: apns|fcm, token}` (or `platform: ios|android`);
+    - a browser: `{platform: web, subscription: {endpoint, keys: {p256dh, auth}}}`;
+    - `{provider: email, address}`, `{provider: sms, address: +E.164}`,
+      `{provider: chat, address: webhook URL}`.
+    A channel address without a `device_id` gets one made from it (answered back).
+    """
+
+    device_id: str | None = Field(default=None, min_length=1, max_length=128)
+    provider: DeviceProvider | None = None
+    platform: Platform | None = None
+    token: str | None = Field(default=None, min_length=1, max_length=4096)
+    address: str | None = Field(default=None, min_length=1, max_length=2048)
+    subscription: WebPushSubscription | None = None
 
 
 class DeviceOut(_Body):
-    """`DELETE /v1/users/{id}/devices`: deactivate a device."""
+    """`DELETE /v1/users/{id}/devices`: deactivate a device or a channel address."""
 
     device_id: str = Field(min_length=1, max_length=128)
-    provider: Literal["apns", "fcm"]
+    provider: DeviceProvider | None = None
+    platform: Platform | None = None
 
 
 class Published(BaseModel):
@@ -181,6 +211,16 @@ class Published(BaseModel):
     user_id: str
     topic: str
     accepted_at: str
+    device_id: str | None = None
+
+
+class StreamToken(BaseModel):
+    """A token a browser reads the user's live stream with."""
+
+    user_id: str
+    token: str
+    expires_in: int
+    url: str
 
 
 class ErrorDetail(BaseModel):

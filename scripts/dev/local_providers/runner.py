@@ -10,6 +10,8 @@ Either way the servers write `<home>/providers.json` once they listen:
               "strict_tokens"},
      "fcm": {"url", "https_url", "ca_file", "project_id", "credentials_file", "token_uri",
              "access_token", "strict_tokens"},
+     "channels": {"smtp", "sms", "webpush", "chat", "control_url", "ca_file",
+                  "link_secret_file"}   (scripts/dev/local_channels/runner.py),
      "control_url", "pid"}
 """
 
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypedDict
+from typing import TYPE_CHECKING, NotRequired, Self, TypedDict
 
 from scripts.dev.local_providers import speedups
 from scripts.dev.local_providers.apns import ApnsServer
@@ -41,6 +43,10 @@ from scripts.dev.local_providers.settings_file import (
     write_provider_settings,
 )
 from scripts.dev.local_providers.state import ProviderState
+
+if TYPE_CHECKING:  # local_channels imports this package's modules: imported when used
+    from scripts.dev.local_channels.control import ChannelControl
+    from scripts.dev.local_channels.runner import ChannelsInfo, RunningChannels
 
 HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -82,6 +88,7 @@ class ProvidersInfo(TypedDict):
 
     apns: ApnsInfo
     fcm: FcmInfo
+    channels: NotRequired[ChannelsInfo]
     control_url: str
     pid: int
 
@@ -103,9 +110,12 @@ class Running:
     servers: list[asyncio.Server]
     info: ProvidersInfo
     settings_file: Path | None = None
+    channels: RunningChannels | None = None
 
     async def close(self) -> None:
         """Stop listening, close every connection, remove providers.json."""
+        if self.channels is not None:
+            await self.channels.close()
         for server in self.servers:
             server.close()
         for apns_conn in list(self.apns.connections):
@@ -136,11 +146,14 @@ async def serve(
     strict_tokens: bool = True,
     fcm_access_token: str | None = None,
     settings_file: Path | None = None,
+    channels: bool = True,
 ) -> Running:
     """Generate or reuse credentials in `home`, listen on 127.0.0.1, write providers.json.
 
     With `settings_file`, also write the FANFARE_APNS_* / FANFARE_FCM_* settings that point
     fanfare at these servers there (fanfare's settings file), and take them out on close.
+    With `channels` (the default), the local channel servers (SMTP, SMS, web push, chat) start
+    too, and their settings go into the settings file as well.
     """
     home = home.resolve()
     speedups.install()
@@ -165,6 +178,11 @@ async def serve(
     # The token endpoint's address is known only now: write it into the service account.
     creds = make_local_credentials(home, fcm_token_uri=f"{fcm_url}/token")
     fcm.token_uri = f"{fcm_url}/token"
+    running_channels = None
+    if channels:
+        from scripts.dev.local_channels.runner import serve_channels
+
+        running_channels = await serve_channels(home, creds)
     info: ProvidersInfo = {
         "apns": {
             "host": "localhost",
@@ -190,12 +208,14 @@ async def serve(
         "control_url": f"http://{HOST}:{control_port}",
         "pid": os.getpid(),
     }
+    if running_channels is not None:
+        info["channels"] = running_channels.info
     tmp = home / f".providers.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     tmp.replace(home / "providers.json")  # readers never see half a file
     if settings_file is not None:
         write_provider_settings(settings_file, info)
-    return Running(home, creds, apns, fcm, servers, info, settings_file)
+    return Running(home, creds, apns, fcm, servers, info, settings_file, running_channels)
 
 
 class _Handle:
@@ -227,6 +247,12 @@ class _Handle:
     def control(self) -> ProviderControl:
         """A client of the control API."""
         return ProviderControl(self.control_url)
+
+    def channel_control(self) -> ChannelControl:
+        """A client of the local channel servers' control API."""
+        from scripts.dev.local_channels.control import ChannelControl
+
+        return ChannelControl(self.info["channels"]["control_url"])
 
     def stop(self) -> None:
         """Stop the servers."""

@@ -12,12 +12,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-HEADER = "# the local APNs and FCM servers (scripts/dev/local_providers); removed when they stop"
+HEADER = (
+    "# the local APNs, FCM and channel servers (scripts/dev/local_providers, local_channels); "
+    "removed when they stop"
+)
+_OLD_HEADER = (
+    "# the local APNs and FCM servers (scripts/dev/local_providers); removed when they stop"
+)
 
 
 def provider_settings(info: Any) -> dict[str, str]:
     """FANFARE_* settings that point fanfare at the servers of a providers.json."""
     apns, fcm = info["apns"], info["fcm"]
+    channels: dict[str, str] = {}
+    if "channels" in info:
+        from scripts.dev.local_channels.runner import channel_settings  # (imports this package)
+
+        channels = channel_settings(info["channels"])
     return {
         "FANFARE_APNS_KEY_FILE": apns["key_file"],
         "FANFARE_APNS_KEY_ID": apns["key_id"],
@@ -30,6 +41,7 @@ def provider_settings(info: Any) -> dict[str, str]:
         # The TLS endpoint speaks HTTP/2 as FCM does (about twice the sends/s of HTTP/1.1).
         "FANFARE_FCM_URL": fcm["https_url"],
         "FANFARE_FCM_CA_FILE": fcm["ca_file"],
+        **channels,
     }
 
 
@@ -42,7 +54,7 @@ def _lines_without(path: Path, names: set[str], only_values: dict[str, str] | No
     for line in lines:
         name, sep, value = line.partition("=")
         name = name.strip()
-        if line.strip() == HEADER:
+        if line.strip() in (HEADER, _OLD_HEADER):
             continue
         if sep and name in names and (only_values is None or only_values[name] == value.strip()):
             continue

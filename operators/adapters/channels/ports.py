@@ -1,0 +1,17 @@
+"""The channel senders' own ports (beside the engine's, in operators/delivery/ports.py)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class SmsBudget(ABC):
+    """Port: the daily SMS budgets (per user and global), shared by every worker."""
+
+    @abstractmethod
+    async def take(self, user_id: str) -> str | None:
+        """Count one message; None when both budgets had room, else which one ran out."""
+
+    @abstractmethod
+    async def give_back(self, user_id: str) -> None:
+        """A counted message was not accepted: take it off both budgets."""
