@@ -96,6 +96,11 @@ RATE_LIMIT_WAIT = Counter(
     "seconds spent waiting for rate-limit tokens",
     ["provider"],
 )
+IN_FLIGHT = Gauge(
+    "fanfare_delivery_in_flight",
+    "pushes a delivery process has handed to its providers' send tasks and not yet judged",
+    multiprocess_mode="sum",
+)
 BREAKER_STATE = Gauge(
     "fanfare_circuit_state",
     "circuit breaker per provider: 0 closed, 1 half-open, 2 open",

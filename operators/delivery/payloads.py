@@ -121,3 +121,42 @@ def time_to_live_s(policy: RetryPolicy, request: SendRequest, now: float) -> int
     notification's age reaches `max_age_s`.
     """
     return max(1, int(policy.max_age_s - (now - request.created_ts)))
+
+
+def apns_body(template: PushTemplate, request: SendRequest) -> bytes:
+    """The APNs request body as sent by the libcurl sender; raises PayloadTooLarge.
+
+    Compact JSON, measured as sent (never larger than `apns_payload`'s measure).
+    """
+    title, body, link = template.fill(request)
+    data = orjson.dumps(
+        {
+            "aps": {"alert": {"title": title, "body": body}, "sound": "default"},
+            **_data(request, link),
+        }
+    )
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"APNs payload is {len(data)} bytes (limit {MAX_PAYLOAD_BYTES})")
+    return data
+
+
+def fcm_body(template: PushTemplate, request: SendRequest, ttl_s: int) -> bytes:
+    """The FCM v1 `messages:send` body, as firebase-admin encodes the same Message.
+
+    Raises PayloadTooLarge (measured as FCM counts: the message's JSON, see `fcm_content`).
+    """
+    content = fcm_content(template, request)
+    return orjson.dumps(
+        {
+            "message": {
+                "token": request.item["token"],
+                "notification": {"title": content.title, "body": content.body},
+                "data": content.data,
+                "android": {
+                    "collapse_key": content.collapse_key,
+                    "priority": "high",
+                    "ttl": f"{ttl_s}s",
+                },
+            }
+        }
+    )
