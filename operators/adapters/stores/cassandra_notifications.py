@@ -243,7 +243,7 @@ class CassandraNotificationStore(NotificationStore):
             else:
                 seen.add(r.key)
                 first.append(i)
-        claims = [
+        claims: list[tuple[Any, tuple[object, ...]]] = [
             (
                 self._claim,
                 (*requests[i].key, requests[i].provider, requests[i].origin.key, now_ms, self._ttl),
