@@ -82,22 +82,24 @@ def build_delivery_flow(
     due = op.input("read_due_retries", flow, g.source("read_due_retries", retry_source))
     outputs = op.merge("merge_outputs", fresh, due)
 
-    events = op.filter_map("events", outputs, _only(DeliveryEvent))
-    keyed = op.map("route_event", events, g.step("route_event", lambda e: (route_event(e), e)))
+    # Most outputs are delivery events: one test each sends them on; the rest are sorted after.
+    split = op.branch("split_events", outputs, lambda x: isinstance(x, DeliveryEvent))
+    keyed = op.map("route_event", split.trues, g.step("route_event", lambda e: (route_event(e), e)))
     op.output("write_delivery_events", keyed, g.sink("write_delivery_events", events_sink))
+    others = split.falses
     op.output(
         "write_device_changes",
-        op.filter_map("deactivations", outputs, _only(DeviceChange)),
+        op.filter_map("deactivations", others, _only(DeviceChange)),
         g.sink("write_device_changes", device_changes_sink),
     )
     op.output(
         "write_retries",
-        op.filter_map("retries", outputs, _only(RetryRecord)),
+        op.filter_map("retries", others, _only(RetryRecord)),
         g.sink("write_retries", retry_sink),
     )
     op.output(
         "write_dead_letters",
-        op.filter_map("dead_letters", outputs, _only(DeadLetter)),
+        op.filter_map("dead_letters", others, _only(DeadLetter)),
         g.sink("write_dead_letters", dead_letter_sink),
     )
     return flow

@@ -17,6 +17,13 @@ its token is taken (issue 20), so:
   grants stay small and spread at the rate; the normal lane is served first;
 - a request waits for its tokens at most `rate_wait_max_s` from when it was queued; what is
   still waiting then is held (reported as held: retry_scheduled, cause rate_limited).
+
+A provider's bulk lane has a window: the bulk requests it keeps unanswered (`DelayWindow`). A
+provider answers in arrival order, more or less, so every bulk request sent and not answered is
+one a normal push sent now waits behind. The window grows while answers come back as fast as
+the fastest recently seen, and shrinks when they come back `queue_target_s` slower, so the
+provider's queue of our bulk requests stays near that long: the bulk lane gets the provider's
+full throughput and a normal push waits for at most about `queue_target_s` of bulk.
 """
 
 from __future__ import annotations
@@ -72,12 +79,55 @@ class Held:
 Report = Callable[[Sent | Held], None]
 
 
+class DelayWindow:
+    """How many bulk requests a provider may have unanswered (a delay-based window).
+
+    It grows while answers come back as fast as the quickest seen lately, and shrinks when they
+    come back `queue_target_s` slower (as TCP Vegas does with a connection's round trips).
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: float = 64.0,
+        smallest: float = 16.0,
+        largest: float = 10_000.0,
+        queue_target_s: float = 0.05,
+        memory_s: float = 10.0,
+    ) -> None:
+        self.size = min(max(initial, smallest), largest)
+        self._smallest = smallest
+        self._largest = largest
+        self._target = queue_target_s
+        self._memory = memory_s
+        self._base = float("inf")  # the quickest answer seen lately
+        self._base_next = float("inf")
+        self._base_since = 0.0
+        self._shrunk_at = 0.0
+
+    def answered(self, requests: int, seconds: float, now: float) -> None:
+        """A send of `requests` bulk requests was answered `seconds` after it left."""
+        if now - self._base_since >= self._memory:  # forget old minimums (a route changed)
+            self._base, self._base_next = self._base_next, float("inf")
+            self._base_since = now
+        self._base = min(self._base, seconds)
+        self._base_next = min(self._base_next, seconds)
+        if seconds > self._base + self._target:
+            if now - self._shrunk_at >= max(self._base, 0.01):  # once per round trip
+                self._shrunk_at = now
+                self.size = max(self._smallest, self.size * 0.8)
+        else:
+            self.size = min(self._largest, self.size + requests * SEND_CHUNK / self.size)
+
+
 @dataclass
 class _Lanes:
     normal: deque[Queued] = field(default_factory=deque)
     bulk: deque[Queued] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    window: DelayWindow = field(default_factory=DelayWindow)
+    bulk_out: int = 0  # bulk requests sent and not answered
 
 
 class SendDispatcher:
@@ -91,13 +141,14 @@ class SendDispatcher:
         *,
         rate_wait_max_s: float,
         on_bulk_pause: Callable[[str, float], None] = lambda provider, until: None,
+        bulk_window: Callable[[], DelayWindow] = DelayWindow,
     ) -> None:
         self._senders = senders
         self._limiter = limiter
         self._report = report
         self._wait_max = rate_wait_max_s
         self._on_bulk_pause = on_bulk_pause
-        self._lanes = {p: _Lanes() for p in senders}
+        self._lanes = {p: _Lanes(window=bulk_window()) for p in senders}
         self._sending: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -143,15 +194,19 @@ class SendDispatcher:
         per_take = sender.max_per_send or TAKE_MAX
         while not self._closed:
             lane, queue = ("normal", lanes.normal) if lanes.normal else ("bulk", lanes.bulk)
-            if not queue:
+            wanted = min(len(queue), per_take)
+            if lane == "bulk":
+                wanted = min(wanted, int(lanes.window.size) - lanes.bulk_out)
+            if wanted <= 0:  # nothing to send, or the bulk window is full: wait for either
                 lanes.wake.clear()
                 await lanes.wake.wait()
                 continue
-            wanted = min(len(queue), per_take)
             grant = self._limiter.take(spec, wanted, lane)
             if grant.granted:
                 go = [queue.popleft() for _ in range(grant.granted)]
                 metrics.SENDS.labels(provider, lane).inc(len(go))
+                if lane == "bulk":
+                    lanes.bulk_out += len(go)
                 chunk = len(go) if sender.one_send_at_a_time else SEND_CHUNK
                 tasks = []
                 for start in range(0, len(go), chunk):
@@ -189,6 +244,7 @@ class SendDispatcher:
 
     async def _send(self, provider: str, sender: PushSender, items: list[Queued]) -> None:
         requests = [q.request for q in items]
+        started = time.monotonic()
         try:
             answers = await sender.send(requests, [q.payload for q in items])
         except asyncio.CancelledError:
@@ -199,4 +255,11 @@ class SendDispatcher:
         if len(answers) != len(requests):
             log.error("%s: %d answers for %d requests", provider, len(answers), len(requests))
             answers = [ProviderAnswer(None, "client: answers missing")] * len(requests)
+        bulk = sum(1 for r in requests if r.lane == "bulk")
+        if bulk:
+            lanes = self._lanes[provider]
+            lanes.bulk_out -= bulk
+            now = time.monotonic()
+            lanes.window.answered(bulk, now - started, now)
+            lanes.wake.set()
         self._report(Sent(provider, requests, answers))

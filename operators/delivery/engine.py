@@ -131,6 +131,8 @@ class DeliveryEngine:
         self._dispatcher: SendDispatcher | None = None
         self._in_flight = {"normal": 0, "bulk": 0}
         self._closed = False
+        self._ts: tuple[float, str] = (-1.0, "")
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     # -- the ledger -----------------------------------------------------------------------
     def _ledger(self, requests: Sequence[SendRequest]) -> list[tuple[SendRequest, Action, Any]]:
@@ -178,20 +180,31 @@ class DeliveryEngine:
         count: bool = True,
     ) -> DeliveryEvent:
         if count:
-            metrics.OUTCOMES.labels(r.provider, outcome).inc()
+            self._metric(metrics.OUTCOMES, r.provider, outcome).inc()
+        if now != self._ts[0]:  # a call judges many at one time: format it once
+            self._ts = (now, format_timestamp(now, "milliseconds"))
+        item = r.item
         return DeliveryEvent(
-            notification_id=r.item["notification_id"],
+            notification_id=item["notification_id"],
             post_id=r.post_id,
-            user_id=r.item["user_id"],
-            device_id=r.item["device_id"],
+            user_id=item["user_id"],
+            device_id=item["device_id"],
             provider=r.provider,
             outcome=outcome,  # type: ignore[arg-type]
             status=status,
             reason=reason,
             attempt=attempt,
-            ts=format_timestamp(now, "milliseconds"),
+            ts=self._ts[1],
             retry_at=None if retry_at is None else format_timestamp(retry_at, "milliseconds"),
         )
+
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """A labelled child of a metric, looked up once (labels() costs more than inc())."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _finish(
         self,
@@ -504,7 +517,7 @@ class DeliveryEngine:
             verdict = classify(r.provider, answer)
             if verdict is Verdict.ACCEPTED:
                 successes += 1
-                metrics.ACCEPT_LATENCY.labels(provider, r.lane).observe(
+                self._metric(metrics.ACCEPT_LATENCY, provider, r.lane).observe(
                     max(0.0, now - r.created_ts)
                 )
                 self._finish(
@@ -518,7 +531,7 @@ class DeliveryEngine:
                     attempted=True,
                 )
                 continue
-            metrics.PROVIDER_ERRORS.labels(provider, answer.reason or "transport").inc()
+            self._metric(metrics.PROVIDER_ERRORS, provider, answer.reason or "transport").inc()
             if verdict is Verdict.INVALID_TOKEN:
                 successes += 1
                 self._finish(

@@ -7,6 +7,7 @@ however often it is resent. The providers refuse more than 4096 bytes: checked b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import string
@@ -44,13 +45,18 @@ class PushTemplate:
                     )
 
     def fill(self, request: SendRequest) -> tuple[str, str, str]:
-        """(title, body, deep link) for a request."""
-        fields = {"author_id": request.author_id, "post_id": request.post_id}
-        return (
-            self.title.format(**fields),
-            self.body.format(**fields),
-            self.deep_link.format(**fields),
-        )
+        """(title, body, deep link) for a request (the same for every device of a post)."""
+        return _filled(self, request.author_id, request.post_id)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _filled(template: PushTemplate, author_id: str, post_id: str) -> tuple[str, str, str]:
+    fields = {"author_id": author_id, "post_id": post_id}
+    return (
+        template.title.format(**fields),
+        template.body.format(**fields),
+        template.deep_link.format(**fields),
+    )
 
 
 def collapse_id(post_id: str) -> str:

@@ -5,14 +5,19 @@
         --drain-items 20000 --json /tmp/bench-delivery.json   # a quick run (one line)
 
 Everything runs on this machine and shares its cores (2 on the reference machine): the embedded
-Kafka-protocol broker (Tansu, memory storage), the local APNs/FCM servers (one process,
-`python -m scripts.dev.local_providers`), the delivery flow (one bytewax process, one worker)
-and this script's own publisher threads. So every figure below is "on a box where the providers
-and the broker eat part of the same CPU"; the CPU table says how it was shared.
+Kafka-protocol broker (Tansu, memory storage), the local APNs and FCM servers (a process each,
+`python -m scripts.dev.local_providers --serve apns|fcm`, so each can use a core of its own),
+the delivery flow (one bytewax process, one worker) and this script's own publisher threads.
+So every figure below is "on a box where the providers and the broker eat part of the same
+CPU"; the CPU table says how it was shared. The figure that does not depend on the servers is
+the delivery process's CPU per accepted push (from the first push accepted to the last, start-up
+left out); each server's own CPU per push and cores used are beside it: a server near 1.0 core
+is saturated (it is single-threaded), and then it, not fanfare, bounds the pushes/s.
 
 Setup: a temporary FANFARE_HOME, a free broker port, a Redis key prefix of its own
 (`fanfare-bench-delivery-<random>:`, deleted at the end), the local provider servers in their own
-process (`$FANFARE_HOME/providers`, where `fanfare run delivery` finds them). Each phase gets a
+processes (`$FANFARE_HOME/providers/apns` and `.../fcm`; their settings go into the settings
+file, where `fanfare run delivery` finds them). Each phase gets a
 fresh broker (empty topics), a fresh notification store and recovery directory, and reset
 provider records, so phases do not see each other's data. FANFARE_APNS_RATE_PER_MIN and
 FANFARE_FCM_RATE_PER_MIN are raised to --rate-per-min (default 600,000,000/min = 10M/s) so the
@@ -64,7 +69,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -105,9 +109,12 @@ from scripts.bench.fanout import (
 from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord, ProviderControl
+from scripts.dev.local_providers.runner import ProvidersProcess, spawn_local_providers
+from scripts.dev.local_providers.settings_file import write_provider_settings
 from scripts.harness.spawn import start_fanfare
 
 TARGET_APNS_PER_S = 10_000
+TARGET_CPU_PER_PUSH_US = 60
 TARGET_P50_S = 0.100
 TARGET_P99_S = 1.0
 TARGET_DRAIN_P99_S = 2.0
@@ -502,7 +509,7 @@ class BulkBackground(PacedThread):
 class Collector:
     """Reads the providers' accepted records incrementally and sorts them into lanes."""
 
-    control: ProviderControl
+    control: SplitControl
     normal: dict[tuple[str, str], float]  # (provider, notification_id) -> created ts
     next_index: dict[str, int] = field(default_factory=lambda: {"apns": 0, "fcm": 0})
     normal_accepted: dict[tuple[str, str], float] = field(default_factory=dict)  # first accept
@@ -696,6 +703,71 @@ class CpuMeter:
         return {"seconds": round(span, 1), "cores": cores}
 
 
+class SplitControl:
+    """The control APIs of the APNs and the FCM server processes, as one `ProviderControl`."""
+
+    def __init__(self, controls: dict[str, ProviderControl]) -> None:
+        self._controls = controls
+
+    def stats(self) -> dict[str, Any]:
+        """Each provider's stats, from its own process."""
+        return {p: c.stats()[p] for p, c in self._controls.items()}
+
+    def accepted(self, provider: str, since: int = 0) -> list[AcceptedRecord]:
+        """A provider's accepted records."""
+        return self._controls[provider].accepted(provider, since=since)
+
+    def reset(self, provider: str | None = None) -> None:
+        """Forget records and counters (one provider, or both)."""
+        for p, c in self._controls.items():
+            if provider in (None, p):
+                c.reset(p)
+
+
+def process_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) of some processes."""
+    return sum(cpu_seconds(p) for p in pids)
+
+
+@dataclass
+class CpuWindow:
+    """CPU of the delivery process and of a provider server between two accepted counts."""
+
+    t: float
+    accepted: int
+    flow: float
+    server: float
+
+    @classmethod
+    def now(cls, bench: Bench, provider: str, accepted: int) -> CpuWindow:
+        """Sample now."""
+        pids = bench.pids()
+        return cls(
+            time.monotonic(),
+            accepted,
+            process_cpu(pids.get("delivery flow (runner + bytewax)", [])),
+            process_cpu(pids.get(f"local {SERVER_NAMES[provider]} server", [])),
+        )
+
+    def per_push(self, end: CpuWindow) -> dict[str, Any]:
+        """CPU per accepted push of the flow and of the server, and the server's cores."""
+        pushes = end.accepted - self.accepted
+        span = max(1e-6, end.t - self.t)
+        if pushes <= 0:
+            return {"pushes": 0}
+        return {
+            "pushes": pushes,
+            "seconds": round(span, 2),
+            "flow_us_per_push": round((end.flow - self.flow) / pushes * 1e6, 1),
+            "flow_cores": round((end.flow - self.flow) / span, 2),
+            "server_us_per_push": round((end.server - self.server) / pushes * 1e6, 1),
+            "server_cores": round((end.server - self.server) / span, 2),
+        }
+
+
+SERVER_NAMES = {"apns": "APNs", "fcm": "FCM"}
+
+
 @dataclass
 class Bench:
     """What every phase shares: the home, Redis prefix, providers and the running pieces."""
@@ -704,8 +776,8 @@ class Bench:
     home: Path
     redis_prefix: str
     base_env: dict[str, str]
-    control: ProviderControl | None = None
-    providers_pid: int | None = None
+    control: SplitControl | None = None
+    provider_procs: dict[str, ProvidersProcess] = field(default_factory=dict)
     broker: Broker | None = None
     broker_pid: int | None = None
     flow: DeliveryFlow | None = None
@@ -722,8 +794,8 @@ class Bench:
             runner = [self.flow.proc.pid] if self.flow.proc is not None else []
             out["delivery flow (runner + bytewax)"] = runner + self.flow.pids()
         out["redis-server"] = redis_pids()
-        if self.providers_pid is not None:
-            out["local providers"] = [self.providers_pid]
+        for provider, proc in self.provider_procs.items():
+            out[f"local {SERVER_NAMES[provider]} server"] = [proc.proc.pid]
         if self.broker_pid is not None:
             out["broker (tansu)"] = [self.broker_pid]
         return out
@@ -851,10 +923,13 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
     last_count, last_change = 0, time.monotonic()
     deadline = time.monotonic() + max(600.0, items / 100)
     complete = True
+    first_cpu: CpuWindow | None = None
     while True:
         flow.check_alive()
         count = int(ctl.stats()[provider].get("accepted", 0))
         now = time.monotonic()
+        if first_cpu is None and count > 0:
+            first_cpu = CpuWindow.now(bench, provider, count)  # startup left out
         if count != last_count:
             last_count, last_change = count, now
         if count >= items:
@@ -864,6 +939,7 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
             complete = False
             break
         time.sleep(0.25)
+    end_cpu = CpuWindow.now(bench, provider, last_count)
     usage = cpu.stop()
     profile = bench.stop_profile()
     log(f"[{name}] {last_count:,} accepted; reading the provider records")
@@ -875,6 +951,7 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
         **rate_summary([r.time for r in records], t0),
         "distinct_notifications": len({r.notification_id for r in records}),
         "cpu": usage,
+        "cpu_per_push": first_cpu.per_push(end_cpu) if first_cpu is not None else {},
         **bench.phase_extras(name),
     }
     if profile is not None:
@@ -934,6 +1011,8 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     bench.threads += [background, posts]
     cpu = CpuMeter(bench.pids)
     cpu.start()
+    flow_cpu0 = process_cpu(bench.pids().get("delivery flow (runner + bytewax)", []))
+    accepted0 = sum(int(s.get("accepted", 0)) for s in bench.control.stats().values())
     bench.start_profile("latency")
     t0 = time.time()
     if args.background_rate > 0:
@@ -950,6 +1029,8 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     check_threads(bench.threads)
     t_stop = time.time()
     usage = cpu.stop()
+    flow_cpu = process_cpu(bench.pids().get("delivery flow (runner + bytewax)", [])) - flow_cpu0
+    accepted = sum(int(s.get("accepted", 0)) for s in bench.control.stats().values()) - accepted0
     profile = bench.stop_profile()
     log("[latency] publishing stopped; waiting for normal items still in flight")
     grace_end = time.monotonic() + args.grace
@@ -980,6 +1061,8 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
         "repeated_normal_accepts": collector.repeats,
         "background": bulk,
         "cpu": usage,
+        "flow_us_per_accepted_push": round(flow_cpu / accepted * 1e6, 1) if accepted else None,
+        "accepted_while_publishing": accepted,
         **bench.phase_extras("latency"),
     }
     if profile is not None:
@@ -1032,6 +1115,7 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
     flow = bench.start_flow("drain")
     t0 = flow.started_at
     cpu.start()
+    first_cpu: CpuWindow | None = None
     posts.start()
     bench.start_profile("drain")
     deadline = time.monotonic() + args.drain_timeout
@@ -1043,10 +1127,13 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
         collector.poll()
         done = len(collector.bulk_times["apns"])
         progress.append((round(time.time() - t0, 1), done))
+        if first_cpu is None and done > 0:
+            first_cpu = CpuWindow.now(bench, "apns", done)
         if done >= items:
             drained = True
             break
         time.sleep(1.0)
+    end_cpu = CpuWindow.now(bench, "apns", len(collector.bulk_times["apns"]))
     posts.stop()
     check_threads(bench.threads)
     t_stop = time.time()
@@ -1081,6 +1168,8 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
         },
         "progress": progress,
         "cpu": usage,
+        # The drain's pushes (normal posts' few included in the flow's CPU, not in the count).
+        "cpu_per_push": first_cpu.per_push(end_cpu) if first_cpu is not None else {},
         **bench.phase_extras("drain"),
     }
     result["drain"].pop("per_second", None)
@@ -1163,16 +1252,28 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     bench = Bench(args, home, redis_prefix, env)
     ok = False
     try:
-        log(f"FANFARE_HOME={home}; starting the local provider servers")
-        try:
-            bench.providers_pid = devstack.start_providers(settings)
-        except devstack.BrokerStartError as exc:
-            raise BenchError(str(exc)) from None
-        info = devstack.providers_info(settings)
-        if info is None:
-            raise BenchError("the local provider servers did not write providers.json")
-        bench.control = ProviderControl(info["control_url"], timeout_s=60)
-        report["providers"] = {"pid": bench.providers_pid, "control_url": info["control_url"]}
+        log(f"FANFARE_HOME={home}; starting the local APNs and FCM servers, a process each")
+        for provider in ("apns", "fcm"):
+            try:
+                bench.provider_procs[provider] = spawn_local_providers(
+                    home / "providers" / provider, only=provider
+                )
+            except RuntimeError as exc:
+                raise BenchError(str(exc)) from None
+        apns_info = bench.provider_procs["apns"].info
+        fcm_info = bench.provider_procs["fcm"].info
+        # Where fanfare finds them: its settings file, as `fanfare dev up` writes it.
+        write_provider_settings(settings.settings_path, {**apns_info, "fcm": fcm_info["fcm"]})
+        bench.control = SplitControl(
+            {
+                p: ProviderControl(proc.control_url, timeout_s=60)
+                for p, proc in bench.provider_procs.items()
+            }
+        )
+        report["providers"] = {
+            p: {"pid": proc.proc.pid, "control_url": proc.control_url}
+            for p, proc in bench.provider_procs.items()
+        }
         phases = report.setdefault("phases", {})
         for phase in args.phases:
             if phase in ("apns", "fcm"):
@@ -1185,11 +1286,9 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         ok = True
     finally:
         bench.close_phase()
-        if bench.providers_pid is not None:
+        for proc in bench.provider_procs.values():
             with contextlib.suppress(Exception):
-                devstack.stop_providers(settings)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(bench.providers_pid, signal.SIGKILL)
+                proc.stop()
         report["redis_keys_deleted"] = delete_redis_keys(settings, redis_prefix)
         if args.keep_home or not ok:
             report["home_kept"] = str(home)
@@ -1252,6 +1351,20 @@ def _extras(r: dict[str, Any]) -> None:
             print(f"      incl {pct:5.1f}%  {name[:120]}")
 
 
+def _cpu_per_push(c: dict[str, Any], server: str) -> None:
+    if not c.get("pushes"):
+        return
+    met = c["flow_us_per_push"] <= TARGET_CPU_PER_PUSH_US
+    print(
+        f"    delivery process CPU per accepted push: {c['flow_us_per_push']:,.0f} µs "
+        f"({c['flow_cores']:.2f} cores; target <= {TARGET_CPU_PER_PUSH_US} µs: {_ok(met)}); "
+        f"local {server} server: {c['server_us_per_push']:,.0f} µs per push, "
+        f"{c['server_cores']:.2f} cores"
+        + (" (its one core is saturated: the stub is the bound)" if c["server_cores"] > 0.9 else "")
+        + f"; over {c['pushes']:,} pushes, {c['seconds']} s from the first accepted"
+    )
+
+
 def print_report(r: dict[str, Any]) -> None:
     """The readable report (the JSON has everything, plus per-second series)."""
     c = r["config"]
@@ -1295,6 +1408,7 @@ def print_report(r: dict[str, Any]) -> None:
         if p == "apns":
             ok = (t.get("pushes_per_s") or 0) >= TARGET_APNS_PER_S
             print(f"    target >= {TARGET_APNS_PER_S:,} APNs pushes/s: {_ok(ok)}")
+        _cpu_per_push(t.get("cpu_per_push", {}), SERVER_NAMES[p])
         _extras(t)
     lat = phases.get("latency")
     if lat:
@@ -1312,6 +1426,12 @@ def print_report(r: dict[str, Any]) -> None:
             f"p99 < {_ms(TARGET_P99_S)}: "
             f"{_ok(a['p99_s'] is not None and a['p99_s'] < TARGET_P99_S and not a['missing'])}"
         )
+        per_push = lat.get("flow_us_per_accepted_push")
+        if per_push is not None:
+            print(
+                f"    delivery process CPU per accepted push: {per_push:,.0f} µs "
+                f"({lat['accepted_while_publishing']:,} accepted while publishing)"
+            )
         for p, b in lat["background"].items():
             print(
                 f"    background {p}: published {b['published']:,}, accepted while publishing "
@@ -1334,6 +1454,7 @@ def print_report(r: dict[str, Any]) -> None:
         a = dr["normal_during_drain_all"]
         met = a["p99_s"] is not None and a["p99_s"] < TARGET_DRAIN_P99_S and not a["missing"]
         print(f"    target p99 < {_ms(TARGET_DRAIN_P99_S)} during the drain: {_ok(met)}")
+        _cpu_per_push(dr.get("cpu_per_push", {}), "APNs")
         _extras(dr)
     print(f"\nredis keys deleted: {r.get('redis_keys_deleted')}")
     if r.get("home_kept"):

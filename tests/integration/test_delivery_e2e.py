@@ -1,5 +1,6 @@
-"""Delivery end to end: the real broker, Redis, the local provider servers, aioapns and
-firebase-admin, with `fanfare run delivery` as users run it."""
+"""Delivery end to end: the real broker, Redis, the local provider servers, with `fanfare run
+delivery` as users run it; each test on each transport (`transport`: libcurl, the default, and
+the providers' libraries, aioapns and firebase-admin)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ from operators.adapters.kafka.writer import produce_all
 from operators.delivery.model import TERMINAL_STATES
 from schemas.codecs import format_timestamp
 from tests.conftest import Providers, Stack, wait_for
+
+TRANSPORTS = {
+    "curl": (("FANFARE_APNS_CLIENT", "curl"), ("FANFARE_FCM_CLIENT", "curl")),
+    "libraries": (("FANFARE_APNS_CLIENT", "aioapns"), ("FANFARE_FCM_CLIENT", "firebase-admin")),
+}
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> tuple[tuple[str, str], ...]:
+    """The delivery flow's client settings: every test runs on each transport."""
+    return TRANSPORTS[request.param]
+
 
 FAST_RETRIES = (
     ("FANFARE_RETRY_BASE_MS", "200"),
@@ -108,7 +121,9 @@ def answers(url: str) -> bool:
     return True
 
 
-def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
+def test_every_outcome_path(
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
+) -> None:
     rng = random.Random(1)
     ctl = providers.control
     apns = {name: apns_token(rng) for name in ("ok1", "ok2", "gone", "bad", "topic", "broken")}
@@ -139,6 +154,7 @@ def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
         created_at=datetime.now(UTC) - timedelta(hours=2),
     )
     stack.start_flow(
+        *transport,
         *FAST_RETRIES,
         ("FANFARE_RETRY_MAX_ATTEMPTS", "3"),
         ("FANFARE_BREAKER_FAILURES", "1000"),
@@ -210,13 +226,13 @@ def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
 
 
 def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(
-    stack: Stack, providers: Providers
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
 ) -> None:
     rng = random.Random(2)
     ctl = providers.control
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(300)]
     started = time.monotonic()
-    stack.start_flow(*FAST_RETRIES, ("FANFARE_BREAKER_FAILURES", "20"), flow="delivery")
+    stack.start_flow(*transport, *FAST_RETRIES, ("FANFARE_BREAKER_FAILURES", "20"), flow="delivery")
     # The outage starts once the flow runs, so its first sends meet it however long the start
     # took (a loaded machine took over 4 s to start, and the sends came after the outage).
     metrics = f"http://127.0.0.1:{stack.env['FANFARE_METRICS_PORT']}/metrics"
@@ -236,12 +252,17 @@ def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(
     assert time.monotonic() - started < 60
 
 
-def test_rate_limit_holds_the_send_rate(stack: Stack, providers: Providers) -> None:
+def test_rate_limit_holds_the_send_rate(
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
+) -> None:
     rng = random.Random(3)
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(900)]
     publish(stack, "apns", "p-paced", items, lane="bulk")
     stack.start_flow(
-        ("FANFARE_APNS_RATE_PER_MIN", "12000"), ("FANFARE_RATE_BURST_MS", "100"), flow="delivery"
+        *transport,
+        ("FANFARE_APNS_RATE_PER_MIN", "12000"),
+        ("FANFARE_RATE_BURST_MS", "100"),
+        flow="delivery",
     )
     wait_terminal(stack, 900, 120)
     times = sorted(r.time for r in providers.control.accepted("apns"))
@@ -269,7 +290,7 @@ NORMAL_POSTS, NORMAL_DEVICES = 15, 2
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
-    stack: Stack, providers: Providers, processes: int
+    stack: Stack, providers: Providers, processes: int, transport: tuple[tuple[str, str], ...]
 ) -> None:
     """Issue 20: at a binding rate, with both lanes busy and one or two delivery processes, the
     providers receive at most rate x W + burst in any W seconds (W = 1, 5, 10), every push is
@@ -288,6 +309,7 @@ def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
     partitions = {p for p, _, _ in stack.read_topic("push.apns.bulk")}
     assert partitions == set(CELEBRITIES.values()), partitions
     flow = stack.start_flow(
+        *transport,
         *((f"FANFARE_{p.upper()}_RATE_PER_MIN", str(r)) for p, r in RATES_PER_MIN.items()),
         ("FANFARE_METRICS_PORT", str(free_port_run(processes))),
         flow="delivery",
@@ -328,7 +350,7 @@ def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
 
 
 def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(
-    stack: Stack, providers: Providers
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
 ) -> None:
     rng = random.Random(4)
     ctl = providers.control
@@ -336,14 +358,14 @@ def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(
     n = 12_000
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(n)]
     publish(stack, "apns", "p-kill", items, lane="bulk")
-    flow = stack.start_flow(("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
+    flow = stack.start_flow(*transport, ("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
     wait_for(
         lambda: ctl.stats()["apns"]["accepted"] > 3_000, 90, "sends under way", stack, every_s=0.2
     )
     stack.kill_flow(flow)
     before = ctl.stats()["apns"]["accepted"]
     assert before < n, "the flow finished before it was killed; the test proves nothing"
-    stack.start_flow(("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
+    stack.start_flow(*transport, ("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
     outcomes = wait_terminal(stack, n, 180)
     assert all(v == ["accepted"] for v in outcomes.values()), Counter(
         tuple(v) for v in outcomes.values()

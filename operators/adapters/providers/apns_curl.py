@@ -16,9 +16,9 @@ APNs' protocol allows).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import jwt
 import orjson
@@ -168,7 +168,7 @@ class ApnsCurlSender(PushSender):
         static = self._static
         url = self._device_url
         policy = self._policy
-        futures = []
+        batch = []
         for r, body in zip(requests, payloads, strict=True):
             headers = [
                 auth,
@@ -177,8 +177,8 @@ class ApnsCurlSender(PushSender):
                 f"apns-expiration: {int(now) + time_to_live_s(policy, r, now)}",
                 f"apns-collapse-id: {collapse_id(r.post_id)}",
             ]
-            futures.append(multi.request(url + r.item["token"], headers, body))  # type: ignore[arg-type]
-        answers = [apns_answer(a) for a in await asyncio.gather(*futures)]
+            batch.append((url + r.item["token"], headers, cast(bytes, body)))
+        answers = [apns_answer(a) for a in await multi.send_all(batch)]
         if any(a.reason == "ExpiredProviderToken" for a in answers):
             self._token.expired()
         return answers

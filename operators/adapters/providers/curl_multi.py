@@ -62,15 +62,20 @@ class CurlTarget:
     connect_timeout_s: float = 10.0
 
 
-class _Transfer:
-    """A reusable easy handle and the future of the request it carries."""
+Done = Callable[[int, CurlAnswer], object]
+"""Called with a request's token and its answer (on the loop's thread)."""
 
-    __slots__ = ("body", "future", "handle")
+
+class _Transfer:
+    """A reusable easy handle, and who to tell about the request it carries."""
+
+    __slots__ = ("body", "done", "handle", "token")
 
     def __init__(self, handle: pycurl.Curl) -> None:
         self.handle = handle
         self.body = io.BytesIO()
-        self.future: asyncio.Future[CurlAnswer] | None = None
+        self.done: Done | None = None
+        self.token = 0
 
 
 class CurlMulti:
@@ -94,6 +99,7 @@ class CurlMulti:
         self._busy: dict[pycurl.Curl, _Transfer] = {}
         self._watched: dict[int, int] = {}
         self._closed = False
+        self._soon = False
         self._version = (
             pycurl.CURL_HTTP_VERSION_2TLS if target.http2 else pycurl.CURL_HTTP_VERSION_1_1
         )
@@ -156,13 +162,12 @@ class CurlMulti:
         transfer = self._busy.pop(handle, None)
         if transfer is None:
             return
-        future, transfer.future = transfer.future, None
+        done, transfer.done = transfer.done, None
         if errno is None:
-            retry_after = handle.getinfo(pycurl.RETRY_AFTER)
+            status = handle.getinfo(pycurl.RESPONSE_CODE)
+            retry_after = handle.getinfo(pycurl.RETRY_AFTER) if status in (429, 503) else 0
             answer = CurlAnswer(
-                handle.getinfo(pycurl.RESPONSE_CODE),
-                transfer.body.getvalue(),
-                float(retry_after) if retry_after else None,
+                status, transfer.body.getvalue(), float(retry_after) if retry_after else None
             )
         elif errno == _TIMEOUT:
             answer = CurlAnswer(None, error="timeout")
@@ -171,8 +176,8 @@ class CurlMulti:
             log.debug("request failed: %s (%s)", name, message)
             answer = CurlAnswer(None, error=f"connection: {name}")
         self._idle.append(transfer)
-        if future is not None and not future.done():
-            future.set_result(answer)
+        if done is not None:
+            done(transfer.token, answer)
 
     # -- requests ---------------------------------------------------------------------------
     def _transfer(self) -> _Transfer:
@@ -193,11 +198,16 @@ class CurlMulti:
         return transfer
 
     def request(
-        self, url: str, headers: Sequence[str], body: bytes | None
-    ) -> asyncio.Future[CurlAnswer]:
-        """POST `body` (GET when None) with `headers` ("name: value"); its answer's future."""
+        self, url: str, headers: Sequence[str], body: bytes | None, done: Done, token: int = 0
+    ) -> None:
+        """POST `body` (GET when None) with `headers` ("name: value"); `done(token, answer)`.
+
+        A callback, not a future: a future per request costs more than the rest of the
+        request's Python work.
+        """
         if self._closed:
-            raise RuntimeError("the HTTP client is closed")
+            done(token, CurlAnswer(None, error="connection: closed"))
+            return
         transfer = self._transfer()
         c = transfer.handle
         c.setopt(pycurl.URL, url)
@@ -206,13 +216,49 @@ class CurlMulti:
             c.setopt(pycurl.HTTPGET, 1)
         else:
             c.setopt(pycurl.POSTFIELDS, body)
-        transfer.body.seek(0)
-        transfer.body.truncate()
-        future: asyncio.Future[CurlAnswer] = self._loop.create_future()
-        transfer.future = future
+        buffer = transfer.body
+        if buffer.tell():
+            buffer.seek(0)
+            buffer.truncate()
+        transfer.done = done
+        transfer.token = token
         self._busy[c] = transfer
         self._multi.add_handle(c)  # libcurl asks for a timeout of 0: started on the loop
+
+    def fetch(
+        self, url: str, headers: Sequence[str], body: bytes | None
+    ) -> asyncio.Future[CurlAnswer]:
+        """One request's answer as a future."""
+        future: asyncio.Future[CurlAnswer] = self._loop.create_future()
+
+        def done(_token: int, answer: CurlAnswer) -> None:
+            if not future.done():
+                future.set_result(answer)
+
+        self.request(url, headers, body, done)
         return future
+
+    async def send_all(
+        self, requests: Sequence[tuple[str, Sequence[str], bytes]]
+    ) -> list[CurlAnswer]:
+        """Several requests at once; their answers in order."""
+        answers: list[CurlAnswer | None] = [None] * len(requests)
+        future: asyncio.Future[None] = self._loop.create_future()
+        left = len(requests)
+
+        def done(i: int, answer: CurlAnswer) -> None:
+            nonlocal left
+            answers[i] = answer
+            left -= 1
+            if not left and not future.done():
+                future.set_result(None)
+
+        if not requests:
+            return []
+        for i, (url, headers, body) in enumerate(requests):
+            self.request(url, headers, body, done, i)
+        await future
+        return answers  # type: ignore[return-value]
 
     async def preconnect(self, url: str, headers: Sequence[str]) -> None:
         """Open a connection to `url`'s host without sending a request.
@@ -222,18 +268,12 @@ class CurlMulti:
         """
         transfer = self._transfer()
         c = transfer.handle
-        c.setopt(pycurl.URL, url)
-        c.setopt(pycurl.HTTPHEADER, headers)
-        c.setopt(pycurl.HTTPGET, 1)
         c.setopt(pycurl.PREREQFUNCTION, lambda *_: pycurl.PREREQFUNC_ABORT)
-        future: asyncio.Future[CurlAnswer] = self._loop.create_future()
-        transfer.future = future
-        self._busy[c] = transfer
+        self._idle.append(transfer)  # the next request takes it
         try:
-            self._multi.add_handle(c)
-            answer = await future
+            answer = await self.fetch(url, headers, None)
         finally:
-            c.setopt(pycurl.PREREQFUNCTION, lambda *_: pycurl.PREREQFUNC_OK)
+            c.unsetopt(pycurl.PREREQFUNCTION)
         if answer.error not in (None, "connection: aborted"):
             raise ConnectionError(f"could not connect to {url}: {answer.error}")
 
@@ -252,20 +292,10 @@ class CurlMulti:
         self._watched.clear()
         for handle, transfer in list(self._busy.items()):
             self._multi.remove_handle(handle)
-            if transfer.future is not None and not transfer.future.done():
-                transfer.future.set_result(CurlAnswer(None, error="connection: closed"))
+            if transfer.done is not None:
+                transfer.done(transfer.token, CurlAnswer(None, error="connection: closed"))
         self._busy.clear()
         for transfer in self._idle:
             transfer.handle.close()
         self._idle.clear()
         self._multi.close()
-
-
-def header_lines(pairs: Sequence[tuple[str, str]]) -> list[str]:
-    """`name: value` lines for HTTPHEADER."""
-    return [f"{name}: {value}" for name, value in pairs]
-
-
-def run_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
-    """Call `fn` on `loop` from any thread."""
-    loop.call_soon_threadsafe(fn)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -214,8 +214,11 @@ class FcmCurlSender(PushSender):
             return [ProviderAnswer(None, "transport: no OAuth token")] * len(requests)
         multi = self._client()
         headers = [auth, *self._static]
-        futures = [multi.request(self._url, headers, body) for body in payloads]  # type: ignore[arg-type]
-        answers = [fcm_answer(a) for a in await asyncio.gather(*futures)]
+        url = self._url
+        answers = [
+            fcm_answer(a)
+            for a in await multi.send_all([(url, headers, cast(bytes, body)) for body in payloads])
+        ]
         if any(a.reason == "UNAUTHENTICATED" for a in answers):
             self._auth_rejected()
         return answers
