@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -113,6 +114,29 @@ ACCEPT_LATENCY = Histogram(
     ["provider", "lane"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
 )
+
+
+def observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for each value, with one update per bucket (not two per value).
+
+    A labelled Histogram child keeps its bucket counters and sum as attributes; if a
+    prometheus_client version keeps them otherwise, each value is observed on its own.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            histogram.observe(max(0.0, v))
+        return
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect.bisect_left(bounds, v)] += 1  # the first bound >= v, as observe does
+    total.inc(sum(max(0.0, v) for v in values))
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+
 
 ACKS = Counter(
     "fanfare_acks_total",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from operators.delivery.engine import DeliveryEngine, DeliveryOutput, Judged
@@ -219,75 +218,27 @@ def outputs_of(judged: Sequence[Judged]) -> list[DeliveryOutput]:
     return [o for j in judged for o in j.outputs]
 
 
-@dataclass
-class _WorkerPump:
-    engine: DeliveryEngine
-    routes: dict[str, Outbox]
-    users: int = 0
+class WorkerPump:
+    """One worker's engine and the outboxes of its source partitions (used on its thread)."""
 
-
-class DeliveryPump:
-    """Per worker: the engine (built on first use) and each source partition's outbox.
-
-    Every delivery source partition of a worker shares its engine: `submit` hands requests to
-    it, `poll` collects what was judged and routes each request's outputs to the outbox of the
-    partition that read it (by `origin.topic/partition`). A partition emits only its own
-    outbox, in its own poll, so what it marks judged is what it emitted in its current epoch.
-    State is per worker thread (`WorkerLocal`): a worker's source partitions run on its thread.
-    """
-
-    def __init__(self, build_engine: Callable[[], DeliveryEngine]) -> None:
-        self._build = build_engine
-        self._local = WorkerLocal()
-
-    def _worker(self) -> _WorkerPump:
-        pump: _WorkerPump | None = getattr(self._local, "pump", None)
-        if pump is None:
-            pump = _WorkerPump(self._build(), {})
-            self._local.pump = pump
-        return pump
-
-    def engine(self) -> DeliveryEngine:
-        """The engine of the calling worker."""
-        return self._worker().engine
-
-    def register(self, routes: Iterable[str]) -> Outbox:
-        """An outbox for the requests read from these `topic/partition`s."""
-        pump = self._worker()
-        box = Outbox()
-        for route in routes:
-            pump.routes[route] = box
-        pump.users += 1
-        return box
-
-    def release(self, routes: Iterable[str]) -> None:
-        """A partition closed; the last one closes the engine."""
-        pump: _WorkerPump | None = getattr(self._local, "pump", None)
-        if pump is None:
-            return
-        for route in routes:
-            pump.routes.pop(route, None)
-        pump.users -= 1
-        if pump.users <= 0:
-            del self._local.pump
-            pump.engine.close()
+    def __init__(self, engine: DeliveryEngine) -> None:
+        self.engine = engine
+        self.routes: dict[str, Outbox] = {}
+        self.users = 0
 
     def submit(self, requests: Sequence[SendRequest]) -> None:
         """Start these requests; what is judged at once goes to the outboxes."""
         if requests:
-            pump = self._worker()
-            self._route(pump, pump.engine.submit(requests))
+            self._route(self.engine.submit(requests))
 
     def poll(self) -> None:
         """Route what the engine judged since the last poll to the partitions' outboxes."""
-        pump = self._worker()
-        judged = pump.engine.collect()
+        judged = self.engine.collect()
         if judged:
-            self._route(pump, judged)
+            self._route(judged)
 
-    @staticmethod
-    def _route(pump: _WorkerPump, judged: list[Judged]) -> None:
-        routes = pump.routes
+    def _route(self, judged: list[Judged]) -> None:
+        routes = self.routes
         for j in judged:
             origin = j.request.origin
             box = routes.get(f"{origin.topic}/{origin.partition}")
@@ -297,6 +248,44 @@ class DeliveryPump:
                 log.warning("no source partition for %s: outputs not emitted", origin.key)
                 continue
             box.items.append(j)
+
+
+class DeliveryPump:
+    """Per worker: the engine (built on first use) and each source partition's outbox.
+
+    Every delivery source partition of a worker shares its engine: it hands requests to it
+    (`WorkerPump.submit`), and `WorkerPump.poll` collects what was judged and routes each
+    request's outputs to the outbox of the partition that read it (by `origin.topic/partition`).
+    A partition emits only its own outbox, in its own poll, so what it marks judged is what it
+    emitted in its current epoch. State is per worker thread (`WorkerLocal`): a worker's source
+    partitions are built and polled on its thread, and keep their `WorkerPump`.
+    """
+
+    def __init__(self, build_engine: Callable[[], DeliveryEngine]) -> None:
+        self._build = build_engine
+        self._local = WorkerLocal()
+
+    def register(self, routes: Iterable[str]) -> tuple[WorkerPump, Outbox]:
+        """The calling worker's pump, and an outbox for what these partitions read."""
+        pump: WorkerPump | None = getattr(self._local, "pump", None)
+        if pump is None:
+            pump = WorkerPump(self._build())
+            self._local.pump = pump
+        box = Outbox()
+        for route in routes:
+            pump.routes[route] = box
+        pump.users += 1
+        return pump, box
+
+    def release(self, pump: WorkerPump, routes: Iterable[str]) -> None:
+        """A partition closed; the worker's last one closes the engine."""
+        for route in routes:
+            pump.routes.pop(route, None)
+        pump.users -= 1
+        if pump.users <= 0:
+            if getattr(self._local, "pump", None) is pump:
+                del self._local.pump
+            pump.engine.close()
 
 
 def dead_lettered(letter: DeadLetter) -> list[DeliveryOutput]:

@@ -359,3 +359,26 @@ def test_submit_returns_at_once_and_collect_judges_the_answers(
     assert e.in_flight == 0
     e.close()
     loop.stop()
+
+
+def test_observe_many_counts_as_observe_does() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    one = Histogram("h_one", "h", ["x"], buckets=(0.05, 0.1, 1), registry=registry)
+    many = Histogram("h_many", "h", ["x"], buckets=(0.05, 0.1, 1), registry=registry)
+    values = [0.0, 0.05, 0.051, 0.1, 0.3, 1.0, 1.5, 42.0, -0.2]
+    for v in values:
+        one.labels("a").observe(max(0.0, v))
+    metrics.observe_many(many.labels("a"), values)
+
+    def samples(name: str) -> list[tuple[str, float]]:
+        return [
+            (s.name.removeprefix(name), s.value)
+            for m in registry.collect()
+            if m.name == name
+            for s in m.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples("h_one") == samples("h_many")

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -48,6 +49,9 @@ offsets and items are those of the first item not judged (-2 = the partition's s
 
 Recovery stores of earlier versions hold the first two, three or five only."""
 
+IDLE_POLL = timedelta(milliseconds=5)
+"""How often a lane pair with nothing in flight looks for new messages (Bytewax's default is
+every millisecond, for each of a worker's partitions)."""
 MAX_OPEN_MESSAGES = 2_000
 """Messages a lane keeps read but not wholly judged, at most (bounds memory and snapshots)."""
 
@@ -202,14 +206,15 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
             if lane is not None
         }
         self._routes = [f"{topic}/{index}" for topic in self._lanes]
-        self._outbox = pump.register(self._routes)
+        self._worker, self._outbox = pump.register(self._routes)
+        self._busy = True
         self._letters: list[tuple[_Lane, int, DeadLetter]] = []
 
     def next_batch(self) -> list[object]:
         """Hand what was read to the engine (normal first); emit what has been judged."""
-        pump = self._pump
-        pump.poll()
-        engine = pump.engine()
+        worker = self._worker
+        worker.poll()
+        engine = worker.engine
         requests: list[SendRequest] = []
         letters: list[tuple[int, DeadLetter]] = []
         normal_waiting = False
@@ -231,7 +236,7 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
                     requests += self._bulk.take(granted, letters)
                     self._letters += [(self._bulk, o, d) for o, d in letters]
         if requests:
-            pump.submit(requests)
+            worker.submit(requests)
         out: list[object] = []
         for judged in self._outbox.drain():
             origin = judged.request.origin
@@ -242,11 +247,18 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
                 lane.progress.judged(offset, 0)
                 out.append(letter)
             self._letters = []
+        self._busy = bool(out or requests) or not self.idle()
         return out
 
-    def next_awake(self) -> None:
-        """Poll again at once (Bytewax waits 1 ms after an empty batch)."""
-        return None
+    def next_awake(self) -> datetime | None:
+        """When to poll again: at once while anything waits for an outcome.
+
+        (Bytewax waits 1 ms after an empty batch.) An idle pair looks for new messages every
+        IDLE_POLL.
+        """
+        if self._busy:
+            return None
+        return datetime.now(UTC) + IDLE_POLL
 
     def idle(self) -> bool:
         """Nothing read waits for an outcome, or for its outputs to be emitted."""
@@ -282,7 +294,7 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
         for lane in (self._normal, self._bulk):
             if lane is not None:
                 lane.reader.close()
-        self._pump.release(self._routes)
+        self._pump.release(self._worker, self._routes)
 
 
 class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
@@ -28,6 +29,8 @@ RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | No
 hold the first two only."""
 
 
+IDLE_POLL = timedelta(milliseconds=10)
+"""How often a retry partition with nothing in flight looks for new or due records."""
 HeldRecord = tuple[float, int, bytes | None, bytes | None]
 """(due_at, offset, key, value) of a record read and not judged yet."""
 
@@ -61,12 +64,12 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
         self._sent: dict[int, HeldRecord] = {}  # by offset: handed to the engine, not judged
         self._pump = pump
         self._routes = [f"{topic}/{partition}"]
-        self._outbox = pump.register(self._routes)
+        self._worker, self._outbox = pump.register(self._routes)
 
     def next_batch(self) -> list[object]:
         """Send the records that are due now (newly read ones too); emit what was judged."""
-        pump = self._pump
-        pump.poll()
+        worker = self._worker
+        worker.poll()
         for event in self._reader.next_batch():
             assert isinstance(event, RawEvent)
             entry = (self._due_of(event.value), event.offset, event.key, event.value)
@@ -75,7 +78,7 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
         now = self._clock()
         heap = self._heap
         if heap and heap[0][0] <= now:
-            engine = pump.engine()
+            engine = worker.engine
             requests: list[SendRequest] = []
             room = {lane: engine.room(lane) for lane in ("normal", "bulk")}
             while heap and heap[0][0] <= now:
@@ -95,15 +98,23 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
                     out.append(decoded)  # a dead letter: judged now
                 heapq.heappop(heap)
             if requests:
-                pump.submit(requests)
+                worker.submit(requests)
         for judged in self._outbox.drain():
             self._sent.pop(judged.request.origin.offset, None)
             out.extend(judged.outputs)
         return out
 
-    def next_awake(self) -> None:
-        """Poll again at once (new records may arrive; held ones come due)."""
-        return None
+    def next_awake(self) -> datetime | None:
+        """When to poll again: at once while a record waits for its outcome.
+
+        Else within IDLE_POLL (new records may arrive), or when the first held one is due.
+        """
+        if self._sent or self._outbox.items:
+            return None
+        soon = datetime.now(UTC) + IDLE_POLL
+        if self._heap:
+            return min(soon, datetime.fromtimestamp(self._heap[0][0], UTC))
+        return soon
 
     def idle(self) -> bool:
         """Nothing is held or waits for an outcome."""
@@ -116,7 +127,7 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
     def close(self) -> None:
         """Leave the broker; the worker's last partition closes its engine."""
         self._reader.close()
-        self._pump.release(self._routes)
+        self._pump.release(self._worker, self._routes)
 
 
 class RetryTopicSource(FixedPartitionedSource[object, RetryPartitionState]):

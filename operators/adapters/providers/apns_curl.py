@@ -86,13 +86,16 @@ class ProviderToken:
             self._header = ""
 
 
+_ACCEPTED = ProviderAnswer(200, None)
+
+
 def apns_answer(answer: CurlAnswer) -> ProviderAnswer:
     """An HTTP answer (or transport failure) as the engine classifies it, as aioapns reports it."""
     status = answer.status
     if status is None:
         return ProviderAnswer(None, answer.error or "connection: unknown")
     if status == 200:
-        return ProviderAnswer(200, None)
+        return _ACCEPTED
     reason: str | None = None
     try:
         body = orjson.loads(answer.body) if answer.body else None

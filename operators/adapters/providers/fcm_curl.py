@@ -77,13 +77,16 @@ _STATUS_CODES = {
 }
 
 
+_ACCEPTED = ProviderAnswer(200, None)
+
+
 def fcm_answer(answer: CurlAnswer) -> ProviderAnswer:
     """An HTTP answer (or transport failure) as the firebase-admin sender reports it."""
     status = answer.status
     if status is None:
         return ProviderAnswer(None, f"transport: {answer.error or 'unknown'}")
     if 200 <= status < 300:
-        return ProviderAnswer(200, None)
+        return _ACCEPTED
     error: dict[str, Any] = {}
     try:
         parsed = orjson.loads(answer.body) if answer.body else None
