@@ -152,6 +152,13 @@ class SendDispatcher:
         self._sending: set[asyncio.Task[None]] = set()
         self._closed = False
 
+    def bulk_backlog(self, provider: str) -> tuple[int, float]:
+        """A provider's bulk requests queued or unanswered, and its bulk window (a snapshot)."""
+        lanes = self._lanes.get(provider)
+        if lanes is None:
+            return 0, float("inf")
+        return len(lanes.bulk) + lanes.bulk_out, lanes.window.size
+
     def waiting(self, provider: str, lane: str) -> int:
         """Requests of a provider's lane waiting for tokens (read from any thread: a snapshot)."""
         lanes = self._lanes.get(provider)

@@ -444,12 +444,16 @@ class DeliveryEngine:
         if lane == "bulk":
             free = min(free, int(limit * self._settings.bulk_share) - self._in_flight["bulk"])
         sender = self._senders.get(provider) if provider is not None else None
-        if sender is not None:
+        dispatcher = self._dispatcher
+        if sender is not None and dispatcher is not None:
             spec = sender.bucket
             sendable = int(spec.rate * self._settings.rate_wait_max_s + spec.capacity) + 1
-            dispatcher = self._dispatcher
-            waiting = 0 if dispatcher is None else dispatcher.waiting(sender.provider, lane)
-            free = min(free, sendable - waiting)
+            free = min(free, sendable - dispatcher.waiting(sender.provider, lane))
+            if lane == "bulk":
+                # Queued bulk beyond two windows would only sit here, in the room another
+                # provider's bulk lane could use.
+                backlog, window = dispatcher.bulk_backlog(sender.provider)
+                free = min(free, int(2 * window) - backlog)
         return max(0, free)
 
     def waiting_for_tokens(self, provider: str) -> int:

@@ -115,10 +115,25 @@ def test_budget_is_shared_by_the_partitions_of_a_round_and_renewed_when_one_asks
     assert budget.take("apns#0", 70) == 70
     assert budget.take("apns#1", 70) == 30
     assert budget.take("fcm#0", 10) == 0
-    # apns#0 asks again: a new round.
-    assert budget.take("apns#0", 500) == 100
+    # apns#0 asks again: a new round, where each of the three that asked gets a third.
+    assert budget.take("apns#0", 500) == 34
+    assert budget.take("apns#1", 500) == 34
+    assert budget.take("fcm#0", 500) == 32
+    # Only one asks from now on: a third (three asked in the round before), then all of it.
+    assert budget.take("fcm#0", 500) == 34
+    assert budget.take("fcm#0", 500) == 100
     with pytest.raises(ValueError):
         BulkRoundBudget(0)
+
+
+def test_the_partitions_polled_first_do_not_starve_the_others() -> None:
+    """An APNs celebrity on apns#0 and an FCM one on fcm#0: both drain every round."""
+    budget = BulkRoundBudget(100)
+    got = {"apns#0": 0, "fcm#0": 0}
+    for _ in range(10):
+        for part in got:
+            got[part] += budget.take(part, 500)
+    assert got["fcm#0"] >= 400 and got["apns#0"] >= 400
 
 
 def test_budget_is_per_worker_thread() -> None:

@@ -106,15 +106,23 @@ class BulkRoundBudget:
         self._local = WorkerLocal()
 
     def take(self, part: str, wanted: int) -> int:
-        """Up to `wanted` items for `part` in the current round (0: wait for the next one)."""
-        seen: set[str] | None = getattr(self._local, "seen", None)
+        """Up to `wanted` items for `part` in the current round (0: wait for the next one).
+
+        Each partition that asks gets at most an equal share of the round (by how many asked in
+        the round before), so the partitions polled first do not starve the others: an APNs
+        celebrity and an FCM one drain side by side.
+        """
+        local = self._local
+        seen: set[str] | None = getattr(local, "seen", None)
         if seen is None or part in seen:
+            local.askers = max(1, len(seen or ()))
             seen = set()
-            self._local.seen = seen
-            self._local.left = self._per_round
+            local.seen = seen
+            local.left = self._per_round
         seen.add(part)
-        granted = min(wanted, int(self._local.left))
-        self._local.left -= granted
+        share = -(-self._per_round // int(local.askers))
+        granted = min(wanted, int(local.left), share)
+        local.left -= granted
         return granted
 
 
