@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -56,6 +57,7 @@ from schemas.topics import DEVICE_CHANGES, PUSH_RETRY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SWITCH_INTERVAL_S = 0.001
 
 
 def _only(kind: type[T]) -> Callable[[object], T | None]:
@@ -185,6 +187,10 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
     """One worker's engine: its event loop, clients, Redis and store connections."""
     policy = retry_policy(settings)
     template = PushTemplate(settings.push_title, settings.push_body, settings.push_link)
+    # The worker's thread and its event loop's share the GIL: a thread that wants it waits up
+    # to the switch interval (5 ms by default) for the other, at every socket event. 1 ms
+    # keeps a send's way through the loop short while the worker judges and claims.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     loop = EventLoopThread()
 
     async def make_senders() -> dict[str, PushSender]:
