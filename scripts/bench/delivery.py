@@ -42,9 +42,10 @@ Phases and what each figure means:
    accepted time - the created_at it was published with (the same clock: one machine). p50/p99/max
    per provider; items not accepted within --grace s after publishing stops are "missing".
    The background's accepted rate shows whether the flow kept up with it (backlog at the end).
-3. `drain`: --drain-items (1,000,000) items of one celebrity post are published on push.apns.bulk
-   before the flow starts; then normal posts as in 2 (no other background) until the backlog is
-   drained or --drain-timeout s pass. Only normal items created while the drain was in progress
+3. `drain`: the flow is started and warmed up (a normal post per provider accepted), then
+   --drain-items (1,000,000) items of one celebrity post are published on push.apns.bulk and
+   normal posts arrive as in 2 (no other background) until the backlog is drained or
+   --drain-timeout s pass. Only normal items created while the drain was in progress
    (between the first and the last accepted bulk item) count. Also: the drain's pushes/s.
 
 Targets printed against the figures: >= 10,000 APNs pushes/s for one delivery process; normal
@@ -180,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=number_in(1, 3_600),
         default=60.0,
         help="wait this long after publishing stops for normal items still in flight",
+    )
+    p.add_argument(
+        "--fcm-latency-ms",
+        type=float,
+        default=0.0,
+        help="in the latency phase, the local FCM server answers this late (a slow FCM: does "
+        "it delay APNs?)",
     )
     p.add_argument("--drain-items", type=whole_number(1, 50_000_000), default=1_000_000)
     p.add_argument(
@@ -717,6 +725,10 @@ class SplitControl:
         """A provider's accepted records."""
         return self._controls[provider].accepted(provider, since=since)
 
+    def set_latency(self, provider: str, ms: float) -> None:
+        """Hold a provider's answers back this long."""
+        self._controls[provider].set_latency(provider, ms)
+
     def reset(self, provider: str | None = None) -> None:
         """Forget records and counters (one provider, or both)."""
         for p, c in self._controls.items():
@@ -960,24 +972,31 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
     return result
 
 
-def _wait_warm(bench: Bench, flow: Flow, tokens: Tokens, settings: Settings) -> float:
-    """Send one normal post per provider and wait until the providers accepted it."""
+def _wait_warm(
+    bench: Bench, flow: Flow, tokens: Tokens, settings: Settings, devices: int = 1
+) -> float:
+    """Send one normal post per provider (to `devices` devices) and wait until all are accepted.
+
+    With many devices the outcomes reach every delivery_events partition, whose writers read
+    the partitions' ends when they first write (start-up work that holds the worker).
+    """
     assert bench.control is not None
     ctl = bench.control
     pub = Publisher(settings.kafka_config(), linger_ms=0)
     now = time.time()
+    users = [f"u{i}" for i in range(devices)]
     for provider in bench.args.post_providers:
         pub.send(
             channel_topic(provider, "normal"),
             0,
             b"warmup",
-            dispatch_batch(provider, "warmup", now, ["u0"], tokens),
+            dispatch_batch(provider, "warmup", now, users, tokens),
         )
     pub.flush(30)
     providers = bench.args.post_providers
     at = wait_until(
         "the warm-up post to be accepted",
-        lambda: all(ctl.stats()[p].get("accepted", 0) >= 1 for p in providers),
+        lambda: all(ctl.stats()[p].get("accepted", 0) >= devices for p in providers),
         120,
         flow,
     )
@@ -992,8 +1011,10 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     assert bench.control is not None
     tokens = Tokens(args.seed + 3)
     flow = bench.start_flow("latency")
-    warm_s = _wait_warm(bench, flow, tokens, settings)
+    warm_s = _wait_warm(bench, flow, tokens, settings, devices=32)
     log(f"[latency] flow ready after {warm_s:.1f} s; publishing for {args.duration:.0f} s")
+    if args.fcm_latency_ms:
+        bench.control.set_latency("fcm", args.fcm_latency_ms)  # a slow FCM beside APNs
     parts = settings.topic_partitions
     kafka = settings.kafka_config()
     posts = NormalPosts(
@@ -1055,6 +1076,7 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     result: dict[str, Any] = {
         "warmup_s": round(warm_s, 2),
         "duration_s": round(t_stop - t0, 2),
+        "fcm_latency_ms": args.fcm_latency_ms,
         "posts": posts.posts,
         "normal": {p: latency_row(*collector.latencies(p)) for p in args.post_providers},
         "normal_all": latency_row(*_merge(collector.latencies(p) for p in args.post_providers)),
@@ -1081,14 +1103,22 @@ def _merge(parts: Iterator[tuple[list[float], int]]) -> tuple[list[float], int]:
 
 
 def phase_drain(bench: Bench) -> dict[str, Any]:
-    """A pre-published bulk backlog drains while normal posts arrive; their latency meanwhile."""
+    """A bulk backlog drains while normal posts arrive; their latency meanwhile.
+
+    The flow is started and warmed up first (a post per provider accepted), then the backlog
+    is published: the figure is the drain's steady state, not the flow's start-up (its first
+    writes to delivery_events read the topic's ends, which holds the worker a few seconds).
+    """
     args = bench.args
     settings = bench.open_phase("drain")
     assert bench.control is not None
     ctl = bench.control
     items = args.drain_items
     topic = channel_topic("apns", "bulk")
-    log(f"[drain] publishing {items:,} items on {topic}")
+    tokens = Tokens(args.seed + 6)
+    flow = bench.start_flow("drain")
+    warm_s = _wait_warm(bench, flow, tokens, settings, devices=32)
+    log(f"[drain] flow ready after {warm_s:.1f} s; publishing {items:,} items on {topic}")
     pub = prepublish(
         settings.kafka_config(),
         "apns",
@@ -1098,8 +1128,7 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
         settings.partitions_for(topic),
         Tokens(args.seed + 5),
     )
-    log(f"[drain] published in {pub['publish_s']} s; starting the flow and the normal posts")
-    tokens = Tokens(args.seed + 6)
+    log(f"[drain] published in {pub['publish_s']} s; starting the normal posts")
     posts = NormalPosts(
         settings.kafka_config(),
         args.post_rate,
@@ -1112,8 +1141,7 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
     collector = Collector(ctl, posts.created)
     bench.threads.append(posts)
     cpu = CpuMeter(bench.pids)
-    flow = bench.start_flow("drain")
-    t0 = flow.started_at
+    t0 = time.time()
     cpu.start()
     first_cpu: CpuWindow | None = None
     posts.start()
@@ -1167,6 +1195,11 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
             p: latency_row(*collector.latencies(p)) for p in args.post_providers
         },
         "progress": progress,
+        "normal_series": sorted(
+            (round(ts - t0, 3), round(collector.normal_accepted[nid] - ts, 3))
+            for nid, ts in collector.normal.items()
+            if nid in collector.normal_accepted
+        ),
         "cpu": usage,
         # The drain's pushes (normal posts' few included in the flow's CPU, not in the count).
         "cpu_per_push": first_cpu.per_push(end_cpu) if first_cpu is not None else {},
@@ -1417,6 +1450,11 @@ def print_report(r: dict[str, Any]) -> None:
             f"{'+'.join(c['post_providers'])} for {lat['duration_s']} s, over "
             f"{c['background_rate']:,.0f} bulk candidates/s ({c['background_fcm_share']:.0%} FCM); "
             f"flow ready {lat['warmup_s']} s after start"
+            + (
+                f"; FCM answering {lat['fcm_latency_ms']:,.0f} ms late"
+                if lat.get("fcm_latency_ms")
+                else ""
+            )
         )
         _latency_table({**lat["normal"], "all": lat["normal_all"]})
         a = lat["normal_all"]
@@ -1447,7 +1485,7 @@ def print_report(r: dict[str, Any]) -> None:
             f"({dr['published']['publish_s']} s); "
             + ("drained" if dr["drained"] else "NOT DRAINED (timed out)")
             + f": {d.get('accepted', 0):,} accepted at {_n(d.get('pushes_per_s'))}/s "
-            f"(provider clock), wall {d.get('wall_s', 0):.1f} s from flow start"
+            f"(provider clock), wall {d.get('wall_s', 0):.1f} s from its publication (flow warm)"
         )
         print(f"    normal items created during the drain ({dr['window_s']} s window):")
         _latency_table({**dr["normal_during_drain"], "all": dr["normal_during_drain_all"]})
