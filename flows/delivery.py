@@ -1,18 +1,22 @@
 """The delivery dataflow: dispatch batches on push.* -> APNs / FCM -> delivery_events.
 
-    read_channel_lanes ─► decode_dispatch ──────┐
-      (normal first)   └─► dead letters          ├─► send_to_providers ─┬─► delivery_events
-    read_due_retries ─► decode_retry ──────────────┘  (ledger, limits,  ├─► device_changes
-                       └─► dead letters                breaker, sends)  ├─► push.retry
-                                                                        └─► dead_letters
+    read_channel_lanes ─────┐  (each source reads, hands the requests to   ┌─► delivery_events
+      (normal first)        ├─► the worker's engine and emits what is ─────┼─► device_changes
+    read_due_retries ───────┘   judged: ledger, limits, breaker, sends)    ├─► push.retry
+      (held until due)                                                     └─► dead_letters
 
-Run it with `fanfare run delivery`. Everything here is wiring; decisions live in `operators/`.
+The sources send (pipelined: thousands in flight, the worker never waits for a provider) and
+snapshot only what is judged: `operators/adapters/kafka/channel_lanes.py`, `retry_source.py`,
+`operators/delivery/pipeline.py`; their step ids are the reading steps' of earlier versions,
+so a recovery directory keeps its positions. Run it with `fanfare run delivery`. Everything
+here is wiring; decisions live in `operators/`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,25 +34,22 @@ from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
 from operators.adapters.kafka.retry_source import RetryTopicSource
 from operators.adapters.kafka.writer import FlushingTopicSink
 from operators.adapters.providers.apns import ApnsSender
+from operators.adapters.providers.apns_curl import ApnsCurlSender
 from operators.adapters.providers.config import ProviderConfigError, apns_config, fcm_config
 from operators.adapters.providers.event_loop import EventLoopThread
 from operators.adapters.providers.fcm import FcmSender
+from operators.adapters.providers.fcm_curl import FcmCurlSender
 from operators.adapters.redis.edge_claims import RedisEdgeClaims
 from operators.adapters.redis.rate_limiter import RedisRateLimiter
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials, load_settings
-from operators.dead_letters import Decoded, decode_or_dead_letter, one
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
-from operators.delivery.model import RetryPolicy, SendRequest
+from operators.delivery.model import RetryPolicy
 from operators.delivery.payloads import PushTemplate
+from operators.delivery.pipeline import DeliveryPump
 from operators.delivery.ports import PushSender
-from operators.delivery.steps import (
-    SendStep,
-    decode_channel_message,
-    decode_retry_message,
-    retry_due_at,
-)
+from operators.delivery.steps import retry_due_at
 from operators.delivery.token_bucket import BucketSpec
 from schemas.codecs import encode_device_change, encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
@@ -56,6 +57,7 @@ from schemas.topics import DEVICE_CHANGES, PUSH_RETRY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SWITCH_INTERVAL_S = 0.001
 
 
 def _only(kind: type[T]) -> Callable[[object], T | None]:
@@ -66,51 +68,38 @@ def build_delivery_flow(
     *,
     channel_source: Source[Any],
     retry_source: Source[Any],
-    send: Callable[[list[SendRequest]], list[Any]],
     events_sink: Sink[Any],
     route_event: Callable[[DeliveryEvent], str],
     device_changes_sink: Sink[Any],
     retry_sink: Sink[Any],
     dead_letter_sink: Sink[Any],
 ) -> Dataflow:
-    """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
+    """Wire the graph from its ports (tests pass in-memory readers, TestingSinks and fakes)."""
     flow = Dataflow("delivery")
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
     g = FlowGuard(flow.flow_id)
 
-    channel = op.input("read_channel_lanes", flow, g.source("read_channel_lanes", channel_source))
-    fresh: Decoded[SendRequest] = decode_or_dead_letter(
-        "decode_dispatch", channel, g.step("decode_dispatch", decode_channel_message)
-    )
-
+    fresh = op.input("read_channel_lanes", flow, g.source("read_channel_lanes", channel_source))
     # The source holds each retry until its due time (see RetryTopicSource).
     due = op.input("read_due_retries", flow, g.source("read_due_retries", retry_source))
-    retries: Decoded[SendRequest] = decode_or_dead_letter(
-        "decode_retry", due, g.step("decode_retry", one(decode_retry_message))
-    )
+    outputs = op.merge("merge_outputs", fresh, due)
 
-    requests = op.merge("merge_requests", fresh.oks, retries.oks)
-    outputs = op.flat_map_batch("send_to_providers", requests, g.step("send_to_providers", send))
-
-    events = op.filter_map("events", outputs, _only(DeliveryEvent))
-    keyed = op.map("route_event", events, g.step("route_event", lambda e: (route_event(e), e)))
+    # Most outputs are delivery events: one test each sends them on; the rest are sorted after.
+    split = op.branch("split_events", outputs, lambda x: isinstance(x, DeliveryEvent))
+    keyed = op.map("route_event", split.trues, g.step("route_event", lambda e: (route_event(e), e)))
     op.output("write_delivery_events", keyed, g.sink("write_delivery_events", events_sink))
+    others = split.falses
     op.output(
         "write_device_changes",
-        op.filter_map("deactivations", outputs, _only(DeviceChange)),
+        op.filter_map("deactivations", others, _only(DeviceChange)),
         g.sink("write_device_changes", device_changes_sink),
     )
     op.output(
         "write_retries",
-        op.filter_map("retries", outputs, _only(RetryRecord)),
+        op.filter_map("retries", others, _only(RetryRecord)),
         g.sink("write_retries", retry_sink),
     )
-    dead = op.merge(
-        "merge_dead_letters",
-        fresh.dead_letters,
-        retries.dead_letters,
-        op.filter_map("send_dead_letters", outputs, _only(DeadLetter)),
-    )
+    dead = op.filter_map("dead_letters", others, _only(DeadLetter))
     keyed_dead = op.key_on("key_by_source_topic", dead, source_topic_of)
     op.output("write_dead_letters", keyed_dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
@@ -134,10 +123,10 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
-    """One worker's engine: its event loop, clients, Redis and store connections."""
-    policy = retry_policy(settings)
-    template = PushTemplate(settings.push_title, settings.push_body, settings.push_link)
+def _senders_for(
+    settings: Settings, template: PushTemplate, policy: RetryPolicy
+) -> dict[str, PushSender]:
+    """The configured providers' senders (FANFARE_APNS_CLIENT / FANFARE_FCM_CLIENT)."""
     timeout = settings.send_timeout_ms / 1000
     reserve = settings.bulk_reserve_pct / 100
     burst = settings.rate_burst_ms / 1000
@@ -149,20 +138,61 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
             "_TOPIC) and/or FANFARE_FCM_CREDENTIALS_FILE, or run `fanfare dev up` to start "
             "the local provider servers"
         )
+    senders: dict[str, PushSender] = {}
+    if apns is not None:
+        bucket = BucketSpec(f"apns:{apns.topic}", settings.apns_rate_per_min, burst, reserve, slack)
+        connections = settings.apns_connections
+        senders["apns"] = (
+            ApnsSender(apns, template, bucket, policy, timeout)
+            if settings.apns_client == "aioapns"
+            else ApnsCurlSender(
+                apns,
+                template,
+                bucket,
+                policy,
+                timeout,
+                connections=connections,
+                streams_per_connection=_streams(settings.delivery_in_flight, connections),
+            )
+        )
+    if fcm is not None:
+        bucket = BucketSpec(
+            f"fcm:{fcm.project_id}", settings.fcm_rate_per_min, burst, reserve, slack
+        )
+        connections = settings.fcm_connections
+        senders["fcm"] = (
+            FcmSender(fcm, template, bucket, policy, timeout)
+            if settings.fcm_client == "firebase-admin"
+            else FcmCurlSender(
+                fcm,
+                template,
+                bucket,
+                policy,
+                timeout,
+                connections=connections,
+                streams_per_connection=_streams(settings.delivery_in_flight, connections),
+            )
+        )
+    return senders
+
+
+def _streams(in_flight: int, connections: int) -> int:
+    """HTTP/2 streams per connection before another connection opens (at least 100)."""
+    return max(100, -(-in_flight // connections))
+
+
+def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
+    """One worker's engine: its event loop, clients, Redis and store connections."""
+    policy = retry_policy(settings)
+    template = PushTemplate(settings.push_title, settings.push_body, settings.push_link)
+    # The worker's thread and its event loop's share the GIL: a thread that wants it waits up
+    # to the switch interval (5 ms by default) for the other, at every socket event. 1 ms
+    # keeps a send's way through the loop short while the worker judges and claims.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     loop = EventLoopThread()
 
     async def make_senders() -> dict[str, PushSender]:
-        senders: dict[str, PushSender] = {}
-        if apns is not None:
-            bucket = BucketSpec(
-                f"apns:{apns.topic}", settings.apns_rate_per_min, burst, reserve, slack
-            )
-            senders["apns"] = ApnsSender(apns, template, bucket, policy, timeout)
-        if fcm is not None:
-            bucket = BucketSpec(
-                f"fcm:{fcm.project_id}", settings.fcm_rate_per_min, burst, reserve, slack
-            )
-            senders["fcm"] = FcmSender(fcm, template, bucket, policy, timeout)
+        senders = _senders_for(settings, template, policy)
         for name, sender in senders.items():
             try:
                 await sender.warm_up()
@@ -193,6 +223,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
             rate_wait_max_s=settings.rate_wait_max_ms / 1000,
             breaker_failures=settings.breaker_failures,
             breaker_cooldown_s=settings.breaker_cooldown_s,
+            in_flight=settings.delivery_in_flight,
         ),
         on_bulk_pause=pacer.pause,
     )
@@ -212,12 +243,13 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         )
     )
     events = DeliveryEventsSink(kafka, marks=marks)
+    # Per worker: one engine, shared by its channel and retry partitions, built on first use.
+    pump = DeliveryPump(lambda: build_engine(settings, pacer))
     return build_delivery_flow(
         channel_source=ChannelLanesSource(
-            kafka, pacer, bulk_items_per_poll=settings.bulk_items_per_poll
+            kafka, pacer, pump, bulk_items_per_poll=settings.bulk_items_per_poll
         ),
-        retry_source=RetryTopicSource(kafka, retry_due_at, PUSH_RETRY),
-        send=SendStep(lambda: build_engine(settings, pacer)),
+        retry_source=RetryTopicSource(kafka, retry_due_at, pump, PUSH_RETRY),
         events_sink=events,
         route_event=events.route_key,
         device_changes_sink=FlushingTopicSink(kafka, DEVICE_CHANGES, _device_change_message),

@@ -17,6 +17,8 @@ from operators.outbox.model import TableName
 from schemas.topics import ALL_TOPICS, MAX_DISPATCH_BATCH
 
 METRICS_SERVERS = ("fanfare", "bytewax")
+APNS_CLIENTS = ("curl", "aioapns")
+FCM_CLIENTS = ("curl", "firebase-admin")
 
 
 class ConfigError(ValueError):
@@ -133,6 +135,17 @@ class Settings:
     """FANFARE_FCM_URL: FCM HTTP v1 base URL."""
     fcm_ca_file: str = ""
     """FANFARE_FCM_CA_FILE: extra CA bundle to trust for FANFARE_FCM_URL (the local FCM's CA)."""
+    apns_client: str = "curl"
+    """FANFARE_APNS_CLIENT: `curl` (HTTP/2 on libcurl through pycurl) or `aioapns`."""
+    fcm_client: str = "curl"
+    """FANFARE_FCM_CLIENT: `curl` (HTTP/2 on libcurl through pycurl) or `firebase-admin`."""
+    apns_connections: int = 4
+    """FANFARE_APNS_CONNECTIONS: HTTP/2 connections to APNs per delivery worker, at most."""
+    fcm_connections: int = 4
+    """FANFARE_FCM_CONNECTIONS: HTTP/2 connections to FCM per delivery worker, at most."""
+    delivery_in_flight: int = 2_000
+    """FANFARE_DELIVERY_IN_FLIGHT: pushes a delivery worker has sent (or queued for a rate-limit
+    token) without an answer, at most."""
     apns_rate_per_min: int = 6_000_000
     """FANFARE_APNS_RATE_PER_MIN: APNs sends per minute, all workers together."""
     fcm_rate_per_min: int = 600_000
@@ -145,8 +158,8 @@ class Settings:
     bulk_reserve_pct: int = 20
     """FANFARE_BULK_RESERVE_PCT: share of each bucket the bulk lane leaves to normal posts."""
     rate_wait_max_ms: int = 500
-    """FANFARE_RATE_WAIT_MAX_MS: longest a worker's call waits for tokens (both lanes together)
-    before what is left is held for later."""
+    """FANFARE_RATE_WAIT_MAX_MS: longest a push waits for its rate-limit token before it is held
+    for later."""
     retry_max_attempts: int = 8
     """FANFARE_RETRY_MAX_ATTEMPTS: provider sends per device before dead-lettering."""
     retry_base_ms: int = 1_000
@@ -424,6 +437,9 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "edge_claim_ttl_s": (1, None),
     "store_ttl_s": (60, 10 * 365 * 86_400),
     "bulk_items_per_poll": (1, 100_000),
+    "apns_connections": (1, 64),
+    "fcm_connections": (1, 64),
+    "delivery_in_flight": (1, 1_000_000),
     "api_port": (1, 65_535),
     "api_max_body_bytes": (1_024, 64 * 1024 * 1024),
     "api_upload_max_bytes": (1_024, 1024 * 1024 * 1024),
@@ -599,6 +615,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     _check_metrics_server(settings, env)
     _check_outbox(settings)
     _check_channels(settings)
+    if settings.apns_client not in APNS_CLIENTS:
+        raise ConfigError(
+            f"FANFARE_APNS_CLIENT={settings.apns_client!r}: use curl (libcurl, the default) or "
+            "aioapns"
+        )
+    if settings.fcm_client not in FCM_CLIENTS:
+        raise ConfigError(
+            f"FANFARE_FCM_CLIENT={settings.fcm_client!r}: use curl (libcurl, the default) or "
+            "firebase-admin"
+        )
     if not settings.resolved_store_url.startswith(("sqlite:///", "cassandra://")):
         raise ConfigError(
             "FANFARE_STORE_URL must be sqlite:///PATH or cassandra://host1,host2/keyspace[?dc=DC]"

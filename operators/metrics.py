@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -102,6 +103,11 @@ RATE_LIMIT_WAIT = Counter(
     "seconds spent waiting for rate-limit tokens",
     ["provider"],
 )
+IN_FLIGHT = Gauge(
+    "fanfare_delivery_in_flight",
+    "pushes a delivery process has handed to its providers' send tasks and not yet judged",
+    multiprocess_mode="sum",
+)
 BREAKER_STATE = Gauge(
     "fanfare_circuit_state",
     "circuit breaker per provider: 0 closed, 1 half-open, 2 open",
@@ -136,6 +142,29 @@ SMS_BUDGET_REFUSED = Counter(
 INAPP_PUBLISHED = Counter(
     "fanfare_inapp_published_total", "in-app notifications published to users' live streams"
 )
+
+
+def observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for each value, with one update per bucket (not two per value).
+
+    A labelled Histogram child keeps its bucket counters and sum as attributes; if a
+    prometheus_client version keeps them otherwise, each value is observed on its own.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            histogram.observe(max(0.0, v))
+        return
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect.bisect_left(bounds, v)] += 1  # the first bound >= v, as observe does
+    total.inc(sum(max(0.0, v) for v in values))
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+
 
 ACKS = Counter(
     "fanfare_acks_total",

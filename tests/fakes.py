@@ -272,3 +272,100 @@ class RecordingPublisher(RowPublisher):
 
     def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         self.letters += letters
+
+
+class ListReader:
+    """A partition reader over a fixed list of messages, `size` per call (a `MessageReader`)."""
+
+    def __init__(self, events: Sequence[Any], size: int = 100) -> None:
+        self._events = list(events)
+        self._size = size
+        self._position = self._events[0].offset if self._events else 0
+        self.closed = False
+
+    def next_batch(self) -> list[object]:
+        out: list[object] = list(self._events[: self._size])
+        del self._events[: self._size]
+        if out:
+            self._position = out[-1].offset + 1  # type: ignore[attr-defined]
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._events
+
+    def offset(self) -> int:
+        return self._position
+
+    topic_id = "test-topic-id"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def list_delivery_sources(
+    channel: Sequence[Any],
+    retries: Sequence[Any],
+    pump: Any,
+    *,
+    bulk_items_per_poll: int = 100,
+    read_size: int = 100,
+) -> tuple[Any, Any]:
+    """The delivery flow's two sources over fixed message lists, ending once all is judged.
+
+    The real partitions (`_LanePairReader`, `_RetryPartitionReader`) on `ListReader`s, one per
+    topic partition the messages name; each ends (EOF) when its messages are read and every
+    outcome emitted, so `run_main` returns.
+    """
+    from bytewax.inputs import FixedPartitionedSource
+
+    from operators.adapters.kafka.channel_lanes import BulkPacer, BulkRoundBudget, _LanePairReader
+    from operators.adapters.kafka.retry_source import _RetryPartitionReader
+    from operators.delivery.steps import retry_due_at
+
+    class _Ending:
+        def next_batch(self) -> list[object]:
+            out: list[object] = super().next_batch()  # type: ignore[misc]
+            readers = [r for r in self._readers if r is not None]  # type: ignore[attr-defined]
+            if not out and all(r.exhausted for r in readers) and self.idle():  # type: ignore[attr-defined]
+                raise StopIteration
+            return out
+
+    class _Pair(_Ending, _LanePairReader):
+        pass
+
+    class _Retry(_Ending, _RetryPartitionReader):
+        pass
+
+    budget = BulkRoundBudget(bulk_items_per_poll)
+    pacer = BulkPacer()
+
+    class Channel(FixedPartitionedSource[object, Any]):
+        def list_parts(self) -> list[str]:
+            return sorted({f"{e.topic.split('.')[1]}#{e.partition}" for e in channel} or {"apns#0"})
+
+        def build_part(self, step_id: str, for_part: str, resume: Any) -> Any:
+            provider, _, index = for_part.partition("#")
+            lanes = [
+                ListReader(
+                    [e for e in channel if e.topic == topic and e.partition == int(index)],
+                    read_size,
+                )
+                for topic in (f"push.{provider}", f"push.{provider}.bulk")
+            ]
+            part = _Pair(for_part, *lanes, provider, pacer, budget, pump, resume)
+            part._readers = lanes  # type: ignore[attr-defined]
+            return part
+
+    class Retry(FixedPartitionedSource[object, Any]):
+        def list_parts(self) -> list[str]:
+            return sorted({f"push.retry/{e.partition}" for e in retries} or {"push.retry/0"})
+
+        def build_part(self, step_id: str, for_part: str, resume: Any) -> Any:
+            partition = int(for_part.rpartition("/")[2])
+            reader = ListReader([e for e in retries if e.partition == partition], read_size)
+            part = _Retry(reader, "push.retry", partition, [], retry_due_at, time.time, pump)
+            part._readers = [reader]  # type: ignore[attr-defined]
+            return part
+
+    return Channel(), Retry()

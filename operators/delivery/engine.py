@@ -1,36 +1,40 @@
-"""The delivery engine: one call takes the send requests a worker read and returns every output.
+"""The delivery engine: send requests in, judged outcomes out, with thousands of sends in flight.
 
-    claim (Redis edge claim, then the store's unique key)
+    claim (Redis edge claim, then the store's unique key: one round trip each per call)
       -> expired?            -> `expired`
       -> circuit open?       -> held: `retry_scheduled` (cause circuit_open), no attempt used
       -> render (<= 4 KB)    -> `failed` (PayloadTooLarge) + dead letter
-      -> rate-limit tokens   -> each grant sent as soon as it is taken, concurrently on the
-                                worker's event loop (HTTP/2 streams); a bounded async wait
-                                for more, then the rest held (cause rate_limited)
+      -> queued for the provider's send task on the worker's event loop (`dispatch.py`): each
+         rate-limit grant sent as taken, normal lane first; no token within
+         FANFARE_RATE_WAIT_MAX_MS -> held (cause rate_limited)
       -> classify: accepted | invalid_token (+ device_changes active:false)
                    | failed (+ dead letter) | transient -> retry_scheduled (+ push.retry)
                      or, past the caps, expired | dead_lettered (+ dead letter)
-      -> record in the store, then return the outputs for the sinks
+      -> record in the store, then the outputs for the sinks
 
-The call returns only after every send in it has an answer, and its outputs are written by the
-sinks within the same Bytewax epoch: an input offset is never snapshotted ahead of the outcome
-of what it carried. Retries are never waited for here: they go to `push.retry` and come back
-through a timer.
+Pipelined: `submit` starts the sends and returns at once; `collect` judges what was answered
+since. The Bytewax worker never waits for a provider. A request's outputs exist only once it is
+*judged*; the delivery sources (`operators/delivery/pipeline.py`) emit them then, and snapshot
+their input position only past what is judged, so no input offset is snapshotted ahead of the
+outcome of what it carried (docs/design.md, "Delivery: pipelined, one outcome per item").
+`deliver` is the blocking form (submit, wait for every answer, collect), for tests and tools.
+Retries are never waited for here: they go to `push.retry` and come back through its source.
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from operators import metrics
 from operators.delivery.circuit_breaker import CircuitBreaker
+from operators.delivery.dispatch import Held, Report, SendDispatcher, Sent
 from operators.delivery.ledger import LedgerUpdate
 from operators.delivery.model import (
     Action,
@@ -56,8 +60,6 @@ from schemas.codecs import encode_send_reference, format_timestamp
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
 
 log = logging.getLogger(__name__)
-_MIN_PAUSE_S = 0.02
-"""The shortest wait for tokens: at most about 50 takes a second per provider and worker."""
 
 DeliveryOutput = DeliveryEvent | DeviceChange | RetryRecord | DeadLetter
 T = TypeVar("T")
@@ -68,9 +70,20 @@ class DeliverySettings:
     """The engine's knobs (from Settings)."""
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    rate_wait_max_s: float = 0.5  # per call, both lanes together
+    rate_wait_max_s: float = 0.5  # the longest a request waits for its rate-limit token
     breaker_failures: int = 20
     breaker_cooldown_s: float = 5.0
+    in_flight: int = 2_000
+    """The most requests a worker has submitted and not judged (FANFARE_DELIVERY_IN_FLIGHT)."""
+    bulk_share: float = 0.8
+    """Share of `in_flight` the bulk lane may fill: the rest is kept for normal posts."""
+
+
+class Judged(NamedTuple):
+    """A request whose fate is known, and what to write for it (nothing for a duplicate)."""
+
+    request: SendRequest
+    outputs: list[DeliveryOutput]
 
 
 def _dead_letter(request: SendRequest, error: str) -> DeadLetter:
@@ -114,6 +127,12 @@ class DeliveryEngine:
             )
             for p in senders
         }
+        self._reports: collections.deque[Sent | Held] = collections.deque()
+        self._dispatcher: SendDispatcher | None = None
+        self._in_flight = {"normal": 0, "bulk": 0}
+        self._closed = False
+        self._ts: tuple[float, str] = (-1.0, "")
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     # -- the ledger -----------------------------------------------------------------------
     def _ledger(self, requests: Sequence[SendRequest]) -> list[tuple[SendRequest, Action, Any]]:
@@ -161,20 +180,31 @@ class DeliveryEngine:
         count: bool = True,
     ) -> DeliveryEvent:
         if count:
-            metrics.OUTCOMES.labels(r.provider, outcome).inc()
+            self._metric(metrics.OUTCOMES, r.provider, outcome).inc()
+        if now != self._ts[0]:  # a call judges many at one time: format it once
+            self._ts = (now, format_timestamp(now, "milliseconds"))
+        item = r.item
         return DeliveryEvent(
-            notification_id=r.item["notification_id"],
+            notification_id=item["notification_id"],
             post_id=r.post_id,
-            user_id=r.item["user_id"],
-            device_id=r.item["device_id"],
+            user_id=item["user_id"],
+            device_id=item["device_id"],
             provider=r.provider,
             outcome=outcome,  # type: ignore[arg-type]
             status=status,
             reason=reason,
             attempt=attempt,
-            ts=format_timestamp(now, "milliseconds"),
+            ts=self._ts[1],
             retry_at=None if retry_at is None else format_timestamp(retry_at, "milliseconds"),
         )
+
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """A labelled child of a metric, looked up once (labels() costs more than inc())."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _finish(
         self,
@@ -182,7 +212,7 @@ class DeliveryEngine:
         state: RowState,
         attempts: int,
         now: float,
-        out: list[DeliveryOutput],
+        out: list[Judged],
         updates: list[LedgerUpdate],
         *,
         status: int | None = None,
@@ -195,7 +225,9 @@ class DeliveryEngine:
         updates.append(
             LedgerUpdate(r.key, state, attempts, schedules, status, reason, due_at, attempted)
         )
-        out.extend(self._outputs(r, state, attempts, schedules, now, status, reason, due_at))
+        out.append(
+            Judged(r, self._outputs(r, state, attempts, schedules, now, status, reason, due_at))
+        )
 
     def _outputs(
         self,
@@ -261,33 +293,42 @@ class DeliveryEngine:
             count=False,
         )
 
-    # -- one call ---------------------------------------------------------------------------
-    def deliver(self, requests: Sequence[SendRequest]) -> list[DeliveryOutput]:
-        """Everything for these requests: ledger, sends, outcomes (blocks until all answered)."""
+    # -- submit, collect ------------------------------------------------------------------
+    def _prepare(
+        self, requests: Sequence[SendRequest]
+    ) -> tuple[list[Judged], dict[str, list[tuple[SendRequest, object]]]]:
+        """The ledger and every decision made before a send: (judged now, what to send)."""
         now = self._clock()
-        out: list[DeliveryOutput] = []
+        judged: list[Judged] = []
         updates: list[LedgerUpdate] = []
         to_send: dict[str, list[SendRequest]] = {}
         for r, action, row in self._ledger(requests):
             if action is Action.SKIP:
+                judged.append(Judged(r, []))
                 continue
             if action is Action.REEMIT:
-                out.extend(self._reemit(r, row, now))
+                judged.append(Judged(r, self._reemit(r, row, now)))
                 continue
             if action is Action.RESEND:
                 metrics.RESENDS.labels(r.provider).inc()
             if self._settings.retry.expired(r.created_ts, now):
-                self._finish(r, "expired", r.attempt, now, out, updates, reason="max_age")
+                self._finish(r, "expired", r.attempt, now, judged, updates, reason="max_age")
                 continue
             to_send.setdefault(r.provider, []).append(r)
 
-        batches: dict[str, tuple[list[SendRequest], list[object]]] = {}
+        batches: dict[str, list[tuple[SendRequest, object]]] = {}
         for provider, reqs in to_send.items():
             sender = self._senders.get(provider)
             if sender is None:
                 for r in reqs:
                     self._finish(
-                        r, "failed", r.attempt, now, out, updates, reason="provider_not_configured"
+                        r,
+                        "failed",
+                        r.attempt,
+                        now,
+                        judged,
+                        updates,
+                        reason="provider_not_configured",
                     )
                 continue
             breaker = self.breakers[provider]
@@ -301,106 +342,172 @@ class DeliveryEngine:
                     "retry_scheduled",
                     r.attempt,
                     now,
-                    out,
+                    judged,
                     updates,
                     reason="circuit_open",
                     due_at=due,
                 )
-            ok_reqs, payloads = [], []
+            go: list[tuple[SendRequest, object]] = []
             for r in reqs[:admitted]:
                 try:
-                    payloads.append(sender.render(r))
-                    ok_reqs.append(r)
+                    go.append((r, sender.render(r)))
                 except PayloadTooLarge as exc:
-                    self._finish(r, "failed", r.attempt, now, out, updates, reason=str(exc))
-            batches[provider] = (ok_reqs, payloads)
+                    self._finish(r, "failed", r.attempt, now, judged, updates, reason=str(exc))
+            if go:
+                batches[provider] = go
+        if updates:
+            self._store.record(updates, self._clock())
+        return judged, batches
 
+    def _count_in(self, batches: dict[str, list[tuple[SendRequest, object]]]) -> None:
+        n = 0
+        for items in batches.values():
+            for r, _ in items:
+                self._in_flight[r.lane] += 1
+            n += len(items)
+        metrics.IN_FLIGHT.inc(n)
+
+    def submit(self, requests: Sequence[SendRequest]) -> list[Judged]:
+        """Claim, decide and start the sends on the event loop; returns what is judged already.
+
+        The others come out of `collect` once answered, or held for want of a token.
+        """
+        judged, batches = self._prepare(requests)
         if batches:
-            results = self._loop.run(self._send_all(batches))
-            done = self._clock()
-            for provider, (sent, answers, held) in results.items():
-                for r in held:
-                    metrics.HELD.labels(provider, "rate_limited").inc()
+            self._count_in(batches)
+            self._loop.call_soon(lambda: self._enqueue(batches))
+        return judged
+
+    def _enqueue(self, batches: dict[str, list[tuple[SendRequest, object]]]) -> None:
+        """On the loop: hand the requests to the dispatcher (made there, on first use)."""
+        if self._closed:
+            return
+        if self._dispatcher is None:
+            self._dispatcher = SendDispatcher(
+                self._senders,
+                self._limiter,
+                self._reports.append,
+                rate_wait_max_s=self._settings.rate_wait_max_s,
+                on_bulk_pause=self._on_bulk_pause,
+            )
+        for provider, items in batches.items():
+            self._dispatcher.enqueue(provider, items)
+
+    def collect(self) -> list[Judged]:
+        """Judge what was answered (or held) since the last call, and record it in the store."""
+        reports = self._reports
+        if not reports:
+            return []
+        judged: list[Judged] = []
+        updates: list[LedgerUpdate] = []
+        done = self._clock()
+        answered = 0
+        while reports:
+            report = reports.popleft()
+            bulk = sum(1 for r in report.requests if r.lane == "bulk")
+            self._in_flight["bulk"] -= bulk
+            self._in_flight["normal"] -= len(report.requests) - bulk
+            answered += len(report.requests)
+            if isinstance(report, Held):
+                metrics.HELD.labels(report.provider, "rate_limited").inc(len(report.requests))
+                for r in report.requests:
                     self._finish(
                         r,
                         "retry_scheduled",
                         r.attempt,
                         done,
-                        out,
+                        judged,
                         updates,
                         reason="rate_limited",
                         due_at=done + self._rand() + 0.5,
                     )
-                self._judge(provider, sent, answers, done, out, updates)
+            else:
+                self._judge(report.provider, report.requests, report.answers, done, judged, updates)
+        metrics.IN_FLIGHT.dec(answered)
         self._store.record(updates, self._clock())
-        return out
+        return judged
 
-    async def _send_all(
-        self, batches: dict[str, tuple[list[SendRequest], list[object]]]
-    ) -> dict[str, tuple[list[SendRequest], list[ProviderAnswer], list[SendRequest]]]:
-        providers = list(batches)
-        results = await asyncio.gather(*(self._send_provider(p, *batches[p]) for p in providers))
-        return dict(zip(providers, results, strict=True))
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not judged yet."""
+        return self._in_flight["normal"] + self._in_flight["bulk"]
 
-    async def _send_provider(
-        self, provider: str, reqs: list[SendRequest], payloads: list[object]
-    ) -> tuple[list[SendRequest], list[ProviderAnswer], list[SendRequest]]:
-        """Send each grant as soon as it is taken (normal lane first); hold what waited too long.
+    def room(self, lane: str, provider: str | None = None) -> int:
+        """How many more requests of a lane (and provider) may be submitted now.
 
-        The shared bucket bounds the tokens *taken* in any W seconds, by every process together,
-        to rate x W + its capacity. That bounds what the provider *receives* only if each send
-        leaves when its token is taken: tokens taken up to a second apart and sent together (as
-        this did before, issue 20) let a window receive about rate x (W + 1) + burst. So:
-
-        - a grant's sends start right after the take (APNs: every stream of the grant at once);
-        - a sender that sends a chunk at a time (`max_per_send`, `one_send_at_a_time`: FCM)
-          takes tokens for one chunk, sends it, and takes for the next once it is answered;
-        - short of tokens, it sleeps until about one more is due, not until all are, so grants
-          stay small and spread at the rate;
-        - one waiting budget (`rate_wait_max_s`) for both lanes together; what is left when it
-          is spent is held (retry_scheduled, cause rate_limited).
+        The in-flight limit (the bulk lane may fill `bulk_share` of it), and for a provider
+        what it can send within FANFARE_RATE_WAIT_MAX_MS at its rate: a request queued beyond
+        that would only be held (rate_limited) and come back through push.retry, so it is
+        better left unread.
         """
-        sender = self._senders[provider]
-        spec = sender.bucket
-        per_send = sender.max_per_send or max(len(reqs), 1)
-        loop = asyncio.get_running_loop()
-        sending: list[tuple[list[int], asyncio.Task[list[ProviderAnswer]]]] = []
-        held: list[SendRequest] = []
-        waited = 0.0
-        for lane in ("normal", "bulk"):
-            waiting = [i for i, r in enumerate(reqs) if r.lane == lane]
-            while waiting:
-                wanted = min(len(waiting), per_send)
-                grant = self._limiter.take(spec, wanted, lane)
-                if grant.granted:
-                    go, waiting = waiting[: grant.granted], waiting[grant.granted :]
-                    metrics.SENDS.labels(provider, lane).inc(len(go))
-                    task = loop.create_task(
-                        sender.send([reqs[i] for i in go], [payloads[i] for i in go])
-                    )
-                    sending.append((go, task))
-                    if sender.one_send_at_a_time:
-                        await task  # the next take when the next chunk can leave
-                    else:
-                        await asyncio.sleep(0)  # the sends start before the next take
-                    continue
-                if lane == "bulk":
-                    self._on_bulk_pause(provider, time.monotonic() + grant.wait_s)
-                # Until about one more token is due (the grant's wait is for all of `wanted`).
-                one_more = max(grant.wait_s - (wanted - 1) / spec.rate, 0.0)
-                pause = min(max(one_more, _MIN_PAUSE_S), self._settings.rate_wait_max_s - waited)
-                if pause <= 0:
-                    held.extend(reqs[i] for i in waiting)
-                    break
-                metrics.RATE_LIMIT_WAIT.labels(provider).inc(pause)
-                await asyncio.sleep(pause)  # bounded pacing; the rest is held, not waited for
-                waited += pause
-        sent: list[SendRequest] = []
-        answers: list[ProviderAnswer] = []
-        for go, task in sending:
-            sent.extend(reqs[i] for i in go)
-            answers.extend(await task)
-        return sent, answers, held
+        limit = self._settings.in_flight
+        free = limit - self.in_flight
+        if lane == "bulk":
+            free = min(free, int(limit * self._settings.bulk_share) - self._in_flight["bulk"])
+        sender = self._senders.get(provider) if provider is not None else None
+        dispatcher = self._dispatcher
+        if sender is not None and dispatcher is not None:
+            spec = sender.bucket
+            sendable = int(spec.rate * self._settings.rate_wait_max_s + spec.capacity) + 1
+            free = min(free, sendable - dispatcher.waiting(sender.provider, lane))
+            if lane == "bulk":
+                # Queued bulk beyond two windows would only sit here, in the room another
+                # provider's bulk lane could use.
+                backlog, window = dispatcher.bulk_backlog(sender.provider)
+                free = min(free, int(2 * window) - backlog)
+        return max(0, free)
+
+    def waiting_for_tokens(self, provider: str) -> int:
+        """Requests of a provider queued for rate-limit tokens (a snapshot, any thread)."""
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return 0
+        return dispatcher.waiting(provider, "normal") + dispatcher.waiting(provider, "bulk")
+
+    def deliver(self, requests: Sequence[SendRequest]) -> list[DeliveryOutput]:
+        """Everything for these requests: ledger, sends, outcomes (blocks until all answered)."""
+        judged, batches = self._prepare(requests)
+        if batches:
+            self._count_in(batches)
+            reports: collections.deque[Sent | Held] = collections.deque()
+            self._loop.run(self._send_now(batches, reports.append))
+            self._reports.extend(reports)
+            judged.extend(self.collect())
+        return [o for j in judged for o in j.outputs]
+
+    async def _send_now(
+        self, batches: dict[str, list[tuple[SendRequest, object]]], report: Report
+    ) -> None:
+        dispatcher = SendDispatcher(
+            self._senders,
+            self._limiter,
+            report,
+            rate_wait_max_s=self._settings.rate_wait_max_s,
+            on_bulk_pause=self._on_bulk_pause,
+        )
+        for provider, items in batches.items():
+            dispatcher.enqueue(provider, items)
+        try:
+            await dispatcher.drained()
+        finally:
+            await dispatcher.close()
+
+    def close(self) -> None:
+        """Stop sending (what is in flight is sent again after a restart); close the senders."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            if self._dispatcher is not None:
+                await self._dispatcher.close()
+            for sender in self._senders.values():
+                try:
+                    await sender.close()
+                except Exception as exc:  # closing must not hide why we stop
+                    log.warning("closing %s: %s: %s", sender.provider, type(exc).__name__, exc)
+
+        self._loop.run(stop())
 
     def _judge(
         self,
@@ -408,30 +515,42 @@ class DeliveryEngine:
         sent: list[SendRequest],
         answers: list[ProviderAnswer],
         now: float,
-        out: list[DeliveryOutput],
+        out: list[Judged],
         updates: list[LedgerUpdate],
     ) -> None:
         successes = failures = 0
+        if now != self._ts[0]:
+            self._ts = (now, format_timestamp(now, "milliseconds"))
+        ts = self._ts[1]
+        latency: dict[str, list[float]] = {"normal": [], "bulk": []}
+        accepted = 0
         for r, answer in zip(sent, answers, strict=True):
             attempts = r.attempt + 1
-            verdict = classify(r.provider, answer)
-            if verdict is Verdict.ACCEPTED:
-                successes += 1
-                metrics.ACCEPT_LATENCY.labels(provider, r.lane).observe(
-                    max(0.0, now - r.created_ts)
+            status = answer.status
+            if status is not None and 200 <= status < 300:
+                # The common case, spelled out: what `_finish` does for an accepted send.
+                accepted += 1
+                latency[r.lane].append(now - r.created_ts)
+                item = r.item
+                updates.append(
+                    LedgerUpdate(r.key, "accepted", attempts, r.seq, status, None, None, True)
                 )
-                self._finish(
-                    r,
+                event = DeliveryEvent(
+                    item["notification_id"],
+                    r.post_id,
+                    item["user_id"],
+                    item["device_id"],
+                    r.provider,
                     "accepted",
+                    status,
+                    None,
                     attempts,
-                    now,
-                    out,
-                    updates,
-                    status=answer.status,
-                    attempted=True,
+                    ts,
                 )
+                out.append(Judged(r, [event]))
                 continue
-            metrics.PROVIDER_ERRORS.labels(provider, answer.reason or "transport").inc()
+            verdict = classify(r.provider, answer)
+            self._metric(metrics.PROVIDER_ERRORS, provider, answer.reason or "transport").inc()
             if verdict is Verdict.INVALID_TOKEN:
                 successes += 1
                 self._finish(
@@ -476,6 +595,14 @@ class DeliveryEngine:
                     due_at=plan.due_at if plan.kind == "retry" else None,
                     attempted=True,
                 )
+        if accepted:
+            successes += accepted
+            self._metric(metrics.OUTCOMES, provider, "accepted").inc(accepted)
+            for lane, seconds in latency.items():
+                if seconds:
+                    metrics.observe_many(
+                        self._metric(metrics.ACCEPT_LATENCY, provider, lane), seconds
+                    )
         breaker = self.breakers[provider]
         breaker.record(successes, failures)
-        metrics.BREAKER_STATE.labels(provider).set(breaker.state.value)
+        self._metric(metrics.BREAKER_STATE, provider).set(breaker.state.value)

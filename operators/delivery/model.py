@@ -16,6 +16,7 @@ Exactly one push per device rests on three rules:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import uuid
@@ -72,11 +73,20 @@ class SendRequest:
 
     @property
     def apns_id(self) -> str:
-        """A stable apns-id: a resend after a crash carries the same one (APNs' own dedupe id)."""
-        return str(uuid.uuid5(_APNS_NS, f"{self.item['notification_id']}|{self.item['device_id']}"))
+        """A stable apns-id: a resend after a crash carries the same one (APNs' own dedupe id).
+
+        `uuid.uuid5(_APNS_NS, "notification_id|device_id")`, formatted without building a UUID
+        object (a third of the cost, for every push).
+        """
+        name = f"{self.item['notification_id']}|{self.item['device_id']}"
+        h = hashlib.sha1(_APNS_NS_BYTES + name.encode()).hexdigest()
+        return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 _APNS_NS = uuid.UUID("6f1c2d4e-9a7b-4c3d-8e5f-0a1b2c3d4e5f")
+_APNS_NS_BYTES = _APNS_NS.bytes
+# The RFC 4122 variant bits (10xx) over a hex digit, as uuid5 sets them.
+_VARIANT = {f"{d:x}": f"{(d & 0x3) | 0x8:x}" for d in range(16)}
 
 
 EARLIER_COPY_IN_CALL = "(an earlier copy of the same item in this call)"

@@ -7,6 +7,7 @@ however often it is resent. The providers refuse more than 4096 bytes: checked b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import string
@@ -44,13 +45,18 @@ class PushTemplate:
                     )
 
     def fill(self, request: SendRequest) -> tuple[str, str, str]:
-        """(title, body, deep link) for a request."""
-        fields = {"author_id": request.author_id, "post_id": request.post_id}
-        return (
-            self.title.format(**fields),
-            self.body.format(**fields),
-            self.deep_link.format(**fields),
-        )
+        """(title, body, deep link) for a request (the same for every device of a post)."""
+        return _filled(self, request.author_id, request.post_id)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _filled(template: PushTemplate, author_id: str, post_id: str) -> tuple[str, str, str]:
+    fields = {"author_id": author_id, "post_id": post_id}
+    return (
+        template.title.format(**fields),
+        template.body.format(**fields),
+        template.deep_link.format(**fields),
+    )
 
 
 def collapse_id(post_id: str) -> str:
@@ -121,3 +127,42 @@ def time_to_live_s(policy: RetryPolicy, request: SendRequest, now: float) -> int
     notification's age reaches `max_age_s`.
     """
     return max(1, int(policy.max_age_s - (now - request.created_ts)))
+
+
+def apns_body(template: PushTemplate, request: SendRequest) -> bytes:
+    """The APNs request body as sent by the libcurl sender; raises PayloadTooLarge.
+
+    Compact JSON, measured as sent (never larger than `apns_payload`'s measure).
+    """
+    title, body, link = template.fill(request)
+    data = orjson.dumps(
+        {
+            "aps": {"alert": {"title": title, "body": body}, "sound": "default"},
+            **_data(request, link),
+        }
+    )
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"APNs payload is {len(data)} bytes (limit {MAX_PAYLOAD_BYTES})")
+    return data
+
+
+def fcm_body(template: PushTemplate, request: SendRequest, ttl_s: int) -> bytes:
+    """The FCM v1 `messages:send` body, as firebase-admin encodes the same Message.
+
+    Raises PayloadTooLarge (measured as FCM counts: the message's JSON, see `fcm_content`).
+    """
+    content = fcm_content(template, request)
+    return orjson.dumps(
+        {
+            "message": {
+                "token": request.item["token"],
+                "notification": {"title": content.title, "body": content.body},
+                "data": content.data,
+                "android": {
+                    "collapse_key": content.collapse_key,
+                    "priority": "high",
+                    "ttl": f"{ttl_s}s",
+                },
+            }
+        }
+    )

@@ -8,7 +8,7 @@ SQLite or Cassandra for the notification store, aioapns and firebase-admin for t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from operators.delivery.ledger import (
@@ -137,8 +137,15 @@ class PushSender(ABC):
 
 
 class LoopRunner(ABC):
-    """Port: run a coroutine on the worker's event loop and wait for it."""
+    """Port: the worker's event loop, where the senders live."""
 
     @abstractmethod
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run to completion and return its result."""
+        """Run to completion and return its result (the caller waits)."""
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Run `callback` on the loop soon, from any thread, without waiting for it.
+
+        The pipelined engine (`DeliveryEngine.submit`) needs it; `run` alone serves `deliver`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} runs coroutines only to completion")

@@ -1,33 +1,36 @@
-"""The delivery flow's steps: decode channel and retry messages, send.
+"""The delivery flow's decoders: channel messages and retry records as send requests.
 
-Retries are held until due by the retry topic's source (`RetryTopicSource`), using
-`retry_due_at`. `SendStep` gives each worker thread its own `DeliveryEngine`, built on first
-use.
+The delivery sources (`operators/adapters/kafka/channel_lanes.py`, `retry_source.py`) decode
+what they read with these and hand the requests to the worker's engine; retries are held until
+due by the retry source, using `retry_due_at`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 
-from operators.delivery.engine import DeliveryEngine, DeliveryOutput
 from operators.delivery.model import SendRequest
 from operators.events import RawEvent, dead_letter
-from operators.worker_local import WorkerLocal
 from schemas.codecs import InvalidEvent, decode_dispatch_batch, decode_retry_record, parse_timestamp
-from schemas.records import DeadLetter
+from schemas.records import DeadLetter, DispatchBatch
 
 
-def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
-    """A dispatch batch from `push.*` as one send request per item (or a dead letter)."""
+def decode_channel_batch(event: RawEvent) -> tuple[DispatchBatch, float] | DeadLetter:
+    """A dispatch batch from `push.*` and its created_at as epoch seconds, or its dead letter."""
     lane = "bulk" if event.topic.endswith(".bulk") else "normal"
     try:
         batch = decode_dispatch_batch(event.value, lane)
-        created_ts = parse_timestamp(batch.created_at).timestamp()
+        return batch, parse_timestamp(batch.created_at).timestamp()
     except InvalidEvent as exc:
-        # A batch handed out in slices is dead-lettered once, with its first slice.
-        return [dead_letter(event, exc)] if event.window is None or event.window[0] == 0 else []
+        return dead_letter(event, exc)
+
+
+def batch_requests(
+    event: RawEvent, batch: DispatchBatch, created_ts: float, items: Iterable[int]
+) -> list[SendRequest]:
+    """One send request per chosen item of a decoded dispatch batch."""
     origin = event.origin
-    first, stop = event.window if event.window is not None else (0, len(batch.items))
+    lane = batch.lane
     return [
         SendRequest(
             provider=batch.provider,
@@ -39,8 +42,19 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
             item=batch.items[index],
             origin=origin.of_item(index),
         )
-        for index in range(first, stop)
+        for index in items
     ]
+
+
+def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
+    """A dispatch batch from `push.*` as one send request per item (or a dead letter)."""
+    decoded = decode_channel_batch(event)
+    if isinstance(decoded, DeadLetter):
+        # A batch handed out in slices is dead-lettered once, with its first slice.
+        return [decoded] if event.window is None or event.window[0] == 0 else []
+    batch, created_ts = decoded
+    first, stop = event.window if event.window is not None else (0, len(batch.items))
+    return list(batch_requests(event, batch, created_ts, range(first, stop)))
 
 
 def retry_due_at(raw: bytes | None) -> float:
@@ -74,24 +88,3 @@ def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
         attempt=record.attempt,
         seq=record.seq,
     )
-
-
-class SendStep:
-    """`flat_map_batch` mapper: each worker thread builds its engine once, on first use.
-
-    The engine is kept in a `WorkerLocal`, not a `threading.local`: Bytewax's cluster workers
-    lose a `threading.local` between activations, and an engine (event loop thread, provider
-    connections, a firebase app) was built on every call and never closed (issue 20).
-    """
-
-    def __init__(self, build_engine: Callable[[], DeliveryEngine]) -> None:
-        self._build = build_engine
-        self._local = WorkerLocal()
-
-    def __call__(self, requests: list[SendRequest]) -> list[DeliveryOutput]:
-        """Deliver everything this worker read (blocks until every send is answered)."""
-        engine: DeliveryEngine | None = getattr(self._local, "engine", None)
-        if engine is None:
-            engine = self._build()
-            self._local.engine = engine
-        return engine.deliver(requests)

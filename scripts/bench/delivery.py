@@ -5,14 +5,19 @@
         --drain-items 20000 --json /tmp/bench-delivery.json   # a quick run (one line)
 
 Everything runs on this machine and shares its cores (2 on the reference machine): the embedded
-Kafka-protocol broker (Tansu, memory storage), the local APNs/FCM servers (one process,
-`python -m scripts.dev.local_providers`), the delivery flow (one bytewax process, one worker)
-and this script's own publisher threads. So every figure below is "on a box where the providers
-and the broker eat part of the same CPU"; the CPU table says how it was shared.
+Kafka-protocol broker (Tansu, memory storage), the local APNs and FCM servers (a process each,
+`python -m scripts.dev.local_providers --serve apns|fcm`, so each can use a core of its own),
+the delivery flow (one bytewax process, one worker) and this script's own publisher threads.
+So every figure below is "on a box where the providers and the broker eat part of the same
+CPU"; the CPU table says how it was shared. The figure that does not depend on the servers is
+the delivery process's CPU per accepted push (from the first push accepted to the last, start-up
+left out); each server's own CPU per push and cores used are beside it: a server near 1.0 core
+is saturated (it is single-threaded), and then it, not fanfare, bounds the pushes/s.
 
 Setup: a temporary FANFARE_HOME, a free broker port, a Redis key prefix of its own
 (`fanfare-bench-delivery-<random>:`, deleted at the end), the local provider servers in their own
-process (`$FANFARE_HOME/providers`, where `fanfare run delivery` finds them). Each phase gets a
+processes (`$FANFARE_HOME/providers/apns` and `.../fcm`; their settings go into the settings
+file, where `fanfare run delivery` finds them). Each phase gets a
 fresh broker (empty topics), a fresh notification store and recovery directory, and reset
 provider records, so phases do not see each other's data. FANFARE_APNS_RATE_PER_MIN and
 FANFARE_FCM_RATE_PER_MIN are raised to --rate-per-min (default 600,000,000/min = 10M/s) so the
@@ -37,9 +42,10 @@ Phases and what each figure means:
    accepted time - the created_at it was published with (the same clock: one machine). p50/p99/max
    per provider; items not accepted within --grace s after publishing stops are "missing".
    The background's accepted rate shows whether the flow kept up with it (backlog at the end).
-3. `drain`: --drain-items (1,000,000) items of one celebrity post are published on push.apns.bulk
-   before the flow starts; then normal posts as in 2 (no other background) until the backlog is
-   drained or --drain-timeout s pass. Only normal items created while the drain was in progress
+3. `drain`: the flow is started and warmed up (a normal post per provider accepted), then
+   --drain-items (1,000,000) items of one celebrity post are published on push.apns.bulk and
+   normal posts arrive as in 2 (no other background) until the backlog is drained or
+   --drain-timeout s pass. Only normal items created while the drain was in progress
    (between the first and the last accepted bulk item) count. Also: the drain's pushes/s.
 
 Targets printed against the figures: >= 10,000 APNs pushes/s for one delivery process; normal
@@ -64,7 +70,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -105,9 +110,12 @@ from scripts.bench.fanout import (
 from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord, ProviderControl
+from scripts.dev.local_providers.runner import ProvidersProcess, spawn_local_providers
+from scripts.dev.local_providers.settings_file import write_provider_settings
 from scripts.harness.spawn import start_fanfare
 
 TARGET_APNS_PER_S = 10_000
+TARGET_CPU_PER_PUSH_US = 60
 TARGET_P50_S = 0.100
 TARGET_P99_S = 1.0
 TARGET_DRAIN_P99_S = 2.0
@@ -173,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=number_in(1, 3_600),
         default=60.0,
         help="wait this long after publishing stops for normal items still in flight",
+    )
+    p.add_argument(
+        "--fcm-latency-ms",
+        type=float,
+        default=0.0,
+        help="in the latency phase, the local FCM server answers this late (a slow FCM: does "
+        "it delay APNs?)",
     )
     p.add_argument("--drain-items", type=whole_number(1, 50_000_000), default=1_000_000)
     p.add_argument(
@@ -502,7 +517,7 @@ class BulkBackground(PacedThread):
 class Collector:
     """Reads the providers' accepted records incrementally and sorts them into lanes."""
 
-    control: ProviderControl
+    control: SplitControl
     normal: dict[tuple[str, str], float]  # (provider, notification_id) -> created ts
     next_index: dict[str, int] = field(default_factory=lambda: {"apns": 0, "fcm": 0})
     normal_accepted: dict[tuple[str, str], float] = field(default_factory=dict)  # first accept
@@ -695,6 +710,75 @@ class CpuMeter:
         return {"seconds": round(span, 1), "cores": cores}
 
 
+class SplitControl:
+    """The control APIs of the APNs and the FCM server processes, as one `ProviderControl`."""
+
+    def __init__(self, controls: dict[str, ProviderControl]) -> None:
+        self._controls = controls
+
+    def stats(self) -> dict[str, Any]:
+        """Each provider's stats, from its own process."""
+        return {p: c.stats()[p] for p, c in self._controls.items()}
+
+    def accepted(self, provider: str, since: int = 0) -> list[AcceptedRecord]:
+        """A provider's accepted records."""
+        return self._controls[provider].accepted(provider, since=since)
+
+    def set_latency(self, provider: str, ms: float) -> None:
+        """Hold a provider's answers back this long."""
+        self._controls[provider].set_latency(provider, ms)
+
+    def reset(self, provider: str | None = None) -> None:
+        """Forget records and counters (one provider, or both)."""
+        for p, c in self._controls.items():
+            if provider in (None, p):
+                c.reset(p)
+
+
+def process_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) of some processes."""
+    return sum(cpu_seconds(p) for p in pids)
+
+
+@dataclass
+class CpuWindow:
+    """CPU of the delivery process and of a provider server between two accepted counts."""
+
+    t: float
+    accepted: int
+    flow: float
+    server: float
+
+    @classmethod
+    def now(cls, bench: Bench, provider: str, accepted: int) -> CpuWindow:
+        """Sample now."""
+        pids = bench.pids()
+        return cls(
+            time.monotonic(),
+            accepted,
+            process_cpu(pids.get("delivery flow (runner + bytewax)", [])),
+            process_cpu(pids.get(f"local {SERVER_NAMES[provider]} server", [])),
+        )
+
+    def per_push(self, end: CpuWindow) -> dict[str, Any]:
+        """CPU per accepted push of the flow and of the server, and the server's cores."""
+        pushes = end.accepted - self.accepted
+        span = max(1e-6, end.t - self.t)
+        if pushes <= 0:
+            return {"pushes": 0}
+        return {
+            "pushes": pushes,
+            "seconds": round(span, 2),
+            "flow_us_per_push": round((end.flow - self.flow) / pushes * 1e6, 1),
+            "flow_cores": round((end.flow - self.flow) / span, 2),
+            "server_us_per_push": round((end.server - self.server) / pushes * 1e6, 1),
+            "server_cores": round((end.server - self.server) / span, 2),
+        }
+
+
+SERVER_NAMES = {"apns": "APNs", "fcm": "FCM"}
+
+
 @dataclass
 class Bench:
     """What every phase shares: the home, Redis prefix, providers and the running pieces."""
@@ -703,8 +787,8 @@ class Bench:
     home: Path
     redis_prefix: str
     base_env: dict[str, str]
-    control: ProviderControl | None = None
-    providers_pid: int | None = None
+    control: SplitControl | None = None
+    provider_procs: dict[str, ProvidersProcess] = field(default_factory=dict)
     broker: Broker | None = None
     broker_pid: int | None = None
     flow: DeliveryFlow | None = None
@@ -721,8 +805,8 @@ class Bench:
             runner = [self.flow.proc.pid] if self.flow.proc is not None else []
             out["delivery flow (runner + bytewax)"] = runner + self.flow.pids()
         out["redis-server"] = redis_pids()
-        if self.providers_pid is not None:
-            out["local providers"] = [self.providers_pid]
+        for provider, proc in self.provider_procs.items():
+            out[f"local {SERVER_NAMES[provider]} server"] = [proc.proc.pid]
         if self.broker_pid is not None:
             out["broker (tansu)"] = [self.broker_pid]
         return out
@@ -850,10 +934,13 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
     last_count, last_change = 0, time.monotonic()
     deadline = time.monotonic() + max(600.0, items / 100)
     complete = True
+    first_cpu: CpuWindow | None = None
     while True:
         flow.check_alive()
         count = int(ctl.stats()[provider].get("accepted", 0))
         now = time.monotonic()
+        if first_cpu is None and count > 0:
+            first_cpu = CpuWindow.now(bench, provider, count)  # startup left out
         if count != last_count:
             last_count, last_change = count, now
         if count >= items:
@@ -863,6 +950,7 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
             complete = False
             break
         time.sleep(0.25)
+    end_cpu = CpuWindow.now(bench, provider, last_count)
     usage = cpu.stop()
     profile = bench.stop_profile()
     log(f"[{name}] {last_count:,} accepted; reading the provider records")
@@ -874,6 +962,7 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
         **rate_summary([r.time for r in records], t0),
         "distinct_notifications": len({r.notification_id for r in records}),
         "cpu": usage,
+        "cpu_per_push": first_cpu.per_push(end_cpu) if first_cpu is not None else {},
         **bench.phase_extras(name),
     }
     if profile is not None:
@@ -882,24 +971,31 @@ def phase_throughput(bench: Bench, provider: str, items: int) -> dict[str, Any]:
     return result
 
 
-def _wait_warm(bench: Bench, flow: Flow, tokens: Tokens, settings: Settings) -> float:
-    """Send one normal post per provider and wait until the providers accepted it."""
+def _wait_warm(
+    bench: Bench, flow: Flow, tokens: Tokens, settings: Settings, devices: int = 1
+) -> float:
+    """Send one normal post per provider (to `devices` devices) and wait until all are accepted.
+
+    With many devices the outcomes reach every delivery_events partition, whose writers read
+    the partitions' ends when they first write (start-up work that holds the worker).
+    """
     assert bench.control is not None
     ctl = bench.control
     pub = Publisher(settings.kafka_config(), linger_ms=0)
     now = time.time()
+    users = [f"u{i}" for i in range(devices)]
     for provider in bench.args.post_providers:
         pub.send(
             channel_topic(provider, "normal"),
             0,
             b"warmup",
-            dispatch_batch(provider, "warmup", now, ["u0"], tokens),
+            dispatch_batch(provider, "warmup", now, users, tokens),
         )
     pub.flush(30)
     providers = bench.args.post_providers
     at = wait_until(
         "the warm-up post to be accepted",
-        lambda: all(ctl.stats()[p].get("accepted", 0) >= 1 for p in providers),
+        lambda: all(ctl.stats()[p].get("accepted", 0) >= devices for p in providers),
         120,
         flow,
     )
@@ -914,8 +1010,10 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     assert bench.control is not None
     tokens = Tokens(args.seed + 3)
     flow = bench.start_flow("latency")
-    warm_s = _wait_warm(bench, flow, tokens, settings)
+    warm_s = _wait_warm(bench, flow, tokens, settings, devices=32)
     log(f"[latency] flow ready after {warm_s:.1f} s; publishing for {args.duration:.0f} s")
+    if args.fcm_latency_ms:
+        bench.control.set_latency("fcm", args.fcm_latency_ms)  # a slow FCM beside APNs
     parts = settings.topic_partitions
     kafka = settings.kafka_config()
     posts = NormalPosts(
@@ -933,6 +1031,8 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     bench.threads += [background, posts]
     cpu = CpuMeter(bench.pids)
     cpu.start()
+    flow_cpu0 = process_cpu(bench.pids().get("delivery flow (runner + bytewax)", []))
+    accepted0 = sum(int(s.get("accepted", 0)) for s in bench.control.stats().values())
     bench.start_profile("latency")
     t0 = time.time()
     if args.background_rate > 0:
@@ -949,6 +1049,8 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     check_threads(bench.threads)
     t_stop = time.time()
     usage = cpu.stop()
+    flow_cpu = process_cpu(bench.pids().get("delivery flow (runner + bytewax)", [])) - flow_cpu0
+    accepted = sum(int(s.get("accepted", 0)) for s in bench.control.stats().values()) - accepted0
     profile = bench.stop_profile()
     log("[latency] publishing stopped; waiting for normal items still in flight")
     grace_end = time.monotonic() + args.grace
@@ -973,12 +1075,15 @@ def phase_latency(bench: Bench) -> dict[str, Any]:
     result: dict[str, Any] = {
         "warmup_s": round(warm_s, 2),
         "duration_s": round(t_stop - t0, 2),
+        "fcm_latency_ms": args.fcm_latency_ms,
         "posts": posts.posts,
         "normal": {p: latency_row(*collector.latencies(p)) for p in args.post_providers},
         "normal_all": latency_row(*_merge(collector.latencies(p) for p in args.post_providers)),
         "repeated_normal_accepts": collector.repeats,
         "background": bulk,
         "cpu": usage,
+        "flow_us_per_accepted_push": round(flow_cpu / accepted * 1e6, 1) if accepted else None,
+        "accepted_while_publishing": accepted,
         **bench.phase_extras("latency"),
     }
     if profile is not None:
@@ -997,14 +1102,22 @@ def _merge(parts: Iterator[tuple[list[float], int]]) -> tuple[list[float], int]:
 
 
 def phase_drain(bench: Bench) -> dict[str, Any]:
-    """A pre-published bulk backlog drains while normal posts arrive; their latency meanwhile."""
+    """A bulk backlog drains while normal posts arrive; their latency meanwhile.
+
+    The flow is started and warmed up first (a post per provider accepted), then the backlog
+    is published: the figure is the drain's steady state, not the flow's start-up (its first
+    writes to delivery_events read the topic's ends, which holds the worker a few seconds).
+    """
     args = bench.args
     settings = bench.open_phase("drain")
     assert bench.control is not None
     ctl = bench.control
     items = args.drain_items
     topic = channel_topic("apns", "bulk")
-    log(f"[drain] publishing {items:,} items on {topic}")
+    tokens = Tokens(args.seed + 6)
+    flow = bench.start_flow("drain")
+    warm_s = _wait_warm(bench, flow, tokens, settings, devices=32)
+    log(f"[drain] flow ready after {warm_s:.1f} s; publishing {items:,} items on {topic}")
     pub = prepublish(
         settings.kafka_config(),
         "apns",
@@ -1014,8 +1127,7 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
         settings.partitions_for(topic),
         Tokens(args.seed + 5),
     )
-    log(f"[drain] published in {pub['publish_s']} s; starting the flow and the normal posts")
-    tokens = Tokens(args.seed + 6)
+    log(f"[drain] published in {pub['publish_s']} s; starting the normal posts")
     posts = NormalPosts(
         settings.kafka_config(),
         args.post_rate,
@@ -1028,9 +1140,9 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
     collector = Collector(ctl, posts.created)
     bench.threads.append(posts)
     cpu = CpuMeter(bench.pids)
-    flow = bench.start_flow("drain")
-    t0 = flow.started_at
+    t0 = time.time()
     cpu.start()
+    first_cpu: CpuWindow | None = None
     posts.start()
     bench.start_profile("drain")
     deadline = time.monotonic() + args.drain_timeout
@@ -1042,10 +1154,13 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
         collector.poll()
         done = len(collector.bulk_times["apns"])
         progress.append((round(time.time() - t0, 1), done))
+        if first_cpu is None and done > 0:
+            first_cpu = CpuWindow.now(bench, "apns", done)
         if done >= items:
             drained = True
             break
         time.sleep(1.0)
+    end_cpu = CpuWindow.now(bench, "apns", len(collector.bulk_times["apns"]))
     posts.stop()
     check_threads(bench.threads)
     t_stop = time.time()
@@ -1079,7 +1194,14 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
             p: latency_row(*collector.latencies(p)) for p in args.post_providers
         },
         "progress": progress,
+        "normal_series": sorted(
+            (round(ts - t0, 3), round(collector.normal_accepted[nid] - ts, 3))
+            for nid, ts in collector.normal.items()
+            if nid in collector.normal_accepted
+        ),
         "cpu": usage,
+        # The drain's pushes (normal posts' few included in the flow's CPU, not in the count).
+        "cpu_per_push": first_cpu.per_push(end_cpu) if first_cpu is not None else {},
         **bench.phase_extras("drain"),
     }
     result["drain"].pop("per_second", None)
@@ -1162,16 +1284,28 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     bench = Bench(args, home, redis_prefix, env)
     ok = False
     try:
-        log(f"FANFARE_HOME={home}; starting the local provider servers")
-        try:
-            bench.providers_pid = devstack.start_providers(settings)
-        except devstack.BrokerStartError as exc:
-            raise BenchError(str(exc)) from None
-        info = devstack.providers_info(settings)
-        if info is None:
-            raise BenchError("the local provider servers did not write providers.json")
-        bench.control = ProviderControl(info["control_url"], timeout_s=60)
-        report["providers"] = {"pid": bench.providers_pid, "control_url": info["control_url"]}
+        log(f"FANFARE_HOME={home}; starting the local APNs and FCM servers, a process each")
+        for provider in ("apns", "fcm"):
+            try:
+                bench.provider_procs[provider] = spawn_local_providers(
+                    home / "providers" / provider, only=provider
+                )
+            except RuntimeError as exc:
+                raise BenchError(str(exc)) from None
+        apns_info = bench.provider_procs["apns"].info
+        fcm_info = bench.provider_procs["fcm"].info
+        # Where fanfare finds them: its settings file, as `fanfare dev up` writes it.
+        write_provider_settings(settings.settings_path, {**apns_info, "fcm": fcm_info["fcm"]})
+        bench.control = SplitControl(
+            {
+                p: ProviderControl(proc.control_url, timeout_s=60)
+                for p, proc in bench.provider_procs.items()
+            }
+        )
+        report["providers"] = {
+            p: {"pid": proc.proc.pid, "control_url": proc.control_url}
+            for p, proc in bench.provider_procs.items()
+        }
         phases = report.setdefault("phases", {})
         for phase in args.phases:
             if phase in ("apns", "fcm"):
@@ -1184,11 +1318,9 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         ok = True
     finally:
         bench.close_phase()
-        if bench.providers_pid is not None:
+        for proc in bench.provider_procs.values():
             with contextlib.suppress(Exception):
-                devstack.stop_providers(settings)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(bench.providers_pid, signal.SIGKILL)
+                proc.stop()
         report["redis_keys_deleted"] = delete_redis_keys(settings, redis_prefix)
         if args.keep_home or not ok:
             report["home_kept"] = str(home)
@@ -1251,6 +1383,20 @@ def _extras(r: dict[str, Any]) -> None:
             print(f"      incl {pct:5.1f}%  {name[:120]}")
 
 
+def _cpu_per_push(c: dict[str, Any], server: str) -> None:
+    if not c.get("pushes"):
+        return
+    met = c["flow_us_per_push"] <= TARGET_CPU_PER_PUSH_US
+    print(
+        f"    delivery process CPU per accepted push: {c['flow_us_per_push']:,.0f} µs "
+        f"({c['flow_cores']:.2f} cores; target <= {TARGET_CPU_PER_PUSH_US} µs: {_ok(met)}); "
+        f"local {server} server: {c['server_us_per_push']:,.0f} µs per push, "
+        f"{c['server_cores']:.2f} cores"
+        + (" (its one core is saturated: the stub is the bound)" if c["server_cores"] > 0.9 else "")
+        + f"; over {c['pushes']:,} pushes, {c['seconds']} s from the first accepted"
+    )
+
+
 def print_report(r: dict[str, Any]) -> None:
     """The readable report (the JSON has everything, plus per-second series)."""
     c = r["config"]
@@ -1294,6 +1440,7 @@ def print_report(r: dict[str, Any]) -> None:
         if p == "apns":
             ok = (t.get("pushes_per_s") or 0) >= TARGET_APNS_PER_S
             print(f"    target >= {TARGET_APNS_PER_S:,} APNs pushes/s: {_ok(ok)}")
+        _cpu_per_push(t.get("cpu_per_push", {}), SERVER_NAMES[p])
         _extras(t)
     lat = phases.get("latency")
     if lat:
@@ -1302,6 +1449,11 @@ def print_report(r: dict[str, Any]) -> None:
             f"{'+'.join(c['post_providers'])} for {lat['duration_s']} s, over "
             f"{c['background_rate']:,.0f} bulk candidates/s ({c['background_fcm_share']:.0%} FCM); "
             f"flow ready {lat['warmup_s']} s after start"
+            + (
+                f"; FCM answering {lat['fcm_latency_ms']:,.0f} ms late"
+                if lat.get("fcm_latency_ms")
+                else ""
+            )
         )
         _latency_table({**lat["normal"], "all": lat["normal_all"]})
         a = lat["normal_all"]
@@ -1311,6 +1463,12 @@ def print_report(r: dict[str, Any]) -> None:
             f"p99 < {_ms(TARGET_P99_S)}: "
             f"{_ok(a['p99_s'] is not None and a['p99_s'] < TARGET_P99_S and not a['missing'])}"
         )
+        per_push = lat.get("flow_us_per_accepted_push")
+        if per_push is not None:
+            print(
+                f"    delivery process CPU per accepted push: {per_push:,.0f} µs "
+                f"({lat['accepted_while_publishing']:,} accepted while publishing)"
+            )
         for p, b in lat["background"].items():
             print(
                 f"    background {p}: published {b['published']:,}, accepted while publishing "
@@ -1326,13 +1484,14 @@ def print_report(r: dict[str, Any]) -> None:
             f"({dr['published']['publish_s']} s); "
             + ("drained" if dr["drained"] else "NOT DRAINED (timed out)")
             + f": {d.get('accepted', 0):,} accepted at {_n(d.get('pushes_per_s'))}/s "
-            f"(provider clock), wall {d.get('wall_s', 0):.1f} s from flow start"
+            f"(provider clock), wall {d.get('wall_s', 0):.1f} s from its publication (flow warm)"
         )
         print(f"    normal items created during the drain ({dr['window_s']} s window):")
         _latency_table({**dr["normal_during_drain"], "all": dr["normal_during_drain_all"]})
         a = dr["normal_during_drain_all"]
         met = a["p99_s"] is not None and a["p99_s"] < TARGET_DRAIN_P99_S and not a["missing"]
         print(f"    target p99 < {_ms(TARGET_DRAIN_P99_S)} during the drain: {_ok(met)}")
+        _cpu_per_push(dr.get("cpu_per_push", {}), "APNs")
         _extras(dr)
     print(f"\nredis keys deleted: {r.get('redis_keys_deleted')}")
     if r.get("home_kept"):

@@ -355,6 +355,7 @@ def crash_delivery(stack: ChaosStack, scale: Scale) -> Result:
     """A `kill -9` of the delivery worker mid-send (APNs and FCM), counted at the providers."""
     n = scale.delivery_items
     per_poll = 300
+    in_flight = 2_000
     result = Result(
         "crash-delivery",
         f"kill -9 the delivery worker after {scale.kill_at:.0%} of {n:,} pushes",
@@ -372,10 +373,17 @@ def crash_delivery(stack: ChaosStack, scale: Scale) -> Result:
     for provider, its in items.items():
         stack.publish_dispatch(provider, "p-crash", its, lane="bulk")
     outcomes = Outcomes(stack)
-    env = {**scale.flow_env, "FANFARE_BULK_ITEMS_PER_POLL": str(per_poll)}
+    env = {
+        **scale.flow_env,
+        "FANFARE_BULK_ITEMS_PER_POLL": str(per_poll),
+        "FANFARE_DELIVERY_IN_FLIGHT": str(in_flight),
+    }
     delivery = stack.start_flow("delivery", env=env)
     if not wait_until(lambda: stack.accepted_count() >= scale.kill_at * n, 120 + n / 100):
         raise ChaosError(f"the delivery flow did not get going:\n{delivery.log_tail()}")
+    in_flight_at_kill = sum(
+        v for (name, _), v in delivery.metrics().items() if name == "fanfare_delivery_in_flight"
+    )
     killed = delivery.kill_member(0)
     killed_at = time.time()
     at_kill = stack.accepted_count()
@@ -394,8 +402,10 @@ def crash_delivery(stack: ChaosStack, scale: Scale) -> Result:
     )
     result.details = {
         "accepted_at_kill": at_kill,
+        "in_flight_at_kill": in_flight_at_kill,
         "resends_counted_by_fanfare": resend_metric,
         "bulk_items_per_poll": per_poll,
+        "in_flight_limit": in_flight,
         "restarts": delivery.live().get("restarts"),
         "outcomes": outcomes.summary(),
     }
@@ -404,12 +414,11 @@ def crash_delivery(stack: ChaosStack, scale: Scale) -> Result:
         result.problems.append("the kill came after every push was sent: it proves nothing")
     if not restarted:
         result.problems.append("the delivery flow was not ready again within 180 s of the kill")
-    # Only the sends of the delivery call the kill interrupted may go out again: one poll's
-    # worth of bulk items (twice that for slack: a call may hold what two polls read).
-    if t.apns_resends + t.fcm_resends > 2 * per_poll:
+    # Only the sends in flight at the kill may go out again: at most the in-flight limit.
+    if t.apns_resends + t.fcm_resends > in_flight:
         result.problems.append(
-            f"{t.apns_resends + t.fcm_resends} resends: more than the sends one interrupted "
-            f"call can hold ({2 * per_poll})"
+            f"{t.apns_resends + t.fcm_resends} resends: more than the sends the worker can have "
+            f"in flight ({in_flight})"
         )
     return result
 

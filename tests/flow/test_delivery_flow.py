@@ -1,4 +1,4 @@
-"""The delivery graph with Bytewax's TestingSource/TestingSink and a scripted provider."""
+"""The delivery graph on in-memory readers, Bytewax's TestingSink and a scripted provider."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ from typing import Any
 
 import orjson
 import pytest
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from bytewax.testing import TestingSink, cluster_main, run_main
 
 from flows.delivery import build_delivery_flow
+from operators.adapters.providers.event_loop import EventLoopThread
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import ProviderAnswer
-from operators.delivery.steps import SendStep
+from operators.delivery.pipeline import DeliveryPump
 from operators.events import RawEvent
 from schemas.codecs import encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.fakes import InlineLoop, InMemoryEdgeClaims, ScriptedSender
+from tests.fakes import InMemoryEdgeClaims, ScriptedSender, list_delivery_sources
 
 NOW = time.time()
 CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 5))
@@ -54,15 +55,15 @@ def run(
             store=store,
             limiter=LocalRateLimiter(),
             senders={"apns": sender},
-            loop=InlineLoop(),
+            loop=EventLoopThread(),
             settings=DeliverySettings(),
         )
 
     sinks: dict[str, list[Any]] = {k: [] for k in ("events", "devices", "retries", "dead")}
+    channel_source, retry_source = list_delivery_sources(channel, retries, DeliveryPump(build))
     flow = build_delivery_flow(
-        channel_source=TestingSource(channel),
-        retry_source=TestingSource(retries),
-        send=SendStep(build),
+        channel_source=channel_source,
+        retry_source=retry_source,
         events_sink=TestingSink(sinks["events"]),
         route_event=lambda e: "delivery_events/0",
         device_changes_sink=TestingSink(sinks["devices"]),
@@ -155,19 +156,23 @@ def test_a_worker_builds_its_engine_once_in_a_cluster(tmp_path: Path) -> None:
             store=store,
             limiter=LocalRateLimiter(),
             senders={"apns": sender},
-            loop=InlineLoop(),
+            loop=EventLoopThread(),
             settings=DeliverySettings(),
         )
 
     channel = [
-        RawEvent("push.apns", 0, i, b"p", batch(f"p{i}", "apns", [(f"u{i}", "d1", f"t{i}")]), 1.0)
+        RawEvent(
+            "push.apns", i % 2, i, b"p", batch(f"p{i}", "apns", [(f"u{i}", "d1", f"t{i}")]), 1.0
+        )
         for i in range(30)
     ]
     events: list[Any] = []
+    channel_source, retry_source = list_delivery_sources(
+        channel, [], DeliveryPump(build), read_size=1
+    )
     flow = build_delivery_flow(
-        channel_source=TestingSource(channel, batch_size=1),
-        retry_source=TestingSource([]),
-        send=SendStep(build),
+        channel_source=channel_source,
+        retry_source=retry_source,
         events_sink=TestingSink(events),
         route_event=lambda e: "delivery_events/0",
         device_changes_sink=TestingSink([]),
@@ -188,18 +193,19 @@ def test_a_step_s_error_is_logged_once_with_the_step_s_name(
         raise ValueError("Firebase app named 'fanfare-1-2' already exists")
 
     channel = [RawEvent("push.apns", 0, 0, b"p", batch("p1", "apns", [("u1", "d1", "t1")]), 1.0)]
+    channel_source, retry_source = list_delivery_sources(channel, [], DeliveryPump(no_engine))
     flow = build_delivery_flow(
-        channel_source=TestingSource(channel),
-        retry_source=TestingSource([]),
-        send=SendStep(no_engine),
+        channel_source=channel_source,
+        retry_source=retry_source,
         events_sink=TestingSink([]),
         route_event=lambda e: "delivery_events/0",
         device_changes_sink=TestingSink([]),
         retry_sink=TestingSink([]),
         dead_letter_sink=TestingSink([]),
     )
-    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="send_to_providers"):
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="read_channel_lanes"):
         run_main(flow)
     logged = [r.getMessage() for r in caplog.records if r.name == "flows.runtime.step_errors"]
     assert len(logged) == 1, logged
-    assert logged[0].startswith("delivery.send_to_providers raised ValueError"), logged
+    # The engine is built with the worker's first delivery source partition.
+    assert logged[0].startswith("delivery.read_channel_lanes.build_part raised ValueError"), logged

@@ -1,5 +1,6 @@
-"""Delivery end to end: the real broker, Redis, the local provider servers, aioapns and
-firebase-admin, with `fanfare run delivery` as users run it."""
+"""Delivery end to end: the real broker, Redis, the local provider servers, with `fanfare run
+delivery` as users run it; each test on each transport (`transport`: libcurl, the default, and
+the providers' libraries, aioapns and firebase-admin)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ from operators.adapters.kafka.writer import produce_all
 from operators.delivery.model import TERMINAL_STATES
 from schemas.codecs import format_timestamp
 from tests.conftest import Providers, Stack, wait_for
+
+TRANSPORTS = {
+    "curl": (("FANFARE_APNS_CLIENT", "curl"), ("FANFARE_FCM_CLIENT", "curl")),
+    "libraries": (("FANFARE_APNS_CLIENT", "aioapns"), ("FANFARE_FCM_CLIENT", "firebase-admin")),
+}
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> tuple[tuple[str, str], ...]:
+    """The delivery flow's client settings: every test runs on each transport."""
+    return TRANSPORTS[request.param]
+
 
 FAST_RETRIES = (
     ("FANFARE_RETRY_BASE_MS", "200"),
@@ -98,7 +111,9 @@ def wait_terminal(
     return result
 
 
-def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
+def test_every_outcome_path(
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
+) -> None:
     rng = random.Random(1)
     ctl = providers.control
     apns = {name: apns_token(rng) for name in ("ok1", "ok2", "gone", "bad", "topic", "broken")}
@@ -129,6 +144,7 @@ def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
         created_at=datetime.now(UTC) - timedelta(hours=2),
     )
     stack.start_flow(
+        *transport,
         *FAST_RETRIES,
         ("FANFARE_RETRY_MAX_ATTEMPTS", "3"),
         ("FANFARE_BREAKER_FAILURES", "1000"),
@@ -200,7 +216,7 @@ def test_every_outcome_path(stack: Stack, providers: Providers) -> None:
 
 
 def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(
-    stack: Stack, providers: Providers
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
 ) -> None:
     rng = random.Random(2)
     ctl = providers.control
@@ -209,7 +225,7 @@ def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(
     # The outage lasts until the breaker has opened, however long the flow took to start and
     # to send (a fixed 4 s outage could end before the first send on a loaded machine).
     ctl.set_outage("apns", 120.0)
-    stack.start_flow(*FAST_RETRIES, ("FANFARE_BREAKER_FAILURES", "20"), flow="delivery")
+    stack.start_flow(*transport, *FAST_RETRIES, ("FANFARE_BREAKER_FAILURES", "20"), flow="delivery")
     publish(stack, "apns", "p-outage", items)
 
     def reasons() -> Counter[str]:
@@ -231,12 +247,17 @@ def test_outage_opens_the_circuit_and_everything_is_delivered_after_recovery(
     assert time.monotonic() - started < 120
 
 
-def test_rate_limit_holds_the_send_rate(stack: Stack, providers: Providers) -> None:
+def test_rate_limit_holds_the_send_rate(
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
+) -> None:
     rng = random.Random(3)
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(900)]
     publish(stack, "apns", "p-paced", items, lane="bulk")
     stack.start_flow(
-        ("FANFARE_APNS_RATE_PER_MIN", "12000"), ("FANFARE_RATE_BURST_MS", "100"), flow="delivery"
+        *transport,
+        ("FANFARE_APNS_RATE_PER_MIN", "12000"),
+        ("FANFARE_RATE_BURST_MS", "100"),
+        flow="delivery",
     )
     wait_terminal(stack, 900, 120)
     times = sorted(r.time for r in providers.control.accepted("apns"))
@@ -264,7 +285,7 @@ NORMAL_POSTS, NORMAL_DEVICES = 15, 2
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
-    stack: Stack, providers: Providers, processes: int
+    stack: Stack, providers: Providers, processes: int, transport: tuple[tuple[str, str], ...]
 ) -> None:
     """Issue 20: at a binding rate, with both lanes busy and one or two delivery processes, the
     providers receive at most rate x W + burst in any W seconds (W = 1, 5, 10), every push is
@@ -283,6 +304,7 @@ def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
     partitions = {p for p, _, _ in stack.read_topic("push.apns.bulk")}
     assert partitions == set(CELEBRITIES.values()), partitions
     flow = stack.start_flow(
+        *transport,
         *((f"FANFARE_{p.upper()}_RATE_PER_MIN", str(r)) for p, r in RATES_PER_MIN.items()),
         ("FANFARE_METRICS_PORT", str(free_port_run(processes))),
         flow="delivery",
@@ -323,7 +345,7 @@ def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
 
 
 def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(
-    stack: Stack, providers: Providers
+    stack: Stack, providers: Providers, transport: tuple[tuple[str, str], ...]
 ) -> None:
     rng = random.Random(4)
     ctl = providers.control
@@ -331,14 +353,14 @@ def test_killed_mid_batch_no_device_gets_two_pushes_and_none_is_skipped(
     n = 12_000
     items = [(f"u{i}", "ios", apns_token(rng)) for i in range(n)]
     publish(stack, "apns", "p-kill", items, lane="bulk")
-    flow = stack.start_flow(("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
+    flow = stack.start_flow(*transport, ("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
     wait_for(
         lambda: ctl.stats()["apns"]["accepted"] > 3_000, 90, "sends under way", stack, every_s=0.2
     )
     stack.kill_flow(flow)
     before = ctl.stats()["apns"]["accepted"]
     assert before < n, "the flow finished before it was killed; the test proves nothing"
-    stack.start_flow(("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
+    stack.start_flow(*transport, ("FANFARE_BULK_ITEMS_PER_POLL", "300"), flow="delivery")
     outcomes = wait_terminal(stack, n, 180)
     assert all(v == ["accepted"] for v in outcomes.values()), Counter(
         tuple(v) for v in outcomes.values()

@@ -4,10 +4,11 @@
   delivery flow sends what it dispatches; its supervisor restarts it from the recovery
   directory. At the APNs and FCM servers every follower's device got the push exactly once.
 - The delivery worker is killed with SIGKILL in the middle of sending 8,000 pushes (APNs and
-  FCM, answers held back 20 ms so many are in flight). Nothing is lost; the only repeats are the
-  sends of the interrupted call, resent after the restart: on APNs with the same apns-id (what
-  APNs' protocol allows, as in tests/integration/test_delivery_e2e.py), on FCM counted apart
-  (FCM has no idempotency key: a send accepted just before the kill, answer lost, goes again).
+  FCM, answers held back 20 ms so many are in flight, up to FANFARE_DELIVERY_IN_FLIGHT). Nothing
+  is lost; the only repeats are sends that were in flight, resent after the restart: on APNs
+  with the same apns-id (what APNs' protocol allows, as in tests/integration/test_delivery_e2e.py),
+  on FCM counted apart (FCM has no idempotency key: a send accepted just before the kill, answer
+  lost, goes again).
 - The same scenario through `fanfare run fanout --processes 2` and `--processes 1`, each on a
   fresh stack: both dispatch exactly the expected pushes, each once.
 
@@ -52,9 +53,8 @@ def test_delivery_worker_killed_mid_send_loses_nothing_and_repeats_only_interrup
     assert c["expected"] == c["delivered"] == SMALL.delivery_items
     assert c["lost"] == c["duplicated"] == c["unexpected"] == 0
     assert 0 < r.details["accepted_at_kill"] < SMALL.delivery_items
-    # Repeats are bounded by what one interrupted call was sending (one poll's bulk slice).
-    per_poll = r.details["bulk_items_per_poll"]
-    assert c["apns_resends"] + c["fcm_resends"] <= 2 * per_poll
+    # Repeats are bounded by what was in flight: the worker's in-flight limit.
+    assert c["apns_resends"] + c["fcm_resends"] <= r.details["in_flight_limit"]
     assert r.details["outcomes"] == {"accepted": SMALL.delivery_items}
 
 

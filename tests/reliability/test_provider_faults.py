@@ -17,11 +17,13 @@ from the fault's end:
 - APNs answering later than FANFARE_SEND_TIMEOUT_MS: sends time out, the circuit opens and
   closes; the server accepted the timed-out sends, so the retries are same-apns-id resends.
 
-The scenarios are `scripts/harness/chaos.py`'s, at its small scale.
+The scenarios are `scripts/harness/chaos.py`'s, at its small scale, each on each transport
+(libcurl, the default, and the providers' libraries, aioapns and firebase-admin).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -31,10 +33,22 @@ from scripts.harness.chaos_stack import ChaosStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
+TRANSPORTS = {
+    "curl": {"FANFARE_APNS_CLIENT": "curl", "FANFARE_FCM_CLIENT": "curl"},
+    "libraries": {"FANFARE_APNS_CLIENT": "aioapns", "FANFARE_FCM_CLIENT": "firebase-admin"},
+}
 
-def run_fault(chaos: ChaosStack, name: str) -> Result:
-    [fault] = [f for f in provider_faults(SMALL) if f.name == name]
-    return provider_fault(chaos, SMALL, fault)
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every scenario runs on each transport."""
+    return str(request.param)
+
+
+def run_fault(chaos: ChaosStack, name: str, transport: str) -> Result:
+    scale = dataclasses.replace(SMALL, flow_env={**SMALL.flow_env, **TRANSPORTS[transport]})
+    [fault] = [f for f in provider_faults(scale) if f.name == name]
+    return provider_fault(chaos, scale, fault)
 
 
 def states(r: Result, provider: str) -> list[str]:
@@ -50,9 +64,9 @@ def assert_all_delivered_once(r: Result) -> None:
 
 
 def test_apns_outage_opens_the_circuit_and_everything_is_delivered_after(
-    chaos: ChaosStack, survived: Callable[[Result], Result]
+    chaos: ChaosStack, survived: Callable[[Result], Result], transport: str
 ) -> None:
-    r = survived(run_fault(chaos, "apns-outage"))
+    r = survived(run_fault(chaos, "apns-outage", transport))
     assert_all_delivered_once(r)
     assert r.counts["apns_resends"] == r.counts["fcm_resends"] == 0
     assert "open" in states(r, "apns") and states(r, "apns")[-1] == "closed"
@@ -64,9 +78,9 @@ def test_apns_outage_opens_the_circuit_and_everything_is_delivered_after(
 
 
 def test_fcm_429_with_retry_after_is_honoured_and_everything_is_delivered_after(
-    chaos: ChaosStack, survived: Callable[[Result], Result]
+    chaos: ChaosStack, survived: Callable[[Result], Result], transport: str
 ) -> None:
-    r = survived(run_fault(chaos, "fcm-429"))
+    r = survived(run_fault(chaos, "fcm-429", transport))
     assert_all_delivered_once(r)
     assert r.counts["fcm_resends"] == 0
     assert r.details["provider_rejected"]["fcm"]["QUOTA_EXCEEDED"] > 0
@@ -75,9 +89,9 @@ def test_fcm_429_with_retry_after_is_honoured_and_everything_is_delivered_after(
 
 
 def test_goaway_mid_stream_repeats_only_what_the_protocols_cannot_tell_apart(
-    chaos: ChaosStack, survived: Callable[[Result], Result]
+    chaos: ChaosStack, survived: Callable[[Result], Result], transport: str
 ) -> None:
-    r = survived(run_fault(chaos, "goaway"))
+    r = survived(run_fault(chaos, "goaway", transport))
     assert_all_delivered_once(r)
     sent = r.details["goaways_sent"]
     assert sent["apns"] > 0 and sent["fcm"] > 0
@@ -85,9 +99,9 @@ def test_goaway_mid_stream_repeats_only_what_the_protocols_cannot_tell_apart(
 
 
 def test_answers_slower_than_the_send_timeout_open_the_circuit_and_recover(
-    chaos: ChaosStack, survived: Callable[[Result], Result]
+    chaos: ChaosStack, survived: Callable[[Result], Result], transport: str
 ) -> None:
-    r = survived(run_fault(chaos, "slow-responses"))
+    r = survived(run_fault(chaos, "slow-responses", transport))
     assert_all_delivered_once(r)
     assert r.counts["fcm_resends"] == 0
     assert "open" in states(r, "apns") and states(r, "apns")[-1] == "closed"

@@ -430,7 +430,10 @@ def test_claim_answers_none_when_applied_and_the_holders_row_when_not() -> None:
         },
     }
     session.on(CLAIM, lambda p: [held[p[0]]] if p[0] in held else [{"[applied]": True}])
+    session.runs.clear()
     answers = store.claim([mine, theirs, mine, replay])
+    # One round trip: the claims and the notifications' upserts all go out at once.
+    assert session.runs == [(3 + 3 + 3, 64)]
     assert answers == [
         None,
         LedgerRow("push.apns/3@7", "retry_scheduled", 2, 2, 503, "503", 99.5),
@@ -444,16 +447,30 @@ def test_claim_answers_none_when_applied_and_the_holders_row_when_not() -> None:
         ("p1:u3", "d1", "apns", "push.apns/0@1", now_ms, TTL),
     ]
     created_ms = round(created * 1000)
-    # Notifications of the owned sends only (won now, or the owner's replay), month of the post.
+    # Every notification of the call, month of the post, written beside the claims (the same
+    # rows whoever owns a send: idempotent upserts).
     assert session.executed("INTO ks.notifications_by_id") == [
         ("p1:u1", "u1", "p1", "a1", "new_post/v1", created_ms, "2026-03", TTL),
+        ("p1:u2", "u2", "p1", "a1", "new_post/v1", created_ms, "2026-03", TTL),
         ("p1:u3", "u3", "p1", "a1", "new_post/v1", created_ms, "2026-03", TTL),
     ]
     assert session.executed("INTO ks.notifications_by_user") == [
         ("u1", "2026-03", created_ms, "p1:u1", "p1", "a1", "new_post/v1", TTL),
+        ("u2", "2026-03", created_ms, "p1:u2", "p1", "a1", "new_post/v1", TTL),
         ("u3", "2026-03", created_ms, "p1:u3", "p1", "a1", "new_post/v1", TTL),
     ]
     assert store.claim([]) == []
+
+
+def test_a_slice_is_claimed_in_one_round_trip() -> None:
+    """300 items of a bulk slice: 300 claims and 600 notification upserts in one wave."""
+    store, session = notification_store()
+    session.on(CLAIM, applied)
+    session.runs.clear()
+    reqs = [request(f"u{i}", "d1", post="p9", source="push.apns.bulk/0@3") for i in range(300)]
+    assert store.claim(reqs) == [None] * 300
+    assert session.runs == [(900, 900)]
+    assert len(session.executed(CLAIM)) == 300
 
 
 def test_a_claim_over_an_expired_claims_remnant_retakes_it_or_reads_the_winner() -> None:

@@ -1165,39 +1165,36 @@ def test_a_malformed_retry_record_is_due_now_whatever_its_due_at(due_at: float, 
     assert retry_due_at(raw) <= time.time()
 
 
-class _OneMessageReader:
-    """Stands in for a bulk partition's reader holding one message."""
-
-    def __init__(self, value: bytes) -> None:
-        self._batches = [[RawEvent("push.apns.bulk", 0, 0, None, value, 0.0)]]
-
-    def next_batch(self) -> list[object]:
-        return list(self._batches.pop()) if self._batches else []
-
-    def snapshot(self) -> int:
-        return 1
-
-
-# Regression (cost): the bulk lanes slice a batch by its item count before validating it, so a
-# malformed batch claiming N items is handed out as N/100 slices and each slice decodes and
-# validates the whole message again: a 1 MB batch of 524,288 tiny items costs ~5,200 decodes (~35
-# s of a delivery worker here) for one dead letter.
+# Regression (cost): the bulk lanes sliced a batch by its item count before validating it, so a
+# malformed batch claiming N items was handed out as N/100 slices and each slice decoded and
+# validated the whole message again: a 1 MB batch of 524,288 tiny items cost ~5,200 decodes (~35
+# s of a delivery worker here) for one dead letter. A lane now decodes each message once, as read.
 @pytest.mark.parametrize("items", [[0] * 5_000, [{}] * 1_000, [{"token": 1}] * 501])
-def test_a_malformed_bulk_batch_is_decoded_once_not_once_per_slice(items: list[Any]) -> None:
-    from operators.adapters.kafka.channel_lanes import _BulkSlicer
+def test_a_malformed_bulk_batch_is_decoded_once_not_once_per_slice(
+    items: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from operators.adapters.kafka import channel_lanes
+    from tests.unit.test_bulk_slicing import FakeEngine, pair
 
     batch = {
         "schema": "dispatch_batch/v1",
         "post_id": "p",
         "author_id": "a",
-        "provider": "apns",
         "created_at": "2026-06-01T12:00:00Z",
+        "provider": "apns",
         "items": items,
     }
-    slicer = _BulkSlicer(_OneMessageReader(_dumps(batch)), -1, 0)  # type: ignore[arg-type]
-    handed: list[Any] = []
-    while slicer.wanted():
-        handed += slicer.take(100)
-    assert len(handed) <= 5, f"handed out in {len(handed)} slices"  # 500 items at most: 5
-    letters = [d for e in handed for d in decode_channel_message(e) if isinstance(d, DeadLetter)]
-    assert len(letters) == 1
+    decodes: list[int] = []
+    real = channel_lanes.decode_channel_batch
+
+    def counted(event: RawEvent) -> Any:
+        decodes.append(1)
+        return real(event)
+
+    monkeypatch.setattr(channel_lanes, "decode_channel_batch", counted)
+    engine = FakeEngine()
+    lanes = pair([], [RawEvent("push.apns.bulk", 0, 0, None, _dumps(batch), 0.0)], engine)
+    letters = [d for _ in range(10) for d in lanes.next_batch()]
+    assert len(decodes) == 1
+    assert len(letters) == 1 and isinstance(letters[0], DeadLetter)
+    assert engine.submitted == []

@@ -69,6 +69,11 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_FCM_CREDENTIALS_FILE": ("/run/secrets/fcm.json", "/run/secrets/fcm.json"),
     "FANFARE_FCM_URL": ("http://127.0.0.1:9999", "http://127.0.0.1:9999"),
     "FANFARE_FCM_CA_FILE": ("/etc/ssl/fcm-ca.pem", "/etc/ssl/fcm-ca.pem"),
+    "FANFARE_APNS_CLIENT": ("aioapns", "aioapns"),
+    "FANFARE_FCM_CLIENT": ("firebase-admin", "firebase-admin"),
+    "FANFARE_APNS_CONNECTIONS": ("2", 2),
+    "FANFARE_FCM_CONNECTIONS": ("8", 8),
+    "FANFARE_DELIVERY_IN_FLIGHT": ("500", 500),
     "FANFARE_APNS_RATE_PER_MIN": ("120000", 120_000),
     "FANFARE_FCM_RATE_PER_MIN": ("300000", 300_000),
     "FANFARE_RATE_BURST_MS": ("250", 250),
@@ -249,6 +254,10 @@ def test_derived_values() -> None:
         ("FANFARE_SMS_CURRENCY", "dollars", "ISO 4217"),
         ("FANFARE_WEBPUSH_VAPID_KEY_FILE", "/k.pem", "FANFARE_WEBPUSH_SUBJECT"),
         ("FANFARE_SSE_MAX_CLIENTS", "0", "out of range"),
+        ("FANFARE_APNS_CLIENT", "httpx", "use curl"),
+        ("FANFARE_FCM_CLIENT", "requests", "firebase-admin"),
+        ("FANFARE_APNS_CONNECTIONS", "0", "out of range"),
+        ("FANFARE_DELIVERY_IN_FLIGHT", "0", "out of range"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, raw: str, fragment: str) -> None:

@@ -312,3 +312,73 @@ def test_one_wait_budget_for_both_lanes(store: SQLiteNotificationStore) -> None:
     held = [x for x in out if isinstance(x, RetryRecord)]
     assert held and len(sender.sent) + len(held) == 24
     assert {r.reason for r in held} == {"rate_limited"}
+
+
+def test_the_bulk_window_grows_while_answers_are_quick_and_shrinks_when_they_queue() -> None:
+    from operators.delivery.dispatch import DelayWindow
+
+    w = DelayWindow(initial=64, smallest=16, queue_target_s=0.05)
+    t = 0.0
+    for _ in range(20):  # quick answers: the window opens
+        t += 0.01
+        w.answered(64, 0.01, t)
+    assert w.size > 400
+    big = w.size
+    for _ in range(50):  # answers 100 ms slower than the quickest: it closes, once per trip
+        t += 0.02
+        w.answered(64, 0.11, t)
+    assert 16 <= w.size < big / 4
+
+
+def test_submit_returns_at_once_and_collect_judges_the_answers(
+    store: SQLiteNotificationStore,
+) -> None:
+    """The pipelined form: nothing waits for the provider; outcomes come out of collect."""
+    from operators.adapters.providers.event_loop import EventLoopThread
+
+    sender = TimedSender(per_minute=6_000_000, answer_after_s=0.3)
+    loop = EventLoopThread()
+    e = DeliveryEngine(
+        claims=InMemoryEdgeClaims(),
+        store=store,
+        limiter=LocalRateLimiter(),
+        senders={"apns": sender},
+        loop=loop,
+        settings=DeliverySettings(in_flight=10),
+    )
+    started = time.monotonic()
+    assert e.submit([request(f"u{i}") for i in range(6)]) == []
+    assert time.monotonic() - started < 0.2  # not waiting for the 0.3 s answers
+    assert e.in_flight == 6 and e.room("normal") == 4 and e.room("bulk") == 4
+    judged = []
+    while len(judged) < 6 and time.monotonic() - started < 5:
+        judged += e.collect()
+        time.sleep(0.01)
+    assert sorted(j.request.item["user_id"] for j in judged) == [f"u{i}" for i in range(6)]
+    assert {o.outcome for j in judged for o in j.outputs} == {"accepted"}  # type: ignore[union-attr]
+    assert e.in_flight == 0
+    e.close()
+    loop.stop()
+
+
+def test_observe_many_counts_as_observe_does() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    one = Histogram("h_one", "h", ["x"], buckets=(0.05, 0.1, 1), registry=registry)
+    many = Histogram("h_many", "h", ["x"], buckets=(0.05, 0.1, 1), registry=registry)
+    values = [0.0, 0.05, 0.051, 0.1, 0.3, 1.0, 1.5, 42.0, -0.2]
+    for v in values:
+        one.labels("a").observe(max(0.0, v))
+    metrics.observe_many(many.labels("a"), values)
+
+    def samples(name: str) -> list[tuple[str, float]]:
+        return [
+            (s.name.removeprefix(name), s.value)
+            for m in registry.collect()
+            if m.name == name
+            for s in m.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples("h_one") == samples("h_many")

@@ -115,3 +115,16 @@ def test_plan_retry_caps_attempts_and_age_and_honours_retry_after() -> None:
     assert plan_retry(policy, r, 2, 1_095.0, 10.0, lambda: 0.5).kind == "expired"
     assert policy.expired(1_000.0, 1_100.5)
     assert not policy.expired(1_000.0, 1_099.0)
+
+
+def test_the_apns_id_is_uuid5_of_notification_and_device() -> None:
+    """Computed without uuid.UUID objects, it must stay byte for byte uuid5's."""
+    import uuid
+
+    from operators.delivery import model
+    from tests.fakes import request
+
+    for i in range(500):
+        r = request(f"u{i}", f"d-{i}\u00e9")
+        name = f"{r.item['notification_id']}|{r.item['device_id']}"
+        assert r.apns_id == str(uuid.uuid5(model._APNS_NS, name))

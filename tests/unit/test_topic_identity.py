@@ -6,15 +6,15 @@ import logging
 import threading
 from typing import Any
 
-import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING
 
 from operators.adapters.kafka import probes as kafka_probes
 from operators.adapters.kafka import reader as kafka_reader
-from operators.adapters.kafka.channel_lanes import _BulkSlicer
+from operators.adapters.kafka.channel_lanes import _Lane
 from operators.adapters.kafka.reader import TopicPartitionReader, resume_point
 from operators.adapters.kafka.topic_identity import TopicIds
+from operators.delivery.pipeline import LaneProgress
 from operators.events import RawEvent
 from tests.unit.test_redis_outage import FakeClock, FakeConsumer, FakeMessage
 
@@ -170,11 +170,13 @@ def test_reader_keeps_its_position_while_the_id_is_the_same_or_unknown(
     assert consumer.seeks == [] and r.offset() == 7
 
 
-def test_bulk_slicer_resumes_mid_message_only_for_the_first_message_it_reads(
+def test_a_lane_resumes_mid_message_only_for_the_first_message_it_reads(
     consumers: list[FakeConsumer],
 ) -> None:
     """After a rewind the old resume offset is another message: all its items are due."""
-    batch = orjson.dumps({"items": [{}] * 10})
+    from tests.unit.test_bulk_slicing import batch as dispatch_batch
+
+    batch = dispatch_batch(0, 10).value
     broker = FakeBroker({"push.apns.bulk": "A"})
     ids = TopicIds(broker.describe, background=False)
     clock = FakeClock()
@@ -190,14 +192,15 @@ def test_bulk_slicer_resumes_mid_message_only_for_the_first_message_it_reads(
         topic_ids=ids,
     )
     [consumer] = consumers
-    slicer = _BulkSlicer(reader, 3, 4)  # resume at message 3, item 4
+    lane = _Lane("bulk", reader, LaneProgress((3, 4, {})), 2)  # resume at message 3, item 4
     consumer.queue = [FakeMessage(3, batch)]
-    assert slicer.wanted() == 6
-    slicer.take(6)
+    lane.fill(1)
+    assert lane.progress.pending() == 6
+    lane.progress.take(6)
     consumer.queue = [FakeMessage(i, batch) for i in range(5)]  # a new log: 3 is another batch
-    assert slicer.wanted() == 20  # messages 0 and 1, whole
-    slicer.take(20)
-    assert slicer.wanted() == 20  # 2 and 3: message 3's items from the first
+    lane.fill(50)
+    assert lane.progress.pending() == 50  # messages 0 to 4, whole (the lane started over)
+    assert [len(items) for _, items in lane.progress.take(50)] == [10] * 5
 
 
 def test_reader_resumed_from_a_snapshot_of_a_lost_log_starts_at_the_new_beginning(

@@ -1,17 +1,27 @@
-"""The delivery flow's retry timer: `push.retry` read and each record held until it is due."""
+"""The delivery flow's retry source: `push.retry` read, each record held until due, then sent.
+
+A due record is handed to the worker's engine (the `DeliveryPump`) and its outputs are emitted
+once it is judged; until then it stays in the partition's snapshot with the held ones, so a
+restart sends again exactly the records that had no outcome yet (docs/design.md).
+"""
 
 from __future__ import annotations
 
 import heapq
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
 
+from operators.adapters.kafka.channel_lanes import MessageReader
 from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
 from operators.adapters.kafka.reader import TopicPartitionReader
 from operators.adapters.kafka.topic_identity import shared_topic_ids
+from operators.delivery.model import SendRequest
+from operators.delivery.pipeline import DeliveryPump
+from operators.delivery.steps import decode_retry_message
 from operators.events import RawEvent
 
 RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | None]], str | None]
@@ -19,22 +29,30 @@ RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | No
 hold the first two only."""
 
 
-class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]):
-    """Reads `push.retry` and holds each record until it is due (the retry timer).
+IDLE_POLL = timedelta(milliseconds=10)
+"""How often a retry partition with nothing in flight looks for new or due records."""
+HeldRecord = tuple[float, int, bytes | None, bytes | None]
+"""(due_at, offset, key, value) of a record read and not judged yet."""
 
-    Held records live in this partition's snapshot, so the offset may move past them: a
-    restart resumes with them still held. Holding them here (not in a keyed timer downstream)
-    keeps the timer beside the poll loop, which Bytewax runs continuously.
+
+class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]):
+    """Reads `push.retry`, holds each record until it is due, sends it, emits its outputs.
+
+    Held records, and records sent but not judged, live in this partition's snapshot, so the
+    offset may move past them: a restart resumes with them still held (the sent ones due at
+    once). Holding them here (not in a keyed timer downstream) keeps the timer beside the poll
+    loop, which Bytewax runs continuously.
     """
 
     def __init__(
         self,
-        reader: TopicPartitionReader,
+        reader: MessageReader,
         topic: str,
         partition: int,
-        held: list[tuple[float, int, bytes | None, bytes | None]],
+        held: list[HeldRecord],
         due_of: Callable[[bytes | None], float],
         clock: Callable[[], float],
+        pump: DeliveryPump,
     ) -> None:
         self._reader = reader
         self._topic = topic
@@ -43,44 +61,88 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
         self._clock = clock
         self._heap = list(held)
         heapq.heapify(self._heap)
+        self._sent: dict[int, HeldRecord] = {}  # by offset: handed to the engine, not judged
+        self._pump = pump
+        self._routes = [f"{topic}/{partition}"]
+        self._worker, self._outbox = pump.register(self._routes)
 
     def next_batch(self) -> list[object]:
-        """Records that are due now (newly read ones too)."""
+        """Send the records that are due now (newly read ones too); emit what was judged."""
+        worker = self._worker
+        worker.poll()
         for event in self._reader.next_batch():
             assert isinstance(event, RawEvent)
             entry = (self._due_of(event.value), event.offset, event.key, event.value)
             heapq.heappush(self._heap, entry)
-        now = self._clock()
         out: list[object] = []
-        while self._heap and self._heap[0][0] <= now:
-            _, offset, key, value = heapq.heappop(self._heap)
-            out.append(RawEvent(self._topic, self._partition, offset, key, value, now))
+        now = self._clock()
+        heap = self._heap
+        if heap and heap[0][0] <= now:
+            engine = worker.engine
+            requests: list[SendRequest] = []
+            room = {lane: engine.room(lane) for lane in ("normal", "bulk")}
+            while heap and heap[0][0] <= now:
+                entry = heap[0]
+                _, offset, key, value = entry
+                decoded = decode_retry_message(
+                    RawEvent(self._topic, self._partition, offset, key, value, now)
+                )
+                if isinstance(decoded, SendRequest):
+                    lane = decoded.lane
+                    if room[lane] <= 0 or engine.room(lane, decoded.provider) <= 0:
+                        break  # the in-flight limit: the rest waits, in order
+                    room[lane] -= 1
+                    requests.append(decoded)
+                    self._sent[offset] = entry
+                else:
+                    out.append(decoded)  # a dead letter: judged now
+                heapq.heappop(heap)
+            if requests:
+                worker.submit(requests)
+        for judged in self._outbox.drain():
+            self._sent.pop(judged.request.origin.offset, None)
+            out.extend(judged.outputs)
         return out
 
-    def next_awake(self) -> None:
-        """Poll again at once (new records may arrive; held ones come due)."""
-        return None
+    def next_awake(self) -> datetime | None:
+        """When to poll again: at once while a record waits for its outcome.
+
+        Else within IDLE_POLL (new records may arrive), or when the first held one is due.
+        """
+        if self._sent or self._outbox.items:
+            return None
+        soon = datetime.now(UTC) + IDLE_POLL
+        if self._heap:
+            return min(soon, datetime.fromtimestamp(self._heap[0][0], UTC))
+        return soon
+
+    def idle(self) -> bool:
+        """Nothing is held or waits for an outcome."""
+        return not self._heap and not self._sent and not self._outbox.items
 
     def snapshot(self) -> RetryPartitionState:
-        """The next offset and what is held."""
-        return (self._reader.offset(), list(self._heap), self._reader.topic_id)
+        """The next offset, and what is held or sent without an outcome yet."""
+        return (self._reader.offset(), [*self._heap, *self._sent.values()], self._reader.topic_id)
 
     def close(self) -> None:
-        """Leave the broker."""
+        """Leave the broker; the worker's last partition closes its engine."""
         self._reader.close()
+        self._pump.release(self._worker, self._routes)
 
 
 class RetryTopicSource(FixedPartitionedSource[object, RetryPartitionState]):
-    """`push.retry`, each record released as a RawEvent when its `due_at` comes."""
+    """`push.retry`, each record sent when its `due_at` comes; emits the outputs."""
 
     def __init__(
         self,
         config: KafkaConfig,
         due_of: Callable[[bytes | None], float],
+        pump: DeliveryPump,
         topic: str = "push.retry",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._pump = pump
         self._due_of = due_of
         self._topic = topic
         self._clock = clock
@@ -108,4 +170,6 @@ class RetryTopicSource(FixedPartitionedSource[object, RetryPartitionState]):
             topic_ids=shared_topic_ids(self._config),
             start_topic_id=topic_id,
         )
-        return _RetryPartitionReader(reader, topic, partition, held, self._due_of, self._clock)
+        return _RetryPartitionReader(
+            reader, topic, partition, held, self._due_of, self._clock, self._pump
+        )

@@ -1,14 +1,15 @@
 """A delivery worker's own asyncio event loop, on a thread beside the Bytewax worker.
 
-The provider clients live on it (aioapns insists on a running loop); the worker hands it a
-coroutine and waits for the answer.
+The provider clients and the engine's send tasks live on it (aioapns and libcurl's socket
+callbacks need a running loop); the worker hands it work and never waits for a provider's
+answer (`DeliveryEngine.submit`), or waits for a coroutine it runs (`run`: set-up, close).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -29,6 +30,10 @@ class EventLoopThread(LoopRunner):
         """Run on the loop; block this (worker) thread until done."""
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result()
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Run `callback` on the loop, from any thread; do not wait."""
+        self.loop.call_soon_threadsafe(callback)
 
     def stop(self) -> None:
         """Stop the loop."""

@@ -26,9 +26,21 @@ from operators.adapters.redis.client import (
 )
 from operators.delivery.ports import EdgeClaims
 
+_CLAIM_SCRIPT = """
+local ttl = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('SET', key, ARGV[i + 1], 'NX', 'GET', 'EX', ttl) or ''
+end
+return out
+"""
+"""`SET key identity NX GET EX ttl` for every key of a batch: one command to pack and one reply
+to parse, where a pipeline costs the client a command each (about 5 times the CPU per claim).
+'' stands for "claimed now" (a Lua nil would end the reply's list)."""
+
 
 class RedisEdgeClaims(EdgeClaims):
-    """One pipelined round trip per batch; keys expire after `ttl_s`.
+    """One round trip per batch (one script call); keys expire after `ttl_s`.
 
     While Redis is unreachable every claim answers None (go to the store): see the module
     docstring. `bypassed` counts the claims answered that way.
@@ -58,16 +70,15 @@ class RedisEdgeClaims(EdgeClaims):
             self.bypassed += len(claims)
             return [None] * len(claims)
         started = self.outage.started()
+        prefix = f"{self._prefix}edge:"
         try:
-            pipe = self._redis().pipeline(transaction=False)
-            for nid, device, identity in claims:
-                pipe.set(
-                    f"{self._prefix}edge:{nid}|{device}", identity, nx=True, get=True, ex=self._ttl
-                )
-            replies = pipe.execute()
+            replies = self._redis.script(_CLAIM_SCRIPT)(
+                keys=[f"{prefix}{nid}|{device}" for nid, device, _ in claims],
+                args=[self._ttl, *(identity for _, _, identity in claims)],
+            )
         except REDIS_DOWN_ERRORS as exc:
             self.outage.failed(exc, started)
             self.bypassed += len(claims)
             return [None] * len(claims)
         self.outage.answered()
-        return [None if r is None else r.decode() for r in replies]
+        return [r.decode() if r else None for r in replies]

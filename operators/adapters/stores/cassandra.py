@@ -92,6 +92,7 @@ from cassandra import (  # type: ignore[import-untyped]
 
 DEFAULT_PORT = 9042
 DEFAULT_CONCURRENCY = 64  # statements in flight per call (execute_concurrent's cap)
+WAVE_MAX = 2_048  # statements in flight at once in a wave (a slice's ledger claim)
 _KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
 _DC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
@@ -498,6 +499,20 @@ class Statements:
             return []
         results = self.session.execute_concurrent_with_args(
             statement, params, concurrency=self.concurrency, raise_on_first_error=True
+        )
+        return [list(r.result_or_exc) for r in results]
+
+    def wave(self, pairs: Sequence[tuple[Any, Sequence[object]]]) -> list[list[Row]]:
+        """Several statements all in flight at once (up to WAVE_MAX): one round trip's time.
+
+        Each one's rows, in order; raises on error.
+        """
+        if not pairs:
+            return []
+        results = self.session.execute_concurrent(
+            list(pairs),
+            concurrency=min(WAVE_MAX, max(self.concurrency, len(pairs))),
+            raise_on_first_error=True,
         )
         return [list(r.result_or_exc) for r in results]
 

@@ -221,10 +221,15 @@ class CassandraNotificationStore(NotificationStore):
     def claim(self, requests: Sequence[SendRequest]) -> list[LedgerRow | None]:
         """INSERT ... IF NOT EXISTS per request: None where it won, else the holder's row.
 
-        The same key twice in one call: the first copy claims, the second is answered as a
-        duplicate (not its owner), as the SQLite adapter does. Each notification the call owns
-        is written to notifications_by_id and notifications_by_user (idempotent upserts, also
-        on a replay by the owner, so a crash between claim and notification loses nothing).
+        One round trip for the whole call (a slice of a dispatch batch): every claim and every
+        notification upsert goes out at once (`Statements.wave`). A lightweight transaction
+        cannot span partitions, and each (notification, device) is its own, so the claims are
+        separate statements, in flight together. The notifications (notifications_by_id and
+        notifications_by_user) are written beside the claims, not after: the rows are the same
+        whoever owns the send (idempotent upserts), and a crash between claim and
+        notification loses nothing. The same key twice in one call: the first copy claims, the
+        second is answered as a duplicate (not its owner), as the SQLite adapter does. Only
+        the rare claim over an expired claim's remnant needs more round trips.
         """
         if not requests:
             return []
@@ -238,13 +243,15 @@ class CassandraNotificationStore(NotificationStore):
             else:
                 seen.add(r.key)
                 first.append(i)
-        results = self._run.each(
-            self._claim,
-            [
-                (*requests[i].key, requests[i].provider, requests[i].origin.key, now_ms, self._ttl)
-                for i in first
-            ],
-        )
+        claims: list[tuple[Any, tuple[object, ...]]] = [
+            (
+                self._claim,
+                (*requests[i].key, requests[i].provider, requests[i].origin.key, now_ms, self._ttl),
+            )
+            for i in first
+        ]
+        notes = self._notification_writes([requests[i] for i in first])
+        results = self._run.wave(claims + notes)[: len(claims)]
         remnants: list[int] = []
         for i, rows in zip(first, results, strict=True):
             if _applied(rows):
@@ -255,12 +262,6 @@ class CassandraNotificationStore(NotificationStore):
                 answers[i] = _ledger_row(rows[0])
         if remnants:
             self._take_remnants([requests[i] for i in remnants], remnants, answers, now_ms)
-        owned = [
-            requests[i]
-            for i in first
-            if answers[i] is None or answers[i].owner == requests[i].origin.key  # type: ignore[union-attr]
-        ]
-        self._write_notifications(owned)
         return answers
 
     def _take_remnants(
@@ -286,11 +287,14 @@ class CassandraNotificationStore(NotificationStore):
                 raise ClaimConflict(f"{r.key}: neither claimed nor held; retry the batch")
             answers[i] = _ledger_row(rows[0])
 
-    def _write_notifications(self, owned: Sequence[SendRequest]) -> None:
-        by_id: list[tuple[object, ...]] = []
-        by_user: list[tuple[object, ...]] = []
+    def _notification_writes(
+        self, requests: Sequence[SendRequest]
+    ) -> list[tuple[Any, tuple[object, ...]]]:
+        """The notifications_by_id and notifications_by_user upserts of these requests."""
+        by_id: list[tuple[Any, tuple[object, ...]]] = []
+        by_user: list[tuple[Any, tuple[object, ...]]] = []
         done: set[str] = set()
-        for r in owned:
+        for r in requests:
             nid = r.item["notification_id"]
             if nid in done:
                 continue
@@ -300,14 +304,18 @@ class CassandraNotificationStore(NotificationStore):
             user = r.item["user_id"]
             template = NOTIFICATION_TEMPLATE
             by_id.append(
-                (nid, user, r.post_id, r.author_id, template, created_ms, month, self._ttl)
+                (
+                    self._note_by_id,
+                    (nid, user, r.post_id, r.author_id, template, created_ms, month, self._ttl),
+                )
             )
             by_user.append(
-                (user, month, created_ms, nid, r.post_id, r.author_id, template, self._ttl)
+                (
+                    self._note_by_user,
+                    (user, month, created_ms, nid, r.post_id, r.author_id, template, self._ttl),
+                )
             )
-        self._run.mixed(
-            [(self._note_by_id, p) for p in by_id] + [(self._note_by_user, p) for p in by_user]
-        )
+        return by_id + by_user
 
     def rows(self, keys: Sequence[tuple[str, str]]) -> list[LedgerRow | None]:
         """Point reads at Q; a row without an owner is an expired claim's remnant: absent."""

@@ -97,6 +97,7 @@ _ROW_COLUMNS = (
 )
 _QUALIFIED_ROW_COLUMNS = ", ".join(f"deliveries.{c.strip()}" for c in _ROW_COLUMNS.split(","))
 _CHUNK = 4_000  # keys per IN (...) query: SQLite allows 32,766 parameters
+_CLAIM_CHUNK = 4_000  # rows per claim statement (6 parameters each)
 _PURGE_EVERY_S = 600.0
 
 
@@ -179,57 +180,79 @@ class SQLiteNotificationStore(NotificationStore):
         return found
 
     def claim(self, requests: Sequence[SendRequest]) -> list[LedgerRow | None]:
-        """Insert missing rows as `sending`, owned by each request's source."""
+        """Insert missing rows as `sending`, owned by each request's source.
+
+        One transaction for the call (a slice of a dispatch batch): one statement inserts the
+        rows that are new (or replaces expired ones, as a Cassandra TTL would have it gone) and
+        says which it took; only the keys it did not take are read.
+        """
         if not requests:
             return []
         conn = self._conn()
         now = self._clock()
         expires = now + self._ttl
+        first: dict[tuple[str, str], SendRequest] = {}
+        for r in requests:
+            first.setdefault(r.key, r)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            existing = self._select(conn, [r.key for r in requests], now)
+            taken: set[tuple[str, str]] = set()
+            keys = list(first)
+            for start in range(0, len(keys), _CLAIM_CHUNK):
+                chunk = keys[start : start + _CLAIM_CHUNK]
+                params: list[object] = []
+                for key in chunk:
+                    r = first[key]
+                    params += (*key, r.provider, r.origin.key, now, expires)
+                marks = ",".join("(?,?,?,?,'sending',0,0,?,?)" for _ in chunk)
+                taken.update(
+                    conn.execute(
+                        "INSERT INTO deliveries (notification_id, device_id, provider, owner, "
+                        f"state, attempts, schedules, updated_at, expires_at) VALUES {marks} "
+                        "ON CONFLICT (notification_id, device_id) DO UPDATE SET "
+                        "provider=excluded.provider, owner=excluded.owner, state='sending', "
+                        "attempts=0, schedules=0, status=NULL, reason=NULL, due_at=NULL, "
+                        "ack=NULL, updated_at=excluded.updated_at, "
+                        "expires_at=excluded.expires_at "
+                        "WHERE deliveries.expires_at <= excluded.updated_at "
+                        "RETURNING notification_id, device_id",
+                        params,
+                    ).fetchall()
+                )
+            held = [k for k in keys if k not in taken]
+            existing = self._select(conn, held, now) if held else {}
             answers: list[LedgerRow | None] = []
-            new_rows = []
-            new_notifications = []
-            claimed: set[tuple[str, str]] = set()
+            answered: set[tuple[str, str]] = set()
             for r in requests:
-                row = existing.get(r.key)
-                if row is None and r.key in claimed:
+                if r.key in answered:
                     # The same item twice in one call: the first copy owns it.
-                    row = LedgerRow(EARLIER_COPY_IN_CALL, "sending", 0, 0)
-                answers.append(row)
-                if row is None:
-                    claimed.add(r.key)
-                    nid, dev = r.key
-                    new_rows.append(
-                        (nid, dev, r.provider, r.origin.key, "sending", 0, 0, now, expires)
+                    answers.append(
+                        existing.get(r.key) or LedgerRow(EARLIER_COPY_IN_CALL, "sending", 0, 0)
                     )
-                    new_notifications.append(
-                        (
-                            nid,
-                            r.post_id,
-                            r.item["user_id"],
-                            r.author_id,
-                            r.created_at,
-                            now,
-                            round(r.created_ts * 1000),
-                            NOTIFICATION_TEMPLATE,
-                            expires,
-                        )
-                    )
-            # An expired row is gone (as a Cassandra TTL would have it): replace it.
-            conn.executemany(
-                "INSERT OR REPLACE INTO deliveries (notification_id, device_id, provider, owner, "
-                "state, attempts, schedules, updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                new_rows,
-            )
+                    continue
+                answered.add(r.key)
+                answers.append(None if r.key in taken else existing.get(r.key))
             conn.executemany(
                 "INSERT INTO notifications (notification_id, post_id, user_id, author_id, "
                 "created_at, first_seen, created_ms, template, expires_at) "
                 "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                 "first_seen=excluded.first_seen, expires_at=excluded.expires_at "
                 "WHERE notifications.expires_at <= excluded.first_seen",
-                new_notifications,
+                [
+                    (
+                        key[0],
+                        r.post_id,
+                        r.item["user_id"],
+                        r.author_id,
+                        r.created_at,
+                        now,
+                        round(r.created_ts * 1000),
+                        NOTIFICATION_TEMPLATE,
+                        expires,
+                    )
+                    for key, r in first.items()
+                    if key in taken
+                ],
             )
             conn.execute("COMMIT")
         except BaseException:

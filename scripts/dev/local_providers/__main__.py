@@ -28,6 +28,7 @@ async def _run(args: argparse.Namespace) -> None:
         strict_tokens=not args.loose_tokens,
         fcm_access_token=args.fcm_access_token,
         settings_file=Path(args.settings_file) if args.settings_file else None,
+        only=None if args.serve == "both" else args.serve,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="also write fanfare's FANFARE_APNS_*/FANFARE_FCM_* settings for these servers into "
         "this settings file (fanfare's FANFARE_SETTINGS_FILE), and take them out on stop",
+    )
+    parser.add_argument(
+        "--serve",
+        choices=("both", "apns", "fcm"),
+        default="both",
+        help="serve both providers, or one (a process per provider gets a core each)",
     )
     args = parser.parse_args(argv)
     asyncio.run(_run(args))

@@ -147,6 +147,7 @@ async def serve(
     fcm_access_token: str | None = None,
     settings_file: Path | None = None,
     channels: bool = True,
+    only: str | None = None,
 ) -> Running:
     """Generate or reuse credentials in `home`, listen on 127.0.0.1, write providers.json.
 
@@ -154,6 +155,8 @@ async def serve(
     fanfare at these servers there (fanfare's settings file), and take them out on close.
     With `channels` (the default), the local channel servers (SMTP, SMS, web push, chat) start
     too, and their settings go into the settings file as well.
+    With `only` ("apns" or "fcm"), serve that provider alone (the other's ports are 0), so a
+    benchmark can give each its own process and core, and see which one is the bound.
     """
     home = home.resolve()
     speedups.install()
@@ -162,24 +165,35 @@ async def serve(
     token = fcm_access_token or "local-fcm-" + secrets.token_urlsafe(16)
     apns = ApnsServer(ProviderState("apns"), creds, strict_tokens=strict_tokens)
     fcm = FcmServer(ProviderState("fcm"), creds, strict_tokens=strict_tokens, fixed_token=token)
-    servers = [
-        await loop.create_server(
+    if only not in (None, "apns", "fcm"):
+        raise ValueError(f"only: apns or fcm, not {only!r}")
+    control = await loop.create_server(ControlApi(apns, fcm).protocol, HOST, control_port)
+    servers = [control]
+    control_port = control.sockets[0].getsockname()[1]
+    if only != "fcm":
+        apns_server = await loop.create_server(
             apns.protocol, HOST, apns_port, ssl=apns.ssl_context, backlog=1024
-        ),
-        await loop.create_server(fcm.protocol, HOST, fcm_port, backlog=1024),
-        await loop.create_server(ControlApi(apns, fcm).protocol, HOST, control_port),
-        await loop.create_server(
+        )
+        servers.append(apns_server)
+        apns_port = apns_server.sockets[0].getsockname()[1]
+    else:
+        apns_port = 0
+    if only != "apns":
+        plain = await loop.create_server(fcm.protocol, HOST, fcm_port, backlog=1024)
+        tls = await loop.create_server(
             fcm.protocol_tls, HOST, fcm_tls_port, ssl=fcm.ssl_context, backlog=1024
-        ),
-    ]
-    ports = [s.sockets[0].getsockname()[1] for s in servers]
-    apns_port, fcm_port, control_port, fcm_tls_port = ports
+        )
+        servers += [plain, tls]
+        fcm_port = plain.sockets[0].getsockname()[1]
+        fcm_tls_port = tls.sockets[0].getsockname()[1]
+    else:
+        fcm_port = fcm_tls_port = 0
     fcm_url = f"http://{HOST}:{fcm_port}"
     # The token endpoint's address is known only now: write it into the service account.
     creds = make_local_credentials(home, fcm_token_uri=f"{fcm_url}/token")
     fcm.token_uri = f"{fcm_url}/token"
     running_channels = None
-    if channels:
+    if channels and only is None:  # a one-provider server (benchmarks) serves no channels
         from scripts.dev.local_channels.runner import serve_channels
 
         running_channels = await serve_channels(home, creds)
@@ -372,6 +386,7 @@ def spawn_local_providers(
     strict_tokens: bool = True,
     timeout_s: float = 30.0,
     settings_file: Path | None = None,
+    only: str | None = None,
 ) -> ProvidersProcess:
     """Start `python -m scripts.dev.local_providers` and wait until its providers.json is written.
 
@@ -389,6 +404,8 @@ def spawn_local_providers(
         args.append("--loose-tokens")
     if settings_file is not None:
         args += ["--settings-file", str(settings_file)]
+    if only is not None:
+        args += ["--serve", only]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
