@@ -38,10 +38,11 @@ from operators.adapters.stores.by_url import open_follower_store
 from operators.adapters.stores.shard_state import FileShardStateStore
 from operators.config import Settings, cassandra_credentials, load_settings
 from operators.dead_letters import Decoded, decode_or_dead_letter, one
+from operators.fanout.caps import CapRule
 from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.logic import ExpandFollowerShardLogic
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
-from operators.fanout.shard import FollowerShard, utc_now
+from operators.fanout.shard import POST_CATEGORY, FollowerShard, utc_now
 from operators.fanout.steps import (
     ChangelogRouter,
     PostClaimer,
@@ -76,7 +77,7 @@ def build_fanout_flow(
     changelog_source: Source[Any],
     changelog_parts: list[str],
     channel_sink: Sink[Any],
-    route_batch: Callable[[EncodedDispatchBatch], str],
+    route_batch: Callable[[DispatchBatch | EncodedDispatchBatch], str],
     dead_letter_sink: Sink[Any],
     store: Callable[[], FollowerStore],
     claims: Callable[[], PostClaims],
@@ -121,6 +122,7 @@ def build_fanout_flow(
             batch_size=settings.dispatch_batch_size,
             settle_s=settings.changelog_settle_ms / 1000,
             celebrity_threshold=settings.celebrity_threshold,
+            caps=CapRule(POST_CATEGORY, settings.post_cap, settings.cap_window_s),
         )
         if resume is not None:
             shard.restore(resume, clock().timestamp())

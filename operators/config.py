@@ -82,6 +82,12 @@ class Settings:
     interval plus the longest time the fan-out may stay down."""
     post_claim_ttl_s: int = 86_400
     """FANFARE_POST_CLAIM_TTL_S: how long a post_id is remembered for dedupe."""
+    post_cap: int = 10
+    """FANFARE_POST_CAP: post pushes per user per FANFARE_CAP_WINDOW_S, counted across authors
+    (0: no cap); the rest join the user's bundle, one summary push when the window ends."""
+    cap_window_s: int = 3_600
+    """FANFARE_CAP_WINDOW_S: the cap's window in seconds, fixed and aligned on the Unix epoch in
+    UTC (0: no cap)."""
     changelog_settle_ms: int = 100
     """FANFARE_CHANGELOG_SETTLE_MS: margin subtracted from a changelog's caught-up time."""
     snapshot_interval_s: int = 5
@@ -415,6 +421,8 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "checkpoint_interval_s": (1, 86_400),
     "changelog_retention_hours": (0, None),
     "post_claim_ttl_s": (1, None),
+    "post_cap": (0, 65_535),
+    "cap_window_s": (0, 7 * 86_400),
     "changelog_settle_ms": (0, 60_000),
     "snapshot_interval_s": (1, 3_600),
     "recovery_partitions": (1, 1_024),

@@ -32,6 +32,13 @@ CANDIDATES = Counter("fanfare_candidates_total", "follow edges examined for a po
 SUPPRESSED = Counter("fanfare_suppressed_total", "candidates not notified, by reason", ["reason"])
 DEFERRED = Counter("fanfare_deferred_total", "candidates deferred for quiet hours")
 RELEASED = Counter("fanfare_released_total", "deferred candidates released after quiet hours")
+BUNDLE_SUMMARIES = Counter(
+    "fanfare_bundle_summaries_total",
+    "summary pushes sent for users over the frequency cap (one per user and window)",
+)
+BUNDLED = Counter(
+    "fanfare_bundled_total", "notifications over the frequency cap carried by summary pushes"
+)
 DEDUPED = Counter(
     "fanfare_deduped_total",
     "duplicates dropped, by stage (post_claim: posts; shard_job: jobs; replay: items)",

@@ -66,6 +66,16 @@ def collapse_id(post_id: str) -> str:
     return "p-" + hashlib.sha256(post_id.encode()).hexdigest()[:40]
 
 
+def collapse_key_for(request: SendRequest) -> str:
+    """The apns-collapse-id / FCM collapse_key of a push.
+
+    Its message's collapse key when it has one (a bundle summary: a newer one replaces the
+    older on the device), else the post's.
+    """
+    key = request.message.get("collapse_key") if request.message is not None else None
+    return collapse_id(key if key else request.post_id)
+
+
 def _data(request: SendRequest, link: str) -> dict[str, str]:
     # notification_id and device_id let the app (and the local servers) tell resends apart.
     return {
@@ -105,7 +115,7 @@ class FcmContent:
 def fcm_content(template: PushTemplate, request: SendRequest) -> FcmContent:
     """The FCM message content; raises PayloadTooLarge (measured as FCM counts: the JSON)."""
     title, body, link = template.fill(request)
-    content = FcmContent(title, body, _data(request, link), collapse_id(request.post_id))
+    content = FcmContent(title, body, _data(request, link), collapse_key_for(request))
     size = len(
         orjson.dumps(
             {

@@ -19,6 +19,7 @@ checkpoint writes and reads (`operators.fanout.checkpoint`).
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -203,6 +204,16 @@ class UserTable:
                     continue
             out[i] = self.ensure_row(user_id)
         return out
+
+    def id_digest(self, rows: int) -> int:
+        """CRC-32 of the first `rows` rows' ids.
+
+        Equal for two tables that start with the same users in the same rows (state kept by
+        row, such as frequency caps, checks it).
+        """
+        starts = self._uid_start.a[: rows + 1]
+        arena = memoryview(self._uid_arena)[: int(starts[-1])]
+        return zlib.crc32(arena, zlib.crc32(starts.tobytes()))
 
     def _add_row(self, user_id: str) -> int:
         row = self.rows

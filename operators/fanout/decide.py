@@ -9,6 +9,7 @@ at `now`), then the user's devices. The reasons are counted in the same order as
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,6 +18,11 @@ import numpy.typing as npt
 
 from operators.fanout.columns import I32, U8, UserTable, quiet_mask, release_times
 from operators.fanout.eligibility import FLAG_MUTED, FLAG_NOTIFY_ON_POST, Suppressed
+
+Admit = Callable[[I32], tuple[I32, int]]
+"""A frequency cap over rows about to get a push: (rows kept, how many it bundled)."""
+AdmitOne = Callable[[int], bool]
+"""The same for one row: False when it joined its bundle."""
 
 
 @dataclass(slots=True)
@@ -37,8 +43,13 @@ def decide_page(
     author_row: int,
     hours: npt.NDArray[np.int8],
     now: datetime,
+    admit: Admit | None = None,
 ) -> PageDecision:
-    """Decide a page: `rows` of the followers, `flags` of their edges, `hours` per zone now."""
+    """Decide a page: `rows` of the followers, `flags` of their edges, `hours` per zone now.
+
+    `admit` (a frequency cap) sees the rows that would get a push now (a device, not quiet):
+    a user with no device or in quiet hours uses none of the cap.
+    """
     suppressed: Counter[str] = Counter()
     is_self = rows == author_row if author_row >= 0 else np.zeros(len(rows), np.bool_)
     notify_off = ~is_self & ((flags & FLAG_NOTIFY_ON_POST) == 0)
@@ -66,6 +77,15 @@ def decide_page(
     else:
         deferred = rows[:0]
         until = np.zeros(0, np.float64)
+    if admit is not None and len(rows):
+        has_device = table.dev_head[rows] >= 0
+        without = len(rows) - int(np.count_nonzero(has_device))
+        if without:
+            suppressed[Suppressed.NO_DEVICE] = without
+            rows = rows[has_device]
+        rows, capped = admit(rows)
+        if capped:
+            suppressed[Suppressed.CAPPED] = capped
     devices, no_device = table.devices_of_rows(rows)
     if no_device:
         suppressed[Suppressed.NO_DEVICE] = int(no_device)
@@ -86,6 +106,7 @@ def decide_few(
     author_row: int,
     hours: npt.NDArray[np.int8],
     now: datetime,
+    admit_one: AdmitOne | None = None,
 ) -> PageDecision:
     """`decide_page` for a handful of followers, one at a time.
 
@@ -113,6 +134,9 @@ def decide_few(
             d = head.item(r)
             if d < 0:
                 suppressed[Suppressed.NO_DEVICE] += 1
+            elif admit_one is not None and not admit_one(r):
+                suppressed[Suppressed.CAPPED] += 1
+                continue
             while d >= 0:
                 (apns if prov.item(d) == 0 else fcm).append(d)
                 d = nxt.item(d)

@@ -18,6 +18,7 @@ class Suppressed(StrEnum):
     SELF = "self"
     UNFOLLOWED = "unfollowed"
     NO_DEVICE = "no_device"
+    CAPPED = "capped"  # over the user's frequency cap: joined the user's bundle (caps.py)
 
 
 # Follow-edge flags as stored: one small int per edge keeps pages compact.

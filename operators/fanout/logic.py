@@ -15,6 +15,7 @@ from operators.events import CaughtUp
 from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.ports import FollowerStore
 from operators.fanout.shard import (
+    Batch,
     ChangelogEvent,
     FanoutTally,
     FollowerShard,
@@ -23,7 +24,6 @@ from operators.fanout.shard import (
 )
 from schemas.records import (
     DeviceChange,
-    EncodedDispatchBatch,
     FollowChange,
     PreferenceChange,
 )
@@ -31,7 +31,7 @@ from schemas.records import (
 log = logging.getLogger(__name__)
 
 
-class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dict[str, Any]]):
+class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
     """Applies changelogs, queues jobs, and expands within a budget per activation.
 
     Normal jobs expand up to `expand_budget` followers per activation; bulk jobs up to
@@ -65,7 +65,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
         self._caught_up = False
         self._note_caught_up()
 
-    def on_batch(self, values: list[Any]) -> tuple[Iterable[EncodedDispatchBatch], bool]:
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Batch], bool]:
         """Apply everything that arrived, in order, then do a budget of work."""
         tally = FanoutTally()
         now = self._clock()
@@ -124,7 +124,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
             if isinstance(v, ShardJob | ChangelogEvent | ShardMarker):
                 self._shard_id = v.shard_id
                 break
-        if self._shard_id is None or self._checkpointer_for is None:
+        if self._shard_id is None:
+            return
+        if self._checkpointer_for is None:
+            self.shard.resume_caps()
             return
         self._checkpoints = self._checkpointer_for(self._shard_id)
         started = time.monotonic()
@@ -136,6 +139,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
                 self.shard.users.rows,
                 time.monotonic() - started,
             )
+        self.shard.resume_caps()  # a snapshot's caps, over the table just loaded
 
     def _note_caught_up(self) -> None:
         if self.shard.changelog_sources <= self.shard.caught_up.keys():
@@ -148,18 +152,18 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
                 time.monotonic() - self._built_at,
             )
 
-    def on_notify(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
+    def on_notify(self) -> tuple[Iterable[Batch], bool]:
         """Continue expansion or release deferred notifications."""
         return self._work(self._clock(), FanoutTally()), StatefulBatchLogic.RETAIN
 
-    def on_eof(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
+    def on_eof(self) -> tuple[Iterable[Batch], bool]:
         """A finite input ended (tests, backfills): finish every job whose gate is open."""
-        out: list[EncodedDispatchBatch] = []
+        out: list[Batch] = []
         while self.shard.has_runnable_jobs():
             out.extend(self._work(self._clock(), FanoutTally()))
         return out, StatefulBatchLogic.RETAIN
 
-    def _work(self, now: datetime, tally: FanoutTally) -> list[EncodedDispatchBatch]:
+    def _work(self, now: datetime, tally: FanoutTally) -> list[Batch]:
         release = self.shard.next_release()
         if not self.shard.jobs and (release is None or release > now.timestamp()):
             _record(tally)  # nothing to expand or release (most calls: caught-up markers)
@@ -200,3 +204,6 @@ def _record(t: FanoutTally) -> None:
         metrics.DEDUPED.labels("shard_job").inc(t.deduped_jobs)
     if t.jobs_completed:
         metrics.SHARD_JOBS_COMPLETED.inc(t.jobs_completed)
+    if t.summaries:
+        metrics.BUNDLE_SUMMARIES.inc(t.summaries)
+        metrics.BUNDLED.inc(t.summarised)

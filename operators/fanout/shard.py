@@ -19,7 +19,9 @@ tests drive it directly with an in-memory follower store.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
+import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
@@ -28,21 +30,42 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 
 from operators.events import CaughtUp
 from operators.fanout.batching import encode_batches
-from operators.fanout.columns import I32, U8, Columns, UserTable, ZoneHours
-from operators.fanout.decide import PageDecision, decide_few, decide_page
+from operators.fanout.caps import Bundle, CapRule, FrequencyCap, row_arrays
+from operators.fanout.columns import (
+    I32,
+    PROVIDERS,
+    U8,
+    Columns,
+    UserTable,
+    ZoneHours,
+    json_text,
+    quiet_mask,
+    release_times,
+)
+from operators.fanout.decide import Admit, AdmitOne, PageDecision, decide_few, decide_page
 from operators.fanout.eligibility import Suppressed
 from operators.fanout.ports import FollowerStore, Position
+from schemas.codecs import format_timestamp
 from schemas.records import (
+    ChannelMessage,
     DeviceChange,
+    DispatchBatch,
+    DispatchItem,
     EncodedDispatchBatch,
     FollowChange,
     PreferenceChange,
     Provider,
 )
 from schemas.topics import DEVICE_CHANGES, PREFERENCE_CHANGES
+
+log = logging.getLogger(__name__)
+
+Batch = EncodedDispatchBatch | DispatchBatch
+"""What a shard emits: posts' batches (encoded) and bundle summaries (with their message)."""
 
 USER_TOPICS = frozenset((PREFERENCE_CHANGES, DEVICE_CHANGES))
 """The changelogs a shard's user table is built from (and checkpoints positions in)."""
@@ -53,6 +76,9 @@ RECENT_JOB_TTL_S = 600.0
 COLUMN_PAGE = 50_000  # followers per store read when a column is built
 FEW = 48  # pages smaller than this are decided one follower at a time (decide.decide_few)
 MAX_COLUMN_EDGES = 8_000_000  # cached column entries per shard (5 bytes each)
+POST_CATEGORY = "new_post"  # the catalog's category of a post (operators/notify/defaults)
+BUNDLE_TEMPLATE = "new_posts_bundle"  # operators/notify/defaults/templates/new_posts_bundle.toml
+MAX_COLLAPSE_KEY_BYTES = 64  # APNs' limit on apns-collapse-id
 
 
 def lane_for(follower_count: int, celebrity_threshold: int) -> str:
@@ -106,6 +132,8 @@ class FanoutTally:
     deduped_jobs: int = 0
     jobs_completed: int = 0
     items: Counter[tuple[str, str]] = field(default_factory=Counter)  # (provider, lane)
+    summaries: int = 0  # bundle summaries sent (one per user and window)
+    summarised: int = 0  # notifications those summaries carry
 
     def add_items(self, batches: Iterable[EncodedDispatchBatch]) -> None:
         """Count dispatched items by provider and lane."""
@@ -174,6 +202,7 @@ class FollowerShard:
         settle_s: float = 0.1,
         celebrity_threshold: int | None = None,
         few: int = FEW,
+        caps: CapRule | None = None,
     ) -> None:
         self.changelog_sources = frozenset(changelog_sources)
         self.few = few
@@ -198,6 +227,13 @@ class FollowerShard:
         self.deferred: dict[tuple[float, str], list[str]] = {}
         self.deferred_heap: list[tuple[float, str]] = []
         self.deferred_posts: dict[str, _PostRef] = {}
+        # Posts' frequency cap over the user rows (None: no cap), and a snapshot's cap state
+        # waiting for the user table it refers to (`resume_caps`).
+        self.caps = FrequencyCap(caps) if caps is not None and caps.enabled else None
+        self._caps_resume: dict[str, Any] | None = None
+        # Rows [0, n) are the same users in every table started from the last checkpoint
+        # saved or loaded (rows are append-only): (n, digest of their ids).
+        self._stable_rows: tuple[int, int] = (0, 0)
 
     # ---- changelogs -------------------------------------------------------------------------
 
@@ -436,6 +472,14 @@ class FollowerShard:
             flags = np.fromiter((fl for _, fl in page), np.uint8, len(page))
             return self._decide(author_id, rows, flags, now, tally)
         users = self.users
+        caps = self.caps
+        admit_one: AdmitOne | None = None
+        if caps is not None:
+            now_ts = now.timestamp()
+
+            def admit_one(row: int) -> bool:
+                return caps.admit_one(row, author_id, now_ts)
+
         decision = decide_few(
             users,
             [users.ensure_row(f) for f, _ in page],
@@ -443,6 +487,7 @@ class FollowerShard:
             users.row_of(author_id),
             self.zone_hours.hours(users.zones, now),
             now,
+            admit_one,
         )
         tally.suppressed.update(decision.suppressed)
         return decision
@@ -452,7 +497,15 @@ class FollowerShard:
     ) -> PageDecision:
         users = self.users
         hours = self.zone_hours.hours(users.zones, now)
-        decision = decide_page(users, rows, flags, users.row_of(author_id), hours, now)
+        caps = self.caps
+        admit: Admit | None = None
+        if caps is not None:
+            now_ts = now.timestamp()
+
+            def admit(kept: I32) -> tuple[I32, int]:
+                return caps.admit(kept, author_id, now_ts)
+
+        decision = decide_page(users, rows, flags, users.row_of(author_id), hours, now, admit)
         tally.suppressed.update(decision.suppressed)
         return decision
 
@@ -520,17 +573,22 @@ class FollowerShard:
             ref.pending += 1
 
     def next_release(self) -> float | None:
-        """When the earliest deferred notification is due (epoch seconds)."""
-        return self.deferred_heap[0][0] if self.deferred_heap else None
+        """When the earliest deferred notification or bundle summary is due (epoch seconds)."""
+        due = self.deferred_heap[0][0] if self.deferred_heap else None
+        summary = None if self.caps is None else self.caps.next_due()
+        if summary is None:
+            return due
+        return summary if due is None else min(due, summary)
 
-    def release_due(
-        self, store: FollowerStore, now: datetime, tally: FanoutTally
-    ) -> list[EncodedDispatchBatch]:
-        """Release deferred notifications whose window ended, checking everything again."""
+    def release_due(self, store: FollowerStore, now: datetime, tally: FanoutTally) -> list[Batch]:
+        """Release deferred notifications whose window ended, and the bundle summaries due.
+
+        Everything is checked again at release (edge, preferences, devices).
+        """
         out: list[EncodedDispatchBatch] = []
         now_ts = now.timestamp()
         if not self.releases_allowed():
-            return out
+            return []
         while self.deferred_heap and self.deferred_heap[0][0] <= now_ts:
             key = heapq.heappop(self.deferred_heap)
             user_ids = self.deferred.pop(key, [])
@@ -566,6 +624,61 @@ class FollowerShard:
                 )
             if ref.pending <= 0:
                 self.deferred_posts.pop(post_id, None)
+        return [*out, *self.send_summaries(now, tally)]
+
+    # ---- bundle summaries -----------------------------------------------------------------------
+
+    def send_summaries(self, now: datetime, tally: FanoutTally) -> list[DispatchBatch]:
+        """One summary push per user whose bundle is due, to every active device of the user.
+
+        A user in quiet hours gets it at the release; none when push is off or no device.
+        """
+        caps = self.caps
+        if caps is None:
+            return []
+        due = caps.take_due(now.timestamp())
+        if not due:
+            return []
+        users = self.users
+        rows = np.fromiter(due, np.int32, len(due))
+        rows = rows[users.push[rows] != 0]
+        quiet = quiet_mask(users, rows, self.zone_hours.hours(users.zones, now))
+        if quiet.any():
+            later = rows[quiet]
+            for row, until in zip(
+                later.tolist(), release_times(users, later, now).tolist(), strict=True
+            ):
+                b = due[row]
+                caps.put_back(row, Bundle(b.window, b.count, b.authors, until))
+            rows = rows[~quiet]
+        out: list[DispatchBatch] = []
+        created_at = format_timestamp(now)
+        head, nxt, prov, frags = users.dev_head, users.dev_next, users.dev_provider, users.fragments
+        for row in rows.tolist():
+            bundle = due[row]
+            user_id = users.uid(row)
+            sid = summary_id(caps.rule.category, bundle.window)
+            prefix = b'{"notification_id":"' + json_text(sid) + b":"
+            by_provider: dict[Provider, list[DispatchItem]] = {}
+            d = head.item(row)
+            while d >= 0:
+                item: DispatchItem = orjson.loads(prefix + frags[d])
+                by_provider.setdefault(PROVIDERS[prov.item(d)], []).append(item)
+                d = nxt.item(d)
+            if not by_provider:
+                continue
+            message = summary_message(caps.rule.category, user_id, bundle)
+            for provider, items in by_provider.items():
+                for start in range(0, len(items), self.batch_size):
+                    chunk = tuple(items[start : start + self.batch_size])
+                    out.append(
+                        DispatchBatch(
+                            sid, bundle.authors[0], provider, created_at, "normal", chunk, message
+                        )
+                    )
+                    tally.items[(provider, "normal")] += len(chunk)
+            tally.summaries += 1
+            tally.summarised += bundle.count
         return out
 
     # ---- recovery -------------------------------------------------------------------------------
@@ -589,7 +702,64 @@ class FollowerShard:
                 p: (r.author_id, r.created_at, r.lane, r.pending)
                 for p, r in self.deferred_posts.items()
             },
+            **({} if self.caps is None else {"caps": self._caps_snapshot()}),
         }
+
+    def _caps_snapshot(self) -> dict[str, Any]:
+        """The cap state with its rows made portable.
+
+        A row the last checkpoint holds stays a row; a newer one (its row may differ after a
+        restart: the changelog tail and follower pages create rows in another order) becomes
+        -1 - its index in `tail`, a list of user ids.
+        """
+        assert self.caps is not None
+        arrays = self.caps.to_arrays()
+        stable, digest = self._stable_rows
+        tail: list[str] = []
+        index: dict[int, int] = {}
+        for name in list(row_arrays(arrays)):
+            rows = arrays[name].astype(np.int64)
+            newer = np.flatnonzero(rows >= stable)
+            if not len(newer):
+                continue
+            refs = rows.copy()
+            for i in newer.tolist():
+                r = int(rows[i])
+                k = index.get(r)
+                if k is None:
+                    k = index[r] = len(tail)
+                    tail.append(self.users.uid(r))
+                refs[i] = -1 - k
+            arrays[name] = refs
+        return {"stable": (stable, digest), "tail": tail, "arrays": arrays}
+
+    def resume_caps(self) -> None:
+        """Apply a restored snapshot's cap state to the user table now loaded.
+
+        Called after `load_checkpoint` (or when there is no checkpoint). Rows the snapshot says
+        the checkpoint holds must be that checkpoint's: when the table loaded is another (a
+        checkpoint lost), their counts are dropped, with a warning.
+        """
+        snap, self._caps_resume = self._caps_resume, None
+        if snap is None or self.caps is None:
+            return
+        stable, digest = snap["stable"]
+        same = stable == 0 or (self.users.rows >= stable and self.users.id_digest(stable) == digest)
+        if stable and not same:
+            log.warning(
+                "the frequency-cap counts of %d users were dropped: the shard's checkpoint is "
+                "not the one the snapshot was taken against",
+                stable,
+            )
+        tail = self.users.rows_of(snap["tail"]).astype(np.int64)
+        arrays = dict(snap["arrays"])
+        for name in list(row_arrays(arrays)):
+            refs = arrays[name].astype(np.int64)
+            mapped = np.where(refs >= 0, refs if same else -1, 0)
+            newer = refs < 0
+            mapped[newer] = tail[-1 - refs[newer]]
+            arrays[name] = mapped
+        self.caps = FrequencyCap.from_arrays(self.caps.rule, arrays)
 
     def restore(self, snap: dict[str, Any], now: float) -> None:
         """Load a snapshot; users come from a checkpoint and the changelogs, the gate closes."""
@@ -601,19 +771,69 @@ class FollowerShard:
         self.deferred_heap = list(self.deferred)
         heapq.heapify(self.deferred_heap)
         self.deferred_posts = {p: _PostRef(*r) for p, r in snap["deferred_posts"].items()}
+        self._caps_resume = snap.get("caps")
         self.caught_up = {}
         self._horizon = None
         self.ready_after = now
 
     def checkpoint_state(self) -> tuple[Columns, dict[str, Position]]:
-        """The user table's arrays and the changelog positions they include (a copy)."""
-        return self.users.to_columns(), dict(self.positions)
+        """The user table's arrays and the changelog positions they include (a copy).
+
+        The cap state over the same rows rides along as `cap_*` arrays.
+        """
+        columns = self.users.to_columns()
+        if self.caps is not None:
+            columns.update({f"cap_{k}": v for k, v in self.caps.to_arrays().items()})
+        self._stable_rows = (self.users.rows, self.users.id_digest(self.users.rows))
+        return columns, dict(self.positions)
 
     def load_checkpoint(self, columns: Columns, positions: dict[str, Position]) -> None:
-        """Start from a checkpoint: the changelogs' tail after `positions` completes it."""
+        """Start from a checkpoint: the changelogs' tail after `positions` completes it.
+
+        Its cap state is used when no snapshot brought one (`resume_caps` replaces it: a
+        snapshot matches the epoch the flow resumes from, a checkpoint may be later).
+        """
         self.users = UserTable.from_columns(columns)
         self.positions = dict(positions)
         self.columns.clear()
+        self._stable_rows = (self.users.rows, self.users.id_digest(self.users.rows))
+        if self.caps is not None and "cap_window" in columns:
+            cap_arrays = {k[4:]: v for k, v in columns.items() if k.startswith("cap_")}
+            self.caps = FrequencyCap.from_arrays(self.caps.rule, cap_arrays)
+
+
+def summary_id(category: str, window: int) -> str:
+    """A bundle summary's notification id before `:<user id>`.
+
+    The same for a user, category and window whenever it is sent: the delivery ledger drops a
+    summary sent again.
+    """
+    return f"bundle:{category}:{window}"
+
+
+def summary_message(category: str, user_id: str, bundle: Bundle) -> ChannelMessage:
+    """What a summary says, for the `new_posts_bundle` template.
+
+    The count, the first authors' ids (there is no name service), and a collapse key per user
+    and category so a newer summary replaces the older one on the device.
+    """
+    named = bundle.authors[:2]
+    collapse = f"bundle:{category}:{user_id}"
+    if len(collapse.encode()) > MAX_COLLAPSE_KEY_BYTES:
+        collapse = "bundle:" + hashlib.sha256(collapse.encode()).hexdigest()[:40]
+    return ChannelMessage(
+        category=category,
+        template_id=BUNDLE_TEMPLATE,
+        tier="social",
+        data={
+            "count": bundle.count,
+            "names": ", ".join(named),
+            "others": bundle.count - len(named),
+            "author_ids": ",".join(bundle.authors),
+            "window_start": format_timestamp(float(bundle.window)),
+        },
+        collapse_key=collapse,
+    )
 
 
 def utc_now() -> datetime:

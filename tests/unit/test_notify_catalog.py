@@ -55,7 +55,13 @@ def test_the_shipped_catalog_loads_with_the_four_default_categories() -> None:
         True,
     )
     assert login.default_channels == ("push",)
-    assert set(catalog.templates) == {"login_code", "receipt", "new_post", "campaign"}
+    assert set(catalog.templates) == {
+        "login_code",
+        "receipt",
+        "new_post",
+        "new_posts_bundle",
+        "campaign",
+    }
     assert catalog.templates["login_code"].variables == {"code", "minutes"}
 
 
