@@ -34,6 +34,7 @@ from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest, V
 from operators.delivery.payloads import PushTemplate
 from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
+from schemas.records import ChannelMessage
 from scripts.dev.local_providers import LocalProviders, ProviderControl, start_local_providers
 from scripts.dev.local_providers.loadtest import fcm_token
 from scripts.dev.local_providers.settings_file import write_provider_settings
@@ -42,6 +43,13 @@ from tests.fakes import request
 TEMPLATE = PushTemplate("{author_id} posted", "read it", "fanfare://posts/{post_id}")
 APNS_CLIENTS = ["curl", "aioapns"]
 FCM_CLIENTS = ["curl", "firebase-admin"]
+SUMMARY = ChannelMessage(
+    category="new_post",
+    template_id="new_posts_bundle",
+    tier="social",
+    data={"count": 3, "names": "a1", "others": 2, "author_ids": "a1", "window_start": "x"},
+    collapse_key="bundle:new_post:u1",
+)
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -141,6 +149,20 @@ def test_apns_success_carries_the_headers_apns_needs(
     assert (record.token, record.message_id) == (req.item["token"], req.apns_id)
     assert (record.notification_id, record.device_id, record.collapse_id) == ("p1:u1", "d1", "p1")
     assert before <= record.time <= time.time()
+
+
+@pytest.mark.parametrize("client", APNS_CLIENTS)
+def test_apns_collapse_id_is_the_message_s_collapse_key(
+    client: str, configs: tuple[ApnsConfig, FcmConfig], control: ProviderControl
+) -> None:
+    # A bundle summary: a newer summary replaces the older one on the device.
+    [req] = apns_requests(1)
+    req = dataclasses.replace(req, message=SUMMARY)
+    assert run(send_all(lambda: apns_sender(client, configs[0]), [req])) == [
+        ProviderAnswer(200, None)
+    ]
+    [record] = control.accepted("apns")
+    assert record.collapse_id == "bundle:new_post:u1"
 
 
 @pytest.mark.parametrize("client", APNS_CLIENTS)
@@ -291,6 +313,18 @@ def fcm_requests(tokens: list[str]) -> list[SendRequest]:
     return [
         request(user=f"u{i}", device=f"d{i}", token=t, provider="fcm") for i, t in enumerate(tokens)
     ]
+
+
+@pytest.mark.parametrize("client", FCM_CLIENTS)
+def test_fcm_collapse_key_is_the_message_s_collapse_key(
+    client: str, configs: tuple[ApnsConfig, FcmConfig], control: ProviderControl
+) -> None:
+    [req] = fcm_requests(FCM_TOKENS[-1:])
+    req = dataclasses.replace(req, message=SUMMARY)
+    answers = run(send_all(lambda: fcm_sender(client, configs[1]), [req]))
+    assert [(a.status, a.reason) for a in answers] == [(200, None)]
+    [record] = control.accepted("fcm")
+    assert record.collapse_id == "bundle:new_post:u1"
 
 
 @pytest.mark.parametrize("client", FCM_CLIENTS)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +10,11 @@ from operators.delivery.payloads import (
     PushTemplate,
     apns_payload,
     collapse_id,
+    collapse_key_for,
+    fcm_body,
     fcm_content,
 )
+from schemas.records import ChannelMessage
 from tests.fakes import request
 
 
@@ -25,6 +29,29 @@ def test_fcm_content_has_a_collapse_key_per_post() -> None:
     content = fcm_content(PushTemplate(title="New from {author_id}"), request(post="p9"))
     assert content.title == "New from a1" and content.collapse_key == "p9"
     assert content.data["link"] == "fanfare://posts/p9"
+
+
+def test_a_message_s_collapse_key_replaces_the_post_s() -> None:
+    message = ChannelMessage(
+        category="new_post",
+        template_id="new_posts_bundle",
+        tier="social",
+        data={},
+        collapse_key="bundle:new_post:u1",
+    )
+    summary = dataclasses.replace(request(post="bundle:new_post:1780315200"), message=message)
+    assert collapse_key_for(summary) == "bundle:new_post:u1"
+    assert fcm_content(PushTemplate(), summary).collapse_key == "bundle:new_post:u1"
+    body = json.loads(fcm_body(PushTemplate(), summary, 60))
+    assert body["message"]["android"]["collapse_key"] == "bundle:new_post:u1"
+    # Without a message, or a message without one: the post's, as before.
+    assert collapse_key_for(request(post="p9")) == "p9"
+    bare = ChannelMessage(category="receipt", template_id="receipt", tier="social", data={})
+    assert collapse_key_for(dataclasses.replace(request(post="p9"), message=bare)) == "p9"
+    # Bounded as APNs requires.
+    long_key = dict(message, collapse_key="k" * 80)
+    long = dataclasses.replace(summary, message=long_key)
+    assert len(collapse_key_for(long).encode()) <= 64
 
 
 def test_collapse_id_fits_apns_64_bytes() -> None:
