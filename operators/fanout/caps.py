@@ -13,9 +13,12 @@ and the delivery ledger drops it). The price: a burst that straddles a boundary 
 twice the limit within one window's length; a sliding per-user window would need a time per
 push and user.
 
-State per user row: pushes this window (uint16) and notifications bundled this window (uint16),
-4 bytes; the bundled authors' ids (the first `MAX_AUTHORS` distinct) and the pending summaries
-are sparse, kept only for users who have them.
+State per user row: pushes this window (uint16), notifications bundled this window (uint16) and
+how many authors' ids its bundle names (uint8), 5 bytes. The named authors (the first
+`MAX_AUTHORS` distinct ones of each bundle) are sparse: per bundling post, the rows it named
+(an int32 array) and the author, once; an author table holds the window's distinct ids. The
+pending summaries (a window ended, the summary not sent yet: at most until the user's quiet
+hours end) are kept per user.
 
 Another category (the API's categories carry a `caps` flag) uses the same class with its own
 `CapRule` over the same rows: `admit(rows, author_id, now_ts)` keeps the rows under the cap and
@@ -31,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 I32 = npt.NDArray[np.int32]
+U8 = npt.NDArray[np.uint8]
 U16 = npt.NDArray[np.uint16]
 Arrays = dict[str, npt.NDArray[np.generic]]
 
@@ -98,7 +102,11 @@ class FrequencyCap:
         self.window = -1  # start of the window the counts are for
         self.sent: U16 = np.zeros(0, np.uint16)
         self.bundled: U16 = np.zeros(0, np.uint16)
-        self.authors: dict[int, list[str]] = {}
+        self.named: U8 = np.zeros(0, np.uint8)
+        # This window's named authors: (rows, index in author_ids) per bundling post, in order.
+        self._names: list[tuple[I32, int]] = []
+        self.author_ids: list[str] = []
+        self._author_index: dict[str, int] = {}
         self.pending: dict[int, Bundle] = {}
 
     # ---- decisions ------------------------------------------------------------------------------
@@ -133,13 +141,28 @@ class FrequencyCap:
     def _bundle(self, rows: I32, author_id: str) -> None:
         b = self.bundled
         b[rows] = np.minimum(b[rows], _MAX_COUNT - 1) + 1
-        authors = self.authors
-        for r in rows.tolist():
-            names = authors.get(r)
-            if names is None:
-                authors[r] = [author_id]
-            elif len(names) < MAX_AUTHORS and author_id not in names:
-                names.append(author_id)
+        rows = rows[self.named[rows] < MAX_AUTHORS]
+        k = self._author_index.get(author_id)
+        if k is None:
+            k = self._author_index[author_id] = len(self.author_ids)
+            self.author_ids.append(author_id)
+        else:  # named already by an earlier post of the same author: not twice
+            earlier = [r for r, a in self._names if a == k]
+            if earlier and len(rows):
+                rows = rows[~np.isin(rows, np.concatenate(earlier))]
+        if len(rows):
+            self._names.append((rows, k))
+            self.named[rows] += 1
+
+    def authors(self) -> dict[int, list[str]]:
+        """The named authors of this window's bundles, by row, first bundled first."""
+        out: dict[int, list[str]] = {}
+        ids = self.author_ids
+        for rows, k in self._names:
+            name = ids[k]
+            for r in rows.tolist():
+                out.setdefault(r, []).append(name)
+        return out
 
     def _fit(self, rows: int) -> None:
         n = len(self.sent)
@@ -147,6 +170,7 @@ class FrequencyCap:
             size = max(rows, n + n // 2, 1_024)
             self.sent = np.concatenate([self.sent, np.zeros(size - n, np.uint16)])
             self.bundled = np.concatenate([self.bundled, np.zeros(size - n, np.uint16)])
+            self.named = np.concatenate([self.named, np.zeros(size - n, np.uint8)])
 
     # ---- windows --------------------------------------------------------------------------------
 
@@ -155,17 +179,20 @@ class FrequencyCap:
         start = window_start(now_ts, self.rule.window_s)
         if start <= self.window:
             return
-        if self.window >= 0 and self.authors:
+        if self.window >= 0 and self._names:
             end = float(self.window + self.rule.window_s)
             bundled = self.bundled
-            for row, names in self.authors.items():
+            for row, names in self.authors().items():
                 bundle = Bundle(self.window, int(bundled[row]), tuple(names), end)
                 old = self.pending.get(row)
                 self.pending[row] = bundle if old is None else old.merged(bundle)
         self.window = start
         self.sent[:] = 0
         self.bundled[:] = 0
-        self.authors = {}
+        self.named[:] = 0
+        self._names = []
+        self.author_ids = []
+        self._author_index = {}
 
     def next_due(self) -> float | None:
         """When the next summary is due.
@@ -173,7 +200,7 @@ class FrequencyCap:
         The current window's end if anyone is bundled, or the earliest pending summary.
         """
         due = min((b.not_before for b in self.pending.values()), default=None)
-        if self.authors:
+        if self._names:
             end = float(self.window + self.rule.window_s)
             due = end if due is None else min(due, end)
         return due
@@ -200,7 +227,11 @@ class FrequencyCap:
         the arrays of user rows are named `*rows`.
         """
         rows = np.flatnonzero((self.sent != 0) | (self.bundled != 0)).astype(np.int32)
-        a_rows, a_names = _flatten(self.authors.items())
+        names = self._names
+        a_rows = np.concatenate([r for r, _ in names]) if names else np.zeros(0, np.int32)
+        a_index = np.repeat(
+            np.array([k for _, k in names], np.int32), [len(r) for r, _ in names]
+        ).astype(np.int32)
         p_rows = np.fromiter(self.pending, np.int32, len(self.pending))
         bundles = list(self.pending.values())
         pa_rows, pa_names = _flatten((r, b.authors) for r, b in self.pending.items())
@@ -210,7 +241,8 @@ class FrequencyCap:
             "sent": self.sent[rows],
             "bundled": self.bundled[rows],
             "author_rows": a_rows,
-            **_pack("author", a_names),
+            "author_index": a_index,
+            **_pack("author", self.author_ids),
             "pending_rows": p_rows,
             "pending_window": np.fromiter((b.window for b in bundles), np.int64, len(bundles)),
             "pending_count": np.fromiter((b.count for b in bundles), np.int64, len(bundles)),
@@ -231,9 +263,19 @@ class FrequencyCap:
             cap._fit(int(rows.max()) + 1)
             cap.sent[rows] = arrays["sent"][keep]
             cap.bundled[rows] = arrays["bundled"][keep]
-        for r, name in zip(arrays["author_rows"].tolist(), _unpack("author", arrays), strict=True):
-            if r >= 0:
-                cap.authors.setdefault(r, []).append(name)
+        cap.author_ids = _unpack("author", arrays)
+        cap._author_index = {a: k for k, a in enumerate(cap.author_ids)}
+        a_rows, a_index = arrays["author_rows"].astype(np.int32), arrays["author_index"]
+        # Runs of one author are the bundling posts, in order (rows < 0: not mapped, left out).
+        cuts = (np.flatnonzero(np.diff(a_index)) + 1).tolist()
+        for start, stop in zip([0, *cuts], [*cuts, len(a_rows)], strict=True):
+            if stop > start:
+                named = a_rows[start:stop]
+                named = named[named >= 0]
+                if len(named):
+                    cap._fit(int(named.max()) + 1)
+                    cap.named[named] += 1
+                    cap._names.append((named, int(a_index[start])))
         names: dict[int, list[str]] = {}
         for r, name in zip(
             arrays["pending_author_rows"].tolist(), _unpack("pending_author", arrays), strict=True

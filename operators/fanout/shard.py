@@ -653,12 +653,21 @@ class FollowerShard:
             rows = rows[~quiet]
         out: list[DispatchBatch] = []
         created_at = format_timestamp(now)
+        category = caps.rule.category
         head, nxt, prov, frags = users.dev_head, users.dev_next, users.dev_provider, users.fragments
+        windows: dict[int, tuple[str, bytes, str]] = {}  # per window: id, item prefix, its start
         for row in rows.tolist():
             bundle = due[row]
             user_id = users.uid(row)
-            sid = summary_id(caps.rule.category, bundle.window)
-            prefix = b'{"notification_id":"' + json_text(sid) + b":"
+            w = windows.get(bundle.window)
+            if w is None:
+                sid = summary_id(category, bundle.window)
+                w = windows[bundle.window] = (
+                    sid,
+                    b'{"notification_id":"' + json_text(sid) + b":",
+                    format_timestamp(float(bundle.window)),
+                )
+            sid, prefix, started = w
             by_provider: dict[Provider, list[DispatchItem]] = {}
             d = head.item(row)
             while d >= 0:
@@ -667,7 +676,7 @@ class FollowerShard:
                 d = nxt.item(d)
             if not by_provider:
                 continue
-            message = summary_message(caps.rule.category, user_id, bundle)
+            message = summary_message(category, user_id, bundle, started)
             for provider, items in by_provider.items():
                 for start in range(0, len(items), self.batch_size):
                     chunk = tuple(items[start : start + self.batch_size])
@@ -811,11 +820,14 @@ def summary_id(category: str, window: int) -> str:
     return f"bundle:{category}:{window}"
 
 
-def summary_message(category: str, user_id: str, bundle: Bundle) -> ChannelMessage:
+def summary_message(
+    category: str, user_id: str, bundle: Bundle, window_start: str | None = None
+) -> ChannelMessage:
     """What a summary says, for the `new_posts_bundle` template.
 
     The count, the first authors' ids (there is no name service), and a collapse key per user
-    and category so a newer summary replaces the older one on the device.
+    and category so a newer summary replaces the older one on the device. `window_start` is
+    the window's start as written (computed once for many summaries).
     """
     named = bundle.authors[:2]
     collapse = f"bundle:{category}:{user_id}"
@@ -830,7 +842,7 @@ def summary_message(category: str, user_id: str, bundle: Bundle) -> ChannelMessa
             "names": ", ".join(named),
             "others": bundle.count - len(named),
             "author_ids": ",".join(bundle.authors),
-            "window_start": format_timestamp(float(bundle.window)),
+            "window_start": window_start or format_timestamp(float(bundle.window)),
         },
         collapse_key=collapse,
     )

@@ -25,15 +25,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from operators.adapters.stores.shard_state import FileShardStateStore
 from operators.events import CaughtUp
+from operators.fanout.caps import CapRule
 from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.ports import FollowerRow, FollowerStore
-from operators.fanout.shard import ChangelogEvent, FanoutTally, FollowerShard, ShardJob
+from operators.fanout.shard import (
+    POST_CATEGORY,
+    ChangelogEvent,
+    FanoutTally,
+    FollowerShard,
+    ShardJob,
+)
 from operators.fanout.sharding import shard_of
 from schemas.records import DeviceChange, FollowChange, PreferenceChange
 from scripts.commands.arguments import whole_number
@@ -91,7 +98,8 @@ def _after(ids: list[str], cursor: str) -> int:
 def build(args: argparse.Namespace) -> tuple[list[FollowerShard], list[list[str]], int, float]:
     """Shards with N users applied; (shards, ids by shard, expected pushes, CPU seconds)."""
     rng = random.Random(args.seed)
-    shards = [FollowerShard(SOURCES, settle_s=0) for _ in range(args.shards)]
+    caps = CapRule(POST_CATEGORY, args.post_cap, args.cap_window_s)
+    shards = [FollowerShard(SOURCES, settle_s=0, caps=caps) for _ in range(args.shards)]
     for shard in shards:
         for source in SOURCES:
             shard.note_caught_up(CaughtUp(source, 1e12))
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rss0 = rss()
     t0 = time.perf_counter()
     shards, by_shard, expected, apply_cpu = build(args)
+    caps = shards[0].caps.rule if shards[0].caps is not None else None
     build_s = time.perf_counter() - t0
     ids_bytes = sum(sys.getsizeof(x) for ids in by_shard for x in ids) + sum(
         sys.getsizeof(ids) for ids in by_shard
@@ -173,19 +182,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_per_user_after_build": round((rss1 - rss0 - ids_bytes) / args.users),
     }
     posts = []
-    for k in range(2):
+    for k in range(args.posts):
         items, batches, cpu, wall = fan_out(shards, store, f"celebrity-post-{k}")
         posts.append(
             {
                 "items": items,
-                "expected": expected,
+                # Over the cap from the (cap + 1)th post on: every push joins its bundle.
+                "expected": expected if k < args.post_cap or not args.post_cap else 0,
                 "batches": batches,
                 "cpu_s": round(cpu, 2),
                 "wall_s": round(wall, 2),
                 "cpu_us_per_candidate": round(cpu / args.users * 1e6, 3),
             }
         )
+    report["post_cap"] = args.post_cap
     report["posts (first builds the cached columns)"] = posts
+    if caps is not None:
+        # The window ends: one summary push per user over the cap (its devices, quiet hours).
+        later = datetime.now(UTC) + timedelta(seconds=caps.window_s)
+        tally = FanoutTally()
+        t0 = time.process_time()
+        summary_items = sum(
+            len(b.items) for shard in shards for b in shard.send_summaries(later, tally)
+        )
+        cpu = time.process_time() - t0
+        report["summaries"] = {
+            "users": tally.summaries,
+            "items": summary_items,
+            "cpu_s": round(cpu, 2),
+            "cpu_us_per_summary": round(cpu / max(tally.summaries, 1) * 1e6, 2),
+        }
     gc.collect()
     report["rss_per_user_with_columns"] = round((rss() - rss0 - ids_bytes) / args.users)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
@@ -203,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del shards, store
         gc.collect()
         t0 = time.perf_counter()
-        loaded = [FollowerShard(SOURCES, settle_s=0) for _ in range(args.shards)]
+        loaded = [FollowerShard(SOURCES, settle_s=0, caps=caps) for _ in range(args.shards)]
         for shard_id, shard in enumerate(loaded):
             ShardCheckpointer(states, shard_id, 60).load_into(shard)
         report["checkpoint_load_s"] = round(time.perf_counter() - t0, 2)
@@ -220,6 +246,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--users", type=whole_number(1, 50_000_000), default=10_000_000)
     p.add_argument("--shards", type=whole_number(1, 1024), default=32)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--posts", type=whole_number(1, 1000), default=2, help="celebrity posts")
+    p.add_argument(
+        "--post-cap",
+        type=whole_number(0, 65_535),
+        default=0,
+        help="FANFARE_POST_CAP of the shards (default 0: no cap)",
+    )
+    p.add_argument(
+        "--cap-window-s", type=whole_number(0, 7 * 86_400), default=3_600, help="the cap's window"
+    )
     p.add_argument("--dir", default=None, help="where the checkpoints go (a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)

@@ -92,7 +92,7 @@ def test_n_pushes_per_user_across_authors_then_the_bundle() -> None:
     for author in ["dan", "cat", "eve", "fay"]:
         assert cap.admit(rows(0), author, t + 30)[0].tolist() == []
     assert cap.bundled[0] == 5
-    assert cap.authors == {0: ["cat", "dan", "eve"][:MAX_AUTHORS]}  # the first few, distinct
+    assert cap.authors() == {0: ["cat", "dan", "eve"][:MAX_AUTHORS]}  # the first few, distinct
     assert cap.next_due() == t + HOUR
     assert cap.take_due(t + HOUR - 1) == {}  # the window has not ended
     due = cap.take_due(t + HOUR)
@@ -162,7 +162,7 @@ def test_the_state_round_trips_through_its_arrays() -> None:
     arrays = pickle.loads(pickle.dumps(cap.to_arrays()))
     back = FrequencyCap.from_arrays(cap.rule, arrays)
     assert back.window == cap.window and back.pending == cap.pending
-    assert back.authors == cap.authors
+    assert back.authors() == cap.authors()
     for name in ("sent", "bundled"):
         was, now = getattr(cap, name), getattr(back, name)
         assert np.flatnonzero(now).tolist() == np.flatnonzero(was).tolist() != []
@@ -444,4 +444,4 @@ def test_a_snapshot_against_another_checkpoint_drops_those_counts_with_a_warning
     with caplog.at_level(logging.WARNING):
         again.resume_caps()
     assert "frequency-cap counts" in caplog.text
-    assert again.caps is not None and not again.caps.authors and not again.caps.sent.any()
+    assert again.caps is not None and not again.caps.authors() and not again.caps.sent.any()
