@@ -1,6 +1,7 @@
 """In-process benchmark of the follower shards alone: no broker, no Bytewax, no JSON decoding.
 
     python -m scripts.bench.shards --users 10000000 [--shards 32] [--json out.json]
+    python -m scripts.bench.shards --users 1000000 --post-cap 10 [--posts 3]
 
 It applies N users' preference and device changes (the mix of `scripts.bench.fanout`: 10% push
 off, 20% quiet hours of which a quarter inside their window now; half APNs 64-hex tokens, half
@@ -11,12 +12,18 @@ shard through its cached column, CPU seconds per candidate (decide + dispatch ba
 items checked against the seed. Used for the 10M and 20M figures in the README: the embedded
 broker (Tansu, memory storage) stops answering offset requests with 20M changelog messages in
 it, so the full benchmark cannot run there.
+
+With `--post-cap N` the shards have FANFARE_POST_CAP=N: the report adds what the cap costs in
+the decision (`cap_in_the_decision`: the celebrity's columns decided with no cap, under the cap
+and over it, best of 7 rounds each, ns per candidate) and the summaries sent when the window
+ends (CPU per summary). `--post-cap 1 --posts 3` bundles the second and third posts.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import gc
 import json
 import os
@@ -29,10 +36,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from operators.adapters.stores.shard_state import FileShardStateStore
 from operators.events import CaughtUp
-from operators.fanout.caps import CapRule
+from operators.fanout.caps import CapRule, FrequencyCap
 from operators.fanout.checkpoint import ShardCheckpointer
+from operators.fanout.decide import decide_page
 from operators.fanout.ports import FollowerRow, FollowerStore
 from operators.fanout.shard import (
     POST_CATEGORY,
@@ -160,6 +170,41 @@ def fan_out(
     return items, batches, time.process_time() - t0, time.perf_counter() - w0
 
 
+def cap_overhead(shards: list[FollowerShard], rule: CapRule, rounds: int = 7) -> dict[str, float]:
+    """What a cap adds to deciding the celebrity's columns, in ns per candidate (best round).
+
+    The same columns decided with no cap, under a cap (every push counted) and over it (every
+    push bundled, by a new author each round), one after the other in each round, so the noise
+    of a shared machine touches all three alike.
+    """
+    now = datetime.now(UTC)
+    ts = now.timestamp()
+    candidates = sum(len(c.rows) for s in shards for c in s.columns.values())
+    best = {"no_cap": float("inf"), "under_cap": float("inf"), "over_cap": float("inf")}
+    for k in range(rounds):
+        for name in best:
+            limit = 65_535 if name == "under_cap" else 1
+            admits: list[Any] = []
+            for shard in shards:
+                if name == "no_cap":
+                    admits.append(None)
+                    continue
+                cap = FrequencyCap(CapRule(rule.category, limit, 3_600))
+                if name == "over_cap":  # everyone had their one push this window
+                    cap.admit(np.arange(shard.users.rows, dtype=np.int32), "first", ts)
+                admits.append(functools.partial(cap.admit, author_id=f"author{k}", now_ts=ts))
+            t0 = time.process_time()
+            for shard, admit in zip(shards, admits, strict=True):
+                hours = shard.zone_hours.hours(shard.users.zones, now)
+                for col in shard.columns.values():
+                    decide_page(shard.users, col.rows, col.flags, -1, hours, now, admit)
+            best[name] = min(best[name], time.process_time() - t0)
+    return {
+        "candidates": candidates,
+        **{f"{n}_ns_per_candidate": round(v / candidates * 1e9, 1) for n, v in best.items()},
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything, as a report."""
     gc.collect()
@@ -197,7 +242,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     report["post_cap"] = args.post_cap
     report["posts (first builds the cached columns)"] = posts
+    gc.collect()
+    report["rss_per_user_with_columns"] = round((rss() - rss0 - ids_bytes) / args.users)
     if caps is not None:
+        report["cap_in_the_decision"] = cap_overhead(shards, caps)
         # The window ends: one summary push per user over the cap (its devices, quiet hours).
         later = datetime.now(UTC) + timedelta(seconds=caps.window_s)
         tally = FanoutTally()
@@ -210,10 +258,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "users": tally.summaries,
             "items": summary_items,
             "cpu_s": round(cpu, 2),
-            "cpu_us_per_summary": round(cpu / max(tally.summaries, 1) * 1e6, 2),
+            "cpu_us_per_summary": (
+                round(cpu / tally.summaries * 1e6, 2) if tally.summaries else None
+            ),
         }
-    gc.collect()
-    report["rss_per_user_with_columns"] = round((rss() - rss0 - ids_bytes) / args.users)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         states = FileShardStateStore(
             Path(folder), args.shards, {"preference_changes": "p", "device_changes": "d"}.get

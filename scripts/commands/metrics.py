@@ -266,6 +266,9 @@ def _fanout(r: Report, flows: set[str]) -> None:
         r.count(2, f"suppressed, {reason}", "fanfare_suppressed_total", reason=reason)
     r.count(2, "deferred (quiet hours)", "fanfare_deferred_total")
     r.count(2, "released after quiet hours", "fanfare_released_total")
+    if _any(m, "fanfare_bundle"):  # frequency caps: summaries of the capped notifications
+        note = f"for {_n(total(m, 'fanfare_bundled_total'))} capped notifications"
+        r.count(2, "bundle summaries sent", "fanfare_bundle_summaries_total", note)
     r.count(2, "duplicate jobs dropped", "fanfare_deduped_total", stage="shard_job")
     r.count(2, "replayed items dropped", "fanfare_deduped_total", stage="replay")
     r.count(1, "dispatched (device pushes)", "fanfare_dispatched_total")

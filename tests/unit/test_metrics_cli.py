@@ -42,6 +42,13 @@ fanfare_candidates_total 120.0
 # TYPE fanfare_suppressed_total counter
 fanfare_suppressed_total{reason="muted"} 7.0
 fanfare_suppressed_total{reason="no_device"} 3.0
+fanfare_suppressed_total{reason="capped"} 30.0
+# HELP fanfare_bundle_summaries_total summary pushes
+# TYPE fanfare_bundle_summaries_total counter
+fanfare_bundle_summaries_total 1.0
+# HELP fanfare_bundled_total notifications over the cap carried by summaries
+# TYPE fanfare_bundled_total counter
+fanfare_bundled_total 30.0
 # HELP fanfare_dispatched_total dispatch items written, by provider and lane
 # TYPE fanfare_dispatched_total counter
 fanfare_dispatched_total{lane="normal",provider="apns"} 100.0
@@ -253,6 +260,14 @@ def test_summary_sums_endpoints_and_names_the_unreachable(
     assert row(out, "candidates (follow edges)").split()[-1] == "120"
     assert row(out, "suppressed, muted").split()[-1] == "7"
     assert row(out, "suppressed, self").split()[-1] == "0"  # every known reason is listed
+    assert row(out, "suppressed, capped").split()[-1] == "30"
+    assert row(out, "bundle summaries sent").split()[-5:] == [
+        "1",
+        "for",
+        "30",
+        "capped",
+        "notifications",
+    ]
     [dispatched] = [ln for ln in out.splitlines() if ln.endswith("batches")]
     assert dispatched.split() == ["apns", "normal", "100", "in", "4", "batches"]
     assert row(out, "accepted").split()[-1] == "180"  # two delivery processes
