@@ -108,6 +108,8 @@ class FrequencyCap:
         self.author_ids: list[str] = []
         self._author_index: dict[str, int] = {}
         self.pending: dict[int, Bundle] = {}
+        # The earliest pending summary's time, so most calls (nothing due) cost no scan.
+        self._pending_min: float | None = None
 
     # ---- decisions ------------------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class FrequencyCap:
                 bundle = Bundle(self.window, int(bundled[row]), tuple(names), end)
                 old = self.pending.get(row)
                 self.pending[row] = bundle if old is None else old.merged(bundle)
+            self._pending_changed()
         self.window = start
         self.sent[:] = 0
         self.bundled[:] = 0
@@ -199,7 +202,7 @@ class FrequencyCap:
 
         The current window's end if anyone is bundled, or the earliest pending summary.
         """
-        due = min((b.not_before for b in self.pending.values()), default=None)
+        due = self._pending_min
         if self._names:
             end = float(self.window + self.rule.window_s)
             due = end if due is None else min(due, end)
@@ -208,15 +211,23 @@ class FrequencyCap:
     def take_due(self, now_ts: float) -> dict[int, Bundle]:
         """The pending summaries due at `now_ts` (after rolling), removed from the state."""
         self.roll(now_ts)
+        if self._pending_min is None or self._pending_min > now_ts:
+            return {}
         due = {r: b for r, b in self.pending.items() if b.not_before <= now_ts}
         for r in due:
             del self.pending[r]
+        self._pending_changed()
         return due
 
     def put_back(self, row: int, bundle: Bundle) -> None:
         """A summary that could not go yet (quiet hours): pending again, merged with a newer one."""
         old = self.pending.get(row)
-        self.pending[row] = bundle if old is None else bundle.merged(old)
+        self.pending[row] = merged = bundle if old is None else bundle.merged(old)
+        if self._pending_min is None or merged.not_before < self._pending_min:
+            self._pending_min = merged.not_before
+
+    def _pending_changed(self) -> None:
+        self._pending_min = min((b.not_before for b in self.pending.values()), default=None)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -290,6 +301,7 @@ class FrequencyCap:
         ):
             if r >= 0:
                 cap.pending[r] = Bundle(w, n, tuple(names.get(r, ())), until)
+        cap._pending_changed()
         return cap
 
 

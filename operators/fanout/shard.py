@@ -711,8 +711,12 @@ class FollowerShard:
                 p: (r.author_id, r.created_at, r.lane, r.pending)
                 for p, r in self.deferred_posts.items()
             },
-            **({} if self.caps is None else {"caps": self._caps_snapshot()}),
+            **({} if self.caps is None else {"caps": self._caps_state()}),
         }
+
+    def _caps_state(self) -> dict[str, Any]:
+        # A restored state not applied yet (no table loaded so far) is passed on as it is.
+        return self._caps_resume if self._caps_resume is not None else self._caps_snapshot()
 
     def _caps_snapshot(self) -> dict[str, Any]:
         """The cap state with its rows made portable.

@@ -445,3 +445,19 @@ def test_a_snapshot_against_another_checkpoint_drops_those_counts_with_a_warning
         again.resume_caps()
     assert "frequency-cap counts" in caplog.text
     assert again.caps is not None and not again.caps.authors() and not again.caps.sent.any()
+
+
+def test_a_snapshot_before_the_restored_state_was_applied_passes_it_on() -> None:
+    shard, store, names = world(authors=12)
+    run_posts(shard, store, list(enumerate(names)))
+    snap = pickle.loads(pickle.dumps(shard.snapshot()))
+    restored = FollowerShard(SOURCES, settle_s=0, caps=RULE)
+    restored.restore(snap, now=NOON.timestamp())
+    # Bytewax snapshots it again before its table was loaded: the counts are not lost.
+    again = FollowerShard(SOURCES, settle_s=0, caps=RULE)
+    again.restore(pickle.loads(pickle.dumps(restored.snapshot())), now=NOON.timestamp())
+    again.apply_device(device("u", "u-phone", "apns"))
+    again.resume_caps()
+    caught_up(again)
+    out = again.release_due(store, NOON + timedelta(hours=1), FanoutTally())
+    assert [(decode(b).message or {}).get("data", {}).get("count") for b in out] == [2]
