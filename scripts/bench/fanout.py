@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=7, help="random seed of the synthetic data")
     p.add_argument(
+        "--post-cap",
+        type=whole_number(0, 65_535),
+        default=65_535,
+        help="FANFARE_POST_CAP of the flow (default 65535: every push is counted, none is over "
+        "the cap, so the item checks stay exact; 0: no cap)",
+    )
+    p.add_argument(
         "--timeout",
         type=whole_number(10, 7_200),
         default=600,
@@ -1063,6 +1070,7 @@ def bench_env(
         "FANFARE_KAFKA_BROKERS": f"127.0.0.1:{broker_port}",
         "FANFARE_SHARDS": str(args.shards),
         "FANFARE_TOPIC_PARTITIONS": str(args.partitions),
+        "FANFARE_POST_CAP": str(args.post_cap),
         "FANFARE_REDIS_PREFIX": redis_prefix,
         "FANFARE_METRICS_PORT": str(metrics_port),
         "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there
