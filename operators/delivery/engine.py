@@ -258,6 +258,7 @@ class DeliveryEngine:
                     schedules,
                     due_at if due_at is not None else now,
                     reason or "",
+                    message=r.message,
                 )
             )
         elif state == "invalid_token":

@@ -41,6 +41,7 @@ def batch_requests(
             created_ts=created_ts,
             item=batch.items[index],
             origin=origin.of_item(index),
+            message=batch.message,  # its collapse key (a bundle summary's) reaches the push
         )
         for index in items
     ]
@@ -87,4 +88,5 @@ def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
         origin=event.origin,
         attempt=record.attempt,
         seq=record.seq,
+        message=record.message,
     )

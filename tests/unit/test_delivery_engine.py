@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -17,7 +18,11 @@ from operators.adapters.stores.sqlite_notifications import SQLiteNotificationSto
 from operators.delivery.circuit_breaker import BreakerState
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
-from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
+from operators.delivery.payloads import collapse_key_for
+from operators.delivery.steps import decode_retry_message
+from operators.events import RawEvent
+from schemas.codecs import encode_retry_record
+from schemas.records import ChannelMessage, DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
 from tests.fakes import InlineLoop, InMemoryEdgeClaims, ScriptedSender, request
 
 
@@ -382,3 +387,22 @@ def test_observe_many_counts_as_observe_does() -> None:
         ]
 
     assert samples("h_one") == samples("h_many")
+
+
+def test_a_retry_carries_the_message_and_its_collapse_key(store: SQLiteNotificationStore) -> None:
+    # A bundle summary that fails once is retried with its message: the retry collapses too.
+    message = ChannelMessage(
+        category="new_post",
+        template_id="new_posts_bundle",
+        tier="social",
+        data={"count": 3},
+        collapse_key="bundle:new_post:u1",
+    )
+    sender = ScriptedSender(answers={"t": [ProviderAnswer(503, "ServiceUnavailable")]})
+    out = engine(store, sender).deliver([replace(request(token="t"), message=message)])
+    [record] = [x for x in out if isinstance(x, RetryRecord)]
+    assert record.message == message
+    event = RawEvent("push.retry", 0, 4, None, encode_retry_record(record), time.time())
+    retry = decode_retry_message(event)
+    assert isinstance(retry, SendRequest) and retry.message == message
+    assert collapse_key_for(retry) == "bundle:new_post:u1"

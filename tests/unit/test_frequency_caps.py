@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 
 from operators.adapters.catalog_files import load_catalog
+from operators.delivery.model import SendRequest
+from operators.delivery.payloads import collapse_key_for
+from operators.delivery.steps import decode_channel_message
+from operators.events import RawEvent
 from operators.fanout.caps import (
     MAX_AUTHORS,
     Bundle,
@@ -473,3 +477,16 @@ def test_the_fanout_benchmark_counts_pushes_without_capping_its_users(tmp_path: 
     assert bench_env(args, tmp_path, 9092, 3030, "b:")["FANFARE_POST_CAP"] == "65535"
     args = build_parser().parse_args(["--post-cap", "0"])
     assert bench_env(args, tmp_path, 9092, 3030, "b:")["FANFARE_POST_CAP"] == "0"
+
+
+def test_the_delivery_side_reads_a_summary_with_its_message() -> None:
+    shard, store, names = world(authors=12)
+    run_posts(shard, store, list(enumerate(names)))
+    out = shard.release_due(store, NOON + timedelta(hours=1), FanoutTally())
+    for offset, batch in enumerate(out):
+        assert isinstance(batch, DispatchBatch)
+        event = RawEvent(batch.topic, 0, offset, None, encode_dispatch_batch(batch), 1.0)
+        [send] = decode_channel_message(event)
+        assert isinstance(send, SendRequest) and send.message == batch.message
+        assert collapse_key_for(send) == "bundle:new_post:u"
+        assert send.key == (f"{batch.post_id}:u", batch.items[0]["device_id"])
