@@ -13,12 +13,11 @@ and the delivery ledger drops it). The price: a burst that straddles a boundary 
 twice the limit within one window's length; a sliding per-user window would need a time per
 push and user.
 
-State per user row: pushes this window (uint16), notifications bundled this window (uint16) and
-how many authors' ids its bundle names (uint8), 5 bytes. The named authors (the first
-`MAX_AUTHORS` distinct ones of each bundle) are sparse: per bundling post, the rows it named
-(an int32 array) and the author, once; an author table holds the window's distinct ids. The
-pending summaries (a window ended, the summary not sent yet: at most until the user's quiet
-hours end) are kept per user.
+State per user row, 9 bytes: pushes this window (uint16), notifications bundled this window
+(uint16), the first bundled author (int32, an index in the window's table of author ids) and
+how many authors the bundle names (uint8). The second and third distinct authors are sparse (a
+dict for the users whose bundle has more than one author), as are the pending summaries (a
+window ended, the summary not sent yet: at most until the user's quiet hours end).
 
 Another category (the API's categories carry a `caps` flag) uses the same class with its own
 `CapRule` over the same rows: `admit(rows, author_id, now_ts)` keeps the rows under the cap and
@@ -103,10 +102,11 @@ class FrequencyCap:
         self.sent: U16 = np.zeros(0, np.uint16)
         self.bundled: U16 = np.zeros(0, np.uint16)
         self.named: U8 = np.zeros(0, np.uint8)
-        # This window's named authors: (rows, index in author_ids) per bundling post, in order.
-        self._names: list[tuple[I32, int]] = []
+        self.first: I32 = np.zeros(0, np.int32)  # index in author_ids; -1: none
+        self.more: dict[int, list[int]] = {}  # the next distinct authors, by row
         self.author_ids: list[str] = []
         self._author_index: dict[str, int] = {}
+        self._window_end = float("-inf")
         self.pending: dict[int, Bundle] = {}
         # The earliest pending summary's time, so most calls (nothing due) cost no scan.
         self._pending_min: float | None = None
@@ -118,7 +118,8 @@ class FrequencyCap:
 
         `rows` holds each user once (one post's followers); the rest join their bundles.
         """
-        self.roll(now_ts)
+        if now_ts >= self._window_end:
+            self.roll(now_ts)
         if not len(rows):
             return rows, 0
         self._fit(int(rows.max()) + 1)
@@ -127,52 +128,79 @@ class FrequencyCap:
         self.sent[kept] += 1
         over = len(rows) - len(kept)
         if over:
-            self._bundle(rows[~under], author_id)
+            self._bundle(rows[~under], self._author(author_id))
         return kept, over
 
     def admit_one(self, row: int, author_id: str, now_ts: float) -> bool:
-        """`admit` for one row (the few-followers path); False when it joined its bundle."""
-        self.roll(now_ts)
-        self._fit(row + 1)
-        if self.sent.item(row) < self.rule.limit:
-            self.sent[row] += 1
+        """`admit` for one row (the few-followers path, without numpy's per-call cost)."""
+        if now_ts >= self._window_end:
+            self.roll(now_ts)
+        if row >= len(self.sent):
+            self._fit(row + 1)
+        sent = self.sent.item(row)
+        if sent < self.rule.limit:
+            self.sent[row] = sent + 1
             return True
-        self._bundle(np.array([row], np.int32), author_id)
+        bundled = self.bundled.item(row)
+        if bundled < _MAX_COUNT:
+            self.bundled[row] = bundled + 1
+        k = self._author(author_id)
+        first = self.first.item(row)
+        if first < 0:
+            self.first[row] = k
+            self.named[row] = 1
+        elif first != k and self.named.item(row) < MAX_AUTHORS:
+            self._name_more(row, k)
         return False
 
-    def _bundle(self, rows: I32, author_id: str) -> None:
-        b = self.bundled
-        b[rows] = np.minimum(b[rows], _MAX_COUNT - 1) + 1
-        rows = rows[self.named[rows] < MAX_AUTHORS]
+    def _author(self, author_id: str) -> int:
         k = self._author_index.get(author_id)
         if k is None:
             k = self._author_index[author_id] = len(self.author_ids)
             self.author_ids.append(author_id)
-        else:  # named already by an earlier post of the same author: not twice
-            earlier = [r for r, a in self._names if a == k]
-            if earlier and len(rows):
-                rows = rows[~np.isin(rows, np.concatenate(earlier))]
-        if len(rows):
-            self._names.append((rows, k))
-            self.named[rows] += 1
+        return k
+
+    def _bundle(self, rows: I32, k: int) -> None:
+        b = self.bundled
+        b[rows] = np.minimum(b[rows], _MAX_COUNT - 1) + 1
+        first = self.first[rows]
+        new = rows[first < 0]
+        self.first[new] = k
+        self.named[new] = 1
+        # A second or third author: rows with room whose first author is another one (few).
+        other = rows[(first >= 0) & (first != k)]
+        for r in other[self.named[other] < MAX_AUTHORS].tolist():
+            self._name_more(r, k)
+
+    def _name_more(self, row: int, k: int) -> None:
+        names = self.more.get(row)
+        if names is None:
+            self.more[row] = [k]
+        elif k not in names:
+            names.append(k)
+        else:
+            return
+        self.named[row] += 1
 
     def authors(self) -> dict[int, list[str]]:
         """The named authors of this window's bundles, by row, first bundled first."""
-        out: dict[int, list[str]] = {}
         ids = self.author_ids
-        for rows, k in self._names:
-            name = ids[k]
-            for r in rows.tolist():
-                out.setdefault(r, []).append(name)
-        return out
+        rows = np.flatnonzero(self.first >= 0)
+        more = self.more
+        return {
+            r: [ids[k], *(ids[m] for m in more.get(r, ()))]
+            for r, k in zip(rows.tolist(), self.first[rows].tolist(), strict=True)
+        }
 
     def _fit(self, rows: int) -> None:
         n = len(self.sent)
         if rows > n:
             size = max(rows, n + n // 2, 1_024)
-            self.sent = np.concatenate([self.sent, np.zeros(size - n, np.uint16)])
-            self.bundled = np.concatenate([self.bundled, np.zeros(size - n, np.uint16)])
-            self.named = np.concatenate([self.named, np.zeros(size - n, np.uint8)])
+            grow = size - n
+            self.sent = np.concatenate([self.sent, np.zeros(grow, np.uint16)])
+            self.bundled = np.concatenate([self.bundled, np.zeros(grow, np.uint16)])
+            self.named = np.concatenate([self.named, np.zeros(grow, np.uint8)])
+            self.first = np.concatenate([self.first, np.full(grow, -1, np.int32)])
 
     # ---- windows --------------------------------------------------------------------------------
 
@@ -181,7 +209,7 @@ class FrequencyCap:
         start = window_start(now_ts, self.rule.window_s)
         if start <= self.window:
             return
-        if self.window >= 0 and self._names:
+        if self.window >= 0 and self.author_ids:
             end = float(self.window + self.rule.window_s)
             bundled = self.bundled
             for row, names in self.authors().items():
@@ -190,12 +218,15 @@ class FrequencyCap:
                 self.pending[row] = bundle if old is None else old.merged(bundle)
             self._pending_changed()
         self.window = start
+        self._window_end = float(start + self.rule.window_s)
         self.sent[:] = 0
-        self.bundled[:] = 0
-        self.named[:] = 0
-        self._names = []
-        self.author_ids = []
-        self._author_index = {}
+        if self.author_ids:
+            self.bundled[:] = 0
+            self.named[:] = 0
+            self.first[:] = -1
+            self.more = {}
+            self.author_ids = []
+            self._author_index = {}
 
     def next_due(self) -> float | None:
         """When the next summary is due.
@@ -203,7 +234,7 @@ class FrequencyCap:
         The current window's end if anyone is bundled, or the earliest pending summary.
         """
         due = self._pending_min
-        if self._names:
+        if self.author_ids:
             end = float(self.window + self.rule.window_s)
             due = end if due is None else min(due, end)
         return due
@@ -238,11 +269,9 @@ class FrequencyCap:
         the arrays of user rows are named `*rows`.
         """
         rows = np.flatnonzero((self.sent != 0) | (self.bundled != 0)).astype(np.int32)
-        names = self._names
-        a_rows = np.concatenate([r for r, _ in names]) if names else np.zeros(0, np.int32)
-        a_index = np.repeat(
-            np.array([k for _, k in names], np.int32), [len(r) for r, _ in names]
-        ).astype(np.int32)
+        named = np.flatnonzero(self.first >= 0).astype(np.int32)
+        more_rows = np.array([r for r, ks in self.more.items() for _ in ks], np.int32)
+        more_index = np.array([k for ks in self.more.values() for k in ks], np.int32)
         p_rows = np.fromiter(self.pending, np.int32, len(self.pending))
         bundles = list(self.pending.values())
         pa_rows, pa_names = _flatten((r, b.authors) for r, b in self.pending.items())
@@ -251,8 +280,10 @@ class FrequencyCap:
             "rows": rows,
             "sent": self.sent[rows],
             "bundled": self.bundled[rows],
-            "author_rows": a_rows,
-            "author_index": a_index,
+            "first_rows": named,
+            "first_index": self.first[named],
+            "more_rows": more_rows,
+            "more_index": more_index,
             **_pack("author", self.author_ids),
             "pending_rows": p_rows,
             "pending_window": np.fromiter((b.window for b in bundles), np.int64, len(bundles)),
@@ -276,17 +307,17 @@ class FrequencyCap:
             cap.bundled[rows] = arrays["bundled"][keep]
         cap.author_ids = _unpack("author", arrays)
         cap._author_index = {a: k for k, a in enumerate(cap.author_ids)}
-        a_rows, a_index = arrays["author_rows"].astype(np.int32), arrays["author_index"]
-        # Runs of one author are the bundling posts, in order (rows < 0: not mapped, left out).
-        cuts = (np.flatnonzero(np.diff(a_index)) + 1).tolist()
-        for start, stop in zip([0, *cuts], [*cuts, len(a_rows)], strict=True):
-            if stop > start:
-                named = a_rows[start:stop]
-                named = named[named >= 0]
-                if len(named):
-                    cap._fit(int(named.max()) + 1)
-                    cap.named[named] += 1
-                    cap._names.append((named, int(a_index[start])))
+        first = arrays["first_rows"].astype(np.int64)
+        keep = first >= 0
+        first = first[keep]
+        if len(first):
+            cap._fit(int(first.max()) + 1)
+            cap.first[first] = arrays["first_index"][keep]
+            cap.named[first] = 1
+        for r, k in zip(arrays["more_rows"].tolist(), arrays["more_index"].tolist(), strict=True):
+            if r >= 0:
+                cap._name_more(r, k)
+        cap._window_end = float(cap.window + rule.window_s) if cap.window >= 0 else float("-inf")
         names: dict[int, list[str]] = {}
         for r, name in zip(
             arrays["pending_author_rows"].tolist(), _unpack("pending_author", arrays), strict=True
