@@ -153,7 +153,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
             )
 
     def on_notify(self) -> tuple[Iterable[Batch], bool]:
-        """Continue expansion or release deferred notifications."""
+        """Continue expansion, release deferred notifications, send the bundle summaries due."""
         return self._work(self._clock(), FanoutTally()), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[Iterable[Batch], bool]:

@@ -1,8 +1,9 @@
 """One follower shard's fan-out: its users in columns, jobs, deferrals, the gate.
 
 A shard holds its users' preferences and devices (`operators.fanout.columns.UserTable`), its
-expansion jobs, its deferred (quiet-hours) notifications, the changelog gate, and how far each
-changelog partition has been applied (`positions`, what a checkpoint records).
+expansion jobs, its deferred (quiet-hours) notifications, the posts' frequency cap and bundles
+(`operators.fanout.caps`), the changelog gate, and how far each changelog partition has been
+applied (`positions`, what a checkpoint records).
 
 Everything a shard needs to decide who gets a push is local to it: users are bucketed into
 shards by id (`operators.fanout.sharding`), follow edges are stored by the follower's shard, and
