@@ -27,6 +27,7 @@ from schemas.records import (
     DispatchItem,
     FollowChange,
     NotificationAck,
+    NotificationCancel,
     NotificationRequest,
     PostCreated,
     PreferenceChange,
@@ -44,6 +45,7 @@ SCHEMA_NAMES = (
     "notification_acks",
     "dead_letters",
     "notification_request",
+    "notification_cancel",
 )
 
 
@@ -494,6 +496,37 @@ def decode_notification_request(raw: bytes | str | None) -> NotificationRequest:
         collapse_key=d.get("collapse_key"),
         campaign_id=d.get("campaign_id"),
     )
+
+
+def encode_notification_cancel(cancel: NotificationCancel) -> bytes:
+    """The wire form of a cancel (on the tier topic, keyed by the notification id)."""
+    return orjson.dumps(
+        {
+            "schema": "notification_cancel/v1",
+            "notification_id": cancel.notification_id,
+            "tier": cancel.tier,
+            "api_key_id": cancel.api_key_id,
+            "created_at": format_timestamp(cancel.created_at),
+        }
+    )
+
+
+def decode_tier_event(raw: bytes | str | None) -> NotificationRequest | NotificationCancel:
+    """A message of a tier topic: a request, or (`schema: notification_cancel/v1`) a cancel."""
+    if raw is not None:
+        try:
+            head = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent("invalid_json", str(exc)) from None
+        if isinstance(head, dict) and head.get("schema") == "notification_cancel/v1":
+            d = _parse(raw, "notification_cancel")
+            return NotificationCancel(
+                notification_id=d["notification_id"],
+                tier=d["tier"],
+                api_key_id=d["api_key_id"],
+                created_at=parse_timestamp(d["created_at"]),
+            )
+    return decode_notification_request(raw)
 
 
 def encode_dead_letter(letter: DeadLetter) -> bytes:
