@@ -152,3 +152,46 @@ def test_a_post_to_the_api_becomes_transactional_push_and_email_batches(stack: S
     for topic in expected:
         assert ids(topic) == {nid, later["notification_id"]}
         assert len(api_items(stack, topic)) == 4  # two recipients, two notifications, once each
+
+
+def test_a_scheduled_send_survives_a_kill_9_of_the_fanout_and_goes_once(stack: Stack) -> None:
+    change = {
+        "user_id": "u1",
+        "device_id": "u1-mail",
+        "provider": "email",
+        "token": "u1@example.com",
+        "active": True,
+        "ts": TS,
+    }
+    produce_all(stack.settings.kafka_config(), "device_changes", [(b"u1", orjson.dumps(change))])
+    made = new_key("e2e", frozenset({"*"}), frozenset({"*"}), 1000, 1000, time.time())
+    RedisKeyStore(api_redis(REDIS_URL), stack.env["FANFARE_REDIS_PREFIX"]).add(made.record)
+    port = free_port()
+    stack.start_command(["api"], ("FANFARE_API_PORT", str(port)))
+    flow = stack.start_flow()
+    wait_for(lambda: health(port), 90, "fanfare api to answer /health", stack, every_s=0.2)
+
+    def ids() -> list[str]:
+        return [n.split(":")[0] for n, *_ in api_items(stack, "email.transactional")]
+
+    send_at = datetime.now(UTC) + timedelta(seconds=20)
+    stamp = send_at.isoformat().replace("+00:00", "Z")
+    body = receipt(recipients=["u1"], channels=["email"])
+    status, held = call(port, "POST", "/v1/notifications", made.text, {**body, "send_at": stamp})
+    assert status == 202, held
+    # One sent at once, after it: once it is out, the held one was read (and is in the state).
+    status, now = call(
+        port, "POST", "/v1/notifications", made.text, receipt(recipients=["u1"], channels=["email"])
+    )
+    assert status == 202, now
+    wait_for(lambda: now["notification_id"] in ids(), 90, "the immediate send", stack)
+    time.sleep(3)  # a few snapshots (FANFARE_SNAPSHOT_INTERVAL_S=1) with the send held
+    assert held["notification_id"] not in ids()
+    stack.kill_flow(flow)  # kill -9, the send held in the shard's state only
+    stack.start_flow()
+    while datetime.now(UTC) < send_at - timedelta(seconds=1):
+        assert held["notification_id"] not in ids()  # never before send_at
+        time.sleep(0.5)
+    wait_for(lambda: held["notification_id"] in ids(), 90, "the held send after the restart", stack)
+    time.sleep(3)
+    assert sorted(ids()) == sorted([now["notification_id"], held["notification_id"]])  # once each
