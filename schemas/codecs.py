@@ -199,6 +199,7 @@ def _preference_change(d: dict[str, Any]) -> PreferenceChange:
         quiet_hours_end=_whole(end),
         timezone=d["timezone"],
         ts=parse_timestamp(d["ts"]),
+        locale=d.get("locale"),
     )
 
 
@@ -316,6 +317,7 @@ def encode_preference_change(change: PreferenceChange) -> bytes:
             "quiet_hours_end": change.quiet_hours_end,
             "timezone": change.timezone,
             "ts": format_timestamp(change.ts),
+            **({"locale": change.locale} if change.locale is not None else {}),
         }
     )
 

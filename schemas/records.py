@@ -56,6 +56,9 @@ class PreferenceChange:
     quiet_hours_end: int | None
     timezone: str
     ts: datetime
+    locale: str | None = None
+    """The user's locale (`fr-CA`): what API notifications are rendered in (None: the
+    template's default locale)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,9 @@ Plain Python: `FollowerShard` keeps a `NotifyShard`, the Bytewax adapter calls i
 from __future__ import annotations
 
 import heapq
+import sys
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -49,6 +50,7 @@ from schemas.records import (
     DispatchBatch,
     DispatchItem,
     NotificationRequest,
+    PreferenceChange,
     Provider,
     Tier,
 )
@@ -110,6 +112,15 @@ class ChannelBook:
     def __init__(self) -> None:
         self.addresses: dict[str, tuple[Address, ...]] = {}
         self.switches: dict[str, dict[str, int]] = {}
+        self.locales: dict[str, str] = {}
+
+    def apply_preference(self, change: PreferenceChange) -> None:
+        """Keep the user's locale from a complete preference record (absent: none)."""
+        if change.locale is None:
+            self.locales.pop(change.user_id, None)
+        else:
+            # Interned: a few dozen locales shared by every user of the shard.
+            self.locales[change.user_id] = sys.intern(change.locale)
 
     def apply_address(self, change: DeviceChange) -> None:
         """Register, refresh (to the end of the list) or deactivate one channel address."""
@@ -135,7 +146,7 @@ class ChannelBook:
 
     def to_columns(self) -> Columns:
         """The book as one array of JSON bytes, beside the user table's columns."""
-        doc = orjson.dumps({"a": self.addresses, "s": self.switches})
+        doc = orjson.dumps({"a": self.addresses, "s": self.switches, "l": self.locales})
         return {"notify_book": np.frombuffer(doc, np.uint8)}
 
     @classmethod
@@ -147,6 +158,7 @@ class ChannelBook:
             doc = orjson.loads(arr.tobytes())
             book.addresses = {u: tuple((d, p, t) for d, p, t in a) for u, a in doc["a"].items()}
             book.switches = doc["s"]
+            book.locales = doc.get("l", {})
         return book
 
 
@@ -242,24 +254,28 @@ def channel_message(request: NotificationRequest) -> ChannelMessage:
 
 
 def notification_batches(
-    request: NotificationRequest, sends: Sequence[Send], batch_size: int = MAX_DISPATCH_BATCH
+    request: NotificationRequest,
+    sends: Sequence[Send],
+    batch_size: int = MAX_DISPATCH_BATCH,
+    locales: Mapping[str, str] | None = None,
 ) -> list[DispatchBatch]:
     """Dispatch batches of a request's sends: per provider, at most `batch_size` items each.
 
     Push goes to the tier's push lane (`TIER_PUSH_LANES`); the other providers' topic is
-    `{provider}.{tier}` (the batch's `message` says the tier). Item ids are `<id>:<user id>`.
+    `{provider}.{tier}` (the batch's `message` says the tier). Item ids are `<id>:<user id>`;
+    an item carries its user's locale when `locales` knows it.
     """
+    locales = locales or {}
     by_provider: dict[Provider, list[DispatchItem]] = {}
     nid = request.notification_id
     for user_id, provider, device_id, token in sends:
-        by_provider.setdefault(provider, []).append(
-            DispatchItem(
-                notification_id=f"{nid}:{user_id}",
-                user_id=user_id,
-                device_id=device_id,
-                token=token,
-            )
+        item = DispatchItem(
+            notification_id=f"{nid}:{user_id}", user_id=user_id, device_id=device_id, token=token
         )
+        locale = locales.get(user_id)
+        if locale is not None:
+            item["locale"] = locale
+        by_provider.setdefault(provider, []).append(item)
     lane = TIER_PUSH_LANES[request.tier]
     message = channel_message(request)
     created = format_timestamp(request.created_at)
@@ -430,7 +446,7 @@ class NotifyShard:
         tally.candidates += stop - job.cursor
         done = stop - job.cursor
         job.cursor = stop
-        out.extend(notification_batches(request, sends, batch_size))
+        out.extend(notification_batches(request, sends, batch_size, self.book.locales))
         return max(done, 1)
 
     def _hold(self, request: NotificationRequest, due: float, user_ids: Iterable[str]) -> None:

@@ -221,6 +221,7 @@ class FollowerShard:
         change = event.change
         if isinstance(change, PreferenceChange):
             self.users.apply_preference(change)
+            self.notify.book.apply_preference(change)
         elif isinstance(change, CategorySwitch):
             self.notify.book.apply_switch(change)
         elif isinstance(change, DeviceChange) and change.provider not in PUSH_PROVIDERS:
@@ -236,6 +237,7 @@ class FollowerShard:
     def apply_preference(self, change: PreferenceChange) -> None:
         """Replace the user's preferences (a preference record is complete, not a patch)."""
         self.users.apply_preference(change)
+        self.notify.book.apply_preference(change)
 
     def apply_device(self, change: DeviceChange) -> None:
         """Register, refresh or deactivate one device (or channel address) of the user."""

@@ -347,8 +347,8 @@ class NotifyService:
             raise Rejected(
                 "segment_unavailable",
                 "segments by locale or platform need a store of users' locales and devices "
-                "that the API can query; fanfare has none yet (preference_changes carries no "
-                "locale, and devices live in the fan-out's keyed state): upload the list "
+                "that the API can query; fanfare has none yet (users' locales and devices "
+                "live in the fan-out's keyed state): upload the list "
                 "(POST /v1/notifications/bulk/audiences) or target an author's followers",
                 "targeting.segment",
             )

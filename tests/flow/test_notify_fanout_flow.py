@@ -184,7 +184,11 @@ def test_a_request_reaches_its_recipients_in_every_shard_on_the_tier_topics(work
     }
     out: list[Any] = []
     dead: list[Any] = []
-    run(build(world(), notes, out, dead, Clock()), workers)
+    changes = world(prefs("u1", locale="fr-CA"), topics=("preference_changes",))
+    run(build(changes, notes, out, dead, Clock()), workers)
+    # u1 told its locale: its items carry it; the others have none.
+    assert {i.get("locale") for _, b in out for i in b.items if i["user_id"] == "u1"} == {"fr-CA"}
+    assert {i.get("locale") for _, b in out for i in b.items if i["user_id"] == "u2"} == {None}
     expected = {("push.apns.transactional", f"n1:{u}", u, f"{u}-phone") for u in users}
     expected |= {("email.transactional", f"n1:{u}", u, f"{u}-mail") for u in users}
     expected |= {("inapp.transactional", f"n1:{u}", u, "inapp") for u in users}

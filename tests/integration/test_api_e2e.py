@@ -480,6 +480,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
             "invalid_request",
         ),
         ("PUT", "preferences", {"timezone": "UTC", "push_enabled": "yes"}, "invalid_request"),
+        ("PUT", "preferences", {"timezone": "UTC", "locale": "fr CA"}, "invalid_request"),
         (
             "POST",
             "devices",
@@ -507,7 +508,12 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
     prefs = api.call(
         "PUT",
         f"/v1/users/{user}/preferences",
-        {"timezone": "Europe/Paris", "quiet_hours_start": 22, "quiet_hours_end": 7},
+        {
+            "timezone": "Europe/Paris",
+            "quiet_hours_start": 22,
+            "quiet_hours_end": 7,
+            "locale": "fr-CA",
+        },
         key,
     )
     assert prefs.status == 202 and prefs.body["topic"] == PREFERENCE_CHANGES
@@ -533,7 +539,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
         7,
         "Europe/Paris",
     )
-    assert change.push_enabled is True
+    assert change.push_enabled is True and change.locale == "fr-CA"
     devices = [
         d for d in map(decode_device_change, api.messages(DEVICE_CHANGES)) if d.user_id == user
     ]
@@ -549,6 +555,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
         "quiet_hours_end",
         "timezone",
         "ts",
+        "locale",
     }
 
 

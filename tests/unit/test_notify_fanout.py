@@ -26,10 +26,12 @@ from operators.fanout.shard import ChangelogEvent, FollowerShard
 from schemas.codecs import (
     InvalidEvent,
     decode_dispatch_batch,
+    decode_preference_change,
     decode_tier_event,
     encode_dispatch_batch,
     encode_notification_cancel,
     encode_notification_request,
+    encode_preference_change,
 )
 from schemas.records import (
     CategorySwitch,
@@ -163,6 +165,32 @@ def test_batches_go_to_the_tier_topics_with_their_message() -> None:
     assert {b.topic for b in marketing if b.provider == "email"} == {"email.marketing"}
 
 
+def test_items_carry_their_user_s_locale_when_known() -> None:
+    two = [("u1", "email", "m1", "u1@example.com"), ("u2", "email", "m2", "u2@example.com")]
+    [batch] = notification_batches(request(), two, locales={"u1": "pt-BR"})  # type: ignore[arg-type]
+    assert [i.get("locale") for i in batch.items] == ["pt-BR", None]
+    assert decode_dispatch_batch(encode_dispatch_batch(batch), batch.lane).items == batch.items
+
+
+def test_preference_records_carry_a_locale_through_their_codec() -> None:
+    change = PreferenceChange("u1", True, None, None, "UTC", NOON, locale="fr-CA")
+    assert decode_preference_change(encode_preference_change(change)) == change
+    bare = PreferenceChange("u1", True, None, None, "UTC", NOON)
+    assert b"locale" not in encode_preference_change(bare)
+    assert decode_preference_change(encode_preference_change(bare)) == bare
+    with pytest.raises(InvalidEvent, match="schema"):
+        decode_preference_change(
+            orjson.dumps(
+                {
+                    "user_id": "u1",
+                    "timezone": "UTC",
+                    "ts": "2026-06-01T12:00:00Z",
+                    "locale": "fr CA",
+                }
+            )
+        )
+
+
 def test_batches_hold_at_most_the_batch_size() -> None:
     many = [(f"u{i}", "email", "mail", f"u{i}@example.com") for i in range(7)]
     batches = notification_batches(request(), many, batch_size=3)  # type: ignore[arg-type]
@@ -177,7 +205,7 @@ def test_the_book_keeps_addresses_and_switches_through_a_checkpoint() -> None:
         DeviceChange("u1", "old", "sms", "+14155550123", True, NOON),
         DeviceChange("u1", "old", "sms", None, False, NOON),
         CategorySwitch("u1", "campaign", "email", False, NOON),
-        PreferenceChange("u1", False, 22, 7, "Europe/Paris", NOON),
+        PreferenceChange("u1", False, 22, 7, "Europe/Paris", NOON, locale="fr-CA"),
     ]
     for i, e in enumerate(events):
         assert shard.apply(ChangelogEvent(e, 0, "x/0", i))
@@ -189,6 +217,10 @@ def test_the_book_keeps_addresses_and_switches_through_a_checkpoint() -> None:
     again = FollowerShard([])
     again.load_checkpoint(columns, positions)
     assert recipient_of(again.users, again.notify.book, "u1", "campaign") == r
+    assert again.notify.book.locales == {"u1": "fr-CA"}
+    # A complete record without a locale removes it.
+    again.apply_preference(PreferenceChange("u1", True, None, None, "UTC", NOON))
+    assert again.notify.book.locales == {}
     assert ChannelBook.from_columns({}).addresses == {}  # a checkpoint from before the book
 
 

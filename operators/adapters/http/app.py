@@ -408,6 +408,7 @@ def create_app(deps: ApiDeps) -> Any:
             quiet_hours_end=body.quiet_hours_end,
             timezone=body.timezone,
             ts=now(),
+            locale=body.locale,
         )
         raw = encode_preference_change(change)
         try:
