@@ -340,6 +340,8 @@ class NotifyShard:
         self.heap: list[tuple[float, str]] = []
         self.requests: dict[str, tuple[NotificationRequest, int]] = {}
         self.cancelled: dict[str, float] = {}
+        # Requests' wire forms for snapshots, encoded once each (a backlog is snapshotted often).
+        self._wire: dict[str, bytes] = {}
 
     # ---- input ----------------------------------------------------------------------------------
 
@@ -350,6 +352,7 @@ class NotifyShard:
     def cancel(self, notification_id: str, now: float, tally: NotifyTally) -> None:
         """Drop what is held of a notification, and any request of it that comes later."""
         self._forget_cancels(now)
+        self.cancelled.pop(notification_id, None)  # to the end: expiries stay in order
         self.cancelled[notification_id] = now + CANCEL_MEMORY_S
         for key in [
             k for k, (r, _) in self.requests.items() if r.notification_id == notification_id
@@ -378,8 +381,8 @@ class NotifyShard:
         return self.heap[0][0] if self.heap else None
 
     def runnable(self, gate_open: GateCheck) -> bool:
-        """Whether a queued job may run now."""
-        return any(gate_open(j.read_at) for q in self.queues.values() for j in q)
+        """Whether a queued job may run now (a queue runs from its head, in read order)."""
+        return any(q and gate_open(q[0].read_at) for q in self.queues.values())
 
     def work(
         self,
@@ -398,16 +401,15 @@ class NotifyShard:
         for tier in _TIERS:
             left = self.budgets.get(tier)
             queue = self.queues[tier]
-            for job in list(queue):
-                if left is not None and left <= 0:
-                    break
-                if not gate_open(job.read_at):
-                    continue
+            # From the head: jobs were read in order, so one whose gate is closed has only
+            # later ones behind it (a campaign queues many one-recipient jobs: no scans).
+            while queue and (left is None or left > 0) and gate_open(queue[0].read_at):
+                job = queue[0]
                 done = self._run(job, users, now, left, out, tally, batch_size)
                 if left is not None:
                     left -= done
                 if job.cursor >= len(job.users):
-                    queue.remove(job)
+                    queue.popleft()
         return out
 
     def _run(
@@ -481,11 +483,13 @@ class NotifyShard:
         encoded: dict[str, bytes] = {}
 
         def ref(request: NotificationRequest) -> str:
-            if request.key not in encoded:
-                encoded[request.key] = encode_notification_request(request)
-            return request.key
+            key = request.key
+            if key not in encoded:
+                raw = self._wire.get(key)
+                encoded[key] = raw if raw is not None else encode_notification_request(request)
+            return key
 
-        return {
+        snap: dict[str, object] = {
             "queues": [
                 (ref(j.request), j.users, j.shard_id, j.read_at, j.cursor)
                 for q in self.queues.values()
@@ -496,6 +500,8 @@ class NotifyShard:
             "cancelled": self.cancelled,
             "requests": encoded,
         }
+        self._wire = encoded  # what the next snapshot may reuse; the rest is done
+        return snap
 
     def restore(self, snap: dict[str, object]) -> None:
         """Load `snapshot()`'s state (the book comes from the shard's checkpoint)."""

@@ -303,3 +303,23 @@ def test_tier_events_decode_and_bad_ones_say_why() -> None:
         decode_tier_event(orjson.dumps({"schema": "notification_cancel/v1", "tier": "social"}))
     with pytest.raises(InvalidEvent, match="schema"):
         decode_tier_event(orjson.dumps({"schema": "notification_request/v1"}))
+
+
+def test_many_one_recipient_jobs_drain_a_budget_at_a_time_behind_the_gate() -> None:
+    shard = _shard({"marketing": 10})
+    for i in range(1_000):
+        campaign = request(
+            notification_id="c1",
+            campaign_id="c1",
+            tier="marketing",
+            channels=("inbox",),
+            recipients=(f"m{i}",),
+        )
+        shard.add_job(RecipientJob(campaign, (f"m{i}",), 0, float(i)))
+    # The changelogs were read to their end after the first 5 requests only.
+    opened = shard.work(UserTable(), NOON, lambda read_at: read_at < 5, NotifyTally())
+    assert [i["user_id"] for b in opened for i in b.items] == [f"m{i}" for i in range(5)]
+    assert shard.runnable(lambda read_at: read_at < 5) is False
+    first = _run(shard, NOON)
+    assert [i["user_id"] for b in first for i in b.items] == [f"m{i}" for i in range(5, 15)]
+    assert all(i["notification_id"] == f"c1:{i['user_id']}" for b in first for i in b.items)
