@@ -234,6 +234,8 @@ def _record_notify(t: NotifyTally) -> None:
         metrics.DEFERRED.inc(t.deferred)
     if t.cancelled:
         metrics.SUPPRESSED.labels("cancelled").inc(t.cancelled)
+    if t.held:
+        metrics.NOTIFICATIONS_HELD.inc(t.held)
 
 
 def _record(t: FanoutTally) -> None:

@@ -163,6 +163,8 @@ def decode_notification(event: RawEvent) -> ReadNotification | DeadLetter:
         return dead_letter(
             event, InvalidEvent("wrong_tier", f"a {decoded.tier} event on {event.topic}")
         )
+    kind = "cancel" if isinstance(decoded, NotificationCancel) else "request"
+    metrics.NOTIFICATIONS_READ.labels(decoded.tier, kind).inc()
     return ReadNotification(decoded, event.origin, event.read_at)
 
 
