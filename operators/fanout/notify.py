@@ -183,7 +183,7 @@ class RecipientDecision:
 
     sends: list[Send] = field(default_factory=list)
     defer_until: float | None = None
-    suppressed: Counter[str] = field(default_factory=Counter)
+    suppressed: dict[str, int] = field(default_factory=dict)
 
 
 def decide_recipient(
@@ -193,13 +193,13 @@ def decide_recipient(
     out = RecipientDecision()
     for channel in request.channels:
         if not switch_on(r.switches, channel):
-            out.suppressed["category_off"] += 1
+            _count(out.suppressed, "category_off")
             continue
         if channel == "inbox":
             out.sends.append((r.user_id, "inapp", INAPP_DEVICE, r.user_id))
             continue
         if channel == "push" and not r.push_enabled:
-            out.suppressed["push_disabled"] += 1
+            _count(out.suppressed, "push_disabled")
             continue
         found = [
             (r.user_id, provider, device_id, token)
@@ -207,7 +207,7 @@ def decide_recipient(
             if CHANNEL_OF.get(provider) == channel
         ]
         if not found:
-            out.suppressed["no_device" if channel == "push" else "no_address"] += 1
+            _count(out.suppressed, "no_device" if channel == "push" else "no_address")
         out.sends.extend(found)  # type: ignore[arg-type]
     if out.sends and request.quiet_hours and r.quiet is not None:
         until = quiet_until(now, *r.quiet)
@@ -216,23 +216,28 @@ def decide_recipient(
     return out
 
 
+def _count(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+
+
 def recipient_of(users: UserTable, book: ChannelBook, user_id: str, category: str) -> Recipient:
     """A user as the shard knows them: preferences and devices from the table, the rest here."""
     row = users.row_of(user_id)
     devices: list[Address] = []
     push, quiet = True, None
     if row >= 0:
-        push = bool(users.push[row])
-        qs, qe = int(users.quiet_start[row]), int(users.quiet_end[row])
+        # `.item()`: one Python scalar per read, without a numpy scalar in between.
+        push = bool(users.push.item(row))
+        qs, qe = users.quiet_start.item(row), users.quiet_end.item(row)
         if qs >= 0 and qe >= 0:
-            quiet = (qs, qe, users.zones[int(users.tz[row])])
-        d = int(users.dev_head[row])
+            quiet = (qs, qe, users.zones[users.tz.item(row)])
+        d = users.dev_head.item(row)
         while d >= 0:
             # The fragment is a dispatch item after `{"notification_id":"<post_id>:`.
             item = orjson.loads(b'{"n":"' + users.fragments[d])
-            provider = "apns" if int(users.dev_provider[d]) == 0 else "fcm"
+            provider = "apns" if users.dev_provider.item(d) == 0 else "fcm"
             devices.append((item["device_id"], provider, item["token"]))
-            d = int(users.dev_next[d])
+            d = users.dev_next.item(d)
     devices.extend(book.addresses.get(user_id, ()))
     return Recipient(user_id, push, quiet, tuple(devices), book.switch(user_id, category))
 
@@ -440,7 +445,8 @@ class NotifyShard:
             decision = decide_recipient(
                 request, recipient_of(users, self.book, user_id, request.category), now
             )
-            tally.suppressed.update(decision.suppressed)
+            if decision.suppressed:
+                tally.suppressed.update(decision.suppressed)
             if decision.defer_until is not None:
                 self._hold(request, decision.defer_until, (user_id,))
                 tally.deferred += 1
