@@ -40,7 +40,7 @@ def channel_topic(provider: str, lane: str) -> str:
 
 CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
 
-# The channels beyond mobile push (issue 18): one topic per channel provider and tier,
+# The channels beyond mobile push: one topic per channel provider and tier,
 # `email.transactional`, `sms.social`, `webpush.marketing`, ... The tier is the lane: a
 # marketing email backlog never sits in front of a receipt, and a slow SMTP relay never holds
 # up web push, since each (provider, tier) is read on its own and paced by its own bucket. Push
