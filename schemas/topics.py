@@ -47,7 +47,7 @@ TIER_PUSH_LANES = {"transactional": "transactional", "social": "normal", "market
 """The push lane of an API notification's tier: transactional on its own topics, social with
 posts (`push.apns`), marketing on the bulk lane (`push.apns.bulk`)."""
 
-# The channels beyond mobile push (issue 18): one topic per channel provider and tier,
+# The channels beyond mobile push: one topic per channel provider and tier,
 # `email.transactional`, `sms.social`, `webpush.marketing`, ... The tier is the lane: a
 # marketing email backlog never sits in front of a receipt, and a slow SMTP relay never holds
 # up web push, since each (provider, tier) is read on its own and paced by its own bucket. Push

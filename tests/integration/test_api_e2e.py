@@ -491,7 +491,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
             "POST",
             "devices",
             {"device_id": "d1", "provider": "sms", "token": "ab" * 32},
-            "invalid_address",  # sms is a channel address since issue 18: not E.164
+            "invalid_address",  # sms is a channel address: not E.164
         ),
         (
             "POST",
