@@ -323,3 +323,18 @@ def test_many_one_recipient_jobs_drain_a_budget_at_a_time_behind_the_gate() -> N
     first = _run(shard, NOON)
     assert [i["user_id"] for b in first for i in b.items] == [f"m{i}" for i in range(5, 15)]
     assert all(i["notification_id"] == f"c1:{i['user_id']}" for b in first for i in b.items)
+
+
+def test_a_replayed_api_batch_keeps_its_message_when_written_items_are_dropped() -> None:
+    from operators.adapters.kafka.channel_sink import _ChannelPartitionWriter
+
+    two = [("u1", "email", "m1", "u1@example.com"), ("u2", "email", "m2", "u2@example.com")]
+    [batch] = notification_batches(request(), two)  # type: ignore[arg-type]
+    # A writer after a restart: it read back that n1:u1 was written before the crash.
+    writer = _ChannelPartitionWriter.__new__(_ChannelPartitionWriter)
+    writer._topic = "email.transactional"
+    writer._seen = {("n1:u1", "m1")}
+    kept, dropped = writer._unseen(batch)
+    assert dropped == 1
+    assert kept is not None and [i["user_id"] for i in kept.items] == ["u2"]
+    assert isinstance(kept, type(batch)) and kept.message == batch.message
