@@ -103,10 +103,12 @@ def switch_on(packed: int | None, channel: Channel) -> bool:
 
 
 class ChannelBook:
-    """Per user: channel addresses (`device_changes` beyond APNs/FCM) and category switches.
+    """Per user: channel addresses, category switches and the locale.
 
-    Dicts of tuples and ints, not objects: most users have no address and no switch, and the
-    ones who do have a handful. Checkpointed with the shard's user table (`to_columns`).
+    Addresses come from `device_changes` beyond APNs/FCM, the locale from the complete
+    preference record. Dicts of tuples, ints and interned strings, not objects: most users
+    have no address and no switch, and the ones who do have a handful. Checkpointed with the
+    shard's user table (`to_columns`).
     """
 
     def __init__(self) -> None:
