@@ -515,7 +515,13 @@ def encode_notification_cancel(cancel: NotificationCancel) -> bytes:
 
 def decode_tier_event(raw: bytes | str | None) -> NotificationRequest | NotificationCancel:
     """A message of a tier topic: a request, or (`schema: notification_cancel/v1`) a cancel."""
-    if raw is not None:
+    # Only a message that names the cancel schema is parsed twice (requests are the many).
+    named = (
+        b"notification_cancel/v1" in raw
+        if isinstance(raw, bytes)
+        else raw is not None and "notification_cancel/v1" in raw
+    )
+    if raw is not None and named:
         try:
             head = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

@@ -321,6 +321,7 @@ def test_many_one_recipient_jobs_drain_a_budget_at_a_time_behind_the_gate() -> N
     assert [i["user_id"] for b in opened for i in b.items] == [f"m{i}" for i in range(5)]
     assert shard.runnable(lambda read_at: read_at < 5) is False
     first = _run(shard, NOON)
+    assert len(first) == 1  # one campaign, one message: the ten sends joined in one batch
     assert [i["user_id"] for b in first for i in b.items] == [f"m{i}" for i in range(5, 15)]
     assert all(i["notification_id"] == f"c1:{i['user_id']}" for b in first for i in b.items)
 
