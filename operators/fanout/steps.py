@@ -181,11 +181,9 @@ class NotificationClaimer:
 
     def claim_batch(self, reads: list[ReadNotification]) -> list[ReadNotification]:
         """The requests this batch owns, and every cancel."""
-        requests = [r for r in reads if isinstance(r.event, NotificationRequest)]
-        owned = self._claims().claim(
-            [(r.event.key, r.origin.key) for r in requests]  # type: ignore[union-attr]
-        )
-        refused = {id(r) for r, ok in zip(requests, owned, strict=True) if not ok}
+        requests = [(r, r.event) for r in reads if isinstance(r.event, NotificationRequest)]
+        owned = self._claims().claim([(e.key, r.origin.key) for r, e in requests])
+        refused = {id(r) for (r, _), ok in zip(requests, owned, strict=True) if not ok}
         if refused:
             metrics.DEDUPED.labels("notification_claim").inc(len(refused))
         return [r for r in reads if id(r) not in refused]
