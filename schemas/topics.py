@@ -18,7 +18,8 @@ PUSH_RETRY = "push.retry"
 NOTIFICATION_ACKS = "notification_acks"
 DEAD_LETTERS = "dead_letters"
 # The API's tier topics (`fanfare api`): notification requests of each priority tier, so a
-# marketing backlog never sits in front of a login code. Not read by the flows yet.
+# marketing backlog never sits in front of a login code. The fan-out reads each on its own input
+# (transactional first: see README.md, "Tiers").
 TIERS = ("transactional", "social", "marketing")
 
 
@@ -34,13 +35,19 @@ CHANGELOG_TOPICS = (FOLLOW_CHANGES, PREFERENCE_CHANGES, DEVICE_CHANGES)
 
 
 def channel_topic(provider: str, lane: str) -> str:
-    """The channel topic for a provider and lane: ``push.apns`` or ``push.fcm.bulk``."""
-    return f"push.{provider}" if lane == "normal" else f"push.{provider}.bulk"
+    """A push topic: ``push.apns``, ``push.fcm.bulk``, ``push.apns.transactional``."""
+    return f"push.{provider}" if lane == "normal" else f"push.{provider}.{lane}"
 
 
 CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
+# Transactional API pushes (a login code) have push topics of their own, read before the
+# others, so neither a celebrity's post nor a campaign sits in front of them.
+PUSH_TRANSACTIONAL_TOPICS = tuple(channel_topic(p, "transactional") for p in PROVIDERS)
+TIER_PUSH_LANES = {"transactional": "transactional", "social": "normal", "marketing": "bulk"}
+"""The push lane of an API notification's tier: transactional on its own topics, social with
+posts (`push.apns`), marketing on the bulk lane (`push.apns.bulk`)."""
 
-# The channels beyond mobile push (issue 18): one topic per channel provider and tier,
+# The channels beyond mobile push: one topic per channel provider and tier,
 # `email.transactional`, `sms.social`, `webpush.marketing`, ... The tier is the lane: a
 # marketing email backlog never sits in front of a receipt, and a slow SMTP relay never holds
 # up web push, since each (provider, tier) is read on its own and paced by its own bucket. Push
@@ -61,6 +68,7 @@ ALL_TOPICS = (
     POST_CREATED_BACKFILL,
     *CHANGELOG_TOPICS,
     *CHANNEL_TOPICS,
+    *PUSH_TRANSACTIONAL_TOPICS,
     PUSH_RETRY,
     DELIVERY_EVENTS,
     NOTIFICATION_ACKS,

@@ -49,9 +49,12 @@ from operators.fanout.columns import (
 )
 from operators.fanout.decide import Admit, AdmitOne, PageDecision, decide_few, decide_page
 from operators.fanout.eligibility import Suppressed
+from operators.fanout.notify import ChannelBook, NotifyShard
 from operators.fanout.ports import FollowerStore, Position
+from schemas.addresses import PUSH_PROVIDERS
 from schemas.codecs import format_timestamp
 from schemas.records import (
+    CategorySwitch,
     ChannelMessage,
     DeviceChange,
     DispatchBatch,
@@ -94,7 +97,7 @@ class ChangelogEvent:
     `source` is `topic/partition`, `log` the id of the topic's log (None when not known).
     """
 
-    change: PreferenceChange | DeviceChange | FollowChange
+    change: PreferenceChange | CategorySwitch | DeviceChange | FollowChange
     shard_id: int
     source: str
     offset: int
@@ -204,6 +207,7 @@ class FollowerShard:
         celebrity_threshold: int | None = None,
         few: int = FEW,
         caps: CapRule | None = None,
+        notify: NotifyShard | None = None,
     ) -> None:
         self.changelog_sources = frozenset(changelog_sources)
         self.few = few
@@ -235,6 +239,9 @@ class FollowerShard:
         # Rows [0, n) are the same users in every table started from the last checkpoint
         # saved or loaded (rows are append-only): (n, digest of their ids).
         self._stable_rows: tuple[int, int] = (0, 0)
+        # API notifications (`operators.fanout.notify`): channel addresses, category switches,
+        # tier queues, scheduled holds.
+        self.notify = notify if notify is not None else NotifyShard()
 
     # ---- changelogs -------------------------------------------------------------------------
 
@@ -251,6 +258,11 @@ class FollowerShard:
         change = event.change
         if isinstance(change, PreferenceChange):
             self.users.apply_preference(change)
+            self.notify.book.apply_preference(change)
+        elif isinstance(change, CategorySwitch):
+            self.notify.book.apply_switch(change)
+        elif isinstance(change, DeviceChange) and change.provider not in PUSH_PROVIDERS:
+            self.notify.book.apply_address(change)
         elif isinstance(change, DeviceChange):
             self.users.apply_device(change)
         else:
@@ -262,10 +274,14 @@ class FollowerShard:
     def apply_preference(self, change: PreferenceChange) -> None:
         """Replace the user's preferences (a preference record is complete, not a patch)."""
         self.users.apply_preference(change)
+        self.notify.book.apply_preference(change)
 
     def apply_device(self, change: DeviceChange) -> None:
-        """Register, refresh or deactivate one device of the user."""
-        self.users.apply_device(change)
+        """Register, refresh or deactivate one device (or channel address) of the user."""
+        if change.provider in PUSH_PROVIDERS:
+            self.users.apply_device(change)
+        else:
+            self.notify.book.apply_address(change)
 
     def follows_changed(self, authors: Iterable[str]) -> None:
         """Forget the cached columns of authors whose edges this shard just changed."""
@@ -712,6 +728,7 @@ class FollowerShard:
                 p: (r.author_id, r.created_at, r.lane, r.pending)
                 for p, r in self.deferred_posts.items()
             },
+            "notify": self.notify.snapshot(),
             **({} if self.caps is None else {"caps": self._caps_state()}),
         }
 
@@ -785,6 +802,8 @@ class FollowerShard:
         self.deferred_heap = list(self.deferred)
         heapq.heapify(self.deferred_heap)
         self.deferred_posts = {p: _PostRef(*r) for p, r in snap["deferred_posts"].items()}
+        if "notify" in snap:  # a snapshot from before API notifications has none
+            self.notify.restore(snap["notify"])
         self._caps_resume = snap.get("caps")
         self.caught_up = {}
         self._horizon = None
@@ -793,9 +812,9 @@ class FollowerShard:
     def checkpoint_state(self) -> tuple[Columns, dict[str, Position]]:
         """The user table's arrays and the changelog positions they include (a copy).
 
-        The cap state over the same rows rides along as `cap_*` arrays.
+        The channel book's arrays and the cap state over the same rows (`cap_*`) ride along.
         """
-        columns = self.users.to_columns()
+        columns = {**self.users.to_columns(), **self.notify.book.to_columns()}
         if self.caps is not None:
             columns.update({f"cap_{k}": v for k, v in self.caps.to_arrays().items()})
         self._stable_rows = (self.users.rows, self.users.id_digest(self.users.rows))
@@ -808,6 +827,7 @@ class FollowerShard:
         snapshot matches the epoch the flow resumes from, a checkpoint may be later).
         """
         self.users = UserTable.from_columns(columns)
+        self.notify.book = ChannelBook.from_columns(columns)
         self.positions = dict(positions)
         self.columns.clear()
         self._stable_rows = (self.users.rows, self.users.id_digest(self.users.rows))
