@@ -135,8 +135,8 @@ class DispatchBatch:
     def topic(self) -> str:
         """The channel topic this batch goes to (schemas/topics.py says the rule)."""
         if self.provider in ("apns", "fcm"):
-            bulk = ".bulk" if self.lane != "normal" else ""
-            return f"push.{self.provider}{bulk}"
+            lane = "" if self.lane == "normal" else f".{self.lane}"
+            return f"push.{self.provider}{lane}"
         tier = self.message["tier"] if self.message is not None else "social"
         return f"{self.provider}.{tier}"
 

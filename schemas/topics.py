@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.addresses import CHANNEL_PROVIDERS
+from schemas.addresses import CHANNEL_PROVIDERS, PUSH_PROVIDERS
 
 # Every topic of the contract (docs/design.md). Channel topics carry dispatch batches per provider,
 # with a `.bulk` lane for celebrity posts so they never hold up a normal post.
@@ -30,15 +30,27 @@ def tier_topic(tier: str) -> str:
 TIER_TOPICS = tuple(tier_topic(t) for t in TIERS)
 PROVIDERS = ("apns", "fcm")
 LANES = ("normal", "bulk")
+DELIVERY_LANES = ("transactional", "normal", "bulk")
+"""The delivery engine's lanes, in the order it serves them: a login code before a post's
+push, a post's push before a campaign's."""
 CHANGELOG_TOPICS = (FOLLOW_CHANGES, PREFERENCE_CHANGES, DEVICE_CHANGES)
 
 
 def channel_topic(provider: str, lane: str) -> str:
-    """The channel topic for a provider and lane: ``push.apns`` or ``push.fcm.bulk``."""
-    return f"push.{provider}" if lane == "normal" else f"push.{provider}.bulk"
+    """The topic of a provider's delivery lane.
+
+    Push: ``push.apns`` (normal), ``push.fcm.bulk``, ``push.apns.transactional``; the other
+    channels name the lane's tier: ``email.transactional``, ``sms.social``, ``chat.marketing``.
+    """
+    if provider not in PUSH_PROVIDERS:
+        return channel_tier_topic(provider, LANE_TIERS[lane])
+    return f"push.{provider}" if lane == "normal" else f"push.{provider}.{lane}"
 
 
 CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
+PUSH_TRANSACTIONAL_TOPICS = tuple(channel_topic(p, "transactional") for p in PROVIDERS)
+"""`push.apns.transactional`, `push.fcm.transactional`: API notifications of the transactional
+tier (a login code), read before the posts' `push.<provider>` lanes."""
 
 # The channels beyond mobile push (issue 18): one topic per channel provider and tier,
 # `email.transactional`, `sms.social`, `webpush.marketing`, ... The tier is the lane: a
@@ -52,15 +64,27 @@ def channel_tier_topic(provider: str, tier: str) -> str:
     return f"{provider}.{tier}"
 
 
-TIER_LANES = {"transactional": "normal", "social": "normal", "marketing": "bulk"}
-"""The delivery engine's lane for a channel topic's tier until the engine has tier lanes:
-transactional and social read first, marketing as the bulk lane."""
+TIER_LANES = {"transactional": "transactional", "social": "normal", "marketing": "bulk"}
+"""The delivery engine's lane for a tier: transactional first, social (posts among them) as the
+normal lane, marketing as the bulk lane."""
+LANE_TIERS = {lane: tier for tier, lane in TIER_LANES.items()}
+
+
+def lane_of_topic(topic: str) -> str:
+    """The delivery lane of a channel topic (`push.fcm.bulk` -> bulk, `sms.social` -> normal)."""
+    last = topic.rpartition(".")[2]
+    if topic.startswith("push."):
+        return last if last in ("transactional", "bulk") else "normal"
+    return TIER_LANES.get(last, "normal")
+
+
 CHANNEL_TIER_TOPICS = tuple(channel_tier_topic(p, t) for t in TIERS for p in CHANNEL_PROVIDERS)
 ALL_TOPICS = (
     POST_CREATED,
     POST_CREATED_BACKFILL,
     *CHANGELOG_TOPICS,
     *CHANNEL_TOPICS,
+    *PUSH_TRANSACTIONAL_TOPICS,
     PUSH_RETRY,
     DELIVERY_EVENTS,
     NOTIFICATION_ACKS,

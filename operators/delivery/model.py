@@ -28,7 +28,8 @@ from typing import Literal
 from operators.events import MessageOrigin
 from schemas.records import ChannelMessage, DispatchItem, Provider
 
-Lane = Literal["normal", "bulk"]
+Lane = Literal["transactional", "normal", "bulk"]
+"""A send's delivery lane, served in this order (schemas/topics.py, TIER_LANES)."""
 RowState = Literal[
     "sending",
     "retry_scheduled",

@@ -1,8 +1,15 @@
 """Payloads rendered at send time from the compact dispatch item (nothing rendered is stored).
 
-One notification template: a title and a body with `{author_id}` and `{post_id}` fields, a deep
-link to the post, and a collapse id per post, so a device shows one notification per post
-however often it is resent. The providers refuse more than 4096 bytes: checked before sending.
+A post's push: one template, a title and a body with `{author_id}` and `{post_id}` fields, a
+deep link to the post, and a collapse id per post, so a device shows one notification per post
+however often it is resent.
+
+An API notification's push (its batch carries a `message`): rendered from the catalog's template
+(`operators/notify/templates.py`) in the item's `locale`, falling back to its language and then
+to the template's default locale; its `collapse_key` becomes `apns-collapse-id` and FCM's
+`collapse_key` (the notification id when it has none). The providers refuse more than 4096
+bytes: a template's body is shortened to fit (then its title), with an ellipsis, and every
+payload is checked before sending.
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ import functools
 import hashlib
 import json
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from operators.delivery.model import RetryPolicy, SendRequest
+from operators.notify.templates import RenderError, Template, render_push
 
 MAX_PAYLOAD_BYTES = 4096
 MAX_COLLAPSE_ID_BYTES = 64
@@ -25,6 +34,13 @@ TEMPLATE_FIELDS = frozenset({"author_id", "post_id"})
 
 class PayloadTooLarge(ValueError):
     """The rendered payload is over the providers' 4096-byte limit."""
+
+
+class UnrenderablePush(PayloadTooLarge):
+    """A notification's push that cannot be rendered (unknown template, data that fails).
+
+    Recorded as an oversized push is: `failed` and a dead letter, never retried.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +82,67 @@ def collapse_id(post_id: str) -> str:
     return "p-" + hashlib.sha256(post_id.encode()).hexdigest()[:40]
 
 
+def push_collapse_id(request: SendRequest) -> str:
+    """A push's collapse id (at most 64 bytes): its message's `collapse_key`, else its post's.
+
+    An API notification's post_id is its notification id.
+    """
+    message = request.message
+    key = message.get("collapse_key") if message is not None else None
+    return collapse_id(key or request.post_id)
+
+
+class PushRenderer:
+    """What pushes say: a post's from the PushTemplate, a notification's from its template.
+
+    One per worker, with the catalog's templates (compiled once when the catalog is loaded).
+    """
+
+    def __init__(self, post: PushTemplate, templates: Mapping[str, Template] | None = None) -> None:
+        self.post = post
+        self._templates = templates or {}
+
+    def texts(self, request: SendRequest) -> tuple[str, str, dict[str, str]]:
+        """(title, body, data) of a push; UnrenderablePush if its template cannot render."""
+        message = request.message
+        if message is None:
+            title, body, link = self.post.fill(request)
+            return title, body, _data(request, link)
+        template = self._templates.get(message["template_id"])
+        if template is None:
+            raise UnrenderablePush(f"template {message['template_id']!r} is not in the catalog")
+        item = request.item
+        data = {
+            "notification_id": item["notification_id"],
+            "device_id": item["device_id"],
+            "post_id": request.post_id,
+            "category": message["category"],
+        }
+        try:
+            # The body gives way first (then the title) to keep the payload within the limit.
+            rendered = render_push(
+                template, item.get("locale"), message["data"], extra=data, limit=MAX_PAYLOAD_BYTES
+            )
+        except RenderError as exc:
+            raise UnrenderablePush(f"render: {exc}") from None
+        if rendered.link is not None:
+            data["link"] = rendered.link
+        return rendered.title, rendered.body, data
+
+
+PushSource = PushTemplate | PushRenderer
+"""What the push senders render with (a bare PushTemplate renders posts only)."""
+
+
+def _texts(source: PushSource, request: SendRequest) -> tuple[str, str, dict[str, str]]:
+    if isinstance(source, PushRenderer):
+        return source.texts(request)
+    if request.message is not None:
+        raise UnrenderablePush("no template catalog to render a notification's push")
+    title, body, link = source.fill(request)
+    return title, body, _data(request, link)
+
+
 def _data(request: SendRequest, link: str) -> dict[str, str]:
     # notification_id and device_id let the app (and the local servers) tell resends apart.
     return {
@@ -76,15 +153,15 @@ def _data(request: SendRequest, link: str) -> dict[str, str]:
     }
 
 
-def apns_payload(template: PushTemplate, request: SendRequest) -> dict[str, Any]:
+def apns_payload(template: PushSource, request: SendRequest) -> dict[str, Any]:
     """The APNs JSON body; raises PayloadTooLarge.
 
     Measured as aioapns encodes it (`json.dumps(..., ensure_ascii=False)`), byte for byte.
     """
-    title, body, link = template.fill(request)
+    title, body, data = _texts(template, request)
     payload: dict[str, Any] = {
         "aps": {"alert": {"title": title, "body": body}, "sound": "default"},
-        **_data(request, link),
+        **data,
     }
     size = len(json.dumps(payload, ensure_ascii=False).encode())
     if size > MAX_PAYLOAD_BYTES:
@@ -102,10 +179,10 @@ class FcmContent:
     collapse_key: str
 
 
-def fcm_content(template: PushTemplate, request: SendRequest) -> FcmContent:
+def fcm_content(template: PushSource, request: SendRequest) -> FcmContent:
     """The FCM message content; raises PayloadTooLarge (measured as FCM counts: the JSON)."""
-    title, body, link = template.fill(request)
-    content = FcmContent(title, body, _data(request, link), collapse_id(request.post_id))
+    title, body, data = _texts(template, request)
+    content = FcmContent(title, body, data, push_collapse_id(request))
     size = len(
         orjson.dumps(
             {
@@ -129,16 +206,16 @@ def time_to_live_s(policy: RetryPolicy, request: SendRequest, now: float) -> int
     return max(1, int(policy.max_age_s - (now - request.created_ts)))
 
 
-def apns_body(template: PushTemplate, request: SendRequest) -> bytes:
+def apns_body(template: PushSource, request: SendRequest) -> bytes:
     """The APNs request body as sent by the libcurl sender; raises PayloadTooLarge.
 
     Compact JSON, measured as sent (never larger than `apns_payload`'s measure).
     """
-    title, body, link = template.fill(request)
+    title, body, fields = _texts(template, request)
     data = orjson.dumps(
         {
             "aps": {"alert": {"title": title, "body": body}, "sound": "default"},
-            **_data(request, link),
+            **fields,
         }
     )
     if len(data) > MAX_PAYLOAD_BYTES:
@@ -146,7 +223,7 @@ def apns_body(template: PushTemplate, request: SendRequest) -> bytes:
     return data
 
 
-def fcm_body(template: PushTemplate, request: SendRequest, ttl_s: int) -> bytes:
+def fcm_body(template: PushSource, request: SendRequest, ttl_s: int) -> bytes:
     """The FCM v1 `messages:send` body, as firebase-admin encodes the same Message.
 
     Raises PayloadTooLarge (measured as FCM counts: the message's JSON, see `fcm_content`).

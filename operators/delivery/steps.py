@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from operators.delivery.model import SendRequest
+from operators.delivery.model import Lane, SendRequest
 from operators.events import RawEvent, dead_letter
 from schemas.codecs import InvalidEvent, decode_dispatch_batch, decode_retry_record, parse_timestamp
 from schemas.records import DeadLetter, DispatchBatch
+from schemas.topics import lane_of_topic
 
 
 def decode_channel_batch(event: RawEvent) -> tuple[DispatchBatch, float] | DeadLetter:
-    """A dispatch batch from `push.*` and its created_at as epoch seconds, or its dead letter."""
-    lane = "bulk" if event.topic.endswith(".bulk") else "normal"
+    """A channel topic's dispatch batch and its created_at (epoch seconds), or its dead letter.
+
+    Its lane is its topic's (`push.apns.transactional`, `email.marketing` -> bulk).
+    """
+    lane = lane_of_topic(event.topic)
     try:
         batch = decode_dispatch_batch(event.value, lane)
         return batch, parse_timestamp(batch.created_at).timestamp()
@@ -31,6 +35,7 @@ def batch_requests(
     """One send request per chosen item of a decoded dispatch batch."""
     origin = event.origin
     lane = batch.lane
+    message = batch.message
     return [
         SendRequest(
             provider=batch.provider,
@@ -41,6 +46,7 @@ def batch_requests(
             created_ts=created_ts,
             item=batch.items[index],
             origin=origin.of_item(index),
+            message=message,
         )
         for index in items
     ]
@@ -69,6 +75,9 @@ def retry_due_at(raw: bytes | None) -> float:
         return 0.0
 
 
+_LANES: dict[str, Lane] = {"transactional": "transactional", "bulk": "bulk"}
+
+
 def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
     """A due `push.retry` record as a send request, or a dead letter."""
     try:
@@ -78,7 +87,7 @@ def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
         return dead_letter(event, exc)
     return SendRequest(
         provider=record.provider,
-        lane="bulk" if record.lane == "bulk" else "normal",
+        lane=_LANES.get(record.lane, "normal"),
         post_id=record.post_id,
         author_id=record.author_id,
         created_at=record.created_at,
@@ -87,4 +96,5 @@ def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
         origin=event.origin,
         attempt=record.attempt,
         seq=record.seq,
+        message=record.message,
     )

@@ -23,6 +23,7 @@ from operators.delivery.model import SendRequest
 from operators.delivery.pipeline import DeliveryPump
 from operators.delivery.steps import decode_retry_message
 from operators.events import RawEvent
+from schemas.topics import DELIVERY_LANES
 
 RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | None]], str | None]
 """(next offset, the held records, the topic id the offset counts in); earlier recovery stores
@@ -80,7 +81,7 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
         if heap and heap[0][0] <= now:
             engine = worker.engine
             requests: list[SendRequest] = []
-            room = {lane: engine.room(lane) for lane in ("normal", "bulk")}
+            room = {lane: engine.room(lane) for lane in DELIVERY_LANES}
             while heap and heap[0][0] <= now:
                 entry = heap[0]
                 _, offset, key, value = entry

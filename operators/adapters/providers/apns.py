@@ -15,7 +15,12 @@ from typing import Any
 
 from operators.adapters.providers.config import ApnsConfig, ProviderConfigError
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
-from operators.delivery.payloads import PushTemplate, apns_payload, collapse_id, time_to_live_s
+from operators.delivery.payloads import (
+    PushSource,
+    apns_payload,
+    push_collapse_id,
+    time_to_live_s,
+)
 from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 
@@ -45,7 +50,7 @@ class ApnsSender(PushSender):
     def __init__(
         self,
         config: ApnsConfig,
-        template: PushTemplate,
+        template: PushSource,
         bucket: BucketSpec,
         policy: RetryPolicy,
         timeout_s: float,
@@ -105,7 +110,7 @@ class ApnsSender(PushSender):
             notification_id=request.apns_id,
             time_to_live=time_to_live_s(self._policy, request, now),
             priority=10,
-            collapse_key=collapse_id(request.post_id),
+            collapse_key=push_collapse_id(request),
             push_type=PushType.ALERT,
         )
         try:
