@@ -1,0 +1,199 @@
+"""The channels end to end: dispatch batches on the channel tier topics and on
+`push.apns.transactional`, read by `fanfare run delivery` (the real broker, Redis, the local
+APNs and channel servers), each sent once by its provider's sender, outcomes on delivery_events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from operators.adapters.kafka.writer import produce_all
+from operators.adapters.redis.live import LiveHub
+from operators.config import load_settings
+from operators.delivery.model import TERMINAL_STATES
+from schemas.addresses import check_subscription
+from schemas.codecs import format_timestamp
+from scripts.dev.local_channels.control import ChannelControl
+from tests.conftest import REDIS_URL, Providers, Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+FAST_RETRIES = (
+    ("FANFARE_RETRY_BASE_MS", "200"),
+    ("FANFARE_RETRY_MAX_BACKOFF_S", "1"),
+    ("FANFARE_SEND_TIMEOUT_MS", "5000"),
+)
+RECEIPT = {
+    "category": "receipt",
+    "template_id": "receipt",
+    "tier": "transactional",
+    "data": {"order_id": "1234", "amount": "59.90", "currency": "EUR"},
+}
+LOGIN = {
+    "category": "login_code",
+    "template_id": "login_code",
+    "tier": "transactional",
+    "data": {"code": "482913", "minutes": 10},
+    "collapse_key": "login:u-apns",
+}
+POST = {
+    "category": "new_post",
+    "template_id": "new_post",
+    "tier": "social",
+    "data": {"author_name": "Ada", "excerpt": "A new post", "post_id": "p1"},
+}
+
+
+def publish(
+    stack: Stack,
+    topic: str,
+    notification: str,
+    provider: str,
+    items: list[tuple[str, str, str]],
+    message: dict[str, Any] | None,
+) -> None:
+    """One dispatch batch as the fan-out writes it: items (user, device, address)."""
+    body: dict[str, Any] = {
+        "schema": "dispatch_batch/v1",
+        "post_id": notification,
+        "author_id": "api:k1",
+        "provider": provider,
+        "created_at": format_timestamp(datetime.now(UTC)),
+        "items": [
+            {
+                "notification_id": f"{notification}:{u}",
+                "user_id": u,
+                "device_id": d,
+                "token": t,
+                "locale": "fr",
+            }
+            for u, d, t in items
+        ],
+    }
+    if message is not None:
+        body["message"] = message
+    produce_all(stack.settings.kafka_config(), topic, [(notification.encode(), orjson.dumps(body))])
+
+
+def events(stack: Stack) -> list[dict[str, Any]]:
+    return [orjson.loads(v or b"{}") for _, _, v in stack.read_topic("delivery_events")]
+
+
+def test_each_channel_tier_topic_reaches_its_server_once(
+    stack: Stack, providers: Providers
+) -> None:
+    info = providers.info["channels"]
+    ctl = ChannelControl(info["control_url"])
+    ctl.reset()
+    # Greylisted until cleared: the first try is a 451 (retried), the retry is accepted.
+    ctl.set_address_errors("email", {"retry@example.com": {"code": 451, "message": "4.7.1 Later"}})
+    subscription = ctl.mint_subscription()
+    webpush = check_subscription(json.dumps(subscription["subscription"]), allow_dev=True)
+    apns_token = "ab" * 32
+    publish(
+        stack,
+        "email.transactional",
+        "n_mail",
+        "email",
+        [("u-ada", "email-1", "ada@example.com"), ("u-retry", "email-2", "retry@example.com")],
+        RECEIPT,
+    )
+    publish(stack, "sms.transactional", "n_sms", "sms", [("u-sms", "sms-1", "+14155550123")], LOGIN)
+    publish(stack, "webpush.social", "n_web", "webpush", [("u-web", "web-1", webpush)], POST)
+    publish(
+        stack,
+        "chat.social",
+        "n_chat",
+        "chat",
+        [("ops", "chat-1", info["chat"]["slack_example"])],
+        POST,
+    )
+    publish(stack, "inapp.social", "n_inapp", "inapp", [("u-live", "inapp", "u-live")], RECEIPT)
+    publish(
+        stack, "push.apns.transactional", "n_push", "apns", [("u-apns", "ios", apns_token)], LOGIN
+    )
+    stack.start_flow(*FAST_RETRIES, flow="delivery")
+
+    expected = {
+        ("n_mail:u-ada", "email-1"),
+        ("n_mail:u-retry", "email-2"),
+        ("n_sms:u-sms", "sms-1"),
+        ("n_web:u-web", "web-1"),
+        ("n_chat:ops", "chat-1"),
+        ("n_inapp:u-live", "inapp"),
+        ("n_push:u-apns", "ios"),
+    }
+    seen: list[dict[str, Any]] = []
+
+    def retry_scheduled() -> bool:
+        nonlocal seen
+        seen = events(stack)
+        return any(e["outcome"] == "retry_scheduled" for e in seen)
+
+    wait_for(retry_scheduled, 90, "the greylisted email's retry_scheduled", stack)
+    ctl.set_address_errors("email", {})
+
+    def all_terminal() -> bool:
+        nonlocal seen
+        seen = events(stack)
+        done = {
+            (e["notification_id"], e["device_id"]) for e in seen if e["outcome"] in TERMINAL_STATES
+        }
+        return done >= expected
+
+    wait_for(all_terminal, 60, "a terminal outcome for every item", stack, every_s=1.0)
+    time.sleep(2)  # anything sent twice would show by now
+    seen = events(stack)
+    terminal = Counter(
+        (e["notification_id"], e["device_id"], e["provider"], e["outcome"])
+        for e in seen
+        if e["outcome"] in TERMINAL_STATES
+    )
+    assert {k[:2] for k in terminal} == expected
+    assert all(n == 1 for n in terminal.values()), terminal
+    assert {k[3] for k in terminal} == {"accepted"}, terminal
+    assert {k[2] for k in terminal} == {"email", "sms", "webpush", "chat", "inapp", "apns"}
+    retried = [e for e in seen if e["notification_id"] == "n_mail:u-retry"]
+    # Refused (451) until the fault was cleared, then accepted once: one attempt each.
+    tries = [(e["outcome"], e["status"], e["attempt"]) for e in retried]
+    n = len(tries)
+    assert n >= 2 and tries == [("retry_scheduled", 451, i) for i in range(1, n)] + [
+        ("accepted", 250, n)
+    ]
+
+    # Each local server got each message once, rendered from its template.
+    mails = ctl.accepted("email")
+    assert sorted(m["rcpt_to"][0] for m in mails) == ["ada@example.com", "retry@example.com"]
+    assert all(m["category"] == "receipt" for m in mails)
+    [sms] = ctl.accepted("sms")
+    assert sms["to"] == "+14155550123" and "482913" in sms["body"]
+    [push] = ctl.accepted("webpush")
+    assert (
+        push["subscription_id"] == subscription["id"] and push["payload"]["title"] == "Ada a publié"
+    )
+    [chat] = ctl.accepted("chat")
+    assert chat["kind"] == "slack" and "Ada" in chat["body"]["text"]
+    [apns] = providers.control.accepted("apns")
+    assert (apns.token, apns.notification_id, apns.collapse_id) == (
+        apns_token,
+        "n_push:u-apns",
+        "login:u-apns",
+    )
+    settings = load_settings(stack.env)
+
+    async def in_app() -> list[tuple[str, str]]:
+        hub = LiveHub(REDIS_URL, settings.redis_prefix, 10)
+        try:
+            return await hub.history("u-live", "0")
+        finally:
+            await hub.close()
+
+    [(_, live)] = asyncio.run(in_app())
+    assert json.loads(live)["notification_id"] == "n_inapp:u-live"
