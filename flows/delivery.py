@@ -45,6 +45,7 @@ from operators.adapters.providers.config import ProviderConfigError, apns_config
 from operators.adapters.providers.event_loop import EventLoopThread
 from operators.adapters.providers.fcm import FcmSender
 from operators.adapters.providers.fcm_curl import FcmCurlSender
+from operators.adapters.providers.push_texts import TemplatePushRenderer
 from operators.adapters.redis.edge_claims import RedisEdgeClaims
 from operators.adapters.redis.rate_limiter import RedisRateLimiter
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
@@ -52,7 +53,7 @@ from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials, load_settings
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import RetryPolicy
-from operators.delivery.payloads import PushRenderer, PushSource, PushTemplate
+from operators.delivery.payloads import PushSource, PushTemplate
 from operators.delivery.pipeline import DeliveryPump
 from operators.delivery.ports import PushSender
 from operators.delivery.steps import retry_due_at
@@ -195,7 +196,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
     """
     policy = retry_policy(settings)
     catalog = load_catalog(settings.categories_file, settings.templates_dir)
-    template = PushRenderer(
+    template = TemplatePushRenderer(
         PushTemplate(settings.push_title, settings.push_body, settings.push_link),
         catalog.templates,
     )

@@ -4,12 +4,12 @@ A post's push: one template, a title and a body with `{author_id}` and `{post_id
 deep link to the post, and a collapse id per post, so a device shows one notification per post
 however often it is resent.
 
-An API notification's push (its batch carries a `message`): rendered from the catalog's template
-(`operators/notify/templates.py`) in the item's `locale`, falling back to its language and then
-to the template's default locale; its `collapse_key` becomes `apns-collapse-id` and FCM's
-`collapse_key` (the notification id when it has none). The providers refuse more than 4096
-bytes: a template's body is shortened to fit (then its title), with an ellipsis, and every
-payload is checked before sending.
+An API notification's push (its batch carries a `message`): rendered by a `PushRenderer` from
+the catalog's template (`operators/notify/templates.py`) in the item's `locale`, falling back to
+its language and then to the template's default locale; its `collapse_key` becomes
+`apns-collapse-id` and FCM's `collapse_key` (the notification id when it has none). The
+providers refuse more than 4096 bytes: a template's body is shortened to fit (then its title),
+with an ellipsis, and every payload is checked before sending.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import functools
 import hashlib
 import json
 import string
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from operators.delivery.model import RetryPolicy, SendRequest
-from operators.notify.templates import RenderError, Template, render_push
 
 MAX_PAYLOAD_BYTES = 4096
 MAX_COLLAPSE_ID_BYTES = 64
@@ -92,46 +91,31 @@ def push_collapse_id(request: SendRequest) -> str:
     return collapse_id(key or request.post_id)
 
 
-class PushRenderer:
-    """What pushes say: a post's from the PushTemplate, a notification's from its template.
+class PushRenderer(ABC):
+    """Port: what pushes say, a post's and an API notification's (from its template).
 
-    One per worker, with the catalog's templates (compiled once when the catalog is loaded).
+    The adapter (`operators/adapters/providers/push_texts.py`) renders notifications from the
+    catalog's templates; it is built per worker.
     """
 
-    def __init__(self, post: PushTemplate, templates: Mapping[str, Template] | None = None) -> None:
-        self.post = post
-        self._templates = templates or {}
+    post: PushTemplate
 
+    @abstractmethod
     def texts(self, request: SendRequest) -> tuple[str, str, dict[str, str]]:
-        """(title, body, data) of a push; UnrenderablePush if its template cannot render."""
-        message = request.message
-        if message is None:
-            title, body, link = self.post.fill(request)
-            return title, body, _data(request, link)
-        template = self._templates.get(message["template_id"])
-        if template is None:
-            raise UnrenderablePush(f"template {message['template_id']!r} is not in the catalog")
-        item = request.item
-        data = {
-            "notification_id": item["notification_id"],
-            "device_id": item["device_id"],
-            "post_id": request.post_id,
-            "category": message["category"],
-        }
-        try:
-            # The body gives way first (then the title) to keep the payload within the limit.
-            rendered = render_push(
-                template, item.get("locale"), message["data"], extra=data, limit=MAX_PAYLOAD_BYTES
-            )
-        except RenderError as exc:
-            raise UnrenderablePush(f"render: {exc}") from None
-        if rendered.link is not None:
-            data["link"] = rendered.link
-        return rendered.title, rendered.body, data
+        """(title, body, data) of a push; UnrenderablePush if it cannot be rendered.
+
+        A notification's texts fit the providers' payload limit with `data` beside them.
+        """
 
 
 PushSource = PushTemplate | PushRenderer
 """What the push senders render with (a bare PushTemplate renders posts only)."""
+
+
+def post_texts(template: PushTemplate, request: SendRequest) -> tuple[str, str, dict[str, str]]:
+    """(title, body, data) of a post's push."""
+    title, body, link = template.fill(request)
+    return title, body, _data(request, link)
 
 
 def _texts(source: PushSource, request: SendRequest) -> tuple[str, str, dict[str, str]]:
@@ -139,8 +123,7 @@ def _texts(source: PushSource, request: SendRequest) -> tuple[str, str, dict[str
         return source.texts(request)
     if request.message is not None:
         raise UnrenderablePush("no template catalog to render a notification's push")
-    title, body, link = source.fill(request)
-    return title, body, _data(request, link)
+    return post_texts(source, request)
 
 
 def _data(request: SendRequest, link: str) -> dict[str, str]:

@@ -29,9 +29,10 @@ from operators.adapters.providers.apns_curl import ApnsCurlSender
 from operators.adapters.providers.config import ApnsConfig, FcmConfig, apns_config, fcm_config
 from operators.adapters.providers.fcm import FcmSender
 from operators.adapters.providers.fcm_curl import FcmCurlSender
+from operators.adapters.providers.push_texts import TemplatePushRenderer
 from operators.config import load_settings
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest, Verdict, classify
-from operators.delivery.payloads import PushRenderer, PushSource, PushTemplate
+from operators.delivery.payloads import PushSource, PushTemplate
 from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 from scripts.dev.local_providers import LocalProviders, ProviderControl, start_local_providers
@@ -455,7 +456,7 @@ def test_a_notification_s_collapse_key_reaches_the_provider_on_every_transport(
     from operators.adapters.catalog_files import load_catalog
     from operators.delivery.payloads import push_collapse_id
 
-    renderer = PushRenderer(TEMPLATE, load_catalog().templates)
+    renderer = TemplatePushRenderer(TEMPLATE, load_catalog().templates)
     long_key = "digest:" + "x" * 80  # over APNs' 64 bytes: sent as its digest
     keys = ["login:u1", long_key]
     if provider == "apns":

@@ -10,11 +10,11 @@ import orjson
 import pytest
 
 from operators.adapters.catalog_files import load_catalog
+from operators.adapters.providers.push_texts import TemplatePushRenderer
 from operators.delivery.model import SendRequest
 from operators.delivery.payloads import (
     MAX_PAYLOAD_BYTES,
     PayloadTooLarge,
-    PushRenderer,
     PushTemplate,
     UnrenderablePush,
     apns_body,
@@ -28,7 +28,7 @@ from schemas.records import ChannelMessage
 from tests.fakes import request
 
 CATALOG = load_catalog()  # the shipped categories and templates
-RENDERER = PushRenderer(PushTemplate(), CATALOG.templates)
+RENDERER = TemplatePushRenderer(PushTemplate(), CATALOG.templates)
 
 
 def login(code: str = "482913", collapse_key: str | None = None) -> ChannelMessage:
