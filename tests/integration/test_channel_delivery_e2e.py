@@ -197,3 +197,45 @@ def test_each_channel_tier_topic_reaches_its_server_once(
 
     [(_, live)] = asyncio.run(in_app())
     assert json.loads(live)["notification_id"] == "n_inapp:u-live"
+
+
+def test_emails_a_domain_bucket_holds_are_sent_later_without_using_an_attempt(
+    stack: Stack, providers: Providers
+) -> None:
+    ctl = ChannelControl(providers.info["channels"]["control_url"])
+    ctl.reset()
+    users = [f"b{i}" for i in range(3)]
+    publish(
+        stack,
+        "email.transactional",
+        "n_busy",
+        "email",
+        [(u, f"email-{u}", f"{u}@busy.example") for u in users],
+        RECEIPT,
+    )
+    # One token a second for busy.example (a bucket of one): two of the three are held.
+    stack.start_flow(*FAST_RETRIES, ("FANFARE_EMAIL_DOMAIN_RATE_PER_MIN", "60"), flow="delivery")
+    seen: list[dict[str, Any]] = []
+
+    def all_accepted() -> bool:
+        nonlocal seen
+        seen = events(stack)
+        return sum(e["outcome"] == "accepted" for e in seen) >= 3
+
+    wait_for(all_accepted, 90, "three accepted emails", stack, every_s=1.0)
+    time.sleep(2)
+    seen = events(stack)
+    accepted = [e for e in seen if e["outcome"] == "accepted"]
+    holds = [e for e in seen if e["outcome"] == "retry_scheduled"]
+    assert sorted(e["user_id"] for e in accepted) == users  # each once
+    assert len(holds) >= 2 and all(
+        e["reason"].startswith("held: ") and e["attempt"] == 0 and e["status"] is None
+        for e in holds
+    )
+    held_users = {e["user_id"] for e in holds}
+    # The held ones left once, on their first attempt; the first went at once.
+    assert {e["user_id"]: e["attempt"] for e in accepted} == {u: 1 for u in users}
+    assert len(held_users) >= 2
+    assert sorted(m["rcpt_to"][0] for m in ctl.accepted("email")) == [
+        f"{u}@busy.example" for u in users
+    ]
