@@ -125,3 +125,27 @@ def test_an_unknown_template_or_bad_data_is_refused_before_sending() -> None:
     # A sender without the catalog cannot render a notification, and says so.
     with pytest.raises(UnrenderablePush, match="no template catalog"):
         apns_body(PushTemplate(), notification(login()))
+
+
+def test_texts_are_rendered_once_per_notification_locale_and_data() -> None:
+    renderer = TemplatePushRenderer(PushTemplate(), CATALOG.templates)
+    first = apns_alert(apns_body(renderer, notification(login("111111"), "fr")))
+    # Same notification id, other data (a caller reusing an id): rendered again, not reused.
+    other = apns_alert(apns_body(renderer, notification(login("222222"), "fr")))
+    german = apns_alert(apns_body(renderer, notification(login("111111"), "de")))
+    assert "111111" in first["body"] and "222222" in other["body"]
+    assert german["title"] == "Ihr Anmeldecode" and first["title"] == "Votre code de connexion"
+
+
+def test_texts_under_the_sure_fit_bound_fit_even_when_every_byte_is_escaped() -> None:
+    from operators.adapters.providers.push_texts import SURE_FIT_BYTES
+
+    r = notification(login(), "en")
+    title, body, data = RENDERER.texts(r)
+    room = SURE_FIT_BYTES - sum(len(t.encode()) for t in (title, body, *data.values()))
+    # \x01 is written as \u0001 in JSON: six bytes for one.
+    escaped = notification(login(code="\x01" * (room + len("482913"))), "en")
+    for build in (lambda: apns_body(RENDERER, escaped), lambda: fcm_body(RENDERER, escaped, 60)):
+        assert len(build()) <= MAX_PAYLOAD_BYTES + 200  # fcm_body adds the token and ttl
+    assert ELLIPSIS not in apns_alert(apns_body(RENDERER, escaped))["body"]  # not shortened
+    assert len(json.dumps(apns_payload(RENDERER, escaped), ensure_ascii=False).encode()) <= 4096
