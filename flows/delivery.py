@@ -56,7 +56,7 @@ from operators.delivery.model import RetryPolicy
 from operators.delivery.payloads import PushSource, PushTemplate
 from operators.delivery.pipeline import DeliveryPump
 from operators.delivery.ports import PushSender
-from operators.delivery.steps import retry_due_at
+from operators.delivery.steps import retry_due_at, retry_lane
 from operators.delivery.token_bucket import BucketSpec
 from schemas.codecs import encode_device_change, encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
@@ -266,7 +266,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         channel_source=ChannelLanesSource(
             kafka, pacer, pump, bulk_items_per_poll=settings.bulk_items_per_poll
         ),
-        retry_source=RetryTopicSource(kafka, retry_due_at, pump, PUSH_RETRY),
+        retry_source=RetryTopicSource(kafka, retry_due_at, pump, PUSH_RETRY, lane_of=retry_lane),
         events_sink=events,
         route_event=events.route_key,
         device_changes_sink=FlushingTopicSink(kafka, DEVICE_CHANGES, _device_change_message),

@@ -321,7 +321,7 @@ def list_delivery_sources(
 
     from operators.adapters.kafka.channel_lanes import BulkPacer, BulkRoundBudget, _LanePairReader
     from operators.adapters.kafka.retry_source import _RetryPartitionReader
-    from operators.delivery.steps import retry_due_at
+    from operators.delivery.steps import retry_due_at, retry_lane
 
     class _Ending:
         def next_batch(self) -> list[object]:
@@ -385,7 +385,9 @@ def list_delivery_sources(
         def build_part(self, step_id: str, for_part: str, resume: Any) -> Any:
             partition = int(for_part.rpartition("/")[2])
             reader = ListReader([e for e in retries if e.partition == partition], read_size)
-            part = _Retry(reader, "push.retry", partition, [], retry_due_at, time.time, pump)
+            part = _Retry(
+                reader, "push.retry", partition, [], retry_due_at, time.time, pump, retry_lane
+            )
             part._readers = [reader]  # type: ignore[attr-defined]
             return part
 

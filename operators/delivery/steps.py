@@ -63,16 +63,40 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
     return list(batch_requests(event, batch, created_ts, range(first, stop)))
 
 
+def _schedule(raw: bytes | None) -> tuple[float, str]:
+    """(due_at, lane) of a `push.retry` record; (0, normal) when it is not a valid record.
+
+    The retry source asks for both of the same record one after the other: the last answer is
+    kept (one tuple, replaced whole, so worker threads never see half of another's).
+    """
+    global _last_schedule
+    last = _last_schedule
+    if last is not None and last[0] is raw:
+        return last[1]
+    try:
+        record = decode_retry_record(raw)
+        answer = (record.due_at, record.lane)
+    except InvalidEvent:
+        answer = (0.0, "normal")
+    _last_schedule = (raw, answer)
+    return answer
+
+
+_last_schedule: tuple[bytes | None, tuple[float, str]] | None = None
+
+
 def retry_due_at(raw: bytes | None) -> float:
     """When a `push.retry` record is due; 0 (now) when it is not a valid record.
 
     Validated first: a malformed record with a due_at in the future would otherwise be held
     (in memory and in snapshots) until then and dead-lettered only then.
     """
-    try:
-        return decode_retry_record(raw).due_at
-    except InvalidEvent:
-        return 0.0
+    return _schedule(raw)[0]
+
+
+def retry_lane(raw: bytes | None) -> str:
+    """The lane of a `push.retry` record (normal when it is not a valid record)."""
+    return _schedule(raw)[1]
 
 
 _LANES: dict[str, Lane] = {"transactional": "transactional", "bulk": "bulk"}

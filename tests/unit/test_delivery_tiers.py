@@ -298,3 +298,98 @@ def test_a_marketing_backlog_does_not_delay_a_transactional_send(tmp_path: Path)
         sender.open = True
         part.close()
         loop.stop()
+
+
+# -- the retry source: a lane per queue ------------------------------------------------------
+
+
+class LaneRoomEngine:
+    """Takes what each lane has room for (`free` per lane); never answers."""
+
+    def __init__(self, free: dict[str, int]) -> None:
+        self.free = free
+        self.submitted: list[SendRequest] = []
+
+    def submit(self, requests: list[SendRequest]) -> list[Any]:
+        self.submitted += requests
+        for r in requests:
+            self.free[r.lane] -= 1
+        return []
+
+    def collect(self) -> list[Any]:
+        return []
+
+    def room(self, lane: str, provider: str | None = None) -> int:
+        return max(0, self.free[lane])
+
+    def close(self) -> None:
+        pass
+
+
+def retry_event(offset: int, lane: str, due_at: float, message: Any = None) -> RawEvent:
+    record = RetryRecord(
+        "email",
+        lane,
+        f"n{offset}",
+        "api:k1",
+        CREATED,
+        {"notification_id": f"n{offset}:u", "user_id": "u", "device_id": "e", "token": "u@x.io"},
+        1,
+        1,
+        due_at,
+        "451",
+        message,
+    )
+    return RawEvent("push.retry", 0, offset, b"k", encode_retry_record(record), 0.0)
+
+
+def test_a_full_bulk_lane_does_not_hold_up_a_due_transactional_retry() -> None:
+    from typing import cast
+
+    from operators.adapters.kafka.retry_source import _RetryPartitionReader
+    from operators.delivery.steps import retry_due_at, retry_lane
+
+    now = time.time()
+    engine = LaneRoomEngine({"transactional": 10, "normal": 10, "bulk": 0})
+    # A campaign's retries came due first; a login code's after them.
+    events = [retry_event(i, "bulk", now - 10 + i) for i in range(5)]
+    events.append(retry_event(5, "transactional", now - 1, LOGIN))
+    events.append(retry_event(6, "normal", now - 1))
+    part = _RetryPartitionReader(
+        ListReader(events),
+        "push.retry",
+        0,
+        [],
+        retry_due_at,
+        time.time,
+        DeliveryPump(lambda: cast(DeliveryEngine, engine)),
+        retry_lane,
+    )
+    part.next_batch()
+    assert [(r.post_id, r.lane) for r in engine.submitted] == [
+        ("n5", "transactional"),
+        ("n6", "normal"),
+    ]
+    assert engine.submitted[0].message == LOGIN
+    # The bulk retries wait, kept in the snapshot; they go once the lane has room.
+    snapshot = part.snapshot()
+    assert sorted(entry[1] for entry in snapshot[1]) == [0, 1, 2, 3, 4, 5, 6]
+    # A restart sorts what its snapshot held back into the lanes.
+    restarted = LaneRoomEngine({"transactional": 10, "normal": 0, "bulk": 0})
+    again = _RetryPartitionReader(
+        ListReader([]),
+        "push.retry",
+        0,
+        list(snapshot[1]),
+        retry_due_at,
+        time.time,
+        DeliveryPump(lambda: cast(DeliveryEngine, restarted)),
+        retry_lane,
+    )
+    again.next_batch()
+    assert [r.post_id for r in restarted.submitted] == ["n5"]
+    again.close()
+    engine.free["bulk"] = 3
+    part.next_batch()
+    assert [r.post_id for r in engine.submitted[2:]] == ["n0", "n1", "n2"]
+    part.close()
