@@ -50,3 +50,42 @@ def test_a_cancelled_waiter_loses_no_session() -> None:
         return await asyncio.wait_for(pool.get("bulk"), 1)
 
     assert asyncio.run(main()) == "s1"
+
+
+def test_the_http_client_serves_a_transactional_post_before_queued_bulk_ones() -> None:
+    from aiohttp import web
+
+    from operators.adapters.channels.http import HttpClient
+
+    async def main() -> list[str]:
+        arrivals: list[str] = []
+
+        async def handle(request: web.Request) -> web.Response:
+            arrivals.append(request.path.strip("/"))
+            await asyncio.sleep(0.05)
+            return web.Response(status=201)
+
+        app = web.Application()
+        app.router.add_post("/{name}", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client = HttpClient(5.0, None, connections=1)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            first = asyncio.create_task(client.post(f"{base}/b1", data=b"", lane="bulk"))
+            await asyncio.sleep(0.01)  # b1 holds the only slot
+            rest = [
+                asyncio.create_task(client.post(f"{base}/{name}", data=b"", lane=lane))
+                for name, lane in [("b2", "bulk"), ("n1", "normal"), ("t1", "transactional")]
+            ]
+            replies = await asyncio.gather(first, *rest)
+        finally:
+            await client.close()
+            await runner.cleanup()
+        assert all(getattr(r, "status", None) == 201 for r in replies)
+        return arrivals
+
+    assert asyncio.run(main()) == ["b1", "t1", "n1", "b2"]
