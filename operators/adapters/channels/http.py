@@ -55,6 +55,7 @@ class HttpClient:
 
     def __init__(self, timeout_s: float, ca_file: str | Path | None, connections: int = 32) -> None:
         self._timeout = timeout_s
+        self._whole_timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._slots: LanePool[int] = LanePool(range(connections))
         context = ssl.create_default_context()
         if ca_file:
@@ -77,26 +78,34 @@ class HttpClient:
 
         Waiting for a slot counts towards the timeout, as waiting for a connection did.
         """
-        started = time.monotonic()
+        slot = self._slots.try_get()
+        timeout = self._whole_timeout
+        if slot is None:
+            started = time.monotonic()
+            try:
+                slot = await asyncio.wait_for(self._slots.get(lane), self._timeout)
+            except TimeoutError:
+                return ProviderAnswer(None, "timeout")
+            timeout = aiohttp.ClientTimeout(total=self._timeout - (time.monotonic() - started))
         try:
-            slot = await asyncio.wait_for(self._slots.get(lane), self._timeout)
-        except TimeoutError:
-            return ProviderAnswer(None, "timeout")
-        try:
-            return await asyncio.wait_for(
-                self._post(url, data, headers), self._timeout - (time.monotonic() - started)
-            )
-        except TimeoutError:
-            return ProviderAnswer(None, "timeout")
+            return await self._post(url, data, headers, timeout)
         finally:
             self._slots.put(slot)
 
     async def _post(
-        self, url: str, data: bytes | Mapping[str, str], headers: Mapping[str, str] | None
+        self,
+        url: str,
+        data: bytes | Mapping[str, str],
+        headers: Mapping[str, str] | None,
+        timeout: aiohttp.ClientTimeout,
     ) -> HttpReply | ProviderAnswer:
         try:
             async with self._session.post(
-                url, data=data, headers=headers, allow_redirects=False
+                url,
+                data=data,
+                headers=headers,
+                allow_redirects=False,
+                timeout=timeout,
             ) as response:
                 body = await response.content.read(4096)
                 return HttpReply(

@@ -29,6 +29,12 @@ class LanePool(Generic[T]):
         self._waiters: list[tuple[int, int, asyncio.Future[T]]] = []
         self._order = itertools.count()
 
+    def try_get(self) -> T | None:
+        """A free session now, or None (when none is idle, or others wait for one)."""
+        if self._idle and not self._waiters:
+            return self._idle.popleft()
+        return None
+
     async def get(self, lane: str) -> T:
         """A free session, after every waiter of a more urgent lane (or earlier in this one)."""
         if self._idle and not self._waiters:
