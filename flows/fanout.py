@@ -1,6 +1,8 @@
-"""The fan-out dataflow: post_created -> dispatch batches on push.apns / push.fcm (+ .bulk).
+"""The fan-out dataflow: posts and API notifications -> dispatch batches on the channel topics.
 
     read_posts ─► decode_post ─► claim_post ─► plan_shard_jobs ──────────────┐
+                      └─► dead letters                                        ▼
+    read_notify_<tier> ─► decode_notification ─► claim_notification ─► route_notification
                       └─► dead letters                                        ▼
     read_changelogs ─► route_changelog (+ caught-up markers to all shards) ─► expand_follower_shards
                       └─► dead letters                                        │  (keyed by shard:
@@ -14,7 +16,7 @@ Everything here is wiring; decisions live in `operators/`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -40,23 +42,32 @@ from operators.config import Settings, cassandra_credentials, load_settings
 from operators.dead_letters import Decoded, decode_or_dead_letter, one
 from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.logic import ExpandFollowerShardLogic
+from operators.fanout.notify import TIER_READ_BATCH, NotifyShard
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
 from operators.fanout.shard import FollowerShard, utc_now
 from operators.fanout.steps import (
     ChangelogRouter,
+    NotificationClaimer,
+    NotificationRouter,
     PostClaimer,
+    ReadNotification,
     ReadPost,
     ShardJobPlanner,
+    decode_notification,
     decode_post,
 )
 from schemas.records import DispatchBatch, EncodedDispatchBatch
 from schemas.topics import (
     CHANGELOG_TOPICS,
+    CHANNEL_TIER_TOPICS,
     CHANNEL_TOPICS,
     DEVICE_CHANGES,
     POST_CREATED,
     POST_CREATED_BACKFILL,
     PREFERENCE_CHANGES,
+    PUSH_TRANSACTIONAL_TOPICS,
+    TIERS,
+    tier_topic,
 )
 
 
@@ -82,8 +93,13 @@ def build_fanout_flow(
     claims: Callable[[], PostClaims],
     clock: Callable[[], datetime] = utc_now,
     shard_states: ShardStateStore | None = None,
+    notify_sources: Sequence[tuple[str, Source[Any]]] = (),
+    notification_claims: Callable[[], PostClaims] | None = None,
 ) -> Dataflow:
-    """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes)."""
+    """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes).
+
+    `notify_sources` are (tier, source) pairs of the API's tier topics, one input each.
+    """
     flow = Dataflow("fanout")
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
     g = FlowGuard(flow.flow_id)
@@ -99,12 +115,41 @@ def build_fanout_flow(
     jobs = op.flat_map("plan_shard_jobs", owned, g.step("plan_shard_jobs", planner.plan))
 
     changes = op.input("read_changelogs", flow, g.source("read_changelogs", changelog_source))
-    router = ChangelogRouter(settings.shard_count)
+    router = ChangelogRouter(settings.shard_count, allow_dev_addresses=settings.dev_mode)
     routed: Decoded[tuple[str, Any]] = decode_or_dead_letter(
         "route_changelog", changes, g.step("route_changelog", router.route)
     )
+    shard_streams = [jobs, routed.oks]
+    dead_streams = [decoded.dead_letters, routed.dead_letters]
 
-    shard_inputs = op.merge("merge_shard_inputs", jobs, routed.oks)
+    if notify_sources:
+        # One input per tier: a marketing backlog is read in its own small bites and never
+        # in front of a transactional request; the shards run the tiers in order.
+        tier_inputs = [
+            op.input(f"read_notify_{tier}", flow, g.source(f"read_notify_{tier}", source))
+            for tier, source in notify_sources
+        ]
+        requests = op.merge("merge_notify_tiers", *tier_inputs)
+        notes: Decoded[ReadNotification] = decode_or_dead_letter(
+            "decode_notification",
+            requests,
+            g.step("decode_notification", one(decode_notification)),
+        )
+        claimer = NotificationClaimer(notification_claims or claims)
+        owned_notes = op.flat_map_batch(
+            "claim_notification", notes.oks, g.step("claim_notification", claimer.claim_batch)
+        )
+        note_router = NotificationRouter(settings.shard_count)
+        shard_streams.append(
+            op.flat_map(
+                "route_notification",
+                owned_notes,
+                g.step("route_notification", note_router.route),
+            )
+        )
+        dead_streams.append(notes.dead_letters)
+
+    shard_inputs = op.merge("merge_shard_inputs", *shard_streams)
 
     checkpointer = (
         None
@@ -121,6 +166,10 @@ def build_fanout_flow(
             batch_size=settings.dispatch_batch_size,
             settle_s=settings.changelog_settle_ms / 1000,
             celebrity_threshold=settings.celebrity_threshold,
+            # Transactional runs whole; social and marketing a budget of recipients each.
+            notify=NotifyShard(
+                {"social": settings.expand_budget, "marketing": settings.expand_budget}
+            ),
         )
         if resume is not None:
             shard.restore(resume, clock().timestamp())
@@ -144,7 +193,7 @@ def build_fanout_flow(
     )
     op.output("write_channel_topics", to_partitions, g.sink("write_channel_topics", channel_sink))
 
-    dead = op.merge("merge_dead_letters", decoded.dead_letters, routed.dead_letters)
+    dead = op.merge("merge_dead_letters", *dead_streams)
     keyed_dead = op.key_on("key_by_source_topic", dead, source_topic_of)
     op.output("write_dead_letters", keyed_dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
@@ -165,7 +214,12 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     shard_states = FileShardStateStore(
         settings.shard_state_dir, settings.shard_count, topic_id_of(kafka)
     )
-    sink = ChannelTopicsSink(kafka, CHANNEL_TOPICS, on_written=_count_written, marks=marks)
+    sink = ChannelTopicsSink(
+        kafka,
+        [*CHANNEL_TOPICS, *PUSH_TRANSACTIONAL_TOPICS, *CHANNEL_TIER_TOPICS],
+        on_written=_count_written,
+        marks=marks,
+    )
     return build_fanout_flow(
         settings,
         # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
@@ -197,6 +251,21 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             )
         ),
         shard_states=shard_states,
+        notify_sources=[
+            (
+                tier,
+                KafkaTopicsSource(kafka, [tier_topic(tier)], batch_size=TIER_READ_BATCH[tier]),
+            )
+            for tier in TIERS
+        ],
+        notification_claims=functools.cache(
+            lambda: RedisPostClaims(
+                settings.redis_url,
+                settings.redis_prefix,
+                settings.post_claim_ttl_s,
+                kind="notification",
+            )
+        ),
         claims=functools.cache(
             lambda: RedisPostClaims(
                 settings.redis_url, settings.redis_prefix, settings.post_claim_ttl_s

@@ -30,11 +30,20 @@ POSTS_FANNED_OUT = Counter(
 )
 CANDIDATES = Counter("fanfare_candidates_total", "follow edges examined for a post")
 SUPPRESSED = Counter("fanfare_suppressed_total", "candidates not notified, by reason", ["reason"])
+NOTIFICATIONS_READ = Counter(
+    "fanfare_notifications_read_total",
+    "API notification requests and cancels decoded and valid, by tier topic",
+    ["tier", "kind"],
+)
+NOTIFICATIONS_HELD = Counter(
+    "fanfare_notifications_held_total", "API notification recipients held until their send_at"
+)
 DEFERRED = Counter("fanfare_deferred_total", "candidates deferred for quiet hours")
 RELEASED = Counter("fanfare_released_total", "deferred candidates released after quiet hours")
 DEDUPED = Counter(
     "fanfare_deduped_total",
-    "duplicates dropped, by stage (post_claim: posts; shard_job: jobs; replay: items)",
+    "duplicates dropped, by stage (post_claim: posts; notification_claim: API requests; "
+    "shard_job: jobs; replay: items)",
     ["stage"],
 )
 DISPATCHED = Counter(

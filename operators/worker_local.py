@@ -7,7 +7,7 @@ which deletes the thread's Python thread state when it was the outermost hold. A
 `threading.local` keeps its values in that thread state, so they are gone at the next activation:
 a client "made once per worker" is made again on every call and never closed. With one process
 and one worker (`run_main`) the dataflow runs on the main Python thread, whose thread state
-lives on, which is why this shows only in a cluster (issue 20: a delivery engine, its event loop
+lives on, which is why this shows only in a cluster (a delivery engine, its event loop
 thread and its provider connections built on every send call, until a reused firebase app name
 crashed the cluster). `tests/unit/test_worker_local.py` checks that premise.
 

@@ -27,6 +27,7 @@ from schemas.records import (
     DispatchItem,
     FollowChange,
     NotificationAck,
+    NotificationCancel,
     NotificationRequest,
     PostCreated,
     PreferenceChange,
@@ -44,6 +45,7 @@ SCHEMA_NAMES = (
     "notification_acks",
     "dead_letters",
     "notification_request",
+    "notification_cancel",
 )
 
 
@@ -197,6 +199,7 @@ def _preference_change(d: dict[str, Any]) -> PreferenceChange:
         quiet_hours_end=_whole(end),
         timezone=d["timezone"],
         ts=parse_timestamp(d["ts"]),
+        locale=d.get("locale"),
     )
 
 
@@ -314,6 +317,7 @@ def encode_preference_change(change: PreferenceChange) -> bytes:
             "quiet_hours_end": change.quiet_hours_end,
             "timezone": change.timezone,
             "ts": format_timestamp(change.ts),
+            **({"locale": change.locale} if change.locale is not None else {}),
         }
     )
 
@@ -494,6 +498,43 @@ def decode_notification_request(raw: bytes | str | None) -> NotificationRequest:
         collapse_key=d.get("collapse_key"),
         campaign_id=d.get("campaign_id"),
     )
+
+
+def encode_notification_cancel(cancel: NotificationCancel) -> bytes:
+    """The wire form of a cancel (on the tier topic, keyed by the notification id)."""
+    return orjson.dumps(
+        {
+            "schema": "notification_cancel/v1",
+            "notification_id": cancel.notification_id,
+            "tier": cancel.tier,
+            "api_key_id": cancel.api_key_id,
+            "created_at": format_timestamp(cancel.created_at),
+        }
+    )
+
+
+def decode_tier_event(raw: bytes | str | None) -> NotificationRequest | NotificationCancel:
+    """A message of a tier topic: a request, or (`schema: notification_cancel/v1`) a cancel."""
+    # Only a message that names the cancel schema is parsed twice (requests are the many).
+    named = (
+        b"notification_cancel/v1" in raw
+        if isinstance(raw, bytes)
+        else raw is not None and "notification_cancel/v1" in raw
+    )
+    if raw is not None and named:
+        try:
+            head = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent("invalid_json", str(exc)) from None
+        if isinstance(head, dict) and head.get("schema") == "notification_cancel/v1":
+            d = _parse(raw, "notification_cancel")
+            return NotificationCancel(
+                notification_id=d["notification_id"],
+                tier=d["tier"],
+                api_key_id=d["api_key_id"],
+                created_at=parse_timestamp(d["created_at"]),
+            )
+    return decode_notification_request(raw)
 
 
 def encode_dead_letter(letter: DeadLetter) -> bytes:

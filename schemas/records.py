@@ -56,6 +56,9 @@ class PreferenceChange:
     quiet_hours_end: int | None
     timezone: str
     ts: datetime
+    locale: str | None = None
+    """The user's locale (`fr-CA`): what API notifications are rendered in (None: the
+    template's default locale)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +138,11 @@ class DispatchBatch:
     def topic(self) -> str:
         """The channel topic this batch goes to (schemas/topics.py says the rule)."""
         if self.provider in ("apns", "fcm"):
-            lane = "" if self.lane == "normal" else f".{self.lane}"
-            return f"push.{self.provider}{lane}"
+            return (
+                f"push.{self.provider}"
+                if self.lane == "normal"
+                else f"push.{self.provider}.{self.lane}"
+            )
         tier = self.message["tier"] if self.message is not None else "social"
         return f"{self.provider}.{tier}"
 
@@ -278,3 +284,18 @@ class NotificationRequest:
         if self.campaign_id is not None and len(self.recipients) == 1:
             return f"{self.notification_id}:{self.recipients[0]}"
         return self.notification_id
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationCancel:
+    """Cancel a scheduled notification (`DELETE /v1/notifications/{id}`), on its tier's topic.
+
+    Keyed by the notification id, so it follows the request on the same partition. What was
+    sent already is not recalled; what is held until `send_at` is dropped, and a request of this
+    id read later is dropped too.
+    """
+
+    notification_id: str
+    tier: Tier
+    api_key_id: str
+    created_at: datetime

@@ -18,7 +18,8 @@ PUSH_RETRY = "push.retry"
 NOTIFICATION_ACKS = "notification_acks"
 DEAD_LETTERS = "dead_letters"
 # The API's tier topics (`fanfare api`): notification requests of each priority tier, so a
-# marketing backlog never sits in front of a login code. Not read by the flows yet.
+# marketing backlog never sits in front of a login code. The fan-out reads each on its own input
+# (transactional first: see README.md, "Tiers").
 TIERS = ("transactional", "social", "marketing")
 
 
@@ -48,15 +49,19 @@ def channel_topic(provider: str, lane: str) -> str:
 
 
 CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
+# Transactional API pushes (a login code) have push topics of their own, read before the
+# others, so neither a celebrity's post nor a campaign sits in front of them.
 PUSH_TRANSACTIONAL_TOPICS = tuple(channel_topic(p, "transactional") for p in PROVIDERS)
-"""`push.apns.transactional`, `push.fcm.transactional`: API notifications of the transactional
-tier (a login code), read before the posts' `push.<provider>` lanes."""
+TIER_PUSH_LANES = {"transactional": "transactional", "social": "normal", "marketing": "bulk"}
+"""The push lane of an API notification's tier: transactional on its own topics, social with
+posts (`push.apns`), marketing on the bulk lane (`push.apns.bulk`); the same as `TIER_LANES`,
+the delivery lane of every channel's tier."""
 
-# The channels beyond mobile push (issue 18): one topic per channel provider and tier,
+# The channels beyond mobile push: one topic per channel provider and tier,
 # `email.transactional`, `sms.social`, `webpush.marketing`, ... The tier is the lane: a
 # marketing email backlog never sits in front of a receipt, and a slow SMTP relay never holds
 # up web push, since each (provider, tier) is read on its own and paced by its own bucket. Push
-# keeps normal/bulk because posts are all one tier (social) with celebrity lanes.
+# names its lanes instead (posts are all social, with celebrity posts on the bulk lane).
 
 
 def channel_tier_topic(provider: str, tier: str) -> str:

@@ -7,7 +7,7 @@ nothing. But the worker's panic also poisons timely's merge queues, so the proce
 thread panics too ("MergeQueue poisoned."), and `CommsGuard::drop`'s
 `join().expect("Send thread panic")` then panics on the main thread before the stored error is
 read: the process dies with `pyo3_runtime.PanicException: Send thread panic`, and the step's
-error and its traceback are never shown (issue 20). With one process and one worker (`run_main`)
+error and its traceback are never shown. With one process and one worker (`run_main`)
 Bytewax re-raises the error itself.
 
 So every flow wraps each callable Bytewax calls (step functions, stateful logic, sources, sinks

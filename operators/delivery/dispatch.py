@@ -7,7 +7,7 @@ slow or failing provider never holds up another's sends.
 
 The shared bucket bounds the tokens *taken* in any W seconds, by every process together, to
 rate x W + its capacity. That bounds what the provider *receives* only if each send leaves when
-its token is taken (issue 20), so:
+its token is taken, so:
 
 - a grant's requests start right after the take (in sends of at most `SEND_CHUNK` requests, so
   one slow answer holds back the report of few others);

@@ -13,6 +13,7 @@ from bytewax.operators import StatefulBatchLogic
 from operators import metrics
 from operators.events import CaughtUp
 from operators.fanout.checkpoint import ShardCheckpointer
+from operators.fanout.notify import CancelNotice, NotifyTally, RecipientJob
 from operators.fanout.ports import FollowerStore
 from operators.fanout.shard import (
     ChangelogEvent,
@@ -22,7 +23,9 @@ from operators.fanout.shard import (
     ShardMarker,
 )
 from schemas.records import (
+    CategorySwitch,
     DeviceChange,
+    DispatchBatch,
     EncodedDispatchBatch,
     FollowChange,
     PreferenceChange,
@@ -31,7 +34,11 @@ from schemas.records import (
 log = logging.getLogger(__name__)
 
 
-class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dict[str, Any]]):
+Batch = EncodedDispatchBatch | DispatchBatch
+"""A post's batches come encoded; an API notification's carry their message."""
+
+
+class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
     """Applies changelogs, queues jobs, and expands within a budget per activation.
 
     Normal jobs expand up to `expand_budget` followers per activation; bulk jobs up to
@@ -65,9 +72,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
         self._caught_up = False
         self._note_caught_up()
 
-    def on_batch(self, values: list[Any]) -> tuple[Iterable[EncodedDispatchBatch], bool]:
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Batch], bool]:
         """Apply everything that arrived, in order, then do a budget of work."""
         tally = FanoutTally()
+        notified = NotifyTally()
         now = self._clock()
         follows: list[FollowChange] = []
         prefs = devices = 0
@@ -83,10 +91,14 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
                 markers = True
             elif isinstance(v, ShardJob):
                 self.shard.add_job(v, now.timestamp(), tally)
+            elif isinstance(v, RecipientJob):
+                self.shard.notify.add_job(v)
+            elif isinstance(v, CancelNotice):
+                self.shard.notify.cancel(v.notification_id, now.timestamp(), notified)
             elif isinstance(v, ChangelogEvent):
                 if isinstance(v.change, FollowChange):
                     follows.append(v.change)
-                elif isinstance(v.change, PreferenceChange):
+                elif isinstance(v.change, PreferenceChange | CategorySwitch):
                     prefs += self.shard.apply(v)
                 else:
                     devices += self.shard.apply(v)
@@ -111,7 +123,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
             metrics.CHANGES_APPLIED.labels("device_changes").inc(devices)
         if markers and not self._caught_up:
             self._note_caught_up()
-        out = self._work(now, tally)
+        out = self._work(now, tally, notified)
         if self._checkpoints is not None and self._checkpoints.maybe_save(
             self.shard, caught_up=self._caught_up
         ):
@@ -121,7 +133,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
     def _start(self, values: list[Any]) -> None:
         """Learn the shard's id from its first items, and load its checkpoint before them."""
         for v in values:
-            if isinstance(v, ShardJob | ChangelogEvent | ShardMarker):
+            if isinstance(v, ShardJob | ChangelogEvent | ShardMarker | RecipientJob | CancelNotice):
                 self._shard_id = v.shard_id
                 break
         if self._shard_id is None or self._checkpointer_for is None:
@@ -148,24 +160,48 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
                 time.monotonic() - self._built_at,
             )
 
-    def on_notify(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
+    def on_notify(self) -> tuple[Iterable[Batch], bool]:
         """Continue expansion or release deferred notifications."""
-        return self._work(self._clock(), FanoutTally()), StatefulBatchLogic.RETAIN
+        return self._work(self._clock(), FanoutTally(), NotifyTally()), StatefulBatchLogic.RETAIN
 
-    def on_eof(self) -> tuple[Iterable[EncodedDispatchBatch], bool]:
+    def on_eof(self) -> tuple[Iterable[Batch], bool]:
         """A finite input ended (tests, backfills): finish every job whose gate is open."""
-        out: list[EncodedDispatchBatch] = []
-        while self.shard.has_runnable_jobs():
-            out.extend(self._work(self._clock(), FanoutTally()))
+        # Once first: it also releases holds already due (a scheduled send at the input's end).
+        out: list[Batch] = self._work(self._clock(), FanoutTally(), NotifyTally())
+        while self._runnable():
+            out.extend(self._work(self._clock(), FanoutTally(), NotifyTally()))
         return out, StatefulBatchLogic.RETAIN
 
-    def _work(self, now: datetime, tally: FanoutTally) -> list[EncodedDispatchBatch]:
+    def _runnable(self) -> bool:
+        return self.shard.has_runnable_jobs() or self.shard.notify.runnable(self._notify_gate)
+
+    def _notify_gate(self, read_at: float) -> bool:
+        # A released hold (read_at 0) waits, as deferred pushes do, for a complete user table.
+        return self.shard.gate_open_for(max(read_at, self.shard.ready_after))
+
+    def _work(self, now: datetime, tally: FanoutTally, notified: NotifyTally) -> list[Batch]:
+        out: list[Batch] = []
+        notify = self.shard.notify
+        due = notify.next_due()
+        if (due is not None and due <= now.timestamp()) or notify.runnable(self._notify_gate):
+            # API notifications first: a transactional one never waits behind a post's expansion.
+            out.extend(
+                notify.work(
+                    self.shard.users,
+                    now,
+                    self._notify_gate,
+                    notified,
+                    releases_allowed=self.shard.releases_allowed(),
+                    batch_size=self.shard.batch_size,
+                )
+            )
+        _record_notify(notified)
         release = self.shard.next_release()
         if not self.shard.jobs and (release is None or release > now.timestamp()):
             _record(tally)  # nothing to expand or release (most calls: caught-up markers)
-            return []
+            return out
         store = self._store()
-        out = self.shard.release_due(store, now, tally)
+        out.extend(self.shard.release_due(store, now, tally))
         until = None if self._bulk_time_s is None else time.monotonic() + self._bulk_time_s
         out.extend(
             self.shard.expand(
@@ -176,15 +212,30 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, EncodedDispatchBatch, dic
         return out
 
     def notify_at(self) -> datetime | None:
-        """Now while runnable jobs remain, else the next quiet-hours release."""
-        if self.shard.has_runnable_jobs():
+        """Now while runnable jobs remain, else the next quiet-hours release or held send."""
+        if self._runnable():
             return self._clock()
-        release = self.shard.next_release()
-        return None if release is None else datetime.fromtimestamp(release, UTC)
+        dues = [
+            t for t in (self.shard.next_release(), self.shard.notify.next_due()) if t is not None
+        ]
+        return datetime.fromtimestamp(min(dues), UTC) if dues else None
 
     def snapshot(self) -> dict[str, Any]:
         """The shard's state (see FollowerShard.snapshot)."""
         return self.shard.snapshot()
+
+
+def _record_notify(t: NotifyTally) -> None:
+    if t.candidates:
+        metrics.CANDIDATES.inc(t.candidates)
+    for reason, n in t.suppressed.items():
+        metrics.SUPPRESSED.labels(reason).inc(n)
+    if t.deferred:
+        metrics.DEFERRED.inc(t.deferred)
+    if t.cancelled:
+        metrics.SUPPRESSED.labels("cancelled").inc(t.cancelled)
+    if t.held:
+        metrics.NOTIFICATIONS_HELD.inc(t.held)
 
 
 def _record(t: FanoutTally) -> None:

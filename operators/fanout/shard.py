@@ -34,8 +34,11 @@ from operators.fanout.batching import encode_batches
 from operators.fanout.columns import I32, U8, Columns, UserTable, ZoneHours
 from operators.fanout.decide import PageDecision, decide_few, decide_page
 from operators.fanout.eligibility import Suppressed
+from operators.fanout.notify import ChannelBook, NotifyShard
 from operators.fanout.ports import FollowerStore, Position
+from schemas.addresses import PUSH_PROVIDERS
 from schemas.records import (
+    CategorySwitch,
     DeviceChange,
     EncodedDispatchBatch,
     FollowChange,
@@ -67,7 +70,7 @@ class ChangelogEvent:
     `source` is `topic/partition`, `log` the id of the topic's log (None when not known).
     """
 
-    change: PreferenceChange | DeviceChange | FollowChange
+    change: PreferenceChange | CategorySwitch | DeviceChange | FollowChange
     shard_id: int
     source: str
     offset: int
@@ -174,6 +177,7 @@ class FollowerShard:
         settle_s: float = 0.1,
         celebrity_threshold: int | None = None,
         few: int = FEW,
+        notify: NotifyShard | None = None,
     ) -> None:
         self.changelog_sources = frozenset(changelog_sources)
         self.few = few
@@ -198,6 +202,9 @@ class FollowerShard:
         self.deferred: dict[tuple[float, str], list[str]] = {}
         self.deferred_heap: list[tuple[float, str]] = []
         self.deferred_posts: dict[str, _PostRef] = {}
+        # API notifications (`operators.fanout.notify`): channel addresses, category switches,
+        # tier queues, scheduled holds.
+        self.notify = notify if notify is not None else NotifyShard()
 
     # ---- changelogs -------------------------------------------------------------------------
 
@@ -214,6 +221,11 @@ class FollowerShard:
         change = event.change
         if isinstance(change, PreferenceChange):
             self.users.apply_preference(change)
+            self.notify.book.apply_preference(change)
+        elif isinstance(change, CategorySwitch):
+            self.notify.book.apply_switch(change)
+        elif isinstance(change, DeviceChange) and change.provider not in PUSH_PROVIDERS:
+            self.notify.book.apply_address(change)
         elif isinstance(change, DeviceChange):
             self.users.apply_device(change)
         else:
@@ -225,10 +237,14 @@ class FollowerShard:
     def apply_preference(self, change: PreferenceChange) -> None:
         """Replace the user's preferences (a preference record is complete, not a patch)."""
         self.users.apply_preference(change)
+        self.notify.book.apply_preference(change)
 
     def apply_device(self, change: DeviceChange) -> None:
-        """Register, refresh or deactivate one device of the user."""
-        self.users.apply_device(change)
+        """Register, refresh or deactivate one device (or channel address) of the user."""
+        if change.provider in PUSH_PROVIDERS:
+            self.users.apply_device(change)
+        else:
+            self.notify.book.apply_address(change)
 
     def follows_changed(self, authors: Iterable[str]) -> None:
         """Forget the cached columns of authors whose edges this shard just changed."""
@@ -589,6 +605,7 @@ class FollowerShard:
                 p: (r.author_id, r.created_at, r.lane, r.pending)
                 for p, r in self.deferred_posts.items()
             },
+            "notify": self.notify.snapshot(),
         }
 
     def restore(self, snap: dict[str, Any], now: float) -> None:
@@ -601,17 +618,20 @@ class FollowerShard:
         self.deferred_heap = list(self.deferred)
         heapq.heapify(self.deferred_heap)
         self.deferred_posts = {p: _PostRef(*r) for p, r in snap["deferred_posts"].items()}
+        if "notify" in snap:  # a snapshot from before API notifications has none
+            self.notify.restore(snap["notify"])
         self.caught_up = {}
         self._horizon = None
         self.ready_after = now
 
     def checkpoint_state(self) -> tuple[Columns, dict[str, Position]]:
         """The user table's arrays and the changelog positions they include (a copy)."""
-        return self.users.to_columns(), dict(self.positions)
+        return {**self.users.to_columns(), **self.notify.book.to_columns()}, dict(self.positions)
 
     def load_checkpoint(self, columns: Columns, positions: dict[str, Position]) -> None:
         """Start from a checkpoint: the changelogs' tail after `positions` completes it."""
         self.users = UserTable.from_columns(columns)
+        self.notify.book = ChannelBook.from_columns(columns)
         self.positions = dict(positions)
         self.columns.clear()
 

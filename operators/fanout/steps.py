@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -9,18 +10,21 @@ from typing import Any
 from operators import metrics
 from operators.events import CaughtUp, MessageOrigin, RawEvent, dead_letter
 from operators.fanout.eligibility import post_suppression
+from operators.fanout.notify import CancelNotice, RecipientJob
 from operators.fanout.ports import FollowerStore, PostClaims
 from operators.fanout.shard import ChangelogEvent, ShardJob, ShardMarker, lane_for
 from operators.fanout.sharding import shard_key, shard_of
+from schemas.addresses import DEVICE_PROVIDERS
 from schemas.codecs import (
     InvalidEvent,
     decode_device_change,
     decode_follow_change,
     decode_post_created,
-    decode_preference_change,
+    decode_preference_event,
+    decode_tier_event,
     format_timestamp,
 )
-from schemas.records import DeadLetter, PostCreated
+from schemas.records import DeadLetter, NotificationCancel, NotificationRequest, PostCreated
 from schemas.topics import DEVICE_CHANGES, FOLLOW_CHANGES, PREFERENCE_CHANGES
 
 
@@ -45,26 +49,32 @@ def decode_post(event: RawEvent) -> ReadPost | DeadLetter:
     return ReadPost(post, created_raw, event.origin, event.read_at)
 
 
-_DECODERS: dict[str, Callable[[bytes | str | None], Any]] = {
-    FOLLOW_CHANGES: decode_follow_change,
-    PREFERENCE_CHANGES: decode_preference_change,
-    DEVICE_CHANGES: decode_device_change,
-}
-
-
 class ChangelogRouter:
-    """Decode changelog events and route each to its user's shard; fan markers to all shards."""
+    """Decode changelog events and route each to its user's shard; fan markers to all shards.
 
-    def __init__(self, shard_count: int) -> None:
+    Preference events include category switches, and device events channel addresses
+    (`allow_dev_addresses`: FANFARE_DEV_MODE's local hosts), for API notifications.
+    """
+
+    def __init__(self, shard_count: int, *, allow_dev_addresses: bool = False) -> None:
         self._shard_count = shard_count
         self._all_keys = [shard_key(s) for s in range(shard_count)]
+        self._decoders: dict[str, Callable[[bytes | str | None], Any]] = {
+            FOLLOW_CHANGES: decode_follow_change,
+            PREFERENCE_CHANGES: decode_preference_event,
+            DEVICE_CHANGES: functools.partial(
+                decode_device_change,
+                providers=DEVICE_PROVIDERS,
+                allow_dev_addresses=allow_dev_addresses,
+            ),
+        }
 
     def route(self, event: object) -> Iterable[tuple[str, Any] | DeadLetter]:
         """(shard_key, ChangelogEvent or ShardMarker) items, or one dead letter."""
         if isinstance(event, CaughtUp):
             return [(k, ShardMarker(s, event)) for s, k in enumerate(self._all_keys)]
         assert isinstance(event, RawEvent)
-        decoder = _DECODERS.get(event.topic)
+        decoder = self._decoders.get(event.topic)
         if decoder is None:
             return self._dead(event, f"unexpected topic {event.topic!r} for the changelog input")
         try:
@@ -130,4 +140,73 @@ class ShardJobPlanner:
                 ShardJob(p.post_id, p.author_id, read.created_at_raw, lane, read.read_at, s),
             )
             for s in range(self._shard_count)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadNotification:
+    """A valid tier-topic message (a request or a cancel) and where it was read."""
+
+    event: NotificationRequest | NotificationCancel
+    origin: MessageOrigin
+    read_at: float
+
+
+def decode_notification(event: RawEvent) -> ReadNotification | DeadLetter:
+    """Decode and validate a message of a tier topic (`notify.<tier>`)."""
+    try:
+        decoded = decode_tier_event(event.value)
+    except InvalidEvent as exc:
+        return dead_letter(event, exc)
+    expected = event.topic.rpartition(".")[2]
+    if decoded.tier != expected:
+        return dead_letter(
+            event, InvalidEvent("wrong_tier", f"a {decoded.tier} event on {event.topic}")
+        )
+    kind = "cancel" if isinstance(decoded, NotificationCancel) else "request"
+    metrics.NOTIFICATIONS_READ.labels(decoded.tier, kind).inc()
+    return ReadNotification(decoded, event.origin, event.read_at)
+
+
+class NotificationClaimer:
+    """Drop re-published requests: the first message carrying a request's key owns it.
+
+    The post claim port in a key space of its own (`RedisPostClaims(kind="notification")`);
+    a campaign's messages share a notification id, so the key is `NotificationRequest.key`.
+    Cancels are not claimed: applying one twice changes nothing.
+    """
+
+    def __init__(self, claims: Callable[[], PostClaims]) -> None:
+        self._claims = claims
+
+    def claim_batch(self, reads: list[ReadNotification]) -> list[ReadNotification]:
+        """The requests this batch owns, and every cancel."""
+        requests = [(r, r.event) for r in reads if isinstance(r.event, NotificationRequest)]
+        owned = self._claims().claim([(e.key, r.origin.key) for r, e in requests])
+        refused = {id(r) for (r, _), ok in zip(requests, owned, strict=True) if not ok}
+        if refused:
+            metrics.DEDUPED.labels("notification_claim").inc(len(refused))
+        return [r for r in reads if id(r) not in refused]
+
+
+class NotificationRouter:
+    """A request's recipients grouped by shard, one job per shard; a cancel to every shard."""
+
+    def __init__(self, shard_count: int) -> None:
+        self._shard_count = shard_count
+        self._all_keys = [shard_key(s) for s in range(shard_count)]
+
+    def route(self, read: ReadNotification) -> list[tuple[str, RecipientJob | CancelNotice]]:
+        """(shard_key, job or cancel) items."""
+        event = read.event
+        if isinstance(event, NotificationCancel):
+            return [
+                (k, CancelNotice(event.notification_id, s)) for s, k in enumerate(self._all_keys)
+            ]
+        by_shard: dict[int, list[str]] = {}
+        for user in event.recipients:
+            by_shard.setdefault(shard_of(user, self._shard_count), []).append(user)
+        return [
+            (self._all_keys[s], RecipientJob(event, tuple(users), s, read.read_at))
+            for s, users in sorted(by_shard.items())
         ]

@@ -46,8 +46,13 @@ from operators.notify.requests import (
     resolve_template,
 )
 from operators.notify.templates import DataValue
-from schemas.codecs import encode_notification_request, format_timestamp
-from schemas.records import Channel
+from schemas.codecs import (
+    encode_notification_cancel,
+    encode_notification_request,
+    format_timestamp,
+    parse_timestamp,
+)
+from schemas.records import Channel, NotificationCancel, Tier
 from schemas.topics import tier_topic
 
 log = logging.getLogger(__name__)
@@ -277,6 +282,50 @@ class NotifyService:
 
         return self._once(key, "send", request.idempotency_key, body, publish)
 
+    # --- DELETE /v1/notifications/{id} ----------------------------------------------------------
+
+    def cancel(self, key: ApiKey, notification_id: str) -> Answer:
+        """Cancel a scheduled notification before its `send_at`: a cancel on its tier's topic.
+
+        The fan-out holds a scheduled notification until `send_at` and drops it when the cancel
+        (keyed by the id, so on the request's partition, after it) arrives first. A notification
+        sent at once, or whose `send_at` has passed, cannot be called back: 409.
+        """
+        accepted = self._accepted.get(notification_id)
+        if accepted is None or not key.allows_category(accepted.category):
+            raise Rejected("not_found", f"no notification {notification_id!r}")
+        if accepted.send_at is None:
+            raise Rejected(
+                "not_cancellable",
+                "it had no send_at and was sent at once: only a scheduled notification can be "
+                "cancelled",
+            )
+        send_at = parse_timestamp(accepted.send_at)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        if send_at <= now:
+            raise Rejected(
+                "not_cancellable", f"its send_at ({accepted.send_at}) has passed: it was sent"
+            )
+        topic = tier_topic(accepted.tier)
+        tier: Tier = accepted.tier  # type: ignore[assignment]
+        cancel = NotificationCancel(notification_id, tier, key.key_id, now)
+        try:
+            self._publisher.publish(
+                topic, [(notification_id.encode(), encode_notification_cancel(cancel))]
+            )
+        except PublishFailed as exc:
+            raise Rejected("unavailable", f"the broker did not take it: {exc}") from None
+        return Answer(
+            202,
+            {
+                "notification_id": notification_id,
+                "state": "cancelled",
+                "topic": topic,
+                "send_at": accepted.send_at,
+                "cancelled_at": format_timestamp(now, "milliseconds"),
+            },
+        )
+
     # --- campaigns ----------------------------------------------------------------------------
 
     def create_campaign(
@@ -298,8 +347,8 @@ class NotifyService:
             raise Rejected(
                 "segment_unavailable",
                 "segments by locale or platform need a store of users' locales and devices "
-                "that the API can query; fanfare has none yet (preference_changes carries no "
-                "locale, and devices live in the fan-out's keyed state): upload the list "
+                "that the API can query; fanfare has none yet (users' locales and devices "
+                "live in the fan-out's keyed state): upload the list "
                 "(POST /v1/notifications/bulk/audiences) or target an author's followers",
                 "targeting.segment",
             )

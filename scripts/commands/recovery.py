@@ -250,7 +250,15 @@ def _describe(value: Any) -> str:
     ):  # a reader's snapshot: the offset and the id of the topic log it counts in
         return f"next offset {value[0]:,} (topic id {value[1] or 'not seen yet'})"
     if isinstance(value, dict) and value.get("v") == 2 and "jobs" in value:
-        return f"{len(value['jobs'])} job(s) in flight, {len(value['deferred'])} deferred push(es)"
+        text = f"{len(value['jobs'])} job(s) in flight, {len(value['deferred'])} deferred push(es)"
+        notify = value.get("notify")
+        if isinstance(notify, dict):  # API notifications (a shard's snapshot since they exist)
+            held = sum(len(users) for _, _, users in notify.get("held", ()))
+            text += (
+                f", {len(notify.get('queues', ()))} notification job(s) queued, "
+                f"{held} recipient(s) held until send_at"
+            )
+        return text
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

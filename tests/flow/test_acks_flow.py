@@ -72,7 +72,7 @@ def test_acks_update_status_and_unknown_or_malformed_ones_are_dead_lettered(
 
 
 def test_a_worker_opens_its_store_once_in_a_cluster(tmp_path: Path) -> None:
-    """Issue 20: with a threading.local the store was opened again on every call in a cluster."""
+    """With a threading.local the store was opened again on every call in a cluster."""
     store = SQLiteNotificationStore(tmp_path / "n.db")
     opened: list[int] = []
 
@@ -99,7 +99,7 @@ def test_a_worker_opens_its_store_once_in_a_cluster(tmp_path: Path) -> None:
 def test_a_step_s_error_is_logged_once_with_the_step_s_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 20: in a cluster Bytewax prints no Python error, only "Send thread panic"."""
+    """In a cluster Bytewax prints no Python error, only "Send thread panic"."""
 
     def no_store() -> SQLiteNotificationStore:
         raise OSError("store unreachable")

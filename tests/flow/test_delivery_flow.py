@@ -138,7 +138,7 @@ def test_every_item_gets_one_outcome_and_bad_input_is_dead_lettered(tmp_path: Pa
 
 
 def test_a_worker_builds_its_engine_once_in_a_cluster(tmp_path: Path) -> None:
-    """Issue 20: a threading.local does not survive Bytewax's (Rust) cluster worker threads.
+    """A threading.local does not survive Bytewax's (Rust) cluster worker threads.
 
     Every activation enters Python through pyo3's GIL guard, which makes and deletes the thread's
     Python thread state, and a threading.local's values with it: the engine (event loop thread,
@@ -187,7 +187,7 @@ def test_a_worker_builds_its_engine_once_in_a_cluster(tmp_path: Path) -> None:
 def test_a_step_s_error_is_logged_once_with_the_step_s_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Issue 20: in a cluster Bytewax prints no Python error, only "Send thread panic"."""
+    """In a cluster Bytewax prints no Python error, only "Send thread panic"."""
 
     def no_engine() -> DeliveryEngine:
         raise ValueError("Firebase app named 'fanfare-1-2' already exists")

@@ -207,7 +207,7 @@ class BrokenFollowerStore(InMemoryFollowerStore):
 def test_a_step_s_error_is_logged_once_with_the_step_s_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Issue 20: in a cluster Bytewax prints no Python error, only "Send thread panic"."""
+    """In a cluster Bytewax prints no Python error, only "Send thread panic"."""
     e = Events()
     changes: list[Any] = [
         e("follow_changes", follow("alice", "bob")),

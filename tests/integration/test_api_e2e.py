@@ -42,7 +42,9 @@ from schemas.codecs import (
     decode_notification_ack,
     decode_notification_request,
     decode_preference_change,
+    decode_tier_event,
 )
+from schemas.records import NotificationCancel
 from schemas.topics import (
     DEVICE_CHANGES,
     NOTIFICATION_ACKS,
@@ -301,7 +303,7 @@ def test_a_notification_goes_to_its_tier_topic_once_per_idempotency_key(api: Api
     status = api.call("GET", f"/v1/notifications/{nid}/status", key=key)
     assert status.status == 200, status.body
     assert status.body["state"] == "accepted" and status.body["recipients"] == 2
-    assert status.body["recipient_status"] == {"unknown": 2}  # the flows do not read tiers yet
+    assert status.body["recipient_status"] == {"unknown": 2}  # no delivery flow runs here
 
 
 def test_bad_requests_get_a_json_reason_and_publish_nothing(api: Api) -> None:
@@ -478,6 +480,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
             "invalid_request",
         ),
         ("PUT", "preferences", {"timezone": "UTC", "push_enabled": "yes"}, "invalid_request"),
+        ("PUT", "preferences", {"timezone": "UTC", "locale": "fr CA"}, "invalid_request"),
         (
             "POST",
             "devices",
@@ -488,7 +491,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
             "POST",
             "devices",
             {"device_id": "d1", "provider": "sms", "token": "ab" * 32},
-            "invalid_address",  # sms is a channel address since issue 18: not E.164
+            "invalid_address",  # sms is a channel address: not E.164
         ),
         (
             "POST",
@@ -505,7 +508,12 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
     prefs = api.call(
         "PUT",
         f"/v1/users/{user}/preferences",
-        {"timezone": "Europe/Paris", "quiet_hours_start": 22, "quiet_hours_end": 7},
+        {
+            "timezone": "Europe/Paris",
+            "quiet_hours_start": 22,
+            "quiet_hours_end": 7,
+            "locale": "fr-CA",
+        },
         key,
     )
     assert prefs.status == 202 and prefs.body["topic"] == PREFERENCE_CHANGES
@@ -531,7 +539,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
         7,
         "Europe/Paris",
     )
-    assert change.push_enabled is True
+    assert change.push_enabled is True and change.locale == "fr-CA"
     devices = [
         d for d in map(decode_device_change, api.messages(DEVICE_CHANGES)) if d.user_id == user
     ]
@@ -547,6 +555,7 @@ def test_preferences_and_devices_are_published_in_their_contracts(api: Api) -> N
         "quiet_hours_end",
         "timezone",
         "ts",
+        "locale",
     }
 
 
@@ -838,3 +847,44 @@ def test_campaigns_progress_cancel_and_resume_after_kill_9_without_duplicates(ap
         for v in api.messages("notify.transactional")
         if decode_notification_request(v).campaign_id in (list_id, fan_id)
     ]
+
+
+def test_a_scheduled_notification_can_be_cancelled_before_send_at(api: Api) -> None:
+    key = api.key(endpoints="send", categories="new_post")
+
+    def post_notice(**extra: object) -> Reply:
+        body = {
+            "idempotency_key": f"post-{uuid.uuid4().hex}",
+            "category": "new_post",
+            "template_id": "new_post",
+            "recipients": ["u3"],
+            "data": {"author_name": "Ann", "excerpt": "Hello", "post_id": "p9"},
+            **extra,
+        }
+        return api.call("POST", "/v1/notifications", body, key)
+
+    later = post_notice(send_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    now = post_notice()
+    assert later.status == 202 and now.status == 202
+    before = api.counts()["notify.social"]
+    cancel = api.call("DELETE", f"/v1/notifications/{later.body['notification_id']}", key=key)
+    assert cancel.status == 202, cancel.body
+    assert cancel.body["state"] == "cancelled" and cancel.body["topic"] == "notify.social"
+    assert api.counts()["notify.social"] == before + 1
+    records = [decode_tier_event(v) for v in api.messages("notify.social")]
+    [record] = [
+        r
+        for r in records
+        if isinstance(r, NotificationCancel) and r.notification_id == later.body["notification_id"]
+    ]
+    assert record.tier == "social"
+    at_once = api.call("DELETE", f"/v1/notifications/{now.body['notification_id']}", key=key)
+    assert_error(at_once, 409, "not_cancellable")
+    assert_error(api.call("DELETE", "/v1/notifications/n_nothing", key=key), 404, "not_found")
+    other = api.key(endpoints="send", categories="login_code")
+    hidden = api.call("DELETE", f"/v1/notifications/{later.body['notification_id']}", key=other)
+    assert_error(hidden, 404, "not_found")  # another category's notification is not shown
+    no_scope = api.key(endpoints="status", categories="new_post")
+    refused = api.call("DELETE", f"/v1/notifications/{later.body['notification_id']}", key=no_scope)
+    assert_error(refused, 403, "forbidden")
+    assert api.counts()["notify.social"] == before + 1  # nothing more was published

@@ -53,6 +53,8 @@ MALFORMED: dict[str, list[bytes]] = {
     "push.fcm.bulk": [b"[]"],
     "push.retry": [b'{"provider": "apns"}'],
     "notification_acks": [b'{"notification_id": "p:u"}', b"{"],
+    "notify.transactional": [b"{not a request", b'{"schema": "notification_cancel/v1"}'],
+    "notify.marketing": [b'{"schema": "notification_request/v1", "recipients": []}'],
 }
 
 

@@ -263,7 +263,7 @@ def test_rate_limit_holds_the_send_rate(
     times = sorted(r.time for r in providers.control.accepted("apns"))
     assert len(times) == 900
     # 200/s with a 100 ms burst: no one-second window holds more than 200 + 20 sends, as the
-    # provider received them (it held 25 where 20 fit when grants were pooled, issue 20).
+    # provider received them (it held 25 where 20 fit when grants were pooled).
     assert most_in_window(times, 1.0) <= 220, most_in_window(times, 1.0)
     assert times[-1] - times[0] >= (900 - 20) / 200 * 0.95
 
@@ -273,7 +273,7 @@ def most_in_window(times: list[float], w: float) -> int:
     return max((bisect.bisect_left(times, t + w) - i for i, t in enumerate(times)), default=0)
 
 
-# Issue 20's limits: 10 APNs and 9 FCM sends a second, the default burst (one second of the
+# The limits: 10 APNs and 9 FCM sends a second, the default burst (one second of the
 # rate) and the default send slack.
 RATES_PER_MIN = {"apns": 600, "fcm": 540}
 # Two celebrity posts on the bulk lanes, on different partitions (with two processes, each
@@ -287,7 +287,7 @@ NORMAL_POSTS, NORMAL_DEVICES = 15, 2
 def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
     stack: Stack, providers: Providers, processes: int, transport: tuple[tuple[str, str], ...]
 ) -> None:
-    """Issue 20: at a binding rate, with both lanes busy and one or two delivery processes, the
+    """At a binding rate, with both lanes busy and one or two delivery processes, the
     providers receive at most rate x W + burst in any W seconds (W = 1, 5, 10), every push is
     accepted once, and the cluster never restarts (two processes crash-looped on
     "Send thread panic": an engine built on every call, until two firebase apps shared a name).
@@ -329,7 +329,7 @@ def test_provider_rate_limit_holds_in_every_window_for_the_whole_cluster(
     stats = ctl.stats()
     report: dict[str, Any] = {}
     # One client per process for the whole run (FCM: one more connection for its OAuth token).
-    # A worker made a new engine, with new connections, on every call before (issue 20).
+    # A worker made a new engine, with new connections, on every call before.
     connections = {"apns": processes, "fcm": 2 * processes}
     for provider, per_min in RATES_PER_MIN.items():
         rate = per_min / 60

@@ -845,7 +845,7 @@ def test_the_delivery_fcm_sender_speaks_http2_to_the_local_server_and_closes_in_
 def test_the_delivery_senders_connect_and_authenticate_before_their_first_send(
     providers: LocalProviders, control: ProviderControl, tmp_path: Path
 ) -> None:
-    """Issue 20: a connection or OAuth token made after a send's rate-limit token was taken
+    """A connection or OAuth token made after a send's rate-limit token was taken
     delays that send (170 ms for FCM's first chunk), and the bucket's promise with it."""
     from operators.adapters.providers.apns import ApnsSender
     from operators.adapters.providers.config import apns_config, fcm_config

@@ -273,7 +273,7 @@ def most_in_window(times: list[float], w: float) -> int:
 
 
 def test_each_grant_is_sent_when_taken(store: SQLiteNotificationStore) -> None:
-    """Issue 20: tokens taken up to a second apart were sent together (25 at once, 20 allowed)."""
+    """Tokens taken up to a second apart were sent together (25 at once, 20 allowed)."""
     sender = TimedSender(per_minute=600)  # 10/s, a bucket of 10
     e = engine(store, sender, rate_wait_max_s=2.0)
     e._limiter = LocalRateLimiter()  # real time

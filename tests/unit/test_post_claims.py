@@ -54,3 +54,17 @@ def test_redis_claims_carry_the_ttl() -> None:
         assert 0 < ttl <= 123
     finally:
         _clean(prefix)
+
+
+def test_notification_claims_have_their_own_key_space() -> None:
+    prefix = f"fanfare-test-{uuid.uuid4().hex[:8]}:"
+    try:
+        posts = RedisPostClaims(REDIS_URL, prefix, ttl_s=60)
+        notes = RedisPostClaims(REDIS_URL, prefix, ttl_s=60, kind="notification")
+        assert posts.claim([("x1", "post_created/0@1")]) == [True]
+        # The same id in the other key space is another claim.
+        assert notes.claim([("x1", "notify.social/0@1")]) == [True]
+        assert notes.claim([("x1", "notify.social/0@2")]) == [False]  # re-published
+        assert redis.Redis.from_url(REDIS_URL).exists(prefix + "notification:x1") == 1
+    finally:
+        _clean(prefix)

@@ -533,6 +533,43 @@ def test_rebuild_summary_shows_reader_positions_of_every_snapshot_version() -> N
     assert "post_created/2: next offset -2 (topic id not seen yet)" in lines[3]
 
 
+def test_rebuild_summary_shows_a_shard_s_queued_and_held_notifications() -> None:
+    import pickle
+    from datetime import UTC, datetime, timedelta
+
+    from operators.fanout.notify import NotifyShard, NotifyTally, RecipientJob
+    from operators.fanout.shard import FollowerShard
+    from schemas.records import NotificationRequest
+
+    noon = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    shard = FollowerShard([])
+    request = NotificationRequest(
+        "n1",
+        "social",
+        "new_post",
+        "new_post",
+        ("u1", "u2"),
+        {},
+        ("inbox",),
+        False,
+        False,
+        "k",
+        noon,
+        send_at=noon + timedelta(hours=1),
+    )
+    shard.notify.add_job(RecipientJob(request, ("u1", "u2"), 0, 0.0))
+    shard.notify.work(shard.users, noon, lambda read_at: True, NotifyTally())
+    shard.notify.add_job(RecipientJob(request, ("u3",), 0, 0.0))
+    assert isinstance(shard.notify, NotifyShard)
+    lines = recovery_cli.summarize(
+        {("fanout.expand_follower_shards", "shard-00000"): pickle.dumps(shard.snapshot())}
+    )
+    assert lines[1].endswith(
+        "0 job(s) in flight, 0 deferred push(es), 1 notification job(s) queued, "
+        "2 recipient(s) held until send_at"
+    )
+
+
 def test_a_private_post_read_before_is_not_called_fanned_out() -> None:
     public = message(0, post("p1", "alice"))
     private = message(1, post("p2", "alice", visibility="private"))

@@ -191,6 +191,30 @@ def test_floor_is_the_lowest_position_and_the_beginning_without_a_checkpoint(
     assert moved.load(0) is None
 
 
+def test_a_checkpoint_from_before_the_channel_book_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its positions include channel addresses and category switches that were not kept then.
+    from operators.adapters.stores import shard_state
+
+    shard = FollowerShard(SOURCES)
+    shard.apply_device(DeviceChange("u1", "mail", "email", "u1@example.com", True, TS))
+    columns, _ = shard.checkpoint_state()
+    old = {k: v for k, v in columns.items() if k != "notify_book"}
+    with monkeypatch.context() as m:
+        m.setattr(shard_state, "VERSION", 1)
+        write_checkpoint(checkpoint_path(tmp_path, 0), 0, old, {"device_changes/0": ("L", 40)})
+    store = FileShardStateStore(tmp_path, 1, {"device_changes": "L"}.get)
+    assert store.load(0) is None
+    assert store.floor("device_changes", 0) == (-2, "L")  # read from the beginning
+    write_checkpoint(checkpoint_path(tmp_path, 0), 0, columns, {"device_changes/0": ("L", 40)})
+    loaded = store.load(0)
+    assert loaded is not None and store.floor("device_changes", 0) == (40, "L")
+    again = FollowerShard(SOURCES)
+    again.load_checkpoint(*loaded)
+    assert again.notify.book.addresses == {"u1": (("mail", "email", "u1@example.com"),)}
+
+
 def test_background_saves_keep_the_latest_and_round_trip(tmp_path: Path) -> None:
     store = FileShardStateStore(
         tmp_path, 1, {"device_changes": "devlog", "preference_changes": "preflog"}.get

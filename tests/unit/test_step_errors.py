@@ -1,4 +1,4 @@
-"""A step's error is logged once with its traceback, then re-raised unchanged (issue 20)."""
+"""A step's error is logged once with its traceback, then re-raised unchanged."""
 
 from __future__ import annotations
 

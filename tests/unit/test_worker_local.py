@@ -1,4 +1,4 @@
-"""WorkerLocal: per-worker values that survive Bytewax's worker threads (issue 20)."""
+"""WorkerLocal: per-worker values that survive Bytewax's worker threads."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_bytewax_cluster_workers_lose_threading_local_but_not_worker_local() -> 
 def test_no_code_a_worker_runs_keeps_its_state_in_a_threading_local() -> None:
     """What the flows' steps, sources, sinks and adapters keep per worker is in a WorkerLocal.
 
-    Issue 20 found five: the delivery engine, the acks store, the bulk round budget, the Redis
+    A cluster run found five: the delivery engine, the acks store, the bulk round budget, the Redis
     clients and the SQLite connections, all made again on every call in a cluster.
     """
     root = Path(__file__).resolve().parents[2]

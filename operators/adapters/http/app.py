@@ -231,6 +231,18 @@ def create_app(deps: ApiDeps) -> Any:
             raise Rejected("not_found", f"no notification {notification_id!r}")
         return JSONResponse(view)
 
+    @app.delete(
+        "/v1/notifications/{notification_id}",
+        status_code=202,
+        responses={**ERRORS, 409: {"description": "not scheduled, or its send_at has passed"}},
+        tags=["notifications"],
+    )
+    def cancel_notification(
+        notification_id: IdPath, key: Annotated[ApiKey, Depends(needs("send"))]
+    ) -> JSONResponse:
+        """Cancel a scheduled notification (`send_at`) that has not been sent yet."""
+        return _answer(service.cancel(key, notification_id))
+
     @app.patch(
         "/v1/notifications/{notification_id}/read",
         status_code=202,
@@ -396,6 +408,7 @@ def create_app(deps: ApiDeps) -> Any:
             quiet_hours_end=body.quiet_hours_end,
             timezone=body.timezone,
             ts=now(),
+            locale=body.locale,
         )
         raw = encode_preference_change(change)
         try:

@@ -34,6 +34,7 @@ STATUS_OF: dict[str, int] = {
     "method_not_allowed": 405,
     "idempotency_key_reused": 409,
     "request_in_progress": 409,
+    "not_cancellable": 409,
     "expired_token": 410,
     "payload_too_large": 413,
     "unsupported_media_type": 415,

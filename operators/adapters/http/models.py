@@ -158,6 +158,9 @@ class PreferencesIn(_Body):
     quiet_hours_start: int | None = Field(default=None, ge=0, le=23)
     quiet_hours_end: int | None = Field(default=None, ge=0, le=23)
     timezone: str = Field(min_length=1, max_length=64, examples=["Europe/Paris"])
+    locale: str | None = Field(
+        default=None, min_length=1, max_length=35, pattern=r"^[A-Za-z0-9_-]+$", examples=["fr-CA"]
+    )
 
 
 DeviceProvider = Literal["apns", "fcm", "webpush", "email", "sms", "chat"]

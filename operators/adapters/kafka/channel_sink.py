@@ -1,7 +1,8 @@
 """The fan-out's sink: dispatch batches to the channel topics, each item written once.
 
-A batch goes to the partition of its post on `push.<provider>` (or its `.bulk` lane); after a
-restart, items already on the partition are dropped from replayed batches.
+A batch goes to the partition of its post (or API notification) on its topic: `push.<provider>`,
+its `.bulk` or `.transactional` lane, or a channel topic `<provider>.<tier>`; after a restart,
+items already on the partition are dropped from replayed batches.
 """
 
 from __future__ import annotations
@@ -59,8 +60,16 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[Batch]):
         if not kept:
             return None, dropped
         if dropped:
+            # An API notification's batch keeps its message (the senders render it).
+            message = batch.message if isinstance(batch, DispatchBatch) else None
             batch = DispatchBatch(
-                batch.post_id, batch.author_id, batch.provider, batch.created_at, batch.lane, kept
+                batch.post_id,
+                batch.author_id,
+                batch.provider,
+                batch.created_at,
+                batch.lane,
+                kept,
+                message,
             )
         return batch, dropped
 
@@ -78,7 +87,7 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[Batch]):
 
 
 class ChannelTopicsSink(PartitionedTopicsSink[Batch]):
-    """Dispatch batches to `push.*` topics, routed by post_id."""
+    """Dispatch batches to `push.*` and channel topics, routed by post_id (notification id)."""
 
     def __init__(
         self,

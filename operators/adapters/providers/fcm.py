@@ -63,7 +63,7 @@ def app_name() -> str:
     firebase-admin keeps every app in a process-wide registry until `delete_app`, and refuses a
     name twice. A name made of an object's `id()` is reused once that object is freed: when an
     engine was dropped without being closed, its app was still registered and the next one
-    raised ValueError, which crashed the cluster (issue 20).
+    raised ValueError, which crashed the cluster.
     """
     return f"fanfare-{os.getpid()}-{next(_APP_NUMBERS)}"
 
@@ -73,7 +73,7 @@ def token_needs_refresh(credential: Any, now: datetime) -> bool:
 
     google-auth (expiry and `now` in naive UTC) refreshes an expiring token inside the request
     that finds it, with a blocking HTTP call on the worker's event loop: every send of that loop
-    (APNs too) then leaves that much after its rate-limit token was taken (issue 20). So the
+    (APNs too) then leaves that much after its rate-limit token was taken. So the
     sender refreshes it first, in a thread, between sends.
     """
     expiry: datetime | None = getattr(credential, "expiry", None)
@@ -110,7 +110,7 @@ class FcmSender(PushSender):
 
     provider = "fcm"
     # firebase-admin sends a chunk's messages at once and chunks one after another: the engine
-    # takes tokens for one chunk at a time and sends it at once (issue 20).
+    # takes tokens for one chunk at a time and sends it at once.
     max_per_send = _FCM_CHUNK
     one_send_at_a_time = True
 

@@ -36,8 +36,11 @@ class RedisPostClaims(PostClaims):
     worker waits), then RedisUnavailable fails the worker (see the module docstring).
     """
 
-    def __init__(self, url: str, prefix: str, ttl_s: int, retry_for_s: float = 60.0) -> None:
-        self._prefix = prefix
+    def __init__(
+        self, url: str, prefix: str, ttl_s: int, retry_for_s: float = 60.0, *, kind: str = "post"
+    ) -> None:
+        # `kind` is the key space: API notifications claim their ids apart from post ids.
+        self._prefix = f"{prefix}{kind}:"
         self._ttl = ttl_s
         self._retry_for_s = retry_for_s
         self._redis = PerThreadRedis(
@@ -56,5 +59,5 @@ class RedisPostClaims(PostClaims):
         script = self._redis.script(_CLAIM_SCRIPT)
         pipe = self._redis().pipeline(transaction=False)
         for post_id, identity in claims:
-            script(keys=[f"{self._prefix}post:{post_id}"], args=[identity, self._ttl], client=pipe)
+            script(keys=[f"{self._prefix}{post_id}"], args=[identity, self._ttl], client=pipe)
         return [bool(r) for r in pipe.execute()]

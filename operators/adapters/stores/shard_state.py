@@ -39,7 +39,10 @@ from operators.fanout.ports import Position, ShardStateStore
 log = logging.getLogger(__name__)
 
 MAGIC = b"FFSHARD1"
-VERSION = 1
+VERSION = 2
+"""2: the users' channel addresses, category switches and locales are in it (`notify_book`).
+A version-1 checkpoint's positions cover events whose addresses and switches it does not hold,
+so it is not used: the shard reads its changelogs from the beginning, as with none."""
 _ALIGN = 64
 
 TopicId = Callable[[str], str | None]

@@ -20,24 +20,15 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from scripts.dev.local_channels.state import CHANNELS, ChannelState
 from scripts.dev.local_channels.webpush import WebPushServer
+from scripts.dev.local_providers.control_api import JsonControlClient, json_response
 from scripts.dev.local_providers.http11 import Http11Protocol, Request, Response
 from scripts.dev.local_providers.state import RateLimit
-
-
-class ControlError(RuntimeError):
-    """The control API refused a call; the message is its explanation."""
-
-
-def _json(status: int, doc: Any) -> Response:
-    return Response(status, json.dumps(doc).encode())
 
 
 class ChannelControlApi:
@@ -56,32 +47,32 @@ class ChannelControlApi:
         try:
             route = (req.method, req.path)
             if route == (b"GET", "/health"):
-                return _json(200, {"ok": True})
+                return json_response(200, {"ok": True})
             if route == (b"GET", "/stats"):
-                return _json(200, {c: s.stats() for c, s in self.states.items()})
+                return json_response(200, {c: s.stats() for c, s in self.states.items()})
             if route == (b"GET", "/accepted"):
                 query = parse_qs(req.query)
                 state = self._state(query.get("channel", [""])[0])
                 since = int(query.get("since", ["0"])[0])
                 records = state.records[since:]
-                return _json(
+                return json_response(
                     200,
                     {"records": records, "next": since + len(records), "total": len(state.records)},
                 )
             if route == (b"GET", "/callbacks"):
-                return _json(200, {"callbacks": self.states["sms"].extra})
+                return json_response(200, {"callbacks": self.states["sms"].extra})
             if route == (b"POST", "/faults"):
                 return self.set_faults(json.loads(req.body or b"{}"))
             if route == (b"POST", "/reset"):
                 channel = json.loads(req.body or b"{}").get("channel")
                 for name in [channel] if channel else CHANNELS:
                     self._state(name).reset()
-                return _json(200, {"ok": True})
+                return json_response(200, {"ok": True})
             if route == (b"POST", "/webpush/subscriptions"):
-                return _json(201, self.webpush.mint())
-            return _json(404, {"error": f"no endpoint {req.method.decode()} {req.path}"})
+                return json_response(201, self.webpush.mint())
+            return json_response(404, {"error": f"no endpoint {req.method.decode()} {req.path}"})
         except (ValueError, TypeError, KeyError) as exc:
-            return _json(400, {"error": f"{type(exc).__name__}: {exc}"})
+            return json_response(400, {"error": f"{type(exc).__name__}: {exc}"})
 
     def _state(self, channel: Any) -> ChannelState:
         if channel not in self.states:
@@ -115,30 +106,11 @@ class ChannelControlApi:
             faults.outage_status = status
         if "latency_ms" in doc:
             faults.latency_s = max(0.0, float(doc["latency_ms"] or 0) / 1000)
-        return _json(200, {"faults": faults.describe()})
+        return json_response(200, {"faults": faults.describe()})
 
 
-class ChannelControl:
+class ChannelControl(JsonControlClient):
     """Typed client of the control API (standard library only)."""
-
-    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-
-    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"content-type": "application/json"} if data is not None else {},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise ControlError(f"{method} {path}: {exc.code} {detail}") from None
 
     def stats(self) -> dict[str, Any]:
         """Counters per channel."""

@@ -6,10 +6,10 @@ In-process: `start_local_providers(home)`; as a subprocess: `spawn_local_provide
 
 from scripts.dev.local_providers.control import (
     AcceptedRecord,
-    ControlError,
     ProviderControl,
     ProviderStats,
 )
+from scripts.dev.local_providers.control_api import ControlError
 from scripts.dev.local_providers.credentials import LocalCredentials, make_local_credentials
 from scripts.dev.local_providers.runner import (
     LocalProviders,

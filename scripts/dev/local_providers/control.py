@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 from urllib.parse import parse_qs, urlencode
 
+from scripts.dev.local_providers.control_api import JsonControlClient, json_response
 from scripts.dev.local_providers.http11 import Http11Protocol, Request, Response
 from scripts.dev.local_providers.state import RECORD_FIELDS, ProviderState, RateLimit
 
@@ -34,10 +33,6 @@ if TYPE_CHECKING:
 
 PROVIDERS = ("apns", "fcm")
 MAX_PAGE = 100_000
-
-
-class ControlError(RuntimeError):
-    """The control API refused a call; the message is its explanation."""
 
 
 class ProviderStats(TypedDict, total=False):
@@ -78,10 +73,6 @@ class AcceptedRecord(NamedTuple):
 # server side
 
 
-def _json(status: int, doc: Any) -> Response:
-    return Response(status, json.dumps(doc).encode())
-
-
 class ControlApi:
     """Serves the endpoints above for the two provider servers it is given."""
 
@@ -99,20 +90,20 @@ class ControlApi:
         try:
             route = (req.method, req.path)
             if route == (b"GET", "/health"):
-                return _json(200, {"ok": True})
+                return json_response(200, {"ok": True})
             if route == (b"GET", "/stats"):
-                return _json(200, self.stats())
+                return json_response(200, self.stats())
             if route == (b"GET", "/accepted"):
                 return self.accepted(parse_qs(req.query))
             if route == (b"GET", "/faults"):
-                return _json(200, {p: s.faults.describe() for p, s in self.states.items()})
+                return json_response(200, {p: s.faults.describe() for p, s in self.states.items()})
             if route == (b"POST", "/faults"):
                 return self.set_faults(json.loads(req.body or b"{}"))
             if route == (b"POST", "/reset"):
                 return self.reset(json.loads(req.body or b"{}"))
-            return _json(404, {"error": f"no endpoint {req.method.decode()} {req.path}"})
+            return json_response(404, {"error": f"no endpoint {req.method.decode()} {req.path}"})
         except (ValueError, TypeError, KeyError) as exc:
-            return _json(400, {"error": f"{type(exc).__name__}: {exc}"})
+            return json_response(400, {"error": f"{type(exc).__name__}: {exc}"})
 
     def stats(self) -> dict[str, Any]:
         """Every provider's counters and faults."""
@@ -143,7 +134,7 @@ class ControlApi:
             prefix = f"projects/{self.fcm.project}/messages/"
             for record in records:
                 record[1] = prefix + record[1]
-        return _json(
+        return json_response(
             200,
             {
                 "provider": provider,
@@ -191,7 +182,7 @@ class ControlApi:
             after = int((doc["goaway"] or {}).get("after_requests", 0))
             server = self.apns if provider == "apns" else self.fcm
             result["goaway_connections"] = server.goaway(after)
-        return _json(200, {"faults": faults.describe(), **result})
+        return json_response(200, {"faults": faults.describe(), **result})
 
     def _reasons(self, provider: str) -> set[str]:
         from scripts.dev.local_providers.apns import REASON_STATUS
@@ -206,33 +197,14 @@ class ControlApi:
         for name in [provider] if provider else PROVIDERS:
             self._state(name).reset()
             servers[name].reset_counters()
-        return _json(200, {"ok": True})
+        return json_response(200, {"ok": True})
 
 
 # client side
 
 
-class ProviderControl:
+class ProviderControl(JsonControlClient):
     """Typed client of the control API (standard library only)."""
-
-    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-
-    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"content-type": "application/json"} if data is not None else {},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise ControlError(f"{method} {path}: {exc.code} {detail}") from None
 
     def health(self) -> bool:
         """True if the control API answers."""

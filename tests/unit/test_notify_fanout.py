@@ -1,0 +1,341 @@
+"""API notifications in a follower shard: per-recipient decisions, holds, cancels, tier order."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from operators.fanout.columns import UserTable
+from operators.fanout.notify import (
+    ChannelBook,
+    NotifyShard,
+    NotifyTally,
+    Recipient,
+    RecipientJob,
+    apply_switch,
+    decide_recipient,
+    notification_batches,
+    recipient_of,
+    switch_on,
+)
+from operators.fanout.shard import ChangelogEvent, FollowerShard
+from schemas.codecs import (
+    InvalidEvent,
+    decode_dispatch_batch,
+    decode_preference_change,
+    decode_tier_event,
+    encode_dispatch_batch,
+    encode_notification_cancel,
+    encode_notification_request,
+    encode_preference_change,
+)
+from schemas.records import (
+    CategorySwitch,
+    DeviceChange,
+    NotificationCancel,
+    NotificationRequest,
+    PreferenceChange,
+)
+
+NOON = datetime(2026, 6, 1, 12, tzinfo=UTC)
+SUB = orjson.dumps(
+    {"endpoint": "https://push.example.net/x", "keys": {"auth": "A" * 22, "p256dh": "B" * 87}}
+).decode()
+
+
+def request(**extra: Any) -> NotificationRequest:
+    fields: dict[str, Any] = {
+        "notification_id": "n1",
+        "tier": "transactional",
+        "category": "receipt",
+        "template_id": "receipt",
+        "recipients": ("u1",),
+        "data": {"order_id": "7"},
+        "channels": ("push", "inbox", "email"),
+        "quiet_hours": False,
+        "caps": False,
+        "api_key_id": "k1",
+        "created_at": NOON,
+    }
+    fields.update(extra)
+    return NotificationRequest(**fields)
+
+
+def recipient(**extra: Any) -> Recipient:
+    fields: dict[str, Any] = {
+        "user_id": "u1",
+        "push_enabled": True,
+        "quiet": None,
+        "devices": (
+            ("phone", "apns", "ab" * 32),
+            ("mail", "email", "u1@example.com"),
+            ("browser", "webpush", SUB),
+        ),
+        "switches": None,
+    }
+    fields.update(extra)
+    return Recipient(**fields)
+
+
+def sends(decision: Any) -> list[tuple[str, str]]:
+    return sorted((p, d) for _, p, d, _ in decision.sends)
+
+
+def test_every_requested_channel_gets_its_addresses() -> None:
+    d = decide_recipient(request(), recipient(), NOON)
+    assert sends(d) == [
+        ("apns", "phone"),
+        ("email", "mail"),
+        ("inapp", "inapp"),
+        ("webpush", "browser"),
+    ]
+    assert d.defer_until is None
+
+
+def test_a_channel_not_requested_is_not_used() -> None:
+    d = decide_recipient(request(channels=("email",)), recipient(), NOON)
+    assert sends(d) == [("email", "mail")]
+
+
+def test_category_switch_off_on_one_channel_and_on_all() -> None:
+    off_email = apply_switch(0, "email", False)
+    d = decide_recipient(request(), recipient(switches=off_email), NOON)
+    assert sends(d) == [("apns", "phone"), ("inapp", "inapp"), ("webpush", "browser")]
+    assert d.suppressed == {"category_off": 1}
+    all_off = apply_switch(0, None, False)
+    assert decide_recipient(request(), recipient(switches=all_off), NOON).sends == []
+    # A later switch of one channel back on wins over the earlier "all off".
+    back = apply_switch(all_off, "push", True)
+    assert switch_on(back, "push") and not switch_on(back, "email")
+    assert switch_on(None, "sms")  # never switched: on
+
+
+def test_push_disabled_keeps_the_other_channels() -> None:
+    d = decide_recipient(request(), recipient(push_enabled=False), NOON)
+    assert sends(d) == [("email", "mail"), ("inapp", "inapp")]
+    assert d.suppressed == {"push_disabled": 1}
+
+
+def test_missing_addresses_are_counted() -> None:
+    d = decide_recipient(request(channels=("sms", "chat", "push")), recipient(devices=()), NOON)
+    assert d.sends == []
+    assert d.suppressed == {"no_address": 2, "no_device": 1}
+
+
+def test_quiet_hours_defer_marketing_and_not_transactional() -> None:
+    quiet = (11, 13, "UTC")  # noon is quiet
+    marketing = request(tier="marketing", category="campaign", quiet_hours=True)
+    d = decide_recipient(marketing, recipient(quiet=quiet), NOON)
+    assert d.sends == [] and d.defer_until == datetime(2026, 6, 1, 13, tzinfo=UTC).timestamp()
+    t = decide_recipient(request(), recipient(quiet=quiet), NOON)
+    assert sends(t) and t.defer_until is None
+
+
+def test_batches_go_to_the_tier_topics_with_their_message() -> None:
+    r = request(collapse_key="order-7")
+    d = decide_recipient(r, recipient(), NOON)
+    batches = notification_batches(r, d.sends)
+    assert sorted(b.topic for b in batches) == [
+        "email.transactional",
+        "inapp.transactional",
+        "push.apns.transactional",
+        "webpush.transactional",
+    ]
+    for b in batches:
+        assert b.post_id == "n1" and b.author_id == "api:k1"
+        assert b.message == {
+            "category": "receipt",
+            "template_id": "receipt",
+            "tier": "transactional",
+            "data": {"order_id": "7"},
+            "collapse_key": "order-7",
+        }
+        assert [i["notification_id"] for i in b.items] == ["n1:u1"]
+        # The wire form validates against dispatch_batch.schema.json and keeps the message.
+        back = decode_dispatch_batch(encode_dispatch_batch(b), b.lane)
+        assert back.message == b.message and back.items == b.items
+    social = notification_batches(request(tier="social"), d.sends)
+    marketing = notification_batches(request(tier="marketing"), d.sends)
+    assert {b.topic for b in social if b.provider == "apns"} == {"push.apns"}
+    assert {b.topic for b in marketing if b.provider == "apns"} == {"push.apns.bulk"}
+    assert {b.topic for b in marketing if b.provider == "email"} == {"email.marketing"}
+
+
+def test_items_carry_their_user_s_locale_when_known() -> None:
+    two = [("u1", "email", "m1", "u1@example.com"), ("u2", "email", "m2", "u2@example.com")]
+    [batch] = notification_batches(request(), two, locales={"u1": "pt-BR"})  # type: ignore[arg-type]
+    assert [i.get("locale") for i in batch.items] == ["pt-BR", None]
+    assert decode_dispatch_batch(encode_dispatch_batch(batch), batch.lane).items == batch.items
+
+
+def test_preference_records_carry_a_locale_through_their_codec() -> None:
+    change = PreferenceChange("u1", True, None, None, "UTC", NOON, locale="fr-CA")
+    assert decode_preference_change(encode_preference_change(change)) == change
+    bare = PreferenceChange("u1", True, None, None, "UTC", NOON)
+    assert b"locale" not in encode_preference_change(bare)
+    assert decode_preference_change(encode_preference_change(bare)) == bare
+    with pytest.raises(InvalidEvent, match="schema"):
+        decode_preference_change(
+            orjson.dumps(
+                {
+                    "user_id": "u1",
+                    "timezone": "UTC",
+                    "ts": "2026-06-01T12:00:00Z",
+                    "locale": "fr CA",
+                }
+            )
+        )
+
+
+def test_batches_hold_at_most_the_batch_size() -> None:
+    many = [(f"u{i}", "email", "mail", f"u{i}@example.com") for i in range(7)]
+    batches = notification_batches(request(), many, batch_size=3)  # type: ignore[arg-type]
+    assert [len(b.items) for b in batches] == [3, 3, 1]
+
+
+def test_the_book_keeps_addresses_and_switches_through_a_checkpoint() -> None:
+    shard = FollowerShard([])
+    events = [
+        DeviceChange("u1", "phone", "apns", "ab" * 32, True, NOON),
+        DeviceChange("u1", "mail", "email", "u1@example.com", True, NOON),
+        DeviceChange("u1", "old", "sms", "+14155550123", True, NOON),
+        DeviceChange("u1", "old", "sms", None, False, NOON),
+        CategorySwitch("u1", "campaign", "email", False, NOON),
+        PreferenceChange("u1", False, 22, 7, "Europe/Paris", NOON, locale="fr-CA"),
+    ]
+    for i, e in enumerate(events):
+        assert shard.apply(ChangelogEvent(e, 0, "x/0", i))
+    r = recipient_of(shard.users, shard.notify.book, "u1", "campaign")
+    assert r.push_enabled is False and r.quiet == (22, 7, "Europe/Paris")
+    assert sorted(r.devices) == [("mail", "email", "u1@example.com"), ("phone", "apns", "ab" * 32)]
+    assert r.switches is not None and not switch_on(r.switches, "email")
+    columns, positions = shard.checkpoint_state()
+    again = FollowerShard([])
+    again.load_checkpoint(columns, positions)
+    assert recipient_of(again.users, again.notify.book, "u1", "campaign") == r
+    assert again.notify.book.locales == {"u1": "fr-CA"}
+    # A complete record without a locale removes it.
+    again.apply_preference(PreferenceChange("u1", True, None, None, "UTC", NOON))
+    assert again.notify.book.locales == {}
+    assert ChannelBook.from_columns({}).addresses == {}  # a checkpoint from before the book
+
+
+def _shard(budgets: dict[str, int | None] | None = None) -> NotifyShard:
+    return NotifyShard(budgets or {})  # type: ignore[arg-type]
+
+
+def _run(shard: NotifyShard, now: datetime) -> list[Any]:
+    return shard.work(UserTable(), now, lambda read_at: True, NotifyTally())
+
+
+def test_scheduled_request_is_held_until_send_at_then_sent_once() -> None:
+    at = NOON + timedelta(minutes=10)
+    shard = _shard()
+    shard.add_job(RecipientJob(request(send_at=at, channels=("inbox",)), ("u1", "u2"), 0, 1.0))
+    assert _run(shard, NOON) == []
+    assert shard.next_due() == at.timestamp()
+    assert _run(shard, at - timedelta(seconds=1)) == []
+    out = _run(shard, at)
+    assert [i["user_id"] for b in out for i in b.items] == ["u1", "u2"]
+    assert _run(shard, at + timedelta(hours=1)) == []
+    assert shard.next_due() is None and shard.requests == {}
+
+
+def test_cancel_wins_before_send_at_and_before_the_request() -> None:
+    at = NOON + timedelta(minutes=10)
+    shard = _shard()
+    shard.add_job(RecipientJob(request(send_at=at, channels=("inbox",)), ("u1",), 0, 1.0))
+    _run(shard, NOON)
+    tally = NotifyTally()
+    shard.cancel("n1", NOON.timestamp(), tally)
+    assert tally.cancelled == 1
+    assert _run(shard, at) == []
+    # A cancel that reaches the shard first drops the request when it comes.
+    shard.add_job(RecipientJob(request(channels=("inbox",)), ("u1",), 0, 1.0))
+    assert _run(shard, at) == []
+    # Another notification is untouched.
+    shard.add_job(RecipientJob(request(notification_id="n2", channels=("inbox",)), ("u1",), 0, 1.0))
+    assert len(_run(shard, at)) == 1
+
+
+def test_transactional_runs_first_and_marketing_within_its_budget() -> None:
+    shard = _shard({"marketing": 3})
+    campaign = request(notification_id="c1", tier="marketing", channels=("inbox",))
+    shard.add_job(RecipientJob(campaign, tuple(f"m{i}" for i in range(10)), 0, 1.0))
+    shard.add_job(RecipientJob(request(channels=("inbox",)), ("t1",), 0, 1.0))
+    first = _run(shard, NOON)
+    assert [b.message["tier"] for b in first] == ["transactional", "marketing"]
+    assert len(first[1].items) == 3  # the budget
+    rest = [i["user_id"] for _ in range(3) for b in _run(shard, NOON) for i in b.items]
+    assert rest == [f"m{i}" for i in range(3, 10)]
+
+
+def test_holds_and_queues_survive_a_snapshot() -> None:
+    at = NOON + timedelta(minutes=10)
+    shard = _shard({"social": 1})
+    shard.add_job(RecipientJob(request(send_at=at, channels=("inbox",)), ("u1",), 0, 1.0))
+    shard.add_job(
+        RecipientJob(
+            request(notification_id="s1", tier="social", channels=("inbox",)), ("a", "b"), 0, 1.0
+        )
+    )
+    _run(shard, NOON)  # holds n1, sends a, queues b
+    shard.cancel("gone", NOON.timestamp(), NotifyTally())
+    again = _shard({"social": 1})
+    again.restore(pickle.loads(pickle.dumps(shard.snapshot())))
+    assert "gone" in again.cancelled
+    assert [i["user_id"] for b in _run(again, NOON) for i in b.items] == ["b"]
+    assert [i["user_id"] for b in _run(again, at) for i in b.items] == ["u1"]
+
+
+def test_tier_events_decode_and_bad_ones_say_why() -> None:
+    r = request(send_at=NOON + timedelta(days=1))
+    assert decode_tier_event(encode_notification_request(r)) == r
+    cancel = NotificationCancel("n1", "transactional", "k1", NOON)
+    assert decode_tier_event(encode_notification_cancel(cancel)) == cancel
+    with pytest.raises(InvalidEvent, match="invalid_json"):
+        decode_tier_event(b"{nope")
+    with pytest.raises(InvalidEvent, match="schema"):
+        decode_tier_event(orjson.dumps({"schema": "notification_cancel/v1", "tier": "social"}))
+    with pytest.raises(InvalidEvent, match="schema"):
+        decode_tier_event(orjson.dumps({"schema": "notification_request/v1"}))
+
+
+def test_many_one_recipient_jobs_drain_a_budget_at_a_time_behind_the_gate() -> None:
+    shard = _shard({"marketing": 10})
+    for i in range(1_000):
+        campaign = request(
+            notification_id="c1",
+            campaign_id="c1",
+            tier="marketing",
+            channels=("inbox",),
+            recipients=(f"m{i}",),
+        )
+        shard.add_job(RecipientJob(campaign, (f"m{i}",), 0, float(i)))
+    # The changelogs were read to their end after the first 5 requests only.
+    opened = shard.work(UserTable(), NOON, lambda read_at: read_at < 5, NotifyTally())
+    assert [i["user_id"] for b in opened for i in b.items] == [f"m{i}" for i in range(5)]
+    assert shard.runnable(lambda read_at: read_at < 5) is False
+    first = _run(shard, NOON)
+    assert len(first) == 1  # one campaign, one message: the ten sends joined in one batch
+    assert [i["user_id"] for b in first for i in b.items] == [f"m{i}" for i in range(5, 15)]
+    assert all(i["notification_id"] == f"c1:{i['user_id']}" for b in first for i in b.items)
+
+
+def test_a_replayed_api_batch_keeps_its_message_when_written_items_are_dropped() -> None:
+    from operators.adapters.kafka.channel_sink import _ChannelPartitionWriter
+
+    two = [("u1", "email", "m1", "u1@example.com"), ("u2", "email", "m2", "u2@example.com")]
+    [batch] = notification_batches(request(), two)  # type: ignore[arg-type]
+    # A writer after a restart: it read back that n1:u1 was written before the crash.
+    writer = _ChannelPartitionWriter.__new__(_ChannelPartitionWriter)
+    writer._topic = "email.transactional"
+    writer._seen = {("n1:u1", "m1")}
+    kept, dropped = writer._unseen(batch)
+    assert dropped == 1
+    assert kept is not None and [i["user_id"] for i in kept.items] == ["u2"]
+    assert isinstance(kept, type(batch)) and kept.message == batch.message
