@@ -241,3 +241,109 @@ def test_emails_a_domain_bucket_holds_are_sent_later_without_using_an_attempt(
     assert sorted(m["rcpt_to"][0] for m in ctl.accepted("email")) == [
         f"{u}@busy.example" for u in users
     ]
+
+
+def test_an_api_notification_reaches_the_phone_and_the_mailbox_through_both_flows(
+    stack: Stack, providers: Providers
+) -> None:
+    """`fanfare api` -> notify.transactional -> `fanfare run fanout` -> push.apns.transactional
+    and email.transactional -> `fanfare run delivery` -> the local APNs and SMTP servers."""
+    import http.client
+    import uuid
+
+    from flows.runtime.ports import free_port
+    from operators.adapters.redis.api_store import RedisKeyStore, api_redis
+    from operators.notify.keys import new_key
+
+    ctl = ChannelControl(providers.info["channels"]["control_url"])
+    ctl.reset()
+    ts = format_timestamp(datetime.now(UTC))
+    token = "0b" * 32
+    kafka = stack.settings.kafka_config()
+    produce_all(
+        kafka,
+        "preference_changes",
+        [
+            (
+                b"u1",
+                orjson.dumps(
+                    {
+                        "user_id": "u1",
+                        "push_enabled": True,
+                        "quiet_hours_start": None,
+                        "quiet_hours_end": None,
+                        "timezone": "Europe/Paris",
+                        "locale": "fr-FR",
+                        "ts": ts,
+                    }
+                ),
+            )
+        ],
+    )
+    produce_all(
+        kafka,
+        "device_changes",
+        [
+            (b"u1", orjson.dumps({"user_id": "u1", "device_id": d, "provider": p, "token": t,
+                                  "active": True, "ts": ts}))
+            for d, p, t in (("u1-phone", "apns", token), ("u1-mail", "email", "ada@example.com"))
+        ],
+    )  # fmt: skip
+    made = new_key("e2e", frozenset({"*"}), frozenset({"*"}), 1000, 1000, time.time())
+    RedisKeyStore(api_redis(REDIS_URL), stack.env["FANFARE_REDIS_PREFIX"]).add(made.record)
+    port = free_port()
+    stack.start_command(["api"], ("FANFARE_API_PORT", str(port)))
+    stack.start_flow()  # the fan-out
+    stack.start_flow(*FAST_RETRIES, flow="delivery")
+
+    def post() -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = {
+            "idempotency_key": f"order-{uuid.uuid4().hex}",
+            "category": "receipt",
+            "template_id": "receipt",
+            "recipients": ["u1"],
+            "data": {"order_id": "1234", "amount": "59.90", "currency": "EUR"},
+            "channels": ["push", "email"],
+            "collapse_key": "order-1234",
+        }
+        headers = {"Authorization": f"Bearer {made.text}", "Content-Type": "application/json"}
+        try:
+            conn.request("POST", "/v1/notifications", json.dumps(body).encode(), headers)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def healthy() -> bool:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, 90, "fanfare api to answer /health", stack, every_s=0.2)
+    status, answer = post()
+    assert status == 202, answer
+    nid = answer["notification_id"]
+
+    def both_accepted() -> bool:
+        done = {
+            e["device_id"]
+            for e in events(stack)
+            if e["notification_id"] == f"{nid}:u1" and e["outcome"] == "accepted"
+        }
+        return done == {"u1-phone", "u1-mail"}
+
+    wait_for(both_accepted, 120, "the push and the email accepted", stack, every_s=1.0)
+    [push] = providers.control.accepted("apns")
+    assert (push.token, push.notification_id, push.collapse_id) == (
+        token,
+        f"{nid}:u1",
+        "order-1234",
+    )
+    [mail] = ctl.accepted("email")
+    # Rendered at dispatch in the recipient's locale (fr-FR -> fr).
+    assert mail["rcpt_to"] == ["ada@example.com"] and mail["subject"] == "Reçu de la commande 1234"
+    assert mail["notification_id"] == f"{nid}:u1" and mail["list_unsubscribe"] is None
