@@ -393,3 +393,26 @@ def test_a_full_bulk_lane_does_not_hold_up_a_due_transactional_retry() -> None:
     part.next_batch()
     assert [r.post_id for r in engine.submitted[2:]] == ["n0", "n1", "n2"]
     part.close()
+
+
+def test_a_snapshot_of_the_two_lane_version_resumes_with_a_fresh_transactional_lane() -> None:
+    engine = LaneRoomEngine({"transactional": 10, "normal": 10, "bulk": 10})
+    login = RawEvent(
+        "email.transactional", 0, 0, b"n1", batch_bytes("n1", "email", ["u1"], LOGIN), 0.0
+    )
+    part = _LanePairReader(
+        "email#0",
+        ListReader([]),
+        ListReader([]),
+        "email",
+        BulkPacer(),
+        BulkRoundBudget(100),
+        DeliveryPump(lambda: engine),  # type: ignore[arg-type,return-value]
+        (7, 3, 0, "n-id", "b-id", 0, {}, {}),  # what a recovery store of the last version holds
+        transactional=ListReader([login]),
+    )
+    part.next_batch()
+    assert [(r.post_id, r.lane) for r in engine.submitted] == [("n1", "transactional")]
+    state = part.snapshot()
+    assert len(state) == 12 and state[:2] == (7, 3) and state[8:10] == (0, 0)
+    part.close()
