@@ -647,7 +647,7 @@ def test_a_shard_counts_itself_caught_up_once() -> None:
     before = gauge._value.get()
     shard = FollowerShard(["follow_changes/0", "device_changes/0"])
     logic = ExpandFollowerShardLogic(shard, lambda: None, 100, lambda: None)  # type: ignore[arg-type,return-value]
-    logic._work = lambda now, tally: []  # type: ignore[method-assign]
+    logic._work = lambda now, tally, notified: []  # type: ignore[method-assign]
     from datetime import UTC, datetime
 
     logic._clock = lambda: datetime.now(UTC)
