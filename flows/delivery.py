@@ -1,9 +1,13 @@
-"""The delivery dataflow: dispatch batches on push.* -> APNs / FCM -> delivery_events.
+"""The delivery dataflow: dispatch batches on push.* and the channel topics -> senders -> events.
+
+Push goes to APNs and FCM; `email.*`, `sms.*`, `webpush.*`, `chat.*` and `inapp.*` to their
+channel senders, each provider's lanes read transactional first.
 
     read_channel_lanes ─────┐  (each source reads, hands the requests to   ┌─► delivery_events
-      (normal first)        ├─► the worker's engine and emits what is ─────┼─► device_changes
-    read_due_retries ───────┘   judged: ledger, limits, breaker, sends)    ├─► push.retry
-      (held until due)                                                     └─► dead_letters
+      (transactional, normal├─► the worker's engine and emits what is ─────┼─► device_changes
+       then bulk)           │   judged: ledger, limits, breaker, sends)    ├─► push.retry
+    read_due_retries ───────┘                                              └─► dead_letters
+      (held until due)
 
 The sources send (pipelined: thousands in flight, the worker never waits for a provider) and
 snapshot only what is judged: `operators/adapters/kafka/channel_lanes.py`, `retry_source.py`,
@@ -28,6 +32,8 @@ from bytewax.outputs import Sink
 from flows.runtime.logs import configure_logging
 from flows.runtime.recovery_marker import recovery_lineage
 from flows.runtime.step_errors import FlowGuard
+from operators.adapters.catalog_files import load_catalog
+from operators.adapters.channels.factory import build_channel_senders
 from operators.adapters.kafka.channel_lanes import BulkPacer, ChannelLanesSource
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
@@ -39,6 +45,7 @@ from operators.adapters.providers.config import ProviderConfigError, apns_config
 from operators.adapters.providers.event_loop import EventLoopThread
 from operators.adapters.providers.fcm import FcmSender
 from operators.adapters.providers.fcm_curl import FcmCurlSender
+from operators.adapters.providers.push_texts import TemplatePushRenderer
 from operators.adapters.redis.edge_claims import RedisEdgeClaims
 from operators.adapters.redis.rate_limiter import RedisRateLimiter
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
@@ -46,10 +53,10 @@ from operators.adapters.stores.by_url import open_notification_store
 from operators.config import Settings, cassandra_credentials, load_settings
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import RetryPolicy
-from operators.delivery.payloads import PushTemplate
+from operators.delivery.payloads import PushSource, PushTemplate
 from operators.delivery.pipeline import DeliveryPump
 from operators.delivery.ports import PushSender
-from operators.delivery.steps import retry_due_at
+from operators.delivery.steps import retry_due_at, retry_lane
 from operators.delivery.token_bucket import BucketSpec
 from schemas.codecs import encode_device_change, encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
@@ -124,7 +131,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 def _senders_for(
-    settings: Settings, template: PushTemplate, policy: RetryPolicy
+    settings: Settings, template: PushSource, policy: RetryPolicy
 ) -> dict[str, PushSender]:
     """The configured providers' senders (FANFARE_APNS_CLIENT / FANFARE_FCM_CLIENT)."""
     timeout = settings.send_timeout_ms / 1000
@@ -182,9 +189,18 @@ def _streams(in_flight: int, connections: int) -> int:
 
 
 def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
-    """One worker's engine: its event loop, clients, Redis and store connections."""
+    """One worker's engine: its event loop, clients, Redis and store connections.
+
+    Its senders: APNs and FCM as configured, and the channels' (`build_channel_senders`), all
+    rendering API notifications from the catalog's templates.
+    """
     policy = retry_policy(settings)
-    template = PushTemplate(settings.push_title, settings.push_body, settings.push_link)
+    catalog = load_catalog(settings.categories_file, settings.templates_dir)
+    template = TemplatePushRenderer(
+        PushTemplate(settings.push_title, settings.push_body, settings.push_link),
+        catalog.templates,
+    )
+    limiter = RedisRateLimiter(settings.redis_url, settings.redis_prefix)
     # The worker's thread and its event loop's share the GIL: a thread that wants it waits up
     # to the switch interval (5 ms by default) for the other, at every socket event. 1 ms
     # keeps a send's way through the loop short while the worker judges and claims.
@@ -193,6 +209,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
 
     async def make_senders() -> dict[str, PushSender]:
         senders = _senders_for(settings, template, policy)
+        senders.update(await build_channel_senders(settings, catalog, limiter, policy))
         for name, sender in senders.items():
             try:
                 await sender.warm_up()
@@ -215,7 +232,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
             settings.store_ttl_s,
             **cassandra_credentials(settings),
         ),
-        limiter=RedisRateLimiter(settings.redis_url, settings.redis_prefix),
+        limiter=limiter,
         senders=loop.run(make_senders()),
         loop=loop,
         settings=DeliverySettings(
@@ -249,7 +266,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         channel_source=ChannelLanesSource(
             kafka, pacer, pump, bulk_items_per_poll=settings.bulk_items_per_poll
         ),
-        retry_source=RetryTopicSource(kafka, retry_due_at, pump, PUSH_RETRY),
+        retry_source=RetryTopicSource(kafka, retry_due_at, pump, PUSH_RETRY, lane_of=retry_lane),
         events_sink=events,
         route_event=events.route_key,
         device_changes_sink=FlushingTopicSink(kafka, DEVICE_CHANGES, _device_change_message),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.addresses import CHANNEL_PROVIDERS
+from schemas.addresses import CHANNEL_PROVIDERS, PUSH_PROVIDERS
 
 # Every topic of the contract (docs/design.md). Channel topics carry dispatch batches per provider,
 # with a `.bulk` lane for celebrity posts so they never hold up a normal post.
@@ -31,11 +31,20 @@ def tier_topic(tier: str) -> str:
 TIER_TOPICS = tuple(tier_topic(t) for t in TIERS)
 PROVIDERS = ("apns", "fcm")
 LANES = ("normal", "bulk")
+DELIVERY_LANES = ("transactional", "normal", "bulk")
+"""The delivery engine's lanes, in the order it serves them: a login code before a post's
+push, a post's push before a campaign's."""
 CHANGELOG_TOPICS = (FOLLOW_CHANGES, PREFERENCE_CHANGES, DEVICE_CHANGES)
 
 
 def channel_topic(provider: str, lane: str) -> str:
-    """A push topic: ``push.apns``, ``push.fcm.bulk``, ``push.apns.transactional``."""
+    """The topic of a provider's delivery lane.
+
+    Push: ``push.apns`` (normal), ``push.fcm.bulk``, ``push.apns.transactional``; the other
+    channels name the lane's tier: ``email.transactional``, ``sms.social``, ``chat.marketing``.
+    """
+    if provider not in PUSH_PROVIDERS:
+        return channel_tier_topic(provider, LANE_TIERS[lane])
     return f"push.{provider}" if lane == "normal" else f"push.{provider}.{lane}"
 
 
@@ -45,13 +54,14 @@ CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDE
 PUSH_TRANSACTIONAL_TOPICS = tuple(channel_topic(p, "transactional") for p in PROVIDERS)
 TIER_PUSH_LANES = {"transactional": "transactional", "social": "normal", "marketing": "bulk"}
 """The push lane of an API notification's tier: transactional on its own topics, social with
-posts (`push.apns`), marketing on the bulk lane (`push.apns.bulk`)."""
+posts (`push.apns`), marketing on the bulk lane (`push.apns.bulk`); the same as `TIER_LANES`,
+the delivery lane of every channel's tier."""
 
 # The channels beyond mobile push: one topic per channel provider and tier,
 # `email.transactional`, `sms.social`, `webpush.marketing`, ... The tier is the lane: a
 # marketing email backlog never sits in front of a receipt, and a slow SMTP relay never holds
 # up web push, since each (provider, tier) is read on its own and paced by its own bucket. Push
-# keeps normal/bulk because posts are all one tier (social) with celebrity lanes.
+# names its lanes instead (posts are all social, with celebrity posts on the bulk lane).
 
 
 def channel_tier_topic(provider: str, tier: str) -> str:
@@ -59,9 +69,20 @@ def channel_tier_topic(provider: str, tier: str) -> str:
     return f"{provider}.{tier}"
 
 
-TIER_LANES = {"transactional": "normal", "social": "normal", "marketing": "bulk"}
-"""The delivery engine's lane for a channel topic's tier until the engine has tier lanes:
-transactional and social read first, marketing as the bulk lane."""
+TIER_LANES = {"transactional": "transactional", "social": "normal", "marketing": "bulk"}
+"""The delivery engine's lane for a tier: transactional first, social (posts among them) as the
+normal lane, marketing as the bulk lane."""
+LANE_TIERS = {lane: tier for tier, lane in TIER_LANES.items()}
+
+
+def lane_of_topic(topic: str) -> str:
+    """The delivery lane of a channel topic (`push.fcm.bulk` -> bulk, `sms.social` -> normal)."""
+    last = topic.rpartition(".")[2]
+    if topic.startswith("push."):
+        return last if last in ("transactional", "bulk") else "normal"
+    return TIER_LANES.get(last, "normal")
+
+
 CHANNEL_TIER_TOPICS = tuple(channel_tier_topic(p, t) for t in TIERS for p in CHANNEL_PROVIDERS)
 ALL_TOPICS = (
     POST_CREATED,

@@ -321,7 +321,7 @@ def list_delivery_sources(
 
     from operators.adapters.kafka.channel_lanes import BulkPacer, BulkRoundBudget, _LanePairReader
     from operators.adapters.kafka.retry_source import _RetryPartitionReader
-    from operators.delivery.steps import retry_due_at
+    from operators.delivery.steps import retry_due_at, retry_lane
 
     class _Ending:
         def next_batch(self) -> list[object]:
@@ -340,21 +340,42 @@ def list_delivery_sources(
     budget = BulkRoundBudget(bulk_items_per_poll)
     pacer = BulkPacer()
 
+    from schemas.topics import channel_topic
+
+    def provider_of(topic: str) -> str:
+        # push.apns, push.fcm.bulk -> apns, fcm; email.social -> email
+        parts = topic.split(".")
+        return parts[1] if parts[0] == "push" else parts[0]
+
     class Channel(FixedPartitionedSource[object, Any]):
         def list_parts(self) -> list[str]:
-            return sorted({f"{e.topic.split('.')[1]}#{e.partition}" for e in channel} or {"apns#0"})
+            return sorted({f"{provider_of(e.topic)}#{e.partition}" for e in channel} or {"apns#0"})
 
         def build_part(self, step_id: str, for_part: str, resume: Any) -> Any:
             provider, _, index = for_part.partition("#")
-            lanes = [
+            normal, bulk, transactional = (
                 ListReader(
-                    [e for e in channel if e.topic == topic and e.partition == int(index)],
+                    [
+                        e
+                        for e in channel
+                        if e.topic == channel_topic(provider, lane) and e.partition == int(index)
+                    ],
                     read_size,
                 )
-                for topic in (f"push.{provider}", f"push.{provider}.bulk")
-            ]
-            part = _Pair(for_part, *lanes, provider, pacer, budget, pump, resume)
-            part._readers = lanes  # type: ignore[attr-defined]
+                for lane in ("normal", "bulk", "transactional")
+            )
+            part = _Pair(
+                for_part,
+                normal,
+                bulk,
+                provider,
+                pacer,
+                budget,
+                pump,
+                resume,
+                transactional=transactional,
+            )
+            part._readers = [normal, bulk, transactional]  # type: ignore[attr-defined]
             return part
 
     class Retry(FixedPartitionedSource[object, Any]):
@@ -364,7 +385,9 @@ def list_delivery_sources(
         def build_part(self, step_id: str, for_part: str, resume: Any) -> Any:
             partition = int(for_part.rpartition("/")[2])
             reader = ListReader([e for e in retries if e.partition == partition], read_size)
-            part = _Retry(reader, "push.retry", partition, [], retry_due_at, time.time, pump)
+            part = _Retry(
+                reader, "push.retry", partition, [], retry_due_at, time.time, pump, retry_lane
+            )
             part._readers = [reader]  # type: ignore[attr-defined]
             return part
 

@@ -119,6 +119,40 @@ def _providers(settings: Settings) -> list[Problem]:
     return []
 
 
+def _channels(settings: Settings) -> list[Problem]:
+    """What the delivery workers build their channel senders and renderers from."""
+    from operators.adapters.catalog_files import load_catalog
+    from operators.adapters.channels.factory import read_link_secret
+    from operators.config import ConfigError
+    from operators.notify.categories import CatalogError
+
+    problems = []
+    try:
+        load_catalog(settings.categories_file, settings.templates_dir)
+    except CatalogError as exc:
+        problems.append(
+            Problem(
+                EXIT_CONFIGURATION,
+                f"the delivery flow renders API notifications from the catalog: {exc}",
+            )
+        )
+    if settings.smtp_host:
+        try:
+            secret = read_link_secret(settings)
+        except ConfigError as exc:
+            problems.append(Problem(EXIT_CONFIGURATION, str(exc)))
+        else:
+            if secret is None:
+                problems.append(
+                    Problem(
+                        EXIT_CONFIGURATION,
+                        "FANFARE_SMTP_HOST is set but FANFARE_LINK_SECRET_FILE is not: emails "
+                        "carry signed one-click unsubscribe links (`openssl rand -hex 32 > FILE`)",
+                    )
+                )
+    return problems
+
+
 def startup_problems(
     settings: Settings,
     flow: str,
@@ -135,7 +169,7 @@ def startup_problems(
         topics = list_topics
     problems = _ports(settings, metrics_ports)
     if flow == "delivery":
-        problems += _providers(settings)
+        problems += _providers(settings) + _channels(settings)
     broker_problems = _broker(settings, broker)
     problems += broker_problems or _topics(settings, topics)
     if flow in NEEDS_REDIS:

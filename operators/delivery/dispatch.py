@@ -14,7 +14,8 @@ its token is taken, so:
 - a sender that sends a chunk at a time (`one_send_at_a_time`: firebase-admin) takes tokens for
   one chunk, sends it, and takes for the next once it is answered;
 - short of tokens, a provider's task sleeps until about one more is due, not until all are, so
-  grants stay small and spread at the rate; the normal lane is served first;
+  grants stay small and spread at the rate; the transactional lane is served first, then the
+  normal lane, then the bulk lane;
 - a request waits for its tokens at most `rate_wait_max_s` from when it was queued; what is
   still waiting then is held (reported as held: retry_scheduled, cause rate_limited).
 
@@ -122,12 +123,20 @@ class DelayWindow:
 
 @dataclass
 class _Lanes:
+    transactional: deque[Queued] = field(default_factory=deque)
     normal: deque[Queued] = field(default_factory=deque)
     bulk: deque[Queued] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     window: DelayWindow = field(default_factory=DelayWindow)
     bulk_out: int = 0  # bulk requests sent and not answered
+
+
+def _queue(lanes: _Lanes, lane: str) -> deque[Queued]:
+    """A provider's queue for a lane (anything unknown waits in the normal one)."""
+    if lane == "transactional":
+        return lanes.transactional
+    return lanes.bulk if lane == "bulk" else lanes.normal
 
 
 class SendDispatcher:
@@ -164,22 +173,24 @@ class SendDispatcher:
         lanes = self._lanes.get(provider)
         if lanes is None:
             return 0
-        return len(lanes.bulk if lane == "bulk" else lanes.normal)
+        return len(_queue(lanes, lane))
 
     def enqueue(self, provider: str, items: Sequence[tuple[SendRequest, object]]) -> None:
         """Queue rendered requests (on the loop's thread); the provider's task sends them."""
         lanes = self._lanes[provider]
         deadline = time.monotonic() + self._wait_max
         for request, payload in items:
-            queue = lanes.bulk if request.lane == "bulk" else lanes.normal
-            queue.append(Queued(request, payload, deadline))
+            _queue(lanes, request.lane).append(Queued(request, payload, deadline))
         if lanes.task is None or lanes.task.done():
             lanes.task = asyncio.get_running_loop().create_task(self._run(provider, lanes))
         lanes.wake.set()
 
     async def drained(self) -> None:
         """Wait until nothing is queued or being sent."""
-        while any(lanes.normal or lanes.bulk for lanes in self._lanes.values()) or self._sending:
+        while (
+            any(lanes.transactional or lanes.normal or lanes.bulk for lanes in self._lanes.values())
+            or self._sending
+        ):
             if self._sending:
                 await asyncio.wait(list(self._sending))
             else:
@@ -200,7 +211,13 @@ class SendDispatcher:
         spec = sender.bucket
         per_take = sender.max_per_send or TAKE_MAX
         while not self._closed:
-            lane, queue = ("normal", lanes.normal) if lanes.normal else ("bulk", lanes.bulk)
+            lane, queue = (
+                ("transactional", lanes.transactional)
+                if lanes.transactional
+                else ("normal", lanes.normal)
+                if lanes.normal
+                else ("bulk", lanes.bulk)
+            )
             wanted = min(len(queue), per_take)
             if lane == "bulk":
                 wanted = min(wanted, int(lanes.window.size) - lanes.bulk_out)
@@ -243,7 +260,7 @@ class SendDispatcher:
     def _hold_expired(self, provider: str, lanes: _Lanes, by: float) -> None:
         """Hold the requests that would wait past their deadline (both lanes)."""
         held: list[SendRequest] = []
-        for queue in (lanes.normal, lanes.bulk):
+        for queue in (lanes.transactional, lanes.normal, lanes.bulk):
             while queue and queue[0].deadline <= by:
                 held.append(queue.popleft().request)
         if held:

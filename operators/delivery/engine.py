@@ -10,6 +10,8 @@
       -> classify: accepted | invalid_token (+ device_changes active:false)
                    | failed (+ dead letter) | transient -> retry_scheduled (+ push.retry)
                      or, past the caps, expired | dead_lettered (+ dead letter)
+                   | held by the sender's own pacing -> retry_scheduled at its wait, no
+                     attempt used, not a failure for the breaker
       -> record in the store, then the outputs for the sinks
 
 Pipelined: `submit` starts the sends and returns at once; `collect` judges what was answered
@@ -77,6 +79,9 @@ class DeliverySettings:
     """The most requests a worker has submitted and not judged (FANFARE_DELIVERY_IN_FLIGHT)."""
     bulk_share: float = 0.8
     """Share of `in_flight` the bulk lane may fill: the rest is kept for normal posts."""
+    transactional_reserve: float = 0.1
+    """Share of `in_flight` the normal and bulk lanes leave free, so a transactional send (a
+    login code) always finds room, however full the other lanes are."""
 
 
 class Judged(NamedTuple):
@@ -129,7 +134,7 @@ class DeliveryEngine:
         }
         self._reports: collections.deque[Sent | Held] = collections.deque()
         self._dispatcher: SendDispatcher | None = None
-        self._in_flight = {"normal": 0, "bulk": 0}
+        self._in_flight = {"transactional": 0, "normal": 0, "bulk": 0}
         self._closed = False
         self._ts: tuple[float, str] = (-1.0, "")
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -258,7 +263,7 @@ class DeliveryEngine:
                     schedules,
                     due_at if due_at is not None else now,
                     reason or "",
-                    message=r.message,
+                    r.message,
                 )
             )
         elif state == "invalid_token":
@@ -405,9 +410,8 @@ class DeliveryEngine:
         answered = 0
         while reports:
             report = reports.popleft()
-            bulk = sum(1 for r in report.requests if r.lane == "bulk")
-            self._in_flight["bulk"] -= bulk
-            self._in_flight["normal"] -= len(report.requests) - bulk
+            for r in report.requests:
+                self._in_flight[r.lane] -= 1
             answered += len(report.requests)
             if isinstance(report, Held):
                 metrics.HELD.labels(report.provider, "rate_limited").inc(len(report.requests))
@@ -431,7 +435,7 @@ class DeliveryEngine:
     @property
     def in_flight(self) -> int:
         """Requests submitted and not judged yet."""
-        return self._in_flight["normal"] + self._in_flight["bulk"]
+        return sum(self._in_flight.values())
 
     def room(self, lane: str, provider: str | None = None) -> int:
         """How many more requests of a lane (and provider) may be submitted now.
@@ -439,10 +443,14 @@ class DeliveryEngine:
         The in-flight limit (the bulk lane may fill `bulk_share` of it), and for a provider
         what it can send within FANFARE_RATE_WAIT_MAX_MS at its rate: a request queued beyond
         that would only be held (rate_limited) and come back through push.retry, so it is
-        better left unread.
+        better left unread. The normal and bulk lanes leave `transactional_reserve` of the
+        limit to the transactional lane.
         """
         limit = self._settings.in_flight
         free = limit - self.in_flight
+        if lane != "transactional":
+            kept = int(limit * self._settings.transactional_reserve)
+            free = min(free, limit - kept - self._in_flight["normal"] - self._in_flight["bulk"])
         if lane == "bulk":
             free = min(free, int(limit * self._settings.bulk_share) - self._in_flight["bulk"])
         sender = self._senders.get(provider) if provider is not None else None
@@ -463,7 +471,7 @@ class DeliveryEngine:
         dispatcher = self._dispatcher
         if dispatcher is None:
             return 0
-        return dispatcher.waiting(provider, "normal") + dispatcher.waiting(provider, "bulk")
+        return sum(dispatcher.waiting(provider, lane) for lane in self._in_flight)
 
     def deliver(self, requests: Sequence[SendRequest]) -> list[DeliveryOutput]:
         """Everything for these requests: ledger, sends, outcomes (blocks until all answered)."""
@@ -523,7 +531,7 @@ class DeliveryEngine:
         if now != self._ts[0]:
             self._ts = (now, format_timestamp(now, "milliseconds"))
         ts = self._ts[1]
-        latency: dict[str, list[float]] = {"normal": [], "bulk": []}
+        latency: dict[str, list[float]] = {lane: [] for lane in self._in_flight}
         accepted = 0
         for r, answer in zip(sent, answers, strict=True):
             attempts = r.attempt + 1
@@ -551,6 +559,11 @@ class DeliveryEngine:
                 out.append(Judged(r, [event]))
                 continue
             verdict = classify(r.provider, answer)
+            if verdict is Verdict.HELD:
+                # The sender's own pacing kept it back (a per-domain or per-webhook bucket): it
+                # never left, so no attempt is used and the breaker does not count it.
+                self._hold(r, answer, now, out, updates)
+                continue
             self._metric(metrics.PROVIDER_ERRORS, provider, answer.reason or "transport").inc()
             if verdict is Verdict.INVALID_TOKEN:
                 successes += 1
@@ -607,3 +620,32 @@ class DeliveryEngine:
         breaker = self.breakers[provider]
         breaker.record(successes, failures)
         self._metric(metrics.BREAKER_STATE, provider).set(breaker.state.value)
+
+    def _hold(
+        self,
+        r: SendRequest,
+        answer: ProviderAnswer,
+        now: float,
+        out: list[Judged],
+        updates: list[LedgerUpdate],
+    ) -> None:
+        """A send its sender held back: scheduled at the wait the sender gave, attempts kept.
+
+        A little jitter spreads the sends one bucket held. The notification's age cap still
+        applies (a hold past it is `expired`).
+        """
+        self._metric(metrics.HELD, r.provider, "paced").inc()
+        due = now + max(answer.retry_after_s or 0.0, 0.0) + self._rand() * 0.5
+        if due - r.created_ts > self._settings.retry.max_age_s:
+            self._finish(r, "expired", r.attempt, now, out, updates, reason="max_age")
+            return
+        self._finish(
+            r,
+            "retry_scheduled",
+            r.attempt,
+            now,
+            out,
+            updates,
+            reason=answer.reason,
+            due_at=due,
+        )

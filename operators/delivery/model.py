@@ -28,7 +28,8 @@ from typing import Literal
 from operators.events import MessageOrigin
 from schemas.records import ChannelMessage, DispatchItem, Provider
 
-Lane = Literal["normal", "bulk"]
+Lane = Literal["transactional", "normal", "bulk"]
+"""A send's delivery lane, served in this order (schemas/topics.py, TIER_LANES)."""
 RowState = Literal[
     "sending",
     "retry_scheduled",
@@ -139,8 +140,7 @@ class Verdict(Enum):
     HELD = "held"
     """The sender's own pacing held the send before it left (a per-domain or per-webhook bucket
     was empty): schedule it at `retry_after_s`, with no attempt used, and do not count it
-    towards the breaker: the provider did not fail. (An engine that does not know HELD treats
-    it as TRANSIENT, which is safe but uses an attempt.)"""
+    towards the breaker: the provider did not fail (`DeliveryEngine._hold`)."""
 
 
 HELD_PREFIX = "held: "

@@ -1,8 +1,15 @@
 """Payloads rendered at send time from the compact dispatch item (nothing rendered is stored).
 
-One notification template: a title and a body with `{author_id}` and `{post_id}` fields, a deep
-link to the post, and a collapse id per post, so a device shows one notification per post
-however often it is resent. The providers refuse more than 4096 bytes: checked before sending.
+A post's push: one template, a title and a body with `{author_id}` and `{post_id}` fields, a
+deep link to the post, and a collapse id per post, so a device shows one notification per post
+however often it is resent.
+
+An API notification's push (its batch carries a `message`): rendered by a `PushRenderer` from
+the catalog's template (`operators/notify/templates.py`) in the item's `locale`, falling back to
+its language and then to the template's default locale; its `collapse_key` becomes
+`apns-collapse-id` and FCM's `collapse_key` (the notification id when it has none). The
+providers refuse more than 4096 bytes: a template's body is shortened to fit (then its title),
+with an ellipsis, and every payload is checked before sending.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import functools
 import hashlib
 import json
 import string
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +33,13 @@ TEMPLATE_FIELDS = frozenset({"author_id", "post_id"})
 
 class PayloadTooLarge(ValueError):
     """The rendered payload is over the providers' 4096-byte limit."""
+
+
+class UnrenderablePush(PayloadTooLarge):
+    """A notification's push that cannot be rendered (unknown template, data that fails).
+
+    Recorded as an oversized push is: `failed` and a dead letter, never retried.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +81,49 @@ def collapse_id(post_id: str) -> str:
     return "p-" + hashlib.sha256(post_id.encode()).hexdigest()[:40]
 
 
-def collapse_key_for(request: SendRequest) -> str:
-    """The apns-collapse-id / FCM collapse_key of a push.
+def push_collapse_id(request: SendRequest) -> str:
+    """A push's collapse id (at most 64 bytes): its message's `collapse_key`, else its post's.
 
-    Its message's collapse key when it has one (a bundle summary: a newer one replaces the
-    older on the device), else the post's.
+    An API notification's post_id is its notification id.
     """
-    key = request.message.get("collapse_key") if request.message is not None else None
-    return collapse_id(key if key else request.post_id)
+    message = request.message
+    key = message.get("collapse_key") if message is not None else None
+    return collapse_id(key or request.post_id)
+
+
+class PushRenderer(ABC):
+    """Port: what pushes say, a post's and an API notification's (from its template).
+
+    The adapter (`operators/adapters/providers/push_texts.py`) renders notifications from the
+    catalog's templates; it is built per worker.
+    """
+
+    post: PushTemplate
+
+    @abstractmethod
+    def texts(self, request: SendRequest) -> tuple[str, str, dict[str, str]]:
+        """(title, body, data) of a push; UnrenderablePush if it cannot be rendered.
+
+        A notification's texts fit the providers' payload limit with `data` beside them.
+        """
+
+
+PushSource = PushTemplate | PushRenderer
+"""What the push senders render with (a bare PushTemplate renders posts only)."""
+
+
+def post_texts(template: PushTemplate, request: SendRequest) -> tuple[str, str, dict[str, str]]:
+    """(title, body, data) of a post's push."""
+    title, body, link = template.fill(request)
+    return title, body, _data(request, link)
+
+
+def _texts(source: PushSource, request: SendRequest) -> tuple[str, str, dict[str, str]]:
+    if isinstance(source, PushRenderer):
+        return source.texts(request)
+    if request.message is not None:
+        raise UnrenderablePush("no template catalog to render a notification's push")
+    return post_texts(source, request)
 
 
 def _data(request: SendRequest, link: str) -> dict[str, str]:
@@ -86,15 +136,15 @@ def _data(request: SendRequest, link: str) -> dict[str, str]:
     }
 
 
-def apns_payload(template: PushTemplate, request: SendRequest) -> dict[str, Any]:
+def apns_payload(template: PushSource, request: SendRequest) -> dict[str, Any]:
     """The APNs JSON body; raises PayloadTooLarge.
 
     Measured as aioapns encodes it (`json.dumps(..., ensure_ascii=False)`), byte for byte.
     """
-    title, body, link = template.fill(request)
+    title, body, data = _texts(template, request)
     payload: dict[str, Any] = {
         "aps": {"alert": {"title": title, "body": body}, "sound": "default"},
-        **_data(request, link),
+        **data,
     }
     size = len(json.dumps(payload, ensure_ascii=False).encode())
     if size > MAX_PAYLOAD_BYTES:
@@ -112,10 +162,10 @@ class FcmContent:
     collapse_key: str
 
 
-def fcm_content(template: PushTemplate, request: SendRequest) -> FcmContent:
+def fcm_content(template: PushSource, request: SendRequest) -> FcmContent:
     """The FCM message content; raises PayloadTooLarge (measured as FCM counts: the JSON)."""
-    title, body, link = template.fill(request)
-    content = FcmContent(title, body, _data(request, link), collapse_key_for(request))
+    title, body, data = _texts(template, request)
+    content = FcmContent(title, body, data, push_collapse_id(request))
     size = len(
         orjson.dumps(
             {
@@ -139,16 +189,16 @@ def time_to_live_s(policy: RetryPolicy, request: SendRequest, now: float) -> int
     return max(1, int(policy.max_age_s - (now - request.created_ts)))
 
 
-def apns_body(template: PushTemplate, request: SendRequest) -> bytes:
+def apns_body(template: PushSource, request: SendRequest) -> bytes:
     """The APNs request body as sent by the libcurl sender; raises PayloadTooLarge.
 
     Compact JSON, measured as sent (never larger than `apns_payload`'s measure).
     """
-    title, body, link = template.fill(request)
+    title, body, fields = _texts(template, request)
     data = orjson.dumps(
         {
             "aps": {"alert": {"title": title, "body": body}, "sound": "default"},
-            **_data(request, link),
+            **fields,
         }
     )
     if len(data) > MAX_PAYLOAD_BYTES:
@@ -156,7 +206,7 @@ def apns_body(template: PushTemplate, request: SendRequest) -> bytes:
     return data
 
 
-def fcm_body(template: PushTemplate, request: SendRequest, ttl_s: int) -> bytes:
+def fcm_body(template: PushSource, request: SendRequest, ttl_s: int) -> bytes:
     """The FCM v1 `messages:send` body, as firebase-admin encodes the same Message.
 
     Raises PayloadTooLarge (measured as FCM counts: the message's JSON, see `fcm_content`).

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from operators.delivery.model import SendRequest
+from operators.delivery.model import Lane, SendRequest
 from operators.events import RawEvent, dead_letter
 from schemas.codecs import InvalidEvent, decode_dispatch_batch, decode_retry_record, parse_timestamp
 from schemas.records import DeadLetter, DispatchBatch
+from schemas.topics import lane_of_topic
 
 
 def decode_channel_batch(event: RawEvent) -> tuple[DispatchBatch, float] | DeadLetter:
-    """A dispatch batch from `push.*` and its created_at as epoch seconds, or its dead letter."""
-    lane = "bulk" if event.topic.endswith(".bulk") else "normal"
+    """A channel topic's dispatch batch and its created_at (epoch seconds), or its dead letter.
+
+    Its lane is its topic's (`push.apns.transactional`, `email.marketing` -> bulk).
+    """
+    lane = lane_of_topic(event.topic)
     try:
         batch = decode_dispatch_batch(event.value, lane)
         return batch, parse_timestamp(batch.created_at).timestamp()
@@ -31,6 +35,7 @@ def batch_requests(
     """One send request per chosen item of a decoded dispatch batch."""
     origin = event.origin
     lane = batch.lane
+    message = batch.message
     return [
         SendRequest(
             provider=batch.provider,
@@ -41,7 +46,7 @@ def batch_requests(
             created_ts=created_ts,
             item=batch.items[index],
             origin=origin.of_item(index),
-            message=batch.message,  # its collapse key (a bundle summary's) reaches the push
+            message=message,
         )
         for index in items
     ]
@@ -58,16 +63,43 @@ def decode_channel_message(event: RawEvent) -> list[SendRequest | DeadLetter]:
     return list(batch_requests(event, batch, created_ts, range(first, stop)))
 
 
+def _schedule(raw: bytes | None) -> tuple[float, str]:
+    """(due_at, lane) of a `push.retry` record; (0, normal) when it is not a valid record.
+
+    The retry source asks for both of the same record one after the other: the last answer is
+    kept (one tuple, replaced whole, so worker threads never see half of another's).
+    """
+    global _last_schedule
+    last = _last_schedule
+    if last is not None and last[0] is raw:
+        return last[1]
+    try:
+        record = decode_retry_record(raw)
+        answer = (record.due_at, record.lane)
+    except InvalidEvent:
+        answer = (0.0, "normal")
+    _last_schedule = (raw, answer)
+    return answer
+
+
+_last_schedule: tuple[bytes | None, tuple[float, str]] | None = None
+
+
 def retry_due_at(raw: bytes | None) -> float:
     """When a `push.retry` record is due; 0 (now) when it is not a valid record.
 
     Validated first: a malformed record with a due_at in the future would otherwise be held
     (in memory and in snapshots) until then and dead-lettered only then.
     """
-    try:
-        return decode_retry_record(raw).due_at
-    except InvalidEvent:
-        return 0.0
+    return _schedule(raw)[0]
+
+
+def retry_lane(raw: bytes | None) -> str:
+    """The lane of a `push.retry` record (normal when it is not a valid record)."""
+    return _schedule(raw)[1]
+
+
+_LANES: dict[str, Lane] = {"transactional": "transactional", "bulk": "bulk"}
 
 
 def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
@@ -79,7 +111,7 @@ def decode_retry_message(event: RawEvent) -> SendRequest | DeadLetter:
         return dead_letter(event, exc)
     return SendRequest(
         provider=record.provider,
-        lane="bulk" if record.lane == "bulk" else "normal",
+        lane=_LANES.get(record.lane, "normal"),
         post_id=record.post_id,
         author_id=record.author_id,
         created_at=record.created_at,

@@ -209,3 +209,73 @@ def test_a_step_s_error_is_logged_once_with_the_step_s_name(
     assert len(logged) == 1, logged
     # The engine is built with the worker's first delivery source partition.
     assert logged[0].startswith("delivery.read_channel_lanes.build_part raised ValueError"), logged
+
+
+def message_batch(post: str, provider: str, users: list[str], message: dict[str, Any]) -> bytes:
+    body = orjson.loads(batch(post, provider, [(u, f"{provider}-{u}", f"{u}-addr") for u in users]))
+    body["message"] = message
+    body["author_id"] = "api:k1"
+    return orjson.dumps(body)
+
+
+def test_channel_tier_topics_and_transactional_push_go_to_their_senders(tmp_path: Path) -> None:
+    """Each provider's sender gets its items, in its topic's lane, with the batch's message; a
+    transient answer's retry record carries that message for the retry to render again."""
+    message = {
+        "category": "receipt",
+        "template_id": "receipt",
+        "tier": "transactional",
+        "data": {"order_id": "1234", "amount": "59.90", "currency": "EUR"},
+    }
+    senders = {
+        "email": ScriptedSender("email", answers={"u2-addr": ProviderAnswer(451, "RCPT 4.7.1")}),
+        "inapp": ScriptedSender("inapp"),
+        "apns": ScriptedSender("apns"),
+    }
+    store = SQLiteNotificationStore(tmp_path / "n.db")
+
+    def build() -> DeliveryEngine:
+        return DeliveryEngine(
+            claims=InMemoryEdgeClaims(),
+            store=store,
+            limiter=LocalRateLimiter(),
+            senders=dict(senders),
+            loop=EventLoopThread(),
+            settings=DeliverySettings(),
+        )
+
+    channel = [
+        RawEvent("email.transactional", 0, 0, b"n1", message_batch("n1", "email", ["u1", "u2"], message), 1.0),
+        RawEvent("email.marketing", 0, 0, b"n2", message_batch("n2", "email", ["u3"], {**message, "tier": "marketing"}), 1.0),
+        RawEvent("inapp.social", 0, 0, b"n3", message_batch("n3", "inapp", ["u4"], {**message, "tier": "social"}), 1.0),
+        RawEvent("push.apns.transactional", 0, 0, b"n4", message_batch("n4", "apns", ["u5"], message), 1.0),
+        RawEvent("sms.transactional", 0, 0, b"n5", message_batch("n5", "sms", ["u6"], message), 1.0),
+    ]  # fmt: skip
+    sinks: dict[str, list[Any]] = {k: [] for k in ("events", "retries", "dead")}
+    channel_source, retry_source = list_delivery_sources(channel, [], DeliveryPump(build))
+    flow = build_delivery_flow(
+        channel_source=channel_source,
+        retry_source=retry_source,
+        events_sink=TestingSink(sinks["events"]),
+        route_event=lambda e: "delivery_events/0",
+        device_changes_sink=TestingSink([]),
+        retry_sink=TestingSink(sinks["retries"]),
+        dead_letter_sink=TestingSink(sinks["dead"]),
+    )
+    run_main(flow)
+    outcomes = sorted((e.provider, e.user_id, e.outcome) for _, e in sinks["events"])
+    assert outcomes == [
+        ("apns", "u5", "accepted"),
+        ("email", "u1", "accepted"),
+        ("email", "u2", "retry_scheduled"),
+        ("email", "u3", "accepted"),
+        ("inapp", "u4", "accepted"),
+        ("sms", "u6", "failed"),  # no SMS sender in this worker: never left unread
+    ]
+    lanes = {r.item["user_id"]: (r.lane, r.message) for s in senders.values() for r in s.sent}
+    assert lanes["u1"] == ("transactional", message) and lanes["u5"][0] == "transactional"
+    assert lanes["u3"][0] == "bulk" and lanes["u4"][0] == "normal"
+    [retry] = sinks["retries"]
+    assert (retry.item["user_id"], retry.lane, retry.message) == ("u2", "transactional", message)
+    [dead] = [d for _, d in sinks["dead"]]
+    assert dead.source_topic == "sms.transactional" and "provider_not_configured" in dead.error

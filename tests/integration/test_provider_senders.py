@@ -29,9 +29,10 @@ from operators.adapters.providers.apns_curl import ApnsCurlSender
 from operators.adapters.providers.config import ApnsConfig, FcmConfig, apns_config, fcm_config
 from operators.adapters.providers.fcm import FcmSender
 from operators.adapters.providers.fcm_curl import FcmCurlSender
+from operators.adapters.providers.push_texts import TemplatePushRenderer
 from operators.config import load_settings
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest, Verdict, classify
-from operators.delivery.payloads import PushTemplate
+from operators.delivery.payloads import PushSource, PushTemplate
 from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 from schemas.records import ChannelMessage
@@ -84,18 +85,22 @@ def configs(
     return apns, fcm
 
 
-def apns_sender(client: str, config: ApnsConfig, timeout_s: float = 5.0) -> PushSender:
+def apns_sender(
+    client: str, config: ApnsConfig, timeout_s: float = 5.0, template: PushSource = TEMPLATE
+) -> PushSender:
     bucket = BucketSpec("apns:test", 6_000_000)
     if client == "aioapns":
-        return ApnsSender(config, TEMPLATE, bucket, RetryPolicy(), timeout_s)
-    return ApnsCurlSender(config, TEMPLATE, bucket, RetryPolicy(), timeout_s, connections=2)
+        return ApnsSender(config, template, bucket, RetryPolicy(), timeout_s)
+    return ApnsCurlSender(config, template, bucket, RetryPolicy(), timeout_s, connections=2)
 
 
-def fcm_sender(client: str, config: FcmConfig, timeout_s: float = 5.0) -> PushSender:
+def fcm_sender(
+    client: str, config: FcmConfig, timeout_s: float = 5.0, template: PushSource = TEMPLATE
+) -> PushSender:
     bucket = BucketSpec("fcm:test", 6_000_000)
     if client == "firebase-admin":
-        return FcmSender(config, TEMPLATE, bucket, RetryPolicy(), timeout_s, f"t-{uuid.uuid4()}")
-    return FcmCurlSender(config, TEMPLATE, bucket, RetryPolicy(), timeout_s, connections=2)
+        return FcmSender(config, template, bucket, RetryPolicy(), timeout_s, f"t-{uuid.uuid4()}")
+    return FcmCurlSender(config, template, bucket, RetryPolicy(), timeout_s, connections=2)
 
 
 def apns_token(i: int) -> str:
@@ -458,3 +463,45 @@ def test_fcm_curl_renews_its_oauth_token_beside_the_sends(
     before = control.stats()["fcm"]["tokens_issued"]
     run(scenario())
     assert control.stats()["fcm"]["tokens_issued"] == before + 2
+
+
+# -- API notifications: rendered from their template, collapsed by their collapse_key ----------
+
+
+def with_message(r: SendRequest, collapse_key: str) -> SendRequest:
+    from schemas.records import ChannelMessage
+
+    message = ChannelMessage(
+        category="login_code",
+        template_id="login_code",
+        tier="transactional",
+        data={"code": "482913", "minutes": 10},
+        collapse_key=collapse_key,
+    )
+    return dataclasses.replace(r, message=message, lane="transactional")
+
+
+@pytest.mark.parametrize(
+    ("provider", "client"), [("apns", c) for c in APNS_CLIENTS] + [("fcm", c) for c in FCM_CLIENTS]
+)
+def test_a_notification_s_collapse_key_reaches_the_provider_on_every_transport(
+    provider: str, client: str, configs: tuple[ApnsConfig, FcmConfig], control: ProviderControl
+) -> None:
+    from operators.adapters.catalog_files import load_catalog
+    from operators.delivery.payloads import push_collapse_id
+
+    renderer = TemplatePushRenderer(TEMPLATE, load_catalog().templates)
+    long_key = "digest:" + "x" * 80  # over APNs' 64 bytes: sent as its digest
+    keys = ["login:u1", long_key]
+    if provider == "apns":
+        reqs = [with_message(r, k) for r, k in zip(apns_requests(2), keys, strict=True)]
+        make = lambda: apns_sender(client, configs[0], template=renderer)  # noqa: E731
+    else:
+        plain = fcm_requests(FCM_TOKENS[:2])
+        reqs = [with_message(r, k) for r, k in zip(plain, keys, strict=True)]
+        make = lambda: fcm_sender(client, configs[1], template=renderer)  # noqa: E731
+    answers = run(send_all(make, reqs))
+    assert [a.status for a in answers] == [200, 200]
+    records = sorted(control.accepted(provider), key=lambda rec: rec.device_id or "")
+    assert [rec.collapse_id for rec in records] == ["login:u1", push_collapse_id(reqs[1])]
+    assert len(push_collapse_id(reqs[1]).encode()) <= 64

@@ -18,7 +18,7 @@ from operators.adapters.stores.sqlite_notifications import SQLiteNotificationSto
 from operators.delivery.circuit_breaker import BreakerState
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
-from operators.delivery.payloads import collapse_key_for
+from operators.delivery.payloads import push_collapse_id
 from operators.delivery.steps import decode_retry_message
 from operators.events import RawEvent
 from schemas.codecs import encode_retry_record
@@ -354,7 +354,9 @@ def test_submit_returns_at_once_and_collect_judges_the_answers(
     started = time.monotonic()
     assert e.submit([request(f"u{i}") for i in range(6)]) == []
     assert time.monotonic() - started < 0.2  # not waiting for the 0.3 s answers
-    assert e.in_flight == 6 and e.room("normal") == 4 and e.room("bulk") == 4
+    # A tenth of the limit is kept for the transactional lane.
+    assert e.in_flight == 6 and e.room("transactional") == 4
+    assert e.room("normal") == 3 and e.room("bulk") == 3
     judged = []
     while len(judged) < 6 and time.monotonic() - started < 5:
         judged += e.collect()
@@ -405,4 +407,4 @@ def test_a_retry_carries_the_message_and_its_collapse_key(store: SQLiteNotificat
     event = RawEvent("push.retry", 0, 4, None, encode_retry_record(record), time.time())
     retry = decode_retry_message(event)
     assert isinstance(retry, SendRequest) and retry.message == message
-    assert collapse_key_for(retry) == "bundle:new_post:u1"
+    assert push_collapse_id(retry) == "bundle:new_post:u1"

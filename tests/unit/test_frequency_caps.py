@@ -13,7 +13,7 @@ import pytest
 
 from operators.adapters.catalog_files import load_catalog
 from operators.delivery.model import SendRequest
-from operators.delivery.payloads import collapse_key_for
+from operators.delivery.payloads import push_collapse_id
 from operators.delivery.steps import decode_channel_message
 from operators.events import RawEvent
 from operators.fanout.caps import (
@@ -492,5 +492,5 @@ def test_the_delivery_side_reads_a_summary_with_its_message() -> None:
         event = RawEvent(batch.topic, 0, offset, None, encode_dispatch_batch(batch), 1.0)
         [send] = decode_channel_message(event)
         assert isinstance(send, SendRequest) and send.message == batch.message
-        assert collapse_key_for(send) == "bundle:new_post:u"
+        assert push_collapse_id(send) == "bundle:new_post:u"
         assert send.key == (f"{batch.post_id}:u", batch.items[0]["device_id"])

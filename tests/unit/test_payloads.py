@@ -10,9 +10,9 @@ from operators.delivery.payloads import (
     PushTemplate,
     apns_payload,
     collapse_id,
-    collapse_key_for,
     fcm_body,
     fcm_content,
+    push_collapse_id,
 )
 from schemas.records import ChannelMessage
 from tests.fakes import request
@@ -40,18 +40,18 @@ def test_a_message_s_collapse_key_replaces_the_post_s() -> None:
         collapse_key="bundle:new_post:u1",
     )
     summary = dataclasses.replace(request(post="bundle:new_post:1780315200"), message=message)
-    assert collapse_key_for(summary) == "bundle:new_post:u1"
+    assert push_collapse_id(summary) == "bundle:new_post:u1"
     assert fcm_content(PushTemplate(), summary).collapse_key == "bundle:new_post:u1"
     body = json.loads(fcm_body(PushTemplate(), summary, 60))
     assert body["message"]["android"]["collapse_key"] == "bundle:new_post:u1"
     # Without a message, or a message without one: the post's, as before.
-    assert collapse_key_for(request(post="p9")) == "p9"
+    assert push_collapse_id(request(post="p9")) == "p9"
     bare = ChannelMessage(category="receipt", template_id="receipt", tier="social", data={})
-    assert collapse_key_for(dataclasses.replace(request(post="p9"), message=bare)) == "p9"
+    assert push_collapse_id(dataclasses.replace(request(post="p9"), message=bare)) == "p9"
     # Bounded as APNs requires.
     long_key = dict(message, collapse_key="k" * 80)
     long = dataclasses.replace(summary, message=long_key)
-    assert len(collapse_key_for(long).encode()) <= 64
+    assert len(push_collapse_id(long).encode()) <= 64
 
 
 def test_collapse_id_fits_apns_64_bytes() -> None:

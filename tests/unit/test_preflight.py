@@ -100,3 +100,27 @@ def test_chatty_libraries_log_warnings_only_unless_debug() -> None:
     finally:
         root.setLevel(before[0])
         httpx.setLevel(before[1])
+
+
+def test_delivery_refuses_a_broken_catalog_and_email_without_its_link_key(
+    tmp_path: Path,
+) -> None:
+    s = settings(tmp_path, metrics_server="bytewax", apns_key_file="", fcm_credentials_file="")
+    with_push = s.with_overrides(fcm_credentials_file=str(tmp_path / "fcm.json"))
+    (tmp_path / "fcm.json").write_text('{"project_id": "p1"}')
+    (tmp_path / "cats.toml").write_text("[categories.x]\ntier = 'urgent'\n")
+    broken = with_push.with_overrides(categories_file=str(tmp_path / "cats.toml"))
+    lines = [
+        p.line
+        for p in startup_problems(broken, "delivery", [], broker=up, redis=up, topics=every_topic)
+    ]
+    assert any(line.startswith("the delivery flow renders API notifications") for line in lines)
+    mail = with_push.with_overrides(smtp_host="smtp.example.com")
+    lines = [
+        p.line
+        for p in startup_problems(mail, "delivery", [], broker=up, redis=up, topics=every_topic)
+    ]
+    assert any("FANFARE_LINK_SECRET_FILE is not" in line for line in lines)
+    (tmp_path / "link.key").write_text("k" * 64)
+    keyed = mail.with_overrides(link_secret_file=str(tmp_path / "link.key"))
+    assert startup_problems(keyed, "delivery", [], broker=up, redis=up, topics=every_topic) == []

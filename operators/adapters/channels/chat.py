@@ -136,12 +136,12 @@ class WebhookChatSender(PushSender):
             raise PayloadTooLarge(f"chat post is {len(body)} bytes (limit {MAX_BODY_BYTES})")
         return RenderedPost(url, body)
 
-    async def _send_one(self, post: RenderedPost) -> ProviderAnswer:
+    async def _send_one(self, post: RenderedPost, lane: str) -> ProviderAnswer:
         refusal = await self._guard.refusal(post.url)
         if refusal is not None:
             return ProviderAnswer(400, "webhook_not_public", detail=refusal)
         reply = await self._client.post(
-            post.url, data=post.body, headers={"Content-Type": "application/json"}
+            post.url, data=post.body, headers={"Content-Type": "application/json"}, lane=lane
         )
         if isinstance(reply, ProviderAnswer):
             return reply
@@ -157,7 +157,9 @@ class WebhookChatSender(PushSender):
         """Every post at once; those whose webhook bucket is empty are held."""
         held = self._pacer.admit(requests)
         go = [i for i in range(len(requests)) if i not in held]
-        sent = await asyncio.gather(*(self._send_one(payloads[i]) for i in go))  # type: ignore[arg-type]
+        sent = await asyncio.gather(
+            *(self._send_one(payloads[i], requests[i].lane) for i in go)  # type: ignore[arg-type]
+        )
         answers = dict(held)
         answers.update(zip(go, sent, strict=True))
         return [answers[i] for i in range(len(requests))]

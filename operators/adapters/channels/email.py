@@ -44,6 +44,7 @@ import jinja2
 
 from operators.adapters.channels.content import ChannelRenderer, Content
 from operators.adapters.channels.pacing import KeyedPacer
+from operators.adapters.channels.sessions import LanePool
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.payloads import PayloadTooLarge
 from operators.delivery.ports import PushSender, RateLimiter
@@ -201,12 +202,11 @@ class SmtpEmailSender(PushSender):
         password = None
         if config.password_file is not None:
             password = config.password_file.read_text().removesuffix("\n").removesuffix("\r")
-        self._idle: asyncio.Queue[_Connection] = asyncio.Queue()
         self._connections = [
             _Connection(config, password, timeout_s) for _ in range(config.connections)
         ]
-        for connection in self._connections:
-            self._idle.put_nowait(connection)
+        # Free sessions go to a transactional message first (sessions.py says why).
+        self._idle: LanePool[_Connection] = LanePool(self._connections)
         self._pacer = KeyedPacer(
             "email",
             limiter,
@@ -217,11 +217,11 @@ class SmtpEmailSender(PushSender):
 
     async def warm_up(self) -> None:
         """Open one session (TLS and AUTH) before the first send."""
-        connection = await self._idle.get()
+        connection = await self._idle.get("transactional")
         try:
             await asyncio.wait_for(connection.ensure(), self._timeout)
         finally:
-            self._idle.put_nowait(connection)
+            self._idle.put(connection)
 
     def unsubscribe_url(self, content: Content) -> str | None:
         """The one-click URL for a subscription-like category (none for transactional ones)."""
@@ -268,8 +268,8 @@ class SmtpEmailSender(PushSender):
             raise PayloadTooLarge(f"email is {len(data)} bytes (limit {MAX_MESSAGE_BYTES})")
         return RenderedEmail(recipient, data)
 
-    async def _send_one(self, message: RenderedEmail) -> ProviderAnswer:
-        connection = await self._idle.get()
+    async def _send_one(self, message: RenderedEmail, lane: str) -> ProviderAnswer:
+        connection = await self._idle.get(lane)
         try:
             return await asyncio.wait_for(
                 connection.send(self._from_address, message), self._timeout
@@ -278,7 +278,7 @@ class SmtpEmailSender(PushSender):
             await connection.drop()  # the session is in an unknown state
             return ProviderAnswer(None, "timeout")
         finally:
-            self._idle.put_nowait(connection)
+            self._idle.put(connection)
 
     async def send(
         self, requests: Sequence[SendRequest], payloads: Sequence[object]
@@ -287,7 +287,7 @@ class SmtpEmailSender(PushSender):
         held = self._pacer.admit(requests)
         go = [i for i in range(len(requests)) if i not in held]
         sent = await asyncio.gather(
-            *(self._send_one(payloads[i]) for i in go)  # type: ignore[arg-type]
+            *(self._send_one(payloads[i], requests[i].lane) for i in go)  # type: ignore[arg-type]
         )
         answers = dict(held)
         answers.update(zip(go, sent, strict=True))

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from operators.adapters.channels.sessions import LanePool
 from operators.delivery.model import ProviderAnswer
 from schemas.addresses import ip_is_public
 
@@ -46,9 +47,16 @@ class HttpReply:
 
 
 class HttpClient:
-    """A keep-alive HTTPS client (one per sender, made on the worker's event loop)."""
+    """A keep-alive HTTPS client (one per sender, made on the worker's event loop).
+
+    At most `connections` requests at once; a free slot goes to a transactional send first,
+    then normal, then bulk (aiohttp's own pool would serve whoever asked first).
+    """
 
     def __init__(self, timeout_s: float, ca_file: str | Path | None, connections: int = 32) -> None:
+        self._timeout = timeout_s
+        self._whole_timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._slots: LanePool[int] = LanePool(range(connections))
         context = ssl.create_default_context()
         if ca_file:
             context.load_verify_locations(cafile=str(ca_file))
@@ -64,11 +72,40 @@ class HttpClient:
         *,
         data: bytes | Mapping[str, str],
         headers: Mapping[str, str] | None = None,
+        lane: str = "normal",
     ) -> HttpReply | ProviderAnswer:
-        """POST; the reply, or an answer for a transport failure (status None: retried)."""
+        """POST; the reply, or an answer for a transport failure (status None: retried).
+
+        Waiting for a slot counts towards the timeout, as waiting for a connection did.
+        """
+        slot = self._slots.try_get()
+        timeout = self._whole_timeout
+        if slot is None:
+            started = time.monotonic()
+            try:
+                slot = await asyncio.wait_for(self._slots.get(lane), self._timeout)
+            except TimeoutError:
+                return ProviderAnswer(None, "timeout")
+            timeout = aiohttp.ClientTimeout(total=self._timeout - (time.monotonic() - started))
+        try:
+            return await self._post(url, data, headers, timeout)
+        finally:
+            self._slots.put(slot)
+
+    async def _post(
+        self,
+        url: str,
+        data: bytes | Mapping[str, str],
+        headers: Mapping[str, str] | None,
+        timeout: aiohttp.ClientTimeout,
+    ) -> HttpReply | ProviderAnswer:
         try:
             async with self._session.post(
-                url, data=data, headers=headers, allow_redirects=False
+                url,
+                data=data,
+                headers=headers,
+                allow_redirects=False,
+                timeout=timeout,
             ) as response:
                 body = await response.content.read(4096)
                 return HttpReply(

@@ -146,7 +146,7 @@ class TwilioSmsSender(PushSender):
         if spent is not None:
             metrics.SMS_BUDGET_REFUSED.labels(spent).inc()
             return ProviderAnswer(402, f"sms_budget_{spent}")
-        answer = await self._post(sms)
+        answer = await self._post(sms, request.lane)
         if answer.status is not None and 200 <= answer.status < 300:
             metrics.SMS_SEGMENTS.inc(sms.segments)
             metrics.SMS_COST.labels(self._config.currency).inc(
@@ -156,8 +156,8 @@ class TwilioSmsSender(PushSender):
             await self._budget.give_back(request.item["user_id"])
         return answer
 
-    async def _post(self, sms: RenderedSms) -> ProviderAnswer:
-        reply = await self._client.post(self._url, data=sms.form, headers=self._headers)
+    async def _post(self, sms: RenderedSms, lane: str) -> ProviderAnswer:
+        reply = await self._client.post(self._url, data=sms.form, headers=self._headers, lane=lane)
         if isinstance(reply, ProviderAnswer):
             return reply
         if 200 <= reply.status < 300:

@@ -156,12 +156,14 @@ class VapidWebPushSender(PushSender):
         body: bytes = WebPusher(subscription).encode(push.data, "aes128gcm")["body"]
         return body
 
-    async def _send_one(self, push: RenderedPush) -> ProviderAnswer:
+    async def _send_one(self, push: RenderedPush, lane: str) -> ProviderAnswer:
         refusal = await self._guard.refusal(push.endpoint)
         if refusal is not None:
             return ProviderAnswer(400, "endpoint_not_public", detail=refusal)
         headers = {**push.headers, "Authorization": self._authorization(push.endpoint)}
-        reply = await self._client.post(push.endpoint, data=self._encrypt(push), headers=headers)
+        reply = await self._client.post(
+            push.endpoint, data=self._encrypt(push), headers=headers, lane=lane
+        )
         if isinstance(reply, ProviderAnswer):
             return reply
         if 200 <= reply.status < 300:
@@ -175,7 +177,12 @@ class VapidWebPushSender(PushSender):
     ) -> list[ProviderAnswer]:
         """Every push at once (each to its own push service endpoint)."""
         return list(
-            await asyncio.gather(*(self._send_one(p) for p in payloads))  # type: ignore[arg-type]
+            await asyncio.gather(
+                *(
+                    self._send_one(p, r.lane)  # type: ignore[arg-type]
+                    for r, p in zip(requests, payloads, strict=True)
+                )
+            )
         )
 
     async def close(self) -> None:

@@ -1,7 +1,9 @@
-"""The delivery flow's channel source: each provider's normal and bulk lanes, sent as read.
+"""The delivery flow's channel source: each provider's three lanes, sent as read.
 
-Each source partition owns partition `i` of a provider's normal topic and partition `i` of its
-bulk topic. It reads, decodes, hands the send requests to the worker's engine (the
+Each source partition owns partition `i` of each of a provider's lane topics: transactional,
+normal and bulk (`push.apns.transactional`, `push.apns`, `push.apns.bulk`; for the other
+channels the tiers, `email.transactional`, `email.social`, `email.marketing`: schemas/topics.py,
+TIER_LANES). It reads, decodes, hands the send requests to the worker's engine (the
 `DeliveryPump`, which never waits for a provider) and emits each request's outputs (its
 delivery event, retry record, device change, dead letter) once the request is judged. So the
 source keeps reading while sends are outstanding, up to the engine's in-flight limit
@@ -9,7 +11,9 @@ source keeps reading while sends are outstanding, up to the engine's in-flight l
 those judged after it (`operators/delivery/pipeline.py`, `LaneProgress`): a restart sends again
 only what had no outcome, and emits no outcome twice (docs/design.md).
 
-Normal lanes first: the bulk lane is handed out only when the normal lane has nothing waiting,
+Transactional first: that lane is handed out before the others, and the engine keeps part of
+its in-flight limit for it (a login code never waits for a post's or a campaign's sends). Then
+the normal lane; the bulk lane is handed out only when neither has anything waiting,
 not while the provider's bucket has told the worker to pause the bulk lane, and in slices within
 a per-worker budget of items per poll round (FANFARE_BULK_ITEMS_PER_POLL), so a celebrity
 backlog never sits in front of a normal post: a normal post read in the next round waits for
@@ -37,17 +41,51 @@ from operators.delivery.pipeline import DeliveryPump, LaneProgress, LaneState, R
 from operators.delivery.steps import batch_requests, decode_channel_batch
 from operators.events import RawEvent
 from operators.worker_local import WorkerLocal
+from schemas.addresses import CHANNEL_PROVIDERS
 from schemas.records import DeadLetter
-from schemas.topics import PROVIDERS, channel_topic
+from schemas.topics import DELIVERY_LANES, PROVIDERS, channel_topic
 
 LaneOffsets = tuple[
-    int, int, int, str | None, str | None, int, dict[int, Ranges], dict[int, Ranges]
+    int,
+    int,
+    int,
+    str | None,
+    str | None,
+    int,
+    dict[int, Ranges],
+    dict[int, Ranges],
+    int,
+    int,
+    str | None,
+    dict[int, Ranges],
 ]
-"""Where a lane pair resumes: (normal offset, bulk offset, bulk item, normal topic id, bulk topic
-id, normal item, items judged after the normal position, items judged after the bulk one); the
-offsets and items are those of the first item not judged (-2 = the partition's start).
+"""Where a partition's lanes resume: (normal offset, bulk offset, bulk item, normal topic id, bulk
+topic id, normal item, items judged after the normal position, items judged after the bulk one,
+transactional offset, transactional item, transactional topic id, items judged after the
+transactional position); the offsets and items are those of the first item not judged (-2 = the
+partition's start).
 
-Recovery stores of earlier versions hold the first two, three or five only."""
+Recovery stores of earlier versions hold the first two, three, five or eight only."""
+_FRESH: LaneOffsets = (
+    OFFSET_BEGINNING,
+    OFFSET_BEGINNING,
+    0,
+    None,
+    None,
+    0,
+    {},
+    {},
+    OFFSET_BEGINNING,
+    0,
+    None,
+    {},
+)
+
+
+def _complete(given: tuple[object, ...]) -> LaneOffsets:
+    """A resume state of any earlier version, completed with the fresh state's later fields."""
+    return cast(LaneOffsets, given + _FRESH[len(given) :])
+
 
 IDLE_POLL = timedelta(milliseconds=5)
 """How often a lane pair with nothing in flight looks for new messages (Bytewax's default is
@@ -130,7 +168,7 @@ class BulkRoundBudget:
 class _Lane:
     """One lane of a pair: its reader, and what became of what it read."""
 
-    name: str  # "normal" | "bulk"
+    name: str  # "transactional" | "normal" | "bulk"
     reader: MessageReader
     progress: LaneProgress
     read_size: int
@@ -168,7 +206,10 @@ def _lane_state(offset: int, item: int, done: dict[int, Ranges] | None) -> LaneS
 
 
 class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
-    """Partition `i` of a provider's normal topic, and of its bulk topic: read, sent, judged."""
+    """Partition `i` of each of a provider's lanes (transactional, normal, bulk): read, judged.
+
+    It began as a pair (normal and bulk), hence its name.
+    """
 
     def __init__(
         self,
@@ -183,19 +224,26 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
         *,
         normal_batch_size: int = 200,
         partition: int | None = None,
+        transactional: MessageReader | None = None,
     ) -> None:
-        state = cast(
-            LaneOffsets,
-            tuple(resume or ())
-            + (OFFSET_BEGINNING, OFFSET_BEGINNING, 0, None, None, 0, {}, {})[len(resume or ()) :],
-        )
-        n_at, b_at, b_item, _, _, n_item, n_done, b_done = state
+        state = _complete(tuple(resume or ()))
+        n_at, b_at, b_item, _, _, n_item, n_done, b_done, t_at, t_item, _, t_done = state
         self._part = part
         self._provider = provider
         self._pacer = pacer
         self._budget = budget
         self._pump = pump
         index = partition if partition is not None else int(part.partition("#")[2] or 0)
+        self._transactional = (
+            _Lane(
+                "transactional",
+                transactional,
+                LaneProgress(_lane_state(t_at, t_item, t_done)),
+                normal_batch_size,
+            )
+            if transactional is not None
+            else None
+        )
         self._normal = (
             _Lane(
                 "normal", normal, LaneProgress(_lane_state(n_at, n_item, n_done)), normal_batch_size
@@ -210,7 +258,7 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
         )
         self._lanes = {
             channel_topic(provider, lane.name): lane
-            for lane in (self._normal, self._bulk)
+            for lane in (self._transactional, self._normal, self._bulk)
             if lane is not None
         }
         self._routes = [f"{topic}/{index}" for topic in self._lanes]
@@ -219,22 +267,24 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
         self._letters: list[tuple[_Lane, int, DeadLetter]] = []
 
     def next_batch(self) -> list[object]:
-        """Hand what was read to the engine (normal first); emit what has been judged."""
+        """Hand what was read to the engine (transactional first); emit what has been judged."""
         worker = self._worker
         worker.poll()
         engine = worker.engine
         requests: list[SendRequest] = []
         letters: list[tuple[int, DeadLetter]] = []
-        normal_waiting = False
-        if self._normal is not None:
-            room = engine.room("normal", self._provider)
+        first_waiting = False
+        for lane in (self._transactional, self._normal):
+            if lane is None:
+                continue
+            room = engine.room(lane.name, self._provider)
             if room > 0:
-                self._normal.fill(room)
-                requests += self._normal.take(room, letters)
-                self._letters += [(self._normal, o, d) for o, d in letters]
+                lane.fill(room)
+                requests += lane.take(room, letters)
+                self._letters += [(lane, o, d) for o, d in letters]
                 letters = []
-            normal_waiting = self._normal.progress.pending() > 0
-        if self._bulk is not None and not normal_waiting and self._pacer.ready(self._provider):
+            first_waiting = first_waiting or lane.progress.pending() > 0
+        if self._bulk is not None and not first_waiting and self._pacer.ready(self._provider):
             room = engine.room("bulk", self._provider)
             if room > 0:
                 self._bulk.fill(1)
@@ -286,6 +336,10 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
             if self._bulk is not None
             else (OFFSET_BEGINNING, 0, {})
         )
+        t = self._transactional
+        t_at, t_item, t_done = (
+            t.progress.snapshot(t.reader.offset()) if t is not None else (OFFSET_BEGINNING, 0, {})
+        )
         return (
             n_at,
             b_at,
@@ -295,18 +349,28 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
             n_item,
             n_done,
             b_done,
+            t_at,
+            t_item,
+            t.reader.topic_id if t is not None else None,
+            t_done,
         )
 
     def close(self) -> None:
         """Leave the broker; the worker's last partition closes its engine."""
-        for lane in (self._normal, self._bulk):
+        for lane in (self._transactional, self._normal, self._bulk):
             if lane is not None:
                 lane.reader.close()
         self._pump.release(self._worker, self._routes)
 
 
 class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
-    """Every `push.<provider>` partition paired with the same `push.<provider>.bulk` one."""
+    """Every provider's lane topics, partition `i` of each read by one source partition.
+
+    Push providers read `push.<p>.transactional`, `push.<p>` and `push.<p>.bulk`; the other
+    channels `<p>.transactional`, `<p>.social` and `<p>.marketing`. A provider the worker has
+    no sender for still has its topics read: its sends end `failed`
+    (`provider_not_configured`), never silently left on the topic.
+    """
 
     def __init__(
         self,
@@ -314,7 +378,7 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
         pacer: BulkPacer,
         pump: DeliveryPump,
         *,
-        providers: Iterable[str] = PROVIDERS,
+        providers: Iterable[str] = (*PROVIDERS, *CHANNEL_PROVIDERS),
         normal_batch_size: int = 200,
         bulk_items_per_poll: int = 100,
     ) -> None:
@@ -326,7 +390,7 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
         self._budget = BulkRoundBudget(bulk_items_per_poll)
 
     def _counts(self) -> dict[str, int]:
-        topics = [channel_topic(p, lane) for p in self._providers for lane in ("normal", "bulk")]
+        topics = [channel_topic(p, lane) for p in self._providers for lane in DELIVERY_LANES]
         counts: dict[str, int] = {}
         for part in topic_partitions(self._config, topics):
             topic, _ = split_part(part)
@@ -334,67 +398,51 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
         return counts
 
     def list_parts(self) -> list[str]:
-        """`apns#0` .. one per index of the larger of the two topics."""
+        """`apns#0`, `email#0` .. one per index of the provider's largest lane topic."""
         counts = self._counts()
         parts: list[str] = []
         for p in self._providers:
-            n = max(counts[channel_topic(p, "normal")], counts[channel_topic(p, "bulk")])
+            n = max(counts[channel_topic(p, lane)] for lane in DELIVERY_LANES)
             parts.extend(f"{p}#{i}" for i in range(n))
         return parts
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: LaneOffsets | None
     ) -> _LanePairReader:
-        """Readers for the pair, resumed from the snapshot."""
+        """Readers for the partition's lanes, resumed from the snapshot."""
         provider, _, index = for_part.partition("#")
         i = int(index)
         counts = self._counts()
-        # Recovery stores of earlier versions hold (normal, bulk), (normal, bulk, item), or
-        # those and the topic ids.
-        given = tuple(resume_state or ())
-        state = cast(
-            LaneOffsets,
-            given + (OFFSET_BEGINNING, OFFSET_BEGINNING, 0, None, None, 0, {}, {})[len(given) :],
-        )
-        normal_at, bulk_at, _, normal_id, bulk_id = state[:5]
-        normal_topic, bulk_topic = (
-            channel_topic(provider, "normal"),
-            channel_topic(provider, "bulk"),
-        )
-        normal = (
-            TopicPartitionReader(
-                self._config,
-                normal_topic,
-                i,
-                normal_at,
-                self._normal_batch,
-                False,
-                1.0,
-                topic_ids=shared_topic_ids(self._config),
-                start_topic_id=normal_id,
+        # Recovery stores of earlier versions hold (normal, bulk), (normal, bulk, item), those
+        # and the topic ids, or no transactional lane.
+        state = _complete(tuple(resume_state or ()))
+        starts = {
+            "normal": (state[0], state[3], self._normal_batch),
+            "bulk": (state[1], state[4], 2),
+            "transactional": (state[8], state[10], self._normal_batch),
+        }
+        readers: dict[str, TopicPartitionReader | None] = {}
+        for lane, (at, topic_id, size) in starts.items():
+            topic = channel_topic(provider, lane)
+            readers[lane] = (
+                TopicPartitionReader(
+                    self._config,
+                    topic,
+                    i,
+                    at,
+                    size,
+                    False,
+                    1.0,
+                    topic_ids=shared_topic_ids(self._config),
+                    start_topic_id=topic_id,
+                )
+                if i < counts[topic]
+                else None
             )
-            if i < counts[normal_topic]
-            else None
-        )
-        bulk = (
-            TopicPartitionReader(
-                self._config,
-                bulk_topic,
-                i,
-                bulk_at,
-                2,
-                False,
-                1.0,
-                topic_ids=shared_topic_ids(self._config),
-                start_topic_id=bulk_id,
-            )
-            if i < counts[bulk_topic]
-            else None
-        )
         return _LanePairReader(
             for_part,
-            normal,
-            bulk,
+            readers["normal"],
+            readers["bulk"],
             provider,
             self._pacer,
             self._budget,
@@ -402,4 +450,5 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
             state,
             normal_batch_size=self._normal_batch,
             partition=i,
+            transactional=readers["transactional"],
         )

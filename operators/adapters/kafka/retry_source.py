@@ -3,6 +3,9 @@
 A due record is handed to the worker's engine (the `DeliveryPump`) and its outputs are emitted
 once it is judged; until then it stays in the partition's snapshot with the held ones, so a
 restart sends again exactly the records that had no outcome yet (docs/design.md).
+
+Records wait in one queue per lane (transactional, normal, bulk), by due time: a lane whose
+in-flight room is full (a campaign's retries) never holds up a due login code's retry.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from operators.delivery.model import SendRequest
 from operators.delivery.pipeline import DeliveryPump
 from operators.delivery.steps import decode_retry_message
 from operators.events import RawEvent
+from schemas.topics import DELIVERY_LANES
 
 RetryPartitionState = tuple[int, list[tuple[float, int, bytes | None, bytes | None]], str | None]
 """(next offset, the held records, the topic id the offset counts in); earlier recovery stores
@@ -53,18 +57,27 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
         due_of: Callable[[bytes | None], float],
         clock: Callable[[], float],
         pump: DeliveryPump,
+        lane_of: Callable[[bytes | None], str] = lambda raw: "normal",
     ) -> None:
         self._reader = reader
         self._topic = topic
         self._partition = partition
         self._due_of = due_of
+        self._lane_of = lane_of
         self._clock = clock
-        self._heap = list(held)
-        heapq.heapify(self._heap)
+        self._heaps: dict[str, list[HeldRecord]] = {lane: [] for lane in DELIVERY_LANES}
+        for entry in held:
+            self._heap_of(entry[3]).append(entry)
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
         self._sent: dict[int, HeldRecord] = {}  # by offset: handed to the engine, not judged
         self._pump = pump
         self._routes = [f"{topic}/{partition}"]
         self._worker, self._outbox = pump.register(self._routes)
+
+    def _heap_of(self, value: bytes | None) -> list[HeldRecord]:
+        lane = self._lane_of(value)
+        return self._heaps[lane if lane in self._heaps else "normal"]
 
     def next_batch(self) -> list[object]:
         """Send the records that are due now (newly read ones too); emit what was judged."""
@@ -73,14 +86,15 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
         for event in self._reader.next_batch():
             assert isinstance(event, RawEvent)
             entry = (self._due_of(event.value), event.offset, event.key, event.value)
-            heapq.heappush(self._heap, entry)
+            heapq.heappush(self._heap_of(event.value), entry)
         out: list[object] = []
         now = self._clock()
-        heap = self._heap
-        if heap and heap[0][0] <= now:
+        requests: list[SendRequest] = []
+        for lane, heap in self._heaps.items():  # transactional first
+            if not heap or heap[0][0] > now:
+                continue
             engine = worker.engine
-            requests: list[SendRequest] = []
-            room = {lane: engine.room(lane) for lane in ("normal", "bulk")}
+            room = engine.room(lane)
             while heap and heap[0][0] <= now:
                 entry = heap[0]
                 _, offset, key, value = entry
@@ -88,17 +102,16 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
                     RawEvent(self._topic, self._partition, offset, key, value, now)
                 )
                 if isinstance(decoded, SendRequest):
-                    lane = decoded.lane
-                    if room[lane] <= 0 or engine.room(lane, decoded.provider) <= 0:
-                        break  # the in-flight limit: the rest waits, in order
-                    room[lane] -= 1
+                    if room <= 0 or engine.room(lane, decoded.provider) <= 0:
+                        break  # the lane's in-flight limit: the rest of it waits, in order
+                    room -= 1
                     requests.append(decoded)
                     self._sent[offset] = entry
                 else:
                     out.append(decoded)  # a dead letter: judged now
                 heapq.heappop(heap)
-            if requests:
-                worker.submit(requests)
+        if requests:
+            worker.submit(requests)
         for judged in self._outbox.drain():
             self._sent.pop(judged.request.origin.offset, None)
             out.extend(judged.outputs)
@@ -112,17 +125,19 @@ class _RetryPartitionReader(StatefulSourcePartition[object, RetryPartitionState]
         if self._sent or self._outbox.items:
             return None
         soon = datetime.now(UTC) + IDLE_POLL
-        if self._heap:
-            return min(soon, datetime.fromtimestamp(self._heap[0][0], UTC))
+        first = min((heap[0][0] for heap in self._heaps.values() if heap), default=None)
+        if first is not None:
+            return min(soon, datetime.fromtimestamp(first, UTC))
         return soon
 
     def idle(self) -> bool:
         """Nothing is held or waits for an outcome."""
-        return not self._heap and not self._sent and not self._outbox.items
+        return not any(self._heaps.values()) and not self._sent and not self._outbox.items
 
     def snapshot(self) -> RetryPartitionState:
         """The next offset, and what is held or sent without an outcome yet."""
-        return (self._reader.offset(), [*self._heap, *self._sent.values()], self._reader.topic_id)
+        held = [entry for heap in self._heaps.values() for entry in heap]
+        return (self._reader.offset(), [*held, *self._sent.values()], self._reader.topic_id)
 
     def close(self) -> None:
         """Leave the broker; the worker's last partition closes its engine."""
@@ -140,10 +155,12 @@ class RetryTopicSource(FixedPartitionedSource[object, RetryPartitionState]):
         pump: DeliveryPump,
         topic: str = "push.retry",
         clock: Callable[[], float] = time.time,
+        lane_of: Callable[[bytes | None], str] = lambda raw: "normal",
     ) -> None:
         self._config = config
         self._pump = pump
         self._due_of = due_of
+        self._lane_of = lane_of
         self._topic = topic
         self._clock = clock
 
@@ -171,5 +188,5 @@ class RetryTopicSource(FixedPartitionedSource[object, RetryPartitionState]):
             start_topic_id=topic_id,
         )
         return _RetryPartitionReader(
-            reader, topic, partition, held, self._due_of, self._clock, self._pump
+            reader, topic, partition, held, self._due_of, self._clock, self._pump, self._lane_of
         )

@@ -16,9 +16,9 @@ from typing import Any
 from operators.adapters.providers.config import ApnsConfig, ProviderConfigError
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import (
-    PushTemplate,
+    PushSource,
     apns_payload,
-    collapse_key_for,
+    push_collapse_id,
     time_to_live_s,
 )
 from operators.delivery.ports import PushSender
@@ -50,7 +50,7 @@ class ApnsSender(PushSender):
     def __init__(
         self,
         config: ApnsConfig,
-        template: PushTemplate,
+        template: PushSource,
         bucket: BucketSpec,
         policy: RetryPolicy,
         timeout_s: float,
@@ -110,7 +110,7 @@ class ApnsSender(PushSender):
             notification_id=request.apns_id,
             time_to_live=time_to_live_s(self._policy, request, now),
             priority=10,
-            collapse_key=collapse_key_for(request),
+            collapse_key=push_collapse_id(request),
             push_type=PushType.ALERT,
         )
         try:

@@ -29,9 +29,9 @@ from operators.adapters.providers.config import ApnsConfig, ProviderConfigError
 from operators.adapters.providers.curl_multi import CurlAnswer, CurlMulti, CurlTarget
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import (
-    PushTemplate,
+    PushSource,
     apns_body,
-    collapse_key_for,
+    push_collapse_id,
     time_to_live_s,
 )
 from operators.delivery.ports import PushSender
@@ -119,7 +119,7 @@ class ApnsCurlSender(PushSender):
     def __init__(
         self,
         config: ApnsConfig,
-        template: PushTemplate,
+        template: PushSource,
         bucket: BucketSpec,
         policy: RetryPolicy,
         timeout_s: float,
@@ -183,7 +183,7 @@ class ApnsCurlSender(PushSender):
                 *static,
                 f"apns-id: {r.apns_id}",
                 f"apns-expiration: {int(now) + time_to_live_s(policy, r, now)}",
-                f"apns-collapse-id: {collapse_key_for(r)}",
+                f"apns-collapse-id: {push_collapse_id(r)}",
             ]
             batch.append((url + r.item["token"], headers, cast(bytes, body)))
         answers = [apns_answer(a) for a in await multi.send_all(batch)]

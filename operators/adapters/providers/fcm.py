@@ -21,7 +21,7 @@ from typing import Any
 
 from operators.adapters.providers.config import FcmConfig, ProviderConfigError
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
-from operators.delivery.payloads import PushTemplate, fcm_content, time_to_live_s
+from operators.delivery.payloads import PushSource, fcm_content, time_to_live_s
 from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 
@@ -117,7 +117,7 @@ class FcmSender(PushSender):
     def __init__(
         self,
         config: FcmConfig,
-        template: PushTemplate,
+        template: PushSource,
         bucket: BucketSpec,
         policy: RetryPolicy,
         timeout_s: float,

@@ -25,7 +25,7 @@ from operators.adapters.providers.config import FcmConfig, ProviderConfigError
 from operators.adapters.providers.curl_multi import CurlAnswer, CurlMulti, CurlTarget
 from operators.adapters.providers.fcm import token_needs_refresh
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
-from operators.delivery.payloads import PushTemplate, fcm_body, time_to_live_s
+from operators.delivery.payloads import PushSource, fcm_body, time_to_live_s
 from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 
@@ -121,7 +121,7 @@ class FcmCurlSender(PushSender):
     def __init__(
         self,
         config: FcmConfig,
-        template: PushTemplate,
+        template: PushSource,
         bucket: BucketSpec,
         policy: RetryPolicy,
         timeout_s: float,
