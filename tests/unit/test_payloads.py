@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from operators.adapters.catalog_files import load_catalog
+from operators.adapters.providers.push_texts import TemplatePushRenderer
 from operators.delivery.payloads import (
     PayloadTooLarge,
     PushTemplate,
@@ -36,13 +38,17 @@ def test_a_message_s_collapse_key_replaces_the_post_s() -> None:
         category="new_post",
         template_id="new_posts_bundle",
         tier="social",
-        data={},
+        data={"count": 3, "names": "ana, ben", "others": 1, "author_ids": "ana,ben,cy"},
         collapse_key="bundle:new_post:u1",
     )
     summary = dataclasses.replace(request(post="bundle:new_post:1780315200"), message=message)
     assert push_collapse_id(summary) == "bundle:new_post:u1"
-    assert fcm_content(PushTemplate(), summary).collapse_key == "bundle:new_post:u1"
-    body = json.loads(fcm_body(PushTemplate(), summary, 60))
+    # A notification's push is rendered from the shipped catalog's template.
+    renderer = TemplatePushRenderer(PushTemplate(), load_catalog().templates)
+    content = fcm_content(renderer, summary)
+    assert content.collapse_key == "bundle:new_post:u1"
+    assert content.title == "ana, ben and 1 other posted"
+    body = json.loads(fcm_body(renderer, summary, 60))
     assert body["message"]["android"]["collapse_key"] == "bundle:new_post:u1"
     # Without a message, or a message without one: the post's, as before.
     assert push_collapse_id(request(post="p9")) == "p9"
