@@ -75,6 +75,7 @@ from scripts.bench.fanout import (
     percentile,
     preference_messages,
     run_bench,
+    system_busy_seconds,
     wait_until,
 )
 from scripts.commands.arguments import number_in, whole_number
@@ -496,6 +497,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
         log(f"publishing the campaign to {args.users:,} users; probes go on meanwhile")
         cpu0, mono0, campaign_t0 = procs.cpu(), time.monotonic(), time.time()
+        busy0 = system_busy_seconds()
         published: dict[str, float] = {}
         failure: list[BaseException] = []
 
@@ -540,7 +542,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                     f"{args.stall_timeout:.0f} s; see {home}/fanout.log and delivery.log"
                 )
             time.sleep(max(0.0, min(0.2, next_probe - time.monotonic())))
-        cpu1, mono1 = procs.cpu(), time.monotonic()
+        cpu1, mono1, busy1 = procs.cpu(), time.monotonic(), system_busy_seconds()
         publisher.join(60)
         prober.flush()
         log("the campaign drained; waiting for the last probes")
@@ -634,7 +636,15 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         "fanout_half_during_drain": latency_row(fanout_half("drain")),
         "outside_drain_window": len(after),
     }
-    report["cpu"] = {"seconds": round(span, 1), "pushes": pushes, "by_process": cpu}
+    ours = sum(row["cpu_s"] for row in cpu.values())
+    report["cpu"] = {
+        "seconds": round(span, 1),
+        "pushes": pushes,
+        "by_process": cpu,
+        # Whether the processes were starved: what the whole machine ran meanwhile.
+        "machine_busy_cores": round((busy1 - busy0) / span, 2),
+        "other_processes_cores": round((busy1 - busy0 - ours) / span, 2),
+    }
 
 
 def campaign_bytes(campaign: str, user: str) -> bytes:
@@ -709,6 +719,11 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"    {'process':16} {'CPU s':>8} {'cores':>6} {'us/push':>8}")
     for name, row in cpu["by_process"].items():
         print(f"    {name:16} {row['cpu_s']:>8.1f} {row['cores']:>6.2f} {row['us_per_push']:>8.0f}")
+    if "machine_busy_cores" in cpu:
+        print(
+            f"    the whole machine: {cpu['machine_busy_cores']:.2f} cores busy, of which "
+            f"{cpu['other_processes_cores']:.2f} for processes this benchmark did not start"
+        )
     load = r.get("load_average_at_end")
     if load:
         print(f"load average at the end: {', '.join(f'{x:.1f}' for x in load)}")

@@ -58,5 +58,6 @@ def test_the_tier_benchmark_reports_every_transactional_push_accepted_once(
     for name in ("fanout", "delivery", "broker", "apns server", "fcm server"):
         assert cpu[name]["cpu_s"] > 0, (name, cpu)
         assert cpu[name]["us_per_push"] > 0
+    assert report["cpu"]["machine_busy_cores"] > 0
     assert report["redis_keys_deleted"] >= 0
     assert len(report["load_average_at_end"]) == 3
