@@ -255,6 +255,16 @@ def test_outputs_come_out_when_judged_and_the_snapshot_never_passes_an_unjudged_
     assert (snapshot[1], snapshot[2], snapshot[7]) == (0, 200, {})
 
 
+def test_one_push_messages_fill_the_round_budget_not_one_message_per_round() -> None:
+    # A campaign's messages carry one push each (one per user, as the scheduler emits them).
+    engine = FakeEngine()
+    p = pair([], [batch(i, 1) for i in range(250)], engine, per_round=100)
+    p.next_batch()
+    assert ids(engine.submitted) == [f"n{i}-0" for i in range(100)]
+    p.next_batch()
+    assert len(engine.submitted) == 200
+
+
 def test_nothing_is_read_past_the_in_flight_limit() -> None:
     engine = FakeEngine(room=150)
     p = pair([batch(i, 100, "push.apns") for i in range(2)], [batch(0, 500)], engine)

@@ -143,6 +143,11 @@ class BulkRoundBudget:
         self._per_round = items_per_round
         self._local = WorkerLocal()
 
+    @property
+    def items_per_round(self) -> int:
+        """The whole round's budget (what one partition may at most be granted)."""
+        return self._per_round
+
     def take(self, part: str, wanted: int) -> int:
         """Up to `wanted` items for `part` in the current round (0: wait for the next one).
 
@@ -287,7 +292,9 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
         if self._bulk is not None and not first_waiting and self._pacer.ready(self._provider):
             room = engine.room("bulk", self._provider)
             if room > 0:
-                self._bulk.fill(1)
+                # Read up to a round's worth: a campaign's one-push messages would otherwise
+                # come one or two per partition per round, however much room there is.
+                self._bulk.fill(min(room, self._budget.items_per_round))
                 wanted = min(room, self._bulk.progress.pending())
                 granted = self._budget.take(self._part, wanted) if wanted else 0
                 if granted:
