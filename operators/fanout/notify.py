@@ -2,7 +2,9 @@
 
 A notification request (`notify.<tier>`, from `fanfare api`) reaches the shards of its
 recipients as one `RecipientJob` per shard. The shard decides each recipient on each channel the
-request names (the request carries its category's channels, resolved at ingress):
+request names (the request carries its category's channels, resolved at ingress); the channels
+of its fallback order are tried in that order and the recipient gets the first that reaches them
+(a login code: push, then SMS for a user without a device), the others each get their sends:
 
 - the user's switch for the category on that channel (`CategorySwitch` events on
   `preference_changes`; no switch: on), kept here as two small bit masks per (user, category);
@@ -190,6 +192,8 @@ class RecipientDecision:
     sends: list[Send] = field(default_factory=list)
     defer_until: float | None = None
     suppressed: dict[str, int] = field(default_factory=dict)
+    fell_back: Channel | None = None
+    """The fallback channel used when an earlier one of the order could not reach them."""
 
 
 def decide_recipient(
@@ -198,28 +202,42 @@ def decide_recipient(
     """The per-channel rules for one recipient of a request (see the module docstring)."""
     out = RecipientDecision()
     for channel in request.channels:
-        if not switch_on(r.switches, channel):
-            _count(out.suppressed, "category_off")
-            continue
-        if channel == "inbox":
-            out.sends.append((r.user_id, "inapp", INAPP_DEVICE, r.user_id))
-            continue
-        if channel == "push" and not r.push_enabled:
-            _count(out.suppressed, "push_disabled")
-            continue
-        found = [
-            (r.user_id, provider, device_id, token)
-            for device_id, provider, token in r.devices
-            if CHANNEL_OF.get(provider) == channel
-        ]
-        if not found:
-            _count(out.suppressed, "no_device" if channel == "push" else "no_address")
-        out.sends.extend(found)  # type: ignore[arg-type]
+        if channel not in request.fallback:
+            out.sends.extend(_channel_sends(request, r, channel, out.suppressed))
+    for tried, channel in enumerate(request.fallback):
+        found = _channel_sends(request, r, channel, out.suppressed)
+        if found:
+            out.sends.extend(found)
+            if tried:
+                out.fell_back = channel
+            break
     if out.sends and request.quiet_hours and r.quiet is not None:
         until = quiet_until(now, *r.quiet)
         if until is not None:
             return RecipientDecision(defer_until=until.timestamp())
     return out
+
+
+def _channel_sends(
+    request: NotificationRequest, r: Recipient, channel: Channel, suppressed: dict[str, int]
+) -> list[Send]:
+    """A recipient's sends on one channel; none counts why in `suppressed`."""
+    if not switch_on(r.switches, channel):
+        _count(suppressed, "category_off")
+        return []
+    if channel == "inbox":
+        return [(r.user_id, "inapp", INAPP_DEVICE, r.user_id)]
+    if channel == "push" and not r.push_enabled:
+        _count(suppressed, "push_disabled")
+        return []
+    found: list[Send] = [
+        (r.user_id, provider, device_id, token)  # type: ignore[misc]
+        for device_id, provider, token in r.devices
+        if CHANNEL_OF.get(provider) == channel
+    ]
+    if not found:
+        _count(suppressed, "no_device" if channel == "push" else "no_address")
+    return found
 
 
 def _count(counts: dict[str, int], reason: str) -> None:
@@ -337,6 +355,8 @@ class NotifyTally:
     deferred: int = 0
     held: int = 0
     cancelled: int = 0
+    fell_back: Counter[str] = field(default_factory=Counter)
+    """Recipients reached by a later channel of their category's fallback, by that channel."""
 
 
 class NotifyShard:
@@ -457,6 +477,8 @@ class NotifyShard:
             )
             if decision.suppressed:
                 tally.suppressed.update(decision.suppressed)
+            if decision.fell_back is not None:
+                tally.fell_back[decision.fell_back] += 1
             if decision.defer_until is not None:
                 self._hold(request, decision.defer_until, (user_id,))
                 tally.deferred += 1

@@ -19,6 +19,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.fanout import build_fanout_flow
+from operators import metrics
 from operators.config import Settings
 from operators.events import CaughtUp, RawEvent
 from operators.fanout.sharding import shard_of
@@ -419,3 +420,48 @@ def test_channel_addresses_and_switches_are_state_and_posts_are_untouched() -> N
     assert [(d.source_topic, d.error.split(":")[0]) for d in dead] == [
         ("device_changes", "invalid_address")
     ]
+
+
+def sms(user: str, number: str) -> dict[str, Any]:
+    return {
+        "user_id": user,
+        "device_id": f"{user}-sms",
+        "provider": "sms",
+        "token": number,
+        "active": True,
+        "ts": TS,
+    }
+
+
+def test_a_login_code_goes_by_push_to_a_user_with_a_device_and_by_sms_to_one_without() -> None:
+    # u1 has a phone and a number; u7 only a number; u8's phone was removed.
+    changes = world(
+        sms("u1", "+14155550101"),
+        sms("u7", "+14155550107"),
+        device("u8", "u8-phone"),
+        sms("u8", "+14155550108"),
+        device("u8", "u8-phone", active=False),
+        topics=("device_changes",) * 5,
+    )
+    login = request(
+        "l1",
+        ["u1", "u7", "u8"],
+        category="login_code",
+        template_id="login_code",
+        data={"code": "482913", "minutes": 10},
+        channels=("push", "sms"),
+        fallback=("push", "sms"),
+    )
+    fell_back = metrics.NOTIFICATIONS_FELL_BACK.labels("sms")
+    before = fell_back._value.get()
+    n = Notes()
+    out: list[Any] = []
+    dead: list[Any] = []
+    run(build(changes, {"transactional": [n(login)]}, out, dead, Clock()))
+    assert sorted(sent(out)) == [
+        ("push.apns.transactional", "l1:u1", "u1", "u1-phone"),
+        ("sms.transactional", "l1:u7", "u7", "u7-sms"),
+        ("sms.transactional", "l1:u8", "u8", "u8-sms"),
+    ]
+    assert dead == []
+    assert fell_back._value.get() - before == 2

@@ -126,6 +126,53 @@ def test_missing_addresses_are_counted() -> None:
     assert d.suppressed == {"no_address": 2, "no_device": 1}
 
 
+LOGIN = {
+    "category": "login_code",
+    "channels": ("push", "inbox", "sms"),
+    "fallback": ("push", "sms"),
+}
+SMS = ("sms-1", "sms", "+14155550123")
+
+
+def test_a_fallback_gives_the_first_channel_that_reaches_the_user_and_only_that_one() -> None:
+    phone = recipient(devices=(("phone", "apns", "ab" * 32), SMS))
+    d = decide_recipient(request(**LOGIN), phone, NOON)
+    # Push reaches them: no SMS; inbox is outside the fallback and keeps its own rule.
+    assert sends(d) == [("apns", "phone"), ("inapp", "inapp")]
+    assert d.fell_back is None and d.suppressed == {}
+    no_device = decide_recipient(request(**LOGIN), recipient(devices=(SMS,)), NOON)
+    assert sends(no_device) == [("inapp", "inapp"), ("sms", "sms-1")]
+    assert no_device.fell_back == "sms" and no_device.suppressed == {"no_device": 1}
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"push_enabled": False}, "push_disabled"),
+        ({"switches": apply_switch(0, "push", False)}, "category_off"),
+    ],
+)
+def test_push_that_cannot_reach_the_user_falls_back_to_sms(changes: Any, why: str) -> None:
+    r = recipient(devices=(("phone", "apns", "ab" * 32), SMS), **changes)
+    d = decide_recipient(request(**{**LOGIN, "channels": ("push", "sms")}), r, NOON)
+    assert sends(d) == [("sms", "sms-1")]
+    assert d.fell_back == "sms" and d.suppressed == {why: 1}
+
+
+def test_a_fallback_with_nothing_reachable_sends_nothing_and_counts_each_channel() -> None:
+    off_sms = apply_switch(0, "sms", False)
+    r = recipient(devices=(SMS,), switches=off_sms)
+    d = decide_recipient(request(**{**LOGIN, "channels": ("push", "sms")}), r, NOON)
+    assert d.sends == [] and d.fell_back is None
+    assert d.suppressed == {"no_device": 1, "category_off": 1}
+
+
+def test_a_fallback_gives_every_device_of_the_chosen_channel() -> None:
+    r = recipient(devices=(("phone", "apns", "ab" * 32), ("browser", "webpush", SUB), SMS))
+    d = decide_recipient(request(**{**LOGIN, "channels": ("push", "sms")}), r, NOON)
+    assert sends(d) == [("apns", "phone"), ("webpush", "browser")]
+
+
 def test_quiet_hours_defer_marketing_and_not_transactional() -> None:
     quiet = (11, 13, "UTC")  # noon is quiet
     marketing = request(tier="marketing", category="campaign", quiet_hours=True)
@@ -303,6 +350,20 @@ def test_tier_events_decode_and_bad_ones_say_why() -> None:
         decode_tier_event(orjson.dumps({"schema": "notification_cancel/v1", "tier": "social"}))
     with pytest.raises(InvalidEvent, match="schema"):
         decode_tier_event(orjson.dumps({"schema": "notification_request/v1"}))
+
+
+def test_a_fallback_travels_on_the_wire_and_a_request_without_one_stays_as_before() -> None:
+    login = request(**LOGIN)
+    raw = encode_notification_request(login)
+    assert decode_tier_event(raw) == login and orjson.loads(raw)["fallback"] == ["push", "sms"]
+    plain = encode_notification_request(request())
+    assert "fallback" not in orjson.loads(plain)  # readers built before it accept it
+    assert decode_tier_event(plain) == request()
+    stray = {**orjson.loads(plain), "fallback": ["push", "sms"]}  # sms is not in channels
+    with pytest.raises(InvalidEvent, match="fallback names channels not in channels"):
+        decode_tier_event(orjson.dumps(stray))
+    with pytest.raises(InvalidEvent, match="schema"):
+        decode_tier_event(orjson.dumps({**orjson.loads(raw), "fallback": ["push"]}))
 
 
 def test_many_one_recipient_jobs_drain_a_budget_at_a_time_behind_the_gate() -> None:
