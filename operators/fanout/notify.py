@@ -13,7 +13,10 @@ of its fallback order are tried in that order and the recipient gets the first t
 - inbox: the in-app channel, addressed by the user id itself;
 - email, sms, chat: the user's addresses of that kind (`device_changes`, kept here);
 - quiet hours only when the request says they apply (a transactional category skips them): a
-  recipient in quiet hours is deferred to the end of the window, never dropped.
+  recipient in quiet hours is deferred to the end of the window, never dropped;
+- frequency caps only when the request says they apply and it is not transactional: a
+  recipient with sends now is counted in the category's cap, and one over it gets nothing
+  (`capped`: a campaign over the cap is dropped, not summarised).
 
 A request whose `send_at` is in the future is held in the shard's state (snapshotted with it)
 until then, and a `NotificationCancel` drops what is held of it. Due holds and quiet-hour
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from operators.fanout.caps import CapRule, FrequencyCap
 from operators.fanout.columns import Columns, UserTable
 from operators.fanout.quiet_hours import quiet_until
 from schemas.codecs import (
@@ -360,10 +364,19 @@ class NotifyTally:
 
 
 class NotifyShard:
-    """A shard's API-notification work: the tier queues, the holds, the cancels, the book."""
+    """A shard's API-notification work: the tier queues, the holds, the cancels, the book.
 
-    def __init__(self, budgets: dict[Tier, int | None] | None = None) -> None:
+    `cap` is (limit, window_s) of the frequency cap of each category whose requests say `caps`
+    (never transactional): one `FrequencyCap` per such category over the shard's user rows,
+    made when its first request arrives; a recipient over it is dropped, counted `capped`.
+    """
+
+    def __init__(
+        self, budgets: dict[Tier, int | None] | None = None, cap: tuple[int, int] = (0, 0)
+    ) -> None:
         self.book = ChannelBook()
+        self.cap = cap
+        self.caps: dict[str, FrequencyCap] = {}
         self.budgets: dict[Tier, int | None] = budgets or {}
         self.queues: dict[Tier, deque[RecipientJob]] = {t: deque() for t in _TIERS}
         # Held users grouped by (due, request key); the requests they belong to, by key.
@@ -471,22 +484,48 @@ class NotifyShard:
             return 1
         stop = len(job.users) if budget is None else min(len(job.users), job.cursor + budget)
         decided = sends.setdefault(request.notification_id, (request, []))[1]
+        cap = self.cap_of(request)
         for user_id in job.users[job.cursor : stop]:
             decision = decide_recipient(
                 request, recipient_of(users, self.book, user_id, request.category), now
             )
             if decision.suppressed:
                 tally.suppressed.update(decision.suppressed)
-            if decision.fell_back is not None:
-                tally.fell_back[decision.fell_back] += 1
             if decision.defer_until is not None:
                 self._hold(request, decision.defer_until, (user_id,))
                 tally.deferred += 1
+                continue
+            # Counted when it would go now, like a post: a deferred one when it is released.
+            over = (
+                cap is not None
+                and bool(decision.sends)
+                and not cap.count_one(users.ensure_row(user_id), now_ts)
+            )
+            if over:
+                tally.suppressed["capped"] += 1
+                continue
+            if decision.fell_back is not None:
+                tally.fell_back[decision.fell_back] += 1
             decided.extend(decision.sends)
         tally.candidates += stop - job.cursor
         done = stop - job.cursor
         job.cursor = stop
         return max(done, 1)
+
+    def cap_of(self, request: NotificationRequest) -> FrequencyCap | None:
+        """The frequency cap of the request's category (None: not capped).
+
+        A transactional request is never capped, whatever it says: a login code must go.
+        """
+        limit, window_s = self.cap
+        if not request.caps or request.tier == "transactional" or not (limit and window_s):
+            return None
+        cap = self.caps.get(request.category)
+        if cap is None:
+            cap = self.caps[request.category] = FrequencyCap(
+                CapRule(request.category, limit, window_s)
+            )
+        return cap
 
     def _hold(self, request: NotificationRequest, due: float, user_ids: Iterable[str]) -> None:
         key = (due, request.key)

@@ -3,7 +3,7 @@
 A category is what a producer sends (`login_code`, `receipt`, `new_post`, `campaign`): its
 priority tier (which topic, which worker budget), which channels are on by default, and whether
 the recipients' quiet hours and frequency caps apply. Transactional categories skip quiet hours
-and caps unless the file says otherwise; social and marketing ones respect them.
+unless the file says otherwise, and are never capped; social and marketing ones respect both.
 
 The file is TOML::
 
@@ -126,6 +126,11 @@ def parse_category(source: str, name: str, entry: object) -> Category:
         raise CatalogError(
             f"{source}: {where}: SMS is on (channels.sms or fallback) but the category is not "
             "sms_eligible (add sms_eligible = true: SMS costs money per message)"
+        )
+    if category.caps and tier == "transactional":
+        raise CatalogError(
+            f"{source}: {where}: caps = true on a transactional category: transactional "
+            "notifications are never capped (a login code must go)"
         )
     if not category.default_channels:
         raise CatalogError(f"{source}: {where}: turn at least one channel on by default")

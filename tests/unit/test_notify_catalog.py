@@ -80,6 +80,7 @@ def test_the_shipped_catalog_loads_with_the_four_default_categories() -> None:
         ('[categories.x]\ntier = "social"\nchannels = { push = false }', "at least one channel"),
         ('[categories.x]\ntier = "social"\nquiet_hours = "no"', "true or false"),
         ('[categories.x]\ntier = "social"\nchannels = { push = "yes" }', "true or false"),
+        ('[categories.x]\ntier = "transactional"\ncaps = true', "never capped"),
         ('[categories.x]\ntier = "social"\nfallback = []', "two or more channels"),
         ('[categories.x]\ntier = "social"\nfallback = ["push"]', "two or more channels"),
         ('[categories.x]\ntier = "social"\nfallback = "push"', "two or more channels"),
