@@ -2,7 +2,8 @@
 
 The API process and `fanfare run fanout` run as users run them; a transactional request's
 batches appear on `push.apns.transactional` and `email.transactional`, a scheduled one only at
-its `send_at`, and a cancelled one never.
+its `send_at`, and a cancelled one never; a login code goes by push or else by SMS; a campaign
+over the cap is dropped.
 """
 
 from __future__ import annotations
@@ -257,3 +258,43 @@ def test_a_login_code_goes_by_push_or_else_by_sms_through_the_api_and_the_fanout
     assert [g[:3] for g in api_items(stack, "sms.transactional")] == [
         (f"{nid}:u-sms", "u-sms", "u-sms-sms")
     ]
+
+
+def test_marketing_over_the_cap_is_dropped_across_the_api_and_the_fanout(stack: Stack) -> None:
+    """FANFARE_NOTIFY_CAP=1: a user's second campaign notification of the window is dropped."""
+    made = new_key("e2e", frozenset({"*"}), frozenset({"*"}), 1000, 1000, time.time())
+    RedisKeyStore(api_redis(REDIS_URL), stack.env["FANFARE_REDIS_PREFIX"]).add(made.record)
+    port = free_port()
+    stack.start_command(["api"], ("FANFARE_API_PORT", str(port)))
+    stack.start_flow(("FANFARE_NOTIFY_CAP", "1"), ("FANFARE_NOTIFY_CAP_WINDOW_S", "86400"))
+    wait_for(lambda: health(port), 90, "fanfare api to answer /health", stack, every_s=0.2)
+
+    def send(recipients: list[str]) -> str:
+        body = {
+            "idempotency_key": f"promo-{uuid.uuid4().hex}",
+            "category": "campaign",
+            "template_id": "campaign",
+            "recipients": recipients,
+            "data": {"headline": "Sale", "message": "-20%", "link": "https://example.com"},
+            "channels": ["inbox"],
+        }
+        status, answer = call(port, "POST", "/v1/notifications", made.text, body)
+        assert status == 202 and answer["tier"] == "marketing", answer
+        return str(answer["notification_id"])
+
+    send(["u-capped"])
+    send(["u-capped"])
+    last = send(["u-capped", "u-other"])
+
+    def users() -> list[str]:
+        return sorted(u for _, u, _, _ in api_items(stack, "inapp.marketing"))
+
+    wait_for(
+        lambda: f"{last}:u-other" in {n for n, *_ in api_items(stack, "inapp.marketing")},
+        120,
+        "the campaign notifications",
+        stack,
+    )
+    wait_for(lambda: "u-capped" in users(), 60, "u-capped's first", stack)
+    time.sleep(3)  # the two over the cap had every chance to go
+    assert users() == ["u-capped", "u-other"]
