@@ -10,6 +10,8 @@ tokens are made stale at the providers and FCM is down for two seconds when the 
 so token clean-up and retries show. Then it plays the apps: every accepted push is acked
 `delivered` on `notification_acks` and a quarter `opened` (plus one ack of an unknown
 notification, dead-lettered), and it prints one follower's inbox from the notification store.
+Last, with the flows still up, it runs `fanfare api` and sends through it to every channel's
+local server (scripts/dev/demo_api.py); `--stay` keeps everything up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from schemas.codecs import format_timestamp
 from schemas.topics import DEAD_LETTERS, DELIVERY_EVENTS, NOTIFICATION_ACKS, POST_CREATED
 from scripts.commands.arguments import positive_int
 from scripts.commands.hints import fanfare_command
-from scripts.dev import devstack
+from scripts.dev import demo_api, devstack
 from scripts.dev.demo_graph import MALFORMED_POSTS, build_graph, demo_posts
+from scripts.dev.local_channels.control import ChannelControl
 from scripts.dev.local_providers.control import ProviderControl
 from scripts.harness.spawn import start_fanfare, stop_fanfare
 
@@ -197,10 +200,12 @@ def add_parser(sub: Any) -> None:
     """Register `fanfare demo`."""
     demo = sub.add_parser(
         "demo",
-        help="seed a synthetic social graph, fan out posts, deliver them, summarise",
+        help="seed a synthetic social graph, fan out posts, deliver them, send through the API "
+        "to every channel, summarise",
         description="Run fanfare end to end on a throwaway stack of its own (an embedded broker "
-        "on a free port, local APNs and FCM servers, a Redis key prefix), in $FANFARE_HOME/demo: "
-        "seed a social graph, fan out posts, deliver them, play the apps' acks, and print what "
+        "on a free port, local APNs, FCM and channel servers, `fanfare api`, a Redis key prefix), "
+        "in $FANFARE_HOME/demo: seed a social graph, fan out posts, deliver them, play the apps' "
+        "acks, send a receipt and a login code through the API to every channel, and print what "
         "happened. A `fanfare dev up` stack is never touched. Needs Redis (FANFARE_REDIS_URL).",
     )
     demo.add_argument(
@@ -220,6 +225,12 @@ def add_parser(sub: Any) -> None:
         type=positive_int,
         default=180,
         help="seconds to wait for each stage before giving up (default 180)",
+    )
+    demo.add_argument(
+        "--stay",
+        action="store_true",
+        help="after the summary, keep the API, the flows and the local servers up (with curl "
+        "lines to try) until Ctrl-C",
     )
     demo.set_defaults(func=command)
 
@@ -296,17 +307,27 @@ def _run(
         "FANFARE_KAFKA_BROKERS": demo_settings.kafka_brokers,
     }
     devstack.start_providers(demo_settings)
-    control = ProviderControl(devstack.providers_info(demo_settings)["control_url"])  # type: ignore[index]
+    providers = devstack.providers_info(demo_settings) or {}
+    control = ProviderControl(providers["control_url"])
+    channels = ChannelControl(providers["channels"]["control_url"])
     stale = _stale_tokens(graph.devices, args.seed)
     for provider, errors in stale.items():
         control.set_token_errors(provider, errors)
     print(
-        f"  local APNs and FCM servers up; {len(stale['apns']) + len(stale['fcm'])} device "
-        "tokens are stale at the providers"
+        f"  local APNs, FCM and channel servers up; "
+        f"{len(stale['apns']) + len(stale['fcm'])} device tokens are stale at the providers"
     )
     log = demo_home / "flow.log"
     delivery_log = demo_home / "delivery.log"
     delivery_port = free_port()
+    # The key first: if that fails, no process of the demo's is left running.
+    api_log = demo_home / "api.log"
+    api_key = demo_api.create_key(env, api_log)
+    api, api_port = demo_api.start_api(env, api_log)
+    print(
+        f"  API key created with `fanfare api keys create`; fanfare api starting at "
+        f"http://127.0.0.1:{api_port}"
+    )
     flow = start_fanfare(["run", "fanout"], env, log)
     delivery = start_fanfare(
         ["run", "delivery"],
@@ -432,22 +453,102 @@ def _run(
             lambda: f"{acks_applied():,.0f} of {len(acks):,} acks",
         )
         acks_metrics = scrape(acks_url)
+        _wait(
+            "fanfare api to answer /health",
+            lambda: demo_api.healthy(api_port),
+            args.timeout,
+            api,
+            api_log,
+        )
+        shown = demo_api.ApiDemo(api_port, api_key, graph.users[1:4])
+        t_api = time.monotonic()
+        registered = demo_api.register_addresses(
+            shown, channels, providers["channels"]["chat"]["slack_example"]
+        )
+        _wait(
+            "the channel addresses to reach the fan-out",
+            lambda: applied() >= changes + registered,
+            args.timeout,
+            flow,
+            log,
+            lambda: f"{applied() - changes:,.0f} of {registered} addresses",
+        )
+        demo_api.send_notifications(shown, run_id)
+
+        def channels_settled() -> bool:
+            shown.dispatched = demo_api.channel_dispatched(url)
+            shown.settled = demo_api.channel_settled(delivery_url)
+            return all(0 < shown.dispatched[c] <= shown.settled[c] for c in demo_api.CHANNELS)
+
+        _wait(
+            "every channel's sends to reach an outcome",
+            channels_settled,
+            args.timeout,
+            delivery,
+            delivery_log,
+            lambda: ", ".join(
+                f"{c} {shown.settled.get(c, 0):.0f}/{shown.dispatched.get(c, 0):.0f}"
+                for c in demo_api.CHANNELS
+            ),
+        )
+        api_seconds = time.monotonic() - t_api
+        demo_api.read_servers(shown, channels, demo_settings)
+        shown.status = demo_api.receipt_status(shown)
+        dead_total = message_count(kafka, [DEAD_LETTERS])
+        print_summary(metrics, len(posts), seconds)
+        print_delivery(
+            delivery_metrics, provider_stats, _latencies(accepted, created), delivery_seconds
+        )
+        print_acks_and_inbox(acks_metrics, demo_settings, accepted, acks)
+        print_dead_letters([metrics, delivery_metrics, acks_metrics], dead_total)
+        print_channels(shown, api_seconds, args.stay)
+        if args.stay:
+            demo_api.stay(
+                [("fanout", flow), ("delivery", delivery), ("acks", acks_flow), ("api", api)]
+            )
     finally:
+        stop_fanfare(api, 20)
         stop_fanfare(flow, 20)
         stop_fanfare(delivery, 20)
         stop_fanfare(acks_flow, 20)
-    dead_total = message_count(kafka, [DEAD_LETTERS])
-    print_summary(metrics, len(posts), seconds)
-    print_delivery(
-        delivery_metrics, provider_stats, _latencies(accepted, created), delivery_seconds
-    )
-    print_acks_and_inbox(acks_metrics, demo_settings, accepted, acks)
-    print_dead_letters([metrics, delivery_metrics, acks_metrics], dead_total)
     print(
-        f"\nThe demo's broker and local providers are stopped; its store and the flows' logs "
-        f"stay in {demo_home} ({log.name}, {delivery_log.name}, {acks_log.name})."
+        f"\nThe demo's broker, API and local servers are stopped; its store and the logs "
+        f"stay in {demo_home} ({log.name}, {delivery_log.name}, {acks_log.name}, "
+        f"{api_log.name})."
     )
     return 0
+
+
+def print_channels(shown: demo_api.ApiDemo, seconds: float, stay: bool) -> None:
+    """The API part: each channel's sends, what its local server received, the status."""
+    print("\nthe API and every channel (fanfare api -> fan-out -> delivery -> local servers)")
+    print(f"  receipt {shown.receipt_id} (email, in-app, chat) to {', '.join(shown.users)}")
+    print(
+        f"  login_code {shown.login_id} (push, else SMS) to {shown.users[0]} (push), "
+        f"{demo_api.SMS_ONLY_USER} (SMS)"
+    )
+    print("  channel   dispatched  settled  server received  sample")
+    # in-app has no server: "received" is what the users' live streams in Redis hold.
+    for c in demo_api.CHANNELS:
+        print(
+            f"  {c:<8} {shown.dispatched.get(c, 0):>11.0f} {shown.settled.get(c, 0):>8.0f} "
+            f"{shown.received.get(c, 0):>16}  {shown.samples.get(c, '-')}"
+        )
+    print(f"  seconds from the first request to every channel settled  {seconds:.2f}")
+    state = shown.status.get("state", "?")
+    counts = shown.status.get("recipient_status", {})
+    by_status = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"  GET /v1/notifications/{shown.receipt_id}/status: {state}, recipients {by_status}")
+    if not stay:
+        print(
+            "  (`fanfare demo --stay` keeps the API, the flows and the local servers up "
+            "afterwards, with curl lines to try)"
+        )
+        return
+    print("  try it (the API stays up until Ctrl-C):")
+    for line in demo_api.hints(shown):
+        print(f"    {line}")
+    print(f"  the live inbox page: {demo_api.inbox_page(shown)}")
 
 
 def print_delivery(

@@ -9,10 +9,14 @@ Smaller than the default demo, so it takes about a minute.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -51,17 +55,33 @@ def test_the_quick_start_demo_adds_up_and_every_printed_hint_runs(tmp_path: Path
         FANFARE_REDIS_URL=REDIS_URL,
         FANFARE_REDIS_PREFIX=f"fanfare-test-{uuid.uuid4().hex[:8]}:",
     )
-    demo = subprocess.run(
-        [entry_point(), "demo", "--users", "800", "--posts", "10"],
+    # --stay: the API stays up after the summary, so its curl lines can run as printed too.
+    demo = subprocess.Popen(
+        [entry_point(), "demo", "--users", "800", "--posts", "10", "--stay"],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=540,
     )
-    out = demo.stdout
-    assert demo.returncode == 0, out + demo.stderr
-    assert "Traceback" not in out + demo.stderr
+    try:
+        assert demo.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 480
+        for line in demo.stdout:
+            lines.append(line)
+            if line.strip() == "(up until Ctrl-C)" or time.monotonic() > deadline:
+                break
+        up = "".join(lines)
+        assert "(up until Ctrl-C)" in up, up
+        check_api_hints(up, env)
+    finally:
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, err = demo.communicate(timeout=120)
+    out = up + rest
+    assert demo.returncode == 0, out + err
+    assert "Traceback" not in out + err
+    assert "The demo's broker, API and local servers are stopped" in rest, rest
 
     # The summary adds up: messages = valid posts + the post dead letters; dead letters by
     # source add up to what the dead_letters topic holds.
@@ -94,3 +114,44 @@ def test_the_quick_start_demo_adds_up_and_every_printed_hint_runs(tmp_path: Path
             )
             assert more.returncode == 0, f"{next_hint}\n{more.stdout}{more.stderr}"
             assert more.stdout.startswith("inbox of "), more.stdout
+
+
+CHANNEL_ROW = re.compile(r"^  (email|sms|webpush|chat|inapp) +(\d+) +(\d+) +(\d+)  (.+)$", re.M)
+
+
+def check_api_hints(out: str, env: dict[str, str]) -> None:
+    """The API part: every channel's row adds up, and its curl lines and page work as printed."""
+    rows = {m[1]: (int(m[2]), int(m[3]), int(m[4]), m[5]) for m in CHANNEL_ROW.finditer(out)}
+    assert set(rows) == {"email", "sms", "webpush", "chat", "inapp"}, out
+    for channel, (dispatched, settled, received, sample) in rows.items():
+        # Each channel's local server received what the fan-out dispatched to it, once.
+        assert dispatched == settled == received > 0, (channel, rows[channel])
+        assert sample != "-", channel
+    assert "482913" in rows["sms"][3] and "1234" in rows["email"][3], rows
+    receipt = re.search(r"receipt (n_\w+) \(email, in-app, chat\)", out)
+    assert receipt is not None, out
+    status = re.search(rf"GET /v1/notifications/{receipt[1]}/status: (\w+), recipients", out)
+    assert status is not None and status[1] == "accepted", out
+    curls = re.findall(r"^    (curl .+)$", out, re.M)
+    assert len(curls) == 3, out
+    answers = []
+    for line in curls:
+        ran = subprocess.run(
+            ["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 0, f"{line}\n{ran.stdout}{ran.stderr}"
+        answer = json.loads(ran.stdout)
+        assert "error" not in answer, f"{line}\n{ran.stdout}"
+        answers.append(answer)
+    status_answer, inbox_answer, sent = answers
+    assert status_answer["notification_id"] == receipt[1]
+    assert status_answer["recipients"] == 3
+    assert "notifications" in inbox_answer, inbox_answer
+    assert sent["notification_id"].startswith("n_") and sent["recipients"] == 1, sent
+    page = re.search(
+        r"the live inbox page: (http://127\.0\.0\.1:\d+/dev/inbox\?user=\w+)$", out, re.M
+    )
+    assert page is not None, out
+    with urllib.request.urlopen(page[1], timeout=30) as response:
+        assert response.status == 200
+        assert "<html" in response.read().decode().lower()

@@ -23,40 +23,13 @@ from operators.delivery.steps import decode_retry_message
 from operators.events import RawEvent
 from schemas.codecs import encode_retry_record
 from schemas.records import ChannelMessage, DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.fakes import InlineLoop, InMemoryEdgeClaims, ScriptedSender, request
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import InMemoryEdgeClaims, ScriptedSender, request
+from tests.unit.engine_kit import Clock, engine
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> SQLiteNotificationStore:
     return SQLiteNotificationStore(tmp_path / "n.db")
-
-
-def engine(
-    store: SQLiteNotificationStore,
-    sender: ScriptedSender,
-    clock: Clock | None = None,
-    claims: InMemoryEdgeClaims | None = None,
-    **settings: object,
-) -> DeliveryEngine:
-    clock = clock or Clock()
-    return DeliveryEngine(
-        claims=claims or InMemoryEdgeClaims(),
-        store=store,
-        limiter=LocalRateLimiter(clock=clock),
-        senders={sender.provider: sender},
-        loop=InlineLoop(),
-        settings=DeliverySettings(**settings),  # type: ignore[arg-type]
-        clock=clock,
-        rand=lambda: 0.5,
-    )
 
 
 def events(out: list[object]) -> list[tuple[str, str, str, int]]:
@@ -133,7 +106,7 @@ def test_transient_failure_goes_through_the_retry_topic_then_succeeds(
 ) -> None:
     clock = Clock()
     sender = ScriptedSender(answers={"t": [ProviderAnswer(503, "ServiceUnavailable")]})
-    e = engine(store, sender, clock, retry=RetryPolicy(base_s=2.0))
+    e = engine(store, sender, clock=clock, retry=RetryPolicy(base_s=2.0))
     out = e.deliver([request(token="t")])
     [record] = [x for x in out if isinstance(x, RetryRecord)]
     [event] = [x for x in out if isinstance(x, DeliveryEvent)]
@@ -207,7 +180,7 @@ def test_a_dead_letter_names_the_send_in_valid_json_whatever_its_ids_hold(
 def test_breaker_opens_and_holds_sends_without_losing_them(store: SQLiteNotificationStore) -> None:
     clock = Clock()
     sender = ScriptedSender(default=lambda r: ProviderAnswer(503, "ServiceUnavailable"))
-    e = engine(store, sender, clock, breaker_failures=3, breaker_cooldown_s=5.0)
+    e = engine(store, sender, clock=clock, breaker_failures=3, breaker_cooldown_s=5.0)
     e.deliver([request(f"u{i}") for i in range(3)])
     assert e.breakers["apns"].state is BreakerState.OPEN
     out = e.deliver([request(f"v{i}") for i in range(4)])

@@ -32,7 +32,8 @@ from schemas.topics import (
     channel_topic,
     lane_of_topic,
 )
-from tests.fakes import InlineLoop, InMemoryEdgeClaims, ListReader, ScriptedSender, request
+from tests.fakes import InMemoryEdgeClaims, ListReader, ScriptedSender, request
+from tests.unit.engine_kit import Clock, engine
 
 CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 5))
 LOGIN = ChannelMessage(
@@ -44,36 +45,9 @@ LOGIN = ChannelMessage(
 )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> SQLiteNotificationStore:
     return SQLiteNotificationStore(tmp_path / "n.db")
-
-
-def engine(
-    store: SQLiteNotificationStore,
-    *senders: ScriptedSender,
-    clock: Clock | None = None,
-    **settings: Any,
-) -> DeliveryEngine:
-    clock = clock or Clock()
-    return DeliveryEngine(
-        claims=InMemoryEdgeClaims(),
-        store=store,
-        limiter=LocalRateLimiter(clock=clock),
-        senders={s.provider: s for s in senders},
-        loop=InlineLoop(),
-        settings=DeliverySettings(**settings),
-        clock=clock,
-        rand=lambda: 0.5,
-    )
 
 
 def batch_bytes(post: str, provider: str, users: Sequence[str], message: Any = None) -> bytes:

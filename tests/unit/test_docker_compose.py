@@ -7,6 +7,7 @@ resolved), and `docker compose config -q` runs only where the compose plugin is 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tomllib
@@ -569,3 +570,108 @@ def test_docker_compose_config_accepts_the_file() -> None:
         timeout=60,
     )
     assert result.returncode == 0, f"docker compose config -q failed:\n{result.stderr}"
+
+
+# --- the dashboard's queries against operators/metrics.py ----------------------------------------
+
+DASHBOARDS = REPO / "scripts" / "deploy" / "grafana" / "dashboards"
+CHANNELS = ("email", "sms", "webpush", "chat", "inapp")
+# Metrics of other exporters the dashboard reads: Bytewax's API server and the client library.
+FOREIGN_METRIC = re.compile(r"\b(?:bytewax|process)_\w+")
+
+
+def fanfare_metrics() -> dict[str, tuple[str, ...]]:
+    """{exposed series name: label names} of every metric operators/metrics.py defines."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    import operators.metrics
+    from operators.metrics import WeightedHistogram
+
+    out: dict[str, tuple[str, ...]] = {}
+    for metric in vars(operators.metrics).values():
+        labels = tuple(getattr(metric, "_labelnames", ()))
+        if isinstance(metric, Counter):
+            out[metric._name + "_total"] = labels
+        elif isinstance(metric, Histogram | WeightedHistogram):
+            name = metric.name if isinstance(metric, WeightedHistogram) else metric._name
+            for suffix in ("_bucket", "_sum", "_count"):
+                out[name + suffix] = (*labels, "le") if suffix == "_bucket" else labels
+        elif isinstance(metric, Gauge):
+            out[metric._name] = labels
+    return out
+
+
+def dashboard_panels() -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(file, title of the row above it or None, panel) for every non-row panel."""
+    out = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        row = None
+        for panel in json.loads(path.read_text(encoding="utf-8"))["panels"]:
+            if panel["type"] == "row":
+                row = panel["title"]
+                continue
+            out.append((path.name, row, panel))
+    return out
+
+
+def selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """(metric, {label: value}) for each `fanfare_*` selector in a PromQL expression."""
+    found = []
+    for m in re.finditer(r"\b(fanfare_\w+)(\{([^}]*)\})?", expr):
+        matchers = dict(re.findall(r'(\w+)\s*!?=~?\s*"([^"]*)"', m.group(3) or ""))
+        found.append((m.group(1), matchers))
+    return found
+
+
+def test_selectors_reads_metric_names_and_matchers() -> None:
+    expr = (
+        'histogram_quantile(0.5, sum by (le) (rate(fanfare_x_bucket{provider="sms", a!="b"}'
+        "[$__rate_interval]))) / sum(fanfare_y_total)"
+    )
+    assert selectors(expr) == [
+        ("fanfare_x_bucket", {"provider": "sms", "a": "b"}),
+        ("fanfare_y_total", {}),
+    ]
+
+
+def test_every_dashboard_metric_and_label_exists_in_operators_metrics() -> None:
+    known = fanfare_metrics()
+    panels = dashboard_panels()
+    assert panels
+    for file, _, panel in panels:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            found = selectors(expr)
+            others = FOREIGN_METRIC.findall(expr)
+            assert found or others, f"{file}: {panel['title']}: no metric in {expr!r}"
+            for name, matchers in found:
+                assert name in known, f"{file}: {panel['title']}: {name} is not in metrics.py"
+                unknown = set(matchers) - set(known[name])
+                assert not unknown, f"{file}: {panel['title']}: {name} has no label {unknown}"
+            grouped = re.findall(r"\bby \(([^)]*)\)", expr)
+            labels = {label.strip() for group in grouped for label in group.split(",")}
+            if found and not others:
+                have = set().union(*(known[name] for name, _ in found))
+                assert labels <= have, f"{file}: {panel['title']}: by {labels - have} in {expr!r}"
+
+
+def test_the_dashboard_has_a_row_per_channel_reading_that_channel() -> None:
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for _, row, panel in dashboard_panels():
+        if row is not None:
+            rows.setdefault(row, []).append(panel)
+    for channel in CHANNELS:
+        [title] = [r for r in rows if r.endswith(f"({channel})")]
+        exprs = [t["expr"] for p in rows[title] for t in p["targets"]]
+        outcomes = [e for e in exprs if "fanfare_delivery_outcomes_total" in e]
+        latency = [e for e in exprs if "fanfare_post_to_accepted_seconds_bucket" in e]
+        held = [e for e in exprs if "fanfare_delivery_held_total" in e]
+        assert outcomes and latency and held, title
+        # A channel's row shows that channel: every provider-labelled selector names it.
+        for expr in exprs:
+            for name, matchers in selectors(expr):
+                if "provider" in fanfare_metrics()[name]:
+                    assert matchers.get("provider") == channel, f"{title}: {expr}"
+    sms = [t["expr"] for p in rows["Channel: SMS (sms)"] for t in p["targets"]]
+    for metric in ("fanfare_sms_cost_micros_total", "fanfare_sms_budget_refused_total"):
+        assert any(metric in e for e in sms), metric
