@@ -170,7 +170,8 @@ def build_fanout_flow(
             caps=CapRule(POST_CATEGORY, settings.post_cap, settings.cap_window_s),
             # Transactional runs whole; social and marketing a budget of recipients each.
             notify=NotifyShard(
-                {"social": settings.expand_budget, "marketing": settings.expand_budget}
+                {"social": settings.expand_budget, "marketing": settings.expand_budget},
+                cap=(settings.notify_cap, settings.notify_cap_window_s),
             ),
         )
         if resume is not None:

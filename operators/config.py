@@ -88,6 +88,13 @@ class Settings:
     cap_window_s: int = 3_600
     """FANFARE_CAP_WINDOW_S: the cap's window in seconds, fixed and aligned on the Unix epoch in
     UTC (0: no cap)."""
+    notify_cap: int = 5
+    """FANFARE_NOTIFY_CAP: API notifications per user per FANFARE_NOTIFY_CAP_WINDOW_S of each
+    category with caps on (marketing, social; never transactional), counted per category
+    (0: no cap); the ones over it are dropped, counted as `capped`."""
+    notify_cap_window_s: int = 86_400
+    """FANFARE_NOTIFY_CAP_WINDOW_S: that cap's window in seconds, fixed and aligned on the Unix
+    epoch in UTC (0: no cap)."""
     changelog_settle_ms: int = 100
     """FANFARE_CHANGELOG_SETTLE_MS: margin subtracted from a changelog's caught-up time."""
     snapshot_interval_s: int = 5
@@ -423,6 +430,8 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "post_claim_ttl_s": (1, None),
     "post_cap": (0, 65_535),
     "cap_window_s": (0, 7 * 86_400),
+    "notify_cap": (0, 65_535),
+    "notify_cap_window_s": (0, 7 * 86_400),
     "changelog_settle_ms": (0, 60_000),
     "snapshot_interval_s": (1, 3_600),
     "recovery_partitions": (1, 1_024),

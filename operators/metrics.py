@@ -35,6 +35,11 @@ NOTIFICATIONS_READ = Counter(
     "API notification requests and cancels decoded and valid, by tier topic",
     ["tier", "kind"],
 )
+NOTIFICATIONS_FELL_BACK = Counter(
+    "fanfare_notifications_fell_back_total",
+    "API notification recipients reached by a later channel of their category's fallback order",
+    ["channel"],
+)
 NOTIFICATIONS_HELD = Counter(
     "fanfare_notifications_held_total", "API notification recipients held until their send_at"
 )

@@ -19,6 +19,7 @@ import orjson
 from schemas.addresses import DEVICE_PROVIDERS, PUSH_PROVIDERS, InvalidAddress, check_address
 from schemas.records import (
     CategorySwitch,
+    Channel,
     ChannelMessage,
     DeadLetter,
     DeliveryEvent,
@@ -456,26 +457,31 @@ def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
 
 
 def encode_notification_request(request: NotificationRequest) -> bytes:
-    """The wire form of a notification request (optional fields as null when unset)."""
-    return orjson.dumps(
-        {
-            "schema": "notification_request/v1",
-            "notification_id": request.notification_id,
-            "tier": request.tier,
-            "category": request.category,
-            "template_id": request.template_id,
-            "recipients": list(request.recipients),
-            "data": request.data,
-            "channels": list(request.channels),
-            "quiet_hours": request.quiet_hours,
-            "caps": request.caps,
-            "send_at": None if request.send_at is None else format_timestamp(request.send_at),
-            "collapse_key": request.collapse_key,
-            "campaign_id": request.campaign_id,
-            "api_key_id": request.api_key_id,
-            "created_at": format_timestamp(request.created_at),
-        }
-    )
+    """The wire form of a notification request (optional fields as null when unset).
+
+    `fallback` is written only when there is one, so a request without is what readers
+    built before it accept.
+    """
+    doc: dict[str, Any] = {
+        "schema": "notification_request/v1",
+        "notification_id": request.notification_id,
+        "tier": request.tier,
+        "category": request.category,
+        "template_id": request.template_id,
+        "recipients": list(request.recipients),
+        "data": request.data,
+        "channels": list(request.channels),
+        "quiet_hours": request.quiet_hours,
+        "caps": request.caps,
+        "send_at": None if request.send_at is None else format_timestamp(request.send_at),
+        "collapse_key": request.collapse_key,
+        "campaign_id": request.campaign_id,
+        "api_key_id": request.api_key_id,
+        "created_at": format_timestamp(request.created_at),
+    }
+    if request.fallback:
+        doc["fallback"] = list(request.fallback)
+    return orjson.dumps(doc)
 
 
 def decode_notification_request(raw: bytes | str | None) -> NotificationRequest:
@@ -497,7 +503,17 @@ def decode_notification_request(raw: bytes | str | None) -> NotificationRequest:
         send_at=None if send_at is None else parse_timestamp(send_at),
         collapse_key=d.get("collapse_key"),
         campaign_id=d.get("campaign_id"),
+        fallback=_fallback(d),
     )
+
+
+def _fallback(d: dict[str, Any]) -> tuple[Channel, ...]:
+    """A request's fallback order: channels of its own `channels` only."""
+    fallback = tuple(d.get("fallback", ()))
+    stray = [c for c in fallback if c not in d["channels"]]
+    if stray:
+        raise InvalidEvent("schema", f"fallback names channels not in channels: {stray}")
+    return fallback
 
 
 def encode_notification_cancel(cancel: NotificationCancel) -> bytes:

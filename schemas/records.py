@@ -273,6 +273,9 @@ class NotificationRequest:
     send_at: datetime | None = None
     collapse_key: str | None = None
     campaign_id: str | None = None
+    fallback: tuple[Channel, ...] = ()
+    """Channels of `channels` tried in this order: a recipient gets the first that reaches them,
+    and only that one (empty: every channel that is on)."""
 
     @property
     def key(self) -> str:

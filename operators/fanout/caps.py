@@ -19,9 +19,10 @@ how many authors the bundle names (uint8). The second and third distinct authors
 dict for the users whose bundle has more than one author), as are the pending summaries (a
 window ended, the summary not sent yet: at most until the user's quiet hours end).
 
-Another category (the API's categories carry a `caps` flag) uses the same class with its own
-`CapRule` over the same rows: `admit(rows, author_id, now_ts)` keeps the rows under the cap and
-bundles the rest; `take_due` gives the summaries whose window has ended.
+Another category uses the same class with its own `CapRule` over the same rows:
+`admit(rows, author_id, now_ts)` keeps the rows under the cap and bundles the rest; `take_due`
+gives the summaries whose window has ended. The API's capped categories (a request's `caps`
+flag) use `count_one`, which drops what is over the cap instead of bundling it.
 """
 
 from __future__ import annotations
@@ -152,6 +153,22 @@ class FrequencyCap:
         elif first != k and self.named.item(row) < MAX_AUTHORS:
             self._name_more(row, k)
         return False
+
+    def count_one(self, row: int, now_ts: float) -> bool:
+        """Count a send for one row if it is under the cap; over it, refuse and keep nothing.
+
+        For the API's capped categories, whose notifications over the cap are dropped: a
+        campaign has no summary to make of them, so no bundle is kept either.
+        """
+        if now_ts >= self._window_end:
+            self.roll(now_ts)
+        if row >= len(self.sent):
+            self._fit(row + 1)
+        sent = self.sent.item(row)
+        if sent >= self.rule.limit:
+            return False
+        self.sent[row] = sent + 1
+        return True
 
     def _author(self, author_id: str) -> int:
         k = self._author_index.get(author_id)

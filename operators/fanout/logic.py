@@ -235,6 +235,8 @@ def _record_notify(t: NotifyTally) -> None:
         metrics.SUPPRESSED.labels("cancelled").inc(t.cancelled)
     if t.held:
         metrics.NOTIFICATIONS_HELD.inc(t.held)
+    for channel, n in t.fell_back.items():
+        metrics.NOTIFICATIONS_FELL_BACK.labels(channel).inc(n)
 
 
 def _record(t: FanoutTally) -> None:

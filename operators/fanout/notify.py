@@ -2,7 +2,9 @@
 
 A notification request (`notify.<tier>`, from `fanfare api`) reaches the shards of its
 recipients as one `RecipientJob` per shard. The shard decides each recipient on each channel the
-request names (the request carries its category's channels, resolved at ingress):
+request names (the request carries its category's channels, resolved at ingress); the channels
+of its fallback order are tried in that order and the recipient gets the first that reaches them
+(a login code: push, then SMS for a user without a device), the others each get their sends:
 
 - the user's switch for the category on that channel (`CategorySwitch` events on
   `preference_changes`; no switch: on), kept here as two small bit masks per (user, category);
@@ -11,7 +13,10 @@ request names (the request carries its category's channels, resolved at ingress)
 - inbox: the in-app channel, addressed by the user id itself;
 - email, sms, chat: the user's addresses of that kind (`device_changes`, kept here);
 - quiet hours only when the request says they apply (a transactional category skips them): a
-  recipient in quiet hours is deferred to the end of the window, never dropped.
+  recipient in quiet hours is deferred to the end of the window, never dropped;
+- frequency caps only when the request says they apply and it is not transactional: a
+  recipient with sends now is counted in the category's cap, and one over it gets nothing
+  (`capped`: a campaign over the cap is dropped, not summarised).
 
 A request whose `send_at` is in the future is held in the shard's state (snapshotted with it)
 until then, and a `NotificationCancel` drops what is held of it. Due holds and quiet-hour
@@ -35,6 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from operators.fanout.caps import CapRule, FrequencyCap
 from operators.fanout.columns import Columns, UserTable
 from operators.fanout.quiet_hours import quiet_until
 from schemas.codecs import (
@@ -190,6 +196,8 @@ class RecipientDecision:
     sends: list[Send] = field(default_factory=list)
     defer_until: float | None = None
     suppressed: dict[str, int] = field(default_factory=dict)
+    fell_back: Channel | None = None
+    """The fallback channel used when an earlier one of the order could not reach them."""
 
 
 def decide_recipient(
@@ -198,28 +206,42 @@ def decide_recipient(
     """The per-channel rules for one recipient of a request (see the module docstring)."""
     out = RecipientDecision()
     for channel in request.channels:
-        if not switch_on(r.switches, channel):
-            _count(out.suppressed, "category_off")
-            continue
-        if channel == "inbox":
-            out.sends.append((r.user_id, "inapp", INAPP_DEVICE, r.user_id))
-            continue
-        if channel == "push" and not r.push_enabled:
-            _count(out.suppressed, "push_disabled")
-            continue
-        found = [
-            (r.user_id, provider, device_id, token)
-            for device_id, provider, token in r.devices
-            if CHANNEL_OF.get(provider) == channel
-        ]
-        if not found:
-            _count(out.suppressed, "no_device" if channel == "push" else "no_address")
-        out.sends.extend(found)  # type: ignore[arg-type]
+        if channel not in request.fallback:
+            out.sends.extend(_channel_sends(request, r, channel, out.suppressed))
+    for tried, channel in enumerate(request.fallback):
+        found = _channel_sends(request, r, channel, out.suppressed)
+        if found:
+            out.sends.extend(found)
+            if tried:
+                out.fell_back = channel
+            break
     if out.sends and request.quiet_hours and r.quiet is not None:
         until = quiet_until(now, *r.quiet)
         if until is not None:
             return RecipientDecision(defer_until=until.timestamp())
     return out
+
+
+def _channel_sends(
+    request: NotificationRequest, r: Recipient, channel: Channel, suppressed: dict[str, int]
+) -> list[Send]:
+    """A recipient's sends on one channel; none counts why in `suppressed`."""
+    if not switch_on(r.switches, channel):
+        _count(suppressed, "category_off")
+        return []
+    if channel == "inbox":
+        return [(r.user_id, "inapp", INAPP_DEVICE, r.user_id)]
+    if channel == "push" and not r.push_enabled:
+        _count(suppressed, "push_disabled")
+        return []
+    found: list[Send] = [
+        (r.user_id, provider, device_id, token)  # type: ignore[misc]
+        for device_id, provider, token in r.devices
+        if CHANNEL_OF.get(provider) == channel
+    ]
+    if not found:
+        _count(suppressed, "no_device" if channel == "push" else "no_address")
+    return found
 
 
 def _count(counts: dict[str, int], reason: str) -> None:
@@ -337,13 +359,24 @@ class NotifyTally:
     deferred: int = 0
     held: int = 0
     cancelled: int = 0
+    fell_back: Counter[str] = field(default_factory=Counter)
+    """Recipients reached by a later channel of their category's fallback, by that channel."""
 
 
 class NotifyShard:
-    """A shard's API-notification work: the tier queues, the holds, the cancels, the book."""
+    """A shard's API-notification work: the tier queues, the holds, the cancels, the book.
 
-    def __init__(self, budgets: dict[Tier, int | None] | None = None) -> None:
+    `cap` is (limit, window_s) of the frequency cap of each category whose requests say `caps`
+    (never transactional): one `FrequencyCap` per such category over the shard's user rows,
+    made when its first request arrives; a recipient over it is dropped, counted `capped`.
+    """
+
+    def __init__(
+        self, budgets: dict[Tier, int | None] | None = None, cap: tuple[int, int] = (0, 0)
+    ) -> None:
         self.book = ChannelBook()
+        self.cap = cap
+        self.caps: dict[str, FrequencyCap] = {}
         self.budgets: dict[Tier, int | None] = budgets or {}
         self.queues: dict[Tier, deque[RecipientJob]] = {t: deque() for t in _TIERS}
         # Held users grouped by (due, request key); the requests they belong to, by key.
@@ -451,6 +484,7 @@ class NotifyShard:
             return 1
         stop = len(job.users) if budget is None else min(len(job.users), job.cursor + budget)
         decided = sends.setdefault(request.notification_id, (request, []))[1]
+        cap = self.cap_of(request)
         for user_id in job.users[job.cursor : stop]:
             decision = decide_recipient(
                 request, recipient_of(users, self.book, user_id, request.category), now
@@ -460,11 +494,38 @@ class NotifyShard:
             if decision.defer_until is not None:
                 self._hold(request, decision.defer_until, (user_id,))
                 tally.deferred += 1
+                continue
+            # Counted when it would go now, like a post: a deferred one when it is released.
+            over = (
+                cap is not None
+                and bool(decision.sends)
+                and not cap.count_one(users.ensure_row(user_id), now_ts)
+            )
+            if over:
+                tally.suppressed["capped"] += 1
+                continue
+            if decision.fell_back is not None:
+                tally.fell_back[decision.fell_back] += 1
             decided.extend(decision.sends)
         tally.candidates += stop - job.cursor
         done = stop - job.cursor
         job.cursor = stop
         return max(done, 1)
+
+    def cap_of(self, request: NotificationRequest) -> FrequencyCap | None:
+        """The frequency cap of the request's category (None: not capped).
+
+        A transactional request is never capped, whatever it says: a login code must go.
+        """
+        limit, window_s = self.cap
+        if not request.caps or request.tier == "transactional" or not (limit and window_s):
+            return None
+        cap = self.caps.get(request.category)
+        if cap is None:
+            cap = self.caps[request.category] = FrequencyCap(
+                CapRule(request.category, limit, window_s)
+            )
+        return cap
 
     def _hold(self, request: NotificationRequest, due: float, user_ids: Iterable[str]) -> None:
         key = (due, request.key)

@@ -81,6 +81,7 @@ COLUMN_PAGE = 50_000  # followers per store read when a column is built
 FEW = 48  # pages smaller than this are decided one follower at a time (decide.decide_few)
 MAX_COLUMN_EDGES = 8_000_000  # cached column entries per shard (5 bytes each)
 POST_CATEGORY = "new_post"  # the catalog's category of a post (operators/notify/defaults)
+NOTIFY_CAP = "notify_cap:"  # checkpoint columns of the API categories' caps: PREFIX<category>:
 BUNDLE_TEMPLATE = "new_posts_bundle"  # operators/notify/defaults/templates/new_posts_bundle.toml
 MAX_COLLAPSE_KEY_BYTES = 64  # APNs' limit on apns-collapse-id
 
@@ -236,6 +237,7 @@ class FollowerShard:
         # waiting for the user table it refers to (`resume_caps`).
         self.caps = FrequencyCap(caps) if caps is not None and caps.enabled else None
         self._caps_resume: dict[str, Any] | None = None
+        self._notify_caps_resume: dict[str, Any] | None = None
         # Rows [0, n) are the same users in every table started from the last checkpoint
         # saved or loaded (rows are append-only): (n, digest of their ids).
         self._stable_rows: tuple[int, int] = (0, 0)
@@ -730,21 +732,29 @@ class FollowerShard:
             },
             "notify": self.notify.snapshot(),
             **({} if self.caps is None else {"caps": self._caps_state()}),
+            "notify_caps": self._notify_caps_state(),
         }
 
     def _caps_state(self) -> dict[str, Any]:
         # A restored state not applied yet (no table loaded so far) is passed on as it is.
         return self._caps_resume if self._caps_resume is not None else self._caps_snapshot()
 
-    def _caps_snapshot(self) -> dict[str, Any]:
+    def _notify_caps_state(self) -> dict[str, Any]:
+        """The API categories' caps, as the posts' (a restored one not applied: as it is)."""
+        if self._notify_caps_resume is not None:
+            return self._notify_caps_resume
+        return {c: self._caps_snapshot(cap) for c, cap in self.notify.caps.items()}
+
+    def _caps_snapshot(self, cap: FrequencyCap | None = None) -> dict[str, Any]:
         """The cap state with its rows made portable.
 
         A row the last checkpoint holds stays a row; a newer one (its row may differ after a
         restart: the changelog tail and follower pages create rows in another order) becomes
         -1 - its index in `tail`, a list of user ids.
         """
-        assert self.caps is not None
-        arrays = self.caps.to_arrays()
+        cap = cap or self.caps
+        assert cap is not None
+        arrays = cap.to_arrays()
         stable, digest = self._stable_rows
         tail: list[str] = []
         index: dict[int, int] = {}
@@ -771,9 +781,20 @@ class FollowerShard:
         the checkpoint holds must be that checkpoint's: when the table loaded is another (a
         checkpoint lost), their counts are dropped, with a warning.
         """
+        notify_snaps, self._notify_caps_resume = self._notify_caps_resume, None
+        limit, window_s = self.notify.cap
+        if notify_snaps and limit and window_s:
+            self.notify.caps = {
+                c: FrequencyCap.from_arrays(CapRule(c, limit, window_s), self._resumed_rows(s))
+                for c, s in notify_snaps.items()
+            }
         snap, self._caps_resume = self._caps_resume, None
         if snap is None or self.caps is None:
             return
+        self.caps = FrequencyCap.from_arrays(self.caps.rule, self._resumed_rows(snap))
+
+    def _resumed_rows(self, snap: dict[str, Any]) -> dict[str, Any]:
+        """A portable cap state's arrays over this table's rows (see `_caps_snapshot`)."""
         stable, digest = snap["stable"]
         same = stable == 0 or (self.users.rows >= stable and self.users.id_digest(stable) == digest)
         if stable and not same:
@@ -790,7 +811,7 @@ class FollowerShard:
             newer = refs < 0
             mapped[newer] = tail[-1 - refs[newer]]
             arrays[name] = mapped
-        self.caps = FrequencyCap.from_arrays(self.caps.rule, arrays)
+        return arrays
 
     def restore(self, snap: dict[str, Any], now: float) -> None:
         """Load a snapshot; users come from a checkpoint and the changelogs, the gate closes."""
@@ -805,6 +826,7 @@ class FollowerShard:
         if "notify" in snap:  # a snapshot from before API notifications has none
             self.notify.restore(snap["notify"])
         self._caps_resume = snap.get("caps")
+        self._notify_caps_resume = snap.get("notify_caps")
         self.caught_up = {}
         self._horizon = None
         self.ready_after = now
@@ -817,6 +839,8 @@ class FollowerShard:
         columns = {**self.users.to_columns(), **self.notify.book.to_columns()}
         if self.caps is not None:
             columns.update({f"cap_{k}": v for k, v in self.caps.to_arrays().items()})
+        for category, cap in self.notify.caps.items():
+            columns.update({f"{NOTIFY_CAP}{category}:{k}": v for k, v in cap.to_arrays().items()})
         self._stable_rows = (self.users.rows, self.users.id_digest(self.users.rows))
         return columns, dict(self.positions)
 
@@ -834,6 +858,17 @@ class FollowerShard:
         if self.caps is not None and "cap_window" in columns:
             cap_arrays = {k[4:]: v for k, v in columns.items() if k.startswith("cap_")}
             self.caps = FrequencyCap.from_arrays(self.caps.rule, cap_arrays)
+        limit, window_s = self.notify.cap
+        notify_caps: dict[str, dict[str, Any]] = {}
+        for name, arr in columns.items():
+            if name.startswith(NOTIFY_CAP):
+                category, key = name[len(NOTIFY_CAP) :].split(":", 1)
+                notify_caps.setdefault(category, {})[key] = arr
+        if limit and window_s:
+            self.notify.caps = {
+                c: FrequencyCap.from_arrays(CapRule(c, limit, window_s), a)
+                for c, a in notify_caps.items()
+            }
 
 
 def summary_id(category: str, window: int) -> str:

@@ -3,14 +3,15 @@
 A category is what a producer sends (`login_code`, `receipt`, `new_post`, `campaign`): its
 priority tier (which topic, which worker budget), which channels are on by default, and whether
 the recipients' quiet hours and frequency caps apply. Transactional categories skip quiet hours
-and caps unless the file says otherwise; social and marketing ones respect them.
+unless the file says otherwise, and are never capped; social and marketing ones respect both.
 
 The file is TOML::
 
     [categories.login_code]
     tier = "transactional"
     description = "A one-time login code"
-    channels = { push = true, inbox = false }
+    channels = { inbox = false }
+    fallback = ["push", "sms"]  # the first that reaches the user, and only that one
     # quiet_hours and caps default by tier (transactional: false; social, marketing: true)
     sms_eligible = true     # SMS costs money per message: only categories that say so use it
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,7 +32,7 @@ CHANNELS: tuple[Channel, ...] = ("push", "inbox", "email", "sms", "chat")
 in the in-app inbox (live on the in-app stream), an email, an SMS, a chat webhook post."""
 NAME = re.compile(r"^[a-z0-9_]{1,64}$")
 """Category and template names: lower-case letters, digits and underscores (topic-safe)."""
-_KEYS = {"tier", "description", "channels", "quiet_hours", "caps", "sms_eligible"}
+_KEYS = {"tier", "description", "channels", "fallback", "quiet_hours", "caps", "sms_eligible"}
 
 
 class CatalogError(ValueError):
@@ -50,11 +51,19 @@ class Category:
     description: str = ""
     sms_eligible: bool = False
     """Whether the category may use SMS at all (requests, routing and the SMS sender check)."""
+    fallback: tuple[Channel, ...] = ()
+    """Channels tried in this order: a recipient gets the first that reaches them, only that
+    one (empty: every channel that is on gets its send)."""
 
     @property
     def default_channels(self) -> tuple[Channel, ...]:
-        """The channels used when a request names none."""
-        return tuple(c for c in CHANNELS if self.channels.get(c, False))
+        """The channels used when a request names none: the ones on, and the fallback's."""
+        return tuple(c for c in CHANNELS if self.channels.get(c, False) or c in self.fallback)
+
+    def fallback_for(self, channels: Sequence[Channel]) -> tuple[Channel, ...]:
+        """The fallback order among a request's channels (fewer than two: no choice to make)."""
+        order = tuple(c for c in self.fallback if c in channels)
+        return order if len(order) > 1 else ()
 
 
 def tier_defaults(tier: Tier) -> tuple[bool, bool]:
@@ -98,6 +107,7 @@ def parse_category(source: str, name: str, entry: object) -> Category:
         cast(Channel, c): _bool(source, f"{where}: channels.{c}", v)
         for c, v in raw_channels.items()
     }
+    fallback = _fallback(source, where, entry.get("fallback"), raw_channels)
     quiet_default, caps_default = tier_defaults(tier)
     description = entry.get("description", "")
     if not isinstance(description, str):
@@ -110,15 +120,49 @@ def parse_category(source: str, name: str, entry: object) -> Category:
         caps=_bool(source, f"{where}: caps", entry.get("caps", caps_default)),
         description=description,
         sms_eligible=_bool(source, f"{where}: sms_eligible", entry.get("sms_eligible", False)),
+        fallback=fallback,
     )
-    if category.channels["sms"] and not category.sms_eligible:
+    if "sms" in category.default_channels and not category.sms_eligible:
         raise CatalogError(
-            f"{source}: {where}: channels.sms is on but the category is not sms_eligible "
-            "(add sms_eligible = true: SMS costs money per message)"
+            f"{source}: {where}: SMS is on (channels.sms or fallback) but the category is not "
+            "sms_eligible (add sms_eligible = true: SMS costs money per message)"
+        )
+    if category.caps and tier == "transactional":
+        raise CatalogError(
+            f"{source}: {where}: caps = true on a transactional category: transactional "
+            "notifications are never capped (a login code must go)"
         )
     if not category.default_channels:
         raise CatalogError(f"{source}: {where}: turn at least one channel on by default")
     return category
+
+
+def _fallback(
+    source: str, where: str, value: object, channels: Mapping[str, object]
+) -> tuple[Channel, ...]:
+    """A `fallback = ["push", "sms"]` list: known channels, each once, none turned off."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) < 2:
+        raise CatalogError(
+            f"{source}: {where}: fallback must list two or more channels in the order to try, "
+            f'like ["push", "sms"], not {value!r}'
+        )
+    bad = [c for c in value if c not in CHANNELS]
+    if bad:
+        raise CatalogError(
+            f"{source}: {where}: fallback names unknown channels {bad}; "
+            f"known: {', '.join(CHANNELS)}"
+        )
+    if len(set(value)) != len(value):
+        raise CatalogError(f"{source}: {where}: fallback names a channel twice: {value}")
+    off = [c for c in value if channels.get(c) is False]
+    if off:
+        raise CatalogError(
+            f"{source}: {where}: fallback names {off}, which channels turns off "
+            "(a fallback's channels are on; remove them from one or the other)"
+        )
+    return tuple(cast(Channel, c) for c in value)
 
 
 def parse_categories(text: str, source: str) -> dict[str, Category]:

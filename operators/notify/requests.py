@@ -175,6 +175,7 @@ def plan_notification(
             "recipients",
         )
     check_send_at(request.send_at, now)
+    channels = resolve_channels(category, request.channels)
     return NotificationRequest(
         notification_id=notification_id,
         tier=category.tier,
@@ -182,7 +183,8 @@ def plan_notification(
         template_id=request.template_id,
         recipients=recipients,
         data=dict(request.data),
-        channels=resolve_channels(category, request.channels),
+        channels=channels,
+        fallback=category.fallback_for(channels),
         quiet_hours=category.quiet_hours,
         caps=category.caps,
         api_key_id=api_key_id,

@@ -523,7 +523,10 @@ def print_channels(shown: demo_api.ApiDemo, seconds: float, stay: bool) -> None:
     """The API part: each channel's sends, what its local server received, the status."""
     print("\nthe API and every channel (fanfare api -> fan-out -> delivery -> local servers)")
     print(f"  receipt {shown.receipt_id} (email, in-app, chat) to {', '.join(shown.users)}")
-    print(f"  login_code {shown.login_id} (push, SMS) to {shown.users[0]}")
+    print(
+        f"  login_code {shown.login_id} (push, else SMS) to {shown.users[0]} (push), "
+        f"{demo_api.SMS_ONLY_USER} (SMS)"
+    )
     print("  channel   dispatched  settled  server received  sample")
     # in-app has no server: "received" is what the users' live streams in Redis hold.
     for c in demo_api.CHANNELS:

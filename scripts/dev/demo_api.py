@@ -4,7 +4,7 @@ With the demo's flows running, it creates an API key with `fanfare api keys crea
 README's API quick start does), starts `fanfare api` on a free port, registers channel
 addresses for a few demo users through `POST /v1/users/{id}/devices` (an email address, an SMS
 number, a web push subscription minted by the local push service, a chat webhook of the local
-chat server), sends a `receipt` (email, in-app, chat) and a `login_code` (push, SMS) through
+chat server), sends a `receipt` (email, in-app, chat) and a `login_code` (push, else SMS) through
 `POST /v1/notifications`, waits until the fan-out dispatched them and delivery settled each item,
 and reads what each local server received and the receipt's status.
 """
@@ -32,6 +32,8 @@ from scripts.dev.local_channels.control import ChannelControl
 from scripts.harness.spawn import PROJECT_ROOT, start_fanfare
 
 CHANNELS = ("email", "sms", "webpush", "chat", "inapp")
+SMS_ONLY_USER = "demo-sms-only"
+"""A user with an SMS number and no push device: login_code's fallback gives them SMS."""
 """The channels the demo shows, as `provider` names them on delivery_events and in metrics."""
 
 RECEIPT_DATA = {"order_id": "1234", "amount": "59.90", "currency": "EUR"}
@@ -139,7 +141,7 @@ def register_addresses(demo: ApiDemo, channels: ChannelControl, webhook: str) ->
     registrations: list[tuple[str, dict[str, Any]]] = [
         (first, {"provider": "email", "address": f"{first}@example.com"}),
         (second, {"provider": "email", "address": f"{second}@example.com"}),
-        (first, {"provider": "sms", "address": "+14155550123"}),
+        (SMS_ONLY_USER, {"provider": "sms", "address": "+14155550123"}),
         (first, {"platform": "web", "subscription": subscription}),
         (third, {"provider": "chat", "address": webhook}),
     ]
@@ -153,7 +155,11 @@ def register_addresses(demo: ApiDemo, channels: ChannelControl, webhook: str) ->
 
 
 def send_notifications(demo: ApiDemo, run_id: str) -> None:
-    """A receipt (email, in-app, chat) to the three users, a login code (push, SMS) to one."""
+    """A receipt (email, in-app, chat) to the three users, a login code to two.
+
+    login_code's fallback order is push, then SMS: the first user (devices and a web push
+    subscription) gets push only, SMS_ONLY_USER (a number, no device) SMS only.
+    """
     receipt = {
         "idempotency_key": f"demo-receipt-{run_id}",
         "category": "receipt",
@@ -166,7 +172,7 @@ def send_notifications(demo: ApiDemo, run_id: str) -> None:
         "idempotency_key": f"demo-login-{run_id}",
         "category": "login_code",
         "template_id": "login_code",
-        "recipients": demo.users[:1],
+        "recipients": [demo.users[0], SMS_ONLY_USER],
         "data": LOGIN_DATA,
         "channels": ["push", "sms"],
     }

@@ -19,6 +19,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from flows.fanout import build_fanout_flow
+from operators import metrics
 from operators.config import Settings
 from operators.events import CaughtUp, RawEvent
 from operators.fanout.sharding import shard_of
@@ -127,9 +128,14 @@ def build(
     budget: int = 5,
     posts: list[Any] | None = None,
     store: InMemoryFollowerStore | None = None,
+    notify_cap: int = 5,
 ) -> Any:
     settings = Settings(
-        shard_count=SHARDS, dispatch_batch_size=2, follower_page_size=3, expand_budget=budget
+        shard_count=SHARDS,
+        dispatch_batch_size=2,
+        follower_page_size=3,
+        expand_budget=budget,
+        notify_cap=notify_cap,
     )
     store = store or InMemoryFollowerStore(SHARDS)
     claims = InMemoryPostClaims()
@@ -419,3 +425,107 @@ def test_channel_addresses_and_switches_are_state_and_posts_are_untouched() -> N
     assert [(d.source_topic, d.error.split(":")[0]) for d in dead] == [
         ("device_changes", "invalid_address")
     ]
+
+
+def sms(user: str, number: str) -> dict[str, Any]:
+    return {
+        "user_id": user,
+        "device_id": f"{user}-sms",
+        "provider": "sms",
+        "token": number,
+        "active": True,
+        "ts": TS,
+    }
+
+
+def test_a_login_code_goes_by_push_to_a_user_with_a_device_and_by_sms_to_one_without() -> None:
+    # u1 has a phone and a number; u7 only a number; u8's phone was removed.
+    changes = world(
+        sms("u1", "+14155550101"),
+        sms("u7", "+14155550107"),
+        device("u8", "u8-phone"),
+        sms("u8", "+14155550108"),
+        device("u8", "u8-phone", active=False),
+        topics=("device_changes",) * 5,
+    )
+    login = request(
+        "l1",
+        ["u1", "u7", "u8"],
+        category="login_code",
+        template_id="login_code",
+        data={"code": "482913", "minutes": 10},
+        channels=("push", "sms"),
+        fallback=("push", "sms"),
+    )
+    fell_back = metrics.NOTIFICATIONS_FELL_BACK.labels("sms")
+    before = fell_back._value.get()
+    n = Notes()
+    out: list[Any] = []
+    dead: list[Any] = []
+    run(build(changes, {"transactional": [n(login)]}, out, dead, Clock()))
+    assert sorted(sent(out)) == [
+        ("push.apns.transactional", "l1:u1", "u1", "u1-phone"),
+        ("sms.transactional", "l1:u7", "u7", "u7-sms"),
+        ("sms.transactional", "l1:u8", "u8", "u8-sms"),
+    ]
+    assert dead == []
+    assert fell_back._value.get() - before == 2
+
+
+def capped(nid: str, users: list[str]) -> NotificationRequest:
+    return request(
+        nid,
+        users,
+        tier="marketing",
+        category="campaign",
+        template_id="campaign",
+        channels=("push", "inbox"),
+        caps=True,
+    )
+
+
+def test_campaigns_over_the_cap_are_dropped_and_transactional_is_never_capped() -> None:
+    n = Notes()
+    notes = {
+        "marketing": [n(capped(f"m{k}", ["u1", "u2"])) for k in range(3)],
+        "transactional": [
+            n(request(f"t{k}", ["u1"], channels=("inbox",), caps=True)) for k in range(3)
+        ],
+    }
+    capped_total = metrics.SUPPRESSED.labels("capped")
+    before = capped_total._value.get()
+    out: list[Any] = []
+    dead: list[Any] = []
+    run(build(world(), notes, out, dead, Clock(), notify_cap=2))
+    got = sent(out)
+    # Two campaigns per user this window, on every channel; the third is dropped whole.
+    assert sorted({(nid.split(":")[0], u) for _, nid, u, _ in got if nid[0] == "m"}) == [
+        ("m0", "u1"),
+        ("m0", "u2"),
+        ("m1", "u1"),
+        ("m1", "u2"),
+    ]
+    assert sum(1 for t, nid, _, _ in got if nid[0] == "m") == 8  # push and inbox each
+    assert sorted(nid for _, nid, _, _ in got if nid[0] == "t") == ["t0:u1", "t1:u1", "t2:u1"]
+    assert capped_total._value.get() - before == 2
+    assert dead == []
+
+
+def test_the_api_cap_counts_survive_a_restart(tmp_path: Path) -> None:
+    init_db_dir(tmp_path, 1)
+    n = Notes()
+    m0 = n(capped("m0", ["u1"]))
+    m1 = n(capped("m1", ["u1", "u2"]))
+    changes = world()
+
+    def once(notes: list[Any], changes: list[Any], out: list[Any]) -> None:
+        flow = build(changes, {"marketing": notes}, out, [], Clock(), notify_cap=1)
+        run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(tmp_path)))
+
+    first: list[Any] = []
+    once([m0], changes, first)  # u1's one campaign of the window; the state is snapshotted
+    assert {u for _, _, u, _ in sent(first)} == {"u1"}
+    second: list[Any] = []
+    # Resumed after m0 (counts from the snapshot); the changelogs report their end again.
+    once([m0, m1], [*changes, *changes[-3:]], second)
+    assert {(nid, u) for _, nid, u, _ in sent(second)} == {("m1:u2", "u2")}

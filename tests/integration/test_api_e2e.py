@@ -298,7 +298,8 @@ def test_a_notification_goes_to_its_tier_topic_once_per_idempotency_key(api: Api
     events = [decode_notification_request(v) for v in api.messages("notify.transactional")]
     [event] = [e for e in events if e.notification_id == nid]
     assert event.recipients == ("u1", "u2") and event.category == "login_code"
-    assert (event.quiet_hours, event.caps, event.channels) == (False, False, ("push",))
+    assert (event.quiet_hours, event.caps, event.channels) == (False, False, ("push", "sms"))
+    assert event.fallback == ("push", "sms")  # push, then SMS for a user without a device
     assert event.data == LOGIN and event.send_at is not None
     status = api.call("GET", f"/v1/notifications/{nid}/status", key=key)
     assert status.status == 200, status.body

@@ -2,7 +2,8 @@
 
 The API process and `fanfare run fanout` run as users run them; a transactional request's
 batches appear on `push.apns.transactional` and `email.transactional`, a scheduled one only at
-its `send_at`, and a cancelled one never.
+its `send_at`, and a cancelled one never; a login code goes by push or else by SMS; a campaign
+over the cap is dropped.
 """
 
 from __future__ import annotations
@@ -195,3 +196,105 @@ def test_a_scheduled_send_survives_a_kill_9_of_the_fanout_and_goes_once(stack: S
     wait_for(lambda: held["notification_id"] in ids(), 90, "the held send after the restart", stack)
     time.sleep(3)
     assert sorted(ids()) == sorted([now["notification_id"], held["notification_id"]])  # once each
+
+
+def test_a_login_code_goes_by_push_or_else_by_sms_through_the_api_and_the_fanout(
+    stack: Stack,
+) -> None:
+    """login_code's fallback: u-dev (a phone and a number) gets push only, u-sms SMS only."""
+    changes = [
+        ("u-dev", "u-dev-phone", "apns", "0b" * 32),
+        ("u-dev", "u-dev-sms", "sms", "+14155550111"),
+        ("u-sms", "u-sms-sms", "sms", "+14155550112"),
+    ]
+    produce_all(
+        stack.settings.kafka_config(),
+        "device_changes",
+        [
+            (
+                user.encode(),
+                orjson.dumps(
+                    {
+                        "user_id": user,
+                        "device_id": device_id,
+                        "provider": provider,
+                        "token": token,
+                        "active": True,
+                        "ts": TS,
+                    }
+                ),
+            )
+            for user, device_id, provider, token in changes
+        ],
+    )
+    made = new_key("e2e", frozenset({"*"}), frozenset({"*"}), 1000, 1000, time.time())
+    RedisKeyStore(api_redis(REDIS_URL), stack.env["FANFARE_REDIS_PREFIX"]).add(made.record)
+    port = free_port()
+    stack.start_command(["api"], ("FANFARE_API_PORT", str(port)))
+    stack.start_flow()
+    wait_for(lambda: health(port), 90, "fanfare api to answer /health", stack, every_s=0.2)
+    body = {
+        "idempotency_key": f"login-{uuid.uuid4().hex}",
+        "category": "login_code",
+        "template_id": "login_code",
+        "recipients": ["u-dev", "u-sms"],
+        "data": {"code": "482913", "minutes": 10},
+    }
+    status, answer = call(port, "POST", "/v1/notifications", made.text, body)
+    assert status == 202 and answer["channels"] == ["push", "sms"], answer
+    nid = answer["notification_id"]
+    wait_for(
+        lambda: (
+            api_items(stack, "push.apns.transactional") and api_items(stack, "sms.transactional")
+        ),
+        120,
+        "the login code's batches",
+        stack,
+    )
+    time.sleep(2)  # anything more would be a second channel for the same user
+    assert [g[:3] for g in api_items(stack, "push.apns.transactional")] == [
+        (f"{nid}:u-dev", "u-dev", "u-dev-phone")
+    ]
+    assert [g[:3] for g in api_items(stack, "sms.transactional")] == [
+        (f"{nid}:u-sms", "u-sms", "u-sms-sms")
+    ]
+
+
+def test_marketing_over_the_cap_is_dropped_across_the_api_and_the_fanout(stack: Stack) -> None:
+    """FANFARE_NOTIFY_CAP=1: a user's second campaign notification of the window is dropped."""
+    made = new_key("e2e", frozenset({"*"}), frozenset({"*"}), 1000, 1000, time.time())
+    RedisKeyStore(api_redis(REDIS_URL), stack.env["FANFARE_REDIS_PREFIX"]).add(made.record)
+    port = free_port()
+    stack.start_command(["api"], ("FANFARE_API_PORT", str(port)))
+    stack.start_flow(("FANFARE_NOTIFY_CAP", "1"), ("FANFARE_NOTIFY_CAP_WINDOW_S", "86400"))
+    wait_for(lambda: health(port), 90, "fanfare api to answer /health", stack, every_s=0.2)
+
+    def send(recipients: list[str]) -> str:
+        body = {
+            "idempotency_key": f"promo-{uuid.uuid4().hex}",
+            "category": "campaign",
+            "template_id": "campaign",
+            "recipients": recipients,
+            "data": {"headline": "Sale", "message": "-20%", "link": "https://example.com"},
+            "channels": ["inbox"],
+        }
+        status, answer = call(port, "POST", "/v1/notifications", made.text, body)
+        assert status == 202 and answer["tier"] == "marketing", answer
+        return str(answer["notification_id"])
+
+    send(["u-capped"])
+    send(["u-capped"])
+    last = send(["u-capped", "u-other"])
+
+    def users() -> list[str]:
+        return sorted(u for _, u, _, _ in api_items(stack, "inapp.marketing"))
+
+    wait_for(
+        lambda: f"{last}:u-other" in {n for n, *_ in api_items(stack, "inapp.marketing")},
+        120,
+        "the campaign notifications",
+        stack,
+    )
+    wait_for(lambda: "u-capped" in users(), 60, "u-capped's first", stack)
+    time.sleep(3)  # the two over the cap had every chance to go
+    assert users() == ["u-capped", "u-other"]

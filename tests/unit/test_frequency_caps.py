@@ -494,3 +494,12 @@ def test_the_delivery_side_reads_a_summary_with_its_message() -> None:
         assert isinstance(send, SendRequest) and send.message == batch.message
         assert push_collapse_id(send) == "bundle:new_post:u"
         assert send.key == (f"{batch.post_id}:u", batch.items[0]["device_id"])
+
+
+def test_count_one_refuses_over_the_cap_and_keeps_no_bundle() -> None:
+    cap = FrequencyCap(CapRule("campaign", 2, 3_600))
+    assert [cap.count_one(5, 10.0) for _ in range(3)] == [True, True, False]
+    assert cap.count_one(6, 10.0)  # another user
+    assert cap.author_ids == [] and cap.next_due() is None
+    assert cap.count_one(5, 3_600.0)  # the next window
+    assert cap.pending == {}

@@ -54,7 +54,7 @@ def test_the_shipped_catalog_loads_with_the_four_default_categories() -> None:
         True,
         True,
     )
-    assert login.default_channels == ("push",)
+    assert login.default_channels == ("push", "sms") and login.fallback == ("push", "sms")
     assert set(catalog.templates) == {
         "login_code",
         "receipt",
@@ -80,6 +80,18 @@ def test_the_shipped_catalog_loads_with_the_four_default_categories() -> None:
         ('[categories.x]\ntier = "social"\nchannels = { push = false }', "at least one channel"),
         ('[categories.x]\ntier = "social"\nquiet_hours = "no"', "true or false"),
         ('[categories.x]\ntier = "social"\nchannels = { push = "yes" }', "true or false"),
+        ('[categories.x]\ntier = "transactional"\ncaps = true', "never capped"),
+        ('[categories.x]\ntier = "social"\nfallback = []', "two or more channels"),
+        ('[categories.x]\ntier = "social"\nfallback = ["push"]', "two or more channels"),
+        ('[categories.x]\ntier = "social"\nfallback = "push"', "two or more channels"),
+        ('[categories.x]\ntier = "social"\nfallback = ["push", "fax"]', "unknown channels ['fax']"),
+        ('[categories.x]\ntier = "social"\nfallback = ["push", "push"]', "a channel twice"),
+        ('[categories.x]\ntier = "social"\nfallback = ["push", "sms"]', "not sms_eligible"),
+        (
+            '[categories.x]\ntier = "social"\nchannels = { email = false }\n'
+            'fallback = ["push", "email"]',
+            "which channels turns off",
+        ),
     ],
 )
 def test_a_bad_categories_file_says_what_is_wrong_in_one_line(text: str, fragment: str) -> None:
@@ -110,6 +122,19 @@ def test_sms_is_only_for_categories_that_say_so() -> None:
         "f",
     )
     assert parsed["code"].sms_eligible and parsed["code"].default_channels == ("push", "sms")
+
+
+def test_a_fallback_turns_its_channels_on_in_its_order() -> None:
+    parsed = parse_categories(
+        '[categories.alert]\ntier = "transactional"\nchannels = { inbox = true }\n'
+        'fallback = ["email", "push"]',
+        "f",
+    )
+    alert = parsed["alert"]
+    assert alert.fallback == ("email", "push")
+    assert alert.default_channels == ("push", "inbox", "email")
+    assert alert.fallback_for(("push", "inbox")) == ()  # one of them: nothing to choose
+    assert alert.fallback_for(("push", "email")) == ("email", "push")
 
 
 @pytest.mark.parametrize(

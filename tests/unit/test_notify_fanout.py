@@ -126,6 +126,53 @@ def test_missing_addresses_are_counted() -> None:
     assert d.suppressed == {"no_address": 2, "no_device": 1}
 
 
+LOGIN = {
+    "category": "login_code",
+    "channels": ("push", "inbox", "sms"),
+    "fallback": ("push", "sms"),
+}
+SMS = ("sms-1", "sms", "+14155550123")
+
+
+def test_a_fallback_gives_the_first_channel_that_reaches_the_user_and_only_that_one() -> None:
+    phone = recipient(devices=(("phone", "apns", "ab" * 32), SMS))
+    d = decide_recipient(request(**LOGIN), phone, NOON)
+    # Push reaches them: no SMS; inbox is outside the fallback and keeps its own rule.
+    assert sends(d) == [("apns", "phone"), ("inapp", "inapp")]
+    assert d.fell_back is None and d.suppressed == {}
+    no_device = decide_recipient(request(**LOGIN), recipient(devices=(SMS,)), NOON)
+    assert sends(no_device) == [("inapp", "inapp"), ("sms", "sms-1")]
+    assert no_device.fell_back == "sms" and no_device.suppressed == {"no_device": 1}
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"push_enabled": False}, "push_disabled"),
+        ({"switches": apply_switch(0, "push", False)}, "category_off"),
+    ],
+)
+def test_push_that_cannot_reach_the_user_falls_back_to_sms(changes: Any, why: str) -> None:
+    r = recipient(devices=(("phone", "apns", "ab" * 32), SMS), **changes)
+    d = decide_recipient(request(**{**LOGIN, "channels": ("push", "sms")}), r, NOON)
+    assert sends(d) == [("sms", "sms-1")]
+    assert d.fell_back == "sms" and d.suppressed == {why: 1}
+
+
+def test_a_fallback_with_nothing_reachable_sends_nothing_and_counts_each_channel() -> None:
+    off_sms = apply_switch(0, "sms", False)
+    r = recipient(devices=(SMS,), switches=off_sms)
+    d = decide_recipient(request(**{**LOGIN, "channels": ("push", "sms")}), r, NOON)
+    assert d.sends == [] and d.fell_back is None
+    assert d.suppressed == {"no_device": 1, "category_off": 1}
+
+
+def test_a_fallback_gives_every_device_of_the_chosen_channel() -> None:
+    r = recipient(devices=(("phone", "apns", "ab" * 32), ("browser", "webpush", SUB), SMS))
+    d = decide_recipient(request(**{**LOGIN, "channels": ("push", "sms")}), r, NOON)
+    assert sends(d) == [("apns", "phone"), ("webpush", "browser")]
+
+
 def test_quiet_hours_defer_marketing_and_not_transactional() -> None:
     quiet = (11, 13, "UTC")  # noon is quiet
     marketing = request(tier="marketing", category="campaign", quiet_hours=True)
@@ -305,6 +352,20 @@ def test_tier_events_decode_and_bad_ones_say_why() -> None:
         decode_tier_event(orjson.dumps({"schema": "notification_request/v1"}))
 
 
+def test_a_fallback_travels_on_the_wire_and_a_request_without_one_stays_as_before() -> None:
+    login = request(**LOGIN)
+    raw = encode_notification_request(login)
+    assert decode_tier_event(raw) == login and orjson.loads(raw)["fallback"] == ["push", "sms"]
+    plain = encode_notification_request(request())
+    assert "fallback" not in orjson.loads(plain)  # readers built before it accept it
+    assert decode_tier_event(plain) == request()
+    stray = {**orjson.loads(plain), "fallback": ["push", "sms"]}  # sms is not in channels
+    with pytest.raises(InvalidEvent, match="fallback names channels not in channels"):
+        decode_tier_event(orjson.dumps(stray))
+    with pytest.raises(InvalidEvent, match="schema"):
+        decode_tier_event(orjson.dumps({**orjson.loads(raw), "fallback": ["push"]}))
+
+
 def test_many_one_recipient_jobs_drain_a_budget_at_a_time_behind_the_gate() -> None:
     shard = _shard({"marketing": 10})
     for i in range(1_000):
@@ -339,3 +400,103 @@ def test_a_replayed_api_batch_keeps_its_message_when_written_items_are_dropped()
     assert dropped == 1
     assert kept is not None and [i["user_id"] for i in kept.items] == ["u2"]
     assert isinstance(kept, type(batch)) and kept.message == batch.message
+
+
+# ---- frequency caps of the API's categories -----------------------------------------------------
+
+HOUR = 3_600
+
+
+def campaign(nid: str, **extra: Any) -> NotificationRequest:
+    fields: dict[str, Any] = {
+        "notification_id": nid,
+        "tier": "marketing",
+        "category": "campaign",
+        "channels": ("inbox",),
+        "caps": True,
+        **extra,
+    }
+    return request(**fields)
+
+
+def _capped_run(
+    shard: NotifyShard, users: UserTable, r: NotificationRequest, now: datetime, *who: str
+) -> tuple[list[str], NotifyTally]:
+    tally = NotifyTally()
+    shard.add_job(RecipientJob(r, who, 0, 1.0))
+    out = shard.work(users, now, lambda read_at: True, tally)
+    return sorted(i["user_id"] for b in out for i in b.items), tally
+
+
+def test_a_capped_category_drops_what_is_over_the_cap_per_user_and_category() -> None:
+    shard, users = NotifyShard(cap=(2, HOUR)), UserTable()
+    for nid in ("m1", "m2"):
+        got, tally = _capped_run(shard, users, campaign(nid), NOON, "u1", "u2")
+        assert got == ["u1", "u2"] and tally.suppressed == {}
+    got, tally = _capped_run(shard, users, campaign("m3"), NOON, "u1", "u2", "u3")
+    assert got == ["u3"] and tally.suppressed == {"capped": 2}  # dropped, no bundle kept
+    # Another capped category has its own count.
+    social = campaign("s1", tier="social", category="new_post")
+    assert _capped_run(shard, users, social, NOON, "u1")[0] == ["u1"]
+    # The next window starts the counts again.
+    assert _capped_run(shard, users, campaign("m4"), NOON + timedelta(hours=1), "u1")[0] == ["u1"]
+    assert shard.caps["campaign"].pending == {} and shard.caps["campaign"].author_ids == []
+
+
+def test_transactional_and_uncapped_requests_are_never_capped() -> None:
+    shard, users = NotifyShard(cap=(1, HOUR)), UserTable()
+    for nid in ("t1", "t2", "t3"):  # a transactional request saying caps is not capped
+        login = request(notification_id=nid, caps=True, channels=("inbox",))
+        assert _capped_run(shard, users, login, NOON, "u1")[0] == ["u1"]
+    for nid in ("m1", "m2"):
+        assert _capped_run(shard, users, campaign(nid, caps=False), NOON, "u1")[0] == ["u1"]
+    assert shard.caps == {}
+    off = NotifyShard(cap=(0, HOUR))  # FANFARE_NOTIFY_CAP=0: no cap
+    for nid in ("m1", "m2", "m3"):
+        assert _capped_run(off, users, campaign(nid), NOON, "u1")[0] == ["u1"]
+
+
+def test_a_recipient_with_nothing_to_send_or_deferred_uses_none_of_the_cap() -> None:
+    shard, users = NotifyShard(cap=(1, HOUR)), UserTable()
+    quiet = PreferenceChange("u1", True, 11, 13, "UTC", NOON)
+    users.apply_preference(quiet)
+    got, tally = _capped_run(shard, users, campaign("m1", quiet_hours=True), NOON, "u1")
+    assert got == [] and tally.deferred == 1
+    # No address for email: nothing sent, nothing counted.
+    assert _capped_run(shard, users, campaign("m2", channels=("email",)), NOON, "u1")[0] == []
+    # Released at 13:00, it is the one counted; the next one that day is capped.
+    one = NOON + timedelta(hours=1)
+    assert [i["user_id"] for b in _run_at(shard, users, one) for i in b.items] == ["u1"]
+    got, tally = _capped_run(shard, users, campaign("m3"), one + timedelta(minutes=1), "u1")
+    assert got == [] and tally.suppressed == {"capped": 1}
+
+
+def _run_at(shard: NotifyShard, users: UserTable, now: datetime) -> list[Any]:
+    return shard.work(users, now, lambda read_at: True, NotifyTally())
+
+
+def _follower_shard() -> FollowerShard:
+    return FollowerShard([], notify=NotifyShard(cap=(1, HOUR)))
+
+
+def test_the_api_caps_survive_a_snapshot_and_a_checkpoint() -> None:
+    shard = _follower_shard()
+    shard.users.ensure_row("old")
+    columns, positions = shard.checkpoint_state()  # "old" is a row of the checkpoint
+    _capped_run(shard.notify, shard.users, campaign("m1"), NOON, "old", "new")
+    snap = pickle.loads(pickle.dumps(shard.snapshot()))
+    # A restart: the checkpoint, then rows made in another order, then the snapshot's counts.
+    again = _follower_shard()
+    again.restore(snap, NOON.timestamp())
+    again.load_checkpoint(columns, positions)
+    again.users.ensure_row("other")
+    again.resume_caps()
+    got, tally = _capped_run(again.notify, again.users, campaign("m2"), NOON, "old", "new", "x")
+    assert got == ["x"] and tally.suppressed == {"capped": 2}
+    # Without a snapshot, the checkpoint's counts are used.
+    columns, positions = again.checkpoint_state()
+    assert any(k.startswith("notify_cap:campaign:") for k in columns)
+    third = _follower_shard()
+    third.load_checkpoint(columns, positions)
+    got, tally = _capped_run(third.notify, third.users, campaign("m3"), NOON, "old", "new", "y")
+    assert got == ["y"] and tally.suppressed == {"capped": 2}

@@ -59,7 +59,9 @@ def test_a_request_becomes_an_event_with_the_categorys_policy() -> None:
     event = plan(recipients=["u1", "u2", "u1"])
     assert event.tier == "transactional"  # type: ignore[attr-defined]
     assert event.recipients == ("u1", "u2")  # type: ignore[attr-defined]
-    assert event.channels == ("push",)  # type: ignore[attr-defined]
+    # login_code: push, then SMS for a user push cannot reach.
+    assert event.channels == ("push", "sms")  # type: ignore[attr-defined]
+    assert event.fallback == ("push", "sms")  # type: ignore[attr-defined]
     assert (event.quiet_hours, event.caps) == (False, False)  # type: ignore[attr-defined]
     assert decode_notification_request(encode_notification_request(event)) == event  # type: ignore[arg-type]
     social = plan(
@@ -69,6 +71,15 @@ def test_a_request_becomes_an_event_with_the_categorys_policy() -> None:
         channels=["inbox", "push"],
     )
     assert social.tier == "social" and social.channels == ("push", "inbox")  # type: ignore[attr-defined]
+    assert social.fallback == ()  # type: ignore[attr-defined]
+
+
+def test_a_request_naming_channels_keeps_the_fallback_among_them() -> None:
+    only_push = plan(channels=["push", "inbox"])
+    assert only_push.channels == ("push", "inbox") and only_push.fallback == ()  # type: ignore[attr-defined]
+    both = plan(channels=["sms", "push", "inbox"])
+    assert both.channels == ("push", "inbox", "sms")  # type: ignore[attr-defined]
+    assert both.fallback == ("push", "sms")  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
