@@ -53,6 +53,13 @@ SUMMARY = ChannelMessage(
 )
 
 
+def summary_renderer() -> TemplatePushRenderer:
+    """What the delivery flow renders a summary with: the shipped catalog's templates."""
+    from operators.adapters.catalog_files import load_catalog
+
+    return TemplatePushRenderer(TEMPLATE, load_catalog().templates)
+
+
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
@@ -163,7 +170,8 @@ def test_apns_collapse_id_is_the_message_s_collapse_key(
     # A bundle summary: a newer summary replaces the older one on the device.
     [req] = apns_requests(1)
     req = dataclasses.replace(req, message=SUMMARY)
-    assert run(send_all(lambda: apns_sender(client, configs[0]), [req])) == [
+    renderer = summary_renderer()
+    assert run(send_all(lambda: apns_sender(client, configs[0], template=renderer), [req])) == [
         ProviderAnswer(200, None)
     ]
     [record] = control.accepted("apns")
@@ -326,7 +334,8 @@ def test_fcm_collapse_key_is_the_message_s_collapse_key(
 ) -> None:
     [req] = fcm_requests(FCM_TOKENS[-1:])
     req = dataclasses.replace(req, message=SUMMARY)
-    answers = run(send_all(lambda: fcm_sender(client, configs[1]), [req]))
+    renderer = summary_renderer()
+    answers = run(send_all(lambda: fcm_sender(client, configs[1], template=renderer), [req]))
     assert [(a.status, a.reason) for a in answers] == [(200, None)]
     [record] = control.accepted("fcm")
     assert record.collapse_id == "bundle:new_post:u1"
