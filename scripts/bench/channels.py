@@ -66,6 +66,7 @@ from schemas.records import ChannelMessage
 from scripts.dev.local_channels.control import ChannelControl
 from scripts.dev.local_channels.runner import channel_settings
 from scripts.dev.local_providers.runner import ProvidersProcess, spawn_local_providers
+from scripts.harness.procfs import cpu_seconds
 
 CHANNELS = ("email", "sms", "webpush", "chat", "inapp")
 DEFAULT_ITEMS = {"email": 3000, "sms": 5000, "webpush": 3000, "chat": 5000, "inapp": 50000}
@@ -81,12 +82,6 @@ LOGIN = ChannelMessage(
     tier="transactional",
     data={"code": "482913", "minutes": 10},
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    """Utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -95,8 +95,6 @@ from scripts.bench.fanout import (
     Broker,
     Flow,
     Profiler,
-    cmdline,
-    cpu_seconds,
     delete_redis_keys,
     git_revision,
     log,
@@ -104,7 +102,6 @@ from scripts.bench.fanout import (
     run_bench,
     scrape,
     summarize_profile,
-    system_busy_seconds,
     wait_until,
 )
 from scripts.commands.arguments import number_in, whole_number
@@ -112,6 +109,8 @@ from scripts.dev import devstack
 from scripts.dev.local_providers.control import AcceptedRecord, ProviderControl
 from scripts.dev.local_providers.runner import ProvidersProcess, spawn_local_providers
 from scripts.dev.local_providers.settings_file import write_provider_settings
+from scripts.harness.bench_env import bench_flow_env
+from scripts.harness.procfs import cpu_seconds, redis_pids, system_busy_seconds
 from scripts.harness.spawn import start_fanfare
 
 TARGET_APNS_PER_S = 10_000
@@ -663,17 +662,6 @@ def flow_counters(port: int) -> dict[str, float]:
     return out
 
 
-def redis_pids() -> list[int]:
-    """redis-server processes on this machine (the flow's ledger and limiter load lands there)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            argv = cmdline(int(entry.name))
-            if argv and "redis-server" in argv[0]:
-                out.append(int(entry.name))
-    return out
-
-
 class CpuMeter:
     """CPU seconds of the benchmark's processes between start() and stop()."""
 
@@ -1216,27 +1204,16 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
 
 def bench_env(args: argparse.Namespace, home: Path, redis_prefix: str) -> dict[str, str]:
     """The flow's environment: the caller's, with this benchmark's FANFARE_* settings."""
-    drop = {
-        "BYTEWAX_DATAFLOW_API_PORT",
-        "FANFARE_APNS_KEY_FILE",
-        "FANFARE_FCM_CREDENTIALS_FILE",
-        "FANFARE_STORE_URL",
-        "FANFARE_NOTIFICATION_STORE_URL",
-    }
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(
+    env = bench_flow_env(
+        home,
+        redis_prefix,
         {
-            "FANFARE_HOME": str(home),
-            "FANFARE_REDIS_PREFIX": redis_prefix,
             "FANFARE_TOPIC_PARTITIONS": str(args.partitions),
             "FANFARE_TOPIC_PARTITIONS_OVERRIDES": "",
             "FANFARE_APNS_RATE_PER_MIN": str(args.rate_per_min),
             "FANFARE_FCM_RATE_PER_MIN": str(args.rate_per_min),
-            "FANFARE_LOG_LEVEL": os.environ.get("FANFARE_LOG_LEVEL", "WARNING"),
-            "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there
             "FANFARE_METRICS_SERVER": "fanfare",
-            "PYTHONUNBUFFERED": "1",
-        }
+        },
     )
     if args.bulk_items_per_poll is not None:
         env["FANFARE_BULK_ITEMS_PER_POLL"] = str(args.bulk_items_per_poll)

@@ -84,6 +84,15 @@ from schemas.codecs import format_timestamp
 from schemas.topics import DEVICE_CHANGES, POST_CREATED, PREFERENCE_CHANGES, channel_topic
 from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
+from scripts.harness.bench_env import bench_flow_env
+from scripts.harness.procfs import (
+    children_of,
+    cmdline,
+    cpu_seconds,
+    mem_status,
+    stat_fields,
+    system_busy_seconds,
+)
 from scripts.harness.spawn import start_fanfare
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +108,6 @@ QUIET_TIMEZONES = (
 TARGET_CANDIDATES_PER_S = 350_000
 TARGET_CELEBRITY_S = 3.0
 TARGET_BYTES_PER_USER = 300
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # User status codes (a bytearray per user keeps the expected results small for 1M+ users).
 ELIGIBLE, DISABLED, QUIET_INSIDE, QUIET_OUTSIDE = 0, 1, 2, 3
@@ -296,67 +304,6 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser, threshol
             parser.error("--profile-dir needs py-spy: pip install py-spy")
 
 
-# --- processes and /proc --------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm can hold spaces and parentheses: split after the last ')'.
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of a process, from /proc (no psutil)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields_ = _stat_fields(int(entry.name))
-            if fields_ is not None and int(fields_[1]) == pid:
-                kids.append(int(entry.name))
-    return sorted(kids)
-
-
-def cmdline(pid: int) -> list[str]:
-    """A process's argv from /proc (empty if it is gone)."""
-    try:
-        return [p.decode() for p in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if p]
-    except OSError:
-        return []
-
-
-def mem_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile in bytes."""
-    out: dict[str, int] = {}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-            out[key] = int(rest.split()[0]) * 1024
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    f = _stat_fields(pid)
-    if f is None:
-        return 0.0
-    return (int(f[11]) + int(f[12])) / CLK_TCK
-
-
-def system_busy_seconds() -> float:
-    """CPU-seconds the whole machine spent not idle (all cores), from /proc/stat."""
-    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(x) for x in parts]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / CLK_TCK
-
-
 # --- metrics --------------------------------------------------------------------------------------
 
 
@@ -475,7 +422,7 @@ class Flow:
                 self.proc.kill()
                 self.proc.wait(5)
         for pid in kids:  # the runner waits for them, but make sure
-            if _stat_fields(pid) is not None and is_flow_process(cmdline(pid)):
+            if stat_fields(pid) is not None and is_flow_process(cmdline(pid)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.proc = None
@@ -1065,27 +1012,19 @@ def bench_env(
     args: argparse.Namespace, home: Path, broker_port: int, metrics_port: int, redis_prefix: str
 ) -> dict[str, str]:
     """The flow's environment: the caller's, with this benchmark's FANFARE_* settings."""
-    ours = {
-        "FANFARE_HOME": str(home),
-        "FANFARE_KAFKA_BROKERS": f"127.0.0.1:{broker_port}",
-        "FANFARE_SHARDS": str(args.shards),
-        "FANFARE_TOPIC_PARTITIONS": str(args.partitions),
-        "FANFARE_POST_CAP": str(args.post_cap),
-        "FANFARE_REDIS_PREFIX": redis_prefix,
-        "FANFARE_METRICS_PORT": str(metrics_port),
-        "FANFARE_METRICS_HOST": "127.0.0.1",  # scraped there
-        "FANFARE_METRICS_SERVER": "fanfare",
-        "FANFARE_READY_PORT": "0",  # not used here; never collides with a flow of the host
-        "FANFARE_STORE_URL": "",
-        "FANFARE_LOG_LEVEL": os.environ.get("FANFARE_LOG_LEVEL", "WARNING"),
-    }
-    env = {
-        k: v for k, v in os.environ.items() if k not in ours and k != "BYTEWAX_DATAFLOW_API_PORT"
-    }
-    env.update(ours)
-    env.pop("FANFARE_STORE_URL")  # the default: sqlite inside FANFARE_HOME
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return bench_flow_env(
+        home,
+        redis_prefix,
+        {
+            "FANFARE_KAFKA_BROKERS": f"127.0.0.1:{broker_port}",
+            "FANFARE_SHARDS": str(args.shards),
+            "FANFARE_TOPIC_PARTITIONS": str(args.partitions),
+            "FANFARE_POST_CAP": str(args.post_cap),
+            "FANFARE_METRICS_PORT": str(metrics_port),
+            "FANFARE_METRICS_SERVER": "fanfare",
+            "FANFARE_READY_PORT": "0",  # not used here; never collides with a flow of the host
+        },
+    )
 
 
 def run(args: argparse.Namespace, report: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ from operators.adapters.kafka.probes import topic_partitions
 from operators.config import load_settings
 from scripts.commands.arguments import positive_int, positive_seconds, whole_number
 from scripts.dev import devstack
+from scripts.harness.procfs import cpu_seconds
 from scripts.harness.spawn import start_fanfare, stop_fanfare
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -69,12 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     return parser
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -61,13 +61,12 @@ from operators.adapters.kafka.writer import produce_all
 from operators.config import ConfigError, load_settings
 from schemas.codecs import encode_notification_request
 from schemas.records import NotificationRequest
-from scripts.bench.delivery import DeliveryFlow, SplitControl, redis_pids
+from scripts.bench.delivery import DeliveryFlow, SplitControl
 from scripts.bench.fanout import (
     BenchError,
     Broker,
     Flow,
     Seed,
-    cpu_seconds,
     delete_redis_keys,
     device_messages,
     git_revision,
@@ -75,7 +74,6 @@ from scripts.bench.fanout import (
     percentile,
     preference_messages,
     run_bench,
-    system_busy_seconds,
     wait_until,
 )
 from scripts.commands.arguments import number_in, whole_number
@@ -83,6 +81,8 @@ from scripts.dev import devstack
 from scripts.dev.local_providers.control import ProviderControl
 from scripts.dev.local_providers.runner import ProvidersProcess, spawn_local_providers
 from scripts.dev.local_providers.settings_file import write_provider_settings
+from scripts.harness.bench_env import bench_flow_env
+from scripts.harness.procfs import cpu_seconds, redis_pids, system_busy_seconds
 
 CAMPAIGN = "c_tierbench"
 WARM_CAMPAIGN = "c_tierwarm"
@@ -323,28 +323,16 @@ class Processes:
 
 def bench_env(args: argparse.Namespace, home: Path, prefix: str) -> dict[str, str]:
     """The flows' environment: the caller's, with this benchmark's FANFARE_* settings."""
-    drop = {
-        "BYTEWAX_DATAFLOW_API_PORT",
-        "FANFARE_APNS_KEY_FILE",
-        "FANFARE_FCM_CREDENTIALS_FILE",
-        "FANFARE_STORE_URL",
-        "FANFARE_NOTIFICATION_STORE_URL",
-    }
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(
+    return bench_flow_env(
+        home,
+        prefix,
         {
-            "FANFARE_HOME": str(home),
             "FANFARE_KAFKA_BROKERS": f"127.0.0.1:{free_port()}",
-            "FANFARE_REDIS_PREFIX": prefix,
             "FANFARE_TOPIC_PARTITIONS": str(args.partitions),
             "FANFARE_TOPIC_PARTITIONS_OVERRIDES": "",
             "FANFARE_READY_PORT": "0",  # not used here; never collides with a flow of the host
-            "FANFARE_METRICS_HOST": "127.0.0.1",
-            "FANFARE_LOG_LEVEL": os.environ.get("FANFARE_LOG_LEVEL", "WARNING"),
-            "PYTHONUNBUFFERED": "1",
-        }
+        },
     )
-    return env
 
 
 class Prober:

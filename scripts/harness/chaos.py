@@ -633,6 +633,25 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _start_warm_delivery(
+    stack: ChaosStack, scale: Scale, name: str, env: Mapping[str, str]
+) -> tuple[Outcomes, FlowRun, list[Key]]:
+    """Start the delivery flow and wait for one push per provider to get through (`warm`).
+
+    The fault must meet a flow already connected to both providers, not one still starting.
+    """
+    outcomes = Outcomes(stack)
+    delivery = stack.start_flow("delivery", env=env)
+    warm: list[Key] = []
+    for provider in scale.rates:
+        user, dev = f"w-{provider}", f"w-{provider}-d"
+        stack.publish_dispatch(provider, "warm", [(user, dev, token_for(provider, user))])
+        warm.append((provider, f"warm:{user}", dev))
+    if not _wait_outcomes(name, outcomes, warm, 180, [delivery]):
+        raise ChaosError(f"the delivery flow did not start:\n{delivery.log_tail()}")
+    return outcomes, delivery, warm
+
+
 def provider_fault(stack: ChaosStack, scale: Scale, fault: Fault) -> Result:
     """Steady traffic on both providers; the fault for `scale.fault_s`; count at the providers."""
     result = Result(fault.name, fault.description, "providers")
@@ -641,15 +660,7 @@ def provider_fault(stack: ChaosStack, scale: Scale, fault: Fault) -> Result:
         "FANFARE_SEND_TIMEOUT_MS": str(scale.send_timeout_ms),
         **fault.flow_env,
     }
-    outcomes = Outcomes(stack)
-    delivery = stack.start_flow("delivery", env=env)
-    warm: list[Key] = []
-    for provider in scale.rates:
-        user, dev = f"w-{provider}", f"w-{provider}-d"
-        stack.publish_dispatch(provider, "warm", [(user, dev, token_for(provider, user))])
-        warm.append((provider, f"warm:{user}", dev))
-    if not _wait_outcomes(fault.name, outcomes, warm, 180, [delivery]):
-        raise ChaosError(f"the delivery flow did not start:\n{delivery.log_tail()}")
+    outcomes, delivery, warm = _start_warm_delivery(stack, scale, fault.name, env)
     sampler = CircuitSampler(stack, delivery)
     sampler.start()
     traffic = Traffic(stack, scale.rates, name=fault.name)
@@ -916,15 +927,7 @@ def redis_restart(stack: ChaosStack, scale: Scale) -> Result:
         "FANFARE_FCM_RATE_PER_MIN": str(limits["fcm"] * 60),
         "FANFARE_RATE_BURST_MS": "1000",
     }
-    outcomes = Outcomes(stack)
-    delivery = stack.start_flow("delivery", env=env)
-    warm: list[Key] = []
-    for provider in scale.rates:
-        user, dev = f"w-{provider}", f"w-{provider}-d"
-        stack.publish_dispatch(provider, "warm", [(user, dev, token_for(provider, user))])
-        warm.append((provider, f"warm:{user}", dev))
-    if not _wait_outcomes("redis-restart", outcomes, warm, 180, [delivery]):
-        raise ChaosError(f"the delivery flow did not start:\n{delivery.log_tail()}")
+    outcomes, delivery, warm = _start_warm_delivery(stack, scale, "redis-restart", env)
     traffic = Traffic(stack, scale.rates, name="redis-restart")
     traffic.start()
     time.sleep(scale.pre_s)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -10,11 +12,13 @@ from confluent_kafka import Producer
 
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.client_log import client_config
+from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
+from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
 from operators.adapters.kafka.probes import end_offset, read_partition_to_end
 from operators.adapters.kafka.reader import KafkaTopicsSource
-from operators.adapters.kafka.writer import produce_all
+from operators.adapters.kafka.writer import PartitionedTopicsSink, produce_all
 from operators.events import CaughtUp, RawEvent
-from schemas.records import DispatchBatch, DispatchItem
+from schemas.records import DeadLetter, DeliveryEvent, DispatchBatch, DispatchItem
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -240,3 +244,53 @@ def test_channel_sink_keeps_replayed_items_while_the_replay_is_under_way(stack: 
     again.write_batch([batch("p3", range(0, 1))])  # long after: written again
     again.close()
     assert users_on(kafka, part_name).count("u0") == 2
+
+
+def dead_letter(n: int) -> DeadLetter:
+    return DeadLetter("post_created", 0, n, "bad_input: not json", "x")
+
+
+def delivery_event(n: int) -> DeliveryEvent:
+    return DeliveryEvent(f"n{n}", "p", "u", "d", "apns", "accepted", 200, None, 1, "t")
+
+
+@pytest.mark.parametrize(
+    ("make_sink", "record", "identity_key"),
+    [
+        (DeadLetterSink, dead_letter, "offset"),
+        (DeliveryEventsSink, delivery_event, "notification_id"),
+    ],
+)
+def test_the_dead_letter_and_delivery_event_sinks_write_each_record_once(
+    stack: Stack,
+    make_sink: Callable[..., PartitionedTopicsSink[Any]],
+    record: Callable[[int], Any],
+    identity_key: str,
+) -> None:
+    # Both build their partitions' writers through the shared `build_part`: a resume from a
+    # snapshot and a restart before any snapshot (the start marks) each drop the replay.
+    kafka = stack.settings.kafka_config()
+    marks = DictMarks()
+    sink = make_sink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(record(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+
+    def written() -> list[object]:
+        got = read_partition_to_end(kafka, topic, int(p), before)
+        return [orjson.loads(v or b"{}")[identity_key] for _, v in got]
+
+    first = sink.build_part("out", part_name, None)
+    first.write_batch([record(i) for i in range(5)])
+    first.close()  # crash before its first snapshot
+    again = sink.build_part("out", part_name, None)
+    again.write_batch([record(i) for i in range(8)])
+    state = again.snapshot()
+    again.write_batch([record(i) for i in range(8, 10)])  # after the snapshot, then a crash
+    again.close()
+    resumed = sink.build_part("out", part_name, state)
+    resumed.write_batch([record(i) for i in range(8, 12)])
+    resumed.snapshot()
+    resumed.close()
+    ids = written()
+    assert len(ids) == len(set(ids)) == 12

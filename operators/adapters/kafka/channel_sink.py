@@ -12,7 +12,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 import orjson
 
 from operators import metrics
-from operators.adapters.kafka.probes import KafkaConfig, split_part
+from operators.adapters.kafka.probes import KafkaConfig
 from operators.adapters.kafka.writer import (
     ChannelSinkState,
     IdempotentPartitionWriter,
@@ -98,25 +98,19 @@ class ChannelTopicsSink(PartitionedTopicsSink[Batch]):
         on_written: Callable[[Batch, int], None] = lambda b, dropped: None,
         marks: Callable[[], WriterStartMarks] | None = None,
     ) -> None:
-        super().__init__(config, topics)
-        self._marks = marks
-        self._replay_window = replay_window_epochs
+        super().__init__(config, topics, replay_window_epochs=replay_window_epochs, marks=marks)
         self._on_written = on_written
 
     def _topic_and_id(self, value: Batch) -> tuple[str, str]:
         return value.topic, value.post_id
 
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
+    def _new_writer(
+        self,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        marks: WriterStartMarks | None,
     ) -> _ChannelPartitionWriter:
-        """Build a writer, reading back what was written since the snapshot on resume."""
-        topic, partition = split_part(for_part)
         return _ChannelPartitionWriter(
-            self._config,
-            topic,
-            partition,
-            resume_state,
-            self._replay_window,
-            self._on_written,
-            self._marks() if self._marks is not None else None,
+            self._config, topic, partition, resume, self._replay_window, self._on_written, marks
         )

@@ -21,7 +21,7 @@ from zlib import crc32
 import orjson
 
 from operators import metrics
-from operators.adapters.kafka.probes import KafkaConfig, split_part
+from operators.adapters.kafka.probes import KafkaConfig
 from operators.adapters.kafka.writer import (
     ChannelSinkState,
     IdempotentPartitionWriter,
@@ -71,10 +71,8 @@ class DeadLetterSink(PartitionedTopicsSink[DeadLetter]):
         replay_window_epochs: int = 12,
         marks: Callable[[], WriterStartMarks] | None = None,
     ) -> None:
-        super().__init__(config, [topic])
+        super().__init__(config, [topic], replay_window_epochs=replay_window_epochs, marks=marks)
         self._topic = topic
-        self._replay_window = replay_window_epochs
-        self._marks = marks
 
     def _topic_and_id(self, value: DeadLetter) -> tuple[str, str]:
         return self._topic, value.source_topic
@@ -84,16 +82,11 @@ class DeadLetterSink(PartitionedTopicsSink[DeadLetter]):
         parts = self.list_parts()
         return parts.index(f"{self._topic}/{crc32(item_key.encode()) % len(parts)}")
 
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
+    def _new_writer(
+        self,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        marks: WriterStartMarks | None,
     ) -> _DeadLetterWriter:
-        """A writer that reads back what was written since its snapshot."""
-        topic, partition = split_part(for_part)
-        return _DeadLetterWriter(
-            self._config,
-            topic,
-            partition,
-            resume_state,
-            self._replay_window,
-            self._marks() if self._marks is not None else None,
-        )
+        return _DeadLetterWriter(self._config, topic, partition, resume, self._replay_window, marks)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Hashable, Iterable
 
 import orjson
 
-from operators.adapters.kafka.probes import KafkaConfig, split_part
+from operators.adapters.kafka.probes import KafkaConfig
 from operators.adapters.kafka.writer import (
     ChannelSinkState,
     IdempotentPartitionWriter,
@@ -57,24 +57,19 @@ class DeliveryEventsSink(PartitionedTopicsSink[DeliveryEvent]):
         replay_window_epochs: int = 12,
         marks: Callable[[], WriterStartMarks] | None = None,
     ) -> None:
-        super().__init__(config, [topic])
+        super().__init__(config, [topic], replay_window_epochs=replay_window_epochs, marks=marks)
         self._topic = topic
-        self._replay_window = replay_window_epochs
-        self._marks = marks
 
     def _topic_and_id(self, value: DeliveryEvent) -> tuple[str, str]:
         return self._topic, value.notification_id
 
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
+    def _new_writer(
+        self,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        marks: WriterStartMarks | None,
     ) -> _DeliveryEventWriter:
-        """A writer that reads back what it wrote since its snapshot."""
-        topic, partition = split_part(for_part)
         return _DeliveryEventWriter(
-            self._config,
-            topic,
-            partition,
-            resume_state,
-            self._replay_window,
-            self._marks() if self._marks is not None else None,
+            self._config, topic, partition, resume, self._replay_window, marks
         )

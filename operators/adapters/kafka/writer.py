@@ -224,17 +224,45 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
 
 
 class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V]):
-    """One sink partition per topic partition; upstream keys each value with its partition.
+    """One `IdempotentPartitionWriter` per topic partition; upstream keys each value with its part.
 
     :meth:`route_key` names the partition (`push.fcm/3`) from the value's topic and routing id,
-    so `part_fn` is an index into the sorted list of parts.
+    so `part_fn` is an index into the sorted list of parts. Subclasses say which writer a
+    partition gets (:meth:`_new_writer`).
     """
 
-    def __init__(self, config: KafkaConfig, topics: Sequence[str]) -> None:
+    def __init__(
+        self,
+        config: KafkaConfig,
+        topics: Sequence[str],
+        *,
+        replay_window_epochs: int,
+        marks: Callable[[], WriterStartMarks] | None,
+    ) -> None:
         self._config = config
         self._topics = list(topics)
         self._parts: list[str] | None = None
         self._counts: dict[str, int] = {}
+        self._replay_window = replay_window_epochs
+        self._marks = marks
+
+    def _new_writer(
+        self,
+        topic: str,
+        partition: int,
+        resume: ChannelSinkState | None,
+        marks: WriterStartMarks | None,
+    ) -> IdempotentPartitionWriter[V]:
+        """The writer of one partition (its `replay_window_epochs`: `self._replay_window`)."""
+        raise NotImplementedError
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
+    ) -> IdempotentPartitionWriter[V]:
+        """A partition's writer, reading back what was written since the snapshot on resume."""
+        topic, partition = split_part(for_part)
+        marks = self._marks() if self._marks is not None else None
+        return self._new_writer(topic, partition, resume_state, marks)
 
     def _all_parts(self) -> list[str]:
         if self._parts is None:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 import jwt
-import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -101,14 +100,8 @@ def apns_answer(answer: CurlAnswer) -> ProviderAnswer:
         return ProviderAnswer(None, answer.error or "connection: unknown")
     if status == 200:
         return _ACCEPTED
-    reason: str | None = None
-    try:
-        body = orjson.loads(answer.body) if answer.body else None
-        if isinstance(body, dict) and isinstance(body.get("reason"), str):
-            reason = body["reason"]
-    except orjson.JSONDecodeError:
-        pass
-    return ProviderAnswer(status, reason, answer.retry_after_s)
+    reason = answer.json_object().get("reason")
+    return ProviderAnswer(status, reason if isinstance(reason, str) else None, answer.retry_after_s)
 
 
 class ApnsCurlSender(PushSender):

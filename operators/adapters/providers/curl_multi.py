@@ -20,7 +20,9 @@ import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 import pycurl
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,18 @@ class CurlAnswer:
     body: bytes = b""
     retry_after_s: float | None = None
     error: str | None = None  # "timeout", or "connection: <libcurl error>"
+
+    def json_object(self) -> dict[str, Any]:
+        """The body as a JSON object: {} when it is empty, not JSON or not an object.
+
+        Providers' error answers are JSON objects; anything else (a proxy's HTML page) still
+        has a status the caller can classify.
+        """
+        try:
+            parsed = orjson.loads(self.body) if self.body else None
+        except orjson.JSONDecodeError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)

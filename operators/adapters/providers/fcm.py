@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from operators.adapters.providers.config import FcmConfig, ProviderConfigError
+from operators.adapters.providers.fcm_errors import fcm_reason
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import PushSource, fcm_content, time_to_live_s
 from operators.delivery.ports import PushSender
@@ -44,17 +45,6 @@ _REFRESH_RETRY_S = 30.0
 
 
 _FCM_PARALLEL_CHUNKS = 1
-
-
-_FCM_ERRORS = {
-    "UnregisteredError": "UNREGISTERED",
-    "SenderIdMismatchError": "SENDER_ID_MISMATCH",
-    "QuotaExceededError": "QUOTA_EXCEEDED",
-    "UnavailableError": "UNAVAILABLE",
-    "InternalError": "INTERNAL",
-    "InvalidArgumentError": "INVALID_ARGUMENT",
-    "ThirdPartyAuthError": "THIRD_PARTY_AUTH_ERROR",
-}
 
 
 def app_name() -> str:
@@ -177,9 +167,7 @@ class FcmSender(PushSender):
         exc = response.exception
         http = getattr(exc, "http_response", None)
         status = getattr(http, "status_code", None)
-        code = _FCM_ERRORS.get(type(exc).__name__)
-        if code is None:
-            code = str(getattr(exc, "code", "UNKNOWN")).upper()
+        code = fcm_reason(type(exc).__name__, str(getattr(exc, "code", "UNKNOWN")).upper())
         retry_after = None
         if http is not None:
             raw = http.headers.get("retry-after")

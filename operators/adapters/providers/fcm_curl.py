@@ -17,13 +17,12 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, cast
-
-import orjson
+from typing import cast
 
 from operators.adapters.providers.config import FcmConfig, ProviderConfigError
 from operators.adapters.providers.curl_multi import CurlAnswer, CurlMulti, CurlTarget
 from operators.adapters.providers.fcm import token_needs_refresh
+from operators.adapters.providers.fcm_errors import FCM_ERROR_CLASSES, fcm_reason
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import PushSource, fcm_body, time_to_live_s
 from operators.delivery.ports import PushSender
@@ -33,15 +32,6 @@ log = logging.getLogger(__name__)
 
 _REFRESH_RETRY_S = 30.0
 _FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
-# FCM's own error codes that firebase-admin raises as their own classes, and the code fanfare
-# records for each (`fcm.py`'s table): APNS_AUTH_ERROR is a ThirdPartyAuthError there.
-_FCM_CODES = {
-    "APNS_AUTH_ERROR": "THIRD_PARTY_AUTH_ERROR",
-    "QUOTA_EXCEEDED": "QUOTA_EXCEEDED",
-    "SENDER_ID_MISMATCH": "SENDER_ID_MISMATCH",
-    "THIRD_PARTY_AUTH_ERROR": "THIRD_PARTY_AUTH_ERROR",
-    "UNREGISTERED": "UNREGISTERED",
-}
 # Google's platform codes firebase-admin knows (anything else is UNKNOWN), and its code per HTTP
 # status when an error body names none.
 _PLATFORM_CODES = frozenset(
@@ -87,13 +77,9 @@ def fcm_answer(answer: CurlAnswer) -> ProviderAnswer:
         return ProviderAnswer(None, f"transport: {answer.error or 'unknown'}")
     if 200 <= status < 300:
         return _ACCEPTED
-    error: dict[str, Any] = {}
-    try:
-        parsed = orjson.loads(answer.body) if answer.body else None
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            error = parsed["error"]
-    except orjson.JSONDecodeError:
-        pass
+    error = answer.json_object().get("error")
+    if not isinstance(error, dict):
+        error = {}
     message = error.get("message") or (
         f"Unexpected HTTP response with status: {status}; "
         f"body: {answer.body.decode('utf-8', 'replace')}"
@@ -103,13 +89,13 @@ def fcm_answer(answer: CurlAnswer) -> ProviderAnswer:
         if isinstance(detail, dict) and detail.get("@type") == _FCM_ERROR:
             fcm_code = detail.get("errorCode")
             break
-    code = _FCM_CODES.get(fcm_code) if isinstance(fcm_code, str) else None
-    if code is None:
-        named = error.get("status")
-        if named:
-            code = named if named in _PLATFORM_CODES else "UNKNOWN"
-        else:
-            code = _STATUS_CODES.get(status, "UNKNOWN")
+    named = error.get("status")
+    if named:
+        platform = named if named in _PLATFORM_CODES else "UNKNOWN"
+    else:
+        platform = _STATUS_CODES.get(status, "UNKNOWN")
+    error_class = FCM_ERROR_CLASSES.get(fcm_code) if isinstance(fcm_code, str) else None
+    code = fcm_reason(error_class, platform)
     return ProviderAnswer(status, code, answer.retry_after_s, detail=str(message)[:300])
 
 
