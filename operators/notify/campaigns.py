@@ -60,6 +60,10 @@ class CampaignSpec:
     created_at: float
     total: int  # recipients counted at creation (the target may change while it runs)
     collapse_key: str | None = None
+    cap_limit: int | None = None
+    """The category's own frequency cap (None: the fan-out's FANFARE_NOTIFY_CAP)."""
+    cap_window_s: int | None = None
+    """The category's own cap window (None: the fan-out's FANFARE_NOTIFY_CAP_WINDOW_S)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,8 @@ def campaign_message(spec: CampaignSpec, user_id: str) -> NotificationRequest:
         channels=spec.channels,
         quiet_hours=spec.quiet_hours,
         caps=spec.caps,
+        cap_limit=spec.cap_limit,
+        cap_window_s=spec.cap_window_s,
         api_key_id=spec.api_key_id,
         created_at=datetime.fromtimestamp(spec.created_at, UTC),
         collapse_key=spec.collapse_key,

@@ -187,6 +187,8 @@ def plan_notification(
         fallback=category.fallback_for(channels),
         quiet_hours=category.quiet_hours,
         caps=category.caps,
+        cap_limit=category.cap,
+        cap_window_s=category.cap_window_s,
         api_key_id=api_key_id,
         created_at=now,
         send_at=request.send_at,

@@ -405,6 +405,8 @@ class NotifyService:
                 channels=channels,
                 quiet_hours=category.quiet_hours,
                 caps=category.caps,
+                cap_limit=category.cap,
+                cap_window_s=category.cap_window_s,
                 target=target,
                 window_start=start.timestamp(),
                 window_end=None if end is None else end.timestamp(),

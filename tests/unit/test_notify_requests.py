@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -72,6 +73,24 @@ def test_a_request_becomes_an_event_with_the_categorys_policy() -> None:
     )
     assert social.tier == "social" and social.channels == ("push", "inbox")  # type: ignore[attr-defined]
     assert social.fallback == ()  # type: ignore[attr-defined]
+
+
+def test_a_request_carries_its_category_s_own_cap() -> None:
+    campaign = replace(CATALOG.categories["campaign"], cap=3, cap_window_s=604_800)
+    catalog = replace(CATALOG, categories={**CATALOG.categories, "campaign": campaign})
+    request = NotifyRequest(
+        idempotency_key="k1",
+        category="campaign",
+        template_id="campaign",
+        recipients=("u1",),
+        data={"headline": "Sale", "message": "-20%", "link": "fanfare://sale"},
+    )
+    event = plan_notification(catalog, request, notification_id="n_1", api_key_id="k", now=NOW)
+    assert (event.caps, event.cap_limit, event.cap_window_s) == (True, 3, 604_800)
+    assert decode_notification_request(encode_notification_request(event)) == event
+    # A category without its own: none, the fan-out's default applies.
+    plain = plan_notification(CATALOG, request, notification_id="n_1", api_key_id="k", now=NOW)
+    assert (plain.cap_limit, plain.cap_window_s) == (None, None)
 
 
 def test_a_request_naming_channels_keeps_the_fallback_among_them() -> None:

@@ -121,6 +121,8 @@ def spec_json(spec: CampaignSpec) -> bytes:
             "created_at": spec.created_at,
             "total": spec.total,
             "collapse_key": spec.collapse_key,
+            "cap_limit": spec.cap_limit,
+            "cap_window_s": spec.cap_window_s,
         }
     )
 
