@@ -64,6 +64,8 @@ class CampaignSpec:
     """The category's own frequency cap (None: the fan-out's FANFARE_NOTIFY_CAP)."""
     cap_window_s: int | None = None
     """The category's own cap window (None: the fan-out's FANFARE_NOTIFY_CAP_WINDOW_S)."""
+    fallback: tuple[Channel, ...] = ()
+    """Channels tried in this order per user (the campaign's, else its category's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,7 @@ def campaign_message(spec: CampaignSpec, user_id: str) -> NotificationRequest:
         caps=spec.caps,
         cap_limit=spec.cap_limit,
         cap_window_s=spec.cap_window_s,
+        fallback=spec.fallback,
         api_key_id=spec.api_key_id,
         created_at=datetime.fromtimestamp(spec.created_at, UTC),
         collapse_key=spec.collapse_key,
@@ -146,6 +149,8 @@ def progress_view(spec: CampaignSpec, progress: CampaignProgress) -> dict[str, A
         "category": spec.category,
         "template_id": spec.template_id,
         "targeting": {spec.target.kind: spec.target.ref},
+        "channels": list(spec.channels),
+        "fallback": list(spec.fallback),
         "rate_per_s": spec.rate_per_s,
         "window": {"start": _when(spec.window_start), "end": _when(spec.window_end)},
         "total": spec.total,

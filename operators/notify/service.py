@@ -42,7 +42,7 @@ from operators.notify.requests import (
     plan_notification,
     request_id,
     resolve_category,
-    resolve_channels,
+    resolve_fallback,
     resolve_template,
 )
 from operators.notify.templates import DataValue
@@ -93,6 +93,8 @@ class CampaignRequest:
     window_end: datetime | None = None
     channels: Sequence[Channel] | None = None
     collapse_key: str | None = None
+    fallback: Sequence[Channel] | None = None
+    """The campaign's own fallback order (None: its category's)."""
 
 
 def parse_audience(text: str) -> tuple[list[str], int]:
@@ -342,7 +344,7 @@ class NotifyService:
                 "category",
             )
         resolve_template(self.catalog, request.template_id, category, request.data)
-        channels = resolve_channels(category, request.channels)
+        channels, fallback = resolve_fallback(category, request.channels, request.fallback)
         if request.segment is not None:
             raise Rejected(
                 "segment_unavailable",
@@ -407,6 +409,7 @@ class NotifyService:
                 caps=category.caps,
                 cap_limit=category.cap,
                 cap_window_s=category.cap_window_s,
+                fallback=fallback,
                 target=target,
                 window_start=start.timestamp(),
                 window_end=None if end is None else end.timestamp(),

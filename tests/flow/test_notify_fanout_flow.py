@@ -24,6 +24,7 @@ from operators import metrics
 from operators.config import Settings
 from operators.events import CaughtUp, RawEvent
 from operators.fanout.sharding import shard_of
+from operators.notify.campaigns import CampaignSpec, Target, campaign_message
 from schemas.codecs import encode_notification_cancel, encode_notification_request
 from schemas.records import DeadLetter, DispatchBatch, NotificationCancel, NotificationRequest
 from schemas.topics import TIERS
@@ -554,3 +555,42 @@ def test_a_category_s_own_cap_replaces_the_default_and_survives_a_restart(tmp_pa
     later = Clock(NOON + timedelta(days=1))
     once([m0, m1, m2], [*changes, *changes[-3:]], second, later)
     assert {(nid, u) for _, nid, u, _ in sent(second)} == {("m2:u3", "u3")}
+
+
+def test_a_campaign_s_fallback_gives_each_user_the_first_channel_that_reaches_them() -> None:
+    """Campaign messages (one recipient each, batched together) honour their fallback."""
+    # u1..u6 have a phone and an email address; u7 only an address; u8 turned push off.
+    changes = world(
+        email("u7", "u7@example.com"),
+        prefs("u8", push_enabled=False),
+        email("u8", "u8@example.com"),
+        topics=("device_changes", "preference_changes", "device_changes"),
+    )
+    spec = CampaignSpec(
+        campaign_id="c1",
+        category="campaign",
+        template_id="campaign",
+        data={"headline": "h", "message": "m", "link": "x://y"},
+        channels=("push", "email"),
+        quiet_hours=False,
+        caps=False,
+        target=Target("audience", "a_1"),
+        window_start=NOON.timestamp(),
+        window_end=None,
+        rate_per_s=10,
+        api_key_id="k1",
+        created_at=NOON.timestamp(),
+        total=3,
+        fallback=("push", "email"),
+    )
+    n = Notes()
+    out: list[Any] = []
+    dead: list[Any] = []
+    notes = [n(campaign_message(spec, u)) for u in ("u1", "u7", "u8")]
+    run(build(changes, {"marketing": notes}, out, dead, Clock()))
+    assert sorted(sent(out)) == [
+        ("email.marketing", "c1:u7", "u7", "u7-mail"),
+        ("email.marketing", "c1:u8", "u8", "u8-mail"),
+        ("push.apns.bulk", "c1:u1", "u1", "u1-phone"),
+    ]
+    assert dead == []

@@ -750,6 +750,17 @@ def test_campaign_validation(api: Api) -> None:
             422,
             "invalid_window",
         ),
+        (campaign_body({"followers_of": "a"}, 10, fallback=["push"]), 422, "invalid_request"),
+        (
+            campaign_body({"followers_of": "a"}, 10, fallback=["push", "push"]),
+            422,
+            "invalid_fallback",
+        ),
+        (
+            campaign_body({"followers_of": "a"}, 10, channels=["push"], fallback=["push", "email"]),
+            422,
+            "invalid_fallback",
+        ),
     ]
     for body, status, code in cases:
         assert_error(api.call("POST", "/v1/notifications/bulk", body, key), status, code)
@@ -797,9 +808,13 @@ def test_campaigns_progress_cancel_and_resume_after_kill_9_without_duplicates(ap
     fans = [f"fan-{i:03d}" for i in range(30)]
     followers.bulk_load(("star", f, edge_flags(True, muted=f.endswith("3"))) for f in fans)
     followers.close()
-    body = campaign_body({"followers_of": "star"}, 100)
+    # Its own fallback: each fan gets push, or email when push cannot reach them.
+    body = campaign_body({"followers_of": "star"}, 100, fallback=["push", "email"])
     fanned = api.call("POST", "/v1/notifications/bulk", body, key)
     assert fanned.status == 202 and fanned.body["total"] == 30
+    assert fanned.body["channels"] == ["push", "inbox", "email"]
+    assert fanned.body["fallback"] == ["push", "email"]
+    assert listed.body["fallback"] == []  # the campaign category has none
     assert api.call("POST", "/v1/notifications/bulk", body, key).body == fanned.body  # idempotent
     fan_id = fanned.body["campaign_id"]
 
@@ -839,6 +854,12 @@ def test_campaigns_progress_cancel_and_resume_after_kill_9_without_duplicates(ap
     assert set(sent) <= set(audience)
     fan_sent = campaign_users(api, fan_id)
     assert sorted(fan_sent) == [f for f in fans if not f.endswith("3")]
+    assert {
+        (e.fallback, e.channels)
+        for v in api.messages("notify.marketing")
+        for e in (decode_notification_request(v),)
+        if e.campaign_id == fan_id
+    } == {(("push", "email"), ("push", "inbox", "email"))}
     done = progress(fan_id)
     assert done["emitted"] == 27 and done["finished_at"] and done["remaining"] == 0
     again = api.call("DELETE", f"/v1/notifications/bulk/{fan_id}", key=key)

@@ -23,6 +23,7 @@ from operators.notify.requests import (
     fingerprint,
     plan_notification,
     request_id,
+    resolve_fallback,
 )
 from operators.notify.service import parse_audience
 from schemas.codecs import decode_notification_request, encode_notification_request
@@ -197,3 +198,37 @@ def test_pacing_credit_holds_one_second_of_the_rate() -> None:
     assert refill(0.0, 100.0, 1000.0, rate=10) == 10.0
     assert refill(0.0, 100.0, 1000.0, rate=0.5) == 1.0  # at least one user
     assert refill(3.0, None, 0.0, rate=10) == 3.0
+
+
+def test_a_campaign_takes_its_category_s_fallback_or_its_own() -> None:
+    login, campaign = CATALOG.categories["login_code"], CATALOG.categories["campaign"]
+    # The category's order, among the channels.
+    assert resolve_fallback(login, None, None) == (("push", "sms"), ("push", "sms"))
+    assert resolve_fallback(login, ["push", "inbox"], None) == (("push", "inbox"), ())
+    assert resolve_fallback(campaign, None, None) == (("push", "inbox"), ())
+    # Its own: its channels are on, in the order asked for.
+    assert resolve_fallback(campaign, None, ["email", "push"]) == (
+        ("push", "inbox", "email"),
+        ("email", "push"),
+    )
+    assert resolve_fallback(campaign, ["push", "email"], ["push", "email"]) == (
+        ("push", "email"),
+        ("push", "email"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("channels", "fallback", "code", "fragment"),
+    [
+        (None, ["push"], "invalid_fallback", "two or more channels"),
+        (None, ["push", "push"], "invalid_fallback", "each once"),
+        (["push"], ["push", "email"], "invalid_fallback", "name them in channels too"),
+        (None, ["push", "sms"], "channel_not_allowed", "not SMS-eligible"),
+    ],
+)
+def test_a_bad_campaign_fallback_is_refused_with_a_reason(
+    channels: list[str] | None, fallback: list[str], code: str, fragment: str
+) -> None:
+    with pytest.raises(Rejected) as caught:
+        resolve_fallback(CATALOG.categories["campaign"], channels, fallback)  # type: ignore[arg-type]
+    assert caught.value.code == code and fragment in caught.value.message
