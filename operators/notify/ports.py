@@ -116,6 +116,8 @@ class Accepted:
     accepted_at: float
     send_at: str | None
     api_key_id: str
+    channels: tuple[str, ...] = ()
+    """The request's channels (a record from before they were kept has none)."""
 
 
 class AcceptedLog(ABC):

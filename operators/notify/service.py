@@ -267,6 +267,7 @@ class NotifyService:
                 accepted_at=accepted_at,
                 send_at=None if event.send_at is None else format_timestamp(event.send_at),
                 api_key_id=key.key_id,
+                channels=event.channels,
             )
             answer = Answer(
                 202,

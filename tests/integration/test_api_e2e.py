@@ -626,6 +626,12 @@ def test_inbox_status_and_read_marks_go_through_acks(api: Api) -> None:
     store.claim([send_request(user, "d1", post=nid)])
     status = api.call("GET", f"/v1/notifications/{nid}/status", key=key)
     assert status.body["recipient_status"] == {"pending": 1, "unknown": 1}
+    # Per channel and recipient: the one send under way is push (apns), the rest no send yet.
+    assert status.body["channels"] == {"push": {"sending": 1, "no_send": 1}, "sms": {"no_send": 2}}
+    assert status.body["by_recipient"][user] == {
+        "status": "pending",
+        "channels": {"push": "sending"},
+    }
     store.close()
 
 
