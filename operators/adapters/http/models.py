@@ -74,7 +74,7 @@ class NotificationAccepted(BaseModel):
 
 
 class Segment(_Body):
-    """A segment by locale and/or platform (not available yet: see the README)."""
+    """A segment by locale and/or platform (see the README's "Campaigns")."""
 
     locale: str | None = Field(default=None, max_length=35)
     platform: Literal["ios", "android"] | None = None

@@ -124,6 +124,7 @@ def spec_json(spec: CampaignSpec) -> bytes:
             "cap_limit": spec.cap_limit,
             "cap_window_s": spec.cap_window_s,
             "fallback": list(spec.fallback),
+            "segment": spec.segment,
         }
     )
 
