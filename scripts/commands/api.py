@@ -507,6 +507,10 @@ def run_segment_indexer(indexer: SegmentIndexer, stop: threading.Event) -> None:
         except REDIS_DOWN_ERRORS as exc:
             log.warning("fanfare api scheduler: segment index: %s; retrying in 1 s", exc)
             stop.wait(1.0)
+        except Exception:
+            # A thread that died quietly would leave the index stale with nothing said.
+            log.exception("fanfare api scheduler: segment index step failed; retrying in 1 s")
+            stop.wait(1.0)
 
 
 def scheduler_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -339,7 +339,7 @@ def test_a_campaign_s_fallback_and_cap_are_kept_and_carried_by_every_message(
 
 def test_a_campaign_stored_before_fallbacks_and_caps_reads_with_none() -> None:
     stored = orjson.loads(spec_json(spec("c_old", Target("followers", "a"), 1, 1, 0.0, None)))
-    for field in ("fallback", "cap_limit", "cap_window_s"):
+    for field in ("fallback", "cap_limit", "cap_window_s", "segment"):
         del stored[field]
     old = spec_from(orjson.dumps(stored))
-    assert (old.fallback, old.cap_limit, old.cap_window_s) == ((), None, None)
+    assert (old.fallback, old.cap_limit, old.cap_window_s, old.segment) == ((), None, None, None)
