@@ -459,8 +459,8 @@ def decode_retry_record(raw: bytes | str | None) -> RetryRecord:
 def encode_notification_request(request: NotificationRequest) -> bytes:
     """The wire form of a notification request (optional fields as null when unset).
 
-    `fallback` is written only when there is one, so a request without is what readers
-    built before it accept.
+    `fallback` and `cap` are written only when there is one, so a request without is what
+    readers built before them accept.
     """
     doc: dict[str, Any] = {
         "schema": "notification_request/v1",
@@ -481,6 +481,13 @@ def encode_notification_request(request: NotificationRequest) -> bytes:
     }
     if request.fallback:
         doc["fallback"] = list(request.fallback)
+    cap = {
+        k: v
+        for k, v in (("limit", request.cap_limit), ("window_s", request.cap_window_s))
+        if v is not None
+    }
+    if cap:
+        doc["cap"] = cap
     return orjson.dumps(doc)
 
 
@@ -504,6 +511,8 @@ def decode_notification_request(raw: bytes | str | None) -> NotificationRequest:
         collapse_key=d.get("collapse_key"),
         campaign_id=d.get("campaign_id"),
         fallback=_fallback(d),
+        cap_limit=d.get("cap", {}).get("limit"),
+        cap_window_s=d.get("cap", {}).get("window_s"),
     )
 
 

@@ -276,6 +276,10 @@ class NotificationRequest:
     fallback: tuple[Channel, ...] = ()
     """Channels of `channels` tried in this order: a recipient gets the first that reaches them,
     and only that one (empty: every channel that is on)."""
+    cap_limit: int | None = None
+    """The category's own frequency cap per user and window (None: the fan-out's default)."""
+    cap_window_s: int | None = None
+    """The category's own cap window in seconds (None: the fan-out's default)."""
 
     @property
     def key(self) -> str:

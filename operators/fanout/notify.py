@@ -366,9 +366,10 @@ class NotifyTally:
 class NotifyShard:
     """A shard's API-notification work: the tier queues, the holds, the cancels, the book.
 
-    `cap` is (limit, window_s) of the frequency cap of each category whose requests say `caps`
-    (never transactional): one `FrequencyCap` per such category over the shard's user rows,
-    made when its first request arrives; a recipient over it is dropped, counted `capped`.
+    `cap` is the default (limit, window_s) of the frequency cap of each category whose requests
+    say `caps` (never transactional; a request may carry its category's own limit and window):
+    one `FrequencyCap` per such category over the shard's user rows, made when its first
+    request arrives; a recipient over it is dropped, counted `capped`.
     """
 
     def __init__(
@@ -515,17 +516,33 @@ class NotifyShard:
     def cap_of(self, request: NotificationRequest) -> FrequencyCap | None:
         """The frequency cap of the request's category (None: not capped).
 
-        A transactional request is never capped, whatever it says: a login code must go.
+        A transactional request is never capped, whatever it says: a login code must go. The
+        category's own limit and window (the categories file's `cap`, `cap_window_s`, carried
+        by the request) replace the shard's default (`cap`).
         """
-        limit, window_s = self.cap
-        if not request.caps or request.tier == "transactional" or not (limit and window_s):
+        if not request.caps or request.tier == "transactional":
+            return None
+        rule = self.rule_of(request.category, request.cap_limit, request.cap_window_s)
+        if rule is None:
             return None
         cap = self.caps.get(request.category)
-        if cap is None:
-            cap = self.caps[request.category] = FrequencyCap(
-                CapRule(request.category, limit, window_s)
-            )
+        if cap is None or cap.rule.window_s != rule.window_s:
+            # Counts of another window length mean nothing in this one: start afresh.
+            cap = self.caps[request.category] = FrequencyCap(rule)
+        elif cap.rule != rule:
+            cap.rule = rule  # a new limit applies to this window's counts
         return cap
+
+    def rule_of(
+        self, category: str, limit: int | None = None, window_s: int | None = None
+    ) -> CapRule | None:
+        """A category's cap rule: its own limit and window, else the default (None: off)."""
+        rule = CapRule(
+            category,
+            self.cap[0] if limit is None else limit,
+            self.cap[1] if window_s is None else window_s,
+        )
+        return rule if rule.enabled else None
 
     def _hold(self, request: NotificationRequest, due: float, user_ids: Iterable[str]) -> None:
         key = (due, request.key)

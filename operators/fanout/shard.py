@@ -743,7 +743,10 @@ class FollowerShard:
         """The API categories' caps, as the posts' (a restored one not applied: as it is)."""
         if self._notify_caps_resume is not None:
             return self._notify_caps_resume
-        return {c: self._caps_snapshot(cap) for c, cap in self.notify.caps.items()}
+        return {
+            c: {**self._caps_snapshot(cap), "rule": (cap.rule.limit, cap.rule.window_s)}
+            for c, cap in self.notify.caps.items()
+        }
 
     def _caps_snapshot(self, cap: FrequencyCap | None = None) -> dict[str, Any]:
         """The cap state with its rows made portable.
@@ -782,12 +785,12 @@ class FollowerShard:
         checkpoint lost), their counts are dropped, with a warning.
         """
         notify_snaps, self._notify_caps_resume = self._notify_caps_resume, None
-        limit, window_s = self.notify.cap
-        if notify_snaps and limit and window_s:
-            self.notify.caps = {
-                c: FrequencyCap.from_arrays(CapRule(c, limit, window_s), self._resumed_rows(s))
-                for c, s in notify_snaps.items()
-            }
+        if notify_snaps:
+            self.notify.caps = {}
+            for c, s in notify_snaps.items():
+                rule = self.notify.rule_of(c, *s.get("rule", (None, None)))
+                if rule is not None:  # a snapshot from before per-category rules: the default
+                    self.notify.caps[c] = FrequencyCap.from_arrays(rule, self._resumed_rows(s))
         snap, self._caps_resume = self._caps_resume, None
         if snap is None or self.caps is None:
             return
@@ -840,7 +843,11 @@ class FollowerShard:
         if self.caps is not None:
             columns.update({f"cap_{k}": v for k, v in self.caps.to_arrays().items()})
         for category, cap in self.notify.caps.items():
-            columns.update({f"{NOTIFY_CAP}{category}:{k}": v for k, v in cap.to_arrays().items()})
+            arrays = {
+                **cap.to_arrays(),
+                "rule": np.array([cap.rule.limit, cap.rule.window_s], np.int64),
+            }
+            columns.update({f"{NOTIFY_CAP}{category}:{k}": v for k, v in arrays.items()})
         self._stable_rows = (self.users.rows, self.users.id_digest(self.users.rows))
         return columns, dict(self.positions)
 
@@ -858,17 +865,18 @@ class FollowerShard:
         if self.caps is not None and "cap_window" in columns:
             cap_arrays = {k[4:]: v for k, v in columns.items() if k.startswith("cap_")}
             self.caps = FrequencyCap.from_arrays(self.caps.rule, cap_arrays)
-        limit, window_s = self.notify.cap
         notify_caps: dict[str, dict[str, Any]] = {}
         for name, arr in columns.items():
             if name.startswith(NOTIFY_CAP):
                 category, key = name[len(NOTIFY_CAP) :].split(":", 1)
                 notify_caps.setdefault(category, {})[key] = arr
-        if limit and window_s:
-            self.notify.caps = {
-                c: FrequencyCap.from_arrays(CapRule(c, limit, window_s), a)
-                for c, a in notify_caps.items()
-            }
+        self.notify.caps = {}
+        for c, a in notify_caps.items():
+            # A checkpoint from before per-category rules has no `rule`: the default applies.
+            saved = a.pop("rule", None)
+            rule = self.notify.rule_of(c, *([None, None] if saved is None else saved.tolist()))
+            if rule is not None:
+                self.notify.caps[c] = FrequencyCap.from_arrays(rule, a)
 
 
 def summary_id(category: str, window: int) -> str:

@@ -22,7 +22,7 @@ from schemas.records import Channel, NotificationRequest
 
 CampaignState = Literal["scheduled", "running", "completed", "cancelled", "window_closed"]
 FINAL_STATES: frozenset[str] = frozenset({"completed", "cancelled", "window_closed"})
-TargetKind = Literal["followers", "audience"]
+TargetKind = Literal["followers", "audience", "segment"]
 MAX_CHUNK = 500
 """Users one scheduler step emits at most (one produce and one commit per chunk)."""
 BURST_S = 1.0
@@ -38,7 +38,7 @@ class Target:
     """Who a campaign goes to: the followers of an author, or an uploaded audience."""
 
     kind: TargetKind
-    ref: str  # the author_id or the audience_id
+    ref: str  # the author_id, or the audience_id (a segment's: its members when created)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +60,14 @@ class CampaignSpec:
     created_at: float
     total: int  # recipients counted at creation (the target may change while it runs)
     collapse_key: str | None = None
+    cap_limit: int | None = None
+    """The category's own frequency cap (None: the fan-out's FANFARE_NOTIFY_CAP)."""
+    cap_window_s: int | None = None
+    """The category's own cap window (None: the fan-out's FANFARE_NOTIFY_CAP_WINDOW_S)."""
+    fallback: tuple[Channel, ...] = ()
+    """Channels tried in this order per user (the campaign's, else its category's)."""
+    segment: str | None = None
+    """The segment it targets (`locale=fr,platform=ios`), when it targets one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +127,9 @@ def campaign_message(spec: CampaignSpec, user_id: str) -> NotificationRequest:
         channels=spec.channels,
         quiet_hours=spec.quiet_hours,
         caps=spec.caps,
+        cap_limit=spec.cap_limit,
+        cap_window_s=spec.cap_window_s,
+        fallback=spec.fallback,
         api_key_id=spec.api_key_id,
         created_at=datetime.fromtimestamp(spec.created_at, UTC),
         collapse_key=spec.collapse_key,
@@ -139,7 +150,13 @@ def progress_view(spec: CampaignSpec, progress: CampaignProgress) -> dict[str, A
         "state": progress.state,
         "category": spec.category,
         "template_id": spec.template_id,
-        "targeting": {spec.target.kind: spec.target.ref},
+        "targeting": (
+            {"segment": spec.segment or "", "audience_id": spec.target.ref}
+            if spec.target.kind == "segment"
+            else {spec.target.kind: spec.target.ref}
+        ),
+        "channels": list(spec.channels),
+        "fallback": list(spec.fallback),
         "rate_per_s": spec.rate_per_s,
         "window": {"start": _when(spec.window_start), "end": _when(spec.window_end)},
         "total": spec.total,

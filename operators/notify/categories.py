@@ -14,6 +14,11 @@ The file is TOML::
     fallback = ["push", "sms"]  # the first that reaches the user, and only that one
     # quiet_hours and caps default by tier (transactional: false; social, marketing: true)
     sms_eligible = true     # SMS costs money per message: only categories that say so use it
+
+    [categories.campaign]
+    tier = "marketing"
+    cap = 3                 # this category's own frequency cap per user (capped categories only)
+    cap_window_s = 604800   # ... per week (either absent: FANFARE_NOTIFY_CAP(_WINDOW_S))
 """
 
 from __future__ import annotations
@@ -32,7 +37,21 @@ CHANNELS: tuple[Channel, ...] = ("push", "inbox", "email", "sms", "chat")
 in the in-app inbox (live on the in-app stream), an email, an SMS, a chat webhook post."""
 NAME = re.compile(r"^[a-z0-9_]{1,64}$")
 """Category and template names: lower-case letters, digits and underscores (topic-safe)."""
-_KEYS = {"tier", "description", "channels", "fallback", "quiet_hours", "caps", "sms_eligible"}
+_KEYS = {
+    "tier",
+    "description",
+    "channels",
+    "fallback",
+    "quiet_hours",
+    "caps",
+    "cap",
+    "cap_window_s",
+    "sms_eligible",
+}
+MAX_CAP = 65_535
+"""The largest per-category cap (the fan-out counts sends per user in 16 bits)."""
+MAX_CAP_WINDOW_S = 366 * 86_400
+"""The longest per-category cap window: a year."""
 
 
 class CatalogError(ValueError):
@@ -54,6 +73,10 @@ class Category:
     fallback: tuple[Channel, ...] = ()
     """Channels tried in this order: a recipient gets the first that reaches them, only that
     one (empty: every channel that is on gets its send)."""
+    cap: int | None = None
+    """Sends per user per cap window when `caps` is on (None: FANFARE_NOTIFY_CAP)."""
+    cap_window_s: int | None = None
+    """The cap's window in seconds (None: FANFARE_NOTIFY_CAP_WINDOW_S)."""
 
     @property
     def default_channels(self) -> tuple[Channel, ...]:
@@ -121,6 +144,10 @@ def parse_category(source: str, name: str, entry: object) -> Category:
         description=description,
         sms_eligible=_bool(source, f"{where}: sms_eligible", entry.get("sms_eligible", False)),
         fallback=fallback,
+        cap=_whole(source, f"{where}: cap", entry.get("cap"), MAX_CAP),
+        cap_window_s=_whole(
+            source, f"{where}: cap_window_s", entry.get("cap_window_s"), MAX_CAP_WINDOW_S
+        ),
     )
     if "sms" in category.default_channels and not category.sms_eligible:
         raise CatalogError(
@@ -132,9 +159,25 @@ def parse_category(source: str, name: str, entry: object) -> Category:
             f"{source}: {where}: caps = true on a transactional category: transactional "
             "notifications are never capped (a login code must go)"
         )
+    if not category.caps and (category.cap is not None or category.cap_window_s is not None):
+        raise CatalogError(
+            f"{source}: {where}: cap or cap_window_s is set but caps is off for this category "
+            "(a transactional category is never capped; elsewhere add caps = true)"
+        )
     if not category.default_channels:
         raise CatalogError(f"{source}: {where}: turn at least one channel on by default")
     return category
+
+
+def _whole(source: str, where: str, value: object, most: int) -> int | None:
+    """An optional whole number from 1 to `most`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise CatalogError(
+            f"{source}: {where} must be a whole number from 1 to {most}, not {value!r}"
+        )
+    return value
 
 
 def _fallback(

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from operators.notify.campaigns import CampaignProgress, CampaignSpec, PendingChunk
 from operators.notify.keys import ApiKey
+from operators.notify.segments import IndexUpdate, Segment
 
 
 class KeyStore(ABC):
@@ -116,6 +117,8 @@ class Accepted:
     accepted_at: float
     send_at: str | None
     api_key_id: str
+    channels: tuple[str, ...] = ()
+    """The request's channels (a record from before they were kept has none)."""
 
 
 class AcceptedLog(ABC):
@@ -144,6 +147,34 @@ class AudienceStore(ABC):
     @abstractmethod
     def keep_until_used(self, audience_id: str) -> None:
         """A campaign refers to it: keep it at least as long as the campaign's record."""
+
+
+class SegmentIndex(ABC):
+    """Port: users by locale and platform, kept from the changelogs (see segments.py)."""
+
+    @abstractmethod
+    def apply(self, updates: Iterable[IndexUpdate]) -> int:
+        """Apply updates in order (an older one than the index holds changes nothing)."""
+
+    @abstractmethod
+    def members(self, segment: Segment) -> list[str]:
+        """The segment's users now, sorted."""
+
+    @abstractmethod
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Where the changelogs were read to, per (topic, partition): the next offset."""
+
+    @abstractmethod
+    def save_positions(self, positions: Mapping[tuple[str, int], int]) -> None:
+        """Record positions (after the updates before them were applied)."""
+
+
+class ChangelogFeed(Protocol):
+    """Port: the changelogs' records from the index's positions."""
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[tuple[str, int, int, bytes | None]]:
+        """Up to `max_messages` records: (topic, partition, offset, value)."""
+        ...
 
 
 class CampaignStore(ABC):

@@ -139,6 +139,35 @@ def resolve_channels(category: Category, asked: Sequence[Channel] | None) -> tup
     return chosen
 
 
+def resolve_fallback(
+    category: Category, channels: Sequence[Channel] | None, asked: Sequence[Channel] | None
+) -> tuple[tuple[Channel, ...], tuple[Channel, ...]]:
+    """(channels, fallback) of a campaign: its category's order, or the one it asked for.
+
+    An order asked for follows the categories file's rules: two or more channels, each once;
+    its channels are on (added to the category's defaults when the request named no channels,
+    and among the ones it named otherwise).
+    """
+    chosen = resolve_channels(category, channels)
+    if asked is None:
+        return chosen, category.fallback_for(chosen)
+    order = tuple(asked)
+    if len(order) < 2 or len(set(order)) != len(order):
+        raise Rejected(
+            "invalid_fallback",
+            f"fallback lists two or more channels, each once, in the order to try: {list(order)}",
+            "fallback",
+        )
+    stray = [c for c in order if c not in chosen]
+    if stray and channels is not None:
+        raise Rejected(
+            "invalid_fallback",
+            f"fallback names {stray}, which channels does not: name them in channels too",
+            "fallback",
+        )
+    return resolve_channels(category, (*chosen, *order)), order
+
+
 def check_send_at(send_at: datetime | None, now: datetime) -> None:
     """`send_at` must carry a UTC offset and be at most MAX_SCHEDULE_AHEAD away."""
     if send_at is None:
@@ -187,6 +216,8 @@ def plan_notification(
         fallback=category.fallback_for(channels),
         quiet_hours=category.quiet_hours,
         caps=category.caps,
+        cap_limit=category.cap,
+        cap_window_s=category.cap_window_s,
         api_key_id=api_key_id,
         created_at=now,
         send_at=request.send_at,

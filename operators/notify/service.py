@@ -31,6 +31,7 @@ from operators.notify.ports import (
     Publisher,
     PublishFailed,
     RequestLimiter,
+    SegmentIndex,
     StoredAnswer,
 )
 from operators.notify.requests import (
@@ -42,9 +43,10 @@ from operators.notify.requests import (
     plan_notification,
     request_id,
     resolve_category,
-    resolve_channels,
+    resolve_fallback,
     resolve_template,
 )
+from operators.notify.segments import Segment, SegmentError
 from operators.notify.templates import DataValue
 from schemas.codecs import (
     encode_notification_cancel,
@@ -93,6 +95,8 @@ class CampaignRequest:
     window_end: datetime | None = None
     channels: Sequence[Channel] | None = None
     collapse_key: str | None = None
+    fallback: Sequence[Channel] | None = None
+    """The campaign's own fallback order (None: its category's)."""
 
 
 def parse_audience(text: str) -> tuple[list[str], int]:
@@ -134,6 +138,7 @@ class NotifyService:
         accepted: AcceptedLog,
         campaigns: CampaignStore,
         audiences: AudienceStore,
+        segments: SegmentIndex,
         followers: Callable[[], FollowerCounts],
         max_campaign_rate: float,
         clock: Callable[[], float],
@@ -146,6 +151,7 @@ class NotifyService:
         self._accepted = accepted
         self._campaigns = campaigns
         self._audiences = audiences
+        self._segments = segments
         self._followers = followers
         self._max_rate = max_campaign_rate
         self._clock = clock
@@ -265,6 +271,7 @@ class NotifyService:
                 accepted_at=accepted_at,
                 send_at=None if event.send_at is None else format_timestamp(event.send_at),
                 api_key_id=key.key_id,
+                channels=event.channels,
             )
             answer = Answer(
                 202,
@@ -342,17 +349,16 @@ class NotifyService:
                 "category",
             )
         resolve_template(self.catalog, request.template_id, category, request.data)
-        channels = resolve_channels(category, request.channels)
+        channels, fallback = resolve_fallback(category, request.channels, request.fallback)
+        segment = None
         if request.segment is not None:
-            raise Rejected(
-                "segment_unavailable",
-                "segments by locale or platform need a store of users' locales and devices "
-                "that the API can query; fanfare has none yet (users' locales and devices "
-                "live in the fan-out's keyed state): upload the list "
-                "(POST /v1/notifications/bulk/audiences) or target an author's followers",
-                "targeting.segment",
-            )
+            try:
+                segment = Segment(request.segment.get("locale"), request.segment.get("platform"))
+            except SegmentError as exc:
+                raise Rejected("invalid_segment", str(exc), "targeting.segment") from None
         target = request.target
+        if segment is not None:
+            target = Target("segment", "")  # its audience is made when the campaign is
         if target is None:
             raise Rejected(
                 "invalid_request",
@@ -385,8 +391,13 @@ class NotifyService:
                     "window.end",
                 )
 
+        asked: Target = target
+
         def create() -> tuple[Answer, None]:
-            if target.kind == "audience":
+            target = asked
+            if segment is not None:
+                target = Target("segment", self._segment_audience(segment))
+            if target.kind in ("audience", "segment"):
                 size = self._audiences.size(target.ref)
                 if size is None:
                     raise Rejected(
@@ -405,6 +416,10 @@ class NotifyService:
                 channels=channels,
                 quiet_hours=category.quiet_hours,
                 caps=category.caps,
+                cap_limit=category.cap,
+                cap_window_s=category.cap_window_s,
+                fallback=fallback,
+                segment=None if segment is None else segment.describe(),
                 target=target,
                 window_start=start.timestamp(),
                 window_end=None if end is None else end.timestamp(),
@@ -426,6 +441,20 @@ class NotifyService:
             return Answer(202, progress_view(*found)), None
 
         return self._once(key, "campaigns", request.idempotency_key, body, create)
+
+    def _segment_audience(self, segment: Segment) -> str:
+        """The segment's members now, stored as an audience of the campaign's own."""
+        users = self._segments.members(segment)
+        if not users:
+            raise Rejected(
+                "empty_segment",
+                f"no user matches {segment.describe()} (the segment index is kept from the "
+                "changelogs by fanfare api scheduler: is one running?)",
+                "targeting.segment",
+            )
+        audience_id = new_id("a")
+        self._audiences.create(audience_id, users)
+        return audience_id
 
     def campaign(self, key: ApiKey, campaign_id: str) -> dict[str, Any]:
         """A campaign's progress; not_found for another caller's campaign too."""

@@ -39,6 +39,7 @@ from flows.runtime.readiness import probe_broker, probe_redis
 from flows.runtime.supervisor import EXIT_CANNOT_START, EXIT_CONFIGURATION
 from operators.adapters.catalog_files import load_catalog
 from operators.adapters.kafka.publisher import KafkaPublisher
+from operators.adapters.kafka.segment_feed import ChangelogTail
 from operators.adapters.providers.config import ProviderConfigError
 from operators.adapters.redis.api_store import (
     AudienceRecipients,
@@ -51,6 +52,7 @@ from operators.adapters.redis.api_store import (
 )
 from operators.adapters.redis.campaigns import RedisCampaignStore
 from operators.adapters.redis.client import REDIS_DOWN_ERRORS, PerThreadRedis
+from operators.adapters.redis.segments import RedisSegmentIndex
 from operators.adapters.stores.by_url import open_follower_store, open_notification_store
 from operators.adapters.stores.campaign_sources import FollowerRecipients
 from operators.config import (
@@ -67,6 +69,7 @@ from operators.notify.categories import CatalogError
 from operators.notify.keys import ENDPOINT_SCOPES, ApiKey, new_key, parse_scope_list
 from operators.notify.ports import PublishFailed, RecipientSource
 from operators.notify.scheduler import MARKETING_TOPIC, CampaignScheduler
+from operators.notify.segment_indexer import SEGMENT_TOPICS, SegmentIndexer
 from operators.notify.service import NotifyService
 from schemas.topics import DEVICE_CHANGES, NOTIFICATION_ACKS, PREFERENCE_CHANGES, TIER_TOPICS
 from scripts.commands.arguments import number_in, positive_int, whole_number
@@ -212,6 +215,7 @@ def build_service(
         accepted=RedisAcceptedLog(redis, prefix, settings.store_ttl_s),
         campaigns=RedisCampaignStore(redis, prefix, settings.api_campaign_ttl_s),
         audiences=RedisAudienceStore(redis, prefix, settings.api_campaign_ttl_s),
+        segments=RedisSegmentIndex(redis, prefix),
         followers=_Lazy(settings),
         max_campaign_rate=float(settings.api_campaign_max_rate),
         clock=time.time,
@@ -488,9 +492,30 @@ def run_scheduler(
             stop.wait(tick_s)
 
 
+def build_segment_indexer(settings: Settings) -> tuple[SegmentIndexer, ChangelogTail]:
+    """The segment index's reader of the changelogs, from the index's saved positions."""
+    index = RedisSegmentIndex(api_redis(settings.redis_url), settings.redis_prefix)
+    tail = ChangelogTail(settings.kafka_config(), SEGMENT_TOPICS, index.positions())
+    return SegmentIndexer(tail, index), tail
+
+
+def run_segment_indexer(indexer: SegmentIndexer, stop: threading.Event) -> None:
+    """Keep the segment index until `stop`; an outage of Redis is logged and waited out."""
+    while not stop.is_set():
+        try:
+            indexer.step(timeout_s=0.5)
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("fanfare api scheduler: segment index: %s; retrying in 1 s", exc)
+            stop.wait(1.0)
+        except Exception:
+            # A thread that died quietly would leave the index stale with nothing said.
+            log.exception("fanfare api scheduler: segment index step failed; retrying in 1 s")
+            stop.wait(1.0)
+
+
 def scheduler_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run the campaign scheduler until SIGTERM or SIGINT (its leases are given up)."""
-    problems = _problems(settings, (MARKETING_TOPIC,))
+    problems = _problems(settings, (MARKETING_TOPIC, *SEGMENT_TOPICS))
     if problems:
         for line in problems:
             print(f"fanfare api scheduler: cannot start: {line}", file=sys.stderr)
@@ -508,10 +533,19 @@ def scheduler_command(args: argparse.Namespace, settings: Settings) -> int:
         owner,
         settings.api_campaign_lease_s,
     )
+    indexer, tail = build_segment_indexer(settings)
+    # The index is kept beside the campaigns: a segment campaign reads it when it is created.
+    keeper = threading.Thread(
+        target=run_segment_indexer, args=(indexer, stop), name="segment-index", daemon=True
+    )
+    keeper.start()
     try:
         heartbeat = Path(args.heartbeat_file) if args.heartbeat_file else None
         run_scheduler(scheduler, stop, heartbeat=heartbeat)
     finally:
+        stop.set()
+        keeper.join(5)
+        tail.close()
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             scheduler.release_all()
         kafka.close()

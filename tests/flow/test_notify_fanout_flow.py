@@ -9,6 +9,7 @@ backlog does not hold a transactional request up.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from operators import metrics
 from operators.config import Settings
 from operators.events import CaughtUp, RawEvent
 from operators.fanout.sharding import shard_of
+from operators.notify.campaigns import CampaignSpec, Target, campaign_message
 from schemas.codecs import encode_notification_cancel, encode_notification_request
 from schemas.records import DeadLetter, DispatchBatch, NotificationCancel, NotificationRequest
 from schemas.topics import TIERS
@@ -529,3 +531,66 @@ def test_the_api_cap_counts_survive_a_restart(tmp_path: Path) -> None:
     # Resumed after m0 (counts from the snapshot); the changelogs report their end again.
     once([m0, m1], [*changes, *changes[-3:]], second)
     assert {(nid, u) for _, nid, u, _ in sent(second)} == {("m1:u2", "u2")}
+
+
+def test_a_category_s_own_cap_replaces_the_default_and_survives_a_restart(tmp_path: Path) -> None:
+    """The categories file's `cap = 1` (on the request) wins over FANFARE_NOTIFY_CAP=5."""
+    init_db_dir(tmp_path, 1)
+    n = Notes()
+    own = {"cap_limit": 1, "cap_window_s": 7 * 86_400}
+    m0 = n(replace(capped("m0", ["u1"]), **own))
+    m1 = n(replace(capped("m1", ["u1", "u2"]), **own))
+    m2 = n(replace(capped("m2", ["u1", "u2", "u3"]), **own))
+    changes = world()
+
+    def once(notes: list[Any], changes: list[Any], out: list[Any], clock: Clock) -> None:
+        flow = build(changes, {"marketing": notes}, out, [], clock, notify_cap=5)
+        run_main(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(tmp_path)))
+
+    first: list[Any] = []
+    once([m0, m1], changes, first, Clock())
+    assert {(nid, u) for _, nid, u, _ in sent(first)} == {("m0:u1", "u1"), ("m1:u2", "u2")}
+    second: list[Any] = []
+    # A day later, resumed from the snapshot: the default's day rolled, the category's week not.
+    later = Clock(NOON + timedelta(days=1))
+    once([m0, m1, m2], [*changes, *changes[-3:]], second, later)
+    assert {(nid, u) for _, nid, u, _ in sent(second)} == {("m2:u3", "u3")}
+
+
+def test_a_campaign_s_fallback_gives_each_user_the_first_channel_that_reaches_them() -> None:
+    """Campaign messages (one recipient each, batched together) honour their fallback."""
+    # u1..u6 have a phone and an email address; u7 only an address; u8 turned push off.
+    changes = world(
+        email("u7", "u7@example.com"),
+        prefs("u8", push_enabled=False),
+        email("u8", "u8@example.com"),
+        topics=("device_changes", "preference_changes", "device_changes"),
+    )
+    spec = CampaignSpec(
+        campaign_id="c1",
+        category="campaign",
+        template_id="campaign",
+        data={"headline": "h", "message": "m", "link": "x://y"},
+        channels=("push", "email"),
+        quiet_hours=False,
+        caps=False,
+        target=Target("audience", "a_1"),
+        window_start=NOON.timestamp(),
+        window_end=None,
+        rate_per_s=10,
+        api_key_id="k1",
+        created_at=NOON.timestamp(),
+        total=3,
+        fallback=("push", "email"),
+    )
+    n = Notes()
+    out: list[Any] = []
+    dead: list[Any] = []
+    notes = [n(campaign_message(spec, u)) for u in ("u1", "u7", "u8")]
+    run(build(changes, {"marketing": notes}, out, dead, Clock()))
+    assert sorted(sent(out)) == [
+        ("email.marketing", "c1:u7", "u7", "u7-mail"),
+        ("email.marketing", "c1:u8", "u8", "u8-mail"),
+        ("push.apns.bulk", "c1:u1", "u1", "u1-phone"),
+    ]
+    assert dead == []

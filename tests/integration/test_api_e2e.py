@@ -30,19 +30,24 @@ from flows.runtime.ports import free_port
 from operators.adapters.kafka.admin import create_topics
 from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import topic_partitions
+from operators.adapters.kafka.writer import produce_all
 from operators.adapters.redis.api_store import RedisKeyStore, api_redis
+from operators.adapters.redis.client import PerThreadRedis
+from operators.adapters.redis.segments import RedisSegmentIndex
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.config import load_settings
 from operators.delivery.ledger import LedgerUpdate
 from operators.fanout.eligibility import edge_flags
 from operators.notify.keys import new_key
+from operators.notify.segments import Segment
 from schemas.codecs import (
     decode_device_change,
     decode_notification_ack,
     decode_notification_request,
     decode_preference_change,
     decode_tier_event,
+    format_timestamp,
 )
 from schemas.records import NotificationCancel
 from schemas.topics import (
@@ -626,6 +631,12 @@ def test_inbox_status_and_read_marks_go_through_acks(api: Api) -> None:
     store.claim([send_request(user, "d1", post=nid)])
     status = api.call("GET", f"/v1/notifications/{nid}/status", key=key)
     assert status.body["recipient_status"] == {"pending": 1, "unknown": 1}
+    # Per channel and recipient: the one send under way is push (apns), the rest no send yet.
+    assert status.body["channels"] == {"push": {"sending": 1, "no_send": 1}, "sms": {"no_send": 2}}
+    assert status.body["by_recipient"][user] == {
+        "status": "pending",
+        "channels": {"push": "sending"},
+    }
     store.close()
 
 
@@ -721,7 +732,8 @@ def test_campaign_validation(api: Api) -> None:
     social = api.key(endpoints="campaigns", categories="new_post")
     before = api.counts()
     cases = [
-        (campaign_body({"segment": {"locale": "fr"}}, 10), 422, "segment_unavailable"),
+        (campaign_body({"segment": {"locale": "xq"}}, 10), 422, "empty_segment"),
+        (campaign_body({"segment": {}}, 10), 422, "invalid_segment"),
         (campaign_body({}, 10), 422, "invalid_request"),
         (
             campaign_body({"followers_of": "a", "audience_id": "a_" + "0" * 32}, 10),
@@ -749,6 +761,17 @@ def test_campaign_validation(api: Api) -> None:
             ),
             422,
             "invalid_window",
+        ),
+        (campaign_body({"followers_of": "a"}, 10, fallback=["push"]), 422, "invalid_request"),
+        (
+            campaign_body({"followers_of": "a"}, 10, fallback=["push", "push"]),
+            422,
+            "invalid_fallback",
+        ),
+        (
+            campaign_body({"followers_of": "a"}, 10, channels=["push"], fallback=["push", "email"]),
+            422,
+            "invalid_fallback",
         ),
     ]
     for body, status, code in cases:
@@ -797,9 +820,13 @@ def test_campaigns_progress_cancel_and_resume_after_kill_9_without_duplicates(ap
     fans = [f"fan-{i:03d}" for i in range(30)]
     followers.bulk_load(("star", f, edge_flags(True, muted=f.endswith("3"))) for f in fans)
     followers.close()
-    body = campaign_body({"followers_of": "star"}, 100)
+    # Its own fallback: each fan gets push, or email when push cannot reach them.
+    body = campaign_body({"followers_of": "star"}, 100, fallback=["push", "email"])
     fanned = api.call("POST", "/v1/notifications/bulk", body, key)
     assert fanned.status == 202 and fanned.body["total"] == 30
+    assert fanned.body["channels"] == ["push", "inbox", "email"]
+    assert fanned.body["fallback"] == ["push", "email"]
+    assert listed.body["fallback"] == []  # the campaign category has none
     assert api.call("POST", "/v1/notifications/bulk", body, key).body == fanned.body  # idempotent
     fan_id = fanned.body["campaign_id"]
 
@@ -839,6 +866,12 @@ def test_campaigns_progress_cancel_and_resume_after_kill_9_without_duplicates(ap
     assert set(sent) <= set(audience)
     fan_sent = campaign_users(api, fan_id)
     assert sorted(fan_sent) == [f for f in fans if not f.endswith("3")]
+    assert {
+        (e.fallback, e.channels)
+        for v in api.messages("notify.marketing")
+        for e in (decode_notification_request(v),)
+        if e.campaign_id == fan_id
+    } == {(("push", "email"), ("push", "inbox", "email"))}
     done = progress(fan_id)
     assert done["emitted"] == 27 and done["finished_at"] and done["remaining"] == 0
     again = api.call("DELETE", f"/v1/notifications/bulk/{fan_id}", key=key)
@@ -889,3 +922,57 @@ def test_a_scheduled_notification_can_be_cancelled_before_send_at(api: Api) -> N
     refused = api.call("DELETE", f"/v1/notifications/{later.body['notification_id']}", key=no_scope)
     assert_error(refused, 403, "forbidden")
     assert api.counts()["notify.social"] == before + 1  # nothing more was published
+
+
+def test_a_segment_campaign_goes_to_the_users_the_changelogs_put_in_it(api: Api) -> None:
+    """preference_changes and device_changes -> the scheduler's segment index -> a campaign
+    to `{locale: sv, platform: ios}` -> one message per member on notify.marketing."""
+    key = api.key(endpoints="campaigns", categories="campaign")
+    run = uuid.uuid4().hex[:6]
+    ts = format_timestamp(datetime.now(UTC))
+    swedes = [f"sv-{run}-{i}" for i in range(4)]
+    prefs = [(u, "sv-SE" if i % 2 else "sv") for i, u in enumerate(swedes)]
+    prefs.append((f"fi-{run}", "fi"))
+    kafka = api.stack.settings.kafka_config()
+    produce_all(
+        kafka,
+        PREFERENCE_CHANGES,
+        [
+            (u.encode(), orjson.dumps({"user_id": u, "push_enabled": True, "timezone": "UTC",
+                                       "locale": loc, "ts": ts}))
+            for u, loc in prefs
+        ],
+    )  # fmt: skip
+    # Everyone has an iPhone but the last Swede (Android only); the Finn's does not count.
+    phones = [(u, "apns" if u != swedes[-1] else "fcm") for u in [*swedes, f"fi-{run}"]]
+    produce_all(
+        kafka,
+        DEVICE_CHANGES,
+        [
+            (u.encode(), orjson.dumps({"user_id": u, "device_id": f"{u}-phone", "provider": p,
+                                       "token": "ab" * 32 if p == "apns" else "t" * 40,
+                                       "active": True, "ts": ts}))
+            for u, p in phones
+        ],
+    )  # fmt: skip
+    index = RedisSegmentIndex(PerThreadRedis(REDIS_URL), api.stack.env["FANFARE_REDIS_PREFIX"])
+    home = Path(api.stack.env["FANFARE_HOME"])
+    env = {**os.environ, **api.stack.env}
+    scheduler = start_fanfare(["api", "scheduler"], env, home / "segments-scheduler.log")
+    try:
+        wanted = sorted(swedes[:-1])
+        wait_for(lambda: index.members(Segment("sv", "ios")) == wanted, 60, "the segment index")
+        body = campaign_body({"segment": {"locale": "sv", "platform": "ios"}}, 100)
+        made = api.call("POST", "/v1/notifications/bulk", body, key)
+        assert made.status == 202, made.body
+        assert made.body["total"] == 3
+        assert made.body["targeting"]["segment"] == "locale=sv,platform=ios"
+        cid = made.body["campaign_id"]
+
+        def state() -> str:
+            return str(api.call("GET", f"/v1/notifications/bulk/{cid}", key=key).body["state"])
+
+        wait_for(lambda: state() == "completed", 60, "the segment campaign")
+    finally:
+        stop_fanfare(scheduler)
+    assert sorted(campaign_users(api, cid)) == wanted

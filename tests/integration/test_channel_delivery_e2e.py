@@ -302,7 +302,7 @@ def test_an_api_notification_reaches_the_phone_and_the_mailbox_through_both_flow
             "idempotency_key": f"order-{uuid.uuid4().hex}",
             "category": "receipt",
             "template_id": "receipt",
-            "recipients": ["u1"],
+            "recipients": ["u1", "u-none"],  # u-none has no device and no address
             "data": {"order_id": "1234", "amount": "59.90", "currency": "EUR"},
             "channels": ["push", "email"],
             "collapse_key": "order-1234",
@@ -322,6 +322,21 @@ def test_an_api_notification_reaches_the_phone_and_the_mailbox_through_both_flow
             return conn.getresponse().status == 200
         except OSError:
             return False
+
+    def status_of(nid: str) -> Any:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request(
+                "GET",
+                f"/v1/notifications/{nid}/status",
+                None,
+                {"Authorization": f"Bearer {made.text}"},
+            )
+            response = conn.getresponse()
+            assert response.status == 200
+            return json.loads(response.read())
+        finally:
+            conn.close()
 
     wait_for(healthy, 90, "fanfare api to answer /health", stack, every_s=0.2)
     status, answer = post()
@@ -347,3 +362,21 @@ def test_an_api_notification_reaches_the_phone_and_the_mailbox_through_both_flow
     # Rendered at dispatch in the recipient's locale (fr-FR -> fr).
     assert mail["rcpt_to"] == ["ada@example.com"] and mail["subject"] == "Reçu de la commande 1234"
     assert mail["notification_id"] == f"{nid}:u1" and mail["list_unsubscribe"] is None
+    # The status folds the outcomes the delivery flow recorded, per recipient and channel.
+    # (The ledger row and the delivery event are written by one step: wait for the row.)
+    wait_for(
+        lambda: status_of(nid)["recipient_status"].get("dispatched") == 1,
+        30,
+        "the store's outcomes",
+        stack,
+    )
+    shown = status_of(nid)
+    assert shown["recipient_status"] == {"dispatched": 1, "unknown": 1}
+    assert shown["channels"] == {
+        "push": {"accepted": 1, "no_send": 1},
+        "email": {"accepted": 1, "no_send": 1},
+    }
+    assert shown["by_recipient"] == {
+        "u1": {"status": "dispatched", "channels": {"push": "accepted", "email": "accepted"}},
+        "u-none": {"status": "unknown", "channels": {}},
+    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from zlib import crc32
 
 import orjson
@@ -16,7 +17,7 @@ import pytest
 import redis
 
 from operators.adapters.redis.api_store import AudienceRecipients, RedisAudienceStore, api_redis
-from operators.adapters.redis.campaigns import RedisCampaignStore
+from operators.adapters.redis.campaigns import RedisCampaignStore, spec_from, spec_json
 from operators.adapters.stores.campaign_sources import FollowerRecipients
 from operators.fanout.eligibility import edge_flags
 from operators.notify.campaigns import CampaignSpec, Target, progress_view
@@ -307,3 +308,38 @@ def test_campaign_records_round_trip_through_redis(setup: Setup) -> None:
     assert orjson.loads(orjson.dumps(setup.view(cid)))["total"] == 5
     assert setup.store.get("c_missing") is None
     assert setup.store.cancel("c_missing", 0) is None
+
+
+def test_a_campaign_s_fallback_and_cap_are_kept_and_carried_by_every_message(
+    setup: Setup,
+) -> None:
+    users = ["u1", "u2"]
+    aid = f"a_{uuid.uuid4().hex}"
+    setup.audiences.create(aid, users)
+    base = spec("c_fb", Target("audience", aid), 2, 10, setup.clock.now, None)
+    own = replace(
+        base,
+        channels=("push", "email"),
+        fallback=("push", "email"),
+        cap_limit=3,
+        cap_window_s=604_800,
+    )
+    setup.store.create(own)
+    found = setup.store.get("c_fb")
+    assert found is not None and found[0] == own
+    view = setup.view("c_fb")
+    assert view["channels"] == ["push", "email"] and view["fallback"] == ["push", "email"]
+    run_for(setup, setup.scheduler("s1"), 1.0)
+    sent = [decode_notification_request(v) for part in setup.topic.parts for v in part]
+    assert sorted(r.recipients[0] for r in sent) == users
+    assert {(r.fallback, r.cap_limit, r.cap_window_s) for r in sent} == {
+        (("push", "email"), 3, 604_800)
+    }
+
+
+def test_a_campaign_stored_before_fallbacks_and_caps_reads_with_none() -> None:
+    stored = orjson.loads(spec_json(spec("c_old", Target("followers", "a"), 1, 1, 0.0, None)))
+    for field in ("fallback", "cap_limit", "cap_window_s", "segment"):
+        del stored[field]
+    old = spec_from(orjson.dumps(stored))
+    assert (old.fallback, old.cap_limit, old.cap_window_s, old.segment) == ((), None, None, None)

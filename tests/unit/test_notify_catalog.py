@@ -92,6 +92,14 @@ def test_the_shipped_catalog_loads_with_the_four_default_categories() -> None:
             'fallback = ["push", "email"]',
             "which channels turns off",
         ),
+        ('[categories.x]\ntier = "social"\ncap = 0', "cap must be a whole number from 1"),
+        ('[categories.x]\ntier = "social"\ncap = 2.5', "cap must be a whole number from 1"),
+        ('[categories.x]\ntier = "social"\ncap = true', "cap must be a whole number from 1"),
+        ('[categories.x]\ntier = "social"\ncap = 70000', "from 1 to 65535"),
+        ('[categories.x]\ntier = "social"\ncap_window_s = -1', "cap_window_s must be a whole"),
+        ('[categories.x]\ntier = "social"\ncap_window_s = "1d"', "cap_window_s must be a whole"),
+        ('[categories.x]\ntier = "transactional"\ncap = 3', "caps is off"),
+        ('[categories.x]\ntier = "social"\ncaps = false\ncap_window_s = 60', "caps is off"),
     ],
 )
 def test_a_bad_categories_file_says_what_is_wrong_in_one_line(text: str, fragment: str) -> None:
@@ -113,6 +121,19 @@ def test_category_settings_override_the_tier_defaults() -> None:
     assert (digest.quiet_hours, digest.caps) == (False, True)
     assert digest.default_channels == ("inbox",)
     assert not digest.sms_eligible
+
+
+def test_a_category_may_have_its_own_cap_and_window_and_requests_carry_them() -> None:
+    parsed = parse_categories(
+        '[categories.promo]\ntier = "marketing"\ncap = 3\ncap_window_s = 604800\n'
+        '[categories.news]\ntier = "social"\ncap = 2\n'
+        '[categories.digest]\ntier = "marketing"',
+        "f",
+    )
+    assert (parsed["promo"].cap, parsed["promo"].cap_window_s) == (3, 604_800)
+    # Either one alone: the other stays the fan-out's default (FANFARE_NOTIFY_CAP_WINDOW_S).
+    assert (parsed["news"].cap, parsed["news"].cap_window_s) == (2, None)
+    assert (parsed["digest"].cap, parsed["digest"].cap_window_s) == (None, None)
 
 
 def test_sms_is_only_for_categories_that_say_so() -> None:

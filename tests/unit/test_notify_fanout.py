@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from operators.fanout.caps import CapRule
 from operators.fanout.columns import UserTable
 from operators.fanout.notify import (
     ChannelBook,
@@ -500,3 +501,102 @@ def test_the_api_caps_survive_a_snapshot_and_a_checkpoint() -> None:
     third.load_checkpoint(columns, positions)
     got, tally = _capped_run(third.notify, third.users, campaign("m3"), NOON, "old", "new", "y")
     assert got == ["y"] and tally.suppressed == {"capped": 2}
+
+
+def test_a_category_cap_travels_on_the_wire_and_a_request_without_one_stays_as_before() -> None:
+    own = campaign("m1", cap_limit=3, cap_window_s=604_800)
+    raw = encode_notification_request(own)
+    assert orjson.loads(raw)["cap"] == {"limit": 3, "window_s": 604_800}
+    assert decode_tier_event(raw) == own
+    half = campaign("m2", cap_limit=3)
+    assert orjson.loads(encode_notification_request(half))["cap"] == {"limit": 3}
+    assert decode_tier_event(encode_notification_request(half)) == half
+    plain = encode_notification_request(campaign("m3"))
+    assert "cap" not in orjson.loads(plain)  # readers built before it accept it
+    for bad in ({"limit": 0}, {}, {"limit": 2, "every": 60}):
+        with pytest.raises(InvalidEvent, match="schema"):
+            decode_tier_event(orjson.dumps({**orjson.loads(plain), "cap": bad}))
+
+
+def test_a_category_s_own_cap_and_window_replace_the_default() -> None:
+    shard, users = NotifyShard(cap=(5, HOUR)), UserTable()
+    # campaign: 1 per day, its own; news: the default window with its own limit of 2.
+    for k in range(3):
+        got, _ = _capped_run(
+            shard, users, campaign(f"p{k}", cap_limit=1, cap_window_s=86_400), NOON, "u1"
+        )
+        assert got == (["u1"] if k == 0 else [])
+    news = [campaign(f"n{k}", category="news", cap_limit=2) for k in range(3)]
+    assert [_capped_run(shard, users, r, NOON, "u1")[0] for r in news] == [["u1"], ["u1"], []]
+    assert shard.caps["campaign"].rule == CapRule("campaign", 1, 86_400)
+    # An hour later the default window would have rolled; promo's day has not.
+    later = NOON + timedelta(hours=1)
+    p = campaign("p9", cap_limit=1, cap_window_s=86_400)
+    assert _capped_run(shard, users, p, later, "u1")[0] == []
+    assert _capped_run(shard, users, news[0], later, "u1")[0] == ["u1"]
+    # A category without its own cap keeps the default; a cap of its own on a shard whose
+    # default is off (FANFARE_NOTIFY_CAP=0) still applies.
+    off = NotifyShard(cap=(0, HOUR))
+    assert [_capped_run(off, users, campaign(f"d{k}"), NOON, "u1")[0] for k in range(3)] == [
+        ["u1"]
+    ] * 3
+    own = [campaign(f"o{k}", cap_limit=1) for k in range(2)]
+    assert [_capped_run(off, users, r, NOON, "u1")[0] for r in own] == [["u1"], []]
+
+
+def test_a_changed_limit_keeps_the_window_s_counts_and_a_changed_window_starts_afresh() -> None:
+    shard, users = NotifyShard(cap=(5, HOUR)), UserTable()
+    for k in range(2):
+        _capped_run(shard, users, campaign(f"m{k}", cap_limit=3), NOON, "u1")
+    # The file now says 2: u1 already had 2 this window.
+    assert _capped_run(shard, users, campaign("m2", cap_limit=2), NOON, "u1")[0] == []
+    # A new window length: the counts of the old one mean nothing in it.
+    r = campaign("m3", cap_limit=2, cap_window_s=2 * HOUR)
+    assert _capped_run(shard, users, r, NOON, "u1")[0] == ["u1"]
+    assert shard.caps["campaign"].rule == CapRule("campaign", 2, 2 * HOUR)
+
+
+def test_a_category_s_own_rule_survives_a_snapshot_and_a_checkpoint() -> None:
+    shard = _follower_shard()  # default: 1 per hour
+    shard.users.ensure_row("old")
+    columns, positions = shard.checkpoint_state()
+    week = 604_800
+    own = [campaign(f"m{k}", cap_limit=2, cap_window_s=week) for k in range(4)]
+    _capped_run(shard.notify, shard.users, own[0], NOON, "old", "new")
+    snap = pickle.loads(pickle.dumps(shard.snapshot()))
+    assert snap["notify_caps"]["campaign"]["rule"] == (2, week)
+    again = _follower_shard()
+    again.restore(snap, NOON.timestamp())
+    again.load_checkpoint(columns, positions)
+    again.resume_caps()
+    assert again.notify.caps["campaign"].rule == CapRule("campaign", 2, week)
+    # Two hours on: the default window would have rolled, the category's week has not.
+    later = NOON + timedelta(hours=2)
+    got, _ = _capped_run(again.notify, again.users, own[1], later, "old", "new")
+    assert got == ["new", "old"]
+    got, tally = _capped_run(again.notify, again.users, own[2], later, "old", "new")
+    assert got == [] and tally.suppressed == {"capped": 2}
+    columns, positions = again.checkpoint_state()
+    third = _follower_shard()
+    third.load_checkpoint(columns, positions)
+    assert third.notify.caps["campaign"].rule == CapRule("campaign", 2, week)
+    got, tally = _capped_run(third.notify, third.users, own[3], later, "old", "new", "y")
+    assert got == ["y"] and tally.suppressed == {"capped": 2}
+
+
+def test_a_snapshot_and_a_checkpoint_from_before_category_rules_use_the_default() -> None:
+    shard = _follower_shard()  # default: 1 per hour
+    _capped_run(shard.notify, shard.users, campaign("m1"), NOON, "u1")
+    snap = pickle.loads(pickle.dumps(shard.snapshot()))
+    del snap["notify_caps"]["campaign"]["rule"]  # as written before categories had rules
+    columns, positions = shard.checkpoint_state()
+    del columns["notify_cap:campaign:rule"]
+    for restored in (_follower_shard(), _follower_shard()):
+        if snap is not None:
+            restored.restore(snap, NOON.timestamp())
+        restored.load_checkpoint(columns, positions)
+        restored.resume_caps()
+        assert restored.notify.caps["campaign"].rule == CapRule("campaign", 1, HOUR)
+        got, tally = _capped_run(restored.notify, restored.users, campaign("m2"), NOON, "u1")
+        assert got == [] and tally.suppressed == {"capped": 1}
+        snap = None  # the second: the checkpoint alone

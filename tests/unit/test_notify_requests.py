@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -22,6 +23,7 @@ from operators.notify.requests import (
     fingerprint,
     plan_notification,
     request_id,
+    resolve_fallback,
 )
 from operators.notify.service import parse_audience
 from schemas.codecs import decode_notification_request, encode_notification_request
@@ -72,6 +74,24 @@ def test_a_request_becomes_an_event_with_the_categorys_policy() -> None:
     )
     assert social.tier == "social" and social.channels == ("push", "inbox")  # type: ignore[attr-defined]
     assert social.fallback == ()  # type: ignore[attr-defined]
+
+
+def test_a_request_carries_its_category_s_own_cap() -> None:
+    campaign = replace(CATALOG.categories["campaign"], cap=3, cap_window_s=604_800)
+    catalog = replace(CATALOG, categories={**CATALOG.categories, "campaign": campaign})
+    request = NotifyRequest(
+        idempotency_key="k1",
+        category="campaign",
+        template_id="campaign",
+        recipients=("u1",),
+        data={"headline": "Sale", "message": "-20%", "link": "fanfare://sale"},
+    )
+    event = plan_notification(catalog, request, notification_id="n_1", api_key_id="k", now=NOW)
+    assert (event.caps, event.cap_limit, event.cap_window_s) == (True, 3, 604_800)
+    assert decode_notification_request(encode_notification_request(event)) == event
+    # A category without its own: none, the fan-out's default applies.
+    plain = plan_notification(CATALOG, request, notification_id="n_1", api_key_id="k", now=NOW)
+    assert (plain.cap_limit, plain.cap_window_s) == (None, None)
 
 
 def test_a_request_naming_channels_keeps_the_fallback_among_them() -> None:
@@ -178,3 +198,37 @@ def test_pacing_credit_holds_one_second_of_the_rate() -> None:
     assert refill(0.0, 100.0, 1000.0, rate=10) == 10.0
     assert refill(0.0, 100.0, 1000.0, rate=0.5) == 1.0  # at least one user
     assert refill(3.0, None, 0.0, rate=10) == 3.0
+
+
+def test_a_campaign_takes_its_category_s_fallback_or_its_own() -> None:
+    login, campaign = CATALOG.categories["login_code"], CATALOG.categories["campaign"]
+    # The category's order, among the channels.
+    assert resolve_fallback(login, None, None) == (("push", "sms"), ("push", "sms"))
+    assert resolve_fallback(login, ["push", "inbox"], None) == (("push", "inbox"), ())
+    assert resolve_fallback(campaign, None, None) == (("push", "inbox"), ())
+    # Its own: its channels are on, in the order asked for.
+    assert resolve_fallback(campaign, None, ["email", "push"]) == (
+        ("push", "inbox", "email"),
+        ("email", "push"),
+    )
+    assert resolve_fallback(campaign, ["push", "email"], ["push", "email"]) == (
+        ("push", "email"),
+        ("push", "email"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("channels", "fallback", "code", "fragment"),
+    [
+        (None, ["push"], "invalid_fallback", "two or more channels"),
+        (None, ["push", "push"], "invalid_fallback", "each once"),
+        (["push"], ["push", "email"], "invalid_fallback", "name them in channels too"),
+        (None, ["push", "sms"], "channel_not_allowed", "not SMS-eligible"),
+    ],
+)
+def test_a_bad_campaign_fallback_is_refused_with_a_reason(
+    channels: list[str] | None, fallback: list[str], code: str, fragment: str
+) -> None:
+    with pytest.raises(Rejected) as caught:
+        resolve_fallback(CATALOG.categories["campaign"], channels, fallback)  # type: ignore[arg-type]
+    assert caught.value.code == code and fragment in caught.value.message

@@ -292,6 +292,7 @@ def create_app(deps: ApiDeps) -> Any:
             window_end=body.window.end,
             channels=body.channels,
             collapse_key=body.collapse_key,
+            fallback=body.fallback,
         )
         return _answer(service.create_campaign(key, request, body.model_dump(mode="json")))
 

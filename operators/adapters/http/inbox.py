@@ -10,15 +10,17 @@ second).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from operators.delivery.ledger import Notification, encode_cursor
 from operators.delivery.ports import NotificationStore
 from operators.notify.ports import Accepted, Publisher
+from operators.notify.status import recipient_status, status_counts
 from schemas.codecs import encode_notification_ack, format_timestamp
-from schemas.records import NotificationAck
+from schemas.records import Channel, NotificationAck
 from schemas.topics import NOTIFICATION_ACKS
 
 UNREAD_SCAN_LIMIT = 1_000
@@ -131,10 +133,12 @@ def status_view(
 ) -> dict[str, Any] | None:
     """An accepted request (and its recipients' statuses), or a notification in the store."""
     if accepted is not None:
-        statuses: dict[str, int] = {}
-        for user in accepted.recipients:
-            status = store.notification_status(f"{notification_id}:{user}")
-            statuses[status] = statuses.get(status, 0) + 1
+        # Each recipient's sends as the delivery flow recorded their outcomes (the fold is pure).
+        recipients = [
+            recipient_status(user, store.devices(f"{notification_id}:{user}"))
+            for user in accepted.recipients
+        ]
+        channels = cast(Sequence[Channel], accepted.channels)
         return {
             "notification_id": notification_id,
             "state": "accepted",
@@ -147,7 +151,10 @@ def status_view(
             "accepted_at": format_timestamp(accepted.accepted_at, "milliseconds"),
             "send_at": accepted.send_at,
             "recipients": len(accepted.recipients),
-            "recipient_status": statuses,
+            **status_counts(recipients, channels),
+            "by_recipient": {
+                r.user_id: {"status": r.status, "channels": dict(r.channels)} for r in recipients
+            },
         }
     note = store.notification(notification_id)
     if note is None:

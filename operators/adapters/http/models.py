@@ -74,7 +74,7 @@ class NotificationAccepted(BaseModel):
 
 
 class Segment(_Body):
-    """A segment by locale and/or platform (not available yet: see the README)."""
+    """A segment by locale and/or platform (see the README's "Campaigns")."""
 
     locale: str | None = Field(default=None, max_length=35)
     platform: Literal["ios", "android"] | None = None
@@ -120,6 +120,13 @@ class CampaignIn(_Body):
     )
     channels: list[ChannelName] | None = Field(default=None, min_length=1)
     collapse_key: CollapseKey | None = None
+    fallback: list[ChannelName] | None = Field(
+        default=None,
+        min_length=2,
+        description="channels tried in this order per user, the first that reaches them and "
+        "only that one (default: the category's fallback)",
+        examples=[["push", "email"]],
+    )
 
 
 class CampaignOut(BaseModel):
@@ -130,6 +137,8 @@ class CampaignOut(BaseModel):
     category: str
     template_id: str
     targeting: dict[str, str]
+    channels: list[str]
+    fallback: list[str]
     rate_per_s: float
     window: dict[str, str | None]
     total: int

@@ -196,6 +196,7 @@ class RedisAcceptedLog(AcceptedLog):
             return None
         d = orjson.loads(raw)
         d["recipients"] = tuple(d["recipients"])
+        d["channels"] = tuple(d.get("channels", ()))
         return Accepted(**d)
 
 

@@ -121,6 +121,10 @@ def spec_json(spec: CampaignSpec) -> bytes:
             "created_at": spec.created_at,
             "total": spec.total,
             "collapse_key": spec.collapse_key,
+            "cap_limit": spec.cap_limit,
+            "cap_window_s": spec.cap_window_s,
+            "fallback": list(spec.fallback),
+            "segment": spec.segment,
         }
     )
 
@@ -129,6 +133,7 @@ def spec_from(raw: bytes) -> CampaignSpec:
     """A stored spec."""
     d: dict[str, Any] = orjson.loads(raw)
     d["channels"] = tuple(d["channels"])
+    d["fallback"] = tuple(d.get("fallback", ()))  # a spec stored before campaigns had one
     d["target"] = Target(d["target"]["kind"], d["target"]["ref"])
     return CampaignSpec(**d)
 
