@@ -150,7 +150,7 @@ def bench_senders(
     control = ChannelControl(info["control_url"])
     loop = EventLoopThread("bench-channels")
     catalog = load_catalog(settings.categories_file, settings.templates_dir)
-    senders = loop.run(build_channel_senders(settings, catalog, None, RetryPolicy()))
+    senders = loop.run(build_channel_senders(settings, catalog, False, RetryPolicy()))
     try:
         for channel in args.channels:
             control.reset()

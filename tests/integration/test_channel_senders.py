@@ -122,7 +122,7 @@ class Worker:
         limiter = RedisRateLimiter(settings.redis_url, settings.redis_prefix)
         policy = RetryPolicy(max_attempts=5, base_s=1.0, max_backoff_s=60, max_age_s=3600)
         self.senders: dict[str, PushSender] = self.loop.run(
-            build_channel_senders(settings, catalog, limiter, policy)
+            build_channel_senders(settings, catalog, True, policy)
         )
         self.store = SQLiteNotificationStore(tmp / f"n-{uuid.uuid4().hex[:6]}.db")
         from tests.fakes import InMemoryEdgeClaims
