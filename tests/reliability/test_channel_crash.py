@@ -31,9 +31,9 @@ from scripts.dev.local_channels.control import ChannelControl
 from tests.conftest import REDIS_URL, Providers, Stack, wait_for
 from tests.integration.test_channel_delivery_e2e import LOGIN, POST, RECEIPT, publish
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
-PER_CHANNEL = 1_500
+PER_CHANNEL = 1_000
 IN_FLIGHT = 400
 BATCH = 500  # items per dispatch batch (the fan-out's most)
 # Generous channel and destination rates: this test is about the crash, not pacing.
@@ -115,11 +115,13 @@ def test_a_kill_9_mid_send_loses_nothing_on_any_channel_and_repeats_only_sends_i
     def served() -> int:
         return sum(s["accepted"] for c, s in ctl.stats().items() if c in SERVED)
 
+    t0 = time.monotonic()
     first = stack.start_flow(*FLOW_ENV, flow="delivery")
     wait_for(lambda: served() >= total * 0.3, 120, "a third of the sends", stack, every_s=0.05)
     stack.kill_flow(first)  # SIGKILL, the process group
     at_kill = served()
     started = time.monotonic()
+    print(f"\nkilled at {at_kill} served, {started - t0:.1f} s after the start")
     stack.start_flow(*FLOW_ENV, flow="delivery")
 
     every = {nid for nids in due.values() for nid in nids}
@@ -133,7 +135,15 @@ def test_a_kill_9_mid_send_loses_nothing_on_any_channel_and_repeats_only_sends_i
                 terminal[e["notification_id"]].append(e["outcome"])
         return len(terminal) >= len(every)
 
-    wait_for(all_terminal, 180, "a terminal outcome for every item", stack, every_s=1.0)
+    deadline = time.monotonic() + 240
+    while not all_terminal():
+        if time.monotonic() > deadline:
+            stats = {c: (v["accepted"], v["rejected"]) for c, v in ctl.stats().items()}
+            raise AssertionError(
+                f"{len(terminal)} of {len(every)} items have an outcome after 240 s; "
+                f"the servers accepted {stats}\n{stack.flow_log()}"
+            )
+        time.sleep(1.0)
     recovered_s = time.monotonic() - started
     time.sleep(2)  # anything sent again late would show by now
     all_terminal()
