@@ -411,7 +411,7 @@ def test_inbound_stop_and_start_switch_the_numbers_addresses_through_device_chan
     time.sleep(1)
     # Only bob's address was switched on: nothing of ada's followed the number.
     assert changes(ada, bob)[before:] == [back]
-    assert "STOP" in sms("STOP", sender=other)
+    assert "no more" in sms("STOP", sender=other)
     wait_for(lambda: (ada, ada_work, None, False) in changes(ada), 30, "ada's work number off")
 
     forged = s.call(
