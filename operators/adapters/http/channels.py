@@ -348,7 +348,7 @@ def install_channel_routes(
         expected = twilio_signature(channels.sms_auth_token, url, params)
         given = request.headers.get("x-twilio-signature", "")
         if not hmac.compare_digest(given, expected):
-            raise Rejected("forbidden", "the callback's X-Twilio-Signature does not match")
+            raise Rejected("forbidden", "the request's X-Twilio-Signature does not match")
         return params
 
     @app.post("/v1/callbacks/sms", status_code=204, tags=["channels"])
