@@ -209,7 +209,7 @@ def build_engine(settings: Settings, pacer: BulkPacer) -> DeliveryEngine:
 
     async def make_senders() -> dict[str, PushSender]:
         senders = _senders_for(settings, template, policy)
-        senders.update(await build_channel_senders(settings, catalog, limiter, policy))
+        senders.update(await build_channel_senders(settings, catalog, True, policy))
         for name, sender in senders.items():
             try:
                 await sender.warm_up()

@@ -163,6 +163,10 @@ SMS_BUDGET_REFUSED = Counter(
 INAPP_PUBLISHED = Counter(
     "fanfare_inapp_published_total", "in-app notifications published to users' live streams"
 )
+INAPP_REPEATS = Counter(
+    "fanfare_inapp_repeats_total",
+    "in-app sends found already published (a send repeated after a crash): not appended again",
+)
 
 
 def observe_many(histogram: Any, values: Sequence[float]) -> None:

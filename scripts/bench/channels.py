@@ -150,7 +150,7 @@ def bench_senders(
     control = ChannelControl(info["control_url"])
     loop = EventLoopThread("bench-channels")
     catalog = load_catalog(settings.categories_file, settings.templates_dir)
-    senders = loop.run(build_channel_senders(settings, catalog, None, RetryPolicy()))
+    senders = loop.run(build_channel_senders(settings, catalog, False, RetryPolicy()))
     try:
         for channel in args.channels:
             control.reset()
@@ -335,7 +335,7 @@ async def sse_phase(
             nid = f"n_sse{i}:{c.user}"
             body = {"notification_id": nid, "user_id": c.user, "title": "t", "body": "b"}
             published[nid] = time.perf_counter()
-            await publisher.publish([(c.user, json.dumps(body).encode())])
+            await publisher.publish([(c.user, nid, json.dumps(body).encode())])
             await asyncio.sleep(1 / args.sse_rate)
         await asyncio.sleep(3)
         latencies = sorted((arrivals[n] - t) * 1000 for n, t in published.items() if n in arrivals)
@@ -401,7 +401,7 @@ async def browser_phase(
                 {"notification_id": nid, "user_id": user, "title": f"t{i}", "body": "b"}
             )
             sent_ms = time.time() * 1000
-            await publisher.publish([(user, payload.encode())])
+            await publisher.publish([(user, nid, payload.encode())])
             expr = f"document.querySelector('li[data-id=\"{nid}\"]')?.dataset.received"
             received = await loop.run_in_executor(None, browser.wait_for, expr, 10, 0.002)
             latencies.append(float(received) - sent_ms)

@@ -228,6 +228,7 @@ def channel_api(settings: Settings, catalog: Catalog) -> ChannelApi:
     from operators.adapters.channels.webpush import vapid_public_key
     from operators.adapters.http.channels import ChannelApi
     from operators.adapters.redis.live import LiveHub
+    from operators.adapters.redis.sms_numbers import RedisSmsNumbers
 
     sms_token = None
     if settings.sms_account_sid:
@@ -252,6 +253,7 @@ def channel_api(settings: Settings, catalog: Catalog) -> ChannelApi:
         ),
         sms_auth_token=sms_token,
         vapid_public_key=vapid,
+        sms_numbers=RedisSmsNumbers(api_redis(settings.redis_url), settings.redis_prefix),
     )
 
 

@@ -146,7 +146,7 @@ def channel_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChannelS
         loop = stack.loop
         catalog = load_catalog(settings.categories_file, settings.templates_dir)
         policy = RetryPolicy()
-        senders.update(loop.run(build_channel_senders(settings, catalog, None, policy)))
+        senders.update(loop.run(build_channel_senders(settings, catalog, False, policy)))
         stack.senders = senders
 
         def healthy() -> bool:

@@ -20,6 +20,7 @@ from schemas.addresses import DEVICE_PROVIDERS
 from schemas.codecs import decode_device_change, decode_notification_ack, decode_preference_event
 from schemas.records import CategorySwitch, ChannelMessage
 from schemas.topics import DEVICE_CHANGES, NOTIFICATION_ACKS, PREFERENCE_CHANGES
+from tests.conftest import wait_for
 from tests.integration.channel_stack import (
     ChannelStack,
     SseClient,
@@ -350,6 +351,73 @@ def test_sms_status_callbacks_become_acks_and_dead_numbers_are_deactivated(
         "POST",
         "/v1/callbacks/sms?n=x&d=y&u=z",
         content=b"MessageStatus=delivered",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": "bm9wZQ==",
+        },
+    )
+    assert forged.status_code == 403
+
+
+def test_inbound_stop_and_start_switch_the_numbers_addresses_through_device_changes(
+    channel_stack: ChannelStack,
+) -> None:
+    """The local SMS server posts what a phone sends to our number; STOP and START follow the
+    number's current addresses (a number that moved to another user stops only that user)."""
+    s = channel_stack
+    key = s.key("users")
+    url = f"{s.settings.resolved_public_url}/v1/channels/sms/inbound"
+    ours = s.providers.info["channels"]["sms"]["from"]
+    number = f"+1415{uuid.uuid4().int % 10**7:07d}"
+    other = f"+1416{uuid.uuid4().int % 10**7:07d}"
+    ada, bob = (f"{n}-{uuid.uuid4().hex[:6]}" for n in ("ada", "bob"))
+
+    def devices(user: str, body: dict[str, str], method: str = "POST") -> str:
+        reply = s.call(method, f"/v1/users/{user}/devices", key, json=body)
+        assert reply.status_code == 202, reply.text
+        return str(reply.json()["device_id"])
+
+    def sms(body: str, sender: str = number) -> str:
+        answer = s.control.sms_inbound(url, sender, ours, body)
+        assert answer["status"] == 200 and "xml" in answer["content_type"], answer
+        return str(answer["answer"])
+
+    def changes(*users: str) -> list[tuple[str, str, str | None, bool]]:
+        return [
+            (str(e["user_id"]), str(e["device_id"]), e.get("token"), bool(e["active"]))
+            for e in (json.loads(v) for v in s.values(DEVICE_CHANGES))
+            if e["user_id"] in users
+        ]
+
+    ada_phone = devices(ada, {"provider": "sms", "address": number})
+    ada_work = devices(ada, {"provider": "sms", "address": other, "device_id": "work"})
+    reply = sms(" stop. ")
+    assert "<Message>" in reply and "START" in reply
+    gone = (ada, ada_phone, None, False)
+    wait_for(lambda: gone in changes(ada), 30, "ada's number deactivated")
+    assert (ada, "work", None, False) not in changes(ada)  # another number: untouched
+    assert "<Message>" in sms("HELP") and "<Message>" not in sms("thanks, got it")
+
+    # The number moves: ada removes it, bob registers it; ada's work address takes it too and
+    # then goes back to its own number.
+    devices(ada, {"provider": "sms", "device_id": ada_phone}, "DELETE")
+    bob_phone = devices(bob, {"provider": "sms", "address": number})
+    devices(ada, {"provider": "sms", "address": number, "device_id": ada_work})
+    devices(ada, {"provider": "sms", "address": other, "device_id": ada_work})
+    before = len(changes(ada, bob))
+    assert "again" in sms("Start")
+    back = (bob, bob_phone, number, True)
+    wait_for(lambda: back in changes(bob), 30, "bob's number active again")
+    time.sleep(1)
+    # Only bob's address was switched on: nothing of ada's followed the number.
+    assert changes(ada, bob)[before:] == [back]
+    assert "no more" in sms("STOP", sender=other)
+    wait_for(lambda: (ada, ada_work, None, False) in changes(ada), 30, "ada's work number off")
+
+    forged = s.call(
+        "POST",
+        "/v1/channels/sms/inbound",
+        content=f"From={number}&Body=START".replace("+", "%2B").encode(),
         headers={
             "Content-Type": "application/x-www-form-urlencoded",
             "X-Twilio-Signature": "bm9wZQ==",

@@ -122,7 +122,7 @@ class Worker:
         limiter = RedisRateLimiter(settings.redis_url, settings.redis_prefix)
         policy = RetryPolicy(max_attempts=5, base_s=1.0, max_backoff_s=60, max_age_s=3600)
         self.senders: dict[str, PushSender] = self.loop.run(
-            build_channel_senders(settings, catalog, limiter, policy)
+            build_channel_senders(settings, catalog, True, policy)
         )
         self.store = SQLiteNotificationStore(tmp / f"n-{uuid.uuid4().hex[:6]}.db")
         from tests.fakes import InMemoryEdgeClaims
@@ -559,7 +559,17 @@ def test_in_app_notifications_reach_a_listener_and_stay_in_the_users_stream(
         out = await loop.run_in_executor(None, worker.deliver, request)
         assert outcome(out) == [("inapp", "accepted", 200)]
         event = await asyncio.wait_for(listener.queue.get(), 5)
+        # The same send again, as the engine repeats one whose answer a crash lost: accepted,
+        # not appended or published twice.
+        sender = worker.senders["inapp"]
+        again = await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(
+                sender.send([request], [sender.render(request)]), worker.loop.loop
+            )
+        )
+        assert [a.status for a in again] == [200]
         history = await hub.history("live-1", "0")
+        assert listener.queue.empty()
         await hub.leave(listener)
         await hub.close()
         return event, history

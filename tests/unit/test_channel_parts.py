@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -16,7 +17,7 @@ from operators.adapters.http.channels import _one_click, twilio_signature
 from operators.adapters.http.devices import device_registration
 from operators.adapters.http.models import DeviceIn
 from operators.adapters.redis.live import stream_id_key
-from operators.adapters.redis.rate_limiter import LocalRateLimiter
+from operators.adapters.redis.rate_limiter import AsyncLocalRateLimiter, LocalRateLimiter
 from operators.delivery.model import Verdict, classify
 from operators.delivery.payloads import PushTemplate
 from operators.notify.links import (
@@ -156,17 +157,19 @@ def test_the_server_and_the_api_agree_on_twilio_signatures() -> None:
 
 def test_a_bucket_per_key_holds_the_excess_with_a_wait() -> None:
     clock = [time.monotonic()]
-    limiter = LocalRateLimiter(clock=lambda: clock[0])
+    limiter = AsyncLocalRateLimiter(LocalRateLimiter(clock=lambda: clock[0]))
     pacer = KeyedPacer("email", limiter, 60, lambda r: r.item["token"].split("@")[1], "domain")
     reqs = [request(f"u{i}", token=f"u{i}@a.example", provider="email") for i in range(3)]
     reqs.append(request("v", token="v@b.example", provider="email"))
-    held = pacer.admit(reqs)
+    held = asyncio.run(pacer.admit(reqs))
     assert sorted(held) == [1, 2]
     assert all(classify("email", a) is Verdict.HELD for a in held.values())
     assert held[1].retry_after_s is not None and held[2].retry_after_s is not None
     assert 0.5 <= held[1].retry_after_s < held[2].retry_after_s
     clock[0] += 2.0
-    assert pacer.admit(reqs[:1]) == {}  # a token again (the bucket holds one: 60/min, 1 s burst)
+    assert (
+        asyncio.run(pacer.admit(reqs[:1])) == {}
+    )  # a token again (the bucket holds one: 60/min, 1 s burst)
 
 
 def test_content_from_the_template_or_the_post() -> None:

@@ -35,10 +35,15 @@ from operators.adapters.kafka import probes as kafka_probes
 from operators.adapters.kafka import reader as kafka_reader
 from operators.adapters.kafka.probes import read_partition_to_end
 from operators.adapters.kafka.reader import TopicPartitionReader
-from operators.adapters.redis.client import RedisOutage, RedisUnavailable, retry_while_down
+from operators.adapters.redis.client import (
+    RedisOutage,
+    RedisUnavailable,
+    fail_fast_options,
+    retry_while_down,
+)
 from operators.adapters.redis.edge_claims import RedisEdgeClaims
 from operators.adapters.redis.post_claims import RedisPostClaims
-from operators.adapters.redis.rate_limiter import RedisRateLimiter
+from operators.adapters.redis.rate_limiter import AsyncRedisRateLimiter, RedisRateLimiter
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
@@ -265,6 +270,47 @@ def test_rate_limiter_is_back_on_the_shared_bucket_when_redis_answers(
     assert limiter.take(spec, 10, "normal").granted == 10
     assert limiter.fallbacks == 1 and limiter.outage.down_since is None
     assert own_redis.client().exists("t:ratelimit:apns:t") == 1
+
+
+def test_destination_pacing_shares_the_bucket_without_holding_the_event_loop(
+    own_redis: OwnRedis,
+) -> None:
+    """The channels' per-destination limiter takes from the same Redis bucket as the engine's,
+    on the event loop without blocking it, and paces on its local bucket when Redis is gone."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    spec = BucketSpec("email-domain:t.example", per_minute=6_000)  # 100/s, a bucket of 100
+
+    async def scenario() -> tuple[list[int], int, int]:
+        client = aioredis.Redis.from_url(own_redis.url, **fail_fast_options())
+        limiter = AsyncRedisRateLimiter(client, "t:", probe_s=30.0)
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        beside = asyncio.create_task(ticker())
+        shared = [(await limiter.take(spec, 60, "normal")).granted]
+        shared.append(RedisRateLimiter(own_redis.url, "t:").take(spec, 60, "normal").granted)
+        ticks_at = ticks
+        own_redis.kill()
+        down = (await limiter.take(spec, 10, "normal")).granted  # the local bucket (25 tokens)
+        stop.set()
+        await beside
+        await client.aclose()
+        assert limiter.fallbacks == 1 and limiter.outage.failures == 1
+        return shared, down, ticks - ticks_at
+
+    shared, down, ticks_while_down = asyncio.run(scenario())
+    assert shared[0] == 60 and shared[1] < 45  # one bucket: the second take found 40 or so
+    assert down == 10
+    assert ticks_while_down > 0  # the loop ran other work while the take waited on Redis
 
 
 # --- post claims and writer start marks: wait, then fail the worker --------------------------

@@ -30,9 +30,10 @@ import orjson
 from operators.adapters.channels.content import ChannelRenderer, Content
 from operators.adapters.channels.http import HostGuard, HttpClient
 from operators.adapters.channels.pacing import KeyedPacer, webhook_key
+from operators.adapters.channels.ports import DestinationLimiter
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.payloads import PayloadTooLarge
-from operators.delivery.ports import PushSender, RateLimiter
+from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 
 MAX_BODY_BYTES = 40_000
@@ -112,7 +113,7 @@ class WebhookChatSender(PushSender):
         config: ChatConfig,
         renderer: ChannelRenderer,
         bucket: BucketSpec,
-        limiter: RateLimiter | None,
+        limiter: DestinationLimiter | None,
         timeout_s: float,
     ) -> None:
         self.bucket = bucket
@@ -155,7 +156,7 @@ class WebhookChatSender(PushSender):
         self, requests: Sequence[SendRequest], payloads: Sequence[object]
     ) -> list[ProviderAnswer]:
         """Every post at once; those whose webhook bucket is empty are held."""
-        held = self._pacer.admit(requests)
+        held = await self._pacer.admit(requests)
         go = [i for i in range(len(requests)) if i not in held]
         sent = await asyncio.gather(
             *(self._send_one(payloads[i], requests[i].lane) for i in go)  # type: ignore[arg-type]

@@ -44,10 +44,11 @@ import jinja2
 
 from operators.adapters.channels.content import ChannelRenderer, Content
 from operators.adapters.channels.pacing import KeyedPacer
+from operators.adapters.channels.ports import DestinationLimiter
 from operators.adapters.channels.sessions import LanePool
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.payloads import PayloadTooLarge
-from operators.delivery.ports import PushSender, RateLimiter
+from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 from operators.notify.links import unsubscribe_token
 from schemas.addresses import email_domain
@@ -189,7 +190,7 @@ class SmtpEmailSender(PushSender):
         config: EmailConfig,
         renderer: ChannelRenderer,
         bucket: BucketSpec,
-        limiter: RateLimiter | None,
+        limiter: DestinationLimiter | None,
         timeout_s: float,
     ) -> None:
         self.bucket = bucket
@@ -284,7 +285,7 @@ class SmtpEmailSender(PushSender):
         self, requests: Sequence[SendRequest], payloads: Sequence[object]
     ) -> list[ProviderAnswer]:
         """Every message over the pool's sessions; per-domain holds answered at once."""
-        held = self._pacer.admit(requests)
+        held = await self._pacer.admit(requests)
         go = [i for i in range(len(requests)) if i not in held]
         sent = await asyncio.gather(
             *(self._send_one(payloads[i], requests[i].lane) for i in go)  # type: ignore[arg-type]

@@ -18,12 +18,14 @@ from operators.adapters.channels.inapp import RedisInAppSender
 from operators.adapters.channels.sms import SmsConfig, TwilioSmsSender
 from operators.adapters.channels.webpush import VapidWebPushSender, WebPushConfig
 from operators.adapters.providers.config import ProviderConfigError
+from operators.adapters.redis.client import fail_fast_options
 from operators.adapters.redis.live import LivePublisher
+from operators.adapters.redis.rate_limiter import AsyncRedisRateLimiter
 from operators.adapters.redis.sms_budget import RedisSmsBudget
 from operators.config import ConfigError, Settings, read_secret_file
 from operators.delivery.model import RetryPolicy
 from operators.delivery.payloads import PushTemplate
-from operators.delivery.ports import PushSender, RateLimiter
+from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
 from operators.notify.catalog import Catalog
 from operators.notify.links import MIN_SECRET_BYTES
@@ -96,10 +98,14 @@ def webpush_config(settings: Settings) -> WebPushConfig | None:
 async def build_channel_senders(
     settings: Settings,
     catalog: Catalog | None,
-    limiter: RateLimiter | None,
+    pace_destinations: bool,
     policy: RetryPolicy,
 ) -> dict[str, PushSender]:
-    """The configured channel senders of one worker (call on its event loop)."""
+    """The configured channel senders of one worker (call on its event loop).
+
+    With `pace_destinations`, email and chat also take from a Redis bucket per recipient domain
+    and per webhook (`pacing.py`); without, only the engine's buckets pace them (benchmarks).
+    """
     import redis.asyncio as aioredis
 
     timeout = settings.send_timeout_ms / 1000
@@ -113,6 +119,12 @@ async def build_channel_senders(
         return BucketSpec(name, per_minute, burst, reserve, slack)
 
     senders: dict[str, PushSender] = {}
+    redis_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    limiter = None
+    if pace_destinations:
+        # Its own fail-fast client: a send must not wait long on a pacing aid.
+        pacing_client = aioredis.Redis.from_url(settings.redis_url, **fail_fast_options())
+        limiter = AsyncRedisRateLimiter(pacing_client, settings.redis_prefix)
     email = email_config(settings)
     if email is not None:
         if email.link_secret is None:
@@ -127,7 +139,6 @@ async def build_channel_senders(
             limiter,
             timeout,
         )
-    redis_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     sms = sms_config(settings)
     if sms is not None:
         budget = RedisSmsBudget(

@@ -5,7 +5,8 @@ user's channel (operators/adapters/redis/live.py); `fanfare api` streams it to c
 clients (`GET /v1/users/{id}/notifications/stream`, Server-Sent Events). The inbox itself is
 the notification store's (the engine records every notification it claims), so a client that
 was not connected finds it there. A dispatch item's address is the user id (device_id
-`inapp`): nothing to register, nothing to clean up. Redis errors are retried.
+`inapp`): nothing to register, nothing to clean up. Redis errors are retried. A send repeated
+after a crash is recognised in Redis and not appended twice (live.py).
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ class RedisInAppSender(PushSender):
     ) -> list[ProviderAnswer]:
         """One pipelined round trip for the whole call."""
         items = [
-            (r.item["user_id"], p)
+            (r.item["user_id"], r.item["notification_id"], p)
             for r, p in zip(requests, payloads, strict=True)
             if isinstance(p, bytes)
         ]
         try:
-            await self._publisher.publish(items)
+            published = await self._publisher.publish(items)
         except Exception as exc:  # redis.RedisError and connection errors: retried
             return [ProviderAnswer(None, f"redis: {type(exc).__name__}")] * len(requests)
-        metrics.INAPP_PUBLISHED.inc(len(items))
+        repeated = sum(dup for _, dup in published)
+        metrics.INAPP_PUBLISHED.inc(len(items) - repeated)
+        metrics.INAPP_REPEATS.inc(repeated)
         return [ProviderAnswer(200, None)] * len(requests)

@@ -2,11 +2,13 @@
 
 The engine takes one token per send from the sender's own bucket (the relay's or the whole
 channel's rate). A sender whose provider also limits per destination takes a second token from
-that destination's bucket through the same `RateLimiter` port (one Redis bucket per name,
-shared by every worker): Gmail throttles a sender per receiving domain, Slack a webhook to
-about one message a second. A send whose destination bucket is empty never leaves: its answer
-is a HELD one (`operators.delivery.model.HELD_PREFIX`) with the wait as `retry_after_s`, which
-`classify` turns into Verdict.HELD (scheduled again, no attempt used, not a provider failure).
+that destination's bucket through the `DestinationLimiter` port (a Redis bucket per name,
+shared by every worker, taken with redis.asyncio: the sender runs on the worker's event loop,
+which a blocking Redis call would stall for every send in flight): Gmail throttles a sender per
+receiving domain, Slack a webhook to about one message a second. A send whose destination
+bucket is empty never leaves: its answer is a HELD one (`operators.delivery.model.HELD_PREFIX`)
+with the wait as `retry_after_s`, which `classify` turns into Verdict.HELD (scheduled again, no
+attempt used, not a provider failure).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 from operators import metrics
+from operators.adapters.channels.ports import DestinationLimiter
 from operators.delivery.model import HELD_PREFIX, ProviderAnswer, SendRequest
-from operators.delivery.ports import RateLimiter
 from operators.delivery.token_bucket import BucketSpec
 
 MIN_HOLD_S = 0.5
@@ -34,7 +36,7 @@ class KeyedPacer:
     def __init__(
         self,
         provider: str,
-        limiter: RateLimiter | None,
+        limiter: DestinationLimiter | None,
         per_minute: int,
         key_of: Callable[[SendRequest], str],
         what: str,
@@ -45,7 +47,7 @@ class KeyedPacer:
         self._key_of = key_of
         self._what = what
 
-    def admit(self, requests: Sequence[SendRequest]) -> dict[int, ProviderAnswer]:
+    async def admit(self, requests: Sequence[SendRequest]) -> dict[int, ProviderAnswer]:
         """HELD answers by request index; every index not in it may be sent now."""
         if self._limiter is None:
             return {}
@@ -56,7 +58,7 @@ class KeyedPacer:
         for key, indexes in groups.items():
             spec = BucketSpec(f"{self._provider}-{self._what}:{key}", self._per_minute)
             lane = requests[indexes[0]].lane
-            grant = self._limiter.take(spec, len(indexes), lane)
+            grant = await self._limiter.take(spec, len(indexes), lane)
             waiting = indexes[grant.granted :]
             if not waiting:
                 continue

@@ -420,6 +420,13 @@ def create_app(deps: ApiDeps) -> Any:
 
     def device_change(user_id: str, change: DeviceChange, raw: bytes) -> JSONResponse:
         publisher.publish(DEVICE_CHANGES, [(user_id.encode(), raw)])
+        numbers = deps.channels.sms_numbers if deps.channels is not None else None
+        if numbers is not None and change.provider == "sms":
+            # After the publish: the index must never name an address that was not registered.
+            if change.active and change.token:
+                numbers.register(user_id, change.device_id, change.token, deps.clock())
+            else:
+                numbers.remove(user_id, change.device_id)
         body = Published(
             user_id=user_id,
             topic=DEVICE_CHANGES,

@@ -15,6 +15,11 @@
 - `POST /v1/callbacks/sms`: the SMS provider's status callbacks (Twilio-signed):
   `delivered` becomes a `delivered` ack on `notification_acks`; `undelivered`/`failed` for an
   opted-out or unreachable number (21610, 30005, 30006) deactivates it on `device_changes`.
+- `POST /v1/channels/sms/inbound`: messages sent to our number (Twilio-signed, as the status
+  callbacks): STOP (STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT) deactivates every SMS address with
+  the sender's number on `device_changes`, START (UNSTOP, YES) activates them again, HELP
+  answers; the answer is TwiML (operators/notify/sms_keywords.py). The number's addresses come
+  from the index the devices endpoints keep (operators/adapters/redis/sms_numbers.py).
 - `GET /v1/webpush/key`: the VAPID public key browsers subscribe with.
 - `GET /dev/inbox?user=ID` (FANFARE_DEV_MODE only): a page with the bell and the live inbox.
 
@@ -40,6 +45,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.concurrency import run_in_threadpool
 
+from operators.adapters.channels.ports import SmsNumberIndex
 from operators.adapters.http.errors import error_response, retry_after
 from operators.adapters.http.models import ERRORS, StreamToken
 from operators.adapters.redis.live import LiveHub, stream_id_key
@@ -53,6 +59,7 @@ from operators.notify.links import (
 from operators.notify.ports import Publisher
 from operators.notify.requests import Rejected
 from operators.notify.service import NotifyService
+from operators.notify.sms_keywords import REPLIES, parse_keyword, twiml
 from schemas.codecs import encode_category_switch, encode_device_change, encode_notification_ack
 from schemas.records import CategorySwitch, DeviceChange, NotificationAck
 from schemas.topics import DEVICE_CHANGES, NOTIFICATION_ACKS, PREFERENCE_CHANGES
@@ -77,6 +84,8 @@ class ChannelApi:
     sms_auth_token: str | None = None
     vapid_public_key: str | None = None
     registry: CollectorRegistry | None = None
+    sms_numbers: SmsNumberIndex | None = None
+    """Phone number -> SMS addresses, kept by the devices endpoints (inbound STOP/START)."""
 
 
 class LiveMetrics:
@@ -102,6 +111,12 @@ class LiveMetrics:
             "fanfare_api_sms_callbacks_total",
             "SMS status callbacks, by status and what was done",
             ["status", "action"],
+            registry=registry,
+        )
+        self.sms_inbound = Counter(
+            "fanfare_api_sms_inbound_total",
+            "inbound SMS, by keyword (stop, start, help, other) and what was done",
+            ["keyword", "action"],
             registry=registry,
         )
 
@@ -322,9 +337,8 @@ def install_channel_routes(
 
     # --- SMS status callbacks ---------------------------------------------------------------
 
-    @app.post("/v1/callbacks/sms", status_code=204, tags=["channels"])
-    async def sms_status(request: Request) -> Response:
-        """The SMS provider's status callback (signed with the account's auth token)."""
+    async def signed_form(request: Request) -> dict[str, str]:
+        """The provider's form-encoded POST, once its X-Twilio-Signature is checked."""
         if channels.sms_auth_token is None:
             raise Rejected("not_found", "SMS is not configured on this server")
         body = await request.body()
@@ -334,8 +348,14 @@ def install_channel_routes(
         expected = twilio_signature(channels.sms_auth_token, url, params)
         given = request.headers.get("x-twilio-signature", "")
         if not hmac.compare_digest(given, expected):
-            raise Rejected("forbidden", "the callback's X-Twilio-Signature does not match")
-        ids = parse_qs(query)
+            raise Rejected("forbidden", "the request's X-Twilio-Signature does not match")
+        return params
+
+    @app.post("/v1/callbacks/sms", status_code=204, tags=["channels"])
+    async def sms_status(request: Request) -> Response:
+        """The SMS provider's status callback (signed with the account's auth token)."""
+        params = await signed_form(request)
+        ids = parse_qs(request.url.query)
         notification_id = ids.get("n", [""])[0]
         device_id = ids.get("d", [""])[0]
         user_id = ids.get("u", [""])[0]
@@ -364,6 +384,33 @@ def install_channel_routes(
             action = "deactivate"
         metrics.sms_callbacks.labels(status or "unknown", action).inc()
         return Response(status_code=204)
+
+    @app.post("/v1/channels/sms/inbound", tags=["channels"])
+    async def sms_inbound(request: Request) -> Response:
+        """A message to our number: STOP, START or HELP (signed like the status callbacks)."""
+        params = await signed_form(request)
+        number = params.get("From", "")
+        keyword = parse_keyword(params.get("Body", ""))
+        action = "none"
+        if keyword in ("stop", "start"):
+            if channels.sms_numbers is None:
+                raise Rejected("unavailable", "this server keeps no SMS number index")
+            holders = await run_in_threadpool(channels.sms_numbers.holders, number)
+            active = keyword == "start"
+            changes = [
+                DeviceChange(user, device, "sms", number if active else None, active, now())
+                for user, device in holders
+            ]
+            if changes:
+                await run_in_threadpool(
+                    publisher.publish,
+                    DEVICE_CHANGES,
+                    [(c.user_id.encode(), encode_device_change(c)) for c in changes],
+                )
+                action = "activate" if active else "deactivate"
+        metrics.sms_inbound.labels(keyword or "other", action).inc()
+        reply = REPLIES[keyword] if keyword is not None else None
+        return Response(twiml(reply), media_type="application/xml")
 
     # --- web push -------------------------------------------------------------------------
 

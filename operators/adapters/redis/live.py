@@ -5,7 +5,10 @@ user's stream (`{prefix}inapp:stream:{user}`, the last FANFARE_INAPP_STREAM_LENG
 FANFARE_INAPP_STREAM_TTL_S) and publishes `ID JSON` on the user's channel
 (`{prefix}inapp:live:{user}`). A connected client (the API's Server-Sent Events) gets it from
 the channel at once; one that reconnects with `Last-Event-ID` reads what it missed from the
-stream. The stream entry's id is the event id, so the two never disagree.
+stream. The stream entry's id is the event id, so the two never disagree. The same call marks
+the notification published (`{prefix}inapp:sent:{notification_id}`, kept as long as the stream):
+a send the engine repeats after a crash (its answer lost with the worker) finds the mark and is
+not appended again, so in-app is delivered once even across a kill -9.
 
 `LiveHub` is the API process's side: one pub/sub connection for every connected client of the
 process, subscribed to the channels of the users that have one (reference-counted), routing
@@ -26,10 +29,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _PUBLISH = """
+local seen = redis.call('GET', KEYS[2])
+if seen then return {seen, 1} end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'n', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], id .. ' ' .. ARGV[2])
-return id
+return {id, 0}
 """
 QUEUE_LIMIT = 256
 """Events held for one slow client before its oldest are dropped."""
@@ -45,6 +51,11 @@ collector pause the API loop for hundreds of milliseconds)."""
 def stream_key(prefix: str, user_id: str) -> str:
     """The user's stream of recent in-app notifications."""
     return f"{prefix}inapp:stream:{user_id}"
+
+
+def sent_key(prefix: str, notification_id: str) -> str:
+    """The mark of a per-user notification already appended (its stream id)."""
+    return f"{prefix}inapp:sent:{notification_id}"
 
 
 def channel_name(prefix: str, user_id: str) -> str:
@@ -75,16 +86,20 @@ class LivePublisher:
         self._ttl = ttl_s
         self._script = client.register_script(_PUBLISH)
 
-    async def publish(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
-        """(user_id, JSON) pairs; the stream id of each, in order."""
+    async def publish(self, items: Sequence[tuple[str, str, bytes]]) -> list[tuple[str, bool]]:
+        """Append and publish (user_id, notification_id, JSON) items.
+
+        Per item, in order: its stream id, and whether it had been published before (a repeated
+        send: not appended or published again).
+        """
         pipe = self._redis.pipeline(transaction=False)
-        for user_id, payload in items:
+        for user_id, notification_id, payload in items:
             await self._script(  # queued on the pipeline (the script is loaded before it runs)
-                keys=[stream_key(self._prefix, user_id)],
+                keys=[stream_key(self._prefix, user_id), sent_key(self._prefix, notification_id)],
                 args=[self._length, payload, self._ttl, channel_name(self._prefix, user_id)],
                 client=pipe,
             )
-        return [_text(i) for i in await pipe.execute()]
+        return [(_text(i), bool(int(dup))) for i, dup in await pipe.execute()]
 
 
 @dataclass(eq=False)

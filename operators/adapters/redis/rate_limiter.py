@@ -20,6 +20,10 @@ that Redis lost starts full). The choice, against the two others:
 A quarter keeps a fleet of up to four workers within the quota; a fleet of W > 4 workers may
 send up to W/4 times the quota during an outage, and the provider's 429s then go through the
 retry path (Retry-After honoured) and the circuit breaker. Tested in tests/reliability.
+
+`AsyncRedisRateLimiter` is the same bucket, script and fallback over redis.asyncio, for the
+channel senders' per-destination pacing (`operators/adapters/channels/pacing.py`), which runs
+on the worker's event loop where a blocking call would hold every send in flight.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+from operators.adapters.channels.ports import DestinationLimiter
 from operators.adapters.redis.client import (
     REDIS_DOWN_ERRORS,
     PerThreadRedis,
@@ -122,6 +128,62 @@ class RedisRateLimiter(RateLimiter):
         started = self.outage.started()
         try:
             granted, wait = self._redis.script(_TAKE_SCRIPT)(
+                keys=[f"{self._prefix}ratelimit:{spec.name}"],
+                args=[spec.rate, spec.capacity, wanted, spec.reserve_for(lane)],
+            )
+        except REDIS_DOWN_ERRORS as exc:
+            self.outage.failed(exc, started)
+            self.fallbacks += 1
+            return self._fallback.take(spec, wanted, lane)
+        self.outage.answered()
+        return Grant(int(granted), float(wait))
+
+
+class AsyncLocalRateLimiter(DestinationLimiter):
+    """A `LocalRateLimiter` behind the async port (tests; it does no I/O)."""
+
+    def __init__(self, local: LocalRateLimiter) -> None:
+        self._local = local
+
+    async def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
+        """Refill and take."""
+        return self._local.take(spec, wanted, lane)
+
+
+class AsyncRedisRateLimiter(DestinationLimiter):
+    """The shared bucket over redis.asyncio, one script call per take.
+
+    The same script and local fallback while Redis is unreachable as `RedisRateLimiter`.
+    """
+
+    def __init__(
+        self,
+        client: Any,  # redis.asyncio.Redis, made on the worker's event loop
+        prefix: str,
+        local_share: float = 4.0,
+        probe_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._prefix = prefix
+        self._script = client.register_script(_TAKE_SCRIPT)
+        self._fallback = LocalRateLimiter(clock=clock, share=local_share)
+        self.outage = RedisOutage(
+            f"destination pacing (on a local bucket at 1/{local_share:g} of the rate)",
+            probe_s,
+            clock,
+        )
+        self.fallbacks = 0
+
+    async def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
+        """Take from Redis, or from the local bucket while Redis is unreachable."""
+        if wanted <= 0:
+            return Grant(0, 0.0)
+        if self.outage.skip():
+            self.fallbacks += 1
+            return self._fallback.take(spec, wanted, lane)
+        started = self.outage.started()
+        try:
+            granted, wait = await self._script(
                 keys=[f"{self._prefix}ratelimit:{spec.name}"],
                 args=[spec.rate, spec.capacity, wanted, spec.reserve_for(lane)],
             )

@@ -12,6 +12,9 @@ Endpoints (all JSON; CHANNEL is email, sms, webpush or chat):
   POST /reset   {"channel": C} or {} for all
   POST /webpush/subscriptions                    a new subscription the server can decrypt
                                                  pushes to: {"id", "subscription"}
+  POST /sms/inbound {"url", "from", "to", "body"}  the SMS server posts a message from `from`
+                                                 to `to` to the webhook `url`, signed: {"sid"}
+  GET  /sms/inbound                              the inbound posts made and their answers
 
 `ChannelControl` wraps them with the standard library only.
 """
@@ -24,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+from scripts.dev.local_channels.sms import SmsServer
 from scripts.dev.local_channels.state import CHANNELS, ChannelState
 from scripts.dev.local_channels.webpush import WebPushServer
 from scripts.dev.local_providers.control_api import JsonControlClient, json_response
@@ -34,9 +38,12 @@ from scripts.dev.local_providers.state import RateLimit
 class ChannelControlApi:
     """Serves the endpoints above for the channel servers' states."""
 
-    def __init__(self, states: Mapping[str, ChannelState], webpush: WebPushServer) -> None:
+    def __init__(
+        self, states: Mapping[str, ChannelState], webpush: WebPushServer, sms: SmsServer
+    ) -> None:
         self.states = states
         self.webpush = webpush
+        self.sms = sms
 
     def protocol(self) -> Http11Protocol:
         """Protocol factory for loop.create_server."""
@@ -70,6 +77,14 @@ class ChannelControlApi:
                 return json_response(200, {"ok": True})
             if route == (b"POST", "/webpush/subscriptions"):
                 return json_response(201, self.webpush.mint())
+            if route == (b"POST", "/sms/inbound"):
+                doc = json.loads(req.body or b"{}")
+                sid = self.sms.inbound(
+                    str(doc["url"]), str(doc["from"]), str(doc["to"]), str(doc["body"])
+                )
+                return json_response(202, {"sid": sid})
+            if route == (b"GET", "/sms/inbound"):
+                return json_response(200, {"answers": self.sms.inbound_answers})
             return json_response(404, {"error": f"no endpoint {req.method.decode()} {req.path}"})
         except (ValueError, TypeError, KeyError) as exc:
             return json_response(400, {"error": f"{type(exc).__name__}: {exc}"})
@@ -155,6 +170,23 @@ class ChannelControl(JsonControlClient):
         """A web push subscription whose pushes the server decrypts: {"id", "subscription"}."""
         result: dict[str, Any] = self._call("POST", "/webpush/subscriptions", {})
         return result
+
+    def sms_inbound(
+        self, url: str, sender: str, to: str, body: str, timeout_s: float = 30.0
+    ) -> dict[str, Any]:
+        """Have the SMS server post a message from `sender` to `to` to the webhook `url`.
+
+        Returns its answer ({"status", "content_type", "answer"}) once it came.
+        """
+        doc = {"url": url, "from": sender, "to": to, "body": body}
+        sid = self._call("POST", "/sms/inbound", doc)["sid"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for entry in self._call("GET", "/sms/inbound")["answers"]:
+                if entry["sid"] == sid:
+                    return dict(entry)
+            time.sleep(0.05)
+        raise TimeoutError(f"the inbound message {sid} got no answer within {timeout_s} s")
 
     def reset(self, channel: str | None = None) -> None:
         """Forget records, counters and faults (of one channel, or all)."""

@@ -122,7 +122,7 @@ async def serve_channels(home: Path, creds: LocalCredentials) -> RunningChannels
     sms = SmsServer(states["sms"], SMS_ACCOUNT, token, str(creds.ca_file))
     webpush = WebPushServer(states["webpush"])
     chat = ChatServer(states["chat"])
-    control = ChannelControlApi(states, webpush)
+    control = ChannelControlApi(states, webpush, sms)
     servers = [
         await loop.create_server(smtp_factory(states["email"], tls, SMTP_USER, password), HOST, 0),
         await loop.create_server(

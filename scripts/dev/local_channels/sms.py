@@ -14,6 +14,10 @@ After a 201 it POSTs the status callback (`StatusCallback`): `sent`, then `deliv
 `undelivered`/`failed` with `ErrorCode`), form-encoded, signed with `X-Twilio-Signature`
 (base64 HMAC-SHA1 of the URL and the sorted parameters, keyed by the auth token), as Twilio
 does; what each callback got back is kept for the control API.
+
+`inbound` plays a message sent to our number (a user replying STOP, START or HELP): a signed,
+form-encoded POST of `From`, `To`, `Body`, `MessageSid` to the webhook URL given (Twilio's
+"A message comes in" webhook); the answer (status and TwiML) is kept for the control API.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class SmsServer:
         self._ca_file = ca_file
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: Any = None  # one aiohttp session for every callback, made on first use
+        self.inbound_answers: list[dict[str, Any]] = []
 
     def handle(self, req: Request) -> Response:
         """Route one request."""
@@ -149,11 +154,8 @@ class SmsServer:
             task.add_done_callback(self._tasks.discard)
         return Response(201, json.dumps(doc).encode(), delay_s=delay)
 
-    async def _callbacks(
-        self, url: str, sid: str, to: str, form: dict[str, str], error_code: Any
-    ) -> None:
+    def _session(self) -> Any:
         import aiohttp
-        import yarl
 
         if self._client is None:
             # One session for every callback, a bounded pool (a benchmark sends thousands).
@@ -162,6 +164,53 @@ class SmsServer:
                 connector=aiohttp.TCPConnector(ssl=context, limit=16),
                 timeout=aiohttp.ClientTimeout(total=5),
             )
+        return self._client
+
+    def inbound(self, url: str, sender: str, to: str, body: str) -> str:
+        """Post a message from `sender` to the webhook `url` (in the background); its sid."""
+        sid = "SM" + secrets.token_hex(16)
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": "2010-04-01",
+            "Body": body,
+            "From": sender,
+            "MessageSid": sid,
+            "NumMedia": "0",
+            "NumSegments": "1",
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "SmsStatus": "received",
+            "To": to,
+        }
+        task = asyncio.get_running_loop().create_task(self._post_inbound(url, sid, params))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return sid
+
+    async def _post_inbound(self, url: str, sid: str, params: dict[str, str]) -> None:
+        import aiohttp
+        import yarl
+
+        headers = {"X-Twilio-Signature": twilio_signature(self.auth_token, url, params)}
+        entry: dict[str, Any] = {"sid": sid, "from": params["From"], "body": params["Body"]}
+        try:
+            target = yarl.URL(url, encoded=True)
+            async with self._session().post(target, data=params, headers=headers) as response:
+                entry["status"] = response.status
+                entry["content_type"] = response.headers.get("Content-Type", "")
+                entry["answer"] = await response.text()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            entry["status"] = None
+            entry["answer"] = type(exc).__name__
+        self.inbound_answers.append(entry)
+
+    async def _callbacks(
+        self, url: str, sid: str, to: str, form: dict[str, str], error_code: Any
+    ) -> None:
+        import aiohttp
+        import yarl
+
+        self._session()
         final = "undelivered" if error_code else "delivered"
         for status in ("sent", final):
             await asyncio.sleep(0.05)

@@ -8,7 +8,8 @@ than EHLO/NOOP/QUIT get `530`; AUTH before TLS is refused; wrong credentials get
 
 Each accepted message is recorded with its envelope, its headers (Message-ID, Subject,
 List-Unsubscribe, List-Unsubscribe-Post, X-Fanfare-Notification), its text and HTML parts,
-and whether it came over TLS after AUTH.
+and whether it came over TLS after AUTH; one whose Message-ID was seen before is marked
+`resend` (fanfare's Message-ID is stable per notification and address).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class SmtpHandler:
                 "size": len(raw),
                 "tls": session.ssl is not None,
                 "authenticated": bool(session.authenticated),
-            }
+            },
+            key=parsed["Message-ID"],
         )
         if self.state.faults.latency_s:
             await asyncio.sleep(self.state.faults.latency_s)

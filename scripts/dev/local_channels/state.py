@@ -67,6 +67,8 @@ class ChannelState:
         self.requests = 0
         self.records: list[dict[str, Any]] = []
         self.extra: list[dict[str, Any]] = []  # SMS status callbacks made, ...
+        self.keys: set[str] = set()  # idempotency keys seen (email Message-ID, web push Topic)
+        self.resends = 0
 
     def reset(self) -> None:
         """Forget records and counters and clear every fault."""
@@ -75,10 +77,21 @@ class ChannelState:
         self.requests = 0
         self.records = []
         self.extra = []
+        self.keys = set()
+        self.resends = 0
 
-    def record(self, doc: dict[str, Any]) -> None:
-        """Keep an accepted message (with the server's receipt time)."""
+    def record(self, doc: dict[str, Any], key: str | None = None) -> None:
+        """Keep an accepted message (with the server's receipt time).
+
+        `key` is the message's idempotency key where the protocol carries one: a message whose
+        key was seen before is kept marked `"resend": true` and counted (a provider could drop
+        it; the local server keeps it so a test sees every copy).
+        """
         doc.setdefault("time", time.time())
+        if key is not None:
+            doc["resend"] = key in self.keys
+            self.resends += doc["resend"]
+            self.keys.add(key)
         self.records.append(doc)
 
     def reject(self, reason: str) -> None:
@@ -95,6 +108,7 @@ class ChannelState:
         return {
             "requests": self.requests,
             "accepted": len(self.records),
+            "resends": self.resends,
             "rejected": dict(self.rejected),
             "rejected_total": sum(self.rejected.values()),
             "faults": self.faults.describe(),

@@ -175,6 +175,9 @@ class WebPushServer:
                 version="aes128gcm",
             )
             record["payload"] = json.loads(plain)
-        state.record(record)
+        # The Topic replaces an undelivered push with the same one (RFC 8030 5.4): per
+        # subscription, a resend of the same notification carries the same Topic.
+        topic = record["topic"]
+        state.record(record, key=f"{sub_id} {topic}" if topic else None)
         location = f"{self.origin}/m/{message_id}".encode()
         return Response(201, b"", ((b"location", location),), delay_s=faults.latency_s)
