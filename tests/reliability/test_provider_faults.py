@@ -99,18 +99,8 @@ def test_goaway_mid_stream_repeats_only_what_the_protocols_cannot_tell_apart(
 
 
 def test_answers_slower_than_the_send_timeout_open_the_circuit_and_recover(
-    chaos: ChaosStack,
-    survived: Callable[[Result], Result],
-    transport: str,
-    request: pytest.FixtureRequest,
+    chaos: ChaosStack, survived: Callable[[Result], Result], transport: str
 ) -> None:
-    if transport == "libraries":
-        # A known defect, not yet fixed: with firebase-admin (not the default client) a few
-        # FCM pushes reach FCM twice while APNs answers slower than the send timeout. The
-        # default libcurl transport passes. Runs and reports; see README "Status".
-        request.applymarker(
-            pytest.mark.xfail(reason="firebase-admin: FCM sent twice while APNs is slow")
-        )
     r = survived(run_fault(chaos, "slow-responses", transport))
     assert_all_delivered_once(r)
     assert r.counts["fcm_resends"] == 0

@@ -3,19 +3,56 @@
 The provider clients and the engine's send tasks live on it (aioapns and libcurl's socket
 callbacks need a running loop); the worker hands it work and never waits for a provider's
 answer (`DeliveryEngine.submit`), or waits for a coroutine it runs (`run`: set-up, close).
+
+`answered_within` bounds a send by the provider's time, not by the loop's: see there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from operators.delivery.ports import LoopRunner
 
 T = TypeVar("T")
+
+SETTLE_S = 0.05
+"""How long a loop that was busy at a send's deadline gets to read what its sockets hold."""
+
+
+async def answered_within(aw: Awaitable[T], timeout_s: float, settle_s: float = SETTLE_S) -> T:
+    """`aw`'s result, or TimeoutError if the provider did not answer within `timeout_s`.
+
+    Unlike `asyncio.wait_for`, an answer that came while the loop was busy elsewhere (the other
+    provider's sends share it) is read, not cancelled: when the deadline's timer runs late, the
+    loop was not free to read, so it gets `settle_s` more, each time the timer runs late, up
+    to `timeout_s` more of such windows in all. Cancelling a request the provider had already
+    answered makes fanfare send it again, and FCM, which has no idempotency key, accepts it
+    twice.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(aw)
+    deadline = loop.time() + timeout_s
+    spare = timeout_s
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=max(deadline - loop.time(), 0.0))
+            if done:
+                return task.result()
+            now = loop.time()
+            if now - deadline <= settle_s or spare <= 0:  # the loop was free: no answer came
+                raise TimeoutError
+            spare -= settle_s
+            deadline = now + settle_s
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class EventLoopThread(LoopRunner):

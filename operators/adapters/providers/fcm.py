@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from operators.adapters.providers.config import FcmConfig, ProviderConfigError
+from operators.adapters.providers.event_loop import answered_within
 from operators.adapters.providers.fcm_errors import fcm_reason
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import PushSource, fcm_content, time_to_live_s
@@ -192,7 +193,7 @@ class FcmSender(PushSender):
         async def one(chunk: list[object]) -> list[ProviderAnswer]:
             async with gate:
                 try:
-                    batch = await asyncio.wait_for(
+                    batch = await answered_within(
                         self._messaging.send_each_async(chunk, app=self._app), self._timeout
                     )
                 except TimeoutError:
