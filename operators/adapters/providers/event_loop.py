@@ -37,16 +37,16 @@ async def answered_within(aw: Awaitable[T], timeout_s: float, settle_s: float = 
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(aw)
     deadline = loop.time() + timeout_s
-    spare = timeout_s
+    windows = max(1, round(timeout_s / settle_s))  # late deadlines it may still move
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=max(deadline - loop.time(), 0.0))
             if done:
                 return task.result()
             now = loop.time()
-            if now - deadline <= settle_s or spare <= 0:  # the loop was free: no answer came
+            if now - deadline <= settle_s or not windows:  # the loop was free: no answer came
                 raise TimeoutError
-            spare -= settle_s
+            windows -= 1
             deadline = now + settle_s
     finally:
         if not task.done():
