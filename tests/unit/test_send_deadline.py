@@ -60,8 +60,8 @@ def test_no_answer_on_a_free_loop_times_out_at_the_deadline_and_cancels_the_send
     assert 0.2 <= took < 0.2 + 0.2  # the deadline, and at most a settle window or so more
 
 
-def test_a_loop_that_stays_busy_gives_up_after_twice_the_timeout_of_its_own_free_time() -> None:
-    """However late the timers run, a send is bounded: `timeout_s` more in settle windows."""
+def test_a_loop_that_stays_busy_still_gives_up() -> None:
+    """However late the timers run, a send is bounded: at most `timeout_s` more to catch up."""
 
     async def never_answered() -> None:
         await asyncio.sleep(60)
@@ -76,11 +76,11 @@ def test_a_loop_that_stays_busy_gives_up_after_twice_the_timeout_of_its_own_free
         started = time.monotonic()
         try:
             with pytest.raises(TimeoutError):
-                await answered_within(never_answered(), 0.2, settle_s=0.05)
+                await answered_within(never_answered(), 0.2, on_time_s=0.05)
         finally:
             hog.cancel()
         return time.monotonic() - started
 
-    # 0.2 s, then at most 0.2 / 0.05 = 4 settle windows, each a few busy 0.1 s turns long:
-    # about 1.5 s, far from the 60 s the send would otherwise wait.
-    assert asyncio.run(scenario()) < 3.0
+    # 0.2 s, then at most 0.2 s more, each wait ending a busy 0.1 s turn or two late: about
+    # 0.8 s, far from the 60 s the send would otherwise wait.
+    assert asyncio.run(scenario()) < 2.0

@@ -20,34 +20,36 @@ from operators.delivery.ports import LoopRunner
 
 T = TypeVar("T")
 
-SETTLE_S = 0.05
-"""How long a loop that was busy at a send's deadline gets to read what its sockets hold."""
+ON_TIME_S = 0.05
+"""A timer that runs at most this late ran on a loop that was free to read its sockets."""
 
 
-async def answered_within(aw: Awaitable[T], timeout_s: float, settle_s: float = SETTLE_S) -> T:
+async def answered_within(aw: Awaitable[T], timeout_s: float, on_time_s: float = ON_TIME_S) -> T:
     """`aw`'s result, or TimeoutError if the provider did not answer within `timeout_s`.
 
     Unlike `asyncio.wait_for`, an answer that came while the loop was busy elsewhere (the other
-    provider's sends share it) is read, not cancelled: when the deadline's timer runs late, the
-    loop was not free to read, so it gets `settle_s` more, each time the timer runs late, up
-    to `timeout_s` more of such windows in all. Cancelling a request the provider had already
-    answered makes fanfare send it again, and FCM, which has no idempotency key, accepts it
-    twice.
+    provider's sends share it) is read, not cancelled: when the deadline's timer runs late,
+    the loop was not free to read, so it gets as long again to catch up (the answers waiting
+    then take it a while to read), up to `timeout_s` more in all. Cancelling a request the
+    provider had already answered makes fanfare send it again, and FCM, which has no
+    idempotency key, accepts it twice.
     """
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(aw)
     deadline = loop.time() + timeout_s
-    windows = max(1, round(timeout_s / settle_s))  # late deadlines it may still move
+    spare = timeout_s  # what late deadlines may add, in all
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=max(deadline - loop.time(), 0.0))
             if done:
                 return task.result()
             now = loop.time()
-            if now - deadline <= settle_s or not windows:  # the loop was free: no answer came
+            late = now - deadline
+            if late <= on_time_s or spare <= 0:  # the loop was free, and no answer came
                 raise TimeoutError
-            windows -= 1
-            deadline = now + settle_s
+            extra = min(late, spare)
+            spare -= extra
+            deadline = now + extra
     finally:
         if not task.done():
             task.cancel()
