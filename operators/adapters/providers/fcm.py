@@ -1,7 +1,9 @@
 """FCM HTTP v1 through firebase-admin, behind the engine's `PushSender` port.
 
 Each worker builds its own app on its own event loop. Retries belong to fanfare (`push.retry`
-with backoff), so firebase-admin's own are turned off, and every send is bounded by a timeout.
+with backoff), so firebase-admin's own are turned off, and every send is bounded by a timeout,
+counted as the provider's time (`answered_within`): FCM has no idempotency key, so a send
+given up on that FCM had answered is accepted twice.
 The service account comes from a file and is never logged.
 """
 
