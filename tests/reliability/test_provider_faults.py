@@ -16,6 +16,8 @@ from the fault's end:
   idempotency key; see tests/integration/test_local_providers.py's GOAWAY test).
 - APNs answering later than FANFARE_SEND_TIMEOUT_MS: sends time out, the circuit opens and
   closes; the server accepted the timed-out sends, so the retries are same-apns-id resends.
+  FCM, whose sends share the worker's event loop with the slow APNs ones, is sent nothing
+  twice (a send's timeout counts the provider's time, not the loop's: docs/providers.md).
 
 The scenarios are `scripts/harness/chaos.py`'s, at its small scale, each on each transport
 (libcurl, the default, and the providers' libraries, aioapns and firebase-admin).
