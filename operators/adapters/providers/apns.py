@@ -2,8 +2,7 @@
 
 Each worker builds its own client on its own event loop (aioapns insists on a running loop).
 Retries belong to fanfare (`push.retry` with backoff), and every send is bounded by a timeout
-(aioapns has none of its own), counted as the provider's time (`answered_within`). The JWT
-signing key comes from a file and is never logged.
+(aioapns has none of its own). The JWT signing key comes from a file and is never logged.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from operators.adapters.providers.config import ApnsConfig, ProviderConfigError
-from operators.adapters.providers.event_loop import answered_within
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import (
     PushSource,
@@ -116,7 +114,7 @@ class ApnsSender(PushSender):
             push_type=PushType.ALERT,
         )
         try:
-            result = await answered_within(
+            result = await asyncio.wait_for(
                 self._client.send_notification(notification), self._timeout
             )
         except TimeoutError:
