@@ -685,7 +685,10 @@ def provider_fault(stack: ChaosStack, scale: Scale, fault: Fault) -> Result:
     _settle(stack)
     sampler.stop()
     records = stack.accepted()
-    t = tally(due, records, fcm_resends_allowed=fault.fcm_resends_allowed)
+    fcm_lost = outcomes.answers_lost("fcm")
+    t = tally(
+        due, records, fcm_resends_allowed=fault.fcm_resends_allowed, fcm_answers_lost=fcm_lost
+    )
     result.counts = t.row()
     backlog = [k for k, at in due_at.items() if at < fault_end]
     last = last_delivery(t, backlog)
@@ -726,6 +729,7 @@ def provider_fault(stack: ChaosStack, scale: Scale, fault: Fault) -> Result:
         "provider_rejected": {p: stats[p].get("rejected", {}) for p in scale.rates},
         "goaways_sent": {p: stats[p].get("goaways_sent", 0) for p in scale.rates},
         "retry_reasons": outcomes.retry_reasons(),
+        "fcm_answers_lost": fcm_lost.total(),
         "outcomes": outcomes.summary(),
         "latency_of_pushes_published_during_the_fault": latency,
         "rates_per_s": dict(scale.rates),

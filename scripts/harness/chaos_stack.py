@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,7 +44,7 @@ from operators.adapters.kafka.probes import read_partition_to_end, topic_partiti
 from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.config import Settings, load_settings
-from operators.delivery.model import TERMINAL_STATES
+from operators.delivery.model import HELD_PREFIX, TERMINAL_STATES
 from schemas.codecs import format_timestamp
 from schemas.topics import CHANNEL_TOPICS, DELIVERY_EVENTS
 from scripts.dev import devstack
@@ -66,6 +66,19 @@ BASE_ENV = {
 STOP_GRACE_S = 40.0  # the supervisor SIGKILLs its members 10 s after SIGTERM
 
 Key = tuple[str, str, str]  # (provider, notification_id, device_id): one push to one device
+NEVER_SENT = frozenset({"circuit_open", "rate_limited"})
+"""The engine's holds: retries of sends that never left (docs/operations.md)."""
+
+
+def answer_lost(status: object, reason: object) -> bool:
+    """A retry's cause says its send may have reached the provider, with no answer back.
+
+    A timeout, a broken connection, a client error (firebase-admin names some of them with
+    Google's codes, DEADLINE_EXCEEDED, UNAVAILABLE): no status. The engine's holds and a
+    sender's own pacing (`held: ...`) never left; an answer with a status is no loss.
+    """
+    text = str(reason)
+    return status is None and text not in NEVER_SENT and not text.startswith(HELD_PREFIX)
 
 
 class ChaosError(RuntimeError):
@@ -644,6 +657,7 @@ class Outcomes:
                         "reason": e.get("reason"),
                         "ts": e.get("ts"),
                         "retry_at": e.get("retry_at"),
+                        "key": (e.get("provider", ""), *key),
                     }
                 )
         return len(self.terminal)
@@ -665,6 +679,18 @@ class Outcomes:
         """Retries scheduled, by reason."""
         return dict(Counter(str(r["reason"]) for r in self.retries))
 
+    def answers_lost(self, provider: str) -> Counter[Key]:
+        """A provider's pushes with sends that may have left and got no answer, and how many.
+
+        A timeout, a broken connection, a client error: the provider may have accepted it.
+        Holds (circuit_open, rate_limited) never left.
+        """
+        return Counter(
+            r["key"]
+            for r in self.retries
+            if r["provider"] == provider and answer_lost(r["status"], r["reason"])
+        )
+
 
 # --- what the providers got -----------------------------------------------------------------------
 
@@ -681,8 +707,9 @@ class Tally:
       collapse id);
     - `fcm_resends`: an FCM push accepted again after an answer was lost (a crash mid-send, a
       GOAWAY, a timeout): FCM's HTTP v1 API has no idempotency key, so a client cannot tell
-      "accepted, answer lost" from "never arrived". Counted here only where the scenario cut
-      answers off (`fcm_resends_allowed`); elsewhere they are `duplicated`;
+      "accepted, answer lost" from "never arrived". Counted here where the scenario cut
+      answers off (`fcm_resends_allowed`), or for a push delivery reported a lost answer for
+      (`fcm_answers_lost`, from `Outcomes.answers_lost`); elsewhere they are `duplicated`;
     - `duplicated`: every other repeat. Always a failure.
     """
 
@@ -710,7 +737,11 @@ class Tally:
 
 
 def tally(
-    expected: Iterable[Key], records: Iterable[AcceptedRecord], *, fcm_resends_allowed: bool
+    expected: Iterable[Key],
+    records: Iterable[AcceptedRecord],
+    *,
+    fcm_resends_allowed: bool,
+    fcm_answers_lost: Collection[Key] = frozenset(),
 ) -> Tally:
     """Compare what the providers accepted with what was due (see `Tally`)."""
     due = set(expected)
@@ -727,7 +758,7 @@ def tally(
             continue
         if key[0] == "apns" and len({r.message_id for r in recs}) == 1:
             apns_resends += extra
-        elif key[0] == "fcm" and fcm_resends_allowed:
+        elif key[0] == "fcm" and (fcm_resends_allowed or key in fcm_answers_lost):
             fcm_resends += extra
         else:
             duplicated += extra

@@ -401,6 +401,40 @@ def test_fcm_answers_later_than_the_timeout_are_transient(
     assert {classify("fcm", a) for a in answers} == {Verdict.TRANSIENT}
 
 
+@pytest.mark.parametrize("client", FCM_CLIENTS)
+def test_fcm_answers_that_came_while_the_loop_was_busy_are_read_not_timed_out(
+    client: str, configs: tuple[ApnsConfig, FcmConfig], control: ProviderControl
+) -> None:
+    """FCM answered in time, but the worker's event loop was busy past the send timeout.
+
+    The loop also runs the other provider's sends (aioapns' HTTP/2 in Python, hundreds of
+    streams when APNs is slow), so an answer can wait unread in the socket. Both senders
+    reported such pushes as timeouts (asyncio.wait_for, libcurl's TIMEOUT_MS); fanfare sent
+    them again and FCM, which has no idempotency key, accepted each twice.
+    """
+    timeout_s = 0.5
+
+    async def scenario() -> list[ProviderAnswer]:
+        sender = fcm_sender(client, configs[1], timeout_s=timeout_s)
+        await sender.warm_up()
+        control.set_latency("fcm", 200)  # the answers come back while the loop is busy
+        reqs = fcm_requests(FCM_TOKENS)
+        sending = asyncio.ensure_future(sender.send(reqs, [sender.render(r) for r in reqs]))
+        deadline = time.monotonic() + 5
+        while (await asyncio.to_thread(control.stats))["fcm"]["accepted"] < len(reqs):
+            assert time.monotonic() < deadline, "the requests never reached the server"
+        time.sleep(timeout_s * 3)  # the loop busy with other work (blocking, on purpose)
+        try:
+            return await sending
+        finally:
+            await sender.close()
+
+    answers = run(scenario())
+    assert answers == [ProviderAnswer(200, None)] * len(FCM_TOKENS)
+    stats = control.stats()["fcm"]
+    assert stats["accepted"] == stats["distinct"] == len(FCM_TOKENS)
+
+
 def test_fcm_goaway_with_sends_in_flight_answers_them_on_libcurl(
     configs: tuple[ApnsConfig, FcmConfig], control: ProviderControl
 ) -> None:

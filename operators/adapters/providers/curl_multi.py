@@ -7,6 +7,11 @@ libcurl's sockets (`M_SOCKETFUNCTION` -> `add_reader` / `add_writer`) and its ti
 (`M_TIMERFUNCTION` -> `call_later`), and calls `socket_action` when either fires; finished
 transfers are read with `info_read`.
 
+Deadlines: a request's `timeout_s` is kept here (`answered_within`), not by libcurl, whose
+TIMEOUT_MS is checked before it reads the answer: after the loop was busy past a deadline
+(the other provider's sends share it), libcurl failed answers that had already come, and
+fanfare sent those pushes again. A request past its deadline is removed from the multi handle.
+
 Connections: requests to one host share its HTTP/2 connections (`PIPE_MULTIPLEX`, `PIPEWAIT`):
 a new connection is opened only when every open one carries `streams_per_connection` requests,
 up to `max_connections`. A GOAWAY's unprocessed streams (refused) are sent again by libcurl on
@@ -24,6 +29,8 @@ from typing import Any
 
 import orjson
 import pycurl
+
+from operators.adapters.providers.event_loop import answered_within
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +178,25 @@ class CurlMulti:
             if not queued:
                 return
 
+    def _abort(self, transfer: _Transfer) -> None:
+        """Give up on a request past its deadline (libcurl resets its stream): a timeout."""
+        handle = transfer.handle
+        if self._busy.pop(handle, None) is None:
+            return  # answered meanwhile
+        self._multi.remove_handle(handle)
+        done, transfer.done = transfer.done, None
+        self._idle.append(transfer)
+        if done is not None:
+            done(transfer.token, CurlAnswer(None, error="timeout"))
+
+    async def _within_deadline(self, answered: asyncio.Future[None], sent: list[_Transfer]) -> None:
+        """Wait until `answered`; past the requests' deadline, abort those still unanswered."""
+        try:
+            await answered_within(answered, self._target.timeout_s)
+        except TimeoutError:
+            for transfer in sent:
+                self._abort(transfer)
+
     def _done(self, handle: pycurl.Curl, errno: int | None, message: str) -> None:
         self._multi.remove_handle(handle)
         transfer = self._busy.pop(handle, None)
@@ -203,7 +229,6 @@ class CurlMulti:
         c.setopt(pycurl.PIPEWAIT, 1)
         c.setopt(pycurl.NOSIGNAL, 1)
         c.setopt(pycurl.TCP_NODELAY, 1)
-        c.setopt(pycurl.TIMEOUT_MS, max(1, int(t.timeout_s * 1000)))
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(t.connect_timeout_s * 1000)))
         if t.ca_file is not None:
             c.setopt(pycurl.CAINFO, t.ca_file)
@@ -211,17 +236,17 @@ class CurlMulti:
         c.setopt(pycurl.WRITEDATA, transfer.body)
         return transfer
 
-    def request(
+    def _request(
         self, url: str, headers: Sequence[str], body: bytes | None, done: Done, token: int = 0
-    ) -> None:
+    ) -> _Transfer | None:
         """POST `body` (GET when None) with `headers` ("name: value"); `done(token, answer)`.
 
         A callback, not a future: a future per request costs more than the rest of the
-        request's Python work.
+        request's Python work. No deadline of its own: its caller keeps it (`_within_deadline`).
         """
         if self._closed:
             done(token, CurlAnswer(None, error="connection: closed"))
-            return
+            return None
         transfer = self._transfer()
         c = transfer.handle
         c.setopt(pycurl.URL, url)
@@ -238,24 +263,17 @@ class CurlMulti:
         transfer.token = token
         self._busy[c] = transfer
         self._multi.add_handle(c)  # libcurl asks for a timeout of 0: started on the loop
+        return transfer
 
-    def fetch(
-        self, url: str, headers: Sequence[str], body: bytes | None
-    ) -> asyncio.Future[CurlAnswer]:
-        """One request's answer as a future."""
-        future: asyncio.Future[CurlAnswer] = self._loop.create_future()
-
-        def done(_token: int, answer: CurlAnswer) -> None:
-            if not future.done():
-                future.set_result(answer)
-
-        self.request(url, headers, body, done)
-        return future
+    async def fetch(self, url: str, headers: Sequence[str], body: bytes | None) -> CurlAnswer:
+        """One request's answer."""
+        [answer] = await self.send_all([(url, headers, body)])
+        return answer
 
     async def send_all(
-        self, requests: Sequence[tuple[str, Sequence[str], bytes]]
+        self, requests: Sequence[tuple[str, Sequence[str], bytes | None]]
     ) -> list[CurlAnswer]:
-        """Several requests at once; their answers in order."""
+        """Several requests at once; their answers in order (`timeout` past the deadline)."""
         answers: list[CurlAnswer | None] = [None] * len(requests)
         future: asyncio.Future[None] = self._loop.create_future()
         left = len(requests)
@@ -269,9 +287,13 @@ class CurlMulti:
 
         if not requests:
             return []
+        sent = []
         for i, (url, headers, body) in enumerate(requests):
-            self.request(url, headers, body, done, i)
-        await future
+            transfer = self._request(url, headers, body, done, i)
+            if transfer is not None:
+                sent.append(transfer)
+        if not future.done():
+            await self._within_deadline(future, sent)
         return answers  # type: ignore[return-value]
 
     async def preconnect(self, url: str, headers: Sequence[str]) -> None:

@@ -1,7 +1,9 @@
 """FCM HTTP v1 through firebase-admin, behind the engine's `PushSender` port.
 
 Each worker builds its own app on its own event loop. Retries belong to fanfare (`push.retry`
-with backoff), so firebase-admin's own are turned off, and every send is bounded by a timeout.
+with backoff), so firebase-admin's own are turned off, and every send is bounded by a timeout,
+counted as the provider's time (`answered_within`): FCM has no idempotency key, so a send
+given up on that FCM had answered is accepted twice.
 The service account comes from a file and is never logged.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from operators.adapters.providers.config import FcmConfig, ProviderConfigError
+from operators.adapters.providers.event_loop import answered_within
 from operators.adapters.providers.fcm_errors import fcm_reason
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import PushSource, fcm_content, time_to_live_s
@@ -192,7 +195,7 @@ class FcmSender(PushSender):
         async def one(chunk: list[object]) -> list[ProviderAnswer]:
             async with gate:
                 try:
-                    batch = await asyncio.wait_for(
+                    batch = await answered_within(
                         self._messaging.send_each_async(chunk, app=self._app), self._timeout
                     )
                 except TimeoutError:
