@@ -1702,6 +1702,7 @@ def latency_summary(
     complete when its distinct items are exactly the expected count and none came twice.
     """
     lat: list[float] = []
+    messages: list[int] = []  # Kafka messages (dispatch batches) of each complete post
     series: list[tuple[str, float, float | None]] = []
     incomplete = no_items = extra = duplicates = 0
     for post_id, j, at in posts:
@@ -1713,6 +1714,7 @@ def latency_summary(
             no_items += 1
         elif got.distinct == want and not got.duplicates:
             lat.append(got.last_seen - at)
+            messages.append(got.batches)
             done = True
         elif got.distinct > want or got.duplicates:
             extra += 1
@@ -1730,6 +1732,10 @@ def latency_summary(
         "p99_s": _r(percentile(lat, 99)),
         "max_s": _r(max(lat) if lat else None),
         "mean_s": _r(statistics.fmean(lat) if lat else None),
+        "messages_per_post": _r(statistics.fmean(messages) if messages else None),
+        "items_per_post": _r(
+            statistics.fmean(seed.expected_for_author(j) for _, j, _ in posts) if posts else None
+        ),
         "series": series,
     }
 
@@ -1953,7 +1959,8 @@ def print_report(r: dict[str, Any]) -> None:
                 f"{s['measured']} complete, {s['incomplete']} incomplete, "
                 f"{s['more_items_than_expected']} with extra items, {s['duplicate_items']} "
                 f"duplicate items; publish -> last batch read back p50 {s['p50_s']}s, "
-                f"p99 {s['p99_s']}s, max {s['max_s']}s"
+                f"p99 {s['p99_s']}s, max {s['max_s']}s; {s['messages_per_post']} Kafka "
+                f"messages per complete post ({s['items_per_post']} items per post)"
             )
     if "memory" in r:
         mm = r["memory"]
