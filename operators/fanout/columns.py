@@ -1,9 +1,10 @@
 """One shard's users in columns: preferences and devices as arrays, not an object per user.
 
 A row per user (append-only: a row is never reused, so a cached follower column of rows stays
-valid), found from the user id through a sorted hash index. Per row: push flag, quiet hours
-start and end (-1: none), a time-zone index (resolved against `ZoneHours`' table of local
-hours now) and the head of the user's device list. Per device: its owner, the next device of
+valid), found from the user id through a sorted index of a stable hash of the id (`index_key`),
+which a checkpoint saves so a restart need not hash every user again. Per row: push flag,
+quiet hours start and end (-1: none), a time-zone index (resolved against `ZoneHours`' table of
+local hours now) and the head of the user's device list. Per device: its owner, the next device of
 the same owner, the provider, and the device's pre-encoded JSON fragment (bytes): everything a
 dispatch item holds but the post, so a dispatch batch is a join of fragments
 (`operators.fanout.batching.encode_batches`).
@@ -43,6 +44,18 @@ _DEVICE_KEYS = b'","device_id":"'
 _TOKEN_KEYS = b'","token":"'
 _FILLS = {"push": 1, "q_start": NO_HOUR, "q_end": NO_HOUR, "tz": 0, "dev_head": -1, "dev_next": -1}
 _MERGE_MIN = 4_096  # index entries added before they are merged into the sorted arrays
+INDEX_HASH = 1
+"""Which `index_key` function a checkpoint's saved index was built with (change both together:
+a checkpoint with another number has its index rebuilt, not trusted)."""
+
+
+def index_key(encoded_id: bytes) -> int:
+    """A user id's 64-bit index key, the same in every process (Python's str hash is not).
+
+    CRC-32 alone carries little within a shard (`shard_of` is the CRC-32 modulo the shard
+    count), so Adler-32 fills the low half; equal keys are told apart by the ids themselves.
+    """
+    return (zlib.crc32(encoded_id) << 32) | zlib.adler32(encoded_id)
 
 
 def json_text(value: str) -> bytes:
@@ -136,7 +149,7 @@ class UserTable:
         self.fragments: list[bytes] = []
         self._free_devices: list[int] = []
         # index: sorted (hash, row) plus recent additions not merged yet
-        self._keys: npt.NDArray[np.int64] = np.zeros(0, np.int64)
+        self._keys: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)
         self._key_rows: I32 = np.zeros(0, np.int32)
         self._recent: dict[int, list[int]] = {}
         # time zones
@@ -157,18 +170,21 @@ class UserTable:
 
     def row_of(self, user_id: str) -> int:
         """The user's row, or -1 when the shard has never seen the user."""
-        h = hash(user_id)
+        return self._row_of(user_id.encode())
+
+    def _row_of(self, encoded: bytes) -> int:
+        h = index_key(encoded)
+        start, arena = self._uid_start.a, self._uid_arena
         recent = self._recent.get(h)
         if recent is not None:
             for row in recent:
-                if self.uid(row) == user_id:
+                if arena[start.item(row) : start.item(row + 1)] == encoded:
                     return row
         keys = self._keys
-        i = int(keys.searchsorted(h))
+        i = int(keys.searchsorted(np.uint64(h)))
         n = len(keys)
         if i < n and keys.item(i) == h:
-            start, arena, key_rows = self._uid_start.a, self._uid_arena, self._key_rows
-            encoded = user_id.encode()
+            key_rows = self._key_rows
             while i < n and keys.item(i) == h:
                 row = key_rows.item(i)
                 if arena[start.item(row) : start.item(row + 1)] == encoded:
@@ -178,15 +194,17 @@ class UserTable:
 
     def ensure_row(self, user_id: str) -> int:
         """The user's row, created (defaults, no device) when new."""
-        row = self.row_of(user_id)
-        return row if row >= 0 else self._add_row(user_id)
+        encoded = user_id.encode()
+        row = self._row_of(encoded)
+        return row if row >= 0 else self._add_row(encoded)
 
     def rows_of(self, user_ids: Sequence[str]) -> I32:
         """Rows of many users at once (created when new), in the same order."""
         out = np.empty(len(user_ids), np.int32)
         if not len(user_ids):
             return out
-        hashes = np.fromiter(map(hash, user_ids), np.int64, len(user_ids))
+        encoded = [u.encode() for u in user_ids]
+        hashes = np.fromiter(map(index_key, encoded), np.uint64, len(encoded))
         keys = self._keys
         pos = np.searchsorted(keys, hashes)
         pos_c = np.minimum(pos, max(len(keys) - 1, 0))
@@ -196,13 +214,14 @@ class UserTable:
         arena = self._uid_arena
         hit_l = hit.tolist()
         cand_l = cand.tolist()
-        for i, user_id in enumerate(user_ids):
+        for i, enc in enumerate(encoded):
             if hit_l[i]:
                 row = cand_l[i]
-                if arena[int(start[row]) : int(start[row + 1])] == user_id.encode():
+                if arena[int(start[row]) : int(start[row + 1])] == enc:
                     out[i] = row
                     continue
-            out[i] = self.ensure_row(user_id)
+            row = self._row_of(enc)
+            out[i] = row if row >= 0 else self._add_row(enc)
         return out
 
     def id_digest(self, rows: int) -> int:
@@ -215,20 +234,22 @@ class UserTable:
         arena = memoryview(self._uid_arena)[: int(starts[-1])]
         return zlib.crc32(arena, zlib.crc32(starts.tobytes()))
 
-    def _add_row(self, user_id: str) -> int:
+    def _add_row(self, encoded: bytes) -> int:
         row = self.rows
-        self._uid_arena += user_id.encode()
+        self._uid_arena += encoded
         self._uid_start.append(len(self._uid_arena))
         for column in (self._push, self._q_start, self._q_end, self._tz, self._dev_head):
             column.add_default()
-        self._recent.setdefault(hash(user_id), []).append(row)
+        self._recent.setdefault(index_key(encoded), []).append(row)
         if len(self._recent) >= max(_MERGE_MIN, len(self._keys) // 4):
             self._merge_index()
         return row
 
     def _merge_index(self) -> None:
         added = [(h, r) for h, rows in self._recent.items() for r in rows]
-        keys = np.concatenate([self._keys, np.fromiter((h for h, _ in added), np.int64)])
+        keys = np.concatenate(
+            [self._keys, np.fromiter((h for h, _ in added), np.uint64, len(added))]
+        )
         rows = np.concatenate(
             [self._key_rows, np.fromiter((r for _, r in added), np.int32, len(added))]
         )
@@ -396,7 +417,13 @@ class UserTable:
     def to_columns(self) -> Columns:
         """The table as arrays (a copy that later changes do not touch)."""
         frag_lens = np.fromiter(map(len, self.fragments), np.int64, len(self.fragments))
+        if self._recent:
+            self._merge_index()
         return {
+            # Never changed in place (a merge makes new arrays), so no copy is needed.
+            "index_keys": self._keys,
+            "index_rows": self._key_rows,
+            "index_hash": np.array([INDEX_HASH], np.uint8),
             "uid_start": self._uid_start.view().copy(),
             "uid_arena": np.frombuffer(bytes(self._uid_arena), np.uint8),
             "push": self._push.view().copy(),
@@ -430,16 +457,25 @@ class UserTable:
         t._free_devices = np.flatnonzero(owners < 0).tolist()
         t.zones = cols["zones"].tobytes().decode().split("\n")
         t._zone_index = {z: i for i, z in enumerate(t.zones)}
-        t._rebuild_index()
+        saved = cols.get("index_hash")
+        if (
+            saved is not None
+            and saved.tolist() == [INDEX_HASH]
+            and len(cols["index_keys"]) == len(cols["index_rows"]) == t.rows
+        ):
+            # Copies: a checkpoint's arrays are views that would keep the whole file alive.
+            t._keys = np.array(cols["index_keys"], np.uint64, copy=True)
+            t._key_rows = np.array(cols["index_rows"], np.int32, copy=True)
+        else:  # a checkpoint from before the index was saved, or of another hash
+            t._rebuild_index()
         return t
 
     def _rebuild_index(self) -> None:
-        # Python's str hash is per process: the index is rebuilt, not saved.
         n = self.rows
         start = self._uid_start.a.tolist()
         arena = bytes(self._uid_arena)
         keys = np.fromiter(
-            (hash(arena[start[r] : start[r + 1]].decode()) for r in range(n)), np.int64, n
+            (index_key(arena[start[r] : start[r + 1]]) for r in range(n)), np.uint64, n
         )
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
