@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import orjson
 
+from operators.fanout.columns import FragmentArena
 from schemas.records import DispatchBatch, DispatchItem, EncodedDispatchBatch, Provider
 from schemas.topics import MAX_DISPATCH_BATCH
 
@@ -59,7 +60,7 @@ def encode_batches(
     created_at: str,
     provider: Provider,
     lane: str,
-    fragments: Sequence[bytes],
+    fragments: FragmentArena | Sequence[bytes],
     devices: Sequence[int],
     batch_size: int = MAX_DISPATCH_BATCH,
 ) -> list[EncodedDispatchBatch]:
@@ -78,7 +79,11 @@ def encode_batches(
     out = []
     for start in range(0, len(devices), batch_size):
         chunk = devices[start : start + batch_size]
-        picked = [fragments[d] for d in chunk]
+        picked: Sequence[bytes | bytearray] = (
+            fragments.pick(chunk)
+            if isinstance(fragments, FragmentArena)
+            else [fragments[d] for d in chunk]
+        )
         out.append(
             EncodedDispatchBatch(
                 post_id,

@@ -5,7 +5,8 @@ valid), found from the user id through a sorted index of a stable hash of the id
 which a checkpoint saves so a restart need not hash every user again. Per row: push flag,
 quiet hours start and end (-1: none), a time-zone index (resolved against `ZoneHours`' table of
 local hours now) and the head of the user's device list. Per device: its owner, the next device of
-the same owner, the provider, and the device's pre-encoded JSON fragment (bytes): everything a
+the same owner, the provider, and the device's pre-encoded JSON fragment (in one bytes arena,
+`FragmentArena`; the checkpoint's layout of it is unchanged): everything a
 dispatch item holds but the post, so a dispatch batch is a join of fragments
 (`operators.fanout.batching.encode_batches`).
 
@@ -129,6 +130,75 @@ class _Growable:
         self.a = self.a[: self.n].copy()
 
 
+class FragmentArena:
+    """Every device slot's pre-encoded fragment in one bytearray: a start and a length per slot.
+
+    A bytes object per device carried about 41 bytes of overhead (object header and list slot)
+    beside a fragment of ~100-200; here a slot costs 12 bytes. A replaced or removed fragment
+    leaves its bytes behind until more than half the arena is such garbage, then it is packed.
+    """
+
+    __slots__ = ("_arena", "_len", "_start", "garbage")
+
+    def __init__(self, blob: bytes = b"", lens: npt.NDArray[np.generic] | None = None) -> None:
+        self._arena = bytearray(blob)
+        lengths: I64 = np.zeros(0, np.int64) if lens is None else np.asarray(lens, np.int64)
+        ends = np.cumsum(lengths)
+        n = len(lengths)
+        self._start = _Growable(np.int64, ends - lengths if n else None)
+        self._len = _Growable(np.uint32, lengths if n else None)
+        self.garbage = len(self._arena) - (int(ends[-1]) if n else 0)
+
+    def __len__(self) -> int:
+        return self._len.n
+
+    def __getitem__(self, d: int) -> bytes:
+        start = int(self._start.a[d])
+        return bytes(self._arena[start : start + int(self._len.a[d])])
+
+    def __setitem__(self, d: int, frag: bytes) -> None:
+        self.garbage += int(self._len.a[d])
+        self._start.a[d] = len(self._arena)
+        self._len.a[d] = len(frag)
+        self._arena += frag
+        if self.garbage > max(1 << 20, len(self._arena) // 2):
+            self.pack()
+
+    def append(self, frag: bytes) -> None:
+        """A new slot holding `frag`."""
+        self._start.append(len(self._arena))
+        self._len.append(len(frag))
+        self._arena += frag
+
+    def starts_with(self, d: int, prefix: bytes) -> bool:
+        """Whether slot d's fragment begins with `prefix` (no copy of the rest)."""
+        start = int(self._start.a[d])
+        return int(self._len.a[d]) >= len(prefix) and self._arena.startswith(prefix, start)
+
+    def pick(self, devices: Sequence[int]) -> list[bytearray]:
+        """The fragments of these slots, in order (what a batch's `join` takes)."""
+        idx = np.asarray(devices, np.int64)
+        starts: I64 = self._start.a[idx].astype(np.int64)
+        ends = starts + self._len.a[idx].astype(np.int64)
+        arena = self._arena
+        return [arena[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+    def lens(self) -> npt.NDArray[np.int64]:
+        """Each slot's length (a copy)."""
+        return self._len.view().astype(np.int64)
+
+    def blob(self) -> bytes:
+        """Every slot's fragment, in slot order, no garbage."""
+        return b"".join(self.pick(range(len(self))))
+
+    def pack(self) -> None:
+        """Drop the garbage and any spare capacity."""
+        lens = self.lens()
+        packed = FragmentArena(self.blob(), lens)
+        self._arena, self._start, self._len = packed._arena, packed._start, packed._len
+        self.garbage = 0
+
+
 class UserTable:
     """The users of one follower shard, their preferences and devices, in columns."""
 
@@ -146,7 +216,7 @@ class UserTable:
         self._dev_owner = _Growable(np.int32)
         self._dev_next = _Growable(np.int32, fill=-1)
         self._dev_provider = _Growable(np.uint8)
-        self.fragments: list[bytes] = []
+        self.fragments = FragmentArena()
         self._free_devices: list[int] = []
         # index: sorted (hash, row) plus recent additions not merged yet
         self._keys: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)
@@ -293,7 +363,7 @@ class UserTable:
         nxt, frags = self._dev_next.a, self.fragments
         prev, d = -1, int(self._dev_head.a[row])
         while d >= 0:
-            if frags[d].startswith(prefix):
+            if frags.starts_with(d, prefix):
                 after = int(nxt[d])
                 if prev < 0:
                     self._dev_head.a[row] = after
@@ -416,7 +486,7 @@ class UserTable:
 
     def to_columns(self) -> Columns:
         """The table as arrays (a copy that later changes do not touch)."""
-        frag_lens = np.fromiter(map(len, self.fragments), np.int64, len(self.fragments))
+        frag_lens = self.fragments.lens()
         if self._recent:
             self._merge_index()
         return {
@@ -435,7 +505,7 @@ class UserTable:
             "dev_next": self._dev_next.view().copy(),
             "dev_provider": self._dev_provider.view().copy(),
             "frag_lens": frag_lens,
-            "frag_arena": np.frombuffer(b"".join(self.fragments), np.uint8),
+            "frag_arena": np.frombuffer(self.fragments.blob(), np.uint8),
             "zones": np.frombuffer("\n".join(self.zones).encode(), np.uint8),
         }
 
@@ -449,10 +519,7 @@ class UserTable:
             setattr(
                 t, f"_{name}", _Growable(cols[name].dtype.type, cols[name], _FILLS.get(name, 0))
             )
-        arena = cols["frag_arena"].tobytes()
-        ends = np.cumsum(cols["frag_lens"]).tolist()
-        starts = [0, *ends[:-1]] if ends else []
-        t.fragments = [arena[s:e] for s, e in zip(starts, ends, strict=True)]
+        t.fragments = FragmentArena(cols["frag_arena"].tobytes(), cols["frag_lens"])
         owners: I32 = t._dev_owner.view()  # type: ignore[assignment]
         t._free_devices = np.flatnonzero(owners < 0).tolist()
         t.zones = cols["zones"].tobytes().decode().split("\n")
@@ -504,15 +571,7 @@ class UserTable:
         ):
             g.trim()
         self._uid_arena = bytearray(bytes(self._uid_arena))
-        lens = [len(f) for f in self.fragments]
-        blob = b"".join(self.fragments)
-        self.fragments = []
-        out = []
-        at = 0
-        for n in lens:
-            out.append(blob[at : at + n])
-            at += n
-        self.fragments = out
+        self.fragments.pack()
 
 
 class ZoneHours:
