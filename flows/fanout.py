@@ -222,6 +222,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         [*CHANNEL_TOPICS, *PUSH_TRANSACTIONAL_TOPICS, *CHANNEL_TIER_TOPICS],
         on_written=_count_written,
         marks=marks,
+        max_batch_items=settings.dispatch_batch_size,
     )
     return build_fanout_flow(
         settings,

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import orjson
 
+from operators.fanout.columns import FragmentArena
 from schemas.records import DispatchBatch, DispatchItem, EncodedDispatchBatch, Provider
 from schemas.topics import MAX_DISPATCH_BATCH
 
@@ -59,7 +60,7 @@ def encode_batches(
     created_at: str,
     provider: Provider,
     lane: str,
-    fragments: Sequence[bytes],
+    fragments: FragmentArena | Sequence[bytes],
     devices: Sequence[int],
     batch_size: int = MAX_DISPATCH_BATCH,
 ) -> list[EncodedDispatchBatch]:
@@ -78,7 +79,11 @@ def encode_batches(
     out = []
     for start in range(0, len(devices), batch_size):
         chunk = devices[start : start + batch_size]
-        picked = [fragments[d] for d in chunk]
+        picked: Sequence[bytes | bytearray] = (
+            fragments.pick(chunk)
+            if isinstance(fragments, FragmentArena)
+            else [fragments[d] for d in chunk]
+        )
         out.append(
             EncodedDispatchBatch(
                 post_id,
@@ -91,3 +96,55 @@ def encode_batches(
             )
         )
     return out
+
+
+def merge_post_batches(
+    batches: Sequence[DispatchBatch | EncodedDispatchBatch], max_items: int = MAX_DISPATCH_BATCH
+) -> list[DispatchBatch | EncodedDispatchBatch]:
+    """Join encoded batches of one post, provider and lane into as few as `max_items` allow.
+
+    Each follower shard emits its own small batches of a post (a 200-follower post makes a few
+    items per shard); joined, one post costs one message per provider topic instead of one per
+    shard. Items keep their order; a joined batch takes its first part's place (the others only
+    move earlier). Anything else (a batch with a message, one rebuilt without replayed items)
+    passes unchanged: only encoded batches share the layout `encode_batches` writes.
+    """
+    if not 1 <= max_items <= MAX_DISPATCH_BATCH:
+        raise ValueError(f"max_items must be 1..{MAX_DISPATCH_BATCH}, got {max_items}")
+    slots: list[DispatchBatch | list[EncodedDispatchBatch]] = []
+    open_by_key: dict[tuple[str, str, str, str, str], list[EncodedDispatchBatch]] = {}
+    counts: dict[tuple[str, str, str, str, str], int] = {}
+    for b in batches:
+        if isinstance(b, DispatchBatch) or b.count >= max_items:
+            slots.append(b if isinstance(b, DispatchBatch) else [b])
+            continue
+        key = (b.post_id, b.author_id, b.provider, b.created_at, b.lane)
+        held = open_by_key.get(key)
+        if held is None or counts[key] + b.count > max_items:
+            held = open_by_key[key] = []
+            counts[key] = 0
+            slots.append(held)
+        held.append(b)
+        counts[key] += b.count
+    return [s if isinstance(s, DispatchBatch) else _joined(s) for s in slots]
+
+
+def _joined(parts: list[EncodedDispatchBatch]) -> EncodedDispatchBatch:
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    head = batch_head(first.post_id, first.author_id, first.provider, first.created_at)
+    bodies = []
+    for p in parts:
+        if not (p.payload.startswith(head) and p.payload.endswith(b"]}")):
+            raise ValueError(f"batch of {p.post_id} is not in the layout encode_batches writes")
+        bodies.append(p.payload[len(head) : -2])
+    return EncodedDispatchBatch(
+        first.post_id,
+        first.author_id,
+        first.provider,
+        first.created_at,
+        first.lane,
+        head + b",".join(bodies) + b"]}",
+        sum(p.count for p in parts),
+    )

@@ -1,10 +1,12 @@
 """One shard's users in columns: preferences and devices as arrays, not an object per user.
 
 A row per user (append-only: a row is never reused, so a cached follower column of rows stays
-valid), found from the user id through a sorted hash index. Per row: push flag, quiet hours
-start and end (-1: none), a time-zone index (resolved against `ZoneHours`' table of local
-hours now) and the head of the user's device list. Per device: its owner, the next device of
-the same owner, the provider, and the device's pre-encoded JSON fragment (bytes): everything a
+valid), found from the user id through a sorted index of a stable hash of the id (`index_key`),
+which a checkpoint saves so a restart need not hash every user again. Per row: push flag,
+quiet hours start and end (-1: none), a time-zone index (resolved against `ZoneHours`' table of
+local hours now) and the head of the user's device list. Per device: its owner, the next device of
+the same owner, the provider, and the device's pre-encoded JSON fragment (in one bytes arena,
+`FragmentArena`; the checkpoint's layout of it is unchanged): everything a
 dispatch item holds but the post, so a dispatch batch is a join of fragments
 (`operators.fanout.batching.encode_batches`).
 
@@ -43,6 +45,18 @@ _DEVICE_KEYS = b'","device_id":"'
 _TOKEN_KEYS = b'","token":"'
 _FILLS = {"push": 1, "q_start": NO_HOUR, "q_end": NO_HOUR, "tz": 0, "dev_head": -1, "dev_next": -1}
 _MERGE_MIN = 4_096  # index entries added before they are merged into the sorted arrays
+INDEX_HASH = 1
+"""Which `index_key` function a checkpoint's saved index was built with (change both together:
+a checkpoint with another number has its index rebuilt, not trusted)."""
+
+
+def index_key(encoded_id: bytes) -> int:
+    """A user id's 64-bit index key, the same in every process (Python's str hash is not).
+
+    CRC-32 alone carries little within a shard (`shard_of` is the CRC-32 modulo the shard
+    count), so Adler-32 fills the low half; equal keys are told apart by the ids themselves.
+    """
+    return (zlib.crc32(encoded_id) << 32) | zlib.adler32(encoded_id)
 
 
 def json_text(value: str) -> bytes:
@@ -116,6 +130,75 @@ class _Growable:
         self.a = self.a[: self.n].copy()
 
 
+class FragmentArena:
+    """Every device slot's pre-encoded fragment in one bytearray: a start and a length per slot.
+
+    A bytes object per device carried about 41 bytes of overhead (object header and list slot)
+    beside a fragment of ~100-200; here a slot costs 12 bytes. A replaced or removed fragment
+    leaves its bytes behind until more than half the arena is such garbage, then it is packed.
+    """
+
+    __slots__ = ("_arena", "_len", "_start", "garbage")
+
+    def __init__(self, blob: bytes = b"", lens: npt.NDArray[np.generic] | None = None) -> None:
+        self._arena = bytearray(blob)
+        lengths: I64 = np.zeros(0, np.int64) if lens is None else np.asarray(lens, np.int64)
+        ends = np.cumsum(lengths)
+        n = len(lengths)
+        self._start = _Growable(np.int64, ends - lengths if n else None)
+        self._len = _Growable(np.uint32, lengths if n else None)
+        self.garbage = len(self._arena) - (int(ends[-1]) if n else 0)
+
+    def __len__(self) -> int:
+        return self._len.n
+
+    def __getitem__(self, d: int) -> bytes:
+        start = int(self._start.a[d])
+        return bytes(self._arena[start : start + int(self._len.a[d])])
+
+    def __setitem__(self, d: int, frag: bytes) -> None:
+        self.garbage += int(self._len.a[d])
+        self._start.a[d] = len(self._arena)
+        self._len.a[d] = len(frag)
+        self._arena += frag
+        if self.garbage > max(1 << 20, len(self._arena) // 2):
+            self.pack()
+
+    def append(self, frag: bytes) -> None:
+        """A new slot holding `frag`."""
+        self._start.append(len(self._arena))
+        self._len.append(len(frag))
+        self._arena += frag
+
+    def starts_with(self, d: int, prefix: bytes) -> bool:
+        """Whether slot d's fragment begins with `prefix` (no copy of the rest)."""
+        start = int(self._start.a[d])
+        return int(self._len.a[d]) >= len(prefix) and self._arena.startswith(prefix, start)
+
+    def pick(self, devices: Sequence[int]) -> list[bytearray]:
+        """The fragments of these slots, in order (what a batch's `join` takes)."""
+        idx = np.asarray(devices, np.int64)
+        starts: I64 = self._start.a[idx].astype(np.int64)
+        ends = starts + self._len.a[idx].astype(np.int64)
+        arena = self._arena
+        return [arena[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+    def lens(self) -> npt.NDArray[np.int64]:
+        """Each slot's length (a copy)."""
+        return self._len.view().astype(np.int64)
+
+    def blob(self) -> bytes:
+        """Every slot's fragment, in slot order, no garbage."""
+        return b"".join(self.pick(range(len(self))))
+
+    def pack(self) -> None:
+        """Drop the garbage and any spare capacity."""
+        lens = self.lens()
+        packed = FragmentArena(self.blob(), lens)
+        self._arena, self._start, self._len = packed._arena, packed._start, packed._len
+        self.garbage = 0
+
+
 class UserTable:
     """The users of one follower shard, their preferences and devices, in columns."""
 
@@ -133,10 +216,10 @@ class UserTable:
         self._dev_owner = _Growable(np.int32)
         self._dev_next = _Growable(np.int32, fill=-1)
         self._dev_provider = _Growable(np.uint8)
-        self.fragments: list[bytes] = []
+        self.fragments = FragmentArena()
         self._free_devices: list[int] = []
         # index: sorted (hash, row) plus recent additions not merged yet
-        self._keys: npt.NDArray[np.int64] = np.zeros(0, np.int64)
+        self._keys: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)
         self._key_rows: I32 = np.zeros(0, np.int32)
         self._recent: dict[int, list[int]] = {}
         # time zones
@@ -157,18 +240,21 @@ class UserTable:
 
     def row_of(self, user_id: str) -> int:
         """The user's row, or -1 when the shard has never seen the user."""
-        h = hash(user_id)
+        return self._row_of(user_id.encode())
+
+    def _row_of(self, encoded: bytes) -> int:
+        h = index_key(encoded)
+        start, arena = self._uid_start.a, self._uid_arena
         recent = self._recent.get(h)
         if recent is not None:
             for row in recent:
-                if self.uid(row) == user_id:
+                if arena[start.item(row) : start.item(row + 1)] == encoded:
                     return row
         keys = self._keys
-        i = int(keys.searchsorted(h))
+        i = int(keys.searchsorted(np.uint64(h)))
         n = len(keys)
         if i < n and keys.item(i) == h:
-            start, arena, key_rows = self._uid_start.a, self._uid_arena, self._key_rows
-            encoded = user_id.encode()
+            key_rows = self._key_rows
             while i < n and keys.item(i) == h:
                 row = key_rows.item(i)
                 if arena[start.item(row) : start.item(row + 1)] == encoded:
@@ -178,15 +264,17 @@ class UserTable:
 
     def ensure_row(self, user_id: str) -> int:
         """The user's row, created (defaults, no device) when new."""
-        row = self.row_of(user_id)
-        return row if row >= 0 else self._add_row(user_id)
+        encoded = user_id.encode()
+        row = self._row_of(encoded)
+        return row if row >= 0 else self._add_row(encoded)
 
     def rows_of(self, user_ids: Sequence[str]) -> I32:
         """Rows of many users at once (created when new), in the same order."""
         out = np.empty(len(user_ids), np.int32)
         if not len(user_ids):
             return out
-        hashes = np.fromiter(map(hash, user_ids), np.int64, len(user_ids))
+        encoded = [u.encode() for u in user_ids]
+        hashes = np.fromiter(map(index_key, encoded), np.uint64, len(encoded))
         keys = self._keys
         pos = np.searchsorted(keys, hashes)
         pos_c = np.minimum(pos, max(len(keys) - 1, 0))
@@ -196,13 +284,14 @@ class UserTable:
         arena = self._uid_arena
         hit_l = hit.tolist()
         cand_l = cand.tolist()
-        for i, user_id in enumerate(user_ids):
+        for i, enc in enumerate(encoded):
             if hit_l[i]:
                 row = cand_l[i]
-                if arena[int(start[row]) : int(start[row + 1])] == user_id.encode():
+                if arena[int(start[row]) : int(start[row + 1])] == enc:
                     out[i] = row
                     continue
-            out[i] = self.ensure_row(user_id)
+            row = self._row_of(enc)
+            out[i] = row if row >= 0 else self._add_row(enc)
         return out
 
     def id_digest(self, rows: int) -> int:
@@ -215,20 +304,22 @@ class UserTable:
         arena = memoryview(self._uid_arena)[: int(starts[-1])]
         return zlib.crc32(arena, zlib.crc32(starts.tobytes()))
 
-    def _add_row(self, user_id: str) -> int:
+    def _add_row(self, encoded: bytes) -> int:
         row = self.rows
-        self._uid_arena += user_id.encode()
+        self._uid_arena += encoded
         self._uid_start.append(len(self._uid_arena))
         for column in (self._push, self._q_start, self._q_end, self._tz, self._dev_head):
             column.add_default()
-        self._recent.setdefault(hash(user_id), []).append(row)
+        self._recent.setdefault(index_key(encoded), []).append(row)
         if len(self._recent) >= max(_MERGE_MIN, len(self._keys) // 4):
             self._merge_index()
         return row
 
     def _merge_index(self) -> None:
         added = [(h, r) for h, rows in self._recent.items() for r in rows]
-        keys = np.concatenate([self._keys, np.fromiter((h for h, _ in added), np.int64)])
+        keys = np.concatenate(
+            [self._keys, np.fromiter((h for h, _ in added), np.uint64, len(added))]
+        )
         rows = np.concatenate(
             [self._key_rows, np.fromiter((r for _, r in added), np.int32, len(added))]
         )
@@ -272,7 +363,7 @@ class UserTable:
         nxt, frags = self._dev_next.a, self.fragments
         prev, d = -1, int(self._dev_head.a[row])
         while d >= 0:
-            if frags[d].startswith(prefix):
+            if frags.starts_with(d, prefix):
                 after = int(nxt[d])
                 if prev < 0:
                     self._dev_head.a[row] = after
@@ -395,8 +486,14 @@ class UserTable:
 
     def to_columns(self) -> Columns:
         """The table as arrays (a copy that later changes do not touch)."""
-        frag_lens = np.fromiter(map(len, self.fragments), np.int64, len(self.fragments))
+        frag_lens = self.fragments.lens()
+        if self._recent:
+            self._merge_index()
         return {
+            # Never changed in place (a merge makes new arrays), so no copy is needed.
+            "index_keys": self._keys,
+            "index_rows": self._key_rows,
+            "index_hash": np.array([INDEX_HASH], np.uint8),
             "uid_start": self._uid_start.view().copy(),
             "uid_arena": np.frombuffer(bytes(self._uid_arena), np.uint8),
             "push": self._push.view().copy(),
@@ -408,7 +505,7 @@ class UserTable:
             "dev_next": self._dev_next.view().copy(),
             "dev_provider": self._dev_provider.view().copy(),
             "frag_lens": frag_lens,
-            "frag_arena": np.frombuffer(b"".join(self.fragments), np.uint8),
+            "frag_arena": np.frombuffer(self.fragments.blob(), np.uint8),
             "zones": np.frombuffer("\n".join(self.zones).encode(), np.uint8),
         }
 
@@ -422,24 +519,30 @@ class UserTable:
             setattr(
                 t, f"_{name}", _Growable(cols[name].dtype.type, cols[name], _FILLS.get(name, 0))
             )
-        arena = cols["frag_arena"].tobytes()
-        ends = np.cumsum(cols["frag_lens"]).tolist()
-        starts = [0, *ends[:-1]] if ends else []
-        t.fragments = [arena[s:e] for s, e in zip(starts, ends, strict=True)]
+        t.fragments = FragmentArena(cols["frag_arena"].tobytes(), cols["frag_lens"])
         owners: I32 = t._dev_owner.view()  # type: ignore[assignment]
         t._free_devices = np.flatnonzero(owners < 0).tolist()
         t.zones = cols["zones"].tobytes().decode().split("\n")
         t._zone_index = {z: i for i, z in enumerate(t.zones)}
-        t._rebuild_index()
+        saved = cols.get("index_hash")
+        if (
+            saved is not None
+            and saved.tolist() == [INDEX_HASH]
+            and len(cols["index_keys"]) == len(cols["index_rows"]) == t.rows
+        ):
+            # Copies: a checkpoint's arrays are views that would keep the whole file alive.
+            t._keys = np.array(cols["index_keys"], np.uint64, copy=True)
+            t._key_rows = np.array(cols["index_rows"], np.int32, copy=True)
+        else:  # a checkpoint from before the index was saved, or of another hash
+            t._rebuild_index()
         return t
 
     def _rebuild_index(self) -> None:
-        # Python's str hash is per process: the index is rebuilt, not saved.
         n = self.rows
         start = self._uid_start.a.tolist()
         arena = bytes(self._uid_arena)
         keys = np.fromiter(
-            (hash(arena[start[r] : start[r + 1]].decode()) for r in range(n)), np.int64, n
+            (index_key(arena[start[r] : start[r + 1]]) for r in range(n)), np.uint64, n
         )
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
@@ -468,15 +571,7 @@ class UserTable:
         ):
             g.trim()
         self._uid_arena = bytearray(bytes(self._uid_arena))
-        lens = [len(f) for f in self.fragments]
-        blob = b"".join(self.fragments)
-        self.fragments = []
-        out = []
-        at = 0
-        for n in lens:
-            out.append(blob[at : at + n])
-            at += n
-        self.fragments = out
+        self.fragments.pack()
 
 
 class ZoneHours:

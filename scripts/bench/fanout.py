@@ -263,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop once the state is loaded and measured (memory experiments)",
     )
     p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="how long the flow is left idle after the load, its CPU measured (default: a "
+        "snapshot interval and 2 s; 60 gives a steady idle figure)",
+    )
+    p.add_argument(
         "--broker-port",
         type=whole_number(1, 65_535),
         default=None,
@@ -1195,12 +1202,17 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         time.sleep(1.0)
         idle_epochs0 = snapshot_epochs(settings.recovery_dir("fanout"), "expand_follower_shards")
         idle_cpu0 = [cpu_seconds(p) for p in flow.pids()]
+        idle_broker0 = cpu_seconds(broker.pid) if broker.pid else 0.0
         idle_t0 = time.time()
         if profiler is not None:
             profiler.start("idle", flow.pids())
-        time.sleep(settings.snapshot_interval_s + 2)
+        idle_for = (
+            args.idle_seconds if args.idle_seconds is not None else settings.snapshot_interval_s + 2
+        )
+        time.sleep(idle_for)
         flow.check_alive()
         idle_cpu1 = [cpu_seconds(p) for p in flow.pids()]
+        idle_broker1 = cpu_seconds(broker.pid) if broker.pid else 0.0
         idle_profiles = profiler.stop() if profiler is not None else []
         idle_s = time.time() - idle_t0
         idle_epochs1 = snapshot_epochs(settings.recovery_dir("fanout"), "expand_follower_shards")
@@ -1209,6 +1221,11 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             "flow_cpu_seconds": [
                 round(b - a, 2) for a, b in zip(idle_cpu0, idle_cpu1, strict=True)
             ],
+            "flow_cpu_per_s": [
+                round((b - a) / idle_s, 3) for a, b in zip(idle_cpu0, idle_cpu1, strict=True)
+            ],
+            "broker_cpu_per_s": round((idle_broker1 - idle_broker0) / idle_s, 3),
+            "load_average": os.getloadavg()[0],
             "shard_keys_resnapshotted": sum(
                 1 for k, e in idle_epochs1.items() if e > idle_epochs0.get(k, -1)
             ),
@@ -1702,6 +1719,7 @@ def latency_summary(
     complete when its distinct items are exactly the expected count and none came twice.
     """
     lat: list[float] = []
+    messages: list[int] = []  # Kafka messages (dispatch batches) of each complete post
     series: list[tuple[str, float, float | None]] = []
     incomplete = no_items = extra = duplicates = 0
     for post_id, j, at in posts:
@@ -1713,6 +1731,7 @@ def latency_summary(
             no_items += 1
         elif got.distinct == want and not got.duplicates:
             lat.append(got.last_seen - at)
+            messages.append(got.batches)
             done = True
         elif got.distinct > want or got.duplicates:
             extra += 1
@@ -1730,6 +1749,10 @@ def latency_summary(
         "p99_s": _r(percentile(lat, 99)),
         "max_s": _r(max(lat) if lat else None),
         "mean_s": _r(statistics.fmean(lat) if lat else None),
+        "messages_per_post": _r(statistics.fmean(messages) if messages else None),
+        "items_per_post": _r(
+            statistics.fmean(seed.expected_for_author(j) for _, j, _ in posts) if posts else None
+        ),
         "series": series,
     }
 
@@ -1878,8 +1901,10 @@ def print_report(r: dict[str, Any]) -> None:
         if idle:
             print(
                 f"  then idle (no posts) for {idle['seconds']}s: the flow used "
-                f"{idle['flow_cpu_seconds']} CPU-seconds; {idle['shard_keys_resnapshotted']} of "
-                f"{idle['shard_keys']} shard states were snapshotted again meanwhile"
+                f"{idle['flow_cpu_seconds']} CPU-seconds ({idle['flow_cpu_per_s']} of a core; "
+                f"broker {idle['broker_cpu_per_s']}; load average {idle['load_average']:.1f}); "
+                f"{idle['shard_keys_resnapshotted']} of {idle['shard_keys']} shard states were "
+                "snapshotted again meanwhile"
             )
     for ce in r.get("celebrity_posts", []):
         v = ce["verification"]
@@ -1953,7 +1978,8 @@ def print_report(r: dict[str, Any]) -> None:
                 f"{s['measured']} complete, {s['incomplete']} incomplete, "
                 f"{s['more_items_than_expected']} with extra items, {s['duplicate_items']} "
                 f"duplicate items; publish -> last batch read back p50 {s['p50_s']}s, "
-                f"p99 {s['p99_s']}s, max {s['max_s']}s"
+                f"p99 {s['p99_s']}s, max {s['max_s']}s; {s['messages_per_post']} Kafka "
+                f"messages per complete post ({s['items_per_post']} items per post)"
             )
     if "memory" in r:
         mm = r["memory"]

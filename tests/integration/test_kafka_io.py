@@ -20,6 +20,7 @@ from operators.adapters.kafka.writer import PartitionedTopicsSink, produce_all
 from operators.events import CaughtUp, RawEvent
 from schemas.records import DeadLetter, DeliveryEvent, DispatchBatch, DispatchItem
 from tests.conftest import Stack
+from tests.unit.test_eligibility_sharding_batching import shard_batches
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +115,40 @@ def test_channel_sink_drops_items_written_since_the_snapshot_on_resume(stack: St
     assert sorted(users, key=lambda u: int(u[1:])) == [f"u{i}" for i in range(30)]
     assert (20, 10) in written  # ten dropped as replayed
     resumed.close()
+
+
+def test_channel_sink_joins_a_posts_shard_batches_and_still_drops_replays(stack: Stack) -> None:
+    # 32 shards emit a few items each for a normal post: one message, not 32, and a replay of
+    # the shards' batches after a crash writes none of their items again.
+    kafka = stack.settings.kafka_config()
+    written: list[tuple[int, int]] = []
+    sink = ChannelTopicsSink(
+        kafka, ["push.apns"], on_written=lambda b, dropped: written.append((len(b.items), dropped))
+    )
+    part_name = sink.route_key(batch("j1", range(1)))
+    topic, p = part_name.rsplit("/", 1)
+    start = end_offset(kafka, topic, int(p))
+    shards = [b for s in range(32) for b in shard_batches("j1", range(s * 5, s * 5 + 5))]
+    part = sink.build_part("out", part_name, None)
+    state = part.snapshot()
+    part.write_batch(shards)
+    part.snapshot()
+    part.close()
+    assert end_offset(kafka, topic, int(p)) - start == 1
+    assert written == [(160, 0)]
+    resumed = sink.build_part("out", part_name, state)
+    later = shard_batches("j1", range(160, 163))
+    resumed.write_batch([*shards[:10], *later, *shards[10:]])
+    resumed.snapshot()
+    resumed.close()
+    assert end_offset(kafka, topic, int(p)) - start == 2
+    users = [
+        i["user_id"]
+        for _, v in read_partition_to_end(kafka, topic, int(p), start)
+        for i in orjson.loads(v or b"{}")["items"]
+    ]
+    assert sorted(users, key=lambda u: int(u[1:])) == [f"u{i}" for i in range(163)]
+    assert written[1:] == [(163, 160), (3, 0)]
 
 
 def test_channel_sink_resumes_past_malformed_messages_other_producers_wrote(

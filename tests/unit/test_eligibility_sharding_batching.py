@@ -1,9 +1,16 @@
 from collections import Counter
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
-from operators.fanout.batching import dispatch_batches, notification_id
+from operators.fanout.batching import (
+    dispatch_batches,
+    encode_batches,
+    merge_post_batches,
+    notification_id,
+)
+from operators.fanout.columns import device_fragment
 from operators.fanout.eligibility import (
     FLAG_MUTED,
     FLAG_NOTIFY_ON_POST,
@@ -13,7 +20,8 @@ from operators.fanout.eligibility import (
     post_suppression,
 )
 from operators.fanout.sharding import all_shard_keys, shard_key, shard_of
-from schemas.records import DispatchItem, PostCreated
+from schemas.codecs import decode_dispatch_batch, encode_dispatch_batch
+from schemas.records import DispatchBatch, DispatchItem, EncodedDispatchBatch, PostCreated
 
 
 def post(visibility: str = "public", notify: bool = True) -> PostCreated:
@@ -97,3 +105,78 @@ def test_batch_size_bounds() -> None:
 
 def test_notification_id_is_per_follower() -> None:
     assert notification_id("post-1", "user-9") == "post-1:user-9"
+
+
+def shard_batches(
+    post_id: str, users: range, provider: str = "apns", lane: str = "normal", size: int = 500
+) -> list[EncodedDispatchBatch]:
+    """What one follower shard emits for `users` of a post (one device each)."""
+    frags = [device_fragment(f"u{u}", f"d{u}", f"t{u}") for u in users]
+    return encode_batches(
+        post_id,
+        "a",
+        "2026-01-01T00:00:00Z",
+        provider,
+        lane,
+        frags,
+        range(len(frags)),
+        size,  # type: ignore[arg-type]
+    )
+
+
+def test_merge_joins_a_posts_shard_batches_into_one_valid_batch() -> None:
+    # 32 shards, a few followers each: one message per provider instead of one per shard.
+    parts = [b for s in range(32) for b in shard_batches("p1", range(s * 6, s * 6 + 6))]
+    merged = merge_post_batches(parts)
+    assert len(merged) == 1
+    joined = merged[0]
+    assert isinstance(joined, EncodedDispatchBatch)
+    assert joined.count == 192
+    # Byte for byte what the codec writes for the same items: the dispatch_batch/v1 contract.
+    items = tuple(i for b in parts for i in b.items)
+    whole = DispatchBatch("p1", "a", "apns", "2026-01-01T00:00:00Z", "normal", items)
+    assert joined.payload == encode_dispatch_batch(whole)
+    assert decode_dispatch_batch(joined.payload, "normal").items == items
+
+
+def test_merge_respects_the_batch_size_and_keeps_every_item_once() -> None:
+    parts = [b for s in range(10) for b in shard_batches("p1", range(s * 70, s * 70 + 70))]
+    merged = merge_post_batches(parts, 200)
+    assert [b.count for b in merged if isinstance(b, EncodedDispatchBatch)] == [140] * 5
+    got = [i["user_id"] for b in merged for i in b.items]
+    assert got == [f"u{u}" for u in range(700)]
+    assert all(len(orjson.loads(b.payload)["items"]) <= 200 for b in merged)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="500"):
+        merge_post_batches(parts, 501)
+
+
+def test_merge_never_mixes_posts_providers_or_lanes_and_passes_the_rest_unchanged() -> None:
+    full = shard_batches("p1", range(500))[0]
+    with_message = DispatchBatch(
+        "n1",
+        "api",
+        "email",
+        "2026-01-01T00:00:00Z",
+        "normal",
+        (item(1),),
+        {"category": "c", "template_id": "t", "tier": "social", "data": {}},
+    )
+    a1, a2 = shard_batches("p1", range(3)), shard_batches("p1", range(3, 6))
+    f1, f2 = shard_batches("p1", range(3), "fcm"), shard_batches("p1", range(3, 6), "fcm")
+    b1, b2 = (
+        shard_batches("p1", range(3), lane="bulk"),
+        shard_batches("p1", range(3, 6), lane="bulk"),
+    )
+    q1, q2 = shard_batches("p2", range(3)), shard_batches("p2", range(3, 6))
+    merged = merge_post_batches([*a1, full, with_message, *f1, *b1, *q1, *a2, *f2, *b2, *q2])
+    # A joined batch takes its first part's place; full and message batches pass as they are.
+    assert [(b.post_id, b.provider, b.lane, len(b.items)) for b in merged] == [
+        ("p1", "apns", "normal", 6),
+        ("p1", "apns", "normal", 500),
+        ("n1", "email", "normal", 1),
+        ("p1", "fcm", "normal", 6),
+        ("p1", "apns", "bulk", 6),
+        ("p2", "apns", "normal", 6),
+    ]
+    assert merged[1] is full and merged[2] is with_message
+    assert merge_post_batches([]) == []

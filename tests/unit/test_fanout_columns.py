@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from operators.events import CaughtUp
-from operators.fanout.columns import UserTable
+from operators.fanout.columns import FragmentArena, UserTable
 from operators.fanout.eligibility import Suppressed
 from operators.fanout.quiet_hours import hour_is_quiet, quiet_until
 from operators.fanout.shard import ChangelogEvent, FanoutTally, FollowerShard, ShardJob
@@ -362,3 +362,40 @@ def test_the_largest_inputs_the_schemas_admit_fit_and_come_out_unchanged() -> No
     out = shard.expand(store, TS, 10, FanoutTally())
     got = {(i["device_id"], i["token"], i["user_id"]) for b in out for i in b.items}
     assert got == {(d, t, uid) for d, t in tokens.items()}
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 7), st.binary(min_size=0, max_size=40)), min_size=1, max_size=60
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_fragment_arena_matches_a_list_through_replacements_and_packing(
+    writes: list[tuple[int, bytes]],
+) -> None:
+    arena, reference = FragmentArena(), []
+    for slot, frag in writes:
+        if slot < len(reference):
+            arena[slot] = frag
+            reference[slot] = frag
+        else:
+            arena.append(frag)
+            reference.append(frag)
+        assert [arena[d] for d in range(len(arena))] == reference
+    assert [bytes(f) for f in arena.pick([len(reference) - 1, 0])] == [reference[-1], reference[0]]
+    assert all(arena.starts_with(d, f[:3]) for d, f in enumerate(reference))
+    assert not arena.starts_with(0, reference[0] + b"x")
+    # What a checkpoint keeps, read back: the same slots, no garbage.
+    again = FragmentArena(arena.blob(), arena.lens())
+    assert [again[d] for d in range(len(again))] == reference and again.garbage == 0
+    arena.pack()
+    assert [arena[d] for d in range(len(arena))] == reference and arena.garbage == 0
+
+
+def test_fragment_arena_packs_itself_once_half_is_garbage() -> None:
+    arena = FragmentArena()
+    arena.append(b"a" * 1000)
+    for i in range(3_000):  # the same slot replaced: 3 MB written, one fragment alive
+        arena[0] = bytes([97 + i % 26]) * 1000
+    assert arena[0] == bytes([97 + 2_999 % 26]) * 1000
+    assert len(arena.blob()) == 1000 and arena.garbage <= 1 << 20

@@ -31,6 +31,7 @@ from operators.adapters.stores.shard_state import (
 )
 from operators.events import CaughtUp
 from operators.fanout.checkpoint import ShardCheckpointer
+from operators.fanout.columns import INDEX_HASH, UserTable
 from operators.fanout.shard import ChangelogEvent, FanoutTally, FollowerShard, ShardJob
 from schemas.records import DeviceChange, FollowChange, PreferenceChange
 from tests.fakes import InMemoryFollowerStore
@@ -229,3 +230,77 @@ def test_background_saves_keep_the_latest_and_round_trip(tmp_path: Path) -> None
     again = FollowerShard(SOURCES)
     assert ShardCheckpointer(store, 0, 60).load_into(again)
     assert again.users.state() == shard.users.state()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from operators.adapters.stores import shard_state
+    from operators.fanout.shard import FollowerShard
+    from tests.unit.test_shard_checkpoints import changelog, SOURCES
+
+    shard = FollowerShard(SOURCES)
+    for e in changelog(300):
+        shard.apply(e)
+    path = shard_state.checkpoint_path(Path(sys.argv[1]), 0)
+    shard_state.write_checkpoint(path, 0, *shard.checkpoint_state())
+    """
+)
+
+
+def test_the_saved_user_index_serves_another_process_and_an_old_checkpoint_rebuilds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Written by a process with another str hash seed: the saved index must still find every
+    # user here, without hashing them again.
+    seed = "456" if os.environ.get("PYTHONHASHSEED") == "123" else "123"
+    subprocess.run(
+        [sys.executable, "-c", WRITER.format(root=str(ROOT)), str(tmp_path)],
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": seed},
+        timeout=120,
+    )
+    found = read_checkpoint(checkpoint_path(tmp_path, 0))
+    assert found is not None
+    header, columns = found
+    positions = {s: (p[0], p[1]) for s, p in header["positions"].items()}
+    reference = FollowerShard(SOURCES)
+    for e in changelog(300):
+        reference.apply(e)
+
+    def loaded(cols: dict[str, np.ndarray]) -> FollowerShard:  # type: ignore[type-arg]
+        shard = FollowerShard(SOURCES)
+        shard.load_checkpoint(cols, positions)
+        users = shard.users
+        for i in range(300):
+            row = users.row_of(f"u{i:05d}")
+            assert row >= 0 and users.uid(row) == f"u{i:05d}"
+        assert users.row_of("u-never-seen") == -1
+        assert users.state() == reference.users.state()
+        return shard
+
+    def no_rebuild(self: UserTable) -> None:
+        raise AssertionError("the saved index was rebuilt")
+
+    with monkeypatch.context() as m:
+        m.setattr(UserTable, "_rebuild_index", no_rebuild)
+        shard = loaded(columns)
+        # A new user after the load goes through the same index (no duplicate rows).
+        rows = shard.users.rows
+        assert shard.users.ensure_row("u-new") == rows == shard.users.ensure_row("u-new")
+        assert shard.users.rows_of(["u00007", "u-new", "u00299"]).tolist() == [
+            shard.users.row_of("u00007"),
+            rows,
+            shard.users.row_of("u00299"),
+        ]
+    # A checkpoint from before the index was saved, or with another hash: rebuilt, same rows.
+    old = {k: v for k, v in columns.items() if not k.startswith("index_")}
+    other = {**columns, "index_hash": np.array([INDEX_HASH + 1], np.uint8)}
+    for cols in (old, other):
+        with monkeypatch.context() as m:
+            m.setattr(UserTable, "_rebuild_index", no_rebuild)
+            with pytest.raises(AssertionError, match="rebuilt"):
+                loaded(cols)
+        assert loaded(cols).users.state() == reference.users.state()

@@ -2,7 +2,9 @@
 
 A batch goes to the partition of its post (or API notification) on its topic: `push.<provider>`,
 its `.bulk` or `.transactional` lane, or a channel topic `<provider>.<tier>`; after a restart,
-items already on the partition are dropped from replayed batches.
+items already on the partition are dropped from replayed batches. The small batches the shards
+emit for one post in one write are joined first (up to the batch size), so a normal post costs
+about one message per provider topic; identities are per item, so replays are still dropped.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from operators.adapters.kafka.writer import (
     PartitionedTopicsSink,
     WriterStartMarks,
 )
+from operators.fanout.batching import merge_post_batches
 from schemas.codecs import encode_dispatch_batch
 from schemas.records import DispatchBatch, EncodedDispatchBatch
+from schemas.topics import MAX_DISPATCH_BATCH
 
 Batch = DispatchBatch | EncodedDispatchBatch
 """What the fan-out emits (already encoded) or a batch rebuilt without replayed items."""
@@ -42,8 +46,10 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[Batch]):
         replay_window_epochs: int,
         on_written: Callable[[Batch, int], None],
         marks: WriterStartMarks | None = None,
+        max_batch_items: int = MAX_DISPATCH_BATCH,
     ) -> None:
         self._on_written = on_written
+        self._max_batch_items = max_batch_items
         super().__init__(config, topic, partition, resume, replay_window_epochs, marks)
 
     def _identities(self, raw: bytes) -> Iterable[Hashable]:
@@ -73,6 +79,9 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[Batch]):
             )
         return batch, dropped
 
+    def _coalesce(self, values: list[Batch]) -> list[Batch]:
+        return merge_post_batches(values, self._max_batch_items)
+
     def _encode(self, batch: Batch) -> tuple[bytes, bytes]:
         if batch.topic != self._topic:
             raise RuntimeError(f"batch for {batch.topic} routed to {self._topic}")
@@ -97,8 +106,10 @@ class ChannelTopicsSink(PartitionedTopicsSink[Batch]):
         replay_window_epochs: int = 12,
         on_written: Callable[[Batch, int], None] = lambda b, dropped: None,
         marks: Callable[[], WriterStartMarks] | None = None,
+        max_batch_items: int = MAX_DISPATCH_BATCH,
     ) -> None:
         super().__init__(config, topics, replay_window_epochs=replay_window_epochs, marks=marks)
+        self._max_batch_items = max_batch_items
         self._on_written = on_written
 
     def _topic_and_id(self, value: Batch) -> tuple[str, str]:
@@ -112,5 +123,12 @@ class ChannelTopicsSink(PartitionedTopicsSink[Batch]):
         marks: WriterStartMarks | None,
     ) -> _ChannelPartitionWriter:
         return _ChannelPartitionWriter(
-            self._config, topic, partition, resume, self._replay_window, self._on_written, marks
+            self._config,
+            topic,
+            partition,
+            resume,
+            self._replay_window,
+            self._on_written,
+            marks,
+            self._max_batch_items,
         )

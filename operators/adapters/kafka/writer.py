@@ -161,6 +161,10 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
     def _written(self, value: V, dropped: int) -> None:
         """Hook: a value was written (dropped=0) or parts of it were dropped as replays."""
 
+    def _coalesce(self, values: list[V]) -> list[V]:
+        """Hook: the values of one write as fewer messages (their parts' identities kept)."""
+        return values
+
     def _delivered(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
             self._errors.append(err.str())
@@ -169,7 +173,7 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
 
     def write_batch(self, values: list[V]) -> None:
         """Produce each value (minus replayed parts) to this partition."""
-        for value in values:
+        for value in self._coalesce(values):
             if self._seen:
                 kept, dropped = self._unseen(value)
                 if dropped:
