@@ -117,9 +117,12 @@ class SharedConsumer:
         self._closed = False
 
     @classmethod
-    def connect(cls, config: KafkaConfig, group: str) -> SharedConsumer:
+    def connect(
+        cls, config: KafkaConfig, group: str, *, read_size: int = 500, buffered_max: int = 2_000
+    ) -> SharedConsumer:
         """A shared consumer on the broker (built per worker, when Bytewax builds a partition)."""
-        return cls(Consumer(reader_client_config(config, group)))
+        consumer = Consumer(reader_client_config(config, group))
+        return cls(consumer, read_size=read_size, buffered_max=buffered_max)
 
     def partition(self, topic: str, partition: int) -> PartitionConsumer:
         """The consumer as one partition's reader sees it."""
