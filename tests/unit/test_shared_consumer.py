@@ -230,3 +230,27 @@ def test_an_idle_pair_looks_less_often_and_at_once_again_when_a_message_comes() 
     part.next_batch()
     awake = part.next_awake()
     assert awake is not None and awake - datetime.now(UTC) <= IDLE_POLL
+
+
+def test_a_lane_not_read_is_also_bounded_by_the_bytes_it_buffers() -> None:
+    """Bulk messages are large (500 items each): the bound in bytes stops a buffer first."""
+    sizes = {"push.apns": 200, "push.apns.bulk": 500}
+    fake = FakeConsumer({(t, 1): n for t, n in sizes.items()})
+    shared = SharedConsumer(fake, read_size=30, buffered_max=10_000, buffered_max_bytes=600)
+    lanes = {
+        topic: TopicPartitionReader(
+            {}, topic, 1, OFFSET_BEGINNING, 50, False, 1.0, consumer=shared.partition(topic, 1)
+        )
+        for topic in sizes
+    }
+    normal: list[int] = []
+    for _ in range(20):
+        normal += offsets(lanes["push.apns"].next_batch(), "push.apns")
+        # Values are about 20 bytes: 600 bytes is some 30 messages, plus one read past it.
+        assert shared.buffered(("push.apns.bulk", 1)) <= 30 + 30
+    assert normal == list(range(200))
+    assert shared.paused(("push.apns.bulk", 1))
+    bulk: list[int] = []
+    for _ in range(100):
+        bulk += offsets(lanes["push.apns.bulk"].next_batch(), "push.apns.bulk")
+    assert bulk == list(range(500))

@@ -96,10 +96,11 @@ class SharedConsumer:
     per delivery lane partition made the delivery flow's idle and per-push CPU grow with the
     number of lanes (docs/design.md). Here the partitions one source partition reads share one
     consumer: a read for one partition takes what the consumer has ready and keeps the others'
-    messages in their own buffers, in order; a partition whose buffer holds `buffered_max`
-    messages is paused (its reader is not taking them, e.g. a rate-limited bulk lane) and
-    resumed once its reader took half of them. librdkafka resumes a paused partition after the
-    last message it handed out, so nothing is skipped or read twice.
+    messages in their own buffers, in order. A partition whose buffer holds `buffered_max`
+    messages or `buffered_max_bytes` of values (as much as librdkafka's own prefetch) is paused,
+    its reader not taking them (e.g. a rate-limited bulk lane), and resumed once its reader took
+    half of them. librdkafka resumes a paused partition after the last message it handed out,
+    so nothing is skipped or read twice.
     """
 
     def __init__(
@@ -108,21 +109,35 @@ class SharedConsumer:
         *,
         read_size: int = 500,
         buffered_max: int = 2_000,
+        buffered_max_bytes: int = 8 << 20,
     ) -> None:
         self._consumer = consumer
         self._read_size = read_size
         self._buffered_max = buffered_max
+        self._buffered_max_bytes = buffered_max_bytes
+        self._bytes: dict[tuple[str, int], int] = {}
         self._buffers: dict[tuple[str, int], deque[Message]] = {}
         self._paused: set[tuple[str, int]] = set()
         self._closed = False
 
     @classmethod
     def connect(
-        cls, config: KafkaConfig, group: str, *, read_size: int = 500, buffered_max: int = 2_000
+        cls,
+        config: KafkaConfig,
+        group: str,
+        *,
+        read_size: int = 500,
+        buffered_max: int = 2_000,
+        buffered_max_bytes: int = 8 << 20,
     ) -> SharedConsumer:
         """A shared consumer on the broker (built per worker, when Bytewax builds a partition)."""
         consumer = Consumer(reader_client_config(config, group))
-        return cls(consumer, read_size=read_size, buffered_max=buffered_max)
+        return cls(
+            consumer,
+            read_size=read_size,
+            buffered_max=buffered_max,
+            buffered_max_bytes=buffered_max_bytes,
+        )
 
     def partition(self, topic: str, partition: int) -> PartitionConsumer:
         """The consumer as one partition's reader sees it."""
@@ -130,6 +145,7 @@ class SharedConsumer:
         if key in self._buffers:
             raise ValueError(f"{topic}/{partition} already has a reader on this consumer")
         self._buffers[key] = deque()
+        self._bytes[key] = 0
         return _SharedPartition(self, key)
 
     def buffered(self, key: tuple[str, int]) -> int:
@@ -164,13 +180,22 @@ class SharedConsumer:
                         stray.append(m)
                     continue
                 owner.append(m)
+                self._bytes[(m.topic(), m.partition())] += len(m.value() or b"")
             self._pause_full()
             if len(msgs) < self._read_size:
                 break  # nothing more is ready now
         out = stray
+        taken = 0
         while buffer and len(out) < wanted:
-            out.append(buffer.popleft())
-        if key in self._paused and len(buffer) <= self._buffered_max // 2:
+            m = buffer.popleft()
+            taken += len(m.value() or b"")
+            out.append(m)
+        self._bytes[key] -= taken
+        if (
+            key in self._paused
+            and len(buffer) <= self._buffered_max // 2
+            and self._bytes[key] <= self._buffered_max_bytes // 2
+        ):
             self._paused.discard(key)
             self._consumer.resume([TopicPartition(*key)])
         return out
@@ -179,7 +204,8 @@ class SharedConsumer:
         full = [
             key
             for key, buffer in self._buffers.items()
-            if len(buffer) >= self._buffered_max and key not in self._paused
+            if key not in self._paused
+            and (len(buffer) >= self._buffered_max or self._bytes[key] >= self._buffered_max_bytes)
         ]
         if full:
             self._paused.update(full)
@@ -187,16 +213,18 @@ class SharedConsumer:
 
     def _seek(self, key: tuple[str, int], offset: int) -> None:
         """Read the partition from `offset` next: what its buffer held is dropped."""
-        self._consumer.seek(TopicPartition(key[0], key[1], offset))
-        self._buffers[key].clear()
         if key in self._paused:
             self._paused.discard(key)
             self._consumer.resume([TopicPartition(*key)])
+        self._consumer.seek(TopicPartition(key[0], key[1], offset))
+        self._buffers[key].clear()
+        self._bytes[key] = 0
 
     def _release(self, key: tuple[str, int]) -> None:
         """The partition's reader left; the last one to leave closes the consumer."""
         if self._buffers.pop(key, None) is None:
             return
+        self._bytes.pop(key, None)
         self._paused.discard(key)
         if not self._buffers and not self._closed:
             self._closed = True
