@@ -48,6 +48,12 @@ Phases and what each figure means:
    --drain-timeout s pass. Only normal items created while the drain was in progress
    (between the first and the last accepted bulk item) count. Also: the drain's pushes/s.
 
+4. `idle`: the flow is started and warmed up, then left with no traffic for --idle-seconds (60):
+   the CPU each process uses meanwhile (the flow's and the broker's cost of reading empty
+   topics). Then --idle-probes (5) one-item posts per provider on the transactional lanes, 3 s
+   apart: their latency is that of a message arriving on a lane that was idle. Not among the
+   default phases: name it (`--phases idle`).
+
 Targets printed against the figures: >= 10,000 APNs pushes/s for one delivery process; normal
 lane p50 < 100 ms and p99 < 1 s with 5,000 candidates/s background; p99 < 2 s during a 1M drain.
 
@@ -119,7 +125,8 @@ TARGET_P50_S = 0.100
 TARGET_P99_S = 1.0
 TARGET_DRAIN_P99_S = 2.0
 BATCH = 500
-PHASES = ("apns", "fcm", "latency", "drain")
+PHASES = ("apns", "fcm", "latency", "drain", "idle")
+DEFAULT_PHASES = PHASES[:4]  # idle is asked for by name
 _FCM_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
 
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--phases",
-        default=",".join(PHASES),
+        default=",".join(DEFAULT_PHASES),
         help=f"comma-separated subset of {','.join(PHASES)}",
     )
     p.add_argument("--apns-items", type=whole_number(1, 10_000_000), default=100_000)
@@ -194,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=number_in(5, 7_200),
         default=600.0,
         help="stop the drain phase after this many seconds even if not drained",
+    )
+    p.add_argument(
+        "--idle-seconds",
+        type=number_in(5, 3_600),
+        default=60.0,
+        help="idle phase: how long the warm flow is measured with no traffic",
+    )
+    p.add_argument(
+        "--idle-probes",
+        type=whole_number(1, 100),
+        default=5,
+        help="idle phase: one-item transactional posts sent after the idle window, 3 s apart "
+        "(the first read of a lane idle for a while)",
     )
     p.add_argument(
         "--stall-timeout",
@@ -1199,6 +1219,62 @@ def phase_drain(bench: Bench) -> dict[str, Any]:
     return result
 
 
+def phase_idle(bench: Bench) -> dict[str, Any]:
+    """A warm flow with no traffic: the CPU each process uses just reading empty topics.
+
+    Then --idle-probes one-item posts on the transactional lanes, each after 3 s of quiet:
+    the latency of a message arriving on a lane that was idle (how long an idle partition
+    waits between two looks, plus the broker's fetch wait, adds to it).
+    """
+    args = bench.args
+    settings = bench.open_phase("idle")
+    assert bench.control is not None
+    tokens = Tokens(args.seed + 7)
+    flow = bench.start_flow("idle")
+    warm_s = _wait_warm(bench, flow, tokens, settings, devices=32)
+    log(f"[idle] flow ready after {warm_s:.1f} s; measuring {args.idle_seconds:.0f} s idle")
+    time.sleep(2.0)  # the warm-up's outcomes written, the partitions back to idle
+    cpu = CpuMeter(bench.pids)
+    cpu.start()
+    bench.start_profile("idle")
+    time.sleep(args.idle_seconds)
+    flow.check_alive()
+    usage = cpu.stop()
+    profile = bench.stop_profile()
+    created: dict[tuple[str, str], float] = {}
+    collector = Collector(bench.control, created)
+    pub = Publisher(settings.kafka_config(), linger_ms=0)
+    for n in range(args.idle_probes):
+        time.sleep(3.0)
+        for provider in args.post_providers:
+            post_id = f"idle{n}"
+            now = time.time()
+            created[(provider, f"{post_id}:u0")] = now
+            pub.send(
+                channel_topic(provider, "transactional"),
+                partition_of(post_id, settings.topic_partitions),
+                post_id.encode(),
+                dispatch_batch(provider, post_id, now, ["u0"], tokens),
+            )
+        pub.flush(30)
+    deadline = time.monotonic() + args.grace
+    while time.monotonic() < deadline and collector.missing() > 0:
+        collector.poll()
+        time.sleep(0.2)
+    collector.poll()
+    result: dict[str, Any] = {
+        "idle_s": args.idle_seconds,
+        "warmup_s": round(warm_s, 1),
+        "cpu": usage,
+        "after_idle": latency_row(*_merge(collector.latencies(p) for p in args.post_providers)),
+        **bench.phase_extras("idle"),
+    }
+    if profile is not None:
+        result["profile"] = profile
+    bench.close_phase()
+    return result
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -1290,8 +1366,10 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 phases[phase] = phase_throughput(bench, phase, items)
             elif phase == "latency":
                 phases[phase] = phase_latency(bench)
-            else:
+            elif phase == "drain":
                 phases[phase] = phase_drain(bench)
+            else:
+                phases[phase] = phase_idle(bench)
         ok = True
     finally:
         bench.close_phase()
@@ -1470,6 +1548,17 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"    target p99 < {_ms(TARGET_DRAIN_P99_S)} during the drain: {_ok(met)}")
         _cpu_per_push(dr.get("cpu_per_push", {}), "APNs")
         _extras(dr)
+    idle = phases.get("idle")
+    if idle:
+        print(f"\n[idle] a warm flow, no traffic, for {idle['idle_s']:g} s")
+        cores = idle["cpu"]["cores"]
+        print("    CPU cores used: " + ", ".join(f"{k} {v}" for k, v in cores.items()))
+        a = idle["after_idle"]
+        print(
+            f"    one-item transactional posts after 3 s of quiet: p50 {_ms(a['p50_s'])}, "
+            f"max {_ms(a['max_s'])}, missing {a['missing']}"
+        )
+        _extras(idle)
     print(f"\nredis keys deleted: {r.get('redis_keys_deleted')}")
     if r.get("home_kept"):
         print(f"FANFARE_HOME kept: {r['home_kept']}")

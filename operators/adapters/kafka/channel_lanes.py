@@ -34,7 +34,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
 
 from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
-from operators.adapters.kafka.reader import TopicPartitionReader
+from operators.adapters.kafka.reader import SharedConsumer, TopicPartitionReader
 from operators.adapters.kafka.topic_identity import shared_topic_ids
 from operators.delivery.model import SendRequest
 from operators.delivery.pipeline import DeliveryPump, LaneProgress, LaneState, Ranges
@@ -88,10 +88,21 @@ def _complete(given: tuple[object, ...]) -> LaneOffsets:
 
 
 IDLE_POLL = timedelta(milliseconds=5)
-"""How often a lane pair with nothing in flight looks for new messages (Bytewax's default is
-every millisecond, for each of a worker's partitions)."""
+"""How soon a lane pair that just found nothing looks for new messages again (Bytewax's default
+is every millisecond, for each of a worker's partitions)."""
+IDLE_POLL_MAX = timedelta(milliseconds=25)
+"""The longest wait between two looks of a pair that keeps finding nothing: the wait doubles
+from IDLE_POLL with each empty look up to this, so a message arriving on a long-idle lane (a
+login code) waits at most this long for its first read, while the idle pairs of a worker, 28 with
+every channel's lanes, cost it about 40 looks a second each instead of 200."""
 MAX_OPEN_MESSAGES = 2_000
 """Messages a lane keeps read but not wholly judged, at most (bounds memory and snapshots)."""
+
+
+def idle_wait(empty_looks: int) -> timedelta:
+    """The wait before the next look after `empty_looks` empty ones in a row (at least one)."""
+    doublings = min(max(empty_looks, 1) - 1, 8)
+    return min(IDLE_POLL * (1 << doublings), IDLE_POLL_MAX)
 
 
 class MessageReader(Protocol):
@@ -269,6 +280,7 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
         self._routes = [f"{topic}/{index}" for topic in self._lanes]
         self._worker, self._outbox = pump.register(self._routes)
         self._busy = True
+        self._empty_looks = 0  # looks in a row that found nothing to do
         self._letters: list[tuple[_Lane, int, DeadLetter]] = []
 
     def next_batch(self) -> list[object]:
@@ -313,17 +325,18 @@ class _LanePairReader(StatefulSourcePartition[object, LaneOffsets]):
                 out.append(letter)
             self._letters = []
         self._busy = bool(out or requests) or not self.idle()
+        self._empty_looks = 0 if self._busy else self._empty_looks + 1
         return out
 
     def next_awake(self) -> datetime | None:
         """When to poll again: at once while anything waits for an outcome.
 
-        (Bytewax waits 1 ms after an empty batch.) An idle pair looks for new messages every
-        IDLE_POLL.
+        (Bytewax waits 1 ms after an empty batch.) An idle pair looks for new messages after
+        IDLE_POLL, then ever less often up to IDLE_POLL_MAX while it keeps finding none.
         """
         if self._busy:
             return None
-        return datetime.now(UTC) + IDLE_POLL
+        return datetime.now(UTC) + idle_wait(self._empty_looks)
 
     def idle(self) -> bool:
         """Nothing read waits for an outcome, or for its outputs to be emitted."""
@@ -428,6 +441,9 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
             "bulk": (state[1], state[4], 2),
             "transactional": (state[8], state[10], self._normal_batch),
         }
+        # One consumer for the partition's lanes: a consumer per lane partition cost the
+        # process and the broker a fetch loop each, idle or not (SharedConsumer).
+        shared = SharedConsumer.connect(self._config, f"fanfare-lanes-{provider}")
         readers: dict[str, TopicPartitionReader | None] = {}
         for lane, (at, topic_id, size) in starts.items():
             topic = channel_topic(provider, lane)
@@ -442,6 +458,7 @@ class ChannelLanesSource(FixedPartitionedSource[object, LaneOffsets]):
                     1.0,
                     topic_ids=shared_topic_ids(self._config),
                     start_topic_id=topic_id,
+                    consumer=shared.partition(topic, i),
                 )
                 if i < counts[topic]
                 else None

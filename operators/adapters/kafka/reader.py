@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, Protocol, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import (
@@ -20,6 +21,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     TopicPartition,
 )
 
@@ -45,6 +47,225 @@ than this (a seek restarts the fetch: probing faster, the end is never reported)
 
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
+
+
+def reader_client_config(config: KafkaConfig, group: str) -> dict[str, Any]:
+    """The settings of a reader's consumer (no group: offsets live in snapshots)."""
+    conf: dict[str, object] = dict(config)
+    conf.update(
+        {
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
+            "auto.offset.reset": "earliest",
+            # A consumer per partition or per few: librdkafka's default prefetch (64 MB each)
+            # would dominate the worker's memory; 8 MB still keeps a partition's pipe full.
+            "queued.max.messages.kbytes": 8_192,
+        }
+    )
+    return client_config(conf)
+
+
+class PartitionConsumer(Protocol):
+    """The part of a confluent_kafka Consumer a `TopicPartitionReader` uses."""
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        """Read these partitions from their offsets."""
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        """Messages (and end-of-partition events) ready now."""
+
+    def seek(self, partition: TopicPartition) -> None:
+        """Read the partition from this offset next."""
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, cached: bool = False
+    ) -> tuple[int, int]:
+        """(low, high) watermarks of the partition."""
+
+    def close(self) -> None:
+        """Leave the broker."""
+
+
+class SharedConsumer:
+    """One consumer reading several partitions, each for its own `TopicPartitionReader`.
+
+    A librdkafka consumer costs its process a broker connection, threads and a fetch request
+    every FETCH_WAIT_MS while its partitions are idle, and the broker as much to answer: one
+    per delivery lane partition made the delivery flow's idle and per-push CPU grow with the
+    number of lanes (docs/design.md). Here the partitions one source partition reads share one
+    consumer: a read for one partition takes what the consumer has ready and keeps the others'
+    messages in their own buffers, in order. A partition whose buffer holds `buffered_max`
+    messages or `buffered_max_bytes` of values (as much as librdkafka's own prefetch) is paused,
+    its reader not taking them (e.g. a rate-limited bulk lane), and resumed once its reader took
+    half of them. librdkafka resumes a paused partition after the last message it handed out,
+    so nothing is skipped or read twice.
+    """
+
+    def __init__(
+        self,
+        consumer: Any,  # a confluent_kafka Consumer; tests pass a fake
+        *,
+        read_size: int = 500,
+        buffered_max: int = 2_000,
+        buffered_max_bytes: int = 8 << 20,
+    ) -> None:
+        self._consumer = consumer
+        self._read_size = read_size
+        self._buffered_max = buffered_max
+        self._buffered_max_bytes = buffered_max_bytes
+        self._bytes: dict[tuple[str, int], int] = {}
+        self._buffers: dict[tuple[str, int], deque[Message]] = {}
+        self._paused: set[tuple[str, int]] = set()
+        self._closed = False
+
+    @classmethod
+    def connect(
+        cls,
+        config: KafkaConfig,
+        group: str,
+        *,
+        read_size: int = 500,
+        buffered_max: int = 2_000,
+        buffered_max_bytes: int = 8 << 20,
+    ) -> SharedConsumer:
+        """A shared consumer on the broker (built per worker, when Bytewax builds a partition)."""
+        consumer = Consumer(reader_client_config(config, group))
+        return cls(
+            consumer,
+            read_size=read_size,
+            buffered_max=buffered_max,
+            buffered_max_bytes=buffered_max_bytes,
+        )
+
+    def partition(self, topic: str, partition: int) -> PartitionConsumer:
+        """The consumer as one partition's reader sees it."""
+        key = (topic, partition)
+        if key in self._buffers:
+            raise ValueError(f"{topic}/{partition} already has a reader on this consumer")
+        self._buffers[key] = deque()
+        self._bytes[key] = 0
+        return _SharedPartition(self, key)
+
+    def buffered(self, key: tuple[str, int]) -> int:
+        """Messages read for the partition that its reader has not taken yet."""
+        return len(self._buffers[key])
+
+    def paused(self, key: tuple[str, int]) -> bool:
+        """Whether the partition's fetching is paused (its buffer is full)."""
+        return key in self._paused
+
+    def _assign(self, partitions: list[TopicPartition]) -> None:
+        self._consumer.incremental_assign(partitions)
+
+    def _take(self, key: tuple[str, int], wanted: int) -> list[Message]:
+        """Up to `wanted` of the partition's messages, reading the consumer if it has too few.
+
+        Reads at most a few batches: enough to get past other partitions' prefetched messages,
+        which then wait in their buffers (paused once full), without blocking.
+        """
+        buffer = self._buffers[key]
+        stray: list[Message] = []
+        for _ in range(4):
+            if len(buffer) >= wanted:
+                break
+            msgs = self._consumer.consume(self._read_size, 0)
+            for m in msgs:
+                owner = self._buffers.get((m.topic(), m.partition()))
+                if owner is None:
+                    # A client-wide error (no partition) or a partition no reader holds any
+                    # more: the reader asking now sees the errors; messages are left alone.
+                    if m.error() is not None:
+                        stray.append(m)
+                    continue
+                owner.append(m)
+                self._bytes[(m.topic(), m.partition())] += len(m.value() or b"")
+            self._pause_full()
+            if len(msgs) < self._read_size:
+                break  # nothing more is ready now
+        out = stray
+        taken = 0
+        while buffer and len(out) < wanted:
+            m = buffer.popleft()
+            taken += len(m.value() or b"")
+            out.append(m)
+        self._bytes[key] -= taken
+        if (
+            key in self._paused
+            and len(buffer) <= self._buffered_max // 2
+            and self._bytes[key] <= self._buffered_max_bytes // 2
+        ):
+            self._paused.discard(key)
+            self._consumer.resume([TopicPartition(*key)])
+        return out
+
+    def _pause_full(self) -> None:
+        full = [
+            key
+            for key, buffer in self._buffers.items()
+            if key not in self._paused
+            and (len(buffer) >= self._buffered_max or self._bytes[key] >= self._buffered_max_bytes)
+        ]
+        if full:
+            self._paused.update(full)
+            self._consumer.pause([TopicPartition(*key) for key in full])
+
+    def _seek(self, key: tuple[str, int], offset: int) -> None:
+        """Read the partition from `offset` next: what its buffer held is dropped."""
+        if key in self._paused:
+            self._paused.discard(key)
+            self._consumer.resume([TopicPartition(*key)])
+        self._consumer.seek(TopicPartition(key[0], key[1], offset))
+        self._buffers[key].clear()
+        self._bytes[key] = 0
+
+    def _release(self, key: tuple[str, int]) -> None:
+        """The partition's reader left; the last one to leave closes the consumer."""
+        if self._buffers.pop(key, None) is None:
+            return
+        self._bytes.pop(key, None)
+        self._paused.discard(key)
+        if not self._buffers and not self._closed:
+            self._closed = True
+            self._consumer.close()
+        elif not self._closed:
+            with contextlib.suppress(KafkaException):
+                self._consumer.incremental_unassign([TopicPartition(*key)])
+
+
+class _SharedPartition:
+    """One partition's view of a `SharedConsumer` (a `PartitionConsumer`)."""
+
+    def __init__(self, shared: SharedConsumer, key: tuple[str, int]) -> None:
+        self._shared = shared
+        self._key = key
+
+    def _check(self, partition: TopicPartition) -> None:
+        if (partition.topic, partition.partition) != self._key:
+            raise ValueError(f"{partition.topic}/{partition.partition} is not {self._key}")
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._check(tp)
+        self._shared._assign(partitions)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        return self._shared._take(self._key, num_messages)
+
+    def seek(self, partition: TopicPartition) -> None:
+        self._check(partition)
+        self._shared._seek(self._key, partition.offset)
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, cached: bool = False
+    ) -> tuple[int, int]:
+        self._check(partition)
+        low, high = self._shared._consumer.get_watermark_offsets(partition, cached=cached)
+        return (low, high)
+
+    def close(self) -> None:
+        self._shared._release(self._key)
 
 
 ReaderState = tuple[int, str | None]
@@ -124,6 +345,9 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
     the position on a healthy partition: it must stay below the position, with no message and
     no end-of-partition event, for `stale_after_s`. The beginning, not the end: everything on
     a re-created partition was written after the loss, so none of it has been read.
+
+    `consumer`, when given, is the partition's share of a consumer it reads with other
+    partitions (`SharedConsumer.partition`); else the reader builds a consumer of its own.
     """
 
     def __init__(
@@ -140,21 +364,17 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         topic_ids: TopicIds | None = None,
         start_topic_id: str | None = None,
         replayed_below: int = 0,
+        consumer: PartitionConsumer | None = None,
     ) -> None:
-        conf = dict(config)
-        conf.update(
-            {
-                "group.id": f"fanfare-reader-{topic}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": FETCH_WAIT_MS,
-                "auto.offset.reset": "earliest",
-                # One consumer per partition: librdkafka's default prefetch (64 MB each) would
-                # dominate the worker's memory; 8 MB still keeps a partition's pipe full.
-                "queued.max.messages.kbytes": 8_192,
-            }
+        self._consumer: PartitionConsumer = (
+            consumer
+            if consumer is not None
+            # The stubs' parameter names differ from the protocol's; the calls are the same.
+            else cast(
+                PartitionConsumer,
+                Consumer(reader_client_config(config, f"fanfare-reader-{topic}")),
+            )
         )
-        self._consumer = Consumer(client_config(conf))
         self._topic = topic
         self._partition = partition
         self._position = start
