@@ -73,8 +73,11 @@ def test_apns_outage_opens_the_circuit_and_everything_is_delivered_after(
     chaos: ChaosStack, survived: Callable[[Result], Result], transport: str
 ) -> None:
     r = survived(run_fault(chaos, "apns-outage", transport))
-    assert_all_delivered_once(r)
-    assert r.counts["apns_resends"] == r.counts["fcm_resends"] == 0
+    assert_all_delivered_once(r)  # no repeat without a lost answer
+    assert r.counts["apns_resends"] == 0
+    # FCM was healthy; a repeat is allowed only for a send delivery reported lost (a loaded
+    # machine can time one out), as in every scenario: docs/design.md, the answer-lost case.
+    assert r.counts["fcm_resends"] <= r.details["fcm_answers_lost"]
     assert "open" in states(r, "apns") and states(r, "apns")[-1] == "closed"
     assert states(r, "fcm") == ["closed"]  # a breaker per provider: FCM went on
     rejected = r.details["provider_rejected"]["apns"]["ServiceUnavailable"]
@@ -88,7 +91,7 @@ def test_fcm_429_with_retry_after_is_honoured_and_everything_is_delivered_after(
 ) -> None:
     r = survived(run_fault(chaos, "fcm-429", transport))
     assert_all_delivered_once(r)
-    assert r.counts["fcm_resends"] == 0
+    assert r.counts["fcm_resends"] <= r.details["fcm_answers_lost"]  # a 429 is never one
     assert r.details["provider_rejected"]["fcm"]["QUOTA_EXCEEDED"] > 0
     assert r.details["retries_after_429"] > 0
     assert r.details["retries_earlier_than_retry_after"] == 0
