@@ -118,6 +118,7 @@ class TwilioSmsSender(PushSender):
             f"{config.api_url.rstrip('/')}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
         )
         self._client = HttpClient(timeout_s, config.ca_file)
+        self.concurrency = self._client.connections
 
     async def warm_up(self) -> None:
         """Open a connection (TLS) to the API before the first send."""
