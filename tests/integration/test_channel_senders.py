@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -636,3 +637,24 @@ def test_an_sms_whose_budget_check_fails_does_not_fail_its_siblings_already_sent
         assert control.stats()["sms"]["accepted"] - before == 3  # each once
     finally:
         sender._budget = budget
+
+
+def test_more_sms_at_once_than_redis_connections_all_pass_their_budget_check(
+    channels: Channels, control: ChannelControl
+) -> None:
+    """The delivery engine lets SMS have 4 to 5 times its 32 connections in flight, each with a
+    budget check in Redis at once: the pool waits for a free connection, never refuses."""
+    from operators.adapters.channels.factory import REDIS_CONNECTIONS
+
+    worker = worker_with(channels, FANFARE_SMS_DAILY_LIMIT="1000000")
+    try:
+        n = REDIS_CONNECTIONS + 50
+        before = control.stats()["sms"]["accepted"]
+        sent = [
+            send_request("sms", f"+1415666{i:04d}", user=f"p{i}", message=LOGIN) for i in range(n)
+        ]
+        answers = worker.answers("sms", *sent)
+        assert Counter((a.status, a.reason) for a in answers) == {(201, None): n}
+        assert control.stats()["sms"]["accepted"] - before == n
+    finally:
+        worker.close()
