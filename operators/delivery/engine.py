@@ -68,6 +68,10 @@ T = TypeVar("T")
 CONCURRENCY_ROUNDS = 4
 """In flight per provider with a bound of its own: its sends under way and three rounds ready
 (a round trip through the flow takes a while on a loaded machine: the sessions must not idle)."""
+SESSION_BOUND_SHARE = 0.25
+"""...or this share of the in-flight limit when more: email on 4 SMTP sessions held to 20 in
+flight sent 20 a second where 400 in flight gave 110 (the flow's round trip, not the sessions,
+was then the bound)."""
 
 
 @dataclass
@@ -467,9 +471,10 @@ class DeliveryEngine:
             # every other channel of the worker from reading.
             # A transactional send may go one round beyond, so a backlog of the provider's
             # other lanes never keeps it unread (its sessions serve it first).
-            rounds = CONCURRENCY_ROUNDS + (lane == "transactional")
-            held = self._in_flight_by_provider[sender.provider]
-            free = min(free, rounds * sender.concurrency - held)
+            share = max(CONCURRENCY_ROUNDS * sender.concurrency, int(limit * SESSION_BOUND_SHARE))
+            if lane == "transactional":
+                share += sender.concurrency
+            free = min(free, share - self._in_flight_by_provider[sender.provider])
         dispatcher = self._dispatcher
         if sender is not None and dispatcher is not None:
             spec = sender.bucket
