@@ -65,6 +65,13 @@ log = logging.getLogger(__name__)
 
 DeliveryOutput = DeliveryEvent | DeviceChange | RetryRecord | DeadLetter
 T = TypeVar("T")
+CONCURRENCY_ROUNDS = 4
+"""In flight per provider with a bound of its own: its sends under way and three rounds ready
+(a round trip through the flow takes a while on a loaded machine: the sessions must not idle)."""
+SESSION_BOUND_SHARE = 0.25
+"""...or this share of the in-flight limit when more: email on 4 SMTP sessions held to 20 in
+flight sent 20 a second where 400 in flight gave 110 (the flow's round trip, not the sessions,
+was then the bound)."""
 
 
 @dataclass
@@ -135,6 +142,7 @@ class DeliveryEngine:
         self._reports: collections.deque[Sent | Held] = collections.deque()
         self._dispatcher: SendDispatcher | None = None
         self._in_flight = {"transactional": 0, "normal": 0, "bulk": 0}
+        self._in_flight_by_provider: collections.Counter[str] = collections.Counter()
         self._closed = False
         self._ts: tuple[float, str] = (-1.0, "")
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -370,6 +378,7 @@ class DeliveryEngine:
         for items in batches.values():
             for r, _ in items:
                 self._in_flight[r.lane] += 1
+                self._in_flight_by_provider[r.provider] += 1
             n += len(items)
         metrics.IN_FLIGHT.inc(n)
 
@@ -412,6 +421,7 @@ class DeliveryEngine:
             report = reports.popleft()
             for r in report.requests:
                 self._in_flight[r.lane] -= 1
+                self._in_flight_by_provider[r.provider] -= 1
             answered += len(report.requests)
             if isinstance(report, Held):
                 metrics.HELD.labels(report.provider, "rate_limited").inc(len(report.requests))
@@ -443,8 +453,9 @@ class DeliveryEngine:
         The in-flight limit (the bulk lane may fill `bulk_share` of it), and for a provider
         what it can send within FANFARE_RATE_WAIT_MAX_MS at its rate: a request queued beyond
         that would only be held (rate_limited) and come back through push.retry, so it is
-        better left unread. The normal and bulk lanes leave `transactional_reserve` of the
-        limit to the transactional lane.
+        better left unread; for a sender with a `concurrency` of its own, a few rounds of it.
+        The normal and bulk lanes leave `transactional_reserve` of the limit to the
+        transactional lane.
         """
         limit = self._settings.in_flight
         free = limit - self.in_flight
@@ -454,6 +465,16 @@ class DeliveryEngine:
         if lane == "bulk":
             free = min(free, int(limit * self._settings.bulk_share) - self._in_flight["bulk"])
         sender = self._senders.get(provider) if provider is not None else None
+        if sender is not None and sender.concurrency is not None:
+            # Beyond a few rounds of its sessions, a provider's requests only wait in memory,
+            # holding in-flight room: one slow channel (email on its SMTP sessions) would keep
+            # every other channel of the worker from reading.
+            # A transactional send may go one round beyond, so a backlog of the provider's
+            # other lanes never keeps it unread (its sessions serve it first).
+            share = max(CONCURRENCY_ROUNDS * sender.concurrency, int(limit * SESSION_BOUND_SHARE))
+            if lane == "transactional":
+                share += sender.concurrency
+            free = min(free, share - self._in_flight_by_provider[sender.provider])
         dispatcher = self._dispatcher
         if sender is not None and dispatcher is not None:
             spec = sender.bucket

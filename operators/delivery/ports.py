@@ -110,6 +110,10 @@ class PushSender(ABC):
     bucket: BucketSpec
     max_per_send: int | None = None
     """The most requests one `send` call should carry (None: any number)."""
+    concurrency: int | None = None
+    """The most sends it has under way at once (its connections or sessions), when it has such a
+    bound; the engine then lets it hold only a few times that in flight: requests queued behind
+    its sessions would only fill the worker's in-flight limit that other providers could use."""
     one_send_at_a_time: bool = False
     """True when `send` sends its requests over time (chunks one after another): the engine then
     takes tokens for one `send` and calls the next only once it is answered, so no request

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -598,3 +599,62 @@ def test_the_hub_beats_idle_listeners_spread_over_the_interval(channels: Channel
 
     beats = asyncio.run(main())
     assert max(beats) <= 4.0  # every idle listener within an interval (and a tick)
+
+
+def test_an_sms_whose_budget_check_fails_does_not_fail_its_siblings_already_sent(
+    channels: Channels, control: ChannelControl, worker: Worker
+) -> None:
+    """Redis refusing one budget check (its pool full: MaxConnectionsError) once failed the
+    whole `send`: the siblings the provider had accepted were retried, and sent twice."""
+    from redis.exceptions import MaxConnectionsError
+
+    sender: Any = worker.senders["sms"]
+    budget = sender._budget
+
+    class OneRefused:
+        async def take(self, user_id: str) -> str | None:
+            if user_id == "pool-full":
+                raise MaxConnectionsError("Too many connections")
+            await asyncio.sleep(0.05)  # the refusal comes while the others are being sent
+            result: str | None = await budget.take(user_id)
+            return result
+
+        async def give_back(self, user_id: str) -> None:
+            await budget.give_back(user_id)
+
+    sender._budget = OneRefused()
+    try:
+        before = control.stats()["sms"]["accepted"]
+        ok = [
+            send_request("sms", f"+1415555{i:04d}", user=f"s{i}", message=LOGIN) for i in range(3)
+        ]
+        refused = send_request("sms", "+14155559999", user="pool-full", message=LOGIN)
+        answers = worker.answers("sms", *ok, refused)
+        assert [a.status for a in answers[:3]] == [201, 201, 201]
+        assert answers[3].status is None and answers[3].reason == "sms_budget: MaxConnectionsError"
+        assert classify("sms", answers[3]) is Verdict.TRANSIENT  # sent again later
+        time.sleep(0.3)
+        assert control.stats()["sms"]["accepted"] - before == 3  # each once
+    finally:
+        sender._budget = budget
+
+
+def test_more_sms_at_once_than_redis_connections_all_pass_their_budget_check(
+    channels: Channels, control: ChannelControl
+) -> None:
+    """The delivery engine lets SMS have 4 to 5 times its 32 connections in flight, each with a
+    budget check in Redis at once: the pool waits for a free connection, never refuses."""
+    from operators.adapters.channels.factory import REDIS_CONNECTIONS
+
+    worker = worker_with(channels, FANFARE_SMS_DAILY_LIMIT="1000000")
+    try:
+        n = REDIS_CONNECTIONS + 50
+        before = control.stats()["sms"]["accepted"]
+        sent = [
+            send_request("sms", f"+1415666{i:04d}", user=f"p{i}", message=LOGIN) for i in range(n)
+        ]
+        answers = worker.answers("sms", *sent)
+        assert Counter((a.status, a.reason) for a in answers) == {(201, None): n}
+        assert control.stats()["sms"]["accepted"] - before == n
+    finally:
+        worker.close()

@@ -17,7 +17,7 @@ from operators.adapters.providers.event_loop import EventLoopThread
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.circuit_breaker import BreakerState
-from operators.delivery.engine import DeliveryEngine, DeliverySettings
+from operators.delivery.engine import CONCURRENCY_ROUNDS, DeliveryEngine, DeliverySettings
 from operators.delivery.model import HELD_PREFIX, ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.pipeline import DeliveryPump
 from operators.delivery.steps import decode_channel_message, decode_retry_message
@@ -390,3 +390,88 @@ def test_a_snapshot_of_the_two_lane_version_resumes_with_a_fresh_transactional_l
     state = part.snapshot()
     assert len(state) == 12 and state[:2] == (7, 3) and state[8:10] == (0, 0)
     part.close()
+
+
+# -- a provider bound by its own sessions does not take the worker's in-flight room ----------
+
+
+class SessionBoundSender(ScriptedSender):
+    """`concurrency` sessions; every send waits until `release` (the provider is slow)."""
+
+    def __init__(self, provider: str, concurrency: int) -> None:
+        super().__init__(provider)
+        self.concurrency = concurrency
+        self.released = False
+
+    async def send(
+        self, requests: Sequence[SendRequest], payloads: Sequence[object]
+    ) -> list[ProviderAnswer]:
+        while not self.released:
+            await asyncio.sleep(0.01)
+        return await super().send(requests, payloads)
+
+
+def _read_while_room(e: DeliveryEngine, provider: str, lane: str, backlog: int) -> int:
+    """Submit as a channel reader does (as much as `room` allows); how many were submitted."""
+    submitted = 0
+    while submitted < backlog and (room := e.room(lane, provider)) > 0:
+        n = min(room, backlog - submitted)
+        e.submit(
+            [request(f"{provider}{submitted + i}", provider=provider, lane=lane) for i in range(n)]
+        )
+        submitted += n
+    return submitted
+
+
+def test_a_slow_channel_leaves_the_in_flight_room_to_the_other_channels(tmp_path: Path) -> None:
+    """Email with 8 SMTP sessions and a backlog of 1,000 must not hold all 400 slots of the
+    worker while web push (64 connections) has 1,000 waiting: web push then went at the pace
+    at which email freed a slot (2 a second in the channel kill -9 test)."""
+    email = SessionBoundSender("email", concurrency=8)
+    webpush = SessionBoundSender("webpush", concurrency=64)
+    loop = EventLoopThread("test-tiers-sessions")
+    e = DeliveryEngine(
+        claims=InMemoryEdgeClaims(),
+        store=SQLiteNotificationStore(tmp_path / "n.db"),
+        limiter=LocalRateLimiter(),
+        senders={"email": email, "webpush": webpush},
+        loop=loop,
+        settings=DeliverySettings(in_flight=400),
+    )
+    try:
+        emails = _read_while_room(e, "email", "transactional", 1_000)
+        # A quarter of the limit (more than 4 rounds of 8 sessions), and a round for
+        # transactional sends.
+        assert emails == 400 // 4 + 8
+        pushes = _read_while_room(e, "webpush", "normal", 1_000)
+        assert pushes == CONCURRENCY_ROUNDS * 64
+        assert e.in_flight == emails + pushes < 400
+        # Released, everything is answered and the room comes back.
+        email.released = webpush.released = True
+        judged: list[Any] = []
+        deadline = time.monotonic() + 10
+        while len(judged) < emails + pushes and time.monotonic() < deadline:
+            judged += e.collect()
+            time.sleep(0.01)
+        assert len(judged) == emails + pushes and e.in_flight == 0
+        assert e.room("normal", "webpush") == CONCURRENCY_ROUNDS * 64
+    finally:
+        email.released = webpush.released = True
+        e.close()
+        loop.stop()
+
+
+def test_a_transactional_send_finds_room_behind_its_channels_backlog(tmp_path: Path) -> None:
+    """The normal and bulk lanes of a session-bound channel fill its rounds; a transactional
+    message of that channel may still be read (its sessions serve it first)."""
+    email = SessionBoundSender("email", concurrency=8)
+    e = engine(SQLiteNotificationStore(tmp_path / "n.db"), email, in_flight=1_000)
+    e._in_flight["bulk"] = 1_000 // 4  # its share: a quarter of the limit
+    e._in_flight_by_provider["email"] = 1_000 // 4  # its share: a quarter of the limit
+    assert e.room("bulk", "email") == e.room("normal", "email") == 0
+    assert e.room("transactional", "email") == 8
+    # A sender with no bound of its own (APNs, FCM: HTTP/2 streams) keeps the lane limits only.
+    unbound = engine(
+        SQLiteNotificationStore(tmp_path / "m.db"), ScriptedSender("apns"), in_flight=1_000
+    )
+    assert unbound.room("normal", "apns") == 900

@@ -119,6 +119,7 @@ class WebhookChatSender(PushSender):
         self.bucket = bucket
         self._renderer = renderer
         self._client = HttpClient(timeout_s, config.ca_file, connections=64)
+        self.concurrency = self._client.connections
         self._guard = HostGuard(config.allow_dev)
         self._pacer = KeyedPacer(
             "chat",

@@ -206,6 +206,7 @@ class SmtpEmailSender(PushSender):
         self._connections = [
             _Connection(config, password, timeout_s) for _ in range(config.connections)
         ]
+        self.concurrency = config.connections
         # Free sessions go to a transactional message first (sessions.py says why).
         self._idle: LanePool[_Connection] = LanePool(self._connections)
         self._pacer = KeyedPacer(

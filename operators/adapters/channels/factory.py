@@ -30,6 +30,9 @@ from operators.delivery.token_bucket import BucketSpec
 from operators.notify.catalog import Catalog
 from operators.notify.links import MIN_SECRET_BYTES
 
+REDIS_CONNECTIONS = 100
+"""The channel senders' Redis connections per worker (SMS budgets, in-app streams)."""
+
 
 def _path(value: str) -> Path | None:
     return Path(value) if value else None
@@ -119,7 +122,17 @@ async def build_channel_senders(
         return BucketSpec(name, per_minute, burst, reserve, slack)
 
     senders: dict[str, PushSender] = {}
-    redis_client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    # A blocking pool: with 100 connections in use, a budget check or an in-app publish waits
+    # for one (2 s at most) instead of failing at once (MaxConnectionsError) while the SMS
+    # sender has more sends under way than that.
+    redis_client = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=2,
+            socket_connect_timeout=2,
+        )
+    )
     limiter = None
     if pace_destinations:
         # Its own fail-fast client: a send must not wait long on a pacing aid.

@@ -54,6 +54,7 @@ class HttpClient:
     """
 
     def __init__(self, timeout_s: float, ca_file: str | Path | None, connections: int = 32) -> None:
+        self.connections = connections
         self._timeout = timeout_s
         self._whole_timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._slots: LanePool[int] = LanePool(range(connections))

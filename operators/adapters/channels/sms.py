@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
 import orjson
+from redis.exceptions import RedisError
 
 from operators import metrics
 from operators.adapters.channels.content import ChannelRenderer
@@ -43,6 +45,8 @@ from operators.adapters.channels.ports import SmsBudget
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.ports import PushSender
 from operators.delivery.token_bucket import BucketSpec
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 1600
 """Twilio's longest body (10 segments of 160 GSM-7 characters)."""
@@ -118,6 +122,7 @@ class TwilioSmsSender(PushSender):
             f"{config.api_url.rstrip('/')}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
         )
         self._client = HttpClient(timeout_s, config.ca_file)
+        self.concurrency = self._client.connections
 
     async def warm_up(self) -> None:
         """Open a connection (TLS) to the API before the first send."""
@@ -142,7 +147,12 @@ class TwilioSmsSender(PushSender):
     async def _send_one(self, request: SendRequest, sms: RenderedSms) -> ProviderAnswer:
         if not self._renderer.sms_eligible(request):
             return ProviderAnswer(403, "category_not_sms_eligible")
-        spent = await self._budget.take(request.item["user_id"])
+        try:
+            spent = await self._budget.take(request.item["user_id"])
+        except (RedisError, OSError) as exc:
+            # This message's answer only (not sent: retried). Raised out of `send`, it failed
+            # the siblings already accepted by the provider, and they were sent twice.
+            return ProviderAnswer(None, f"sms_budget: {type(exc).__name__}")
         if spent is not None:
             metrics.SMS_BUDGET_REFUSED.labels(spent).inc()
             return ProviderAnswer(402, f"sms_budget_{spent}")
@@ -153,7 +163,10 @@ class TwilioSmsSender(PushSender):
                 sms.segments * self._config.cost_micros
             )
         else:
-            await self._budget.give_back(request.item["user_id"])
+            try:
+                await self._budget.give_back(request.item["user_id"])
+            except (RedisError, OSError) as exc:  # the answer stands; the unit stays counted
+                log.warning("sms budget: a unit not given back: %s", type(exc).__name__)
         return answer
 
     async def _post(self, sms: RenderedSms, lane: str) -> ProviderAnswer:

@@ -108,6 +108,7 @@ class VapidWebPushSender(PushSender):
         self._vapid = load_vapid(config.vapid_key_file)
         self._vapid_headers: dict[str, tuple[float, str]] = {}
         self._client = HttpClient(timeout_s, config.ca_file, connections=64)
+        self.concurrency = self._client.connections
         self._guard = HostGuard(config.allow_dev)
 
     def _authorization(self, endpoint: str) -> str:
