@@ -97,7 +97,37 @@ class LocalRateLimiter(RateLimiter):
         return grant
 
 
-class RedisRateLimiter(RateLimiter):
+class _SharedBucket:
+    """What the sync and async Redis limiters share.
+
+    The script's key and arguments, and the local bucket they fall back on while Redis is
+    unreachable (one `RedisOutage` each).
+    """
+
+    def __init__(
+        self, prefix: str, local_share: float, probe_s: float, clock: Callable[[], float], what: str
+    ) -> None:
+        # `what`: how an outage is logged (what it costs while it lasts)
+        self._prefix = prefix
+        self._fallback = LocalRateLimiter(clock=clock, share=local_share)
+        self.outage = RedisOutage(what, probe_s, clock)
+        self.fallbacks = 0
+
+    def _keys(self, spec: BucketSpec) -> list[str]:
+        """The take script's keys."""
+        return [f"{self._prefix}ratelimit:{spec.name}"]
+
+    @staticmethod
+    def _args(spec: BucketSpec, wanted: int, lane: str) -> list[float]:
+        """The take script's arguments."""
+        return [spec.rate, spec.capacity, wanted, spec.reserve_for(lane)]
+
+    def _local(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
+        self.fallbacks += 1
+        return self._fallback.take(spec, wanted, lane)
+
+
+class RedisRateLimiter(_SharedBucket, RateLimiter):
     """The shared bucket; one script call per take."""
 
     def __init__(
@@ -108,33 +138,29 @@ class RedisRateLimiter(RateLimiter):
         probe_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._prefix = prefix
-        self._redis = PerThreadRedis(url, **fail_fast_options(socket_timeout=2))
-        self._fallback = LocalRateLimiter(clock=clock, share=local_share)
-        self.outage = RedisOutage(
-            f"rate limiter (pacing on a local bucket at 1/{local_share:g} of the rate)",
+        super().__init__(
+            prefix,
+            local_share,
             probe_s,
             clock,
+            f"rate limiter (pacing on a local bucket at 1/{local_share:g} of the rate)",
         )
-        self.fallbacks = 0
+        self._redis = PerThreadRedis(url, **fail_fast_options(socket_timeout=2))
 
     def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
         """Take from Redis, or from the local bucket while Redis is unreachable."""
         if wanted <= 0:
             return Grant(0, 0.0)
         if self.outage.skip():
-            self.fallbacks += 1
-            return self._fallback.take(spec, wanted, lane)
+            return self._local(spec, wanted, lane)
         started = self.outage.started()
         try:
             granted, wait = self._redis.script(_TAKE_SCRIPT)(
-                keys=[f"{self._prefix}ratelimit:{spec.name}"],
-                args=[spec.rate, spec.capacity, wanted, spec.reserve_for(lane)],
+                keys=self._keys(spec), args=self._args(spec, wanted, lane)
             )
         except REDIS_DOWN_ERRORS as exc:
             self.outage.failed(exc, started)
-            self.fallbacks += 1
-            return self._fallback.take(spec, wanted, lane)
+            return self._local(spec, wanted, lane)
         self.outage.answered()
         return Grant(int(granted), float(wait))
 
@@ -150,7 +176,7 @@ class AsyncLocalRateLimiter(DestinationLimiter):
         return self._local.take(spec, wanted, lane)
 
 
-class AsyncRedisRateLimiter(DestinationLimiter):
+class AsyncRedisRateLimiter(_SharedBucket, DestinationLimiter):
     """The shared bucket over redis.asyncio, one script call per take.
 
     The same script and local fallback while Redis is unreachable as `RedisRateLimiter`.
@@ -164,32 +190,28 @@ class AsyncRedisRateLimiter(DestinationLimiter):
         probe_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._prefix = prefix
-        self._script = client.register_script(_TAKE_SCRIPT)
-        self._fallback = LocalRateLimiter(clock=clock, share=local_share)
-        self.outage = RedisOutage(
-            f"destination pacing (on a local bucket at 1/{local_share:g} of the rate)",
+        super().__init__(
+            prefix,
+            local_share,
             probe_s,
             clock,
+            f"destination pacing (on a local bucket at 1/{local_share:g} of the rate)",
         )
-        self.fallbacks = 0
+        self._script = client.register_script(_TAKE_SCRIPT)
 
     async def take(self, spec: BucketSpec, wanted: int, lane: str) -> Grant:
         """Take from Redis, or from the local bucket while Redis is unreachable."""
         if wanted <= 0:
             return Grant(0, 0.0)
         if self.outage.skip():
-            self.fallbacks += 1
-            return self._fallback.take(spec, wanted, lane)
+            return self._local(spec, wanted, lane)
         started = self.outage.started()
         try:
             granted, wait = await self._script(
-                keys=[f"{self._prefix}ratelimit:{spec.name}"],
-                args=[spec.rate, spec.capacity, wanted, spec.reserve_for(lane)],
+                keys=self._keys(spec), args=self._args(spec, wanted, lane)
             )
         except REDIS_DOWN_ERRORS as exc:
             self.outage.failed(exc, started)
-            self.fallbacks += 1
-            return self._fallback.take(spec, wanted, lane)
+            return self._local(spec, wanted, lane)
         self.outage.answered()
         return Grant(int(granted), float(wait))
