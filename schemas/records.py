@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, NotRequired, TypedDict
+from types import MappingProxyType
+from typing import Final, Literal, NotRequired, TypedDict
 
 import orjson
 
@@ -20,6 +22,18 @@ Tier = Literal["transactional", "social", "marketing"]
 Channel = Literal["push", "inbox", "email", "sms", "chat"]
 """What a category and a user's preferences switch: push (mobile and web push), inbox (the
 in-app list, live through the `inapp` provider), email, sms, chat (webhooks)."""
+CHANNEL_OF_PROVIDER: Final[Mapping[str, Channel]] = MappingProxyType(
+    {
+        "apns": "push",
+        "fcm": "push",
+        "webpush": "push",
+        "email": "email",
+        "sms": "sms",
+        "chat": "chat",
+        "inapp": "inbox",
+    }
+)
+"""The channel a provider's sends are on (web push subscriptions are the push channel)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ from schemas.codecs import (
     format_timestamp,
 )
 from schemas.records import (
+    CHANNEL_OF_PROVIDER,
     CategorySwitch,
     Channel,
     ChannelMessage,
@@ -64,14 +65,7 @@ from schemas.topics import MAX_DISPATCH_BATCH, TIER_PUSH_LANES
 
 CHANNEL_BITS: dict[Channel, int] = {"push": 1, "inbox": 2, "email": 4, "sms": 8, "chat": 16}
 ALL_CHANNELS = 31
-CHANNEL_OF: dict[str, Channel] = {
-    "apns": "push",
-    "fcm": "push",
-    "webpush": "push",
-    "email": "email",
-    "sms": "sms",
-    "chat": "chat",
-}
+CHANNEL_OF: dict[str, Channel] = {p: c for p, c in CHANNEL_OF_PROVIDER.items() if p != "inapp"}
 """Which channel a device or address serves."""
 INAPP_DEVICE = "inapp"
 TIER_READ_BATCH: dict[str, int] = {"transactional": 1_000, "social": 100, "marketing": 20}

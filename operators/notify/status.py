@@ -20,18 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from operators.delivery.ledger import DeviceDelivery, NotificationStatus, aggregate_status
-from schemas.records import Channel
-
-CHANNEL_OF_PROVIDER: Mapping[str, Channel] = {
-    "apns": "push",
-    "fcm": "push",
-    "webpush": "push",
-    "email": "email",
-    "sms": "sms",
-    "chat": "chat",
-    "inapp": "inbox",
-}
-"""The channel a provider's send is on (web push subscriptions are the push channel)."""
+from schemas.records import CHANNEL_OF_PROVIDER, Channel
 
 OUTCOMES: tuple[str, ...] = (
     "opened",
