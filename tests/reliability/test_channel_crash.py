@@ -49,7 +49,9 @@ FLOW_ENV = (
     ("FANFARE_RETRY_BASE_MS", "200"),
     ("FANFARE_RETRY_MAX_BACKOFF_S", "1"),
 )
-LATENCY_MS = {"email": 20, "sms": 50, "webpush": 50, "chat": 50}
+# Email is bound by its few SMTP sessions; the HTTP channels hold up to a share of the in-flight
+# limit each, so their answers come a second late to keep them in flight until email has begun.
+LATENCY_MS = {"email": 20, "sms": 1000, "webpush": 1000, "chat": 1000}
 SERVED = ("email", "sms", "webpush", "chat")
 
 
@@ -119,9 +121,9 @@ def test_a_kill_9_mid_send_loses_nothing_on_any_channel_and_repeats_only_sends_i
         return sum(by_channel().values())
 
     def under_way() -> bool:
-        # Every served channel has begun (its sends in flight too), and a fifth is done.
+        # Every served channel has begun and none has finished: sends in flight on each.
         counts = by_channel()
-        return min(counts.values()) >= 50 and sum(counts.values()) >= total * 0.2
+        return min(counts.values()) >= 20 and max(counts.values()) < PER_CHANNEL
 
     t0 = time.monotonic()
     first = stack.start_flow(*FLOW_ENV, flow="delivery")
@@ -182,7 +184,7 @@ def test_a_kill_9_mid_send_loses_nothing_on_any_channel_and_repeats_only_sends_i
     )
     for channel, nids in due.items():
         assert set(copies[channel]) == nids, f"{channel}: lost {len(nids - set(copies[channel]))}"
-    assert 0 < at_kill < total, "the kill must come while sends are under way"
+    assert all(0 < n < PER_CHANNEL for n in at_kill_by_channel.values()), at_kill_by_channel
     # Only sends in flight at the kill can go again: at most the in-flight limit in all.
     assert sum(repeats.values()) <= IN_FLIGHT, repeats
     assert repeats["inapp"] == 0  # deduplicated in Redis
