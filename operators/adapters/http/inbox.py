@@ -17,8 +17,8 @@ from typing import Any, cast
 
 from operators.delivery.ledger import Notification, encode_cursor
 from operators.delivery.ports import NotificationStore
+from operators.delivery.status import recipient_status, status_counts
 from operators.notify.ports import Accepted, Publisher
-from operators.notify.status import recipient_status, status_counts
 from schemas.codecs import encode_notification_ack, format_timestamp
 from schemas.records import Channel, NotificationAck
 from schemas.topics import NOTIFICATION_ACKS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from operators.delivery.ledger import DeviceDelivery
-from operators.notify.status import channel_outcomes, recipient_status, status_counts
+from operators.delivery.status import channel_outcomes, recipient_status, status_counts
 
 
 def row(device: str, provider: str, state: str, ack: str | None = None) -> DeviceDelivery:
