@@ -203,12 +203,13 @@ def test_a_step_s_error_is_logged_once_with_the_step_s_name(
         retry_sink=TestingSink([]),
         dead_letter_sink=TestingSink([]),
     )
-    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="read_channel_lanes"):
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="read_due_retries"):
         run_main(flow)
     logged = [r.getMessage() for r in caplog.records if r.name == "flows.runtime.step_errors"]
     assert len(logged) == 1, logged
-    # The engine is built with the worker's first delivery source partition.
-    assert logged[0].startswith("delivery.read_channel_lanes.build_part raised ValueError"), logged
+    # The engine is built with the worker's first delivery source partition: the retry
+    # source's, declared first.
+    assert logged[0].startswith("delivery.read_due_retries.build_part raised ValueError"), logged
 
 
 def message_batch(post: str, provider: str, users: list[str], message: dict[str, Any]) -> bytes:
