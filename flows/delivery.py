@@ -86,9 +86,14 @@ def build_delivery_flow(
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
     g = FlowGuard(flow.flow_id)
 
-    fresh = op.input("read_channel_lanes", flow, g.source("read_channel_lanes", channel_source))
     # The source holds each retry until its due time (see RetryTopicSource).
+    # Declared first, so it starts its epochs first: Bytewax's inputs each close an epoch on
+    # their own clock, started when they build their partitions, and an input that closed one
+    # reads nothing more until every input has closed it. Built after the lane source (28
+    # partitions, about 1.4 s to build), the retry source kept the lanes from reading for that
+    # long every snapshot interval (README, Delivery regression).
     due = op.input("read_due_retries", flow, g.source("read_due_retries", retry_source))
+    fresh = op.input("read_channel_lanes", flow, g.source("read_channel_lanes", channel_source))
     outputs = op.merge("merge_outputs", fresh, due)
 
     # Most outputs are delivery events: one test each sends them on; the rest are sorted after.

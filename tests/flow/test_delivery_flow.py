@@ -203,12 +203,13 @@ def test_a_step_s_error_is_logged_once_with_the_step_s_name(
         retry_sink=TestingSink([]),
         dead_letter_sink=TestingSink([]),
     )
-    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="read_channel_lanes"):
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="read_due_retries"):
         run_main(flow)
     logged = [r.getMessage() for r in caplog.records if r.name == "flows.runtime.step_errors"]
     assert len(logged) == 1, logged
-    # The engine is built with the worker's first delivery source partition.
-    assert logged[0].startswith("delivery.read_channel_lanes.build_part raised ValueError"), logged
+    # The engine is built with the worker's first delivery source partition: the retry
+    # source's, declared first.
+    assert logged[0].startswith("delivery.read_due_retries.build_part raised ValueError"), logged
 
 
 def message_batch(post: str, provider: str, users: list[str], message: dict[str, Any]) -> bytes:
@@ -279,3 +280,23 @@ def test_channel_tier_topics_and_transactional_push_go_to_their_senders(tmp_path
     assert (retry.item["user_id"], retry.lane, retry.message) == ("u2", "transactional", message)
     [dead] = [d for _, d in sinks["dead"]]
     assert dead.source_topic == "sms.transactional" and "provider_not_configured" in dead.error
+
+
+def test_the_retry_source_starts_its_epochs_before_the_lane_source() -> None:
+    """Bytewax starts an input's epoch clock when it builds its partitions, in declaration order,
+    and an input that closed an epoch reads nothing until every input has closed it. The lane
+    source builds slowly (a consumer per partition, 28 of them), so declared first it closed each
+    epoch that long before the retry source and stopped reading normal posts for that long every
+    snapshot interval (README, Delivery regression)."""
+    channel_source, retry_source = list_delivery_sources([], [], DeliveryPump(lambda: None))  # type: ignore[arg-type, return-value]
+    flow = build_delivery_flow(
+        channel_source=channel_source,
+        retry_source=retry_source,
+        events_sink=TestingSink([]),
+        route_event=lambda e: "delivery_events/0",
+        device_changes_sink=TestingSink([]),
+        retry_sink=TestingSink([]),
+        dead_letter_sink=TestingSink([]),
+    )
+    inputs = [s.step_id for s in flow.substeps if type(s).__name__ == "input"]
+    assert inputs == ["delivery.read_due_retries", "delivery.read_channel_lanes"]
