@@ -28,13 +28,15 @@ import redis
 from operators.adapters.redis.live import stream_key
 from operators.delivery.model import TERMINAL_STATES
 from scripts.dev.local_channels.control import ChannelControl
-from tests.conftest import REDIS_URL, Providers, Stack, wait_for
+from tests.conftest import REDIS_URL, Providers, Stack
 from tests.integration.test_channel_delivery_e2e import LOGIN, POST, RECEIPT, publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 PER_CHANNEL = 1_000
-IN_FLIGHT = 400
+IN_FLIGHT = 1_000
+"""Room for each channel's share at once (a quarter of the limit, or 4 rounds of its
+connections: README, "Web push"); with less, one channel waits for another's room to free."""
 BATCH = 500  # items per dispatch batch (the fan-out's most)
 # Generous channel and destination rates: this test is about the crash, not pacing.
 FLOW_ENV = (
@@ -48,10 +50,15 @@ FLOW_ENV = (
     ("FANFARE_CHAT_WEBHOOK_RATE_PER_MIN", "6000000"),
     ("FANFARE_RETRY_BASE_MS", "200"),
     ("FANFARE_RETRY_MAX_BACKOFF_S", "1"),
+    # Sends wait for a connection slot, then for a late answer: no send times out before the kill.
+    ("FANFARE_SEND_TIMEOUT_MS", "30000"),
 )
-# Email is bound by its few SMTP sessions; the HTTP channels hold up to a share of the in-flight
-# limit each, so their answers come a second late to keep them in flight until email has begun.
-LATENCY_MS = {"email": 20, "sms": 1000, "webpush": 1000, "chat": 1000}
+# Until the kill every server answers late, so that each channel, bound by its connections (email
+# 4 SMTP sessions, SMS 32, web push and chat 64), takes half a minute or more for its 1,000 items:
+# every channel is still in flight when the last one to start has begun, however the channels'
+# starts are spread. After the kill they answer quickly, so the restarted worker finishes soon.
+LATENCY_MS = {"email": 250, "sms": 2000, "webpush": 2000, "chat": 2000}
+RECOVERY_LATENCY_MS = {"email": 20, "sms": 50, "webpush": 50, "chat": 50}
 SERVED = ("email", "sms", "webpush", "chat")
 
 
@@ -127,9 +134,17 @@ def test_a_kill_9_mid_send_loses_nothing_on_any_channel_and_repeats_only_sends_i
 
     t0 = time.monotonic()
     first = stack.start_flow(*FLOW_ENV, flow="delivery")
-    wait_for(under_way, 240, "sends under way on every channel", stack, every_s=0.05)
+    while not under_way():
+        if time.monotonic() - t0 > 240:
+            raise AssertionError(
+                f"not every channel in flight after 240 s: served {by_channel()}\n"
+                f"{stack.flow_log()}"
+            )
+        time.sleep(0.05)
     stack.kill_flow(first)  # SIGKILL, the process group
     at_kill_by_channel = by_channel()
+    for channel, ms in RECOVERY_LATENCY_MS.items():
+        ctl.set_latency(channel, ms)
     at_kill = sum(at_kill_by_channel.values())
     started = time.monotonic()
     print(f"\nkilled at {at_kill_by_channel} served, {started - t0:.1f} s after the start")
