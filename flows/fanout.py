@@ -32,7 +32,7 @@ from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.probes import topic_partitions
-from operators.adapters.kafka.reader import KafkaTopicsSource
+from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource
 from operators.adapters.kafka.topic_identity import topic_id_of
 from operators.adapters.redis.post_claims import RedisPostClaims
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
@@ -224,15 +224,29 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         marks=marks,
         max_batch_items=settings.dispatch_batch_size,
     )
+    # Partition p of the topics read side by side shares one consumer per worker (its
+    # librdkafka threads and idle fetch loop): posts with backfill, the three tiers, the three
+    # changelogs. Each group gets its own, so a changelog load never sits in a post's way.
+    tier_consumers = ConsumerShares.on_broker(
+        kafka, "fanfare-reader-notify", read_size=max(TIER_READ_BATCH.values())
+    )
     return build_fanout_flow(
         settings,
         # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
         # per post_id, so a replayed post that was already fanned out is dropped.
-        post_source=KafkaTopicsSource(kafka, [POST_CREATED, POST_CREATED_BACKFILL]),
+        post_source=KafkaTopicsSource(
+            kafka,
+            [POST_CREATED, POST_CREATED_BACKFILL],
+            consumers=ConsumerShares.on_broker(kafka, "fanfare-reader-posts"),
+        ),
         changelog_source=KafkaTopicsSource(
             kafka,
             CHANGELOG_TOPICS,
             report_caught_up=True,
+            # A load reads 5,000 a poll (the source's batch): the consumer reads that much too.
+            consumers=ConsumerShares.on_broker(
+                kafka, "fanfare-reader-changelogs", read_size=5_000, buffered_max=10_000
+            ),
             # Preferences and devices are checkpointed by the shards: each partition starts at
             # the oldest checkpoint's position; follow changes go to the follower store and
             # resume from the snapshot.
@@ -258,7 +272,12 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         notify_sources=[
             (
                 tier,
-                KafkaTopicsSource(kafka, [tier_topic(tier)], batch_size=TIER_READ_BATCH[tier]),
+                KafkaTopicsSource(
+                    kafka,
+                    [tier_topic(tier)],
+                    batch_size=TIER_READ_BATCH[tier],
+                    consumers=tier_consumers,
+                ),
             )
             for tier in TIERS
         ],

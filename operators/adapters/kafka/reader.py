@@ -8,7 +8,9 @@ The source can report when a changelog partition has been read to its true end (
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -119,6 +121,11 @@ class SharedConsumer:
         self._buffers: dict[tuple[str, int], deque[Message]] = {}
         self._paused: set[tuple[str, int]] = set()
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether its last partition's reader left (the consumer is closed)."""
+        return self._closed
 
     @classmethod
     def connect(
@@ -232,6 +239,58 @@ class SharedConsumer:
         elif not self._closed:
             with contextlib.suppress(KafkaException):
                 self._consumer.incremental_unassign([TopicPartition(*key)])
+
+
+class ConsumerShares:
+    """Per process: one `SharedConsumer` for the partitions with the same index, per worker.
+
+    The fan-out's topics that are read side by side have the same partition count (posts and
+    their backfill lane; the three API tier topics; the three changelogs), so partition `p` of
+    each is read by one consumer instead of one each: a consumer costs librdkafka threads, a
+    broker connection and an idle fetch loop (see `SharedConsumer`). Every partition keeps its
+    own reader, snapshot and caught-up reports; only the consumer under them is shared. Keyed
+    by the building thread too: a Bytewax worker builds and polls its partitions on its own
+    thread, and a `SharedConsumer` is not thread-safe.
+    """
+
+    def __init__(self, connect: Callable[[], SharedConsumer]) -> None:
+        self._connect = connect
+        self._consumers: dict[tuple[int, int], SharedConsumer] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def on_broker(
+        cls,
+        config: KafkaConfig,
+        group: str,
+        *,
+        read_size: int = 500,
+        buffered_max: int = 2_000,
+    ) -> ConsumerShares:
+        """Shares whose consumers connect to the broker when a partition is first built."""
+        return cls(
+            functools.partial(
+                SharedConsumer.connect,
+                config,
+                group,
+                read_size=read_size,
+                buffered_max=buffered_max,
+            )
+        )
+
+    def partition(self, topic: str, partition: int) -> PartitionConsumer:
+        """The consumer of this worker's partitions with index `partition`, as `topic`'s."""
+        key = (threading.get_ident(), partition)
+        with self._lock:
+            shared = self._consumers.get(key)
+            if shared is None or shared.closed:
+                shared = self._consumers[key] = self._connect()
+            return shared.partition(topic, partition)
+
+    def consumers(self) -> int:
+        """Consumers open now (all workers of the process)."""
+        with self._lock:
+            return sum(1 for c in self._consumers.values() if not c.closed)
 
 
 class _SharedPartition:
@@ -585,6 +644,9 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     checkpoints hold (`operators.adapters.stores.shard_state.FileShardStateStore.floor`).
     Either way, what lies below the snapshot's offset was read by an earlier execution and is
     marked `replayed` (see `ReplayHorizon`): applied again, never dead-lettered again.
+    `consumers`, when given, are the consumers its partitions share (`ConsumerShares`: partition
+    `p` of every topic on one consumer, possibly with other sources' partitions `p`); else each
+    partition has a consumer of its own.
     """
 
     def __init__(
@@ -597,7 +659,9 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         probe_interval_s: float = 0.1,
         replay_topics: Sequence[str] = (),
         start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
+        consumers: ConsumerShares | None = None,
     ) -> None:
+        self._consumers = consumers
         self._config = config
         self._topics = list(topics)
         self._batch_size = batch_size
@@ -639,4 +703,7 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
             topic_ids=shared_topic_ids(self._config),
             start_topic_id=topic_id,
             replayed_below=replayed_below,
+            consumer=(
+                self._consumers.partition(topic, partition) if self._consumers is not None else None
+            ),
         )

@@ -1,0 +1,108 @@
+"""The fan-out's sources share consumers: partition p of topics read side by side, one consumer.
+
+Fakes stand in for librdkafka (tests/unit/test_shared_consumer.py's), so what is checked is
+which readers read through which consumer, and that each still reads its own partition.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from operators.adapters.kafka import reader as reader_module
+from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource, SharedConsumer
+from operators.adapters.kafka.topic_identity import TopicIds
+from operators.events import RawEvent
+from tests.unit.test_shared_consumer import FakeConsumer
+
+POSTS = ("post_created", "post_created_backfill")
+SIZES = {(t, p): 3 + p for t in POSTS for p in range(2)}
+
+
+@pytest.fixture(autouse=True)
+def no_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = TopicIds(lambda topics: {}, background=False)
+    monkeypatch.setattr(reader_module, "shared_topic_ids", lambda config: ids)
+
+
+class Connections:
+    """A `ConsumerShares` connect that hands out fakes and remembers them."""
+
+    def __init__(self) -> None:
+        self.fakes: list[FakeConsumer] = []
+
+    def __call__(self) -> SharedConsumer:
+        fake = FakeConsumer(SIZES)
+        self.fakes.append(fake)
+        return SharedConsumer(fake)
+
+
+def test_partition_p_of_each_topic_shares_one_consumer_and_reads_its_own_messages() -> None:
+    connect = Connections()
+    shares = ConsumerShares(connect)
+    source = KafkaTopicsSource({}, list(POSTS), consumers=shares)
+    parts = {
+        (t, p): source.build_part("read_posts", f"{t}/{p}", None) for t in POSTS for p in range(2)
+    }
+    assert len(connect.fakes) == 2  # one per partition index, not one per topic partition
+    assert shares.consumers() == 2
+    assert set(connect.fakes[0].position) == {(t, 0) for t in POSTS}
+    assert set(connect.fakes[1].position) == {(t, 1) for t in POSTS}
+    for (topic, p), part in parts.items():
+        got = [e for e in part.next_batch() if isinstance(e, RawEvent)]
+        assert [(e.topic, e.partition) for e in got] == [(topic, p)] * SIZES[(topic, p)]
+        assert part.snapshot()[0] == SIZES[(topic, p)]  # snapshots stay per topic partition
+    for part in parts.values():
+        part.close()
+    assert all(f.closed for f in connect.fakes)
+    assert shares.consumers() == 0
+
+
+def test_sources_given_the_same_shares_use_one_consumer_and_a_closed_one_is_replaced() -> None:
+    connect = Connections()
+    shares = ConsumerShares(connect)
+    first = KafkaTopicsSource({}, [POSTS[0]], consumers=shares)
+    second = KafkaTopicsSource({}, [POSTS[1]], consumers=shares)
+    a = first.build_part("a", f"{POSTS[0]}/0", None)
+    b = second.build_part("b", f"{POSTS[1]}/0", None)
+    assert len(connect.fakes) == 1
+    a.close()
+    b.close()
+    assert connect.fakes[0].closed
+    # Built again (e.g. after a worker's restart), it gets a consumer of its own anew.
+    first.build_part("a", f"{POSTS[0]}/0", (2, None)).close()
+    assert len(connect.fakes) == 2
+    assert connect.fakes[1].position == {(POSTS[0], 0): 2} and connect.fakes[1].closed
+
+
+def test_each_worker_thread_gets_its_own_consumer() -> None:
+    connect = Connections()
+    shares = ConsumerShares(connect)
+    got: list[object] = []
+    worker = threading.Thread(target=lambda: got.append(shares.partition(POSTS[0], 0)))
+    worker.start()
+    worker.join()
+    shares.partition(POSTS[1], 0)
+    assert len(connect.fakes) == 2
+
+
+def test_without_shares_the_source_builds_no_shared_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[str] = []
+
+    class OwnConsumer(FakeConsumer):
+        def __init__(self, conf: object) -> None:
+            super().__init__(SIZES)
+            built.append("own")
+
+        def assign(self, partitions: list[TopicPartition]) -> None:
+            self.incremental_assign(partitions)
+
+    monkeypatch.setattr(reader_module, "Consumer", OwnConsumer)
+    source = KafkaTopicsSource({}, list(POSTS))
+    source.build_part("read_posts", f"{POSTS[0]}/0", None)
+    source.build_part("read_posts", f"{POSTS[1]}/0", None)
+    assert built == ["own", "own"]
