@@ -7,12 +7,20 @@ which readers read through which consumer, and that each still reads its own par
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import TopicPartition
 
 from operators.adapters.kafka import reader as reader_module
-from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource, SharedConsumer
+from operators.adapters.kafka.reader import (
+    IDLE_POLL_MAX_S,
+    IDLE_POLL_S,
+    ConsumerShares,
+    KafkaTopicsSource,
+    SharedConsumer,
+    idle_backoff,
+)
 from operators.adapters.kafka.topic_identity import TopicIds
 from operators.events import RawEvent
 from tests.unit.test_shared_consumer import FakeConsumer
@@ -106,3 +114,32 @@ def test_without_shares_the_source_builds_no_shared_consumer(
     source.build_part("read_posts", f"{POSTS[0]}/0", None)
     source.build_part("read_posts", f"{POSTS[1]}/0", None)
     assert built == ["own", "own"]
+
+
+def test_an_idle_partition_polls_less_often_up_to_a_bound_and_at_once_after_a_message() -> None:
+    fake = FakeConsumer({("post_created", 0): 2}, chunk=2)
+    part = KafkaTopicsSource(
+        {}, ["post_created"], consumers=ConsumerShares(lambda: SharedConsumer(fake))
+    ).build_part("read_posts", "post_created/0", None)
+
+    def wait() -> timedelta:
+        at = part.next_awake()
+        return timedelta(0) if at is None else at - datetime.now(UTC)
+
+    assert len(part.next_batch()) == 2
+    assert part.next_awake() is None  # messages: poll again at once
+    waits = []
+    for _ in range(6):
+        part.next_batch()
+        waits.append(wait())
+    first, most = timedelta(seconds=IDLE_POLL_S), timedelta(seconds=IDLE_POLL_MAX_S)
+    assert first - timedelta(milliseconds=5) <= waits[0] <= first
+    assert waits[1] > waits[0]  # doubling...
+    assert most - timedelta(milliseconds=5) <= waits[-1] <= most  # ...up to its bound
+    fake.sizes[("post_created", 0)] = 3  # a message arrives
+    assert len(part.next_batch()) == 1
+    assert part.next_awake() is None
+    part.next_batch()
+    assert wait() <= first  # the backoff starts again
+    assert idle_backoff(1, first, most) == first
+    assert idle_backoff(10_000, first, most) == most
