@@ -32,7 +32,7 @@ from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.probes import topic_partitions
-from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource
+from operators.adapters.kafka.reader import ConsumerShares, GateDemand, KafkaTopicsSource
 from operators.adapters.kafka.topic_identity import topic_id_of
 from operators.adapters.redis.post_claims import RedisPostClaims
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
@@ -227,6 +227,9 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     # Partition p of the topics read side by side shares one consumer per worker (its
     # librdkafka threads and idle fetch loop): posts with backfill, the three tiers, the three
     # changelogs. Each group gets its own, so a changelog load never sits in a post's way.
+    # Posts and requests read lately make the changelogs' idle partitions report their ends
+    # often (the shards' gates wait on those markers), else about once a second.
+    gate_demand = GateDemand()
     tier_consumers = ConsumerShares.on_broker(
         kafka, "fanfare-reader-notify", read_size=max(TIER_READ_BATCH.values())
     )
@@ -238,6 +241,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             kafka,
             [POST_CREATED, POST_CREATED_BACKFILL],
             consumers=ConsumerShares.on_broker(kafka, "fanfare-reader-posts"),
+            gate_demand=gate_demand,
         ),
         changelog_source=KafkaTopicsSource(
             kafka,
@@ -247,6 +251,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             consumers=ConsumerShares.on_broker(
                 kafka, "fanfare-reader-changelogs", read_size=5_000, buffered_max=10_000
             ),
+            gate_demand=gate_demand,
             # Preferences and devices are checkpointed by the shards: each partition starts at
             # the oldest checkpoint's position; follow changes go to the follower store and
             # resume from the snapshot.
@@ -277,6 +282,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
                     [tier_topic(tier)],
                     batch_size=TIER_READ_BATCH[tier],
                     consumers=tier_consumers,
+                    gate_demand=gate_demand,
                 ),
             )
             for tier in TIERS

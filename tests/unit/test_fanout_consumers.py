@@ -10,19 +10,21 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from operators.adapters.kafka import reader as reader_module
 from operators.adapters.kafka.reader import (
     IDLE_POLL_MAX_S,
     IDLE_POLL_S,
     ConsumerShares,
+    GateDemand,
     KafkaTopicsSource,
     SharedConsumer,
+    TopicPartitionReader,
     idle_backoff,
 )
 from operators.adapters.kafka.topic_identity import TopicIds
-from operators.events import RawEvent
+from operators.events import CaughtUp, RawEvent
 from tests.unit.test_shared_consumer import FakeConsumer
 
 POSTS = ("post_created", "post_created_backfill")
@@ -143,3 +145,72 @@ def test_an_idle_partition_polls_less_often_up_to_a_bound_and_at_once_after_a_me
     assert wait() <= first  # the backoff starts again
     assert idle_backoff(1, first, most) == first
     assert idle_backoff(10_000, first, most) == most
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def markers_in(seconds: float, changelog: TopicPartitionReader, clock: Clock) -> int:
+    """Caught-up markers an idle changelog partition emits, polled every 10 ms."""
+    count = 0
+    end = clock.now + seconds
+    while clock.now < end:
+        count += sum(isinstance(e, CaughtUp) for e in changelog.next_batch())
+        clock.now += 0.01
+    return count
+
+
+def test_an_idle_changelog_reports_its_end_seldom_until_a_post_is_read() -> None:
+    clock = Clock()
+    fake = FakeConsumer({("device_changes", 0): 3, ("post_created", 0): 0})
+    shared = SharedConsumer(fake)
+    demand = GateDemand(window_s=5.0, clock=clock)
+    changelog = TopicPartitionReader(
+        {}, "device_changes", 0, OFFSET_BEGINNING, 50, True, 0.1, clock=clock,
+        consumer=shared.partition("device_changes", 0), gate_demand=demand,
+    )  # fmt: skip
+    posts = TopicPartitionReader(
+        {}, "post_created", 0, OFFSET_BEGINNING, 50, False, 0.1, clock=clock,
+        consumer=shared.partition("post_created", 0), gate_demand=demand,
+    )  # fmt: skip
+    first = changelog.next_batch()
+    assert [type(e) for e in first] == [RawEvent] * 3
+    # Its end is reported at the first probe after reading (its caught-up state changed)...
+    ends = []
+    for _ in range(20):
+        clock.now += 0.01
+        ends += [e for e in changelog.next_batch() if isinstance(e, CaughtUp)]
+    assert [(e.source, e.offset) for e in ends] == [("device_changes/0", 3)]
+    # ...then, with no post read, about once a second instead of ten times.
+    assert 9 <= markers_in(10.0, changelog, clock) <= 11
+    fake.sizes[("post_created", 0)] = 1
+    assert len(posts.next_batch()) == 1
+    post_read_at = clock.now
+    # Probed often again at once: a gate holding the post (settle 0.1 s) opens within 0.3 s.
+    fresh: list[CaughtUp] = []
+    while clock.now < post_read_at + 0.3:
+        fresh += [e for e in changelog.next_batch() if isinstance(e, CaughtUp)]
+        clock.now += 0.01
+    assert any(e.as_of >= post_read_at + 0.1 for e in fresh)
+    assert markers_in(1.0, changelog, clock) >= 8
+    clock.now += 6.0  # no post read within the window: seldom again
+    assert markers_in(10.0, changelog, clock) <= 11
+    # A change arriving while quiet is reported at the next probe, not a second later.
+    fake.sizes[("device_changes", 0)] = 4
+    assert [type(e) for e in changelog.next_batch()] == [RawEvent]
+    assert markers_in(0.2, changelog, clock) == 1
+
+
+def test_without_gate_demand_an_idle_changelog_reports_every_probe() -> None:
+    clock = Clock()
+    fake = FakeConsumer({("device_changes", 0): 0})
+    changelog = TopicPartitionReader(
+        {}, "device_changes", 0, OFFSET_BEGINNING, 50, True, 0.1, clock=clock,
+        consumer=SharedConsumer(fake).partition("device_changes", 0),
+    )  # fmt: skip
+    assert markers_in(10.0, changelog, clock) >= 80

@@ -63,6 +63,11 @@ partitions cost the flow a fifth of a core (and the broker as much); a caught-up
 comes at most this much later than the probe that asked for it, and a probe must wait longer
 than this (a seek restarts the fetch: probing faster, the end is never reported)."""
 
+QUIET_PROBE_S = 1.0
+"""Seconds between two probes of an idle changelog partition while no post or API request was
+read lately (`GateDemand`): each probe's caught-up marker goes to every follower shard, and with
+nothing waiting at their gates a marker a second keeps them current at a tenth of the cost."""
+
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
 
@@ -343,6 +348,30 @@ class _SharedPartition:
         self._shared._release(self._key)
 
 
+class GateDemand:
+    """Per process: whether a post or API request was read lately, so a gate may be waiting.
+
+    A follower shard lets a post fan out once every changelog partition was probed at its end
+    after the post was read (the gate), so while posts come, an idle changelog partition is
+    probed every `probe_interval_s` and each probe's marker goes to every shard. With no post
+    read for `window_s`, nothing waits on them: the partition is probed every `QUIET_PROBE_S`.
+    A post read in another process does not count here; its gate then waits up to that long.
+    """
+
+    def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self._window_s = window_s
+        self._clock = clock
+        self._last = float("-inf")
+
+    def note(self) -> None:
+        """A post or API request was read now."""
+        self._last = self._clock()
+
+    def wanted(self, now: float) -> bool:
+        """Whether one was read within the window before `now`."""
+        return now - self._last <= self._window_s
+
+
 ReaderState = tuple[int, str | None]
 """A partition reader's snapshot: the next offset, and the id of the topic log it counts in."""
 
@@ -440,7 +469,10 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         start_topic_id: str | None = None,
         replayed_below: int = 0,
         consumer: PartitionConsumer | None = None,
+        gate_demand: GateDemand | None = None,
     ) -> None:
+        self._gate_demand = gate_demand
+        self._read_since_marker = False  # messages read since the last caught-up marker
         self._consumer: PartitionConsumer = (
             consumer
             if consumer is not None
@@ -523,12 +555,17 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             self._behind_since = None
         elif now >= self._beyond_check_at:
             self._check_beyond_end(now)
+        if out and not self._report and self._gate_demand is not None:
+            self._gate_demand.note()
+        if out:
+            self._read_since_marker = True
         if self._report and not out:
             if at_end:
                 end = self._position if self._position >= 0 else None
                 out.append(CaughtUp(self._source, self._probe_at, end, self._topic_id))
+                self._read_since_marker = False
                 self._last_eof_at = now
-            elif now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
+            elif now - max(self._last_eof_at, self._probe_at) >= self._probe_every(now):
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
                 # while data flows, as a seek drops what the client had prefetched.
                 self._probe_at = now
@@ -540,6 +577,16 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         read = any(m.error() is None for m in msgs)
         self._empty_looks = 0 if read else self._empty_looks + 1
         return out
+
+    def _probe_every(self, now: float) -> float:
+        """Seconds between probes of this idle partition (see `GateDemand`).
+
+        Soon after it read something (its caught-up state changed: the shards learn its new
+        end at once), or while posts are read; else seldom.
+        """
+        if self._gate_demand is None or self._read_since_marker or self._gate_demand.wanted(now):
+            return self._probe_interval
+        return max(self._probe_interval, QUIET_PROBE_S)
 
     def _topic_recreated(self) -> bool:
         """Rewind to the beginning if the topic's id changed (see `topic_identity`).
@@ -666,7 +713,9 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     marked `replayed` (see `ReplayHorizon`): applied again, never dead-lettered again.
     `consumers`, when given, are the consumers its partitions share (`ConsumerShares`: partition
     `p` of every topic on one consumer, possibly with other sources' partitions `p`); else each
-    partition has a consumer of its own.
+    partition has a consumer of its own. `gate_demand`: a source of posts or requests notes
+    each read there; a changelog source (`report_caught_up`) probes its idle partitions less
+    often while none was read lately (`GateDemand`).
     """
 
     def __init__(
@@ -680,8 +729,10 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         replay_topics: Sequence[str] = (),
         start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
         consumers: ConsumerShares | None = None,
+        gate_demand: GateDemand | None = None,
     ) -> None:
         self._consumers = consumers
+        self._gate_demand = gate_demand
         self._config = config
         self._topics = list(topics)
         self._batch_size = batch_size
@@ -726,4 +777,5 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
             consumer=(
                 self._consumers.partition(topic, partition) if self._consumers is not None else None
             ),
+            gate_demand=self._gate_demand,
         )
