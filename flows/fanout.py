@@ -34,6 +34,7 @@ from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_top
 from operators.adapters.kafka.probes import topic_partitions
 from operators.adapters.kafka.reader import ConsumerShares, GateDemand, KafkaTopicsSource
 from operators.adapters.kafka.topic_identity import topic_id_of
+from operators.adapters.memory import release_freed_memory
 from operators.adapters.redis.post_claims import RedisPostClaims
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_follower_store
@@ -42,6 +43,7 @@ from operators.config import Settings, cassandra_credentials, load_settings
 from operators.dead_letters import Decoded, decode_or_dead_letter, one
 from operators.fanout.caps import CapRule
 from operators.fanout.checkpoint import ShardCheckpointer
+from operators.fanout.loaded import ShardsLoaded
 from operators.fanout.logic import ExpandFollowerShardLogic
 from operators.fanout.notify import TIER_READ_BATCH, NotifyShard
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
@@ -96,10 +98,12 @@ def build_fanout_flow(
     shard_states: ShardStateStore | None = None,
     notify_sources: Sequence[tuple[str, Source[Any]]] = (),
     notification_claims: Callable[[], PostClaims] | None = None,
+    on_loaded: Callable[[], object] | None = None,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes).
 
     `notify_sources` are (tier, source) pairs of the API's tier topics, one input each.
+    `on_loaded` is called once every shard the process built has caught up (`ShardsLoaded`).
     """
     flow = Dataflow("fanout")
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
@@ -160,6 +164,8 @@ def build_fanout_flow(
         )
     )
 
+    loaded = ShardsLoaded(on_loaded) if on_loaded is not None else None
+
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
         shard = FollowerShard(
             changelog_parts,
@@ -184,6 +190,7 @@ def build_fanout_flow(
             bulk_budget=settings.bulk_expand_budget,
             bulk_time_s=settings.bulk_expand_ms / 1000,
             checkpoints=checkpointer,
+            loaded=loaded,
         )
 
     batches = op.stateful_batch(
@@ -274,6 +281,8 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             )
         ),
         shard_states=shard_states,
+        # The load's freed memory back to the OS once this process's shards caught up.
+        on_loaded=release_freed_memory,
         notify_sources=[
             (
                 tier,
