@@ -57,9 +57,9 @@ def idle_backoff(empty_looks: int, first: timedelta, most: timedelta) -> timedel
 
 
 FETCH_WAIT_MS = 50
-"""How long the broker may hold a fetch of a partition at its end. Every partition has its
-own consumer, so an idle flow's fetch rate is partitions / this: at 20 ms, two dozen idle
-partitions cost the flow a fifth of a core (and the broker as much); a caught-up marker
+"""How long the broker may hold a fetch of a partition at its end. An idle flow's fetch rate is
+its consumers / this (`SharedConsumer`: partitions may share one): at 20 ms, two dozen idle
+consumers cost the flow a fifth of a core (and the broker as much); a caught-up marker
 comes at most this much later than the probe that asked for it, and a probe must wait longer
 than this (a seek restarts the fetch: probing faster, the end is never reported)."""
 
