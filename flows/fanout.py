@@ -57,6 +57,7 @@ from operators.fanout.steps import (
     decode_notification,
     decode_post,
 )
+from operators.probe_demand import ProbeDemand
 from schemas.records import DispatchBatch, EncodedDispatchBatch
 from schemas.topics import (
     CHANGELOG_TOPICS,
@@ -96,10 +97,13 @@ def build_fanout_flow(
     shard_states: ShardStateStore | None = None,
     notify_sources: Sequence[tuple[str, Source[Any]]] = (),
     notification_claims: Callable[[], PostClaims] | None = None,
+    probe_demand: ProbeDemand | None = None,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes).
 
     `notify_sources` are (tier, source) pairs of the API's tier topics, one input each.
+    `probe_demand` is where the shards ask the changelog source (built with the same one)
+    to probe when a job waits at the gate.
     """
     flow = Dataflow("fanout")
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
@@ -184,6 +188,7 @@ def build_fanout_flow(
             bulk_budget=settings.bulk_expand_budget,
             bulk_time_s=settings.bulk_expand_ms / 1000,
             checkpoints=checkpointer,
+            demand=probe_demand,
         )
 
     batches = op.stateful_batch(
@@ -214,6 +219,8 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             recovery_lineage(settings.recovery_dir("fanout")),
         )
     )
+    # This process's shards ask its changelog readers for a probe when a job waits at the gate.
+    demand = ProbeDemand()
     shard_states = FileShardStateStore(
         settings.shard_state_dir, settings.shard_count, topic_id_of(kafka)
     )
@@ -241,6 +248,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
                 if topic in (PREFERENCE_CHANGES, DEVICE_CHANGES)
                 else None
             ),
+            demand=demand,
         ),
         changelog_parts=topic_partitions(kafka, CHANGELOG_TOPICS),
         channel_sink=sink,
@@ -255,6 +263,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             )
         ),
         shard_states=shard_states,
+        probe_demand=demand,
         notify_sources=[
             (
                 tier,

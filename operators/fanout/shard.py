@@ -320,6 +320,13 @@ class FollowerShard:
             self._horizon = min(self.caught_up[s] for s in self.changelog_sources) - self.settle_s
         return self._horizon >= read_at
 
+    def probe_wanted(self, read_at: float) -> float | None:
+        """When every changelog partition must be probed to open the gate for `read_at`.
+
+        None when the gate is open already. A probe made then answers it (`ProbeDemand`).
+        """
+        return None if self.gate_open_for(read_at) else read_at + self.settle_s
+
     # ---- jobs ---------------------------------------------------------------------------------
 
     def add_job(self, job: ShardJob, now: float, tally: FanoutTally) -> bool:

@@ -30,6 +30,7 @@ from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
 from operators.adapters.kafka.topic_identity import TopicIds, shared_topic_ids
 from operators.events import CaughtUp, RawEvent
+from operators.probe_demand import ProbeDemand
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ own consumer, so an idle flow's fetch rate is partitions / this: at 20 ms, two d
 partitions cost the flow a fifth of a core (and the broker as much); a caught-up marker
 comes at most this much later than the probe that asked for it, and a probe must wait longer
 than this (a seek restarts the fetch: probing faster, the end is never reported)."""
+
+PROBE_ANSWER_S = 2 * FETCH_WAIT_MS / 1000
+"""About how long a probe takes to be answered by an end-of-partition event (measured ~0.1 s:
+the fetch in flight ends, then the one after the seek is held at the end)."""
 
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
@@ -348,6 +353,10 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
 
     `consumer`, when given, is the partition's share of a consumer it reads with other
     partitions (`SharedConsumer.partition`); else the reader builds a consumer of its own.
+
+    `demand`, when given, says when this process's shards want a probe (`ProbeDemand`): an
+    idle reader whose last probe was answered probes at that time, not at its next interval,
+    and holds back an interval probe that would still be unanswered then.
     """
 
     def __init__(
@@ -365,7 +374,9 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         start_topic_id: str | None = None,
         replayed_below: int = 0,
         consumer: PartitionConsumer | None = None,
+        demand: ProbeDemand | None = None,
     ) -> None:
+        self._demand = demand
         self._consumer: PartitionConsumer = (
             consumer
             if consumer is not None
@@ -453,7 +464,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 end = self._position if self._position >= 0 else None
                 out.append(CaughtUp(self._source, self._probe_at, end, self._topic_id))
                 self._last_eof_at = now
-            elif now - max(self._last_eof_at, self._probe_at) >= self._probe_interval:
+            elif self._probe_due(now):
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
                 # while data flows, as a seek drops what the client had prefetched.
                 self._probe_at = now
@@ -462,6 +473,21 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             self._sample_lag(now, at_end)
         self._idle = not out and not msgs
         return out
+
+    def _probe_due(self, now: float) -> bool:
+        """Whether an idle reader probes now: at a shard's ask, else after the interval.
+
+        Never again while a probe is unanswered (a seek restarts the fetch, so asks coming
+        faster than the answer would keep the end from ever being reported), except after the
+        interval, as before, in case its answer was lost.
+        """
+        wanted = None if self._demand is None else self._demand.due_after(self._probe_at)
+        if wanted is not None and self._last_eof_at >= self._probe_at:
+            if now >= wanted:
+                return True
+            if wanted - now < PROBE_ANSWER_S:
+                return False  # an interval probe now would still be unanswered then
+        return now - max(self._last_eof_at, self._probe_at) >= self._probe_interval
 
     def _topic_recreated(self) -> bool:
         """Rewind to the beginning if the topic's id changed (see `topic_identity`).
@@ -585,6 +611,7 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     checkpoints hold (`operators.adapters.stores.shard_state.FileShardStateStore.floor`).
     Either way, what lies below the snapshot's offset was read by an earlier execution and is
     marked `replayed` (see `ReplayHorizon`): applied again, never dead-lettered again.
+    `demand`: when the shards of this process want the partitions probed (`ProbeDemand`).
     """
 
     def __init__(
@@ -597,7 +624,9 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         probe_interval_s: float = 0.1,
         replay_topics: Sequence[str] = (),
         start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
+        demand: ProbeDemand | None = None,
     ) -> None:
+        self._demand = demand
         self._config = config
         self._topics = list(topics)
         self._batch_size = batch_size
@@ -639,4 +668,5 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
             topic_ids=shared_topic_ids(self._config),
             start_topic_id=topic_id,
             replayed_below=replayed_below,
+            demand=self._demand,
         )
