@@ -121,3 +121,34 @@ def test_the_edge_version_moves_with_every_write_to_those_edges(store: FollowerS
         [FollowChange("star", fa, "unfollow", True, False, datetime.now(UTC))]
     )
     assert store.follower_version("star", sa) not in (before, after_follow, after_import)
+
+
+def test_a_follower_column_is_the_pages_packed(store: FollowerStore) -> None:
+    """Same followers, flags and order as the pages, for odd ids and empty shards too."""
+    celeb, nobody = unique("celeb"), unique("nobody")
+    followers = [f"user{i:05d}" for i in range(700)]
+    followers += ["é", "中文-id", "😀" * 30, "x" * 300, "a,b", "comma,,", "tab\there"]
+    store.bulk_load((celeb, f, i % 4) for i, f in enumerate(followers))
+    store.apply_follow_changes([change(celeb, "user00003", op="unfollow")])
+    for shard in range(4):
+        column = store.follower_column(celeb, shard)
+        page = store.follower_page(celeb, shard, None, 10_000)
+        assert column.ids() == [f for f, _ in page]
+        assert column.flags.tolist() == [fl for _, fl in page]
+        assert len(store.follower_column(nobody, shard)) == 0
+    assert sum(len(store.follower_column(celeb, s)) for s in range(4)) == len(followers) - 1
+
+
+def test_a_sqlite_column_is_read_in_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard longer than one bulk read is read in several, joined in order."""
+    from operators.adapters.stores import sqlite_followers
+
+    monkeypatch.setattr(sqlite_followers, "_COLUMN_RUN_IDS", 7)
+    store = SQLiteFollowerStore(tmp_path / "f.db", 1)
+    followers = [f"u{i:03d}" for i in range(50)]
+    store.bulk_load(("a", f, i % 2) for i, f in enumerate(reversed(followers)))
+    column = store.follower_column("a", 0)
+    assert column.ids() == followers
+    assert column.flags.tolist() == [(49 - i) % 2 for i in range(50)]
+    monkeypatch.setattr(sqlite_followers, "_COLUMN_RUN_IDS", 10)  # ends on a full run
+    assert store.follower_column("a", 0).ids() == followers
