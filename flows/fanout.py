@@ -32,7 +32,7 @@ from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.probes import topic_partitions
-from operators.adapters.kafka.reader import ConsumerShares, GateDemand, KafkaTopicsSource
+from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource
 from operators.adapters.kafka.topic_identity import topic_id_of
 from operators.adapters.memory import release_freed_memory
 from operators.adapters.redis.post_claims import RedisPostClaims
@@ -59,6 +59,7 @@ from operators.fanout.steps import (
     decode_notification,
     decode_post,
 )
+from operators.probe_demand import ProbeDemand
 from schemas.records import DispatchBatch, EncodedDispatchBatch
 from schemas.topics import (
     CHANGELOG_TOPICS,
@@ -99,11 +100,14 @@ def build_fanout_flow(
     notify_sources: Sequence[tuple[str, Source[Any]]] = (),
     notification_claims: Callable[[], PostClaims] | None = None,
     on_loaded: Callable[[], object] | None = None,
+    probe_demand: ProbeDemand | None = None,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes).
 
     `notify_sources` are (tier, source) pairs of the API's tier topics, one input each.
     `on_loaded` is called once every shard the process built has caught up (`ShardsLoaded`).
+    `probe_demand` is where the shards ask the changelog source (built with the same one)
+    to probe when a job waits at the gate.
     """
     flow = Dataflow("fanout")
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
@@ -191,6 +195,7 @@ def build_fanout_flow(
             bulk_time_s=settings.bulk_expand_ms / 1000,
             checkpoints=checkpointer,
             loaded=loaded,
+            demand=probe_demand,
         )
 
     batches = op.stateful_batch(
@@ -221,6 +226,9 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             recovery_lineage(settings.recovery_dir("fanout")),
         )
     )
+    # This process's shards ask its changelog readers for a probe when a job waits at the gate;
+    # without asks an idle changelog partition is probed about once a second (QUIET_PROBE_S).
+    demand = ProbeDemand()
     shard_states = FileShardStateStore(
         settings.shard_state_dir, settings.shard_count, topic_id_of(kafka)
     )
@@ -234,9 +242,6 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     # Partition p of the topics read side by side shares one consumer per worker (its
     # librdkafka threads and idle fetch loop): posts with backfill, the three tiers, the three
     # changelogs. Each group gets its own, so a changelog load never sits in a post's way.
-    # Posts and requests read lately make the changelogs' idle partitions report their ends
-    # often (the shards' gates wait on those markers), else about once a second.
-    gate_demand = GateDemand()
     tier_consumers = ConsumerShares.on_broker(
         kafka, "fanfare-reader-notify", read_size=max(TIER_READ_BATCH.values())
     )
@@ -248,7 +253,6 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             kafka,
             [POST_CREATED, POST_CREATED_BACKFILL],
             consumers=ConsumerShares.on_broker(kafka, "fanfare-reader-posts"),
-            gate_demand=gate_demand,
         ),
         changelog_source=KafkaTopicsSource(
             kafka,
@@ -258,7 +262,6 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             consumers=ConsumerShares.on_broker(
                 kafka, "fanfare-reader-changelogs", read_size=5_000, buffered_max=10_000
             ),
-            gate_demand=gate_demand,
             # Preferences and devices are checkpointed by the shards: each partition starts at
             # the oldest checkpoint's position; follow changes go to the follower store and
             # resume from the snapshot.
@@ -267,6 +270,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
                 if topic in (PREFERENCE_CHANGES, DEVICE_CHANGES)
                 else None
             ),
+            demand=demand,
         ),
         changelog_parts=topic_partitions(kafka, CHANGELOG_TOPICS),
         channel_sink=sink,
@@ -283,6 +287,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         shard_states=shard_states,
         # The load's freed memory back to the OS once this process's shards caught up.
         on_loaded=release_freed_memory,
+        probe_demand=demand,
         notify_sources=[
             (
                 tier,
@@ -291,7 +296,6 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
                     [tier_topic(tier)],
                     batch_size=TIER_READ_BATCH[tier],
                     consumers=tier_consumers,
-                    gate_demand=gate_demand,
                 ),
             )
             for tier in TIERS

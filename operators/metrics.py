@@ -30,6 +30,13 @@ POSTS_FANNED_OUT = Counter(
 )
 CANDIDATES = Counter("fanfare_candidates_total", "follow edges examined for a post")
 SUPPRESSED = Counter("fanfare_suppressed_total", "candidates not notified, by reason", ["reason"])
+NOTIFY_READ_TO_RUN = Histogram(
+    "fanfare_notify_read_to_run_seconds",
+    "from an API request's read on its tier topic to a shard's first decision on its "
+    "recipients, by tier (mostly the changelog gate: the changelogs read to their end after it)",
+    ["tier"],
+    buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2, 5, 10, 60),
+)
 NOTIFICATIONS_READ = Counter(
     "fanfare_notifications_read_total",
     "API notification requests and cancels decoded and valid, by tier topic",

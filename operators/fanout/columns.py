@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -57,6 +58,108 @@ def index_key(encoded_id: bytes) -> int:
     count), so Adler-32 fills the low half; equal keys are told apart by the ids themselves.
     """
     return (zlib.crc32(encoded_id) << 32) | zlib.adler32(encoded_id)
+
+
+def _crc_table() -> npt.NDArray[np.uint32]:
+    """The CRC-32 byte table of `zlib.crc32` (reflected polynomial 0xEDB88320)."""
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0xEDB88320), table >> 1)
+    return table.astype(np.uint32)
+
+
+_CRC_TABLE = _crc_table()
+_ADLER_MOD = 65_521
+_VECTOR_ID_BYTES = 64  # longer ids are hashed one at a time (few; keeps the byte loop short)
+_CHUNK = 65_536  # ids mapped to rows at once (bounds the temporary arrays of a big column)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedIds:
+    """User ids as one UTF-8 blob (id i is `blob[ends[i - 1]:ends[i]]`), a flags byte per id.
+
+    How a follower column comes from the store: no Python object per follower.
+    """
+
+    blob: bytes
+    ends: I64
+    flags: U8
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @classmethod
+    def of(cls, ids: Sequence[str], flags: Sequence[int]) -> PackedIds:
+        """Pack ids given one by one."""
+        encoded = [u.encode() for u in ids]
+        lens = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        return cls(b"".join(encoded), np.cumsum(lens), np.array(flags, np.uint8))
+
+    @classmethod
+    def join(cls, parts: Sequence[PackedIds]) -> PackedIds:
+        """One run of ids from consecutive runs."""
+        if len(parts) == 1:
+            return parts[0]
+        ends, offset = [], 0
+        for p in parts:
+            ends.append(p.ends + offset)
+            offset += len(p.blob)
+        return cls(
+            b"".join(p.blob for p in parts),
+            np.concatenate(ends) if ends else np.zeros(0, np.int64),
+            np.concatenate([p.flags for p in parts]) if parts else np.zeros(0, np.uint8),
+        )
+
+    def starts(self) -> I64:
+        """Where each id starts in `blob`."""
+        starts = np.zeros(len(self.ends), np.int64)
+        starts[1:] = self.ends[:-1]
+        return starts
+
+    def ids(self) -> list[str]:
+        """The ids as strings (tests, small reads)."""
+        blob = self.blob
+        return [
+            blob[a:b].decode()
+            for a, b in zip(self.starts().tolist(), self.ends.tolist(), strict=True)
+        ]
+
+
+def index_keys(data: U8, starts: I64, ends: I64) -> npt.NDArray[np.uint64]:
+    """`index_key` of every id `data[starts[i]:ends[i]]`, vectorised over the ids.
+
+    CRC-32 and Adler-32 both walk an id byte by byte, so the loop runs over byte positions
+    (longest ids first: those still going at position j are a prefix) and each step is one
+    array operation over the ids that long. The few ids longer than `_VECTOR_ID_BYTES` are
+    hashed one at a time.
+    """
+    n = len(starts)
+    lens = ends - starts
+    keys = np.empty(n, np.uint64)
+    long = lens > _VECTOR_ID_BYTES
+    if long.any():
+        for i in np.flatnonzero(long).tolist():
+            keys[i] = index_key(data[starts[i] : ends[i]].tobytes())
+    short = np.flatnonzero(~long)
+    order = short[np.argsort(-lens[short], kind="stable")]
+    first, size = starts[order], lens[order]
+    m = len(order)
+    crc = np.full(m, 0xFFFFFFFF, np.uint32)
+    a = np.ones(m, np.int64)
+    b = np.zeros(m, np.int64)
+    going = m
+    neg = -size  # ascending
+    for j in range(int(size[0]) if m else 0):
+        going = int(np.searchsorted(neg, -j, side="left"))  # ids longer than j
+        byte = data[first[:going] + j]
+        c = crc[:going]
+        crc[:going] = _CRC_TABLE[(c ^ byte) & 0xFF] ^ (c >> 8)
+        a[:going] += byte
+        b[:going] += (size[:going] - j) * byte
+    crc ^= np.uint32(0xFFFFFFFF)
+    adler = ((b + size) % _ADLER_MOD) << 16 | (a % _ADLER_MOD)
+    keys[order] = (crc.astype(np.uint64) << np.uint64(32)) | adler.astype(np.uint64)
+    return keys
 
 
 def json_text(value: str) -> bytes:
@@ -292,6 +395,61 @@ class UserTable:
                     continue
             row = self._row_of(enc)
             out[i] = row if row >= 0 else self._add_row(enc)
+        return out
+
+    def rows_of_packed(self, ids: PackedIds) -> I32:
+        """`rows_of` for packed ids: hashed, looked up and compared as arrays, not one by one.
+
+        Only ids the sorted index does not answer at its first entry for their key (new users,
+        users added since the last index merge, key collisions) take `rows_of`' path, in order,
+        so new users get the same rows as there.
+        """
+        n = len(ids)
+        out = np.full(n, -1, np.int32)
+        data = np.frombuffer(ids.blob, np.uint8)
+        starts, ends = ids.starts(), ids.ends
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            out[lo:hi] = self._indexed_rows(data, starts[lo:hi], ends[lo:hi])
+        blob, start_l, end_l = ids.blob, starts.tolist(), ends.tolist()
+        for i in np.flatnonzero(out < 0).tolist():
+            encoded = blob[start_l[i] : end_l[i]]
+            row = self._row_of(encoded)
+            out[i] = row if row >= 0 else self._add_row(encoded)
+        return out
+
+    def _indexed_rows(self, data: U8, starts: I64, ends: I64) -> I32:
+        """Rows of these ids found at the first index entry of their key, else -1."""
+        out = np.full(len(starts), -1, np.int32)
+        keys = self._keys
+        if not len(keys) or not len(starts):
+            return out
+        hashes = index_keys(data, starts, ends)
+        # Sorted needles: numpy's binary search starts from the previous answer (3x faster).
+        order = np.argsort(hashes)
+        pos = np.empty(len(hashes), np.int64)
+        pos[order] = np.minimum(np.searchsorted(keys, hashes[order]), len(keys) - 1)
+        found = np.flatnonzero(keys[pos] == hashes)
+        rows = self._key_rows[pos[found]].astype(np.int64)
+        # The same key is not the same id: compare the bytes, all of them at once.
+        uid_start = self._uid_start.a
+        r_start = uid_start[rows].astype(np.int64)
+        size = uid_start[rows + 1].astype(np.int64) - r_start
+        p_start = starts[found]
+        same = size == ends[found] - p_start
+        sel = np.flatnonzero(same)
+        lens = size[sel]
+        total = int(lens.sum())
+        if total:
+            seg = np.repeat(np.arange(len(sel)), lens)
+            offset = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+            arena = np.frombuffer(self._uid_arena, np.uint8)
+            theirs = arena[np.repeat(r_start[sel], lens) + offset]
+            del arena  # a view pins the bytearray's size; rows are added after this
+            mine = data[np.repeat(p_start[sel], lens) + offset]
+            differs = np.bincount(seg, theirs != mine, len(sel)) > 0
+            same[sel[differs]] = False
+        out[found[same]] = rows[same]
         return out
 
     def id_digest(self, rows: int) -> int:

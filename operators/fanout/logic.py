@@ -24,6 +24,7 @@ from operators.fanout.shard import (
     ShardJob,
     ShardMarker,
 )
+from operators.probe_demand import ProbeDemand
 from schemas.records import (
     CategorySwitch,
     DeviceChange,
@@ -53,8 +54,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         bulk_time_s: float | None = None,
         checkpoints: Callable[[int], ShardCheckpointer] | None = None,
         loaded: ShardsLoaded | None = None,
+        demand: ProbeDemand | None = None,
     ) -> None:
         self.shard = shard
+        self._demand = demand
         self._loaded = loaded
         if loaded is not None:
             loaded.shard_built()
@@ -80,6 +83,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         follows: list[FollowChange] = []
         prefs = devices = 0
         markers = False
+        newest: float | None = None  # the latest read_at of the jobs that arrived
         if self._shard_id is None:
             self._start(values)
         for v in values:
@@ -91,8 +95,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
                 markers = True
             elif isinstance(v, ShardJob):
                 self.shard.add_job(v, now.timestamp(), tally)
+                newest = v.read_at if newest is None else max(newest, v.read_at)
             elif isinstance(v, RecipientJob):
                 self.shard.notify.add_job(v)
+                newest = v.read_at if newest is None else max(newest, v.read_at)
             elif isinstance(v, CancelNotice):
                 self.shard.notify.cancel(v.notification_id, now.timestamp(), notified)
             elif isinstance(v, ChangelogEvent):
@@ -123,6 +129,11 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
             metrics.CHANGES_APPLIED.labels("device_changes").inc(devices)
         if markers and not self._caught_up:
             self._note_caught_up()
+        if newest is not None and self._demand is not None:
+            # One ask for the newest: a probe late enough for it is late enough for the rest.
+            wanted = self.shard.probe_wanted(newest)
+            if wanted is not None:
+                self._demand.ask(wanted)
         out = self._work(now, tally, notified)
         if self._checkpoints is not None and self._checkpoints.maybe_save(
             self.shard, caught_up=self._caught_up
@@ -244,6 +255,8 @@ def _record_notify(t: NotifyTally) -> None:
         metrics.NOTIFICATIONS_HELD.inc(t.held)
     for channel, n in t.fell_back.items():
         metrics.NOTIFICATIONS_FELL_BACK.labels(channel).inc(n)
+    for tier, seconds in t.read_to_run:
+        metrics.NOTIFY_READ_TO_RUN.labels(tier).observe(seconds)
 
 
 def _record(t: FanoutTally) -> None:

@@ -355,6 +355,8 @@ class NotifyTally:
     cancelled: int = 0
     fell_back: Counter[str] = field(default_factory=Counter)
     """Recipients reached by a later channel of their category's fallback, by that channel."""
+    read_to_run: list[tuple[Tier, float]] = field(default_factory=list)
+    """Seconds from each job's read to its first run in this call, by tier."""
 
 
 class NotifyShard:
@@ -447,6 +449,8 @@ class NotifyShard:
             # later ones behind it (a campaign queues many one-recipient jobs: no scans).
             while queue and (left is None or left > 0) and gate_open(queue[0].read_at):
                 job = queue[0]
+                if job.cursor == 0 and job.read_at > 0:  # a released hold's read_at is 0
+                    tally.read_to_run.append((tier, now.timestamp() - job.read_at))
                 done = self._run(job, users, now, left, sends, tally)
                 if left is not None:
                     left -= done

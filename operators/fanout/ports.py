@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
-from operators.fanout.columns import Columns
+from operators.fanout.columns import Columns, PackedIds
 from schemas.records import FollowChange
 
 Position = tuple[str | None, int]
@@ -26,6 +26,7 @@ class PostClaims(ABC):
 
 
 FollowerRow = tuple[str, int]  # (follower_id, flags)
+COLUMN_PAGE = 50_000  # followers per page when a column is read page by page
 
 
 class StoreMismatch(RuntimeError):
@@ -46,6 +47,23 @@ class FollowerStore(ABC):
         self, author_id: str, shard_id: int, after: str | None, limit: int
     ) -> list[FollowerRow]:
         """Up to `limit` followers of the author in the shard, ordered by id, after `after`."""
+
+    def follower_column(self, author_id: str, shard_id: int) -> PackedIds:
+        """All the author's followers in the shard, packed, in the order of `follower_page`.
+
+        What a shard caches as a follower column. This default reads pages; stores override it
+        to read the ids in bulk, without a Python object per follower.
+        """
+        ids: list[str] = []
+        flags: list[int] = []
+        after: str | None = None
+        while True:
+            page = self.follower_page(author_id, shard_id, after, COLUMN_PAGE)
+            ids.extend(f for f, _ in page)
+            flags.extend(fl for _, fl in page)
+            if len(page) < COLUMN_PAGE:
+                return PackedIds.of(ids, flags)
+            after = page[-1][0]
 
     def follower_version(self, author_id: str, shard_id: int) -> int | None:
         """A number that changes whenever the author's edges in the shard change.

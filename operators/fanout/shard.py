@@ -77,7 +77,6 @@ USER_TOPICS = frozenset((PREFERENCE_CHANGES, DEVICE_CHANGES))
 # Completed jobs are remembered this long so a duplicate job reaching the shard in the same
 # execution is dropped; post-level dedupe (the post claim) covers longer windows.
 RECENT_JOB_TTL_S = 600.0
-COLUMN_PAGE = 50_000  # followers per store read when a column is built
 FEW = 48  # pages smaller than this are decided one follower at a time (decide.decide_few)
 MAX_COLUMN_EDGES = 8_000_000  # cached column entries per shard (5 bytes each)
 POST_CATEGORY = "new_post"  # the catalog's category of a post (operators/notify/defaults)
@@ -320,6 +319,13 @@ class FollowerShard:
             self._horizon = min(self.caught_up[s] for s in self.changelog_sources) - self.settle_s
         return self._horizon >= read_at
 
+    def probe_wanted(self, read_at: float) -> float | None:
+        """When every changelog partition must be probed to open the gate for `read_at`.
+
+        None when the gate is open already. A probe made then answers it (`ProbeDemand`).
+        """
+        return None if self.gate_open_for(read_at) else read_at + self.settle_s
+
     # ---- jobs ---------------------------------------------------------------------------------
 
     def add_job(self, job: ShardJob, now: float, tally: FanoutTally) -> bool:
@@ -464,17 +470,8 @@ class FollowerShard:
         if col is not None and col.version == version:
             self.columns.move_to_end(job.author_id)
             return col
-        ids: list[str] = []
-        flags: list[int] = []
-        after: str | None = None
-        while True:
-            page = store.follower_page(job.author_id, job.shard_id, after, COLUMN_PAGE)
-            ids.extend(f for f, _ in page)
-            flags.extend(fl for _, fl in page)
-            if len(page) < COLUMN_PAGE:
-                break
-            after = page[-1][0]
-        col = FollowerColumn(self.users.rows_of(ids), np.array(flags, np.uint8), version)
+        followers = store.follower_column(job.author_id, job.shard_id)
+        col = FollowerColumn(self.users.rows_of_packed(followers), followers.flags, version)
         self.columns[job.author_id] = col
         total = sum(len(c.rows) for c in self.columns.values())
         while total > MAX_COLUMN_EDGES and len(self.columns) > 1:

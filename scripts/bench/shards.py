@@ -2,6 +2,7 @@
 
     python -m scripts.bench.shards --users 10000000 [--shards 32] [--json out.json]
     python -m scripts.bench.shards --users 1000000 --post-cap 10 [--posts 3]
+    python -m scripts.bench.shards --users 1000000 --store sqlite
 
 It applies N users' preference and device changes (the mix of `scripts.bench.fanout`: 10% push
 off, 20% quiet hours of which a quarter inside their window now; half APNs 64-hex tokens, half
@@ -17,6 +18,10 @@ With `--post-cap N` the shards have FANFARE_POST_CAP=N: the report adds what the
 the decision (`cap_in_the_decision`: the celebrity's columns decided with no cap, under the cap
 and over it, best of 7 rounds each, ns per candidate) and the summaries sent when the window
 ends (CPU per summary). `--post-cap 1 --posts 3` bundles the second and third posts.
+
+The first post is the cold one: each shard reads the author's followers from the store into its
+cached column. `--store sqlite` puts the follow edges in a `SQLiteFollowerStore` (in `--dir`)
+instead of the in-memory lists, so the cold post includes the real store's bulk read.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from operators.adapters.stores.shard_state import FileShardStateStore
+from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.events import CaughtUp
 from operators.fanout.caps import CapRule, FrequencyCap
 from operators.fanout.checkpoint import ShardCheckpointer
@@ -207,6 +213,13 @@ def cap_overhead(shards: list[FollowerShard], rule: CapRule, rounds: int = 7) ->
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything, as a report."""
+    if args.store == "memory":
+        return _run(args, None)
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        return _run(args, Path(folder) / "followers.db")
+
+
+def _run(args: argparse.Namespace, sqlite_path: Path | None) -> dict[str, Any]:
     gc.collect()
     rss0 = rss()
     t0 = time.perf_counter()
@@ -218,10 +231,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     gc.collect()
     rss1 = rss()
-    store = CelebrityFollowers(by_shard)
+    store: FollowerStore = CelebrityFollowers(by_shard)
+    if sqlite_path is not None:
+        store = SQLiteFollowerStore(sqlite_path, args.shards)
+        store.bulk_load(("celebrity", f, 1) for ids in by_shard for f in ids)
     report: dict[str, Any] = {
         "users": args.users,
         "shards": args.shards,
+        "store": args.store,
         "build_s": round(build_s, 1),
         "apply_cpu_us_per_event": round(apply_cpu / (2 * args.users) * 1e6, 2),
         "rss_per_user_after_build": round((rss1 - rss0 - ids_bytes) / args.users),
@@ -274,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["checkpoint_bytes_per_user"] = round(
             sum(p.stat().st_size for p in Path(folder).glob("*.ckpt")) / args.users
         )
+        store.close()
         del shards, store
         gc.collect()
         t0 = time.perf_counter()
@@ -304,7 +322,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--cap-window-s", type=whole_number(0, 7 * 86_400), default=3_600, help="the cap's window"
     )
-    p.add_argument("--dir", default=None, help="where the checkpoints go (a temporary folder)")
+    p.add_argument(
+        "--store",
+        choices=("memory", "sqlite"),
+        default="memory",
+        help="where the follow edges are (default: in-memory lists)",
+    )
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="where the checkpoints (and the SQLite store) go (a temporary folder)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
     report = run(args)

@@ -1,5 +1,6 @@
 """The follower store contract: every adapter (and the in-memory fake) behaves the same."""
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -121,3 +122,38 @@ def test_the_edge_version_moves_with_every_write_to_those_edges(store: FollowerS
         [FollowChange("star", fa, "unfollow", True, False, datetime.now(UTC))]
     )
     assert store.follower_version("star", sa) not in (before, after_follow, after_import)
+
+
+def test_a_follower_column_is_the_pages_packed(store: FollowerStore) -> None:
+    """Same followers, flags and order as the pages, for odd ids and empty shards too."""
+    celeb, nobody = unique("celeb"), unique("nobody")
+    followers = [f"user{i:05d}" for i in range(700)]
+    followers += ["é", "中文-id", "😀" * 30, "x" * 300, "a,b", "comma,,", "tab\there"]
+    store.bulk_load((celeb, f, i % 4) for i, f in enumerate(followers))
+    store.apply_follow_changes([change(celeb, "user00003", op="unfollow")])
+    for shard in range(4):
+        column = store.follower_column(celeb, shard)
+        page = store.follower_page(celeb, shard, None, 10_000)
+        assert column.ids() == [f for f, _ in page]
+        assert column.flags.tolist() == [fl for _, fl in page]
+        assert len(store.follower_column(nobody, shard)) == 0
+    assert sum(len(store.follower_column(celeb, s)) for s in range(4)) == len(followers) - 1
+
+
+def test_a_sqlite_column_too_long_for_one_string_is_read_in_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SQLite's string length limit the column is read in runs, joined in order."""
+    from operators.adapters.stores import sqlite_followers
+
+    store = SQLiteFollowerStore(tmp_path / "f.db", 1)
+    followers = [f"u{i:03d}-é" for i in range(50)]
+    store.bulk_load(("a", f, i % 2) for i, f in enumerate(reversed(followers)))
+    store._conn().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 200)  # 50 ids: 350 bytes
+    monkeypatch.setattr(sqlite_followers, "_COLUMN_RUN_IDS", 7)
+    column = store.follower_column("a", 0)
+    assert column.ids() == followers
+    assert column.flags.tolist() == [(49 - i) % 2 for i in range(50)]
+    monkeypatch.setattr(sqlite_followers, "_COLUMN_RUN_IDS", 10)  # ends on a full run
+    assert store.follower_column("a", 0).ids() == followers
+    assert len(store.follower_column("b", 0)) == 0

@@ -18,6 +18,7 @@ from operators.adapters.kafka.probes import end_offset, read_partition_to_end
 from operators.adapters.kafka.reader import KafkaTopicsSource
 from operators.adapters.kafka.writer import PartitionedTopicsSink, produce_all
 from operators.events import CaughtUp, RawEvent
+from operators.probe_demand import ProbeDemand
 from schemas.records import DeadLetter, DeliveryEvent, DispatchBatch, DispatchItem
 from tests.conftest import Stack
 from tests.unit.test_eligibility_sharding_batching import shard_batches
@@ -79,6 +80,26 @@ def test_reader_reports_caught_up_only_after_reading_to_the_end(stack: Stack) ->
     assert [e.value for e in after if isinstance(e, RawEvent)] == [b"late"] * 20
     for r in readers:
         r.close()
+
+
+def test_a_reader_probes_its_end_when_a_shard_asks_not_at_its_interval(stack: Stack) -> None:
+    kafka = stack.settings.kafka_config()
+    demand = ProbeDemand()
+    # An interval far longer than the drains below: only the asks can bring later markers.
+    source = KafkaTopicsSource(
+        kafka, ["device_changes"], report_caught_up=True, probe_interval_s=60.0, demand=demand
+    )
+    reader = source.build_part("s", source.list_parts()[0], None)
+    drain(reader, lambda got: any(isinstance(g, CaughtUp) for g in got))
+    for _ in range(3):  # again at once after each answer
+        wanted = time.time() + 0.05
+        demand.ask(wanted)
+        got = drain(
+            reader,
+            lambda got, t=wanted: any(isinstance(g, CaughtUp) and g.as_of >= t for g in got),
+        )
+        assert not any(isinstance(g, RawEvent) for g in got)
+    reader.close()
 
 
 def batch(post: str, users: range, topic_lane: str = "normal") -> DispatchBatch:

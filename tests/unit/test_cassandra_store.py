@@ -1126,3 +1126,26 @@ def test_store_migrate_says_when_cassandra_cannot_be_reached(
     bad = Settings(home=tmp_path, store_url="cassandra://127.0.0.1/no-such-ks")
     assert store_cli.command(migrate_args(), bad) == 2
     assert "keyspace 'no-such-ks' must be a letter" in capsys.readouterr().err
+
+
+def test_follower_column_reads_long_runs_after_the_cursor_and_packs_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cf, "_COLUMN_RUN", 2)
+    store, session = follower_store()
+    rows = [
+        {"follower_id": "u1", "notify_on_post": True, "muted": False},
+        {"follower_id": "u3", "notify_on_post": True, "muted": True},
+        {"follower_id": "ü2", "notify_on_post": False, "muted": None},
+    ]
+
+    def page(params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        _, _, after, limit = params
+        return [dict(r) for r in rows if r["follower_id"] > after][:limit]
+
+    session.on("follower_id > ?", page)
+    column = store.follower_column("a", 2)
+    assert column.ids() == ["u1", "u3", "ü2"]
+    assert column.flags.tolist() == [1, 3, 0]
+    # A full run asks for more after its last id; the short one ends the column.
+    assert session.executed("follower_id > ?") == [("a", 2, "", 2), ("a", 2, "u3", 2)]

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from operators.events import CaughtUp
-from operators.fanout.columns import FragmentArena, UserTable
+from operators.fanout import columns
+from operators.fanout.columns import FragmentArena, PackedIds, UserTable, index_key, index_keys
 from operators.fanout.eligibility import Suppressed
 from operators.fanout.quiet_hours import hour_is_quiet, quiet_until
 from operators.fanout.shard import ChangelogEvent, FanoutTally, FollowerShard, ShardJob
@@ -399,3 +402,74 @@ def test_fragment_arena_packs_itself_once_half_is_garbage() -> None:
         arena[0] = bytes([97 + i % 26]) * 1000
     assert arena[0] == bytes([97 + 2_999 % 26]) * 1000
     assert len(arena.blob()) == 1000 and arena.garbage <= 1 << 20
+
+
+ID_TEXT = st.one_of(
+    st.text(max_size=12),
+    st.text(alphabet="u0123456789", min_size=1, max_size=8),
+    st.text(min_size=60, max_size=200),  # past the vectorised hash's byte loop
+)
+
+
+@given(st.lists(ID_TEXT, max_size=300))
+@settings(max_examples=60, deadline=None)
+def test_vectorised_index_keys_equal_index_key(ids: list[str]) -> None:
+    packed = PackedIds.of(ids, [0] * len(ids))
+    data = np.frombuffer(packed.blob, np.uint8)
+    keys = index_keys(data, packed.starts(), packed.ends)
+    assert keys.tolist() == [index_key(u.encode()) for u in ids]
+    assert packed.ids() == ids
+
+
+def _weak_keys(data: Any, starts: Any, ends: Any) -> Any:
+    return ((ends - starts) % 3).astype(np.uint64)
+
+
+@pytest.mark.parametrize("weak_hash", [False, True])
+@given(
+    known=st.lists(ID_TEXT, max_size=120, unique=True),
+    merged=st.integers(0, 120),
+    wanted=st.lists(st.one_of(ID_TEXT, st.integers(0, 119)), max_size=150),
+)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_packed_rows_equal_rows_of_one_by_one(
+    weak_hash: bool,
+    known: list[str],
+    merged: int,
+    wanted: list[str | int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same rows, new users added in the same order, whatever the index holds.
+
+    Users merged into the sorted index and users added since, followers new to the shard, and
+    (with a weak hash) many ids under one key.
+    """
+    if weak_hash:
+        monkeypatch.setattr(columns, "index_key", lambda encoded: len(encoded) % 3)
+        monkeypatch.setattr(columns, "index_keys", _weak_keys)
+    ids = list(
+        dict.fromkeys(
+            known[w] if isinstance(w, int) else w
+            for w in wanted
+            if not isinstance(w, int) or w < len(known)
+        )
+    )
+    tables = []
+    for _ in range(2):
+        t = UserTable()
+        for u in known[:merged]:
+            t.ensure_row(u)
+        t.compact()  # merges the index
+        for u in known[merged:]:
+            t.ensure_row(u)  # left in the recent additions
+        tables.append(t)
+    one_by_one = tables[0].rows_of(ids)
+    packed = tables[1].rows_of_packed(PackedIds.of(ids, [1] * len(ids)))
+    assert packed.tolist() == one_by_one.tolist()
+    assert [tables[1].uid(r) for r in packed.tolist()] == ids
+    assert tables[1].rows == tables[0].rows
+    assert [tables[1].uid(r) for r in range(tables[1].rows)] == [
+        tables[0].uid(r) for r in range(tables[0].rows)
+    ]

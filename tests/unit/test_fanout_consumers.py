@@ -17,7 +17,6 @@ from operators.adapters.kafka.reader import (
     IDLE_POLL_MAX_S,
     IDLE_POLL_S,
     ConsumerShares,
-    GateDemand,
     KafkaTopicsSource,
     SharedConsumer,
     TopicPartitionReader,
@@ -25,6 +24,7 @@ from operators.adapters.kafka.reader import (
 )
 from operators.adapters.kafka.topic_identity import TopicIds
 from operators.events import CaughtUp, RawEvent
+from operators.probe_demand import ProbeDemand
 from tests.unit.test_shared_consumer import FakeConsumer
 
 POSTS = ("post_created", "post_created_backfill")
@@ -165,18 +165,13 @@ def markers_in(seconds: float, changelog: TopicPartitionReader, clock: Clock) ->
     return count
 
 
-def test_an_idle_changelog_reports_its_end_seldom_until_a_post_is_read() -> None:
+def test_an_idle_changelog_reports_its_end_seldom_unless_a_shard_asks() -> None:
     clock = Clock()
-    fake = FakeConsumer({("device_changes", 0): 3, ("post_created", 0): 0})
-    shared = SharedConsumer(fake)
-    demand = GateDemand(window_s=5.0, clock=clock)
+    fake = FakeConsumer({("device_changes", 0): 3})
+    demand = ProbeDemand()
     changelog = TopicPartitionReader(
         {}, "device_changes", 0, OFFSET_BEGINNING, 50, True, 0.1, clock=clock,
-        consumer=shared.partition("device_changes", 0), gate_demand=demand,
-    )  # fmt: skip
-    posts = TopicPartitionReader(
-        {}, "post_created", 0, OFFSET_BEGINNING, 50, False, 0.1, clock=clock,
-        consumer=shared.partition("post_created", 0), gate_demand=demand,
+        consumer=SharedConsumer(fake).partition("device_changes", 0), demand=demand,
     )  # fmt: skip
     first = changelog.next_batch()
     assert [type(e) for e in first] == [RawEvent] * 3
@@ -186,27 +181,24 @@ def test_an_idle_changelog_reports_its_end_seldom_until_a_post_is_read() -> None
         clock.now += 0.01
         ends += [e for e in changelog.next_batch() if isinstance(e, CaughtUp)]
     assert [(e.source, e.offset) for e in ends] == [("device_changes/0", 3)]
-    # ...then, with no post read, about once a second instead of ten times.
+    # ...then, with no shard asking, about once a second instead of ten times.
     assert 9 <= markers_in(10.0, changelog, clock) <= 11
-    fake.sizes[("post_created", 0)] = 1
-    assert len(posts.next_batch()) == 1
-    post_read_at = clock.now
-    # Probed often again at once: a gate holding the post (settle 0.1 s) opens within 0.3 s.
+    # A shard holding a post asks for a probe at the time its gate needs: it is made then.
+    wanted = clock.now + 0.3
+    demand.ask(wanted)
     fresh: list[CaughtUp] = []
-    while clock.now < post_read_at + 0.3:
+    while clock.now < wanted + 0.2:
         fresh += [e for e in changelog.next_batch() if isinstance(e, CaughtUp)]
         clock.now += 0.01
-    assert any(e.as_of >= post_read_at + 0.1 for e in fresh)
-    assert markers_in(1.0, changelog, clock) >= 8
-    clock.now += 6.0  # no post read within the window: seldom again
-    assert markers_in(10.0, changelog, clock) <= 11
+    assert any(e.as_of >= wanted for e in fresh)
+    assert markers_in(10.0, changelog, clock) <= 11  # and seldom again after
     # A change arriving while quiet is reported at the next probe, not a second later.
     fake.sizes[("device_changes", 0)] = 4
     assert [type(e) for e in changelog.next_batch()] == [RawEvent]
     assert markers_in(0.2, changelog, clock) == 1
 
 
-def test_without_gate_demand_an_idle_changelog_reports_every_probe() -> None:
+def test_without_probe_demand_an_idle_changelog_reports_every_probe() -> None:
     clock = Clock()
     fake = FakeConsumer({("device_changes", 0): 0})
     changelog = TopicPartitionReader(

@@ -32,6 +32,7 @@ from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
 from operators.adapters.kafka.topic_identity import TopicIds, shared_topic_ids
 from operators.events import CaughtUp, RawEvent
+from operators.probe_demand import ProbeDemand
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,14 @@ comes at most this much later than the probe that asked for it, and a probe must
 than this (a seek restarts the fetch: probing faster, the end is never reported)."""
 
 QUIET_PROBE_S = 1.0
-"""Seconds between two probes of an idle changelog partition while no post or API request was
-read lately (`GateDemand`): each probe's caught-up marker goes to every follower shard, and with
-nothing waiting at their gates a marker a second keeps them current at a tenth of the cost."""
+"""Seconds between two interval probes of an idle changelog partition whose process's shards
+ask for the probes they need (`ProbeDemand`): each probe's caught-up marker goes to every
+follower shard, so ten a second per partition made most of an idle fan-out's work. The interval
+probes remain for the shards of other processes, whose gates may wait up to this long."""
+
+PROBE_ANSWER_S = 2 * FETCH_WAIT_MS / 1000
+"""About how long a probe takes to be answered by an end-of-partition event (measured ~0.1 s:
+the fetch in flight ends, then the one after the seek is held at the end)."""
 
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
@@ -348,30 +354,6 @@ class _SharedPartition:
         self._shared._release(self._key)
 
 
-class GateDemand:
-    """Per process: whether a post or API request was read lately, so a gate may be waiting.
-
-    A follower shard lets a post fan out once every changelog partition was probed at its end
-    after the post was read (the gate), so while posts come, an idle changelog partition is
-    probed every `probe_interval_s` and each probe's marker goes to every shard. With no post
-    read for `window_s`, nothing waits on them: the partition is probed every `QUIET_PROBE_S`.
-    A post read in another process does not count here; its gate then waits up to that long.
-    """
-
-    def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
-        self._window_s = window_s
-        self._clock = clock
-        self._last = float("-inf")
-
-    def note(self) -> None:
-        """A post or API request was read now."""
-        self._last = self._clock()
-
-    def wanted(self, now: float) -> bool:
-        """Whether one was read within the window before `now`."""
-        return now - self._last <= self._window_s
-
-
 ReaderState = tuple[int, str | None]
 """A partition reader's snapshot: the next offset, and the id of the topic log it counts in."""
 
@@ -452,6 +434,10 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
 
     `consumer`, when given, is the partition's share of a consumer it reads with other
     partitions (`SharedConsumer.partition`); else the reader builds a consumer of its own.
+
+    `demand`, when given, says when this process's shards want a probe (`ProbeDemand`): an
+    idle reader whose last probe was answered probes at that time, not at its next interval,
+    and holds back an interval probe that would still be unanswered then.
     """
 
     def __init__(
@@ -469,9 +455,9 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         start_topic_id: str | None = None,
         replayed_below: int = 0,
         consumer: PartitionConsumer | None = None,
-        gate_demand: GateDemand | None = None,
+        demand: ProbeDemand | None = None,
     ) -> None:
-        self._gate_demand = gate_demand
+        self._demand = demand
         self._read_since_marker = False  # messages read since the last caught-up marker
         self._consumer: PartitionConsumer = (
             consumer
@@ -555,8 +541,6 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             self._behind_since = None
         elif now >= self._beyond_check_at:
             self._check_beyond_end(now)
-        if out and not self._report and self._gate_demand is not None:
-            self._gate_demand.note()
         if out:
             self._read_since_marker = True
         if self._report and not out:
@@ -565,7 +549,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 out.append(CaughtUp(self._source, self._probe_at, end, self._topic_id))
                 self._read_since_marker = False
                 self._last_eof_at = now
-            elif now - max(self._last_eof_at, self._probe_at) >= self._probe_every(now):
+            elif self._probe_due(now):
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
                 # while data flows, as a seek drops what the client had prefetched.
                 self._probe_at = now
@@ -578,13 +562,28 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         self._empty_looks = 0 if read else self._empty_looks + 1
         return out
 
-    def _probe_every(self, now: float) -> float:
-        """Seconds between probes of this idle partition (see `GateDemand`).
+    def _probe_due(self, now: float) -> bool:
+        """Whether an idle reader probes now: at a shard's ask, else after the interval.
+
+        Never again while a probe is unanswered (a seek restarts the fetch, so asks coming
+        faster than the answer would keep the end from ever being reported), except after the
+        interval, as before, in case its answer was lost.
+        """
+        wanted = None if self._demand is None else self._demand.due_after(self._probe_at)
+        if wanted is not None and self._last_eof_at >= self._probe_at:
+            if now >= wanted:
+                return True
+            if wanted - now < PROBE_ANSWER_S:
+                return False  # an interval probe now would still be unanswered then
+        return now - max(self._last_eof_at, self._probe_at) >= self._probe_every()
+
+    def _probe_every(self) -> float:
+        """Seconds between interval probes of this idle partition (see `QUIET_PROBE_S`).
 
         Soon after it read something (its caught-up state changed: the shards learn its new
-        end at once), or while posts are read; else seldom.
+        end at once); else seldom when the shards of the process ask for the probes they need.
         """
-        if self._gate_demand is None or self._read_since_marker or self._gate_demand.wanted(now):
+        if self._demand is None or self._read_since_marker:
             return self._probe_interval
         return max(self._probe_interval, QUIET_PROBE_S)
 
@@ -713,9 +712,8 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     marked `replayed` (see `ReplayHorizon`): applied again, never dead-lettered again.
     `consumers`, when given, are the consumers its partitions share (`ConsumerShares`: partition
     `p` of every topic on one consumer, possibly with other sources' partitions `p`); else each
-    partition has a consumer of its own. `gate_demand`: a source of posts or requests notes
-    each read there; a changelog source (`report_caught_up`) probes its idle partitions less
-    often while none was read lately (`GateDemand`).
+    partition has a consumer of its own. `demand`: when the shards of this process want the
+    partitions probed (`ProbeDemand`); with it, idle partitions are otherwise probed seldom.
     """
 
     def __init__(
@@ -729,10 +727,10 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         replay_topics: Sequence[str] = (),
         start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
         consumers: ConsumerShares | None = None,
-        gate_demand: GateDemand | None = None,
+        demand: ProbeDemand | None = None,
     ) -> None:
         self._consumers = consumers
-        self._gate_demand = gate_demand
+        self._demand = demand
         self._config = config
         self._topics = list(topics)
         self._batch_size = batch_size
@@ -777,5 +775,5 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
             consumer=(
                 self._consumers.partition(topic, partition) if self._consumers is not None else None
             ),
-            gate_demand=self._gate_demand,
+            demand=self._demand,
         )

@@ -29,8 +29,8 @@ are both at Q, so R + W > RF within the datacenter.
       (follow changes, bulk load)                     by the next page read at Q
     followers point read before a change  Q           the count delta depends on the edge's
                                                       existence
-    follower_page, follow_flags           Q           an unfollow or mute must be honoured:
-                                                      never read only a replica that missed it
+    follower_page, follower_column,       Q           an unfollow or mute must be honoured:
+      follow_flags                                    never read only a replica that missed it
     author_stats counter UPDATE           Q           acknowledged by a majority, still only an
                                                       estimate (a retried counter write counts
                                                       twice)

@@ -23,12 +23,14 @@ from operators.adapters.stores.cassandra import (
     parse_url,
     prepare,
 )
+from operators.fanout.columns import PackedIds
 from operators.fanout.eligibility import FLAG_MUTED, FLAG_NOTIFY_ON_POST, edge_flags
 from operators.fanout.ports import FollowerRow, FollowerStore, StoreMismatch
 from operators.fanout.sharding import shard_of
 from schemas.records import FollowChange
 
 _BULK_CHUNK = 5_000  # edges per concurrent run in bulk_load
+_COLUMN_RUN = 100_000  # followers per read of a whole column (the driver pages within it)
 
 
 def _flags(row: Row) -> int:
@@ -195,6 +197,20 @@ class CassandraFollowerStore(FollowerStore):
         """`follower_id > after` in clustering order, `limit` rows."""
         rows = self._run.one(self._page, (author_id, shard_id, after or "", limit))
         return [(r["follower_id"], _flags(r)) for r in rows]
+
+    def follower_column(self, author_id: str, shard_id: int) -> PackedIds:
+        """The shard's followers in clustering order, read in long runs and packed."""
+        parts: list[PackedIds] = []
+        after = ""
+        while True:
+            rows = self._run.one(self._page, (author_id, shard_id, after, _COLUMN_RUN))
+            if rows:
+                parts.append(
+                    PackedIds.of([r["follower_id"] for r in rows], list(map(_flags, rows)))
+                )
+                after = rows[-1]["follower_id"]
+            if len(rows) < _COLUMN_RUN:
+                return PackedIds.join(parts) if parts else PackedIds.of([], [])
 
     def follower_version(self, author_id: str, shard_id: int) -> int | None:
         """The (author, shard) counter, bumped after every write to those edges."""
