@@ -32,8 +32,9 @@ from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
 from operators.adapters.kafka.probes import topic_partitions
-from operators.adapters.kafka.reader import KafkaTopicsSource
+from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource
 from operators.adapters.kafka.topic_identity import topic_id_of
+from operators.adapters.memory import release_freed_memory
 from operators.adapters.redis.post_claims import RedisPostClaims
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_follower_store
@@ -42,6 +43,7 @@ from operators.config import Settings, cassandra_credentials, load_settings
 from operators.dead_letters import Decoded, decode_or_dead_letter, one
 from operators.fanout.caps import CapRule
 from operators.fanout.checkpoint import ShardCheckpointer
+from operators.fanout.loaded import ShardsLoaded
 from operators.fanout.logic import ExpandFollowerShardLogic
 from operators.fanout.notify import TIER_READ_BATCH, NotifyShard
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
@@ -97,11 +99,13 @@ def build_fanout_flow(
     shard_states: ShardStateStore | None = None,
     notify_sources: Sequence[tuple[str, Source[Any]]] = (),
     notification_claims: Callable[[], PostClaims] | None = None,
+    on_loaded: Callable[[], object] | None = None,
     probe_demand: ProbeDemand | None = None,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes).
 
     `notify_sources` are (tier, source) pairs of the API's tier topics, one input each.
+    `on_loaded` is called once every shard the process built has caught up (`ShardsLoaded`).
     `probe_demand` is where the shards ask the changelog source (built with the same one)
     to probe when a job waits at the gate.
     """
@@ -164,6 +168,8 @@ def build_fanout_flow(
         )
     )
 
+    loaded = ShardsLoaded(on_loaded) if on_loaded is not None else None
+
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
         shard = FollowerShard(
             changelog_parts,
@@ -188,6 +194,7 @@ def build_fanout_flow(
             bulk_budget=settings.bulk_expand_budget,
             bulk_time_s=settings.bulk_expand_ms / 1000,
             checkpoints=checkpointer,
+            loaded=loaded,
             demand=probe_demand,
         )
 
@@ -219,7 +226,8 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             recovery_lineage(settings.recovery_dir("fanout")),
         )
     )
-    # This process's shards ask its changelog readers for a probe when a job waits at the gate.
+    # This process's shards ask its changelog readers for a probe when a job waits at the gate;
+    # without asks an idle changelog partition is probed about once a second (QUIET_PROBE_S).
     demand = ProbeDemand()
     shard_states = FileShardStateStore(
         settings.shard_state_dir, settings.shard_count, topic_id_of(kafka)
@@ -231,15 +239,29 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         marks=marks,
         max_batch_items=settings.dispatch_batch_size,
     )
+    # Partition p of the topics read side by side shares one consumer per worker (its
+    # librdkafka threads and idle fetch loop): posts with backfill, the three tiers, the three
+    # changelogs. Each group gets its own, so a changelog load never sits in a post's way.
+    tier_consumers = ConsumerShares.on_broker(
+        kafka, "fanfare-reader-notify", read_size=max(TIER_READ_BATCH.values())
+    )
     return build_fanout_flow(
         settings,
         # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
         # per post_id, so a replayed post that was already fanned out is dropped.
-        post_source=KafkaTopicsSource(kafka, [POST_CREATED, POST_CREATED_BACKFILL]),
+        post_source=KafkaTopicsSource(
+            kafka,
+            [POST_CREATED, POST_CREATED_BACKFILL],
+            consumers=ConsumerShares.on_broker(kafka, "fanfare-reader-posts"),
+        ),
         changelog_source=KafkaTopicsSource(
             kafka,
             CHANGELOG_TOPICS,
             report_caught_up=True,
+            # A load reads 5,000 a poll (the source's batch): the consumer reads that much too.
+            consumers=ConsumerShares.on_broker(
+                kafka, "fanfare-reader-changelogs", read_size=5_000, buffered_max=10_000
+            ),
             # Preferences and devices are checkpointed by the shards: each partition starts at
             # the oldest checkpoint's position; follow changes go to the follower store and
             # resume from the snapshot.
@@ -263,11 +285,18 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             )
         ),
         shard_states=shard_states,
+        # The load's freed memory back to the OS once this process's shards caught up.
+        on_loaded=release_freed_memory,
         probe_demand=demand,
         notify_sources=[
             (
                 tier,
-                KafkaTopicsSource(kafka, [tier_topic(tier)], batch_size=TIER_READ_BATCH[tier]),
+                KafkaTopicsSource(
+                    kafka,
+                    [tier_topic(tier)],
+                    batch_size=TIER_READ_BATCH[tier],
+                    consumers=tier_consumers,
+                ),
             )
             for tier in TIERS
         ],

@@ -93,6 +93,13 @@ CHANGELOGS_CAUGHT_UP_SHARDS = Gauge(
     "since the process started",
     multiprocess_mode="sum",
 )
+MEMORY_TRIMS = Counter(
+    "fanfare_memory_trims_total",
+    "times the process handed freed memory back to the OS (once its shards caught up)",
+)
+MEMORY_TRIMMED_BYTES = Counter(
+    "fanfare_memory_trimmed_bytes_total", "resident memory those hand-backs released"
+)
 
 # Delivery (flows/delivery.py).
 SENDS = Counter(

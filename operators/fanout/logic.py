@@ -13,6 +13,7 @@ from bytewax.operators import StatefulBatchLogic
 from operators import metrics
 from operators.events import CaughtUp
 from operators.fanout.checkpoint import ShardCheckpointer
+from operators.fanout.loaded import ShardsLoaded
 from operators.fanout.notify import CancelNotice, NotifyTally, RecipientJob
 from operators.fanout.ports import FollowerStore
 from operators.fanout.shard import (
@@ -52,10 +53,14 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         bulk_budget: int | None = None,
         bulk_time_s: float | None = None,
         checkpoints: Callable[[int], ShardCheckpointer] | None = None,
+        loaded: ShardsLoaded | None = None,
         demand: ProbeDemand | None = None,
     ) -> None:
         self.shard = shard
         self._demand = demand
+        self._loaded = loaded
+        if loaded is not None:
+            loaded.shard_built()
         self._store = store
         self._budget = expand_budget
         self._bulk_budget = bulk_budget
@@ -164,6 +169,8 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
             self._caught_up = True
             self.shard.users.compact()  # after the load: see UserTable.compact
             metrics.CHANGELOGS_CAUGHT_UP_SHARDS.inc()
+            if self._loaded is not None:
+                self._loaded.shard_caught_up()
             log.info(
                 "shard %s: changelogs caught up %.2f s after it was built",
                 self._shard_id,

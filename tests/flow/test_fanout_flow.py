@@ -135,6 +135,7 @@ def build(
     out: list[Any],
     dead: list[Any],
     clock: Callable[[], datetime] = lambda: NOON,
+    on_loaded: Callable[[], object] | None = None,
 ) -> Any:
     settings = Settings(shard_count=4, dispatch_batch_size=2, follower_page_size=3, expand_budget=5)
     store = InMemoryFollowerStore(4)
@@ -150,6 +151,7 @@ def build(
         store=lambda: store,
         claims=lambda: claims,
         clock=clock,
+        on_loaded=on_loaded,
     )
 
 
@@ -197,6 +199,22 @@ def test_post_overtaking_its_followers_changelog_waits_for_catch_up() -> None:
     out: list[Any] = []
     run_main(build(changes, posts, out, []))
     assert items(out) == [("p1", "bob", "bob-phone")]
+
+
+def test_the_process_hears_once_when_all_its_shards_have_caught_up() -> None:
+    # Its freed memory goes back to the OS then (flows/fanout.py's get_flow).
+    e = Events()
+    calls: list[int] = []
+    changes: list[Any] = [
+        e("follow_changes", follow("alice", "bob")),
+        *[CaughtUp(p, 1e12) for p in PARTS[:-1]],
+        TestingSource.PAUSE(__import__("datetime").timedelta(milliseconds=100)),
+        *[CaughtUp(p, 1e12) for p in PARTS[-1:]],
+        *[CaughtUp(p, 2e12) for p in PARTS],  # later markers change nothing
+    ]
+    out: list[Any] = []
+    run_main(build(changes, [], out, [], on_loaded=lambda: calls.append(len(calls))))
+    assert calls == [0]
 
 
 class BrokenFollowerStore(InMemoryFollowerStore):

@@ -34,7 +34,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
 
 from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
-from operators.adapters.kafka.reader import SharedConsumer, TopicPartitionReader
+from operators.adapters.kafka.reader import SharedConsumer, TopicPartitionReader, idle_backoff
 from operators.adapters.kafka.topic_identity import shared_topic_ids
 from operators.delivery.model import SendRequest
 from operators.delivery.pipeline import DeliveryPump, LaneProgress, LaneState, Ranges
@@ -101,8 +101,7 @@ MAX_OPEN_MESSAGES = 2_000
 
 def idle_wait(empty_looks: int) -> timedelta:
     """The wait before the next look after `empty_looks` empty ones in a row (at least one)."""
-    doublings = min(max(empty_looks, 1) - 1, 8)
-    return min(IDLE_POLL * (1 << doublings), IDLE_POLL_MAX)
+    return idle_backoff(empty_looks, IDLE_POLL, IDLE_POLL_MAX)
 
 
 class MessageReader(Protocol):

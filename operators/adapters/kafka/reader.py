@@ -8,7 +8,9 @@ The source can report when a changelog partition has been read to its true end (
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,15 +38,37 @@ log = logging.getLogger(__name__)
 
 
 IDLE_POLL_S = 0.01
-"""Seconds between two polls of a partition that had nothing (see `next_awake`)."""
+"""Seconds before the next poll of a partition that just had nothing (see `next_awake`)."""
 _IDLE_POLL = timedelta(seconds=IDLE_POLL_S)
+IDLE_POLL_MAX_S = 0.04
+"""The longest wait between two polls of a partition that keeps having nothing: a message on
+a long-idle partition waits at most this long for its read, while an idle fan-out's three dozen
+partitions poll 25 times a second each instead of 100."""
+_IDLE_POLL_MAX = timedelta(seconds=IDLE_POLL_MAX_S)
+
+
+def idle_backoff(empty_looks: int, first: timedelta, most: timedelta) -> timedelta:
+    """The wait after `empty_looks` empty polls in a row: `first`, doubling, at most `most`.
+
+    Shared by the sources' partitions (`TopicPartitionReader`, the delivery lanes): Bytewax
+    polls a partition again 1 ms after an empty batch unless told to wait.
+    """
+    doublings = min(max(empty_looks, 1) - 1, 16)
+    return min(first * (1 << doublings), most)
+
 
 FETCH_WAIT_MS = 50
-"""How long the broker may hold a fetch of a partition at its end. Every partition has its
-own consumer, so an idle flow's fetch rate is partitions / this: at 20 ms, two dozen idle
-partitions cost the flow a fifth of a core (and the broker as much); a caught-up marker
+"""How long the broker may hold a fetch of a partition at its end. An idle flow's fetch rate is
+its consumers / this (`SharedConsumer`: partitions may share one): at 20 ms, two dozen idle
+consumers cost the flow a fifth of a core (and the broker as much); a caught-up marker
 comes at most this much later than the probe that asked for it, and a probe must wait longer
 than this (a seek restarts the fetch: probing faster, the end is never reported)."""
+
+QUIET_PROBE_S = 1.0
+"""Seconds between two interval probes of an idle changelog partition whose process's shards
+ask for the probes they need (`ProbeDemand`): each probe's caught-up marker goes to every
+follower shard, so ten a second per partition made most of an idle fan-out's work. The interval
+probes remain for the shards of other processes, whose gates may wait up to this long."""
 
 PROBE_ANSWER_S = 2 * FETCH_WAIT_MS / 1000
 """About how long a probe takes to be answered by an end-of-partition event (measured ~0.1 s:
@@ -124,6 +148,11 @@ class SharedConsumer:
         self._buffers: dict[tuple[str, int], deque[Message]] = {}
         self._paused: set[tuple[str, int]] = set()
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether its last partition's reader left (the consumer is closed)."""
+        return self._closed
 
     @classmethod
     def connect(
@@ -237,6 +266,58 @@ class SharedConsumer:
         elif not self._closed:
             with contextlib.suppress(KafkaException):
                 self._consumer.incremental_unassign([TopicPartition(*key)])
+
+
+class ConsumerShares:
+    """Per process: one `SharedConsumer` for the partitions with the same index, per worker.
+
+    The fan-out's topics that are read side by side have the same partition count (posts and
+    their backfill lane; the three API tier topics; the three changelogs), so partition `p` of
+    each is read by one consumer instead of one each: a consumer costs librdkafka threads, a
+    broker connection and an idle fetch loop (see `SharedConsumer`). Every partition keeps its
+    own reader, snapshot and caught-up reports; only the consumer under them is shared. Keyed
+    by the building thread too: a Bytewax worker builds and polls its partitions on its own
+    thread, and a `SharedConsumer` is not thread-safe.
+    """
+
+    def __init__(self, connect: Callable[[], SharedConsumer]) -> None:
+        self._connect = connect
+        self._consumers: dict[tuple[int, int], SharedConsumer] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def on_broker(
+        cls,
+        config: KafkaConfig,
+        group: str,
+        *,
+        read_size: int = 500,
+        buffered_max: int = 2_000,
+    ) -> ConsumerShares:
+        """Shares whose consumers connect to the broker when a partition is first built."""
+        return cls(
+            functools.partial(
+                SharedConsumer.connect,
+                config,
+                group,
+                read_size=read_size,
+                buffered_max=buffered_max,
+            )
+        )
+
+    def partition(self, topic: str, partition: int) -> PartitionConsumer:
+        """The consumer of this worker's partitions with index `partition`, as `topic`'s."""
+        key = (threading.get_ident(), partition)
+        with self._lock:
+            shared = self._consumers.get(key)
+            if shared is None or shared.closed:
+                shared = self._consumers[key] = self._connect()
+            return shared.partition(topic, partition)
+
+    def consumers(self) -> int:
+        """Consumers open now (all workers of the process)."""
+        with self._lock:
+            return sum(1 for c in self._consumers.values() if not c.closed)
 
 
 class _SharedPartition:
@@ -377,6 +458,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         demand: ProbeDemand | None = None,
     ) -> None:
         self._demand = demand
+        self._read_since_marker = False  # messages read since the last caught-up marker
         self._consumer: PartitionConsumer = (
             consumer
             if consumer is not None
@@ -402,7 +484,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         self._behind_since: float | None = None
         self._beyond_check_at = 0.0
         self.rewinds = 0  # times the reader went back to the beginning of a new log
-        self._idle = False
+        self._empty_looks = 0  # polls in a row that read no message
         self._topic_ids = topic_ids
         # The id of the log `_position` points into: from the snapshot, else the first seen.
         # A snapshot's id that differs from the topic's now means the log it counted in is
@@ -459,10 +541,13 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             self._behind_since = None
         elif now >= self._beyond_check_at:
             self._check_beyond_end(now)
+        if out:
+            self._read_since_marker = True
         if self._report and not out:
             if at_end:
                 end = self._position if self._position >= 0 else None
                 out.append(CaughtUp(self._source, self._probe_at, end, self._topic_id))
+                self._read_since_marker = False
                 self._last_eof_at = now
             elif self._probe_due(now):
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
@@ -471,7 +556,10 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
         if now >= self._lag_at:
             self._sample_lag(now, at_end)
-        self._idle = not out and not msgs
+        # Activity is a message read: an end-of-partition event or a caught-up marker from an
+        # idle partition's probe does not reset its backoff.
+        read = any(m.error() is None for m in msgs)
+        self._empty_looks = 0 if read else self._empty_looks + 1
         return out
 
     def _probe_due(self, now: float) -> bool:
@@ -487,7 +575,17 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 return True
             if wanted - now < PROBE_ANSWER_S:
                 return False  # an interval probe now would still be unanswered then
-        return now - max(self._last_eof_at, self._probe_at) >= self._probe_interval
+        return now - max(self._last_eof_at, self._probe_at) >= self._probe_every()
+
+    def _probe_every(self) -> float:
+        """Seconds between interval probes of this idle partition (see `QUIET_PROBE_S`).
+
+        Soon after it read something (its caught-up state changed: the shards learn its new
+        end at once); else seldom when the shards of the process ask for the probes they need.
+        """
+        if self._demand is None or self._read_since_marker:
+            return self._probe_interval
+        return max(self._probe_interval, QUIET_PROBE_S)
 
     def _topic_recreated(self) -> bool:
         """Rewind to the beginning if the topic's id changed (see `topic_identity`).
@@ -572,13 +670,14 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             self._lag.set(max(0, high - (self._position if self._position >= 0 else low)))
 
     def next_awake(self) -> datetime | None:
-        """Poll again at once after messages; an idle partition only every `IDLE_POLL_S`.
+        """Poll again at once after messages; an idle partition after `IDLE_POLL_S`, doubling.
 
         Bytewax polls a source again 1 ms after an empty batch: with a few dozen idle
-        partitions that alone kept a good part of a core busy, which a busy fan-out needs.
+        partitions that alone kept a good part of a core busy, which a busy fan-out needs. The
+        wait doubles with each empty poll up to `IDLE_POLL_MAX_S`; a message read resets it.
         """
-        if self._idle:
-            return datetime.now(UTC) + _IDLE_POLL
+        if self._empty_looks:
+            return datetime.now(UTC) + idle_backoff(self._empty_looks, _IDLE_POLL, _IDLE_POLL_MAX)
         return None
 
     def offset(self) -> int:
@@ -611,7 +710,10 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     checkpoints hold (`operators.adapters.stores.shard_state.FileShardStateStore.floor`).
     Either way, what lies below the snapshot's offset was read by an earlier execution and is
     marked `replayed` (see `ReplayHorizon`): applied again, never dead-lettered again.
-    `demand`: when the shards of this process want the partitions probed (`ProbeDemand`).
+    `consumers`, when given, are the consumers its partitions share (`ConsumerShares`: partition
+    `p` of every topic on one consumer, possibly with other sources' partitions `p`); else each
+    partition has a consumer of its own. `demand`: when the shards of this process want the
+    partitions probed (`ProbeDemand`); with it, idle partitions are otherwise probed seldom.
     """
 
     def __init__(
@@ -624,8 +726,10 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         probe_interval_s: float = 0.1,
         replay_topics: Sequence[str] = (),
         start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
+        consumers: ConsumerShares | None = None,
         demand: ProbeDemand | None = None,
     ) -> None:
+        self._consumers = consumers
         self._demand = demand
         self._config = config
         self._topics = list(topics)
@@ -668,5 +772,8 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
             topic_ids=shared_topic_ids(self._config),
             start_topic_id=topic_id,
             replayed_below=replayed_below,
+            consumer=(
+                self._consumers.partition(topic, partition) if self._consumers is not None else None
+            ),
             demand=self._demand,
         )
