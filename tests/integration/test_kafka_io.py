@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -329,3 +330,64 @@ def test_the_dead_letter_and_delivery_event_sinks_write_each_record_once(
     resumed.close()
     ids = written()
     assert len(ids) == len(set(ids)) == 12
+
+
+class GatedMarks(DictMarks):
+    """Start marks whose `mark` waits until the test opens the gate (a slow Redis or broker)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.error = error
+
+    def mark(self, part: str, offset: int) -> int:
+        if not self.gate.wait(20):
+            raise TimeoutError("the test never opened the gate")
+        if self.error is not None:
+            raise self.error
+        return super().mark(part, offset)
+
+
+def test_a_writer_is_built_without_waiting_for_its_start_mark(stack: Stack) -> None:
+    # Bytewax builds writers on the worker thread: a constructor that waited for the mark
+    # stalled every input of the worker (0.6 s per delivery_events partition, one after another).
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks()
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    marks.gate.set()
+    first = sink.build_part("out", part_name, None)
+    first.write_batch([delivery_event(i) for i in range(5)])
+    first.close()  # crash before its first snapshot: the five are on the partition
+    assert end_offset(kafka, topic, int(p)) == before + 5
+    marks.gate.clear()
+    again = sink.build_part("out", part_name, None)  # returns while the mark is still held up
+    again.write_batch([delivery_event(i) for i in range(8)])  # the replay of 0..4, then 5..7
+    assert not marks.gate.is_set()
+    assert end_offset(kafka, topic, int(p)) == before + 5  # nothing produced before the mark
+    marks.gate.set()
+    again.snapshot()
+    again.close()
+    got = read_partition_to_end(kafka, topic, int(p), before)
+    ids = [orjson.loads(v or b"{}")["notification_id"] for _, v in got]
+    assert ids == [f"n{i}" for i in range(8)]  # the held replay was checked against the read-back
+
+
+def test_a_failed_start_mark_raises_at_the_next_snapshot_and_write(stack: Stack) -> None:
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks(error=RuntimeError("redis down"))
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    part = sink.build_part("out", part_name, None)
+    part.write_batch([delivery_event(100)])  # held: the mark has not been tried yet
+    marks.gate.set()
+    with pytest.raises(RuntimeError, match="redis down"):
+        part.snapshot()
+    with pytest.raises(RuntimeError, match="redis down"):
+        part.write_batch([delivery_event(101)])
+    part.close()
+    assert end_offset(kafka, topic, int(p)) == before  # nothing written without a mark
