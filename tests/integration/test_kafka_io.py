@@ -375,6 +375,30 @@ def test_a_writer_is_built_without_waiting_for_its_start_mark(stack: Stack) -> N
     assert ids == [f"n{i}" for i in range(8)]  # the held replay was checked against the read-back
 
 
+def test_held_values_are_written_once_the_start_mark_lands_without_another_write(
+    stack: Stack,
+) -> None:
+    # A small post's only batch to a partition must not wait for the epoch's snapshot.
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks()
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    part = sink.build_part("out", part_name, None)
+    part.write_batch([delivery_event(200), delivery_event(201)])
+    assert end_offset(kafka, topic, int(p)) == before
+    marks.gate.set()
+    deadline = time.monotonic() + 10
+    while end_offset(kafka, topic, int(p)) < before + 2:
+        assert time.monotonic() < deadline, "the held values were not written"
+        time.sleep(0.05)
+    part.snapshot()
+    part.close()
+    got = read_partition_to_end(kafka, topic, int(p), before)
+    assert [orjson.loads(v or b"{}")["notification_id"] for _, v in got] == ["n200", "n201"]
+
+
 def test_a_failed_start_mark_raises_at_the_next_snapshot_and_write(stack: Stack) -> None:
     kafka = stack.settings.kafka_config()
     marks = GatedMarks(error=RuntimeError("redis down"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -123,6 +124,9 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         self._end_probe: concurrent.futures.Future[int] | None = None
         self._read_back: concurrent.futures.Future[_ReadBack] | None = None
         self._held: list[V] = []  # values written before the read-back was loaded
+        # The worker and the read-back's completion both write: one at a time.
+        self._lock = threading.Lock()
+        self._failure: BaseException | None = None  # of writing held values off the worker
         self._part = f"{topic}/{partition}"
         self._next = self._replay_from = -1
         if resume is None and marks is None:
@@ -138,6 +142,7 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
             self._read_back = _START_PROBES.submit(
                 self._load_read_back, config, resume, marks, time.monotonic()
             )
+            self._read_back.add_done_callback(self._write_held)
 
     def _load_read_back(
         self,
@@ -235,18 +240,49 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         else:
             self._last_offset = max(self._last_offset, msg.offset())
 
+    def _write_held(self, future: concurrent.futures.Future[_ReadBack]) -> None:
+        """When the read-back is loaded: produce the held values at once (on the probe's thread).
+
+        Without this, a partition's first values (a small post's only batch) would wait for
+        its next write or the epoch's snapshot. A probe error is left to the worker (it raises
+        at the next write or snapshot); if the worker is in this writer, it loads it itself.
+        """
+        if future.cancelled() or future.exception() is not None:
+            return
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._ready(wait=False)
+        except Exception as e:  # raised on the worker at its next write or snapshot
+            self._failure = e
+        finally:
+            self._lock.release()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"writing {self._part}'s held values failed") from self._failure
+
     def write_batch(self, values: list[V]) -> None:
         """Produce each value (minus replayed parts) to this partition.
 
         Before the read-back is loaded, values are held, not produced (they must first be
         checked against it), and the worker goes on: Bytewax calls this right after building
-        the writer, so waiting here would only move the stall. Held values go out at the next
-        write after the read-back is loaded, or at the snapshot, which waits for it.
+        the writer, so waiting here would only move the stall (the sink's next writer is built
+        after this returns). Held values go out as soon as the read-back is loaded
+        (`_write_held`), or at the snapshot, which waits for it.
         """
-        if not self._ready(wait=False):
+        with self._lock:
+            self._raise_failure()
+            if self._ready(wait=False):
+                self._write(values)
+                return
             self._held.extend(values)
-            return
-        self._write(values)
+        future = self._read_back
+        if future is not None and future.done():
+            # It finished while we held the lock, so its callback left the held values to us.
+            with self._lock:
+                self._raise_failure()
+                self._ready(wait=False)
 
     def _write(self, values: list[V]) -> None:
         for value in self._coalesce(values):
@@ -278,7 +314,12 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
 
     def snapshot(self) -> ChannelSinkState:
         """Make every write durable, then record where the partition ends."""
-        self._ready(wait=True)  # a snapshot before the start mark would not cover a replay
+        with self._lock:
+            self._raise_failure()
+            self._ready(wait=True)  # a snapshot before the start mark would not cover a replay
+            return self._snapshot()
+
+    def _snapshot(self) -> ChannelSinkState:
         remaining = self._producer.flush(60)
         if remaining or self._errors:
             raise RuntimeError(
@@ -301,12 +342,15 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
 
     def close(self) -> None:
         """Flush what is queued, held values included once the read-back is loaded."""
-        try:
-            self._ready(wait=True)
-        except Exception:
-            # No snapshot covers the held values, so a restart replays them: not lost.
-            log.exception("%s: closing without writing %d held values", self._part, len(self._held))
-        self._producer.flush(30)
+        with self._lock:
+            try:
+                self._ready(wait=True)
+            except Exception:
+                # No snapshot covers the held values, so a restart replays them: not lost.
+                log.exception(
+                    "%s: closing without writing %d held values", self._part, len(self._held)
+                )
+            self._producer.flush(30)
 
 
 class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V]):
