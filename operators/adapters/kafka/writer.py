@@ -58,9 +58,11 @@ class WriterStartMarks(Protocol):
 
 
 _END_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-probe")
-# Start marks and read-backs: one per partition a worker writes, run side by side.
+# Start marks and read-backs: one per partition a worker writes, run side by side. They mostly
+# wait for the broker and Redis, and a fan-out writes dozens of channel partitions, so more
+# threads than cores: each queued one holds its writer's values and, at worst, its snapshot.
 _START_PROBES = concurrent.futures.ThreadPoolExecutor(
-    max_workers=4, thread_name_prefix="writer-start"
+    max_workers=16, thread_name_prefix="writer-start"
 )
 
 
