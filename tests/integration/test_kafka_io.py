@@ -399,6 +399,39 @@ def test_held_values_are_written_once_the_start_mark_lands_without_another_write
     assert [orjson.loads(v or b"{}")["notification_id"] for _, v in got] == ["n200", "n201"]
 
 
+def test_a_writer_holding_more_than_its_limit_waits_for_the_start_mark(stack: Stack) -> None:
+    # Held values are bounded: past the limit the write waits, as every write did before.
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks()
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    part = sink.build_part("out", part_name, None)
+    part.held_limit = 2
+    part.write_batch([delivery_event(300), delivery_event(301)])  # held: within the limit
+    returned = threading.Event()
+
+    def write_past_the_limit() -> None:
+        part.write_batch([delivery_event(302)])
+        returned.set()
+
+    writer = threading.Thread(target=write_past_the_limit)
+    writer.start()
+    assert not returned.wait(0.5)  # still waiting: the mark has not landed
+    marks.gate.set()
+    writer.join(20)
+    assert returned.is_set()
+    part.snapshot()
+    part.close()
+    got = read_partition_to_end(kafka, topic, int(p), before)
+    assert [orjson.loads(v or b"{}")["notification_id"] for _, v in got] == [
+        "n300",
+        "n301",
+        "n302",
+    ]
+
+
 def test_a_failed_start_mark_raises_at_the_next_snapshot_and_write(stack: Stack) -> None:
     kafka = stack.settings.kafka_config()
     marks = GatedMarks(error=RuntimeError("redis down"))

@@ -96,6 +96,11 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
     writer holds its values and produces nothing (see `write_batch`).
     """
 
+    # Beyond this many held values a write waits for the read-back: memory stays bounded, and
+    # a writer that busy (a fan-out's first post) is paced as before instead of released in
+    # one burst. The delivery flow's writers held 58-207 each in the measured runs.
+    held_limit = 1_000
+
     def __init__(
         self,
         config: KafkaConfig,
@@ -271,11 +276,11 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         checked against it), and the worker goes on: Bytewax calls this right after building
         the writer, so waiting here would only move the stall (the sink's next writer is built
         after this returns). Held values go out as soon as the read-back is loaded
-        (`_write_held`), or at the snapshot, which waits for it.
+        (`_write_held`), or at the snapshot, which waits for it; past `held_limit`, this waits.
         """
         with self._lock:
             self._raise_failure()
-            if self._ready(wait=False):
+            if self._ready(wait=len(self._held) + len(values) > self.held_limit):
                 self._write(values)
                 return
             self._held.extend(values)
