@@ -95,8 +95,14 @@ class Scale:
 SMALL = Scale(
     name="small",
     crash_followers=50_000,
-    # Small pages and budget slow the fan-out so the kill lands in the middle of it.
-    crash_fanout_env={"FANFARE_EXPAND_BUDGET": "10", "FANFARE_FOLLOWER_PAGE_SIZE": "10"},
+    # Small pages and budgets slow the fan-out so the kill lands in the middle of it (the
+    # celebrity post's bulk expansion has its own budget: without it, 50,000 are written in
+    # well under a second, too quick to land a kill in).
+    crash_fanout_env={
+        "FANFARE_EXPAND_BUDGET": "10",
+        "FANFARE_BULK_EXPAND_BUDGET": "10",
+        "FANFARE_FOLLOWER_PAGE_SIZE": "10",
+    },
     delivery_items=8_000,
     cluster_users=3_000,
     fault_s=5.0,

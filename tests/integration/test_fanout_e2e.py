@@ -193,8 +193,13 @@ def test_restart_mid_fanout_resumes_without_duplicates(stack: Stack) -> None:
         [(f, device(f, f + "-d", "apns" if i % 2 else "fcm")) for i, f in enumerate(followers)],
     )
     publish(stack, "post_created", [("celeb", post("big", "celeb"))])
-    # Small pages and budget slow the fan-out so that snapshots land in the middle of it.
-    slow = ("FANFARE_EXPAND_BUDGET", "10"), ("FANFARE_FOLLOWER_PAGE_SIZE", "10")
+    # Small pages and budgets slow the fan-out so that snapshots land in the middle of it (the
+    # celebrity post's bulk expansion has its own budget).
+    slow = (
+        ("FANFARE_EXPAND_BUDGET", "10"),
+        ("FANFARE_BULK_EXPAND_BUDGET", "10"),
+        ("FANFARE_FOLLOWER_PAGE_SIZE", "10"),
+    )
     watcher = stack.watch(CHANNEL_TOPICS)
     first = stack.start_flow(*slow)
     wait_for(lambda: watcher.poll() >= 20_000, 120, "the first pushes", stack, 0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -350,3 +351,121 @@ def test_the_dead_letter_and_delivery_event_sinks_write_each_record_once(
     resumed.close()
     ids = written()
     assert len(ids) == len(set(ids)) == 12
+
+
+class GatedMarks(DictMarks):
+    """Start marks whose `mark` waits until the test opens the gate (a slow Redis or broker)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.error = error
+
+    def mark(self, part: str, offset: int) -> int:
+        if not self.gate.wait(20):
+            raise TimeoutError("the test never opened the gate")
+        if self.error is not None:
+            raise self.error
+        return super().mark(part, offset)
+
+
+def test_a_writer_is_built_without_waiting_for_its_start_mark(stack: Stack) -> None:
+    # Bytewax builds writers on the worker thread: a constructor that waited for the mark
+    # stalled every input of the worker (0.6 s per delivery_events partition, one after another).
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks()
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    marks.gate.set()
+    first = sink.build_part("out", part_name, None)
+    first.write_batch([delivery_event(i) for i in range(5)])
+    first.close()  # crash before its first snapshot: the five are on the partition
+    assert end_offset(kafka, topic, int(p)) == before + 5
+    marks.gate.clear()
+    again = sink.build_part("out", part_name, None)  # returns while the mark is still held up
+    again.write_batch([delivery_event(i) for i in range(8)])  # the replay of 0..4, then 5..7
+    assert not marks.gate.is_set()
+    assert end_offset(kafka, topic, int(p)) == before + 5  # nothing produced before the mark
+    marks.gate.set()
+    again.snapshot()
+    again.close()
+    got = read_partition_to_end(kafka, topic, int(p), before)
+    ids = [orjson.loads(v or b"{}")["notification_id"] for _, v in got]
+    assert ids == [f"n{i}" for i in range(8)]  # the held replay was checked against the read-back
+
+
+def test_held_values_are_written_once_the_start_mark_lands_without_another_write(
+    stack: Stack,
+) -> None:
+    # A small post's only batch to a partition must not wait for the epoch's snapshot.
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks()
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    part = sink.build_part("out", part_name, None)
+    part.write_batch([delivery_event(200), delivery_event(201)])
+    assert end_offset(kafka, topic, int(p)) == before
+    marks.gate.set()
+    deadline = time.monotonic() + 10
+    while end_offset(kafka, topic, int(p)) < before + 2:
+        assert time.monotonic() < deadline, "the held values were not written"
+        time.sleep(0.05)
+    part.snapshot()
+    part.close()
+    got = read_partition_to_end(kafka, topic, int(p), before)
+    assert [orjson.loads(v or b"{}")["notification_id"] for _, v in got] == ["n200", "n201"]
+
+
+def test_a_writer_holding_more_than_its_limit_waits_for_the_start_mark(stack: Stack) -> None:
+    # Held values are bounded: past the limit the write waits, as every write did before.
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks()
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    part = sink.build_part("out", part_name, None)
+    part.held_limit = 2
+    part.write_batch([delivery_event(300), delivery_event(301)])  # held: within the limit
+    returned = threading.Event()
+
+    def write_past_the_limit() -> None:
+        part.write_batch([delivery_event(302)])
+        returned.set()
+
+    writer = threading.Thread(target=write_past_the_limit)
+    writer.start()
+    assert not returned.wait(0.5)  # still waiting: the mark has not landed
+    marks.gate.set()
+    writer.join(20)
+    assert returned.is_set()
+    part.snapshot()
+    part.close()
+    got = read_partition_to_end(kafka, topic, int(p), before)
+    assert [orjson.loads(v or b"{}")["notification_id"] for _, v in got] == [
+        "n300",
+        "n301",
+        "n302",
+    ]
+
+
+def test_a_failed_start_mark_raises_at_the_next_snapshot_and_write(stack: Stack) -> None:
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks(error=RuntimeError("redis down"))
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    part_name = sink.route_key(delivery_event(0))
+    topic, p = part_name.rsplit("/", 1)
+    before = end_offset(kafka, topic, int(p))
+    part = sink.build_part("out", part_name, None)
+    part.write_batch([delivery_event(100)])  # held: the mark has not been tried yet
+    marks.gate.set()
+    with pytest.raises(RuntimeError, match="redis down"):
+        part.snapshot()
+    with pytest.raises(RuntimeError, match="redis down"):
+        part.write_batch([delivery_event(101)])
+    part.close()
+    assert end_offset(kafka, topic, int(p)) == before  # nothing written without a mark

@@ -103,8 +103,13 @@ def test_killed_member_restarts_cluster_and_output_set_is_unchanged(stack: Stack
         [(f, device(f, f + "-d", "apns" if i % 2 else "fcm")) for i, f in enumerate(followers)],
     )
     publish(stack, "post_created", [("celeb", post("big", "celeb"))])
-    # Small pages and budget slow the fan-out so that the kill lands in the middle of it.
-    slow = {"FANFARE_EXPAND_BUDGET": "10", "FANFARE_FOLLOWER_PAGE_SIZE": "10"}
+    # Small pages and budgets slow the fan-out so that the kill lands in the middle of it (the
+    # celebrity post's bulk expansion has its own budget).
+    slow = {
+        "FANFARE_EXPAND_BUDGET": "10",
+        "FANFARE_BULK_EXPAND_BUDGET": "10",
+        "FANFARE_FOLLOWER_PAGE_SIZE": "10",
+    }
     watcher = stack.watch(CHANNEL_TOPICS)
     run = Run(stack, "fanout", "--processes", "2", env=slow)
     wait_for(lambda: len(run.pids()) == 2, 60, "two members", stack)

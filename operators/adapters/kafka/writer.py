@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 from zlib import crc32
@@ -56,6 +58,27 @@ class WriterStartMarks(Protocol):
 
 
 _END_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-probe")
+# Start marks and read-backs: one per partition a worker writes, run side by side. They mostly
+# wait for the broker and Redis, and a fan-out writes dozens of channel partitions, so more
+# threads than cores: each queued one holds its writer's values and, at worst, its snapshot.
+_START_PROBES = concurrent.futures.ThreadPoolExecutor(
+    max_workers=16, thread_name_prefix="writer-start"
+)
+
+
+class _ReadBack:
+    """Where a writer resumes and the identities it already wrote there (probed off-thread)."""
+
+    __slots__ = ("foreign", "next", "replay_from", "seen", "took_s")
+
+    def __init__(
+        self, next_: int, replay_from: int, seen: set[Hashable], foreign: int, took_s: float
+    ) -> None:
+        self.next = next_
+        self.replay_from = replay_from
+        self.seen = seen
+        self.foreign = foreign
+        self.took_s = took_s
 
 
 class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Generic[V]):
@@ -68,7 +91,15 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
     row pass with none of them seen (the count starts again at each one seen: a replay slower
     than the original, on a loaded machine or behind a long catch-up, is still deduped).
     Subclasses say what identifies a message and how to encode one.
+
+    The start mark and the read-back run beside the worker thread: until they are done, the
+    writer holds its values and produces nothing (see `write_batch`).
     """
+
+    # Beyond this many held values a write waits for the read-back, as every first write did
+    # before: memory stays bounded while a mark waits (for Redis, up to a minute). The delivery
+    # flow's writers held 58-207 each in the measured runs.
+    held_limit = 1_000
 
     def __init__(
         self,
@@ -98,8 +129,39 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         self._replay_window = replay_window_epochs
         self._epochs_left = 0
         self._end_probe: concurrent.futures.Future[int] | None = None
+        self._read_back: concurrent.futures.Future[_ReadBack] | None = None
+        self._held: list[V] = []  # values written before the read-back was loaded
+        # The worker and the read-back's completion both write: one at a time.
+        self._lock = threading.Lock()
+        self._failure: BaseException | None = None  # of writing held values off the worker
         self._part = f"{topic}/{partition}"
-        if resume is None and marks is not None:
+        self._next = self._replay_from = -1
+        if resume is None and marks is None:
+            # Bytewax builds a writer when its first batch arrives: finding the partition's end
+            # takes ~0.6 s, so do it beside the worker; only a snapshot before our first write
+            # needs the answer.
+            self._end_probe = _END_PROBES.submit(end_offset, config, topic, partition)
+        else:
+            # Bytewax builds a sink's writers one after another on the worker thread, as their
+            # first batches arrive: the mark (~0.6 s to ask the broker) and the read-back in
+            # the constructor stalled every input of the worker for their sum (2.4 s for four
+            # delivery_events partitions). Here they run side by side, off the worker.
+            self._read_back = _START_PROBES.submit(
+                self._load_read_back, config, resume, marks, time.monotonic()
+            )
+            self._read_back.add_done_callback(self._write_held)
+
+    def _load_read_back(
+        self,
+        config: KafkaConfig,
+        resume: ChannelSinkState | None,
+        marks: WriterStartMarks | None,
+        submitted: float,
+    ) -> _ReadBack:
+        """Runs on a start-probe thread: touches no state of the writer, returns it instead."""
+        topic, partition = self._topic, self._partition
+        if resume is None:
+            assert marks is not None
             # No durable snapshot covers this writer, so Bytewax replays from before its first
             # write: read back from where the lineage's first writer here began (a mark left
             # by an earlier execution is older and wins; a watermark may trail the end, which
@@ -109,42 +171,56 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
                 "%s: no snapshot; reading back from offset %d (start mark)", self._part, start
             )
             resume = (start, start)
-        if resume is None:
-            # Bytewax builds a writer when its first batch arrives: finding the partition's end
-            # takes ~0.6 s, so do it beside the worker; only a snapshot before our first write
-            # needs the answer.
-            self._end_probe = _END_PROBES.submit(end_offset, config, topic, partition)
-            self._next = self._replay_from = -1
+        next_, replay_from = resume
+        seen: set[Hashable] = set()
+        foreign = 0
+        for _, value in read_partition_to_end(config, topic, partition, replay_from):
+            # The topic is also an input others write to: a message that is not in our
+            # shape is not ours, so it cannot be a replay of our writes.
+            try:
+                seen.update(self._identities(value or b""))
+            except (ValueError, LookupError, TypeError, AttributeError):
+                foreign += 1
+        return _ReadBack(next_, replay_from, seen, foreign, time.monotonic() - submitted)
+
+    def _ready(self, wait: bool) -> bool:
+        """Whether the read-back is loaded (waiting for it if `wait`); its error raises here."""
+        future = self._read_back
+        if future is None:
+            return True
+        if not wait and not future.done():
+            return False
+        got = future.result()  # the probe's error, if any, raises on the worker thread
+        self._read_back = None
+        self._next, self._replay_from, self._seen = got.next, got.replay_from, got.seen
+        if got.foreign:
+            log.warning(
+                "%s: %d messages written since the last snapshot are not in this "
+                "writer's format (malformed input from another producer): not replays of "
+                "ours; the topic's readers dead-letter them",
+                self._part,
+                got.foreign,
+            )
+        self._epochs_left = self._replay_window if self._seen else 0
+        if self._seen:
+            log.info(
+                "%s resumed: %d items written since the last snapshot will not be written again",
+                self._part,
+                len(self._seen),
+            )
         else:
-            self._next, self._replay_from = resume
-            foreign = 0
-            for _, value in read_partition_to_end(config, topic, partition, self._replay_from):
-                # The topic is also an input others write to: a message that is not in our
-                # shape is not ours, so it cannot be a replay of our writes.
-                try:
-                    self._seen.update(self._identities(value or b""))
-                except (ValueError, LookupError, TypeError, AttributeError):
-                    foreign += 1
-            if foreign:
-                log.warning(
-                    "%s/%s: %d messages written since the last snapshot are not in this "
-                    "writer's format (malformed input from another producer): not replays of "
-                    "ours; the topic's readers dead-letter them",
-                    topic,
-                    partition,
-                    foreign,
-                )
-            self._epochs_left = replay_window_epochs if self._seen else 0
-            if self._seen:
-                log.info(
-                    "%s/%s resumed: %d items written since the last snapshot will not be "
-                    "written again",
-                    topic,
-                    partition,
-                    len(self._seen),
-                )
-            if not self._seen:
-                self._replay_from = self._next
+            self._replay_from = self._next
+        log.info(
+            "%s: start mark and read-back ready %.2f s after the writer was built; "
+            "%d values were held until then",
+            self._part,
+            got.took_s,
+            len(self._held),
+        )
+        held, self._held = self._held, []
+        if held:
+            self._write(held)
+        return True
 
     def _identities(self, raw: bytes) -> Iterable[Hashable]:
         """What a message already on the partition identifies (read back on resume)."""
@@ -171,8 +247,51 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         else:
             self._last_offset = max(self._last_offset, msg.offset())
 
+    def _write_held(self, future: concurrent.futures.Future[_ReadBack]) -> None:
+        """When the read-back is loaded: produce the held values at once (on the probe's thread).
+
+        Without this, a partition's first values (a small post's only batch) would wait for
+        its next write or the epoch's snapshot. A probe error is left to the worker (it raises
+        at the next write or snapshot); if the worker is in this writer, it loads it itself.
+        """
+        if future.cancelled() or future.exception() is not None:
+            return
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._ready(wait=False)
+        except Exception as e:  # raised on the worker at its next write or snapshot
+            self._failure = e
+        finally:
+            self._lock.release()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"writing {self._part}'s held values failed") from self._failure
+
     def write_batch(self, values: list[V]) -> None:
-        """Produce each value (minus replayed parts) to this partition."""
+        """Produce each value (minus replayed parts) to this partition.
+
+        Before the read-back is loaded, values are held, not produced (they must first be
+        checked against it), and the worker goes on: Bytewax calls this right after building
+        the writer, so waiting here would only move the stall (the sink's next writer is built
+        after this returns). Held values go out as soon as the read-back is loaded
+        (`_write_held`), or at the snapshot, which waits for it; past `held_limit`, this waits.
+        """
+        with self._lock:
+            self._raise_failure()
+            if self._ready(wait=len(self._held) + len(values) > self.held_limit):
+                self._write(values)
+                return
+            self._held.extend(values)
+        future = self._read_back
+        if future is not None and future.done():
+            # It finished while we held the lock, so its callback left the held values to us.
+            with self._lock:
+                self._raise_failure()
+                self._ready(wait=False)
+
+    def _write(self, values: list[V]) -> None:
         for value in self._coalesce(values):
             if self._seen:
                 kept, dropped = self._unseen(value)
@@ -202,6 +321,12 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
 
     def snapshot(self) -> ChannelSinkState:
         """Make every write durable, then record where the partition ends."""
+        with self._lock:
+            self._raise_failure()
+            self._ready(wait=True)  # a snapshot before the start mark would not cover a replay
+            return self._snapshot()
+
+    def _snapshot(self) -> ChannelSinkState:
         remaining = self._producer.flush(60)
         if remaining or self._errors:
             raise RuntimeError(
@@ -223,8 +348,16 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         return (self._next, self._replay_from)
 
     def close(self) -> None:
-        """Flush what is queued."""
-        self._producer.flush(30)
+        """Flush what is queued, held values included once the read-back is loaded."""
+        with self._lock:
+            try:
+                self._ready(wait=True)
+            except Exception:
+                # No snapshot covers the held values, so a restart replays them: not lost.
+                log.exception(
+                    "%s: closing without writing %d held values", self._part, len(self._held)
+                )
+            self._producer.flush(30)
 
 
 class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V]):
