@@ -29,9 +29,15 @@ DOMAIN = (
     "operators.notify",
     "operators.outbox",
 )
-DOMAIN_MAY_IMPORT = ("schemas", "operators.events", "operators.metrics", "operators.worker_local")
+DOMAIN_MAY_IMPORT = (
+    "schemas",
+    "operators.events",
+    "operators.metrics",
+    "operators.worker_local",
+    "operators.probe_demand",
+)
 # What the domain may import that is not the contract itself: these import no project module.
-LEAVES = ("operators.worker_local",)
+LEAVES = ("operators.worker_local", "operators.probe_demand")
 NOT_SHIPPED = ("scripts.dev", "scripts.harness", "scripts.bench")
 # The command line is shipped but offers `fanfare dev`, `demo` and `chaos` in a source checkout.
 MAY_IMPORT_NOT_SHIPPED = ("scripts.cli",)
