@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
 from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
-from operators.adapters.kafka.probes import end_offset, read_partition_to_end
+from operators.adapters.kafka.probes import KafkaConfig, end_offset, read_partition_to_end
 from operators.adapters.kafka.reader import KafkaTopicsSource
 from operators.adapters.kafka.writer import PartitionedTopicsSink, produce_all
 from operators.events import CaughtUp, RawEvent
@@ -369,15 +370,35 @@ class GatedMarks(DictMarks):
         return super().mark(part, offset)
 
 
+@dataclass
+class GatedPartition:
+    """A delivery_events partition whose writers' start marks wait for the test's gate."""
+
+    kafka: KafkaConfig
+    marks: GatedMarks
+    sink: DeliveryEventsSink
+    name: str
+    before: int  # the partition's end when the test began
+
+    def parts(self) -> tuple[KafkaConfig, GatedMarks, DeliveryEventsSink, str, str, str, int]:
+        topic, p = self.name.rsplit("/", 1)
+        return self.kafka, self.marks, self.sink, self.name, topic, p, self.before
+
+
+def gated_partition(stack: Stack, error: Exception | None = None) -> GatedPartition:
+    kafka = stack.settings.kafka_config()
+    marks = GatedMarks(error=error)
+    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
+    name = sink.route_key(delivery_event(0))
+    topic, p = name.rsplit("/", 1)
+    return GatedPartition(kafka, marks, sink, name, end_offset(kafka, topic, int(p)))
+
+
 def test_a_writer_is_built_without_waiting_for_its_start_mark(stack: Stack) -> None:
     # Bytewax builds writers on the worker thread: a constructor that waited for the mark
     # stalled every input of the worker (0.6 s per delivery_events partition, one after another).
-    kafka = stack.settings.kafka_config()
-    marks = GatedMarks()
-    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
-    part_name = sink.route_key(delivery_event(0))
-    topic, p = part_name.rsplit("/", 1)
-    before = end_offset(kafka, topic, int(p))
+    gp = gated_partition(stack)
+    kafka, marks, sink, part_name, topic, p, before = gp.parts()
     marks.gate.set()
     first = sink.build_part("out", part_name, None)
     first.write_batch([delivery_event(i) for i in range(5)])
@@ -400,12 +421,8 @@ def test_held_values_are_written_once_the_start_mark_lands_without_another_write
     stack: Stack,
 ) -> None:
     # A small post's only batch to a partition must not wait for the epoch's snapshot.
-    kafka = stack.settings.kafka_config()
-    marks = GatedMarks()
-    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
-    part_name = sink.route_key(delivery_event(0))
-    topic, p = part_name.rsplit("/", 1)
-    before = end_offset(kafka, topic, int(p))
+    gp = gated_partition(stack)
+    kafka, marks, sink, part_name, topic, p, before = gp.parts()
     part = sink.build_part("out", part_name, None)
     part.write_batch([delivery_event(200), delivery_event(201)])
     assert end_offset(kafka, topic, int(p)) == before
@@ -422,12 +439,8 @@ def test_held_values_are_written_once_the_start_mark_lands_without_another_write
 
 def test_a_writer_holding_more_than_its_limit_waits_for_the_start_mark(stack: Stack) -> None:
     # Held values are bounded: past the limit the write waits, as every write did before.
-    kafka = stack.settings.kafka_config()
-    marks = GatedMarks()
-    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
-    part_name = sink.route_key(delivery_event(0))
-    topic, p = part_name.rsplit("/", 1)
-    before = end_offset(kafka, topic, int(p))
+    gp = gated_partition(stack)
+    kafka, marks, sink, part_name, topic, p, before = gp.parts()
     part = sink.build_part("out", part_name, None)
     part.held_limit = 2
     part.write_batch([delivery_event(300), delivery_event(301)])  # held: within the limit
@@ -454,12 +467,8 @@ def test_a_writer_holding_more_than_its_limit_waits_for_the_start_mark(stack: St
 
 
 def test_a_failed_start_mark_raises_at_the_next_snapshot_and_write(stack: Stack) -> None:
-    kafka = stack.settings.kafka_config()
-    marks = GatedMarks(error=RuntimeError("redis down"))
-    sink = DeliveryEventsSink(kafka, marks=lambda: marks)
-    part_name = sink.route_key(delivery_event(0))
-    topic, p = part_name.rsplit("/", 1)
-    before = end_offset(kafka, topic, int(p))
+    gp = gated_partition(stack, error=RuntimeError("redis down"))
+    kafka, marks, sink, part_name, topic, p, before = gp.parts()
     part = sink.build_part("out", part_name, None)
     part.write_batch([delivery_event(100)])  # held: the mark has not been tried yet
     marks.gate.set()
