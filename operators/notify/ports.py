@@ -201,6 +201,10 @@ class CampaignStore(ABC):
         """Take or renew the campaign's lease; False when another owner holds it."""
 
     @abstractmethod
+    def renew(self, campaign_id: str, owner: str, lease_s: float) -> bool:
+        """Extend the lease only if this owner still holds it; False if it lapsed meanwhile."""
+
+    @abstractmethod
     def release(self, campaign_id: str, owner: str) -> None:
         """Give the lease up (a clean stop: another scheduler may take over at once)."""
 

@@ -44,16 +44,29 @@ log = logging.getLogger(__name__)
 MARKETING_TOPIC = tier_topic("marketing")
 
 
-def written_users(publisher: Publisher, campaign_id: str, marks: dict[int, int]) -> set[str]:
-    """Users of this campaign on the marketing topic at or after the marks."""
+def written_users(
+    publisher: Publisher,
+    campaign_id: str,
+    marks: dict[int, int],
+    still_ours: Callable[[], bool] = lambda: True,
+) -> set[str] | None:
+    """Users of this campaign on the marketing topic at or after the marks.
+
+    Read a partition at a time, renewing the lease after each (`still_ours`): a read-back can
+    take longer than the lease, and a lease that lapsed meanwhile may have let another
+    scheduler settle the chunk. None when it did lapse: what was read may be out of date.
+    """
     found: set[str] = set()
-    for raw in publisher.read_since(MARKETING_TOPIC, marks):
-        try:
-            message = orjson.loads(raw or b"")
-            if message.get("campaign_id") == campaign_id:
-                found.update(message.get("recipients") or ())
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
-            continue  # another producer's malformed message: not ours
+    for partition, start in sorted(marks.items()):
+        for raw in publisher.read_since(MARKETING_TOPIC, {partition: start}):
+            try:
+                message = orjson.loads(raw or b"")
+                if message.get("campaign_id") == campaign_id:
+                    found.update(message.get("recipients") or ())
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                continue  # another producer's malformed message: not ours
+        if not still_ours():
+            return None
     return found
 
 
@@ -183,7 +196,12 @@ class CampaignScheduler:
     ) -> int:
         """A chunk was produced (maybe in part) but not committed: finish it without repeats."""
         marks = dict(pending.marks)
-        already = written_users(self._publisher, spec.campaign_id, marks)
+        already = written_users(
+            self._publisher, spec.campaign_id, marks, self._still_ours(spec.campaign_id)
+        )
+        if already is None:
+            self._lapsed(spec.campaign_id)
+            return 0
         source = self._source_for(spec.target)
         users, after = source.page(pending.cursor_before, pending.size)
         sent = 0
@@ -216,12 +234,33 @@ class CampaignScheduler:
         """Count what an interrupted chunk of a cancelled campaign wrote; nothing more is sent."""
         counted = 0
         if progress.pending is not None:
-            written = written_users(self._publisher, spec.campaign_id, dict(progress.pending.marks))
+            written = written_users(
+                self._publisher,
+                spec.campaign_id,
+                dict(progress.pending.marks),
+                self._still_ours(spec.campaign_id),
+            )
+            if written is None:
+                self._lapsed(spec.campaign_id)
+                return
             source = self._source_for(spec.target)
             users, _ = source.page(progress.pending.cursor_before, progress.pending.size)
             counted = len([u for u in users if u in written])
         self._store.settle(spec.campaign_id, self._owner, counted)
         self.held.discard(spec.campaign_id)
+
+    def _still_ours(self, campaign_id: str) -> Callable[[], bool]:
+        return lambda: self._store.renew(campaign_id, self._owner, self._lease_s)
+
+    def _lapsed(self, campaign_id: str) -> None:
+        # Said out loud: a lease shorter than one partition's read-back would retry forever.
+        log.warning(
+            "campaign %s: the lease (%g s, FANFARE_API_CAMPAIGN_LEASE_S) lapsed while an "
+            "interrupted chunk was read back; the next step reads it again",
+            campaign_id,
+            self._lease_s,
+        )
+        self.held.discard(campaign_id)
 
     def _finish(self, spec: CampaignSpec, state: str, now: float) -> None:
         self._store.finish(spec.campaign_id, self._owner, state, now)

@@ -257,6 +257,69 @@ def test_a_crash_between_produce_and_commit_sends_nobody_twice(setup: Setup, cra
     assert setup.view(cid)["emitted"] == 60
 
 
+class SlowTopic(Topic):
+    """A topic whose read-back takes `per_partition_s` of real time per partition (a busy broker)."""
+
+    def __init__(self, per_partition_s: float) -> None:
+        super().__init__()
+        self.per_partition_s = per_partition_s
+
+    def read_since(self, topic: str, marks: Mapping[int, int]) -> Iterator[bytes | None]:
+        for p, start in marks.items():
+            time.sleep(self.per_partition_s)
+            yield from self.parts[p][start:]
+
+
+def test_a_read_back_longer_than_the_lease_still_recovers_the_chunk(setup: Setup) -> None:
+    # The whole read-back (3 partitions) outlasts the survivor's lease in Redis; one
+    # partition's does not. Reading it all and then writing the chunk found the lease gone
+    # at every step, so the campaign stalled for good (seen in a CI run's kill -9 test).
+    setup.topic = SlowTopic(per_partition_s=0.12)
+    cid, users = setup.audience_campaign(60, rate=20)
+
+    def crash(_: str) -> None:
+        raise Crash
+
+    doomed = setup.scheduler("s1", lease_s=0.2, after_produce=crash)
+    setup.clock.now += 1.0
+    with pytest.raises(Crash):
+        doomed.tick()
+    time.sleep(0.3)  # the dead scheduler's lease expires
+    survivor = setup.scheduler("s2", lease_s=0.2)
+    for _ in range(3):  # the recovery, then the rest at the rate
+        setup.clock.now += 0.1
+        survivor.tick()
+    found = setup.store.get(cid)
+    assert found is not None and found[1].pending is None, "the chunk was never recovered"
+    assert found[1].emitted >= 20
+    run_for(setup, survivor, 4.0)
+    sent = setup.topic.users()
+    assert len(sent) == len(set(sent)) == 60 and sorted(sent) == users
+
+
+def test_a_lease_that_lapses_during_the_read_back_is_not_written_on(setup: Setup) -> None:
+    # One partition's read-back outlasts the lease: another scheduler may have taken the
+    # campaign meanwhile, so nothing is written on what was read; the chunk stays pending.
+    setup.topic = SlowTopic(per_partition_s=0.3)
+    cid, _ = setup.audience_campaign(60, rate=20)
+
+    def crash(_: str) -> None:
+        raise Crash
+
+    doomed = setup.scheduler("s1", lease_s=0.2, after_produce=crash)
+    setup.clock.now += 1.0
+    with pytest.raises(Crash):
+        doomed.tick()
+    time.sleep(0.3)
+    survivor = setup.scheduler("s2", lease_s=0.2)
+    setup.clock.now += 0.1
+    assert survivor.tick() == 0
+    found = setup.store.get(cid)
+    assert found is not None and found[1].pending is not None and found[1].emitted == 0
+    assert cid not in survivor.held
+    assert setup.topic.published == 20  # nothing produced again
+
+
 def test_a_cancelled_campaign_with_a_chunk_in_flight_counts_what_it_wrote(setup: Setup) -> None:
     cid, _ = setup.audience_campaign(60, rate=20)
 

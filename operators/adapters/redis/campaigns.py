@@ -37,6 +37,11 @@ elseif held == ARGV[1] then
 end
 return 0
 """
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
@@ -232,6 +237,14 @@ class RedisCampaignStore(CampaignStore):
         """Take or renew."""
         return bool(
             self._r.script(_ACQUIRE)(
+                keys=[self._lease(campaign_id)], args=[owner, int(lease_s * 1000)]
+            )
+        )
+
+    def renew(self, campaign_id: str, owner: str, lease_s: float) -> bool:
+        """Extend if still ours (never takes a lapsed lease)."""
+        return bool(
+            self._r.script(_RENEW)(
                 keys=[self._lease(campaign_id)], args=[owner, int(lease_s * 1000)]
             )
         )
