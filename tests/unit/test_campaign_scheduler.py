@@ -273,7 +273,8 @@ class SlowTopic(Topic):
 def test_a_read_back_longer_than_the_lease_still_recovers_the_chunk(setup: Setup) -> None:
     # The whole read-back (3 partitions) outlasts the survivor's lease in Redis; one
     # partition's does not. Reading it all and then writing the chunk found the lease gone
-    # at every step, so the campaign stalled for good (seen in a CI run's kill -9 test).
+    # at every step, so the campaign stalled for good (the likely cause of a CI failure of the
+    # kill -9 campaign test in tests/integration/test_api_e2e.py).
     setup.topic = SlowTopic(per_partition_s=0.12)
     cid, users = setup.audience_campaign(60, rate=20)
 
