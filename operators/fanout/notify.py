@@ -81,11 +81,12 @@ TIER_CONSUMER: dict[str, str] = {
     "marketing": "bulk",
 }
 """Which consumer a tier topic's partition is read through: one per name and partition index
-(`ConsumerShares`). A consumer's partitions share its fetches: while a campaign drains, the
-marketing partition's fetch answers are the broker's largest (up to 1 MB each, fetched again
-after every pause of its full buffer), and a transactional message produced meanwhile waits for
-the answer in flight and the next fetch. Alone on its consumer it is fetched on its own, at the
-cost of one idle fetch loop per partition index; social and marketing still share theirs."""
+(`ConsumerShares`). A consumer's partitions share its fetch requests: while a campaign drains,
+the marketing partition's answers are the largest (up to librdkafka's 1 MB a partition, and
+fetched again after each pause of its full buffer: librdkafka drops a paused partition's
+prefetched messages), so a transactional message produced meanwhile can wait for the answer in
+flight and the next fetch. Alone on its consumer it is fetched on its own, at the cost of one
+more idle fetch loop per partition index; social and marketing still share theirs."""
 CANCEL_MEMORY_S = 31 * 86_400.0
 """How long a cancel is remembered: longer than the API lets `send_at` lie ahead (30 days)."""
 
