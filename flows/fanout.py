@@ -31,7 +31,7 @@ from flows.runtime.step_errors import FlowGuard
 from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
-from operators.adapters.kafka.probes import topic_partitions
+from operators.adapters.kafka.probes import KafkaConfig, topic_partitions
 from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource
 from operators.adapters.kafka.topic_identity import topic_id_of
 from operators.adapters.memory import release_freed_memory
@@ -45,7 +45,7 @@ from operators.fanout.caps import CapRule
 from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.loaded import ShardsLoaded
 from operators.fanout.logic import ExpandFollowerShardLogic
-from operators.fanout.notify import TIER_READ_BATCH, NotifyShard
+from operators.fanout.notify import TIER_CONSUMER, TIER_READ_BATCH, NotifyShard
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
 from operators.fanout.shard import POST_CATEGORY, FollowerShard, utc_now
 from operators.fanout.steps import (
@@ -214,6 +214,32 @@ def build_fanout_flow(
     return flow
 
 
+def tier_sources(
+    kafka: KafkaConfig, shares: Callable[[str, int], ConsumerShares]
+) -> list[tuple[str, KafkaTopicsSource]]:
+    """The tier topics' sources, each on the consumer shares `TIER_CONSUMER` names for it.
+
+    `shares(name, read_size)` makes the shares of one name, once; `read_size` is the largest
+    poll of its tiers (`TIER_READ_BATCH`).
+    """
+    made: dict[str, ConsumerShares] = {}
+    for name in dict.fromkeys(TIER_CONSUMER.values()):
+        size = max(TIER_READ_BATCH[t] for t in TIERS if TIER_CONSUMER[t] == name)
+        made[name] = shares(name, size)
+    return [
+        (
+            tier,
+            KafkaTopicsSource(
+                kafka,
+                [tier_topic(tier)],
+                batch_size=TIER_READ_BATCH[tier],
+                consumers=made[TIER_CONSUMER[tier]],
+            ),
+        )
+        for tier in TIERS
+    ]
+
+
 def get_flow(settings: Settings | None = None) -> Dataflow:
     """The production flow on Kafka, Redis and the configured follower store."""
     settings = settings or load_settings()
@@ -240,11 +266,9 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         max_batch_items=settings.dispatch_batch_size,
     )
     # Partition p of the topics read side by side shares one consumer per worker (its
-    # librdkafka threads and idle fetch loop): posts with backfill, the three tiers, the three
-    # changelogs. Each group gets its own, so a changelog load never sits in a post's way.
-    tier_consumers = ConsumerShares.on_broker(
-        kafka, "fanfare-reader-notify", read_size=max(TIER_READ_BATCH.values())
-    )
+    # librdkafka threads and idle fetch loop): posts with backfill, social with marketing, the
+    # three changelogs. Each group gets its own, so a changelog load never sits in a post's way
+    # and a campaign's fetches never in a login code's (`TIER_CONSUMER`).
     return build_fanout_flow(
         settings,
         # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
@@ -288,18 +312,12 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         # The load's freed memory back to the OS once this process's shards caught up.
         on_loaded=release_freed_memory,
         probe_demand=demand,
-        notify_sources=[
-            (
-                tier,
-                KafkaTopicsSource(
-                    kafka,
-                    [tier_topic(tier)],
-                    batch_size=TIER_READ_BATCH[tier],
-                    consumers=tier_consumers,
-                ),
-            )
-            for tier in TIERS
-        ],
+        notify_sources=tier_sources(
+            kafka,
+            lambda name, read_size: ConsumerShares.on_broker(
+                kafka, f"fanfare-reader-notify-{name}", read_size=read_size
+            ),
+        ),
         notification_claims=functools.cache(
             lambda: RedisPostClaims(
                 settings.redis_url,

@@ -75,6 +75,18 @@ claimed and routed before the worker polls again, so the bite is what a transact
 waits behind upstream of the shards: at 100 a marketing message, a 200,000-message campaign
 held transactional p99 at 1.3-1.5 s on the development machine; at 20, 0.6-0.7 s (the same
 as with no campaign), at the same drain rate (scripts/bench/notify.py --broker)."""
+TIER_CONSUMER: dict[str, str] = {
+    "transactional": "transactional",
+    "social": "bulk",
+    "marketing": "bulk",
+}
+"""Which consumer a tier topic's partition is read through: one per name and partition index
+(`ConsumerShares`). A consumer's partitions share its fetch requests: while a campaign drains,
+the marketing partition's answers are the largest (up to librdkafka's 1 MB a partition, and
+fetched again after each pause of its full buffer: librdkafka drops a paused partition's
+prefetched messages), so a transactional message produced meanwhile can wait for the answer in
+flight and the next fetch. Alone on its consumer it is fetched on its own, at the cost of one
+more idle fetch loop per partition index; social and marketing still share theirs."""
 CANCEL_MEMORY_S = 31 * 86_400.0
 """How long a cancel is remembered: longer than the API lets `send_at` lie ahead (30 days)."""
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from flows.fanout import tier_sources
 from operators.adapters.kafka import reader as reader_module
 from operators.adapters.kafka.reader import (
     IDLE_POLL_MAX_S,
@@ -24,7 +25,9 @@ from operators.adapters.kafka.reader import (
 )
 from operators.adapters.kafka.topic_identity import TopicIds
 from operators.events import CaughtUp, RawEvent
+from operators.fanout.notify import TIER_READ_BATCH
 from operators.probe_demand import ProbeDemand
+from schemas.topics import TIERS, tier_topic
 from tests.unit.test_shared_consumer import FakeConsumer
 
 POSTS = ("post_created", "post_created_backfill")
@@ -206,3 +209,25 @@ def test_without_probe_demand_an_idle_changelog_reports_every_probe() -> None:
         consumer=SharedConsumer(fake).partition("device_changes", 0),
     )  # fmt: skip
     assert markers_in(10.0, changelog, clock) >= 80
+
+
+def test_transactional_reads_on_a_consumer_of_its_own_and_the_bulk_tiers_share_one() -> None:
+    # A campaign's fetches (the marketing partition's) never carry a login code's partition.
+    made: dict[str, tuple[int, Connections]] = {}
+
+    def shares(name: str, read_size: int) -> ConsumerShares:
+        made[name] = (read_size, Connections())
+        return ConsumerShares(made[name][1])
+
+    sources = dict(tier_sources({}, shares))
+    assert list(sources) == list(TIERS)
+    for tier, source in sources.items():
+        source.build_part(f"read_notify_{tier}", f"{tier_topic(tier)}/0", None)
+    read_size, own = made["transactional"]
+    assert read_size == TIER_READ_BATCH["transactional"]
+    assert [set(f.position) for f in own.fakes] == [{("notify.transactional", 0)}]
+    read_size, bulk = made["bulk"]
+    assert read_size == max(TIER_READ_BATCH["social"], TIER_READ_BATCH["marketing"])
+    assert [set(f.position) for f in bulk.fakes] == [
+        {("notify.social", 0), ("notify.marketing", 0)}
+    ]
