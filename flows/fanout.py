@@ -47,6 +47,7 @@ from operators.fanout.loaded import ShardsLoaded
 from operators.fanout.logic import ExpandFollowerShardLogic
 from operators.fanout.notify import TIER_READ_BATCH, NotifyShard
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
+from operators.fanout.prefetch import ColumnPrefetch
 from operators.fanout.shard import POST_CATEGORY, FollowerShard, utc_now
 from operators.fanout.steps import (
     ChangelogRouter,
@@ -169,6 +170,8 @@ def build_fanout_flow(
     )
 
     loaded = ShardsLoaded(on_loaded) if on_loaded is not None else None
+    # One pool of column readers for the process's shards (its threads start at the first ask).
+    prefetch = ColumnPrefetch(store)
 
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
         shard = FollowerShard(
@@ -183,6 +186,7 @@ def build_fanout_flow(
                 {"social": settings.expand_budget, "marketing": settings.expand_budget},
                 cap=(settings.notify_cap, settings.notify_cap_window_s),
             ),
+            prefetch=prefetch,
         )
         if resume is not None:
             shard.restore(resume, clock().timestamp())
