@@ -67,6 +67,12 @@ class ColumnPrefetch:
             return version, None
         return version, store.follower_column(author_id, shard_id)
 
+    def ready(self, author_id: str, shard_id: int) -> bool | None:
+        """Whether the read asked for is done (None: none was asked or it was taken)."""
+        with self._lock:
+            future = self._waiting.get((author_id, shard_id))
+        return None if future is None else future.done()
+
     def take(self, author_id: str, shard_id: int, version: int) -> PackedIds | None:
         """The column read ahead at `version` (waiting for it if it is being read), else None."""
         with self._lock:

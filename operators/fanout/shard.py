@@ -470,10 +470,35 @@ class FollowerShard:
             tally.jobs_completed += 1
         return max(read, 1)
 
+    def build_columns_ahead(self, store: Callable[[], FollowerStore]) -> bool:
+        """Build the columns read ahead for bulk jobs still at the gate; True while one is read.
+
+        The rows are looked up while the job waits rather than when its gate opens. A column
+        built now is a cached column like any other: used only while the store's edge version
+        stays the one it was built at (rows are never reused, so later changelog events change
+        nothing in it).
+        """
+        if self.prefetch is None:
+            return False
+        reading = False
+        for job in self.jobs.values():
+            if job.lane != "bulk" or job.cursor is not None or self.gate_open_for(job.read_at):
+                continue
+            ready = self.prefetch.ready(job.author_id, job.shard_id)
+            if ready is None:
+                continue
+            if ready:
+                self._column(job, store())
+            else:
+                reading = True
+        return reading
+
     def _column(self, job: ShardJob, store: FollowerStore) -> FollowerColumn | None:
         """The author's cached followers here, built or rebuilt when the edges changed."""
         version = store.follower_version(job.author_id, job.shard_id)
         if version is None:  # the store cannot tell when edges change: read pages
+            if self.prefetch is not None:
+                self.prefetch.discard(job.author_id, job.shard_id)
             return None
         col = self.columns.get(job.author_id)
         if col is not None and col.version == version:

@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import pytest
 
 from operators.fanout.columns import PackedIds
+from operators.fanout.logic import READ_AHEAD_POLL_S, ExpandFollowerShardLogic
 from operators.fanout.prefetch import ColumnPrefetch
 from operators.fanout.shard import FanoutTally, FollowerShard
 from tests.fakes import InMemoryFollowerStore
-from tests.unit.test_fanout_shard import SOURCES, caught_up, device, expand_all, follow, job, prefs
+from tests.unit.test_fanout_shard import (
+    NOON,
+    SOURCES,
+    caught_up,
+    device,
+    expand_all,
+    follow,
+    job,
+    prefs,
+)
+
+
+class FixedClock:
+    def __call__(self) -> datetime:
+        return NOON
 
 
 class ColumnReadsSpy(InMemoryFollowerStore):
@@ -106,5 +122,71 @@ def test_a_failed_read_ahead_leaves_the_read_to_the_shard(store: ColumnReadsSpy)
         shard.add_job(job(author="star", lane="bulk"), 0, FanoutTally())
         assert {p[2] for p in expand_all(shard, store)} == {"u1", "u2", "u3"}
         assert reads.used == 0 and store.column_threads == [threading.get_ident()]
+    finally:
+        reads.close()
+
+
+class SlowColumns(ColumnReadsSpy):
+    """A column read that waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def follower_column(self, author_id: str, shard_id: int) -> PackedIds:
+        assert self.go.wait(10)
+        return super().follower_column(author_id, shard_id)
+
+
+def test_a_job_at_the_shut_gate_gets_its_column_built_while_it_waits() -> None:
+    store = SlowColumns()
+    for u in ("u1", "u2", "u3"):
+        store.apply_follow_changes([follow("star", u)])
+    reads = ColumnPrefetch(lambda: store)
+    try:
+        shard = shard_with(reads)
+        shard.add_job(job(author="star", lane="bulk", read_at=2e12), 0, FanoutTally())
+        assert not shard.gate_open_for(2e12)
+        assert shard.build_columns_ahead(lambda: store)  # still being read: look again later
+        assert "star" not in shard.columns
+        store.go.set()
+        reads.wait()
+        assert not shard.build_columns_ahead(lambda: store)
+        built = shard.columns["star"]
+        assert built.version == store.follower_version("star", 0) and len(built.rows) == 3
+        caught_up(shard, 3e12)  # the gate opens
+        assert {p[2] for p in expand_all(shard, store)} == {"u1", "u2", "u3"}
+        assert shard.columns["star"] is built and len(store.column_threads) == 1
+    finally:
+        reads.close()
+
+
+def test_a_column_built_ahead_is_dropped_when_the_edges_change_before_the_gate_opens(
+    store: ColumnReadsSpy, prefetch: ColumnPrefetch
+) -> None:
+    shard = shard_with(prefetch)
+    shard.add_job(job(author="star", lane="bulk", read_at=2e12), 0, FanoutTally())
+    prefetch.wait()
+    shard.build_columns_ahead(lambda: store)
+    assert "star" in shard.columns
+    store.apply_follow_changes([follow("star", "u4")])  # the flow also drops the cached column;
+    caught_up(shard, 3e12)  # here only the store's version tells
+    assert {p[2] for p in expand_all(shard, store)} == {"u1", "u2", "u3", "u4"}
+
+
+def test_the_shard_logic_looks_again_soon_while_a_column_is_read_ahead() -> None:
+    store = SlowColumns()
+    store.apply_follow_changes([follow("star", "u1")])
+    reads = ColumnPrefetch(lambda: store)
+    clock = FixedClock()
+    try:
+        logic = ExpandFollowerShardLogic(shard_with(reads), lambda: store, 1_000, clock)
+        logic.on_batch([job(author="star", lane="bulk", read_at=2e12)])
+        due = logic.notify_at()
+        assert due is not None and due - clock() == timedelta(seconds=READ_AHEAD_POLL_S)
+        store.go.set()
+        reads.wait()
+        logic.on_notify()
+        assert logic.notify_at() is None and "star" in logic.shard.columns
     finally:
         reads.close()
