@@ -16,6 +16,7 @@ Everything here is wiring; decisions live in `operators/`.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from flows.runtime.logs import configure_logging
+from flows.runtime.logs import configure_logging, log_started
 from flows.runtime.recovery_marker import recovery_lineage
 from flows.runtime.step_errors import FlowGuard
 from operators import metrics
@@ -249,7 +250,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     tier_consumers = ConsumerShares.on_broker(
         kafka, "fanfare-reader-notify", read_size=max(TIER_READ_BATCH.values())
     )
-    return build_fanout_flow(
+    flow = build_fanout_flow(
         settings,
         # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
         # per post_id, so a replayed post that was already fanned out is dropped.
@@ -318,3 +319,5 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             )
         ),
     )
+    log_started(logging.getLogger("fanfare.fanout"), "fanout: flow built (imports and wiring)")
+    return flow
