@@ -67,6 +67,7 @@ from schemas.topics import (
     CHANGELOG_TOPICS,
     CHANNEL_TIER_TOPICS,
     CHANNEL_TOPICS,
+    CHANNEL_TOPICS_BULK,
     DEVICE_CHANGES,
     POST_CREATED,
     POST_CREATED_BACKFILL,
@@ -103,13 +104,15 @@ def build_fanout_flow(
     notification_claims: Callable[[], PostClaims] | None = None,
     on_loaded: Callable[[], object] | None = None,
     probe_demand: ProbeDemand | None = None,
+    on_bulk_post: Callable[[], object] | None = None,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes).
 
     `notify_sources` are (tier, source) pairs of the API's tier topics, one input each.
     `on_loaded` is called once every shard the process built has caught up (`ShardsLoaded`).
     `probe_demand` is where the shards ask the changelog source (built with the same one)
-    to probe when a job waits at the gate.
+    to probe when a job waits at the gate. `on_bulk_post` is called as each bulk-lane post is
+    planned.
     """
     flow = Dataflow("fanout")
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
@@ -122,7 +125,9 @@ def build_fanout_flow(
     owned = op.flat_map_batch(
         "claim_post", decoded.oks, g.step("claim_post", PostClaimer(claims).claim_batch)
     )
-    planner = ShardJobPlanner(store, settings.shard_count, settings.celebrity_threshold)
+    planner = ShardJobPlanner(
+        store, settings.shard_count, settings.celebrity_threshold, on_bulk=on_bulk_post
+    )
     jobs = op.flat_map("plan_shard_jobs", owned, g.step("plan_shard_jobs", planner.plan))
 
     changes = op.input("read_changelogs", flow, g.source("read_changelogs", changelog_source))
@@ -293,6 +298,8 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         # The load's freed memory back to the OS once this process's shards caught up.
         on_loaded=release_freed_memory,
         probe_demand=demand,
+        # A celebrity post's bulk lanes get their writers (start marks, read-backs) ahead.
+        on_bulk_post=functools.partial(sink.prepare, CHANNEL_TOPICS_BULK),
         notify_sources=[
             (
                 tier,
