@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+import threading
 from typing import Any
 
 import pytest
@@ -20,10 +21,10 @@ class FakeWriter:
 
     def __init__(self, topic: str, partition: int, resume: Any, marks: Any) -> None:
         self.topic, self.partition, self.resume, self.marks = topic, partition, resume, marks
-        self.closed = False
+        self.closed_event = threading.Event()
 
     def close(self) -> None:
-        self.closed = True
+        self.closed_event.set()
 
 
 class Marks:
@@ -86,7 +87,8 @@ def test_a_partition_with_a_snapshot_gets_a_writer_that_resumes_from_it() -> Non
     sink.prepare(CHANNEL_TOPICS_BULK)
     (prepared,) = [w for w in sink.writers if (w.topic, w.partition) == ("push.fcm.bulk", 1)]
     resumed = sink.build_part("out", "push.fcm.bulk/1", (7, 5))
-    assert resumed is not prepared and prepared.closed
+    assert resumed is not prepared
+    assert prepared.closed_event.wait(10)  # closed, beside the worker
     assert isinstance(resumed, FakeWriter) and resumed.resume == (7, 5)
 
 

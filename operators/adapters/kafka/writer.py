@@ -429,7 +429,9 @@ class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V
         if prepared is not None:
             if resume_state is None:
                 return prepared
-            prepared.close()  # a snapshot covers the partition: its read-back starts there
+            # A snapshot covers the partition: its read-back starts there. The prepared one
+            # is closed beside the worker (closing waits for its start to finish).
+            _START_PROBES.submit(prepared.close)
         topic, partition = split_part(for_part)
         marks = self._marks() if self._marks is not None else None
         return self._new_writer(topic, partition, resume_state, marks)
