@@ -16,6 +16,7 @@ Everything here is wiring; decisions live in `operators/`.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from flows.runtime.logs import configure_logging
+from flows.runtime.logs import configure_logging, log_started
 from flows.runtime.recovery_marker import recovery_lineage
 from flows.runtime.step_errors import FlowGuard
 from operators import metrics
@@ -47,6 +48,7 @@ from operators.fanout.loaded import ShardsLoaded
 from operators.fanout.logic import ExpandFollowerShardLogic
 from operators.fanout.notify import TIER_CONSUMER, TIER_READ_BATCH, NotifyShard
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
+from operators.fanout.prefetch import ColumnPrefetch
 from operators.fanout.shard import POST_CATEGORY, FollowerShard, utc_now
 from operators.fanout.steps import (
     ChangelogRouter,
@@ -65,6 +67,7 @@ from schemas.topics import (
     CHANGELOG_TOPICS,
     CHANNEL_TIER_TOPICS,
     CHANNEL_TOPICS,
+    CHANNEL_TOPICS_BULK,
     DEVICE_CHANGES,
     POST_CREATED,
     POST_CREATED_BACKFILL,
@@ -101,13 +104,15 @@ def build_fanout_flow(
     notification_claims: Callable[[], PostClaims] | None = None,
     on_loaded: Callable[[], object] | None = None,
     probe_demand: ProbeDemand | None = None,
+    on_bulk_post: Callable[[], object] | None = None,
 ) -> Dataflow:
     """Wire the graph from its ports (tests pass TestingSource/TestingSink and fakes).
 
     `notify_sources` are (tier, source) pairs of the API's tier topics, one input each.
     `on_loaded` is called once every shard the process built has caught up (`ShardsLoaded`).
     `probe_demand` is where the shards ask the changelog source (built with the same one)
-    to probe when a job waits at the gate.
+    to probe when a job waits at the gate. `on_bulk_post` is called as each bulk-lane post is
+    planned.
     """
     flow = Dataflow("fanout")
     # Whatever Bytewax calls logs its error once, with the traceback (flows/runtime/step_errors.py).
@@ -120,7 +125,9 @@ def build_fanout_flow(
     owned = op.flat_map_batch(
         "claim_post", decoded.oks, g.step("claim_post", PostClaimer(claims).claim_batch)
     )
-    planner = ShardJobPlanner(store, settings.shard_count, settings.celebrity_threshold)
+    planner = ShardJobPlanner(
+        store, settings.shard_count, settings.celebrity_threshold, on_bulk=on_bulk_post
+    )
     jobs = op.flat_map("plan_shard_jobs", owned, g.step("plan_shard_jobs", planner.plan))
 
     changes = op.input("read_changelogs", flow, g.source("read_changelogs", changelog_source))
@@ -169,6 +176,8 @@ def build_fanout_flow(
     )
 
     loaded = ShardsLoaded(on_loaded) if on_loaded is not None else None
+    # One pool of column readers for the process's shards (its threads start at the first ask).
+    prefetch = ColumnPrefetch(store)
 
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
         shard = FollowerShard(
@@ -183,6 +192,7 @@ def build_fanout_flow(
                 {"social": settings.expand_budget, "marketing": settings.expand_budget},
                 cap=(settings.notify_cap, settings.notify_cap_window_s),
             ),
+            prefetch=prefetch,
         )
         if resume is not None:
             shard.restore(resume, clock().timestamp())
@@ -269,7 +279,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     # librdkafka threads and idle fetch loop): posts with backfill, social with marketing, the
     # three changelogs. Each group gets its own, so a changelog load never sits in a post's way
     # and a campaign's fetches never in a login code's (`TIER_CONSUMER`).
-    return build_fanout_flow(
+    flow = build_fanout_flow(
         settings,
         # The live topic and the backfill lane `fanfare replay` writes: one path, one claim
         # per post_id, so a replayed post that was already fanned out is dropped.
@@ -312,6 +322,8 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
         # The load's freed memory back to the OS once this process's shards caught up.
         on_loaded=release_freed_memory,
         probe_demand=demand,
+        # A celebrity post's bulk lanes get their writers (start marks, read-backs) ahead.
+        on_bulk_post=functools.partial(sink.prepare, CHANNEL_TOPICS_BULK),
         notify_sources=tier_sources(
             kafka,
             lambda name, read_size: ConsumerShares.on_broker(
@@ -332,3 +344,5 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
             )
         ),
     )
+    log_started(logging.getLogger("fanfare.fanout"), "fanout: flow built (imports and wiring)")
+    return flow

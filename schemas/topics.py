@@ -49,6 +49,8 @@ def channel_topic(provider: str, lane: str) -> str:
 
 
 CHANNEL_TOPICS = tuple(channel_topic(p, lane) for lane in LANES for p in PROVIDERS)
+CHANNEL_TOPICS_BULK = tuple(channel_topic(p, "bulk") for p in PROVIDERS)
+"""Celebrity posts' push topics (`push.apns.bulk`, `push.fcm.bulk`)."""
 # Transactional API pushes (a login code) have push topics of their own, read before the
 # others, so neither a celebrity's post nor a campaign sits in front of them.
 PUSH_TRANSACTIONAL_TOPICS = tuple(channel_topic(p, "transactional") for p in PROVIDERS)

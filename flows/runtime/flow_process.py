@@ -16,6 +16,7 @@ cluster (a peer failed), this prints one line instead of a traceback, and exits 
 
 from __future__ import annotations
 
+import logging
 import runpy
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from flows.registry import FLOWS
 from flows.runtime.http_endpoint import BackgroundHTTPServer, QuietHandler
+from flows.runtime.logs import configure_logging, log_started
 from flows.runtime.step_errors import LoggedError, first_logged
 from flows.runtime.supervisor import EXIT_CANNOT_START, EXIT_CONFIGURATION
 from operators.config import ConfigError, load_settings
@@ -114,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_CANNOT_START
         server.start()
+    configure_logging(settings.log_level)
+    log_started(logging.getLogger("fanfare.flow_process"), f"{flow}: /metrics served")
     FLOW_INFO.labels(flow=flow).set(1)
     sys.argv = bytewax_argv(flow, options)
     try:

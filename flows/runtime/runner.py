@@ -36,6 +36,7 @@ from typing import Any
 from flows.registry import FLOWS
 from flows.runtime import readiness
 from flows.runtime.flow_process import MODULE
+from flows.runtime.logs import log_started
 from flows.runtime.ports import free_ports
 from flows.runtime.preflight import exit_code, startup_problems
 from flows.runtime.recovery_marker import (
@@ -410,6 +411,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"fanfare run {args.flow}: cannot start: {problem.line}", file=sys.stderr)
     if problems:
         return exit_code(problems)
+    log_started(log, f"fanfare {args.flow}: start-up checks passed (broker, topics, Redis, ports)")
     try:
         recovery = settings.recovery_dir(args.flow)
         if args.fresh and recovery.exists():

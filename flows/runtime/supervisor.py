@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+from flows.runtime.logs import log_started
+
 log = logging.getLogger("fanfare.supervisor")
 
 # Seconds members get to stop after SIGINT before SIGKILL (Kubernetes' default
@@ -319,7 +321,7 @@ class Supervisor:
                 self._forwarders.append(forwarder)
         self.state = "running"
         pids = ", ".join(f"{m.process_id}: pid {p.pid}" for m, p in self._procs)
-        log.info("%s: started %d process(es) (%s)", self.name, len(self._procs), pids)
+        log_started(log, f"{self.name}: started {len(self._procs)} process(es) ({pids})")
 
     def _watch(self) -> list[tuple[Member, subprocess.Popen[bytes], int]] | None:
         """The members that failed, or None when stopping or when all exited 0."""

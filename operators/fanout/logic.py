@@ -34,6 +34,8 @@ from schemas.records import (
 
 log = logging.getLogger(__name__)
 
+READ_AHEAD_POLL_S = 0.02  # how often a shard looks whether its column read ahead is done
+
 
 class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
     """Applies changelogs, queues jobs, and expands within a budget per activation.
@@ -74,6 +76,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         # partition has been read to its end (a shard with no changelog is caught up at once).
         self._caught_up = False
         self._note_caught_up()
+        self._reading_ahead = False  # a bulk job's column is being read ahead (poll for it)
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Batch], bool]:
         """Apply everything that arrived, in order, then do a budget of work."""
@@ -135,6 +138,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
             if wanted is not None:
                 self._demand.ask(wanted)
         out = self._work(now, tally, notified)
+        self._reading_ahead = self.shard.build_columns_ahead(self._store)
         if self._checkpoints is not None and self._checkpoints.maybe_save(
             self.shard, caught_up=self._caught_up
         ):
@@ -179,7 +183,9 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
 
     def on_notify(self) -> tuple[Iterable[Batch], bool]:
         """Continue expansion, release deferred notifications, send the bundle summaries due."""
-        return self._work(self._clock(), FanoutTally(), NotifyTally()), StatefulBatchLogic.RETAIN
+        out = self._work(self._clock(), FanoutTally(), NotifyTally())
+        self._reading_ahead = self.shard.build_columns_ahead(self._store)
+        return out, StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[Iterable[Batch], bool]:
         """A finite input ended (tests, backfills): finish every job whose gate is open."""
@@ -230,11 +236,14 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
 
     def notify_at(self) -> datetime | None:
         """Now while runnable jobs remain, else the next quiet-hours release or held send."""
+        now = self._clock()
         if self._runnable():
-            return self._clock()
+            return now
         dues = [
             t for t in (self.shard.next_release(), self.shard.notify.next_due()) if t is not None
         ]
+        if self._reading_ahead:  # look again soon: the column is built while the gate is shut
+            dues.append(now.timestamp() + READ_AHEAD_POLL_S)
         return datetime.fromtimestamp(min(dues), UTC) if dues else None
 
     def snapshot(self) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from operators.fanout.decide import Admit, AdmitOne, PageDecision, decide_few, d
 from operators.fanout.eligibility import Suppressed
 from operators.fanout.notify import ChannelBook, NotifyShard
 from operators.fanout.ports import FollowerStore, Position
+from operators.fanout.prefetch import ColumnPrefetch
 from schemas.addresses import PUSH_PROVIDERS
 from schemas.codecs import format_timestamp
 from schemas.records import (
@@ -208,6 +209,7 @@ class FollowerShard:
         few: int = FEW,
         caps: CapRule | None = None,
         notify: NotifyShard | None = None,
+        prefetch: ColumnPrefetch | None = None,
     ) -> None:
         self.changelog_sources = frozenset(changelog_sources)
         self.few = few
@@ -243,6 +245,8 @@ class FollowerShard:
         # API notifications (`operators.fanout.notify`): channel addresses, category switches,
         # tier queues, scheduled holds.
         self.notify = notify if notify is not None else NotifyShard()
+        # Bulk jobs' follower columns read ahead while the job waits at the gate (None: not).
+        self.prefetch = prefetch
 
     # ---- changelogs -------------------------------------------------------------------------
 
@@ -335,6 +339,11 @@ class FollowerShard:
             tally.deduped_jobs += 1
             return False
         self.jobs[job.post_id] = job
+        if self.prefetch is not None and job.lane == "bulk" and job.cursor is None:
+            cached = self.columns.get(job.author_id)
+            self.prefetch.ask(
+                job.author_id, job.shard_id, None if cached is None else cached.version
+            )
         return True
 
     def _forget_old_jobs(self, now: float) -> None:
@@ -461,16 +470,47 @@ class FollowerShard:
             tally.jobs_completed += 1
         return max(read, 1)
 
+    def build_columns_ahead(self, store: Callable[[], FollowerStore]) -> bool:
+        """Build the columns read ahead for bulk jobs still at the gate; True while one is read.
+
+        The rows are looked up while the job waits rather than when its gate opens. A column
+        built now is a cached column like any other: used only while the store's edge version
+        stays the one it was built at (rows are never reused, so later changelog events change
+        nothing in it).
+        """
+        if self.prefetch is None:
+            return False
+        reading = False
+        for job in self.jobs.values():
+            if job.lane != "bulk" or job.cursor is not None or self.gate_open_for(job.read_at):
+                continue
+            ready = self.prefetch.ready(job.author_id, job.shard_id)
+            if ready is None:
+                continue
+            if ready:
+                self._column(job, store())
+            else:
+                reading = True
+        return reading
+
     def _column(self, job: ShardJob, store: FollowerStore) -> FollowerColumn | None:
         """The author's cached followers here, built or rebuilt when the edges changed."""
         version = store.follower_version(job.author_id, job.shard_id)
         if version is None:  # the store cannot tell when edges change: read pages
+            if self.prefetch is not None:
+                self.prefetch.discard(job.author_id, job.shard_id)
             return None
         col = self.columns.get(job.author_id)
         if col is not None and col.version == version:
             self.columns.move_to_end(job.author_id)
+            if self.prefetch is not None:
+                self.prefetch.discard(job.author_id, job.shard_id)
             return col
-        followers = store.follower_column(job.author_id, job.shard_id)
+        followers = None
+        if self.prefetch is not None:
+            followers = self.prefetch.take(job.author_id, job.shard_id, version)
+        if followers is None:
+            followers = store.follower_column(job.author_id, job.shard_id)
         col = FollowerColumn(self.users.rows_of_packed(followers), followers.flags, version)
         self.columns[job.author_id] = col
         total = sum(len(c.rows) for c in self.columns.values())

@@ -114,11 +114,18 @@ class ShardJobPlanner:
     """Decide lane (normal or bulk) and create one job per follower shard."""
 
     def __init__(
-        self, store: Callable[[], FollowerStore], shard_count: int, celebrity_threshold: int
+        self,
+        store: Callable[[], FollowerStore],
+        shard_count: int,
+        celebrity_threshold: int,
+        on_bulk: Callable[[], object] | None = None,
     ) -> None:
         self._store = store
         self._shard_count = shard_count
         self._threshold = celebrity_threshold
+        # Told of every bulk-lane post as it is planned: the sink prepares the bulk lanes'
+        # writers while the post's jobs wait at the gate.
+        self._on_bulk = on_bulk
 
     def lane_for(self, author_id: str) -> str:
         """The lane by the author's follower count now (a shard job confirms it when it starts)."""
@@ -131,6 +138,8 @@ class ShardJobPlanner:
             metrics.POSTS_SUPPRESSED.labels(reason.value).inc()
             return []
         lane = self.lane_for(read.post.author_id)
+        if lane == "bulk" and self._on_bulk is not None:
+            self._on_bulk()
         metrics.POSTS_FANNED_OUT.labels(lane).inc()
         metrics.SHARD_JOBS_CREATED.inc(self._shard_count)
         p = read.post

@@ -50,6 +50,7 @@ from operators.fanout.caps import CapRule, FrequencyCap
 from operators.fanout.checkpoint import ShardCheckpointer
 from operators.fanout.decide import decide_page
 from operators.fanout.ports import FollowerRow, FollowerStore
+from operators.fanout.prefetch import ColumnPrefetch
 from operators.fanout.shard import (
     POST_CATEGORY,
     ChangelogEvent,
@@ -156,19 +157,50 @@ def build(args: argparse.Namespace) -> tuple[list[FollowerShard], list[list[str]
     return shards, by_shard, expected, cpu
 
 
+def _same(store: FollowerStore) -> FollowerStore:
+    return store
+
+
+def wait_at_the_gate(
+    shards: list[FollowerShard], store: FollowerStore, post: str, gate_s: float, read_at: float
+) -> float:
+    """Queue the post's jobs behind a shut gate for `gate_s`, then open it; CPU meanwhile.
+
+    As in the flow: each shard asks for its column as the job arrives (`ColumnPrefetch`) and
+    builds it on the activations while the job waits (every 20 ms here).
+    """
+    for shard_id, shard in enumerate(shards):
+        job = ShardJob(post, "celebrity", "2026-01-01T00:00:00Z", "bulk", read_at, shard_id)
+        shard.add_job(job, 0, FanoutTally())
+    c0 = time.process_time()
+    until = time.perf_counter() + gate_s
+    while time.perf_counter() < until:
+        time.sleep(0.02)
+        for shard in shards:
+            shard.build_columns_ahead(lambda: store)
+    for shard in shards:
+        for source in SOURCES:
+            shard.note_caught_up(CaughtUp(source, read_at + 1))
+    return time.process_time() - c0
+
+
 def fan_out(
-    shards: list[FollowerShard], store: FollowerStore, post: str
+    shards: list[FollowerShard], store: FollowerStore, post: str, queued: bool = False
 ) -> tuple[int, int, float, float]:
-    """(items, batches, CPU seconds, wall seconds) of one post expanded by every shard."""
+    """(items, batches, CPU seconds, wall seconds) of one post expanded by every shard.
+
+    `queued`: the jobs are in the shards already (`wait_at_the_gate`).
+    """
     now = datetime.now(UTC)
     items = batches = 0
     t0, w0 = time.process_time(), time.perf_counter()
     for shard_id, shard in enumerate(shards):
-        shard.add_job(
-            ShardJob(post, "celebrity", "2026-01-01T00:00:00Z", "bulk", 0.0, shard_id),
-            0,
-            FanoutTally(),
-        )
+        if not queued:
+            shard.add_job(
+                ShardJob(post, "celebrity", "2026-01-01T00:00:00Z", "bulk", 0.0, shard_id),
+                0,
+                FanoutTally(),
+            )
         while shard.jobs:
             for b in shard.expand(store, now, 2_000, FanoutTally(), bulk_budget=100_000):
                 items += b.count
@@ -244,10 +276,26 @@ def _run(args: argparse.Namespace, sqlite_path: Path | None) -> dict[str, Any]:
         "rss_per_user_after_build": round((rss1 - rss0 - ids_bytes) / args.users),
     }
     posts = []
+    prefetch = ColumnPrefetch(functools.partial(_same, store)) if args.gate_ms else None
+    for shard in shards:
+        shard.prefetch = prefetch
     for k in range(args.posts):
-        items, batches, cpu, wall = fan_out(shards, store, f"celebrity-post-{k}")
+        gate_cpu = None
+        if prefetch is not None:
+            post_read_at = 2e12 + 10 * k  # after every changelog's end so far: the gate is shut
+            gate_cpu = wait_at_the_gate(
+                shards, store, f"celebrity-post-{k}", args.gate_ms / 1000, post_read_at
+            )
+        items, batches, cpu, wall = fan_out(
+            shards, store, f"celebrity-post-{k}", queued=prefetch is not None
+        )
         posts.append(
             {
+                **(
+                    {}
+                    if gate_cpu is None
+                    else {"cpu_s_at_the_gate (columns read and built ahead)": round(gate_cpu, 2)}
+                ),
                 "items": items,
                 # Over the cap from the (cap + 1)th post on: every push joins its bundle.
                 "expected": expected if k < args.post_cap or not args.post_cap else 0,
@@ -257,7 +305,12 @@ def _run(args: argparse.Namespace, sqlite_path: Path | None) -> dict[str, Any]:
                 "cpu_us_per_candidate": round(cpu / args.users * 1e6, 3),
             }
         )
+    if prefetch is not None:
+        prefetch.close()
+        for shard in shards:
+            shard.prefetch = None
     report["post_cap"] = args.post_cap
+    report["gate_ms"] = args.gate_ms
     report["posts (first builds the cached columns)"] = posts
     gc.collect()
     report["rss_per_user_with_columns"] = round((rss() - rss0 - ids_bytes) / args.users)
@@ -292,7 +345,7 @@ def _run(args: argparse.Namespace, sqlite_path: Path | None) -> dict[str, Any]:
             sum(p.stat().st_size for p in Path(folder).glob("*.ckpt")) / args.users
         )
         store.close()
-        del shards, store
+        del shards, store, prefetch
         gc.collect()
         t0 = time.perf_counter()
         loaded = [FollowerShard(SOURCES, settle_s=0, caps=caps) for _ in range(args.shards)]
@@ -332,6 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir",
         default=None,
         help="where the checkpoints (and the SQLite store) go (a temporary folder)",
+    )
+    p.add_argument(
+        "--gate-ms",
+        type=whole_number(0, 60_000),
+        default=0,
+        help="each post's jobs first wait this long at a shut gate, while the shards read and "
+        "build their columns ahead (ColumnPrefetch); its CPU, that of the reading threads too, "
+        "is reported apart, the post's CPU and wall from the gate's opening (default 0: no "
+        "gate, no read ahead)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -136,9 +137,17 @@ def build(
     dead: list[Any],
     clock: Callable[[], datetime] = lambda: NOON,
     on_loaded: Callable[[], object] | None = None,
+    store: InMemoryFollowerStore | None = None,
+    celebrity_threshold: int = 10_000,
 ) -> Any:
-    settings = Settings(shard_count=4, dispatch_batch_size=2, follower_page_size=3, expand_budget=5)
-    store = InMemoryFollowerStore(4)
+    settings = Settings(
+        shard_count=4,
+        dispatch_batch_size=2,
+        follower_page_size=3,
+        expand_budget=5,
+        celebrity_threshold=celebrity_threshold,
+    )
+    shards_store = store or InMemoryFollowerStore(4)
     claims = InMemoryPostClaims()
     return build_fanout_flow(
         settings,
@@ -148,7 +157,7 @@ def build(
         channel_sink=TestingSink(out),
         route_batch=lambda b: b.topic,
         dead_letter_sink=TestingSink(dead),
-        store=lambda: store,
+        store=lambda: shards_store,
         claims=lambda: claims,
         clock=clock,
         on_loaded=on_loaded,
@@ -199,6 +208,39 @@ def test_post_overtaking_its_followers_changelog_waits_for_catch_up() -> None:
     out: list[Any] = []
     run_main(build(changes, posts, out, []))
     assert items(out) == [("p1", "bob", "bob-phone")]
+
+
+class ColumnThreads(InMemoryFollowerStore):
+    """Records the thread of every follower column read."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.threads: list[int] = []
+
+    def follower_column(self, author_id: str, shard_id: int) -> Any:
+        self.threads.append(threading.get_ident())
+        return super().follower_column(author_id, shard_id)
+
+
+def test_a_celebrity_post_s_columns_are_read_ahead_beside_the_worker() -> None:
+    e = Events()
+    fans = [f"fan{i}" for i in range(12)]
+    changes: list[Any] = [
+        *[e("follow_changes", follow("star", f)) for f in fans],
+        *[e("device_changes", device(f, f"{f}-phone")) for f in fans],
+        *[CaughtUp(p, 1e12) for p in PARTS],
+    ]
+    # The post comes after the follows were applied, so the planner puts it on the bulk lane.
+    posts = [
+        TestingSource.PAUSE(timedelta(milliseconds=300)),
+        e("post_created", post("p1", "star")),
+    ]
+    out: list[Any] = []
+    store = ColumnThreads()
+    run_main(build(changes, posts, out, [], store=store, celebrity_threshold=5))
+    assert sorted(items(out)) == sorted(("p1", f, f"{f}-phone") for f in fans)
+    assert {b.lane for _, b in out} == {"bulk"}
+    assert store.threads and threading.get_ident() not in store.threads
 
 
 def test_the_process_hears_once_when_all_its_shards_have_caught_up() -> None:

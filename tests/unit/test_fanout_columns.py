@@ -24,6 +24,7 @@ from operators.events import CaughtUp
 from operators.fanout import columns
 from operators.fanout.columns import FragmentArena, PackedIds, UserTable, index_key, index_keys
 from operators.fanout.eligibility import Suppressed
+from operators.fanout.prefetch import ColumnPrefetch
 from operators.fanout.quiet_hours import hour_is_quiet, quiet_until
 from operators.fanout.shard import ChangelogEvent, FanoutTally, FollowerShard, ShardJob
 from schemas.codecs import decode_dispatch_batch, encode_dispatch_batch
@@ -200,16 +201,44 @@ def run_shard(
     lane: str,
     page_size: int,
     few: int,
+    late: int = 0,
+    read_ahead: bool = False,
 ) -> tuple[set[tuple[str, str, str, str]], set[tuple[str, float]], Counter[str], int]:
-    shard = FollowerShard(SOURCES, page_size=page_size, batch_size=3, settle_s=0, few=few)
+    """The shard's pushes; the last `late` follow changes arrive after the job (read ahead or not)."""
+    store = InMemoryFollowerStore(shard_count=1)
+    prefetch = ColumnPrefetch(lambda: store) if read_ahead else None
+    try:
+        return _run_shard(events, follow_changes, now, lane, page_size, few, late, store, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+
+
+def _run_shard(
+    events: list[PreferenceChange | DeviceChange],
+    follow_changes: list[FollowChange],
+    now: datetime,
+    lane: str,
+    page_size: int,
+    few: int,
+    late: int,
+    store: InMemoryFollowerStore,
+    prefetch: ColumnPrefetch | None,
+) -> tuple[set[tuple[str, str, str, str]], set[tuple[str, float]], Counter[str], int]:
+    shard = FollowerShard(
+        SOURCES, page_size=page_size, batch_size=3, settle_s=0, few=few, prefetch=prefetch
+    )
     for source in SOURCES:
         shard.note_caught_up(CaughtUp(source, 1e12))
     for i, e in enumerate(events):
         source = "preference_changes/0" if isinstance(e, PreferenceChange) else "device_changes/0"
         assert shard.apply(ChangelogEvent(e, 0, source, i, "log"))
-    store = InMemoryFollowerStore(shard_count=1)
-    store.apply_follow_changes(follow_changes)
+    early = len(follow_changes) - min(late, len(follow_changes))
+    store.apply_follow_changes(follow_changes[:early])
     shard.add_job(ShardJob("p", "a", "2026-01-01T00:00:00Z", lane, 0.0, 0), 0, FanoutTally())
+    if prefetch is not None:
+        prefetch.wait()  # read ahead against the early edges only
+    store.apply_follow_changes(follow_changes[early:])
     tally = FanoutTally()
     batches = []
     for _ in range(1_000):
@@ -241,6 +270,8 @@ def run_shard(
     lane=st.sampled_from(["normal", "bulk"]),
     page_size=st.integers(1, 7),
     few=st.sampled_from([0, 1_000]),  # every page vectorised, or every page one by one
+    late=st.integers(0, 3),
+    read_ahead=st.booleans(),
 )
 def test_columnar_decision_equals_the_reference(
     data: st.DataObject,
@@ -249,10 +280,14 @@ def test_columnar_decision_equals_the_reference(
     lane: str,
     page_size: int,
     few: int,
+    late: int,
+    read_ahead: bool,
 ) -> None:
     users = sorted({e.user_id for e in events})
     follow_changes = data.draw(follows(users))
-    pushes, deferred, counts, n_items = run_shard(events, follow_changes, now, lane, page_size, few)
+    pushes, deferred, counts, n_items = run_shard(
+        events, follow_changes, now, lane, page_size, few, late, read_ahead
+    )
     ref_users = reference_users(events)
     edges = reference_edges(follow_changes, "a")
     ref_pushes, ref_deferred, ref_counts = reference_decision(ref_users, edges, "a", now)

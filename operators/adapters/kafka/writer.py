@@ -382,6 +382,32 @@ class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V
         self._counts: dict[str, int] = {}
         self._replay_window = replay_window_epochs
         self._marks = marks
+        # Writers built ahead of their partition's first value (`prepare`), and the partitions
+        # whose writer Bytewax built (none is prepared again). Workers of a process share them.
+        self._prepared: dict[str, IdempotentPartitionWriter[V]] = {}
+        self._built: set[str] = set()
+        self._prepare_lock = threading.Lock()
+
+    def prepare(self, topics: Iterable[str]) -> None:
+        """Build the writers of these topics' partitions now, before their first values.
+
+        A writer no snapshot covers begins with its start mark and read-back (about a second
+        on the broker) and holds its values until they are done; the first values of a
+        celebrity post's bulk lanes waited for that. Called when such a post is planned, the
+        start runs while its jobs wait at the gate and expand. Bytewax then gets the prepared
+        writer (`build_part`), the same as one built then: no value of this execution reached
+        the partition before it, so the read-back ahead saw all a replay could meet. Only with
+        start marks: without them a writer holds nothing. A partition this worker never writes
+        (another process's, in a cluster) keeps an idle prepared writer.
+        """
+        if self._marks is None:
+            return
+        wanted = set(topics)
+        with self._prepare_lock:
+            for part in self._all_parts():
+                topic, partition = split_part(part)
+                if topic in wanted and part not in self._built and part not in self._prepared:
+                    self._prepared[part] = self._new_writer(topic, partition, None, self._marks())
 
     def _new_writer(
         self,
@@ -397,6 +423,15 @@ class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V
         self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
     ) -> IdempotentPartitionWriter[V]:
         """A partition's writer, reading back what was written since the snapshot on resume."""
+        with self._prepare_lock:
+            self._built.add(for_part)
+            prepared = self._prepared.pop(for_part, None)
+        if prepared is not None:
+            if resume_state is None:
+                return prepared
+            # A snapshot covers the partition: its read-back starts there. The prepared one
+            # is closed beside the worker (closing waits for its start to finish).
+            _START_PROBES.submit(prepared.close)
         topic, partition = split_part(for_part)
         marks = self._marks() if self._marks is not None else None
         return self._new_writer(topic, partition, resume_state, marks)
