@@ -270,12 +270,8 @@ class SlowTopic(Topic):
             yield from self.parts[p][start:]
 
 
-def test_a_read_back_longer_than_the_lease_still_recovers_the_chunk(setup: Setup) -> None:
-    # The whole read-back (3 partitions) outlasts the survivor's lease in Redis; one
-    # partition's does not. Reading it all and then writing the chunk found the lease gone
-    # at every step, so the campaign stalled for good (the likely cause of a CI failure of the
-    # kill -9 campaign test in tests/integration/test_api_e2e.py).
-    setup.topic = SlowTopic(per_partition_s=0.12)
+def crash_mid_chunk(setup: Setup) -> tuple[str, list[str]]:
+    """A campaign whose scheduler (lease 0.2 s) died between a chunk's produce and its commit."""
     cid, users = setup.audience_campaign(60, rate=20)
 
     def crash(_: str) -> None:
@@ -285,8 +281,25 @@ def test_a_read_back_longer_than_the_lease_still_recovers_the_chunk(setup: Setup
     setup.clock.now += 1.0
     with pytest.raises(Crash):
         doomed.tick()
-    time.sleep(0.3)  # the dead scheduler's lease expires
-    survivor = setup.scheduler("s2", lease_s=0.2)
+    return cid, users
+
+
+def survivor_on_slow_topic(
+    setup: Setup, read_back_per_partition_s: float
+) -> tuple[str, list[str], CampaignScheduler]:
+    """After `crash_mid_chunk` on a slow topic, the scheduler (lease 0.2 s) that finds it."""
+    setup.topic = SlowTopic(per_partition_s=read_back_per_partition_s)
+    cid, users = crash_mid_chunk(setup)
+    time.sleep(0.3)  # the dead scheduler's lease expires (Redis' clock)
+    return cid, users, setup.scheduler("s2", lease_s=0.2)
+
+
+def test_a_read_back_longer_than_the_lease_still_recovers_the_chunk(setup: Setup) -> None:
+    # The whole read-back (3 partitions) outlasts the survivor's lease in Redis; one
+    # partition's does not. Reading it all and then writing the chunk found the lease gone
+    # at every step, so the campaign stalled for good (the likely cause of a CI failure of the
+    # kill -9 campaign test in tests/integration/test_api_e2e.py).
+    cid, users, survivor = survivor_on_slow_topic(setup, read_back_per_partition_s=0.12)
     for _ in range(3):  # the recovery, then the rest at the rate
         setup.clock.now += 0.1
         survivor.tick()
@@ -301,18 +314,7 @@ def test_a_read_back_longer_than_the_lease_still_recovers_the_chunk(setup: Setup
 def test_a_lease_that_lapses_during_the_read_back_is_not_written_on(setup: Setup) -> None:
     # One partition's read-back outlasts the lease: another scheduler may have taken the
     # campaign meanwhile, so nothing is written on what was read; the chunk stays pending.
-    setup.topic = SlowTopic(per_partition_s=0.3)
-    cid, _ = setup.audience_campaign(60, rate=20)
-
-    def crash(_: str) -> None:
-        raise Crash
-
-    doomed = setup.scheduler("s1", lease_s=0.2, after_produce=crash)
-    setup.clock.now += 1.0
-    with pytest.raises(Crash):
-        doomed.tick()
-    time.sleep(0.3)
-    survivor = setup.scheduler("s2", lease_s=0.2)
+    cid, _, survivor = survivor_on_slow_topic(setup, read_back_per_partition_s=0.3)
     setup.clock.now += 0.1
     assert survivor.tick() == 0
     found = setup.store.get(cid)
@@ -322,15 +324,7 @@ def test_a_lease_that_lapses_during_the_read_back_is_not_written_on(setup: Setup
 
 
 def test_a_cancelled_campaign_with_a_chunk_in_flight_counts_what_it_wrote(setup: Setup) -> None:
-    cid, _ = setup.audience_campaign(60, rate=20)
-
-    def crash(_: str) -> None:
-        raise Crash
-
-    doomed = setup.scheduler("s1", lease_s=0.2, after_produce=crash)
-    setup.clock.now += 1.0
-    with pytest.raises(Crash):
-        doomed.tick()
+    cid, _ = crash_mid_chunk(setup)
     setup.store.cancel(cid, setup.clock.now)
     assert cid in setup.store.active()  # kept until the chunk is counted
     time.sleep(0.3)
