@@ -367,7 +367,9 @@ class UserTable:
 
     def ensure_row(self, user_id: str) -> int:
         """The user's row, created (defaults, no device) when new."""
-        encoded = user_id.encode()
+        return self._row_or_new(user_id.encode())
+
+    def _row_or_new(self, encoded: bytes) -> int:
         row = self._row_of(encoded)
         return row if row >= 0 else self._add_row(encoded)
 
@@ -393,8 +395,7 @@ class UserTable:
                 if arena[int(start[row]) : int(start[row + 1])] == enc:
                     out[i] = row
                     continue
-            row = self._row_of(enc)
-            out[i] = row if row >= 0 else self._add_row(enc)
+            out[i] = self._row_or_new(enc)
         return out
 
     def rows_of_packed(self, ids: PackedIds) -> I32:
@@ -413,9 +414,7 @@ class UserTable:
             out[lo:hi] = self._indexed_rows(data, starts[lo:hi], ends[lo:hi])
         blob, start_l, end_l = ids.blob, starts.tolist(), ends.tolist()
         for i in np.flatnonzero(out < 0).tolist():
-            encoded = blob[start_l[i] : end_l[i]]
-            row = self._row_of(encoded)
-            out[i] = row if row >= 0 else self._add_row(encoded)
+            out[i] = self._row_or_new(blob[start_l[i] : end_l[i]])
         return out
 
     def _indexed_rows(self, data: U8, starts: I64, ends: I64) -> I32:

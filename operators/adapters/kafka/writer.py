@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 from zlib import crc32
 
@@ -66,19 +67,15 @@ _START_PROBES = concurrent.futures.ThreadPoolExecutor(
 )
 
 
+@dataclass(frozen=True, slots=True)
 class _ReadBack:
     """Where a writer resumes and the identities it already wrote there (probed off-thread)."""
 
-    __slots__ = ("foreign", "next", "replay_from", "seen", "took_s")
-
-    def __init__(
-        self, next_: int, replay_from: int, seen: set[Hashable], foreign: int, took_s: float
-    ) -> None:
-        self.next = next_
-        self.replay_from = replay_from
-        self.seen = seen
-        self.foreign = foreign
-        self.took_s = took_s
+    next: int
+    replay_from: int
+    seen: set[Hashable]
+    foreign: int
+    took_s: float
 
 
 class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Generic[V]):
