@@ -50,7 +50,12 @@ from operators.adapters.redis.edge_claims import RedisEdgeClaims
 from operators.adapters.redis.rate_limiter import RedisRateLimiter
 from operators.adapters.redis.writer_marks import RedisWriterStartMarks
 from operators.adapters.stores.by_url import open_notification_store
-from operators.config import Settings, cassandra_credentials, load_settings
+from operators.config import (
+    Settings,
+    cassandra_credentials,
+    delivery_providers,
+    load_settings,
+)
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import RetryPolicy
 from operators.delivery.payloads import PushSource, PushTemplate
@@ -269,7 +274,11 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     pump = DeliveryPump(lambda: build_engine(settings, pacer))
     return build_delivery_flow(
         channel_source=ChannelLanesSource(
-            kafka, pacer, pump, bulk_items_per_poll=settings.bulk_items_per_poll
+            kafka,
+            pacer,
+            pump,
+            providers=delivery_providers(settings),
+            bulk_items_per_poll=settings.bulk_items_per_poll,
         ),
         retry_source=RetryTopicSource(kafka, retry_due_at, pump, PUSH_RETRY, lane_of=retry_lane),
         events_sink=events,

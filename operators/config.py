@@ -191,6 +191,9 @@ class Settings:
     """FANFARE_EDGE_CLAIM_TTL_S: how long a (notification, device) claim stays in Redis."""
     bulk_items_per_poll: int = 100
     """FANFARE_BULK_ITEMS_PER_POLL: bulk pushes a delivery worker takes per poll (all lanes)."""
+    delivery_providers: str = ""
+    """FANFARE_DELIVERY_PROVIDERS: the providers whose lane topics a delivery process reads,
+    comma-separated (apns,fcm,email,sms,webpush,chat,inapp); empty: all of them."""
     push_title: str = "{author_id} posted"
     """FANFARE_PUSH_TITLE: notification title; fields {author_id} and {post_id}."""
     push_body: str = "Tap to read the new post"
@@ -632,6 +635,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     _check_metrics_server(settings, env)
     _check_outbox(settings)
     _check_channels(settings)
+    _check_delivery_providers(settings)
     if settings.apns_client not in APNS_CLIENTS:
         raise ConfigError(
             f"FANFARE_APNS_CLIENT={settings.apns_client!r}: use curl (libcurl, the default) or "
@@ -647,6 +651,31 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "FANFARE_STORE_URL must be sqlite:///PATH or cassandra://host1,host2/keyspace[?dc=DC]"
         )
     return settings
+
+
+def delivery_providers(settings: Settings) -> tuple[str, ...]:
+    """The providers a delivery process reads (FANFARE_DELIVERY_PROVIDERS; empty: all)."""
+    from schemas.addresses import CHANNEL_PROVIDERS
+    from schemas.topics import PROVIDERS
+
+    every = (*PROVIDERS, *CHANNEL_PROVIDERS)
+    named = [p.strip() for p in settings.delivery_providers.split(",") if p.strip()]
+    return tuple(p for p in every if p in named) if named else every
+
+
+def _check_delivery_providers(settings: Settings) -> None:
+    from schemas.addresses import CHANNEL_PROVIDERS
+    from schemas.topics import PROVIDERS
+
+    every = (*PROVIDERS, *CHANNEL_PROVIDERS)
+    unknown = sorted(
+        {p.strip() for p in settings.delivery_providers.split(",") if p.strip()} - set(every)
+    )
+    if unknown:
+        raise ConfigError(
+            f"FANFARE_DELIVERY_PROVIDERS names unknown providers {unknown}; "
+            f"known: {', '.join(every)}"
+        )
 
 
 def _check_metrics_server(settings: Settings, env: Mapping[str, str]) -> None:

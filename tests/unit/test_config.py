@@ -94,6 +94,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "FANFARE_EDGE_CLAIM_TTL_S": ("3600", 3_600),
     "FANFARE_STORE_TTL_S": ("86400", 86_400),
     "FANFARE_BULK_ITEMS_PER_POLL": ("400", 400),
+    "FANFARE_DELIVERY_PROVIDERS": ("apns, fcm", "apns, fcm"),
     "FANFARE_PUSH_TITLE": ("New from {author_id}", "New from {author_id}"),
     "FANFARE_PUSH_BODY": ("Post {post_id}", "Post {post_id}"),
     "FANFARE_PUSH_LINK": ("https://x.test/p/{post_id}", "https://x.test/p/{post_id}"),
@@ -267,6 +268,7 @@ def test_derived_values() -> None:
         ("FANFARE_FCM_CLIENT", "requests", "firebase-admin"),
         ("FANFARE_APNS_CONNECTIONS", "0", "out of range"),
         ("FANFARE_DELIVERY_IN_FLIGHT", "0", "out of range"),
+        ("FANFARE_DELIVERY_PROVIDERS", "apns,pager", "unknown providers ['pager']"),
     ],
 )
 def test_bad_values_name_the_variable(var: str, raw: str, fragment: str) -> None:
