@@ -1993,17 +1993,32 @@ def print_report(r: dict[str, Any]) -> None:
             f"{c['authors']:,} authors x {c['followers_per_author']} followers), "
             f"{_mb(s['store_bytes'])}"
         )
-        print(
-            f"          seeding took: plan {s['plan_s']}s, publish {s['preference_events']:,} "
-            f"preferences {s['publish_preferences_s']}s, {s['device_events']:,} devices "
-            f"{s['publish_devices_s']}s, store bulk_load {s['store_bulk_load_s']}s"
-        )
+        ck = s.get("checkpoints")
+        if ck:
+            print(
+                f"          seeded as checkpoints (no changelog messages): plan {s['plan_s']}s, "
+                f"{ck['events_applied']:,} events applied in {ck['apply_s']}s, "
+                f"{ck['users']:,} users' checkpoints written in {ck['write_s']}s "
+                f"({_mb(ck['bytes'])}), store bulk_load {s['store_bulk_load_s']}s"
+            )
+        else:
+            print(
+                f"          seeding took: plan {s['plan_s']}s, publish {s['preference_events']:,} "
+                f"preferences {s['publish_preferences_s']}s, {s['device_events']:,} devices "
+                f"{s['publish_devices_s']}s, store bulk_load {s['store_bulk_load_s']}s"
+            )
         print(
             f"          expected per celebrity post: {s['celebrity_expected_items']:,} items "
             f"({s['celebrity_expected_apns']:,} APNs + {s['celebrity_expected_fcm']:,} FCM)"
         )
     if "load" in r:
         ld = r["load"]
+        if r.get("seed", {}).get("checkpoints"):
+            print(
+                "\nstate load NOT measured (--seed-state checkpoints): the first start loaded "
+                f"the seeded checkpoints and caught up {ld['flow_start_to_all_applied_s']}s "
+                f"after starting the flow (/metrics after {ld['flow_start_to_metrics_s']}s)"
+            )
         print(
             f"\nstate load: {ld['events']:,} changelog events applied "
             f"{ld['flow_start_to_all_applied_s']}s after starting the flow "
