@@ -745,6 +745,13 @@ def changelog_ends(kafka: dict[str, object], sources: Sequence[str]) -> dict[str
         consumer.close()
 
 
+def _trims(metrics: Metrics) -> float:
+    try:
+        return Metrics.get(metrics.snapshot(), "fanfare_memory_trims_total")
+    except (OSError, urllib.error.URLError):
+        return 0.0
+
+
 def caught_up_shards(metrics: Metrics) -> float:
     """How many shards report their changelogs caught up (0 while /metrics does not answer)."""
     try:
@@ -1560,6 +1567,9 @@ def _time_restart(
 
     up_at = wait_until("the restarted flow's /metrics", metrics.all_up, 120, restarted, 0.05)
     ready_at = wait_until("the flow to catch up again", caught_up, args.timeout, restarted, 0.05)
+    # CPU from each process's start to the catch-up: the figure a busy machine does not skew.
+    flow_cpu = [cpu_seconds(p) for p in restarted.pids()]
+    runner_cpu = cpu_seconds(restarted.proc.pid) if restarted.proc is not None else 0.0
     snap = metrics.snapshot()
     wait_until(
         "the restarted flow's processes",
@@ -1575,11 +1585,22 @@ def _time_restart(
         "start_to_caught_up_s": round(ready_at - restarted.started_at, 2),
         "checkpoints_loaded": Metrics.get(snap, "fanfare_shard_checkpoints_loaded_total"),
         "changes_applied_after_restart": Metrics.get(snap, "fanfare_changes_applied_total"),
+        "flow_cpu_s_to_caught_up": [round(c, 2) for c in flow_cpu],
+        "runner_cpu_s_to_caught_up": round(runner_cpu, 2),
+        "load_average_at_caught_up": os.getloadavg()[0],
         "memory_after_restart": flow_memory(restarted),
     }
     base = report.get("baseline")
     if base is not None:
-        time.sleep(2.0)  # the checkpoints the restart wrote at its catch-up are written
+        # The shards compact their tables once all caught up, then the memory is handed back.
+        wait_until(
+            "the restarted flow to hand its freed memory back",
+            lambda: _trims(metrics) >= args.processes,
+            120,
+            restarted,
+            0.1,
+        )
+        time.sleep(2.0)  # the checkpoints the restart wrote after its catch-up are written
         rss = sum(m.get("VmRSS", 0) for m in flow_memory(restarted))
         base_rss = sum(m.get("VmRSS", 0) for m in base["memory"])
         report["restart"]["state_bytes_per_user_rss"] = round((rss - base_rss) / args.users)
@@ -2191,7 +2212,10 @@ def print_report(r: dict[str, Any]) -> None:
             f"every shard's changelogs caught up after {rs['start_to_caught_up_s']}s; "
             f"{rs['checkpoints_loaded']:.0f} checkpoints loaded ({_mb(rs['checkpoint_bytes'])}, "
             f"{rs['checkpoint_bytes_per_user']} B/user), {rs['changes_applied_after_restart']:.0f} "
-            "changes applied after the restart"
+            "changes applied after the restart; CPU to the catch-up: flow "
+            f"{rs.get('flow_cpu_s_to_caught_up')} s, "
+            f"runner {rs.get('runner_cpu_s_to_caught_up')} s "
+            f"(load average {rs.get('load_average_at_caught_up')})"
         )
         if "state_bytes_per_user_rss" in rs:
             print(
