@@ -86,7 +86,8 @@ from operators.fanout.notify import NotifyShard
 from operators.fanout.quiet_hours import hour_is_quiet
 from operators.fanout.shard import POST_CATEGORY, FollowerShard
 from operators.fanout.sharding import shard_of
-from schemas.codecs import format_timestamp
+from schemas.codecs import format_timestamp, parse_timestamp
+from schemas.records import DeviceChange, PreferenceChange
 from schemas.topics import (
     CHANGELOG_TOPICS,
     DEVICE_CHANGES,
@@ -635,7 +636,22 @@ def make_seed(args: argparse.Namespace) -> Seed:
 
 def preference_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
     """One preference_changes message per user, keyed by user id."""
+    for key, value, _change in seeded_preferences(seed, rng):
+        yield key, value
+
+
+def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
+    """One active device_changes message per user, keyed by user id."""
+    for key, value, _change in seeded_devices(seed, rng):
+        yield key, value
+
+
+def seeded_preferences(
+    seed: Seed, rng: random.Random
+) -> Iterator[tuple[bytes, bytes, PreferenceChange]]:
+    """Each user's preference message and the change it decodes to."""
     ts = format_timestamp(seed.seeded_at)
+    at = parse_timestamp(ts)
     tzs = QUIET_TIMEZONES
     for i in range(seed.users):
         uid = seed.uid(i)
@@ -652,12 +668,21 @@ def preference_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes,
             tz = tzs[rng.randrange(len(tzs))]
             start, end = seed.quiet_windows[tz]["inside" if s == QUIET_INSIDE else "outside"]
             rec.update(quiet_hours_start=start, quiet_hours_end=end, timezone=tz)
-        yield uid.encode(), orjson.dumps(rec)
+        change = PreferenceChange(
+            uid,
+            rec["push_enabled"],
+            rec["quiet_hours_start"],
+            rec["quiet_hours_end"],
+            rec["timezone"],
+            at,
+        )
+        yield uid.encode(), orjson.dumps(rec), change
 
 
-def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
-    """One active device_changes message per user, keyed by user id."""
+def seeded_devices(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes, DeviceChange]]:
+    """Each user's device message and the change it decodes to."""
     ts = format_timestamp(seed.seeded_at)
+    at = parse_timestamp(ts)
     for i in range(seed.users):
         uid = seed.uid(i)
         if seed.apns[i]:
@@ -673,7 +698,8 @@ def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, byt
             "active": True,
             "ts": ts,
         }
-        yield uid.encode(), orjson.dumps(rec)
+        change = DeviceChange(uid, rec["device_id"], provider, token, True, at)  # type: ignore[arg-type]
+        yield uid.encode(), orjson.dumps(rec), change
 
 
 def follower_edges(seed: Seed, shard_count: int) -> Iterator[tuple[str, str, int]]:
@@ -721,9 +747,10 @@ def seed_shard_checkpoints(settings: Settings, seed: Seed, rng: random.Random) -
         new_shard,
         settings.shard_count,
         topic_id_of(kafka),
+        # Given with their changes: the flow's decoding checks one message in 1,000.
         {
-            PREFERENCE_CHANGES: preference_messages(seed, rng),
-            DEVICE_CHANGES: device_messages(seed, rng),
+            PREFERENCE_CHANGES: seeded_preferences(seed, rng),
+            DEVICE_CHANGES: seeded_devices(seed, rng),
         },
         changelog_ends(kafka, [p for p in parts if p.rpartition("/")[0] in user_topics]),
     )

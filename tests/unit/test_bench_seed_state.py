@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,8 +19,10 @@ from operators.fanout.notify import NotifyShard
 from operators.fanout.shard import POST_CATEGORY, ChangelogEvent, FollowerShard
 from operators.fanout.steps import ChangelogRouter
 from schemas.codecs import format_timestamp
+from schemas.records import PreferenceChange
 from schemas.topics import DEVICE_CHANGES, PREFERENCE_CHANGES
-from scripts.bench.seed_state import changelog_sources, seed_checkpoints
+from scripts.bench import fanout as fanout_bench
+from scripts.bench.seed_state import Message, changelog_sources, seed_checkpoints
 
 SHARDS = 4
 TS = format_timestamp(datetime(2026, 6, 1, 12, tzinfo=UTC))
@@ -139,3 +142,67 @@ def test_a_topic_without_an_id_writes_no_checkpoint(tmp_path: Path) -> None:
             changelog_sources([PREFERENCE_CHANGES], 1),
         )
     assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_the_benchmarks_changes_are_what_the_flow_decodes_from_its_messages(
+    tmp_path: Path,
+) -> None:
+    args = fanout_bench.build_parser().parse_args(["--users", "3000", "--authors", "5"])
+    seed = fanout_bench.make_seed(args)
+    rng = random.Random(7)
+    seeded = seed_checkpoints(
+        tmp_path,
+        new_shard,
+        SHARDS,
+        LOGS.get,
+        {
+            PREFERENCE_CHANGES: fanout_bench.seeded_preferences(seed, rng),
+            DEVICE_CHANGES: fanout_bench.seeded_devices(seed, rng),
+        },
+        changelog_sources([PREFERENCE_CHANGES, DEVICE_CHANGES], 1),
+        check_every=1,  # every change is compared with its message decoded by the router
+    )
+    assert (seeded.events, seeded.decoded, seeded.users) == (6000, 6000, 3000)
+
+
+def test_a_change_that_is_not_its_messages_stops_the_seeding(tmp_path: Path) -> None:
+    key, value = next(preferences(1))
+    wrong = PreferenceChange("u0000", False, None, None, "UTC", datetime.now(UTC))
+    with pytest.raises(ValueError, match="is not its message's change"):
+        seed_checkpoints(
+            tmp_path,
+            new_shard,
+            SHARDS,
+            LOGS.get,
+            {PREFERENCE_CHANGES: [(key, value, wrong)]},
+            changelog_sources([PREFERENCE_CHANGES], 1),
+        )
+
+
+def test_changes_given_with_their_messages_seed_the_same_state(tmp_path: Path) -> None:
+    n = 400
+    router = ChangelogRouter(SHARDS)
+
+    def with_changes(topic: str, stream: Iterator[tuple[bytes, bytes]]) -> Iterator[Message]:
+        for key, value in stream:
+            routed = list(router.route(RawEvent(topic, 0, 0, key, value, 0.0)))
+            assert isinstance(routed[0], tuple)
+            yield key, value, routed[0][1].change
+
+    seed_checkpoints(
+        tmp_path,
+        new_shard,
+        SHARDS,
+        LOGS.get,
+        {
+            PREFERENCE_CHANGES: with_changes(PREFERENCE_CHANGES, preferences(n)),
+            DEVICE_CHANGES: with_changes(DEVICE_CHANGES, devices(n)),
+        },
+        changelog_sources([PREFERENCE_CHANGES, DEVICE_CHANGES], 2),
+        check_every=97,
+    )
+    store = FileShardStateStore(tmp_path, SHARDS, LOGS.get)
+    for shard_id, want in enumerate(built_by_the_flow(n)):
+        got = new_shard()
+        assert ShardCheckpointer(store, shard_id, 60).load_into(got)
+        assert got.users.state() == want.users.state()
