@@ -11,3 +11,10 @@ FLOWS = {
     "acks": "flows.acks:get_flow",
 }
 """Flow name -> the `module:factory` that `python -m bytewax.run` runs."""
+
+FLOW_PROCESS_MODULE = "flows.runtime.flow_process"
+"""What `fanfare run` starts each flow process as (`python -m FLOW_PROCESS_MODULE FLOW ...`).
+
+Here, not only in that module, so that `fanfare run` need not import it (it imports Bytewax's
+operators and the metrics server, which the runner itself never uses: a restart is that much
+sooner)."""

@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import CollectorRegistry
 
-from flows.registry import FLOWS
+from flows.registry import FLOW_PROCESS_MODULE, FLOWS
 from flows.runtime.http_endpoint import BackgroundHTTPServer, QuietHandler
 from flows.runtime.logs import configure_logging, log_started
 from flows.runtime.step_errors import LoggedError, first_logged
@@ -33,7 +33,7 @@ from flows.runtime.supervisor import EXIT_CANNOT_START, EXIT_CONFIGURATION
 from operators.config import ConfigError, load_settings
 from operators.metrics import FLOW_INFO
 
-MODULE = "flows.runtime.flow_process"
+MODULE = FLOW_PROCESS_MODULE
 
 
 class MetricsServer(BackgroundHTTPServer):

@@ -33,9 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from flows.registry import FLOWS
+from flows.registry import FLOW_PROCESS_MODULE, FLOWS
 from flows.runtime import readiness
-from flows.runtime.flow_process import MODULE
 from flows.runtime.logs import log_started
 from flows.runtime.ports import free_ports
 from flows.runtime.preflight import exit_code, startup_problems
@@ -313,7 +312,7 @@ def bytewax_command(
     cmd = [
         sys.executable,
         "-m",
-        MODULE,
+        FLOW_PROCESS_MODULE,
         flow,
         "-w",
         str(workers),

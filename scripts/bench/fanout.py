@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -75,13 +76,26 @@ from flows.runtime.flow_process import is_flow_process
 from flows.runtime.metrics_scrape import Sample, fetch_text, parse
 from flows.runtime.ports import free_port, free_port_run
 from operators.adapters.kafka.admin import create_topics
+from operators.adapters.kafka.probes import topic_partitions
+from operators.adapters.kafka.topic_identity import topic_id_of
 from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.config import ConfigError, Settings, load_settings
+from operators.fanout.caps import CapRule
+from operators.fanout.notify import NotifyShard
 from operators.fanout.quiet_hours import hour_is_quiet
+from operators.fanout.shard import POST_CATEGORY, FollowerShard
 from operators.fanout.sharding import shard_of
-from schemas.codecs import format_timestamp
-from schemas.topics import DEVICE_CHANGES, POST_CREATED, PREFERENCE_CHANGES, channel_topic
+from schemas.codecs import format_timestamp, parse_timestamp
+from schemas.records import DeviceChange, PreferenceChange
+from schemas.topics import (
+    CHANGELOG_TOPICS,
+    DEVICE_CHANGES,
+    POST_CREATED,
+    PREFERENCE_CHANGES,
+    channel_topic,
+)
+from scripts.bench.seed_state import SeededState, seed_checkpoints
 from scripts.commands.arguments import number_in, whole_number
 from scripts.dev import devstack
 from scripts.harness.bench_env import bench_flow_env
@@ -280,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the restart phase (stop the flow, start it again from its checkpoints and "
         "time it until every shard's changelogs are caught up)",
+    )
+    p.add_argument(
+        "--seed-state",
+        choices=("changelogs", "checkpoints"),
+        default="changelogs",
+        help="how the users' preferences and devices reach the flow: 'changelogs' (default) "
+        "publishes 2 messages per user and times the flow's first load from them; "
+        "'checkpoints' decodes the same messages with the flow's changelog router, applies "
+        "them to the flow's shard classes and writes every shard's checkpoint file directly "
+        "(positions at the changelogs' empty ends), so the flow's first start is a start from "
+        "checkpoints and the first load from the changelogs is NOT measured. For 10M users: "
+        "20M messages through the embedded broker take ~11 min to load and Tansu stopped "
+        "answering at that size",
     )
     p.add_argument(
         "--keep-home",
@@ -609,7 +636,22 @@ def make_seed(args: argparse.Namespace) -> Seed:
 
 def preference_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
     """One preference_changes message per user, keyed by user id."""
+    for key, value, _change in seeded_preferences(seed, rng):
+        yield key, value
+
+
+def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
+    """One active device_changes message per user, keyed by user id."""
+    for key, value, _change in seeded_devices(seed, rng):
+        yield key, value
+
+
+def seeded_preferences(
+    seed: Seed, rng: random.Random
+) -> Iterator[tuple[bytes, bytes, PreferenceChange]]:
+    """Each user's preference message and the change it decodes to."""
     ts = format_timestamp(seed.seeded_at)
+    at = parse_timestamp(ts)
     tzs = QUIET_TIMEZONES
     for i in range(seed.users):
         uid = seed.uid(i)
@@ -626,12 +668,21 @@ def preference_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes,
             tz = tzs[rng.randrange(len(tzs))]
             start, end = seed.quiet_windows[tz]["inside" if s == QUIET_INSIDE else "outside"]
             rec.update(quiet_hours_start=start, quiet_hours_end=end, timezone=tz)
-        yield uid.encode(), orjson.dumps(rec)
+        change = PreferenceChange(
+            uid,
+            rec["push_enabled"],
+            rec["quiet_hours_start"],
+            rec["quiet_hours_end"],
+            rec["timezone"],
+            at,
+        )
+        yield uid.encode(), orjson.dumps(rec), change
 
 
-def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes]]:
-    """One active device_changes message per user, keyed by user id."""
+def seeded_devices(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, bytes, DeviceChange]]:
+    """Each user's device message and the change it decodes to."""
     ts = format_timestamp(seed.seeded_at)
+    at = parse_timestamp(ts)
     for i in range(seed.users):
         uid = seed.uid(i)
         if seed.apns[i]:
@@ -647,7 +698,8 @@ def device_messages(seed: Seed, rng: random.Random) -> Iterator[tuple[bytes, byt
             "active": True,
             "ts": ts,
         }
-        yield uid.encode(), orjson.dumps(rec)
+        change = DeviceChange(uid, rec["device_id"], provider, token, True, at)  # type: ignore[arg-type]
+        yield uid.encode(), orjson.dumps(rec), change
 
 
 def follower_edges(seed: Seed, shard_count: int) -> Iterator[tuple[str, str, int]]:
@@ -662,6 +714,78 @@ def follower_edges(seed: Seed, shard_count: int) -> Iterator[tuple[str, str, int
     for j, fols in enumerate(seed.author_followers):
         for i in sorted(fols, key=lambda i: (shards[i], i)):
             yield author_id(j), seed.uid(i), 1
+
+
+def seed_shard_checkpoints(settings: Settings, seed: Seed, rng: random.Random) -> SeededState:
+    """Write the shards' checkpoints of the seeded users (`--seed-state checkpoints`).
+
+    The shards are built as the flow builds them (`flows.fanout.build_shard`, without the
+    read-ahead pool, which a checkpoint does not hold); the positions are the changelogs'
+    ends now, so the flow reads only what is published after this.
+    """
+    kafka = settings.kafka_config()
+    parts = topic_partitions(kafka, CHANGELOG_TOPICS)
+
+    def new_shard() -> FollowerShard:
+        budget = settings.expand_budget
+        return FollowerShard(
+            parts,
+            page_size=settings.follower_page_size,
+            batch_size=settings.dispatch_batch_size,
+            settle_s=settings.changelog_settle_ms / 1000,
+            celebrity_threshold=settings.celebrity_threshold,
+            caps=CapRule(POST_CATEGORY, settings.post_cap, settings.cap_window_s),
+            notify=NotifyShard(
+                {"social": budget, "marketing": budget},
+                cap=(settings.notify_cap, settings.notify_cap_window_s),
+            ),
+        )
+
+    user_topics = (PREFERENCE_CHANGES, DEVICE_CHANGES)
+    return seed_checkpoints(
+        settings.shard_state_dir,
+        new_shard,
+        settings.shard_count,
+        topic_id_of(kafka),
+        # Given with their changes: the flow's decoding checks one message in 1,000.
+        {
+            PREFERENCE_CHANGES: seeded_preferences(seed, rng),
+            DEVICE_CHANGES: seeded_devices(seed, rng),
+        },
+        changelog_ends(kafka, [p for p in parts if p.rpartition("/")[0] in user_topics]),
+    )
+
+
+def changelog_ends(kafka: dict[str, object], sources: Sequence[str]) -> dict[str, int]:
+    """Each "topic/partition" source's end offset now (its high watermark)."""
+    consumer = Consumer({**kafka, "group.id": f"fanfare-bench-ends-{uuid.uuid4().hex[:8]}"})
+    try:
+        ends = {}
+        for source in sources:
+            topic, _, partition = source.rpartition("/")
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, int(partition)), timeout=10
+            )
+            ends[source] = int(high)
+        return ends
+    finally:
+        consumer.close()
+
+
+def _trims(metrics: Metrics) -> float:
+    try:
+        return Metrics.get(metrics.snapshot(), "fanfare_memory_trims_total")
+    except (OSError, urllib.error.URLError):
+        return 0.0
+
+
+def caught_up_shards(metrics: Metrics) -> float:
+    """How many shards report their changelogs caught up (0 while /metrics does not answer)."""
+    try:
+        snap = metrics.snapshot()
+    except (OSError, urllib.error.URLError):
+        return 0.0
+    return Metrics.get(snap, "fanfare_changelogs_caught_up_shards")
 
 
 def author_id(j: int) -> str:
@@ -1116,9 +1240,15 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         seed = make_seed(args)
         rng = random.Random(args.seed + 2)
         t1 = time.time()
-        n_prefs = produce_all(kafka, PREFERENCE_CHANGES, preference_messages(seed, rng))
-        t2 = time.time()
-        n_devs = produce_all(kafka, DEVICE_CHANGES, device_messages(seed, rng))
+        seeded: SeededState | None = None
+        if args.seed_state == "checkpoints":
+            seeded = seed_shard_checkpoints(settings, seed, rng)
+            n_prefs = n_devs = 0  # none published: the flow starts from the checkpoints
+            t2 = t1 + seeded.apply_s
+        else:
+            n_prefs = produce_all(kafka, PREFERENCE_CHANGES, preference_messages(seed, rng))
+            t2 = time.time()
+            n_devs = produce_all(kafka, DEVICE_CHANGES, device_messages(seed, rng))
         t3 = time.time()
         store = SQLiteFollowerStore(
             settings.resolved_store_url.removeprefix("sqlite:///"), settings.shard_count
@@ -1139,6 +1269,18 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             "publish_preferences_s": round(t2 - t1, 2),
             "publish_devices_s": round(t3 - t2, 2),
             "store_bulk_load_s": round(t4 - t3, 2),
+            "seed_state": args.seed_state,
+            "checkpoints": (
+                None
+                if seeded is None
+                else {
+                    "events_applied": seeded.events,
+                    "users": seeded.users,
+                    "apply_s": round(seeded.apply_s, 2),
+                    "write_s": round(seeded.write_s, 2),
+                    "bytes": seeded.checkpoint_bytes,
+                }
+            ),
             "store_bytes": Path(settings.resolved_store_url.removeprefix("sqlite:///"))
             .stat()
             .st_size,
@@ -1174,13 +1316,22 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             )
 
         metrics_up_at = wait_until("the flow's /metrics", metrics.all_up, 120, flow, 0.1)
-        loaded_at = wait_until(
-            "the flow to apply every preference and device change",
-            lambda: applied() == (float(n_prefs), float(n_devs)),
-            args.timeout,
-            flow,
-            0.2,
-        )
+        if seeded is None:
+            loaded_at = wait_until(
+                "the flow to apply every preference and device change",
+                lambda: applied() == (float(n_prefs), float(n_devs)),
+                args.timeout,
+                flow,
+                0.2,
+            )
+        else:
+            loaded_at = wait_until(
+                "the flow to load its seeded checkpoints and catch up",
+                lambda: caught_up_shards(metrics) >= settings.shard_count,
+                args.timeout,
+                flow,
+                0.05,
+            )
         load_profiles = profiler.stop() if profiler is not None else []
         wait_until(
             "the flow's processes", lambda: len(main_flow.pids()) == args.processes, 30, flow
@@ -1412,7 +1563,7 @@ def measure_restart(
     )
     tail_n = max(1, args.users // 100)
     rng = random.Random(args.seed + 3)
-    tail_msgs = list(preference_messages(seed, rng))[:tail_n]
+    tail_msgs = list(itertools.islice(preference_messages(seed, rng), tail_n))
     produce_all(settings.kafka_config(), PREFERENCE_CHANGES, tail_msgs)
     time.sleep(1.0)
     log("restart: stopping the flow")
@@ -1439,14 +1590,13 @@ def _time_restart(
 ) -> Flow:
 
     def caught_up() -> bool:
-        try:
-            snap = metrics.snapshot()
-        except (OSError, urllib.error.URLError):
-            return False
-        return Metrics.get(snap, "fanfare_changelogs_caught_up_shards") >= settings.shard_count
+        return caught_up_shards(metrics) >= settings.shard_count
 
     up_at = wait_until("the restarted flow's /metrics", metrics.all_up, 120, restarted, 0.05)
     ready_at = wait_until("the flow to catch up again", caught_up, args.timeout, restarted, 0.05)
+    # CPU from each process's start to the catch-up: the figure a busy machine does not skew.
+    flow_cpu = [cpu_seconds(p) for p in restarted.pids()]
+    runner_cpu = cpu_seconds(restarted.proc.pid) if restarted.proc is not None else 0.0
     snap = metrics.snapshot()
     wait_until(
         "the restarted flow's processes",
@@ -1462,11 +1612,22 @@ def _time_restart(
         "start_to_caught_up_s": round(ready_at - restarted.started_at, 2),
         "checkpoints_loaded": Metrics.get(snap, "fanfare_shard_checkpoints_loaded_total"),
         "changes_applied_after_restart": Metrics.get(snap, "fanfare_changes_applied_total"),
+        "flow_cpu_s_to_caught_up": [round(c, 2) for c in flow_cpu],
+        "runner_cpu_s_to_caught_up": round(runner_cpu, 2),
+        "load_average_at_caught_up": os.getloadavg()[0],
         "memory_after_restart": flow_memory(restarted),
     }
     base = report.get("baseline")
     if base is not None:
-        time.sleep(2.0)  # the checkpoints the restart wrote at its catch-up are written
+        # The shards compact their tables once all caught up, then the memory is handed back.
+        wait_until(
+            "the restarted flow to hand its freed memory back",
+            lambda: _trims(metrics) >= args.processes,
+            120,
+            restarted,
+            0.1,
+        )
+        time.sleep(2.0)  # the checkpoints the restart wrote after its catch-up are written
         rss = sum(m.get("VmRSS", 0) for m in flow_memory(restarted))
         base_rss = sum(m.get("VmRSS", 0) for m in base["memory"])
         report["restart"]["state_bytes_per_user_rss"] = round((rss - base_rss) / args.users)
@@ -1880,17 +2041,32 @@ def print_report(r: dict[str, Any]) -> None:
             f"{c['authors']:,} authors x {c['followers_per_author']} followers), "
             f"{_mb(s['store_bytes'])}"
         )
-        print(
-            f"          seeding took: plan {s['plan_s']}s, publish {s['preference_events']:,} "
-            f"preferences {s['publish_preferences_s']}s, {s['device_events']:,} devices "
-            f"{s['publish_devices_s']}s, store bulk_load {s['store_bulk_load_s']}s"
-        )
+        ck = s.get("checkpoints")
+        if ck:
+            print(
+                f"          seeded as checkpoints (no changelog messages): plan {s['plan_s']}s, "
+                f"{ck['events_applied']:,} events applied in {ck['apply_s']}s, "
+                f"{ck['users']:,} users' checkpoints written in {ck['write_s']}s "
+                f"({_mb(ck['bytes'])}), store bulk_load {s['store_bulk_load_s']}s"
+            )
+        else:
+            print(
+                f"          seeding took: plan {s['plan_s']}s, publish {s['preference_events']:,} "
+                f"preferences {s['publish_preferences_s']}s, {s['device_events']:,} devices "
+                f"{s['publish_devices_s']}s, store bulk_load {s['store_bulk_load_s']}s"
+            )
         print(
             f"          expected per celebrity post: {s['celebrity_expected_items']:,} items "
             f"({s['celebrity_expected_apns']:,} APNs + {s['celebrity_expected_fcm']:,} FCM)"
         )
     if "load" in r:
         ld = r["load"]
+        if r.get("seed", {}).get("checkpoints"):
+            print(
+                "\nstate load NOT measured (--seed-state checkpoints): the first start loaded "
+                f"the seeded checkpoints and caught up {ld['flow_start_to_all_applied_s']}s "
+                f"after starting the flow (/metrics after {ld['flow_start_to_metrics_s']}s)"
+            )
         print(
             f"\nstate load: {ld['events']:,} changelog events applied "
             f"{ld['flow_start_to_all_applied_s']}s after starting the flow "
@@ -2063,7 +2239,10 @@ def print_report(r: dict[str, Any]) -> None:
             f"every shard's changelogs caught up after {rs['start_to_caught_up_s']}s; "
             f"{rs['checkpoints_loaded']:.0f} checkpoints loaded ({_mb(rs['checkpoint_bytes'])}, "
             f"{rs['checkpoint_bytes_per_user']} B/user), {rs['changes_applied_after_restart']:.0f} "
-            "changes applied after the restart"
+            "changes applied after the restart; CPU to the catch-up: flow "
+            f"{rs.get('flow_cpu_s_to_caught_up')} s, "
+            f"runner {rs.get('runner_cpu_s_to_caught_up')} s "
+            f"(load average {rs.get('load_average_at_caught_up')})"
         )
         if "state_bytes_per_user_rss" in rs:
             print(

@@ -304,3 +304,31 @@ def test_the_saved_user_index_serves_another_process_and_an_old_checkpoint_rebui
             with pytest.raises(AssertionError, match="rebuilt"):
                 loaded(cols)
         assert loaded(cols).users.state() == reference.users.state()
+
+
+def test_a_checkpoint_is_mapped_not_copied_and_a_loaded_shard_owns_its_arrays(
+    tmp_path: Path,
+) -> None:
+    store = FileShardStateStore(
+        tmp_path, 1, {"device_changes": "devlog", "preference_changes": "preflog"}.get
+    )
+    events = changelog(200)
+    shard = FollowerShard(SOURCES)
+    for e in events[:150]:
+        shard.apply(e)
+    store.save(0, *shard.checkpoint_state())
+    store.flush()
+    found = read_checkpoint(checkpoint_path(tmp_path, 0))
+    assert found is not None
+    # Views of the file's mapping (read-only), not a second copy of it in memory.
+    assert all(not arr.flags.writeable for arr in found[1].values())
+    again = FollowerShard(SOURCES)
+    assert ShardCheckpointer(store, 0, 60).load_into(again)
+    # The file replaced under the loaded shard changes nothing in it, and its tables take the
+    # tail (the loaders copied every array out of the mapping).
+    store.save(0, *FollowerShard(SOURCES).checkpoint_state())
+    store.flush()
+    for e in events[150:]:
+        shard.apply(e)
+        again.apply(e)
+    assert again.users.state() == shard.users.state()
