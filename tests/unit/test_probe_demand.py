@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from operators.adapters.kafka.reader import PROBE_ANSWER_S, TopicPartitionReader
+from operators.adapters.kafka.reader import (
+    IDLE_POLL_MAX_S,
+    IDLE_POLL_S,
+    PROBE_ANSWER_S,
+    TopicPartitionReader,
+)
 from operators.events import CaughtUp
 from operators.fanout.columns import UserTable
 from operators.fanout.logic import ExpandFollowerShardLogic
@@ -157,3 +162,65 @@ def test_a_jobs_first_run_counts_its_wait_since_its_read() -> None:
     tally = NotifyTally()
     shard.work(UserTable(), datetime.fromtimestamp(100.4, UTC), lambda read_at: True, tally)
     assert [(t, round(s, 3)) for t, s in tally.read_to_run] == [("transactional", 0.4)]
+
+
+def wait_s(r: TopicPartitionReader) -> float:
+    """Seconds from now until the reader asks to be polled again."""
+    awake = r.next_awake()
+    assert awake is not None
+    return (awake - datetime.now(UTC)).total_seconds()
+
+
+def test_an_idle_reader_wakes_at_the_time_a_shard_asked_for(
+    consumers: list[FakeConsumer],
+) -> None:
+    clock = FakeClock(100.0)
+    demand = ProbeDemand()
+    r = changelog_reader(clock, demand)
+    [consumer] = consumers
+    at_end(r, consumer, clock)
+    for _ in range(8):  # long idle: the backoff is at its longest
+        clock.now += 0.04
+        r.next_batch()
+    assert wait_s(r) > IDLE_POLL_MAX_S * 0.9
+    demand.ask(clock.now + 0.005)
+    assert wait_s(r) <= 0.006  # not a backoff later: the gate waits on this partition
+    clock.now += 0.005
+    r.next_batch()
+    assert consumer.seeks == [3]
+
+
+def test_a_reader_looks_often_for_the_answer_to_an_asked_for_probe(
+    consumers: list[FakeConsumer],
+) -> None:
+    clock = FakeClock(100.0)
+    demand = ProbeDemand()
+    r = changelog_reader(clock, demand)
+    [consumer] = consumers
+    at_end(r, consumer, clock)
+    demand.ask(100.1)
+    clock.now = 100.1
+    r.next_batch()
+    assert consumer.seeks == [3]
+    for _ in range(6):  # the answer is not in yet
+        clock.now += 0.01
+        r.next_batch()
+        assert wait_s(r) <= IDLE_POLL_S + 0.001
+    clock.now = 100.1 + 3 * PROBE_ANSWER_S + 0.01  # never answered: back to the backoff
+    r.next_batch()
+    assert wait_s(r) > IDLE_POLL_MAX_S * 0.9
+    clock.now += 0.01
+    at_end(r, consumer, clock)
+
+
+def test_an_interval_probe_keeps_the_backoff(consumers: list[FakeConsumer]) -> None:
+    clock = FakeClock(100.0)
+    r = changelog_reader(clock, ProbeDemand())
+    [consumer] = consumers
+    at_end(r, consumer, clock)
+    clock.now += INTERVAL + 0.01
+    for _ in range(7):
+        r.next_batch()
+        clock.now += 0.01
+    assert consumer.seeks == [3]  # no shard asked: only its interval probe
+    assert wait_s(r) > IDLE_POLL_MAX_S * 0.9

@@ -74,6 +74,10 @@ PROBE_ANSWER_S = 2 * FETCH_WAIT_MS / 1000
 """About how long a probe takes to be answered by an end-of-partition event (measured ~0.1 s:
 the fetch in flight ends, then the one after the seek is held at the end)."""
 
+_ANSWER_WATCH_S = 3 * PROBE_ANSWER_S
+"""Seconds a reader looks often for the answer to a probe a shard asked for: longer than an
+answer takes; one that never came is left to the interval probes."""
+
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
 
@@ -478,6 +482,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         self._source = f"{topic}/{partition}"
         self._probe_at = clock()
         self._last_eof_at = 0.0
+        self._probe_asked = False  # the probe out was made for a shard's ask (`_probe_wait`)
         self._lag = metrics.CONSUMER_LAG.labels(topic, str(partition))
         self._lag_at = 0.0
         self._stale_after_s = stale_after_s
@@ -552,6 +557,9 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
             elif self._probe_due(now):
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
                 # while data flows, as a seek drops what the client had prefetched.
+                self._probe_asked = self._demand is not None and (
+                    self._demand.due_after(self._probe_at) is not None
+                )
                 self._probe_at = now
                 self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
         if now >= self._lag_at:
@@ -675,10 +683,33 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         Bytewax polls a source again 1 ms after an empty batch: with a few dozen idle
         partitions that alone kept a good part of a core busy, which a busy fan-out needs. The
         wait doubles with each empty poll up to `IDLE_POLL_MAX_S`; a message read resets it.
+        A changelog reader a gate waits on wakes sooner (`_probe_wait`).
         """
         if self._empty_looks:
-            return datetime.now(UTC) + idle_backoff(self._empty_looks, _IDLE_POLL, _IDLE_POLL_MAX)
+            wait = idle_backoff(self._empty_looks, _IDLE_POLL, _IDLE_POLL_MAX)
+            if self._report:
+                probe_wait = self._probe_wait(self._clock())
+                if probe_wait is not None:
+                    wait = min(wait, timedelta(seconds=max(probe_wait, 0.0)))
+            return datetime.now(UTC) + wait
         return None
+
+    def _probe_wait(self, now: float) -> float | None:
+        """Seconds until this idle reader has probe work a shard's gate waits on (None: none).
+
+        A gate opens on the slowest changelog partition's answer, and the backoff alone let
+        each partition make its asked-for probe up to `IDLE_POLL_MAX_S` late and pass its
+        answer on as late again. So: wake at the asked time, and while a probe made for an
+        ask is unanswered (for at most `_ANSWER_WATCH_S`), look every `IDLE_POLL_S`.
+        """
+        if self._demand is None:
+            return None
+        if self._last_eof_at < self._probe_at:  # a probe is out
+            if now - self._probe_at < _ANSWER_WATCH_S and self._probe_asked:
+                return IDLE_POLL_S
+            return None
+        wanted = self._demand.due_after(self._probe_at)
+        return None if wanted is None else wanted - now
 
     def offset(self) -> int:
         """The next offset to read."""
