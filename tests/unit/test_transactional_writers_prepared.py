@@ -39,6 +39,9 @@ def test_the_load_starts_every_transactional_writer_and_no_other() -> None:
     loaded.shard_caught_up()
     assert sink.writers == []  # a shard still loading: nothing yet
     loaded.shard_caught_up()
+    assert sink.writers == []  # caught up, not yet settled (compacted): still nothing
+    loaded.shard_settled()
+    loaded.shard_settled()
     assert released == [True]
     assert sorted(f"{w.topic}/{w.partition}" for w in sink.writers) == [
         f"{t}/{p}"
