@@ -286,6 +286,32 @@ class FragmentArena:
         arena = self._arena
         return [arena[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
+    def join(self, devices: Sequence[int], sep: bytes, head: bytes, tail: bytes) -> bytes:
+        """`head + sep.join(fragments of these slots) + tail`, copied once.
+
+        The fragments are views of the arena, not a copy each (the join copies them anyway);
+        every view is gone before this returns, so the arena can grow again.
+        """
+        idx = np.asarray(devices, np.int64)
+        if not len(idx):
+            return head + tail
+        starts: I64 = self._start.a[idx].astype(np.int64)
+        ends = starts + self._len.a[idx].astype(np.int64)
+        view = memoryview(self._arena)
+        try:
+            parts: list[bytes | memoryview] = [
+                view[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+            ]
+            # Head and tail ride on the first and last fragment: the join is the only big copy.
+            if len(parts) == 1:
+                return head + parts[0] + tail
+            parts[0] = head + parts[0]
+            parts[-1] = bytes(parts[-1]) + tail
+            return sep.join(parts)
+        finally:
+            parts = []
+            view.release()
+
     def lens(self) -> npt.NDArray[np.int64]:
         """Each slot's length (a copy)."""
         return self._len.view().astype(np.int64)
