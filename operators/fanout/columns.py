@@ -318,7 +318,26 @@ class FragmentArena:
 
     def blob(self) -> bytes:
         """Every slot's fragment, in slot order, no garbage."""
-        return b"".join(self.pick(range(len(self))))
+        n = len(self)
+        if not n:
+            return b""
+        starts = self._start.view().astype(np.int64)
+        ends = starts + self._len.view().astype(np.int64)
+        # Slots appended one after another (a load, a packed arena) lie back to back: a run of
+        # them is one slice, so a checkpoint copies a few runs, not an object per device.
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        firsts = np.concatenate(([0], breaks))
+        lasts = np.concatenate((breaks, [n])) - 1
+        view = memoryview(self._arena)
+        try:
+            return b"".join(
+                [
+                    view[a:b]
+                    for a, b in zip(starts[firsts].tolist(), ends[lasts].tolist(), strict=True)
+                ]
+            )
+        finally:
+            view.release()
 
     def pack(self) -> None:
         """Drop the garbage and any spare capacity."""
