@@ -140,35 +140,6 @@ def test_channel_sink_drops_items_written_since_the_snapshot_on_resume(stack: St
     resumed.close()
 
 
-def test_channel_sink_writers_share_one_producer_and_keep_their_own_offsets(
-    stack: Stack,
-) -> None:
-    # One librdkafka client for every partition the fan-out writes, not one each; a writer's
-    # snapshot still names its own partition's end, and its flush covers its neighbour's too.
-    kafka = stack.settings.kafka_config()
-    sink = ChannelTopicsSink(kafka, ["push.apns", "push.apns.bulk"])
-    posts = {sink.route_key(batch(f"sp{i}", range(1))): f"sp{i}" for i in range(40)}
-    names = sorted(n for n in posts if n.startswith("push.apns/"))[:2]
-    names.append(sink.route_key(batch("sb1", range(1), "bulk")))
-    posts[names[2]] = "sb1"
-    assert len(names) == 3 and len(set(names)) == 3
-    parts = [sink.build_part("out", n, None) for n in names]
-    assert len({id(p._producer) for p in parts}) == 1  # type: ignore[attr-defined]
-    starts = []
-    for n in names:
-        topic, p = n.rsplit("/", 1)
-        starts.append(end_offset(kafka, topic, int(p)))
-    for k, (n, part) in enumerate(zip(names, parts, strict=True)):
-        lane = "bulk" if ".bulk/" in n else "normal"
-        part.write_batch([batch(posts[n], range(m * 10, m * 10 + 10), lane) for m in range(k + 1)])
-    states = [part.snapshot() for part in parts]
-    for n, start, state, k in zip(names, starts, states, range(3), strict=True):
-        topic, p = n.rsplit("/", 1)
-        assert end_offset(kafka, topic, int(p)) == start + k + 1 == state[0]
-    for part in parts:
-        part.close()
-
-
 def test_channel_sink_joins_a_posts_shard_batches_and_still_drops_replays(stack: Stack) -> None:
     # 32 shards emit a few items each for a normal post: one message, not 32, and a replay of
     # the shards' batches after a crash writes none of their items again.

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import orjson
-from confluent_kafka import Producer
 
 from operators import metrics
 from operators.adapters.kafka.probes import KafkaConfig
@@ -48,11 +47,10 @@ class _ChannelPartitionWriter(IdempotentPartitionWriter[Batch]):
         on_written: Callable[[Batch, int], None],
         marks: WriterStartMarks | None = None,
         max_batch_items: int = MAX_DISPATCH_BATCH,
-        producer: Producer | None = None,
     ) -> None:
         self._on_written = on_written
         self._max_batch_items = max_batch_items
-        super().__init__(config, topic, partition, resume, replay_window_epochs, marks, producer)
+        super().__init__(config, topic, partition, resume, replay_window_epochs, marks)
 
     def _identities(self, raw: bytes) -> Iterable[Hashable]:
         return [(i["notification_id"], i["device_id"]) for i in orjson.loads(raw).get("items", ())]
@@ -110,13 +108,7 @@ class ChannelTopicsSink(PartitionedTopicsSink[Batch]):
         marks: Callable[[], WriterStartMarks] | None = None,
         max_batch_items: int = MAX_DISPATCH_BATCH,
     ) -> None:
-        super().__init__(
-            config,
-            topics,
-            replay_window_epochs=replay_window_epochs,
-            marks=marks,
-            share_producer=True,
-        )
+        super().__init__(config, topics, replay_window_epochs=replay_window_epochs, marks=marks)
         self._max_batch_items = max_batch_items
         self._on_written = on_written
 
@@ -139,5 +131,4 @@ class ChannelTopicsSink(PartitionedTopicsSink[Batch]):
             self._on_written,
             marks,
             self._max_batch_items,
-            self._writer_producer(),
         )

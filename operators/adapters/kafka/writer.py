@@ -3,8 +3,7 @@
 Bytewax's output is at-least-once: after a restart it replays the epoch that was not
 snapshotted. `IdempotentPartitionWriter` snapshots its partition's end and reads back what it
 wrote since, so replayed values are dropped; `FlushingTopicSink` waits for every write of a batch
-(rare, must-not-lose messages). Producers are built per partition, per sink (shared by its
-writers) or per worker, never at import.
+(rare, must-not-lose messages). Producers are built per partition or worker, never at import.
 """
 
 from __future__ import annotations
@@ -68,21 +67,6 @@ _START_PROBES = concurrent.futures.ThreadPoolExecutor(
 )
 
 
-def writer_producer(config: KafkaConfig) -> Producer:
-    """The producer of partition writers (one per writer, or one shared by a sink's writers)."""
-    return Producer(
-        client_config(
-            config,
-            **{
-                "linger.ms": 5,
-                "acks": "all",
-                "message.max.bytes": 8 * 1024 * 1024,
-                "queue.buffering.max.kbytes": 1024 * 1024,
-            },
-        )
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class _ReadBack:
     """Where a writer resumes and the identities it already wrote there (probed off-thread)."""
@@ -122,14 +106,20 @@ class IdempotentPartitionWriter(StatefulSinkPartition[V, ChannelSinkState], Gene
         resume: ChannelSinkState | None,
         replay_window_epochs: int,
         marks: WriterStartMarks | None = None,
-        producer: Producer | None = None,
     ) -> None:
         self._topic = topic
         self._partition = partition
-        # A producer of its own unless the sink shares one among its writers
-        # (`PartitionedTopicsSink(share_producer=True)`): delivery reports are per message, so
-        # offsets and errors stay this writer's; a flush also waits for its neighbours' writes.
-        self._producer = producer if producer is not None else writer_producer(config)
+        self._producer = Producer(
+            client_config(
+                config,
+                **{
+                    "linger.ms": 5,
+                    "acks": "all",
+                    "message.max.bytes": 8 * 1024 * 1024,
+                    "queue.buffering.max.kbytes": 1024 * 1024,
+                },
+            )
+        )
         self._last_offset = -1
         self._errors: list[str] = []
         self._seen: set[Hashable] = set()
@@ -382,16 +372,9 @@ class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V
         *,
         replay_window_epochs: int,
         marks: Callable[[], WriterStartMarks] | None,
-        share_producer: bool = False,
     ) -> None:
         self._config = config
         self._topics = list(topics)
-        # One producer for every writer of the process (built with the first): a fan-out
-        # writes dozens of partitions, and a client each cost three librdkafka threads and a
-        # produce request per partition where one request carries them all.
-        self._share_producer = share_producer
-        self._producer: Producer | None = None
-        self._producer_lock = threading.Lock()
         self._parts: list[str] | None = None
         self._counts: dict[str, int] = {}
         self._replay_window = replay_window_epochs
@@ -430,21 +413,8 @@ class PartitionedTopicsSink(FixedPartitionedSink[V, ChannelSinkState], Generic[V
         resume: ChannelSinkState | None,
         marks: WriterStartMarks | None,
     ) -> IdempotentPartitionWriter[V]:
-        """The writer of one partition.
-
-        Its `replay_window_epochs` is `self._replay_window`, its producer
-        `self._writer_producer()`.
-        """
+        """The writer of one partition (its `replay_window_epochs`: `self._replay_window`)."""
         raise NotImplementedError
-
-    def _writer_producer(self) -> Producer | None:
-        """The shared producer (built on first use), or None: each writer builds its own."""
-        if not self._share_producer:
-            return None
-        with self._producer_lock:
-            if self._producer is None:
-                self._producer = writer_producer(self._config)
-            return self._producer
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: ChannelSinkState | None
