@@ -79,20 +79,14 @@ def encode_batches(
     out = []
     for start in range(0, len(devices), batch_size):
         chunk = devices[start : start + batch_size]
-        picked: Sequence[bytes | bytearray] = (
-            fragments.pick(chunk)
+        payload = (
+            fragments.join(chunk, sep, head, b"]}")
             if isinstance(fragments, FragmentArena)
-            else [fragments[d] for d in chunk]
+            else head + sep.join([fragments[d] for d in chunk]) + b"]}"
         )
         out.append(
             EncodedDispatchBatch(
-                post_id,
-                author_id,
-                provider,
-                created_at,
-                lane,
-                head + sep.join(picked) + b"]}",
-                len(picked),
+                post_id, author_id, provider, created_at, lane, payload, len(chunk)
             )
         )
     return out

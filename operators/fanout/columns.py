@@ -286,13 +286,58 @@ class FragmentArena:
         arena = self._arena
         return [arena[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
+    def join(self, devices: Sequence[int], sep: bytes, head: bytes, tail: bytes) -> bytes:
+        """`head + sep.join(fragments of these slots) + tail`, copied once.
+
+        The fragments are views of the arena, not a copy each (the join copies them anyway);
+        every view is gone before this returns, so the arena can grow again.
+        """
+        idx = np.asarray(devices, np.int64)
+        if not len(idx):
+            return head + tail
+        starts: I64 = self._start.a[idx].astype(np.int64)
+        ends = starts + self._len.a[idx].astype(np.int64)
+        view = memoryview(self._arena)
+        try:
+            parts: list[bytes | memoryview] = [
+                view[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+            ]
+            # Head and tail ride on the first and last fragment: the join is the only big copy.
+            if len(parts) == 1:
+                return head + parts[0] + tail
+            parts[0] = head + parts[0]
+            parts[-1] = bytes(parts[-1]) + tail
+            return sep.join(parts)
+        finally:
+            parts = []
+            view.release()
+
     def lens(self) -> npt.NDArray[np.int64]:
         """Each slot's length (a copy)."""
         return self._len.view().astype(np.int64)
 
     def blob(self) -> bytes:
         """Every slot's fragment, in slot order, no garbage."""
-        return b"".join(self.pick(range(len(self))))
+        n = len(self)
+        if not n:
+            return b""
+        starts = self._start.view().astype(np.int64)
+        ends = starts + self._len.view().astype(np.int64)
+        # Slots appended one after another (a load, a packed arena) lie back to back: a run of
+        # them is one slice, so a checkpoint copies a few runs, not an object per device.
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        firsts = np.concatenate(([0], breaks))
+        lasts = np.concatenate((breaks, [n])) - 1
+        view = memoryview(self._arena)
+        try:
+            return b"".join(
+                [
+                    view[a:b]
+                    for a, b in zip(starts[firsts].tolist(), ends[lasts].tolist(), strict=True)
+                ]
+            )
+        finally:
+            view.release()
 
     def pack(self) -> None:
         """Drop the garbage and any spare capacity."""

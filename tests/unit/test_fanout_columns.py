@@ -430,6 +430,24 @@ def test_fragment_arena_matches_a_list_through_replacements_and_packing(
     assert [arena[d] for d in range(len(arena))] == reference and arena.garbage == 0
 
 
+@given(st.lists(st.binary(max_size=30), min_size=1, max_size=20), st.data())
+@settings(max_examples=60, deadline=None)
+def test_fragment_arena_join_is_the_joined_fragments_and_leaves_the_arena_growable(
+    frags: list[bytes], data: st.DataObject
+) -> None:
+    arena = FragmentArena()
+    for f in frags:
+        arena.append(f)
+    picked = data.draw(st.lists(st.integers(0, len(frags) - 1), max_size=25))
+    got = arena.join(picked, b",S", b"H[", b"]T")
+    assert got == b"H[" + b",S".join(frags[d] for d in picked) + b"]T"
+    assert isinstance(got, bytes)
+    # No view of the arena outlives the join: it still grows and is replaced in place.
+    arena.append(b"x" * 64)
+    arena[0] = b"y" * 64
+    assert arena[len(frags)] == b"x" * 64 and arena[0] == b"y" * 64
+
+
 def test_fragment_arena_packs_itself_once_half_is_garbage() -> None:
     arena = FragmentArena()
     arena.append(b"a" * 1000)
