@@ -50,6 +50,7 @@ from operators.fanout.notify import TIER_CONSUMER, TIER_READ_BATCH, NotifyShard
 from operators.fanout.ports import FollowerStore, PostClaims, ShardStateStore
 from operators.fanout.prefetch import ColumnPrefetch
 from operators.fanout.shard import POST_CATEGORY, FollowerShard, utc_now
+from operators.fanout.step_budget import WorkerStepBudgets
 from operators.fanout.steps import (
     ChangelogRouter,
     NotificationClaimer,
@@ -186,6 +187,8 @@ def build_fanout_flow(
     loaded = ShardsLoaded(on_loaded) if on_loaded is not None else None
     # One pool of column readers for the process's shards (its threads start at the first ask).
     prefetch = ColumnPrefetch(store)
+    # One window per worker for what can wait: every shard of a worker runs in one activation.
+    step_budgets = WorkerStepBudgets(settings.step_budget_ms / 1000)
 
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
         shard = FollowerShard(
@@ -214,6 +217,7 @@ def build_fanout_flow(
             checkpoints=checkpointer,
             loaded=loaded,
             demand=probe_demand,
+            step_budget=step_budgets,
         )
 
     batches = op.stateful_batch(

@@ -73,6 +73,10 @@ class Settings:
     bulk_expand_ms: int = 40
     """FANFARE_BULK_EXPAND_MS: time one shard spends on celebrity posts per activation before
     normal posts get their turn."""
+    step_budget_ms: int = 100
+    """FANFARE_STEP_BUDGET_MS: time all the shards of one worker together spend per step on work
+    that can wait (celebrity posts, social and marketing notifications) before the sources are
+    read again, so a login code or a normal post waits at most about that long behind them."""
     checkpoint_interval_s: int = 300
     """FANFARE_CHECKPOINT_INTERVAL_S: how often a follower shard checkpoints its users (and at
     once when it first catches up after a start)."""
@@ -428,6 +432,7 @@ _INT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "expand_budget": (1, None),
     "bulk_expand_budget": (1, None),
     "bulk_expand_ms": (1, 60_000),
+    "step_budget_ms": (1, 60_000),
     "checkpoint_interval_s": (1, 86_400),
     "changelog_retention_hours": (0, None),
     "post_claim_ttl_s": (1, None),

@@ -24,6 +24,7 @@ from operators.fanout.shard import (
     ShardJob,
     ShardMarker,
 )
+from operators.fanout.step_budget import StepBudget
 from operators.probe_demand import ProbeDemand
 from schemas.records import (
     CategorySwitch,
@@ -58,8 +59,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         checkpoints: Callable[[int], ShardCheckpointer] | None = None,
         loaded: ShardsLoaded | None = None,
         demand: ProbeDemand | None = None,
+        step_budget: Callable[[], StepBudget] | None = None,
     ) -> None:
         self.shard = shard
+        self._step_budget = step_budget
         self._demand = demand
         self._loaded = loaded
         if loaded is not None:
@@ -238,6 +241,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
                     notified,
                     releases_allowed=self.shard.releases_allowed(),
                     batch_size=self.shard.batch_size,
+                    until=self._step_until(),
                 )
             )
         _record_notify(notified)
@@ -248,6 +252,9 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         store = self._store()
         out.extend(self.shard.release_due(store, now, tally))
         until = None if self._bulk_time_s is None else time.monotonic() + self._bulk_time_s
+        step_until = self._step_until()
+        if step_until is not None:
+            until = step_until if until is None else min(until, step_until)
         out.extend(
             self.shard.expand(
                 store, now, self._budget, tally, bulk_budget=self._bulk_budget, bulk_until=until
@@ -255,6 +262,10 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         )
         _record(tally)
         return out
+
+    def _step_until(self) -> float | None:
+        """The worker's deadline for work that can wait (None: no step budget)."""
+        return None if self._step_budget is None else self._step_budget().until()
 
     def notify_at(self) -> datetime | None:
         """Now while runnable jobs remain, else the next quiet-hours release or held send."""

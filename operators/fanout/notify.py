@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import sys
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -446,14 +447,23 @@ class NotifyShard:
         *,
         releases_allowed: bool = True,
         batch_size: int = MAX_DISPATCH_BATCH,
+        until: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> list[DispatchBatch]:
-        """Move due holds to their queues, then run the queues: transactional first."""
+        """Move due holds to their queues, then run the queues: transactional first.
+
+        Social and marketing work also stops once `clock()` reaches `until` (the worker's
+        step budget, `operators.fanout.step_budget`); transactional work runs whole.
+        """
         if releases_allowed:
             self._release_due(now.timestamp())
         out: list[DispatchBatch] = []
         for tier in _TIERS:
             left = self.budgets.get(tier)
             queue = self.queues[tier]
+            deadline = None if tier == "transactional" else until
+            if deadline is not None and queue and clock() >= deadline:
+                continue
             # A campaign's one-recipient messages share their notification id and message:
             # their sends are joined into batches of up to `batch_size` items, not one each.
             sends: dict[str, tuple[NotificationRequest, list[Send]]] = {}
@@ -468,6 +478,8 @@ class NotifyShard:
                     left -= done
                 if job.cursor >= len(job.users):
                     queue.popleft()
+                if deadline is not None and clock() >= deadline:
+                    break
             for request, decided in sends.values():
                 out.extend(notification_batches(request, decided, batch_size, self.book.locales))
         return out

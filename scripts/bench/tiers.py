@@ -623,6 +623,23 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
         "fanout_half_idle": latency_row(fanout_half("idle")),
         "fanout_half_during_drain": latency_row(fanout_half("drain")),
         "outside_drain_window": len(after),
+        # When the tail happens (seconds after the campaign's publication began) tells a stall
+        # of the whole flow (every probe of a moment slow) from one slow item.
+        "slowest": [
+            {
+                "sent_s": round(prober.sent[k] - campaign_t0, 2),
+                "phase": prober.phase[k],
+                "total_ms": round((accepts[k][0] - prober.sent[k]) * 1000),
+                "fanout_ms": round((batch_at[k] - prober.sent[k]) * 1000)
+                if k in batch_at
+                else None,
+            }
+            for k in sorted(
+                (k for k in prober.sent if accepts[k]),
+                key=lambda k: accepts[k][0] - prober.sent[k],
+                reverse=True,
+            )[:12]
+        ],
     }
     ours = sum(row["cpu_s"] for row in cpu.values())
     report["cpu"] = {
@@ -693,6 +710,13 @@ def print_report(r: dict[str, Any]) -> None:
         print(
             f"    {name:24} {row['pushes']:>7} {ms(row['p50_ms']):>10} {ms(row['p99_ms']):>10} "
             f"{ms(row['max_ms']):>10}"
+        )
+    if tx.get("slowest"):
+        print(
+            "    slowest pushes (sent, s after the campaign began: total / fan-out half ms): "
+            + ", ".join(
+                f"{x['sent_s']:+.1f} s: {x['total_ms']}/{x['fanout_ms']}" for x in tx["slowest"]
+            )
         )
     p99 = tx["during_drain"]["p99_ms"]
     met = p99 is not None and p99 < TARGET_P99_S * 1000 and not tx["missing"]

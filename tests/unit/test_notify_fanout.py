@@ -322,6 +322,30 @@ def test_transactional_runs_first_and_marketing_within_its_budget() -> None:
     assert rest == [f"m{i}" for i in range(3, 10)]
 
 
+def test_the_step_budget_stops_marketing_and_never_transactional() -> None:
+    shard = _shard({"marketing": 100})
+    campaign = request(notification_id="c1", tier="marketing", channels=("inbox",))
+    for i in range(5):  # a campaign's one-recipient jobs
+        shard.add_job(RecipientJob(campaign, (f"m{i}",), 0, 1.0))
+    shard.add_job(RecipientJob(request(channels=("inbox",)), ("t1",), 0, 1.0))
+    ticks = iter(range(1000))
+
+    def clock() -> float:  # every look at the clock is a second later
+        return float(next(ticks))
+
+    # The window already closed (the worker's other shards used it): only the login code runs.
+    first = shard.work(UserTable(), NOON, lambda read_at: True, NotifyTally(), until=-1.0)
+    assert [b.message["tier"] for b in first] == ["transactional"]
+    # A window open at the first look (t=0) and closed at the next (t=1): one job, no more.
+    second = shard.work(
+        UserTable(), NOON, lambda read_at: True, NotifyTally(), until=1.0, clock=clock
+    )
+    assert [i["user_id"] for b in second for i in b.items] == ["m0"]
+    # No deadline: the recipient budget alone, as before.
+    rest = [i["user_id"] for b in _run(shard, NOON) for i in b.items]
+    assert rest == ["m1", "m2", "m3", "m4"]
+
+
 def test_holds_and_queues_survive_a_snapshot() -> None:
     at = NOON + timedelta(minutes=10)
     shard = _shard({"social": 1})
