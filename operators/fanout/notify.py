@@ -34,7 +34,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -594,14 +594,26 @@ class NotifyShard:
     # ---- recovery -------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, object]:
-        """Queues, holds and cancels; requests in their wire form (stable across versions)."""
-        encoded: dict[str, bytes] = {}
+        """Queues, holds and cancels; requests in their wire form (stable across versions).
+
+        A campaign queues one request per user that differ only in their recipient: the wire
+        form is kept once per distinct rest (`templates`, recipients `*`) and each request is a
+        template's index and its recipients. Snapshotted every epoch with a 200,000-user
+        backlog, one wire form each took 13-20 ms a shard, and a whole worker's shards held
+        its transactional work up for half a second every epoch.
+        """
+        templates: dict[bytes, int] = {}
+        refs: dict[str, tuple[int, tuple[str, ...]]] = {}
+        wire: dict[str, bytes] = {}
 
         def ref(request: NotificationRequest) -> str:
             key = request.key
-            if key not in encoded:
+            if key not in refs:
                 raw = self._wire.get(key)
-                encoded[key] = raw if raw is not None else encode_notification_request(request)
+                if raw is None:
+                    raw = encode_notification_request(replace(request, recipients=_TEMPLATE))
+                wire[key] = raw
+                refs[key] = (templates.setdefault(raw, len(templates)), request.recipients)
             return key
 
         snap: dict[str, object] = {
@@ -613,16 +625,15 @@ class NotifyShard:
             "held": [(due, key, users) for (due, key), users in self.held.items()],
             "pending": {ref(r): n for r, n in self.requests.values()},
             "cancelled": self.cancelled,
-            "requests": encoded,
+            "templates": list(templates),
+            "request_refs": refs,
         }
-        self._wire = encoded  # what the next snapshot may reuse; the rest is done
+        self._wire = wire  # what the next snapshot may reuse; the rest is done
         return snap
 
     def restore(self, snap: dict[str, object]) -> None:
         """Load `snapshot()`'s state (the book comes from the shard's checkpoint)."""
-        raw = snap["requests"]
-        assert isinstance(raw, dict)
-        requests = {k: decode_notification_request(v) for k, v in raw.items()}
+        requests = _restored_requests(snap)
         for q in self.queues.values():
             q.clear()
         for key, users, shard_id, read_at, cursor in _rows(snap["queues"]):
@@ -636,6 +647,24 @@ class NotifyShard:
         cancelled = snap["cancelled"]
         assert isinstance(cancelled, dict)
         self.cancelled = dict(cancelled)
+
+
+_TEMPLATE = ("*",)  # a template's recipients (the schema wants one): each ref gives its own
+
+
+def _restored_requests(snap: dict[str, object]) -> dict[str, NotificationRequest]:
+    """The requests of a snapshot, by key: templates and refs, or (older) one wire form each."""
+    if "templates" not in snap:
+        raw = snap["requests"]
+        assert isinstance(raw, dict)
+        return {k: decode_notification_request(v) for k, v in raw.items()}
+    raw_templates, refs = snap["templates"], snap["request_refs"]
+    assert isinstance(raw_templates, list) and isinstance(refs, dict)
+    templates = [decode_notification_request(t) for t in raw_templates]
+    return {
+        key: replace(templates[index], recipients=tuple(recipients))
+        for key, (index, recipients) in refs.items()
+    }
 
 
 def _rows(value: object) -> Iterator[tuple[Any, ...]]:

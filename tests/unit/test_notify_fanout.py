@@ -364,6 +364,42 @@ def test_holds_and_queues_survive_a_snapshot() -> None:
     assert [i["user_id"] for b in _run(again, at) for i in b.items] == ["u1"]
 
 
+def test_a_campaign_backlog_is_snapshotted_as_one_template_and_restored_exactly() -> None:
+    shard = _shard({"marketing": 1000})
+    messages = [
+        request(
+            notification_id="c1",
+            tier="marketing",
+            campaign_id="c1",
+            recipients=(f"m{i}",),
+            channels=("inbox",),
+        )
+        for i in range(50)
+    ]
+    for m in messages:
+        shard.add_job(RecipientJob(m, m.recipients, 0, 1.0))
+    snap = pickle.loads(pickle.dumps(shard.snapshot()))
+    assert len(snap["templates"]) == 1  # not one wire form per user
+    again = _shard({"marketing": 1000})
+    again.restore(snap)
+    assert [j.request for j in again.queues["marketing"]] == messages
+    # The second snapshot reuses the wire forms and still says the same.
+    assert shard.snapshot() == snap
+
+
+def test_a_snapshot_of_the_older_form_still_restores() -> None:
+    older = {
+        "queues": [("n1", ("u1",), 0, 1.0, 0)],
+        "held": [],
+        "pending": {},
+        "cancelled": {},
+        "requests": {"n1": encode_notification_request(request(channels=("inbox",)))},
+    }
+    shard = _shard()
+    shard.restore(older)  # type: ignore[arg-type]
+    assert [j.request for j in shard.queues["transactional"]] == [request(channels=("inbox",))]
+
+
 def test_tier_events_decode_and_bad_ones_say_why() -> None:
     r = request(send_at=NOON + timedelta(days=1))
     assert decode_tier_event(encode_notification_request(r)) == r
