@@ -191,20 +191,7 @@ def build_fanout_flow(
     step_budgets = WorkerStepBudgets(settings.step_budget_ms / 1000)
 
     def build_shard(resume: dict[str, Any] | None) -> ExpandFollowerShardLogic:
-        shard = FollowerShard(
-            changelog_parts,
-            page_size=settings.follower_page_size,
-            batch_size=settings.dispatch_batch_size,
-            settle_s=settings.changelog_settle_ms / 1000,
-            celebrity_threshold=settings.celebrity_threshold,
-            caps=CapRule(POST_CATEGORY, settings.post_cap, settings.cap_window_s),
-            # Transactional runs whole; social and marketing a budget of recipients each.
-            notify=NotifyShard(
-                {"social": settings.expand_budget, "marketing": settings.expand_budget},
-                cap=(settings.notify_cap, settings.notify_cap_window_s),
-            ),
-            prefetch=prefetch,
-        )
+        shard = new_follower_shard(settings, changelog_parts, prefetch)
         if resume is not None:
             shard.restore(resume, clock().timestamp())
         return ExpandFollowerShardLogic(
@@ -234,6 +221,26 @@ def build_fanout_flow(
     keyed_dead = op.key_on("key_by_source_topic", dead, source_topic_of)
     op.output("write_dead_letters", keyed_dead, g.sink("write_dead_letters", dead_letter_sink))
     return flow
+
+
+def new_follower_shard(
+    settings: Settings, changelog_parts: Sequence[str], prefetch: ColumnPrefetch | None = None
+) -> FollowerShard:
+    """A follower shard as the flow builds it (the seeded benchmark state uses it too)."""
+    return FollowerShard(
+        changelog_parts,
+        page_size=settings.follower_page_size,
+        batch_size=settings.dispatch_batch_size,
+        settle_s=settings.changelog_settle_ms / 1000,
+        celebrity_threshold=settings.celebrity_threshold,
+        caps=CapRule(POST_CATEGORY, settings.post_cap, settings.cap_window_s),
+        # Transactional runs whole; social and marketing a budget of recipients each.
+        notify=NotifyShard(
+            {"social": settings.expand_budget, "marketing": settings.expand_budget},
+            cap=(settings.notify_cap, settings.notify_cap_window_s),
+        ),
+        prefetch=prefetch,
+    )
 
 
 def when_loaded(

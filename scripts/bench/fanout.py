@@ -81,10 +81,8 @@ from operators.adapters.kafka.topic_identity import topic_id_of
 from operators.adapters.kafka.writer import produce_all
 from operators.adapters.stores.sqlite_followers import SQLiteFollowerStore
 from operators.config import ConfigError, Settings, load_settings
-from operators.fanout.caps import CapRule
-from operators.fanout.notify import NotifyShard
 from operators.fanout.quiet_hours import hour_is_quiet
-from operators.fanout.shard import POST_CATEGORY, FollowerShard
+from operators.fanout.shard import FollowerShard
 from operators.fanout.sharding import shard_of
 from schemas.codecs import format_timestamp, parse_timestamp
 from schemas.records import DeviceChange, PreferenceChange
@@ -719,27 +717,17 @@ def follower_edges(seed: Seed, shard_count: int) -> Iterator[tuple[str, str, int
 def seed_shard_checkpoints(settings: Settings, seed: Seed, rng: random.Random) -> SeededState:
     """Write the shards' checkpoints of the seeded users (`--seed-state checkpoints`).
 
-    The shards are built as the flow builds them (`flows.fanout.build_shard`, without the
+    The shards are built as the flow builds them (`flows.fanout.new_follower_shard`, without the
     read-ahead pool, which a checkpoint does not hold); the positions are the changelogs'
     ends now, so the flow reads only what is published after this.
     """
     kafka = settings.kafka_config()
     parts = topic_partitions(kafka, CHANGELOG_TOPICS)
 
+    from flows.fanout import new_follower_shard  # Bytewax's operators: only when seeding
+
     def new_shard() -> FollowerShard:
-        budget = settings.expand_budget
-        return FollowerShard(
-            parts,
-            page_size=settings.follower_page_size,
-            batch_size=settings.dispatch_batch_size,
-            settle_s=settings.changelog_settle_ms / 1000,
-            celebrity_threshold=settings.celebrity_threshold,
-            caps=CapRule(POST_CATEGORY, settings.post_cap, settings.cap_window_s),
-            notify=NotifyShard(
-                {"social": budget, "marketing": budget},
-                cap=(settings.notify_cap, settings.notify_cap_window_s),
-            ),
-        )
+        return new_follower_shard(settings, parts)
 
     user_topics = (PREFERENCE_CHANGES, DEVICE_CHANGES)
     return seed_checkpoints(

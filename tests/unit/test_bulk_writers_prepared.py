@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,10 +34,14 @@ class Marks:
 
 
 class SinkOfFakes(PartitionedTopicsSink[Any]):
-    def __init__(self, marks: bool = True) -> None:
+    def __init__(
+        self,
+        marks: bool = True,
+        topics: Sequence[str] = ("push.apns", "push.apns.bulk", "push.fcm.bulk"),
+    ) -> None:
         super().__init__(
             {"bootstrap.servers": "unused:1"},
-            ["push.apns", "push.apns.bulk", "push.fcm.bulk"],
+            list(topics),
             replay_window_epochs=3,
             marks=Marks if marks else None,
         )

@@ -90,9 +90,10 @@ def test_an_idle_reader_probes_at_the_time_a_shard_asked_for(
         assert at_end(r, consumer, clock).as_of == 100.3  # what the gate needed
 
 
-def test_a_reader_never_probes_again_before_its_probe_is_answered(
+def probing_reader(
     consumers: list[FakeConsumer],
-) -> None:
+) -> tuple[FakeClock, ProbeDemand, TopicPartitionReader, FakeConsumer]:
+    """A changelog reader at its end that made the probe its shard asked for at 100.1."""
     clock = FakeClock(100.0)
     demand = ProbeDemand()
     r = changelog_reader(clock, demand)
@@ -102,6 +103,13 @@ def test_a_reader_never_probes_again_before_its_probe_is_answered(
     clock.now = 100.1
     r.next_batch()
     assert consumer.seeks == [3]
+    return clock, demand, r, consumer
+
+
+def test_a_reader_never_probes_again_before_its_probe_is_answered(
+    consumers: list[FakeConsumer],
+) -> None:
+    clock, demand, r, consumer = probing_reader(consumers)
     demand.ask(100.15)  # asked while the probe at 100.1 is unanswered
     clock.now = 100.2
     r.next_batch()
@@ -193,15 +201,7 @@ def test_an_idle_reader_wakes_at_the_time_a_shard_asked_for(
 def test_a_reader_looks_often_for_the_answer_to_an_asked_for_probe(
     consumers: list[FakeConsumer],
 ) -> None:
-    clock = FakeClock(100.0)
-    demand = ProbeDemand()
-    r = changelog_reader(clock, demand)
-    [consumer] = consumers
-    at_end(r, consumer, clock)
-    demand.ask(100.1)
-    clock.now = 100.1
-    r.next_batch()
-    assert consumer.seeks == [3]
+    clock, _demand, r, consumer = probing_reader(consumers)
     for _ in range(6):  # the answer is not in yet
         clock.now += 0.01
         r.next_batch()

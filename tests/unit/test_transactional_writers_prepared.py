@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from flows.fanout import TRANSACTIONAL_WRITE_TOPICS, when_loaded
-from operators.adapters.kafka.writer import IdempotentPartitionWriter, PartitionedTopicsSink
 from operators.fanout.loaded import ShardsLoaded
-from tests.unit.test_bulk_writers_prepared import FakeWriter, Marks
+from tests.unit.test_bulk_writers_prepared import SinkOfFakes
 
 TOPICS = ["push.apns", "push.apns.transactional", "push.fcm.transactional", "email.social"]
 TOPICS += ["email.transactional", "inapp.transactional", "push.apns.bulk"]
 
 
-class SinkOfFakes(PartitionedTopicsSink[Any]):
-    def __init__(self) -> None:
-        super().__init__(
-            {"bootstrap.servers": "unused:1"}, TOPICS, replay_window_epochs=3, marks=Marks
-        )
-        self._parts = sorted(f"{t}/{p}" for t in self._topics for p in range(2))
-        self._counts = dict.fromkeys(self._topics, 2)
-        self.writers: list[FakeWriter] = []
-
-    def _new_writer(
-        self, topic: str, partition: int, resume: Any, marks: Any
-    ) -> IdempotentPartitionWriter[Any]:
-        writer = FakeWriter(topic, partition, resume, marks)
-        self.writers.append(writer)
-        return writer  # type: ignore[return-value]
-
-
 def test_the_load_starts_every_transactional_writer_and_no_other() -> None:
-    sink = SinkOfFakes()
+    sink = SinkOfFakes(topics=TOPICS)
     released: list[bool] = []
     loaded = ShardsLoaded(when_loaded(lambda: released.append(True), sink.prepare))
     loaded.shard_built()
