@@ -32,6 +32,7 @@ from flows.runtime.step_errors import FlowGuard
 from operators import metrics
 from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink, source_topic_of
+from operators.adapters.kafka.end_prober import EndProber
 from operators.adapters.kafka.probes import KafkaConfig, topic_partitions
 from operators.adapters.kafka.reader import ConsumerShares, KafkaTopicsSource
 from operators.adapters.kafka.topic_identity import topic_id_of
@@ -304,6 +305,8 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
     # This process's shards ask its changelog readers for a probe when a job waits at the gate;
     # without asks an idle changelog partition is probed about once a second (QUIET_PROBE_S).
     demand = ProbeDemand()
+    # And answers the asks on a consumer of its own, in milliseconds, not with a seek.
+    prober = EndProber(kafka)
     shard_states = FileShardStateStore(
         settings.shard_state_dir, settings.shard_count, topic_id_of(kafka)
     )
@@ -344,6 +347,7 @@ def get_flow(settings: Settings | None = None) -> Dataflow:
                 else None
             ),
             demand=demand,
+            prober=prober,
         ),
         changelog_parts=topic_partitions(kafka, CHANGELOG_TOPICS),
         channel_sink=sink,

@@ -16,6 +16,7 @@ from operators.adapters.kafka.channel_sink import ChannelTopicsSink
 from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.dead_letter_sink import DeadLetterSink
 from operators.adapters.kafka.delivery_events_sink import DeliveryEventsSink
+from operators.adapters.kafka.end_prober import EndAnswer, EndProber
 from operators.adapters.kafka.probes import KafkaConfig, end_offset, read_partition_to_end
 from operators.adapters.kafka.reader import KafkaTopicsSource
 from operators.adapters.kafka.writer import PartitionedTopicsSink, produce_all
@@ -102,6 +103,80 @@ def test_a_reader_probes_its_end_when_a_shard_asks_not_at_its_interval(stack: St
         )
         assert not any(isinstance(g, RawEvent) for g in got)
     reader.close()
+
+
+def wait_answer(prober: EndProber, topic: str, partition: int) -> EndAnswer:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        answer = prober.answer(topic, partition)
+        if answer is not None:
+            return answer
+        time.sleep(0.002)
+    raise AssertionError("the prober never answered")
+
+
+def test_the_prober_tells_the_end_of_a_partition_from_a_position_before_it(stack: Stack) -> None:
+    kafka = stack.settings.kafka_config()
+    produce_all(kafka, "device_changes", [(b"k", b"%d" % i) for i in range(50)])
+    ends = {p: end_offset(kafka, "device_changes", p) for p in (0, 1)}
+    part = max(ends, key=lambda p: ends[p])  # the one key's partition
+    end = ends[part]
+    assert end >= 50
+    prober = EndProber(kafka)
+    try:
+        before = time.time()
+        prober.ask("device_changes", part, end)
+        at_end = wait_answer(prober, "device_changes", part)
+        assert at_end.at_end and at_end.offset == end and at_end.as_of >= before
+        prober.ask("device_changes", part, end - 1)
+        assert not wait_answer(prober, "device_changes", part).at_end
+        produce_all(kafka, "device_changes", [(b"k", b"late")] * 3)
+        prober.ask("device_changes", part, end)  # no longer the end
+        assert not wait_answer(prober, "device_changes", part).at_end
+    finally:
+        prober.close()
+
+
+def test_a_shards_ask_is_answered_by_the_prober_without_a_seek(stack: Stack) -> None:
+    kafka = stack.settings.kafka_config()
+    produce_all(kafka, "device_changes", [(b"k", b"%d" % i) for i in range(30)])
+    demand = ProbeDemand()
+    prober = EndProber(kafka)
+    # An interval far longer than the drains below: only the prober can bring later markers.
+    source = KafkaTopicsSource(
+        kafka,
+        ["device_changes"],
+        report_caught_up=True,
+        probe_interval_s=60.0,
+        demand=demand,
+        prober=prober,
+    )
+    part = max((0, 1), key=lambda p: end_offset(kafka, "device_changes", p))  # the key's
+    reader = source.build_part("s", f"device_changes/{part}", None)
+    try:
+        drain(reader, lambda got: any(isinstance(g, CaughtUp) for g in got))
+        for i in range(3):
+            wanted = time.time() + 0.05
+            demand.ask(wanted)
+            got = drain(
+                reader,
+                lambda got, t=wanted: any(isinstance(g, CaughtUp) and g.as_of >= t for g in got),
+            )
+            assert not any(isinstance(g, RawEvent) for g in got)
+            assert prober.rounds == i + 1
+        # A message written after the last marker is read before the next one.
+        produce_all(kafka, "device_changes", [(b"k", b"late")])
+        wanted = time.time()
+        demand.ask(wanted)
+        got = drain(
+            reader,
+            lambda got: any(isinstance(g, CaughtUp) and g.as_of >= wanted for g in got),
+        )
+        assert [g.value for g in got if isinstance(g, RawEvent)] == [b"late"]
+        assert isinstance(got[-1], CaughtUp) and got[-1].offset == reader.offset()
+    finally:
+        reader.close()
+        prober.close()
 
 
 def batch(post: str, users: range, topic_lane: str = "normal") -> DispatchBatch:

@@ -29,6 +29,7 @@ from confluent_kafka import (
 
 from operators import metrics
 from operators.adapters.kafka.client_log import client_config
+from operators.adapters.kafka.end_prober import ANSWER_TIMEOUT_S, EndAnswer, EndProber
 from operators.adapters.kafka.probes import KafkaConfig, split_part, topic_partitions
 from operators.adapters.kafka.topic_identity import TopicIds, shared_topic_ids
 from operators.events import CaughtUp, RawEvent
@@ -77,6 +78,13 @@ the fetch in flight ends, then the one after the seek is held at the end)."""
 _ANSWER_WATCH_S = 3 * PROBE_ANSWER_S
 """Seconds a reader looks often for the answer to a probe a shard asked for: longer than an
 answer takes; one that never came is left to the interval probes."""
+
+PROBER_POLL_S = 0.002
+"""Seconds between looks for the prober's answer to an ask (`EndProber`: a few ms)."""
+
+ASK_GIVE_UP_S = 2 * ANSWER_TIMEOUT_S
+"""Seconds after which an ask with no answer is taken as lost (the prober answers every ask
+within its round's timeout): the reader asks again."""
 
 STALE_OFFSET_AFTER_S = 5.0
 """Seconds a reader's position must stay past its partition's end before it rewinds."""
@@ -460,8 +468,13 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         replayed_below: int = 0,
         consumer: PartitionConsumer | None = None,
         demand: ProbeDemand | None = None,
+        prober: EndProber | None = None,
     ) -> None:
         self._demand = demand
+        # With a prober, a shard's asks are answered by it, not by seeking this consumer.
+        self._prober = prober if demand is not None else None
+        self._end_ask_at: float | None = None  # when the prober was asked (None: no ask out)
+        self._marked_at = float("-inf")  # the latest caught-up marker's as_of
         self._read_since_marker = False  # messages read since the last caught-up marker
         self._consumer: PartitionConsumer = (
             consumer
@@ -554,6 +567,7 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 out.append(CaughtUp(self._source, self._probe_at, end, self._topic_id))
                 self._read_since_marker = False
                 self._last_eof_at = now
+                self._marked_at = max(self._marked_at, self._probe_at)
             elif self._probe_due(now):
                 # Idle: ask again whether we are at the end; the answer is about "now". Never
                 # while data flows, as a seek drops what the client had prefetched.
@@ -562,6 +576,10 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
                 )
                 self._probe_at = now
                 self._consumer.seek(TopicPartition(self._topic, self._partition, self._position))
+        if self._report and self._prober is not None:
+            marker = self._probe_for_shards(now, idle=not any(m.error() is None for m in msgs))
+            if marker is not None:
+                out.append(marker)
         if now >= self._lag_at:
             self._sample_lag(now, at_end)
         # Activity is a message read: an end-of-partition event or a caught-up marker from an
@@ -575,15 +593,46 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
 
         Never again while a probe is unanswered (a seek restarts the fetch, so asks coming
         faster than the answer would keep the end from ever being reported), except after the
-        interval, as before, in case its answer was lost.
+        interval, as before, in case its answer was lost. With a prober, the asks go to it
+        (`_probe_for_shards`) and only the interval probes are made here.
         """
-        wanted = None if self._demand is None else self._demand.due_after(self._probe_at)
+        demand = self._demand if self._prober is None else None
+        wanted = None if demand is None else demand.due_after(self._probe_at)
         if wanted is not None and self._last_eof_at >= self._probe_at:
             if now >= wanted:
                 return True
             if wanted - now < PROBE_ANSWER_S:
                 return False  # an interval probe now would still be unanswered then
         return now - max(self._last_eof_at, self._probe_at) >= self._probe_every()
+
+    def _probe_for_shards(self, now: float, idle: bool) -> CaughtUp | None:
+        """Ask the prober when a shard wants a probe; a marker once it says we are at the end.
+
+        Asked only while idle, at the position every message before which was read: an answer
+        that the partition ended there is a marker as of the prober's round, even if messages
+        came since (they are read after it). An answer that it did not end there, or none in
+        time, is dropped: the reader reads on and asks again once idle.
+        """
+        assert self._prober is not None and self._demand is not None
+        if self._end_ask_at is not None:
+            answer = self._prober.answer(self._topic, self._partition)
+            if answer is None:
+                if now - self._end_ask_at < ASK_GIVE_UP_S:
+                    return None
+                answer = EndAnswer(self._end_ask_at, False, -1)  # lost: ask again below
+            self._end_ask_at = None
+            if not answer.at_end or self._position < answer.offset:
+                return self._probe_for_shards(now, idle) if answer.offset < 0 else None
+            self._marked_at = max(self._marked_at, answer.as_of)
+            return CaughtUp(self._source, answer.as_of, self._position, self._topic_id)
+        if not idle or self._position < 0:
+            return None
+        wanted = self._demand.due_after(self._marked_at)
+        if wanted is None or now < wanted:
+            return None
+        self._end_ask_at = now
+        self._prober.ask(self._topic, self._partition, self._position)
+        return None
 
     def _probe_every(self) -> float:
         """Seconds between interval probes of this idle partition (see `QUIET_PROBE_S`).
@@ -704,6 +753,11 @@ class TopicPartitionReader(StatefulSourcePartition[object, ReaderState]):
         """
         if self._demand is None:
             return None
+        if self._prober is not None:
+            if self._end_ask_at is not None:  # the prober answers in a few milliseconds
+                return PROBER_POLL_S if now - self._end_ask_at < _ANSWER_WATCH_S else None
+            wanted = self._demand.due_after(self._marked_at)
+            return None if wanted is None else wanted - now
         if self._last_eof_at < self._probe_at:  # a probe is out
             if now - self._probe_at < _ANSWER_WATCH_S and self._probe_asked:
                 return IDLE_POLL_S
@@ -745,6 +799,7 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
     `p` of every topic on one consumer, possibly with other sources' partitions `p`); else each
     partition has a consumer of its own. `demand`: when the shards of this process want the
     partitions probed (`ProbeDemand`); with it, idle partitions are otherwise probed seldom.
+    `prober`: answers those asks on a consumer of its own (`EndProber`) instead of a seek.
     """
 
     def __init__(
@@ -759,9 +814,11 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
         start_at: Callable[[str, int], tuple[int, str | None] | None] | None = None,
         consumers: ConsumerShares | None = None,
         demand: ProbeDemand | None = None,
+        prober: EndProber | None = None,
     ) -> None:
         self._consumers = consumers
         self._demand = demand
+        self._prober = prober
         self._config = config
         self._topics = list(topics)
         self._batch_size = batch_size
@@ -807,4 +864,5 @@ class KafkaTopicsSource(FixedPartitionedSource[object, ReaderState]):
                 self._consumers.partition(topic, partition) if self._consumers is not None else None
             ),
             demand=self._demand,
+            prober=self._prober,
         )
