@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from operators.delivery.model import ProviderAnswer, SendRequest
 from operators.delivery.payloads import PayloadTooLarge
-from operators.delivery.ports import EdgeClaims, LoopRunner, PushSender
+from operators.delivery.ports import LoopRunner, PushSender
 from operators.delivery.token_bucket import BucketSpec
 from operators.events import MessageOrigin
 from operators.fanout.eligibility import edge_flags
@@ -184,25 +184,6 @@ class InMemoryPostClaims(PostClaims):
                 else:
                     out.append(held[0] == identity)
         return out
-
-
-class InMemoryEdgeClaims(EdgeClaims):
-    """Same semantics in a dict (unit and flow tests)."""
-
-    def __init__(self) -> None:
-        self.held: dict[tuple[str, str], str] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
-        """Claim each key unless held; answer the holder as Redis' SET NX GET does."""
-        with self._lock:
-            out: list[str | None] = []
-            for nid, device, identity in claims:
-                held = self.held.get((nid, device))
-                if held is None:
-                    self.held[(nid, device)] = identity
-                out.append(held)
-            return out
 
 
 class OutboxTable:

@@ -5,7 +5,7 @@
 No broker, Redis, provider or Bytewax: the stages of `fanfare run delivery` that are fanfare's
 Python, on the real code where it has no I/O of its own. 500-item APNs dispatch batches are
 decoded (`decode_channel_batch`), handed out in slices (`LaneProgress`, `batch_requests`),
-claimed (an in-memory edge claim, then the real SQLite notification store in a temporary
+claimed (`InMemoryEdgeClaims`, then the real SQLite notification store in a temporary
 directory), rendered (`apns_body`), given the libcurl sender's URL and headers (the request
 list `ApnsCurlSender.send` builds, without libcurl), judged as accepted (`_judge`), recorded in
 the store, and their delivery events encoded as the sink does. What it leaves out, measured
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -24,12 +23,13 @@ from typing import Any, TypeVar
 
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.edge_claims import InMemoryEdgeClaims
 from operators.delivery.engine import DeliveryEngine, DeliverySettings, Judged
 from operators.delivery.ledger import LedgerUpdate
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import PushTemplate, apns_body, push_collapse_id, time_to_live_s
 from operators.delivery.pipeline import LaneProgress
-from operators.delivery.ports import EdgeClaims, LoopRunner, PushSender
+from operators.delivery.ports import LoopRunner, PushSender
 from operators.delivery.steps import batch_requests, decode_channel_batch
 from operators.delivery.token_bucket import BucketSpec
 from operators.events import RawEvent
@@ -38,24 +38,6 @@ from schemas.records import DeliveryEvent, DispatchBatch, DispatchItem
 
 T = TypeVar("T")
 ACCEPTED = ProviderAnswer(200, None)
-
-
-class _Claims(EdgeClaims):
-    """Redis' SET NX semantics in a dict (its round trip is not fanfare's Python)."""
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, str], str] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, claims: Sequence[tuple[str, str, str]]) -> list[str | None]:
-        with self._lock:
-            out: list[str | None] = []
-            for nid, device, identity in claims:
-                held = self._held.get((nid, device))
-                if held is None:
-                    self._held[(nid, device)] = identity
-                out.append(held)
-            return out
 
 
 class _NoLoop(LoopRunner):
@@ -149,7 +131,7 @@ def main() -> None:
         store = SQLiteNotificationStore(str(Path(home) / "notifications.db"))
         sender = _Renderer()
         engine = DeliveryEngine(
-            claims=_Claims(),
+            claims=InMemoryEdgeClaims(),
             store=store,
             limiter=LocalRateLimiter(),
             senders={"apns": sender},

@@ -15,13 +15,14 @@ from flows.delivery import build_delivery_flow
 from operators.adapters.providers.event_loop import EventLoopThread
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.edge_claims import InMemoryEdgeClaims
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import ProviderAnswer
 from operators.delivery.pipeline import DeliveryPump
 from operators.events import RawEvent
 from schemas.codecs import encode_retry_record
 from schemas.records import DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.fakes import InMemoryEdgeClaims, ScriptedSender, list_delivery_sources
+from tests.fakes import ScriptedSender, list_delivery_sources
 
 NOW = time.time()
 CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 5))

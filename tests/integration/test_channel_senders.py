@@ -126,7 +126,7 @@ class Worker:
             build_channel_senders(settings, catalog, True, policy)
         )
         self.store = SQLiteNotificationStore(tmp / f"n-{uuid.uuid4().hex[:6]}.db")
-        from tests.fakes import InMemoryEdgeClaims
+        from operators.delivery.edge_claims import InMemoryEdgeClaims
 
         self.engine = DeliveryEngine(
             claims=InMemoryEdgeClaims(),

@@ -7,8 +7,9 @@ from typing import Any
 
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
+from operators.delivery.edge_claims import InMemoryEdgeClaims
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
-from tests.fakes import InlineLoop, InMemoryEdgeClaims, ScriptedSender
+from tests.fakes import InlineLoop, ScriptedSender
 
 
 class Clock:

@@ -43,6 +43,23 @@ class FakePrepared:
         self.serial_consistency_level: int | None = None
 
 
+class FakeBatch:
+    """Stands in for the driver's BatchStatement (which binds only real prepared statements)."""
+
+    def __init__(self, batch_type: Any, consistency_level: int) -> None:
+        self.batch_type = batch_type
+        self.consistency_level = consistency_level
+        self.statements: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def add(self, statement: Any, parameters: Any) -> None:
+        self.statements.append((statement, tuple(parameters)))
+
+
+@pytest.fixture(autouse=True)
+def fake_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cs, "BatchStatement", FakeBatch)
+
+
 class FakeCluster:
     def __init__(self) -> None:
         self.shutdowns = 0
@@ -58,6 +75,7 @@ class FakeSession:
         self.prepared: list[FakePrepared] = []
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.runs: list[tuple[int, int]] = []  # (statements, concurrency) per concurrent run
+        self.batches: list[FakeBatch] = []
         self.responders: list[tuple[str, Answer]] = []
         self.cluster = FakeCluster()
         self.fail_prepare: Exception | None = None
@@ -74,6 +92,12 @@ class FakeSession:
         return statement
 
     def execute(self, query: Any, parameters: Any = None) -> Rows:
+        if isinstance(query, FakeBatch):
+            assert parameters is None
+            self.batches.append(query)
+            for statement, params in query.statements:
+                self.execute(statement, params)
+            return []
         text = query.query_string if isinstance(query, FakePrepared) else query
         params = tuple(parameters or ())
         self.calls.append((text, params))
@@ -593,9 +617,37 @@ def test_record_updates_each_row_once_and_logs_the_attempts_made() -> None:
         ("p1:u1", at_ms, "d1", 1, "retry_scheduled", 503, "503", TTL),
         ("p1:u1", at_ms, "d1", 2, "accepted", 200, None, TTL),
     ]
-    assert session.runs == [(4, 64)]  # one bounded concurrent run
+    # One bounded concurrent run: p1:u1's row and its two attempts as one batch, p1:u2's alone.
+    assert session.runs == [(2, 64)]
+    [batch] = session.batches
+    assert (str(batch.batch_type), batch.consistency_level) == ("UNLOGGED", CL.LOCAL_QUORUM)
+    assert [(s.query_string.split()[0], p[-2:]) for s, p in batch.statements] == [
+        ("UPDATE", ("p1:u1", "d1")),
+        ("INSERT", ("503", TTL)),
+        ("INSERT", (None, TTL)),
+    ]
     store.record([], NOW)
-    assert session.runs == [(4, 64)]
+    assert session.runs == [(2, 64)]
+
+
+def test_a_notifications_writes_are_batched_by_partition_and_capped() -> None:
+    store, session = notification_store()
+    devices = [("p1:u1", f"d{i}") for i in range(10)]
+    store.record(
+        [LedgerUpdate(k, "accepted", 1, 0, 200, None, None, True) for k in devices]
+        + [LedgerUpdate(("p1:u2", "d1"), "accepted", 1, 0, 200, None, None, True)],
+        NOW,
+    )
+    # p1:u1: 10 rows and 10 attempts in batches of at most 16; p1:u2: its row and attempt.
+    assert [len(b.statements) for b in session.batches] == [16, 4, 2]
+    # Every batch stays on one partition: the UPDATE's key ends its parameters, the INSERT's
+    # starts them.
+    partitions = [
+        {p[-2] if s.query_string.startswith("UPDATE") else p[0] for s, p in batch.statements}
+        for batch in session.batches
+    ]
+    assert partitions == [{"p1:u1"}, {"p1:u1"}, {"p1:u2"}]
+    assert session.runs == [(3, 64)]
 
 
 def test_acks_move_forward_keep_the_claims_ttl_and_name_what_matched_nothing() -> None:

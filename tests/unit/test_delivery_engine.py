@@ -16,6 +16,7 @@ from operators import metrics
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.circuit_breaker import BreakerState
+from operators.delivery.edge_claims import InMemoryEdgeClaims
 from operators.delivery.engine import DeliveryEngine, DeliverySettings
 from operators.delivery.model import ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.payloads import push_collapse_id
@@ -23,7 +24,7 @@ from operators.delivery.steps import decode_retry_message
 from operators.events import RawEvent
 from schemas.codecs import encode_retry_record
 from schemas.records import ChannelMessage, DeadLetter, DeliveryEvent, DeviceChange, RetryRecord
-from tests.fakes import InMemoryEdgeClaims, ScriptedSender, request
+from tests.fakes import ScriptedSender, request
 from tests.unit.engine_kit import Clock, engine
 
 

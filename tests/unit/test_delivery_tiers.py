@@ -17,6 +17,7 @@ from operators.adapters.providers.event_loop import EventLoopThread
 from operators.adapters.redis.rate_limiter import LocalRateLimiter
 from operators.adapters.stores.sqlite_notifications import SQLiteNotificationStore
 from operators.delivery.circuit_breaker import BreakerState
+from operators.delivery.edge_claims import InMemoryEdgeClaims
 from operators.delivery.engine import CONCURRENCY_ROUNDS, DeliveryEngine, DeliverySettings
 from operators.delivery.model import HELD_PREFIX, ProviderAnswer, RetryPolicy, SendRequest
 from operators.delivery.pipeline import DeliveryPump
@@ -32,7 +33,7 @@ from schemas.topics import (
     channel_topic,
     lane_of_topic,
 )
-from tests.fakes import InMemoryEdgeClaims, ListReader, ScriptedSender, request
+from tests.fakes import ListReader, ScriptedSender, request
 from tests.unit.engine_kit import Clock, engine
 
 CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 5))

@@ -51,6 +51,10 @@ are both at Q, so R + W > RF within the datacenter.
       (apply_acks)                                    move an ack backwards
     delivery_attempts, notifications_by_  Q           an acknowledged write survives the loss
       id, notifications_by_user INSERT                of a node
+    record's UPDATEs and attempt INSERTs  Q           as its statements; one unlogged batch per
+      (one partition: a notification)                 notification_id (both tables' partition
+                                                      key): one request, applied as one
+                                                      mutation on the partition's replicas
     notifications_by_id SELECT            LOCAL_ONE   only names an ack's outcome
       (apply_acks)                                    (unknown_device or unknown_notification)
     notification, devices, attempts,      LOCAL_ONE   display only (`fanfare status`, `fanfare
@@ -89,10 +93,12 @@ from cassandra import (  # type: ignore[import-untyped]
     InvalidRequest,
     ProtocolVersion,
 )
+from cassandra.query import BatchStatement, BatchType  # type: ignore[import-untyped]
 
 DEFAULT_PORT = 9042
 DEFAULT_CONCURRENCY = 64  # statements in flight per call (execute_concurrent's cap)
 WAVE_MAX = 2_048  # statements in flight at once in a wave (a slice's ledger claim)
+BATCH_MAX = 16  # statements per unlogged batch: well under Cassandra's 5 KB batch warning
 _KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
 _DC = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
@@ -275,7 +281,7 @@ def connect(
         DCAwareRoundRobinPolicy,
         TokenAwarePolicy,
     )
-    from cassandra.query import dict_factory  # type: ignore[import-untyped]
+    from cassandra.query import dict_factory
 
     if (username is None) != (password_file is None):
         raise ValueError("Cassandra authentication needs both a username and a password file")
@@ -502,7 +508,7 @@ class Statements:
         )
         return [list(r.result_or_exc) for r in results]
 
-    def wave(self, pairs: Sequence[tuple[Any, Sequence[object]]]) -> list[list[Row]]:
+    def wave(self, pairs: Sequence[tuple[Any, Sequence[object] | None]]) -> list[list[Row]]:
         """Several statements all in flight at once (up to WAVE_MAX): one round trip's time.
 
         Each one's rows, in order; raises on error.
@@ -516,12 +522,32 @@ class Statements:
         )
         return [list(r.result_or_exc) for r in results]
 
-    def mixed(self, pairs: Sequence[tuple[Any, Sequence[object]]]) -> None:
+    def mixed(self, pairs: Sequence[tuple[Any, Sequence[object] | None]]) -> None:
         """Several statements, each with its parameters, bounded the same way."""
         if pairs:
             self.session.execute_concurrent(
                 list(pairs), concurrency=self.concurrency, raise_on_first_error=True
             )
+
+
+def unlogged(
+    pairs: Sequence[tuple[Any, Sequence[object]]], level: int
+) -> list[tuple[Any, Sequence[object] | None]]:
+    """One partition's writes as UNLOGGED batches of up to BATCH_MAX (a lone one as itself).
+
+    The Python driver's CPU is per request, so a partition's writes cost one request, not one
+    each; a batch on one partition key (across tables of the keyspace) is one mutation, with no
+    batch log and no coordinator fan-out. Never for writes to different partitions.
+    """
+    if len(pairs) == 1:
+        return [pairs[0]]
+    out: list[tuple[Any, Sequence[object] | None]] = []
+    for start in range(0, len(pairs), BATCH_MAX):
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=level)
+        for statement, params in pairs[start : start + BATCH_MAX]:
+            batch.add(statement, params)
+        out.append((batch, None))
+    return out
 
 
 def epoch_ms(value: datetime) -> int:

@@ -25,6 +25,7 @@ from operators.adapters.stores.cassandra import (
     parse_url,
     prepare,
     ttl_seconds,
+    unlogged,
 )
 from operators.delivery.ledger import (
     NOTIFICATION_TEMPLATE,
@@ -103,6 +104,7 @@ class CassandraNotificationStore(NotificationStore):
         self._clock = clock
         self._run = Statements(session, concurrency)
         q, serial = LEVELS[consistency]
+        self._q = q
         ks = keyspace
 
         def prep(cql: str, level: int, serial_level: int | None = None) -> Any:
@@ -362,38 +364,52 @@ class CassandraNotificationStore(NotificationStore):
         """Plain UPDATEs (module docstring: why that is safe) and the attempt log.
 
         One write per row (the last update of a key wins, as applied in order would), since
-        concurrent writes to one row have no order between them.
+        concurrent writes to one row have no order between them. A notification's writes (its
+        devices' rows and attempts: one partition key in both tables) go as one unlogged batch,
+        so a push sent once costs one request, not two.
         """
         if not updates:
             return
         at_ms = round(at * 1000)
         last = {u.key: u for u in updates}
-        pairs: list[tuple[Any, Sequence[object]]] = [
-            (
-                self._record,
+        by_partition: dict[str, list[tuple[Any, Sequence[object]]]] = {}
+        for u in last.values():
+            by_partition.setdefault(u.key[0], []).append(
                 (
-                    self._ttl,
-                    u.state,
-                    u.attempts,
-                    u.schedules,
-                    u.status,
-                    u.reason,
-                    u.due_at,
-                    at_ms,
-                    *u.key,
-                ),
+                    self._record,
+                    (
+                        self._ttl,
+                        u.state,
+                        u.attempts,
+                        u.schedules,
+                        u.status,
+                        u.reason,
+                        u.due_at,
+                        at_ms,
+                        *u.key,
+                    ),
+                )
             )
-            for u in last.values()
-        ]
-        pairs += [
-            (
-                self._attempt,
-                (u.key[0], at_ms, u.key[1], u.attempts, u.state, u.status, u.reason, self._ttl),
-            )
-            for u in updates
-            if u.attempted
-        ]
-        self._run.mixed(pairs)
+        for u in updates:
+            if u.attempted:
+                by_partition[u.key[0]].append(
+                    (
+                        self._attempt,
+                        (
+                            u.key[0],
+                            at_ms,
+                            u.key[1],
+                            u.attempts,
+                            u.state,
+                            u.status,
+                            u.reason,
+                            self._ttl,
+                        ),
+                    )
+                )
+        self._run.mixed(
+            [pair for writes in by_partition.values() for pair in unlogged(writes, self._q)]
+        )
 
     def apply_acks(self, acks: Sequence[NotificationAck]) -> list[AckOutcome]:
         """Read each device row at Q, fold its acks forward only, write it once.

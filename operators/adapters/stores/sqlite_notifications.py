@@ -6,7 +6,9 @@
 - the follower-level notification (post, user, author, created_at), once per notification_id;
 - one ledger row per (notification_id, device_id): the unique key that makes a second push to
   a device impossible (see `operators.delivery.model` for the ownership rules);
-- every provider attempt per device, for `fanfare status` and debugging.
+- every provider attempt per device, for `fanfare status` and debugging: a device's latest
+  attempt in its ledger row (`last_*`), the earlier ones in `delivery_attempts` (most pushes
+  are sent once, so most never write an attempt row of their own).
 
 The aggregated status of a notification is read from its device rows
 (`operators.delivery.ledger.aggregate_status`).
@@ -89,6 +91,15 @@ CREATE INDEX IF NOT EXISTS deliveries_expiry ON deliveries (expires_at);
 CREATE INDEX IF NOT EXISTS notifications_expiry ON notifications (expires_at);
 CREATE INDEX IF NOT EXISTS attempts_expiry ON delivery_attempts (expires_at);
 """,
+    # 3: a device's latest attempt kept in its ledger row; moved to delivery_attempts only
+    # when a later attempt replaces it (an attempt row per push was a fifth of the store's cost).
+    """
+ALTER TABLE deliveries ADD COLUMN last_attempt INTEGER;
+ALTER TABLE deliveries ADD COLUMN last_at REAL;
+ALTER TABLE deliveries ADD COLUMN last_state TEXT;
+ALTER TABLE deliveries ADD COLUMN last_status INTEGER;
+ALTER TABLE deliveries ADD COLUMN last_reason TEXT;
+""",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -99,6 +110,49 @@ _QUALIFIED_ROW_COLUMNS = ", ".join(f"deliveries.{c.strip()}" for c in _ROW_COLUM
 _CHUNK = 4_000  # keys per IN (...) query: SQLite allows 32,766 parameters
 _CLAIM_CHUNK = 4_000  # rows per claim statement (6 parameters each)
 _PURGE_EVERY_S = 600.0
+
+
+_KEY = "WHERE notification_id=? AND device_id=?"
+_UPDATE_PLAIN = (
+    "UPDATE deliveries SET state=?, attempts=?, schedules=?, status=?, reason=?, due_at=?, "
+    f"updated_at=? {_KEY}"
+)
+_UPDATE_ATTEMPT = (
+    "UPDATE deliveries SET state=?, attempts=?, schedules=?, status=?, reason=?, due_at=?, "
+    "updated_at=?, last_attempt=?, last_at=?, last_state=?, last_status=?, last_reason=? "
+    f"{_KEY}"
+)
+# A first attempt's update, only where the row holds no other attempt (else moved first, below).
+_UPDATE_FIRST = f"{_UPDATE_ATTEMPT} AND (last_attempt IS NULL OR last_attempt = ?)"
+# The row's previous attempt, before a later one replaces it (a replay of the same is not moved).
+_MOVE_ATTEMPT = (
+    "INSERT OR REPLACE INTO delivery_attempts (notification_id, device_id, attempt, at, state, "
+    "status, reason, expires_at) SELECT notification_id, device_id, last_attempt, last_at, "
+    f"last_state, last_status, last_reason, ? FROM deliveries {_KEY} "
+    "AND last_attempt IS NOT NULL AND last_attempt <> ?"
+)
+
+
+def _plain_params(u: LedgerUpdate, at: float) -> tuple[object, ...]:
+    return (u.state, u.attempts, u.schedules, u.status, u.reason, u.due_at, at, *u.key)
+
+
+def _attempt_params(u: LedgerUpdate, at: float) -> tuple[object, ...]:
+    return (
+        u.state,
+        u.attempts,
+        u.schedules,
+        u.status,
+        u.reason,
+        u.due_at,
+        at,
+        u.attempts,
+        at,
+        u.state,
+        u.status,
+        u.reason,
+        *u.key,
+    )
 
 
 def migrate_sqlite(conn: sqlite3.Connection) -> list[int]:
@@ -213,7 +267,8 @@ class SQLiteNotificationStore(NotificationStore):
                         "provider=excluded.provider, owner=excluded.owner, state='sending', "
                         "attempts=0, schedules=0, status=NULL, reason=NULL, due_at=NULL, "
                         "ack=NULL, updated_at=excluded.updated_at, "
-                        "expires_at=excluded.expires_at "
+                        "expires_at=excluded.expires_at, last_attempt=NULL, last_at=NULL, "
+                        "last_state=NULL, last_status=NULL, last_reason=NULL "
                         "WHERE deliveries.expires_at <= excluded.updated_at "
                         "RETURNING notification_id, device_id",
                         params,
@@ -289,30 +344,47 @@ class SQLiteNotificationStore(NotificationStore):
         return out
 
     def record(self, updates: Sequence[LedgerUpdate], at: float) -> None:
-        """Update rows and log attempts in one transaction."""
+        """Update rows and log attempts in one transaction.
+
+        An attempt is written into its device's row (`last_*`); the row's previous attempt, if
+        another one, is moved to `delivery_attempts` first. A first attempt has none to move (a
+        claim or re-claim clears them), so a push sent once costs one row update here, not an
+        update and an insert; should a row hold another attempt all the same, the first
+        attempts are done again one by one, moving it.
+        """
         if not updates:
             return
         conn = self._conn()
         expires = self._clock() + self._ttl
+        seen: dict[tuple[str, str], int] = {}
+        for u in updates:
+            seen[u.key] = seen.get(u.key, 0) + 1
+        plain: list[tuple[object, ...]] = []
+        first_attempts: list[tuple[object, ...]] = []
+        firsts: list[LedgerUpdate] = []
+        in_order: list[LedgerUpdate] = []  # later attempts and keys updated twice: one by one
+        for u in updates:
+            if seen[u.key] > 1 or (u.attempted and u.attempts > 1):
+                in_order.append(u)
+            elif u.attempted:
+                first_attempts.append((*_attempt_params(u, at), u.attempts))
+                firsts.append(u)
+            else:
+                plain.append(_plain_params(u, at))
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(
-                "UPDATE deliveries SET state=?, attempts=?, schedules=?, status=?, reason=?, "
-                "due_at=?, updated_at=? WHERE notification_id=? AND device_id=?",
-                [
-                    (u.state, u.attempts, u.schedules, u.status, u.reason, u.due_at, at, *u.key)
-                    for u in updates
-                ],
-            )
-            conn.executemany(
-                "INSERT OR REPLACE INTO delivery_attempts (notification_id, device_id, attempt, "
-                "at, state, status, reason, expires_at) VALUES (?,?,?,?,?,?,?,?)",
-                [
-                    (*u.key, u.attempts, at, u.state, u.status, u.reason, expires)
-                    for u in updates
-                    if u.attempted
-                ],
-            )
+            if plain:
+                conn.executemany(_UPDATE_PLAIN, plain)
+            if first_attempts:
+                done = conn.executemany(_UPDATE_FIRST, first_attempts).rowcount
+                if done != len(first_attempts):  # a row missing, or holding another attempt
+                    in_order += firsts
+            for u in in_order:
+                if not u.attempted:
+                    conn.execute(_UPDATE_PLAIN, _plain_params(u, at))
+                    continue
+                conn.execute(_MOVE_ATTEMPT, (expires, *u.key, u.attempts))
+                conn.execute(_UPDATE_ATTEMPT, _attempt_params(u, at))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -396,15 +468,21 @@ class SQLiteNotificationStore(NotificationStore):
         ]
 
     def attempts(self, notification_id: str) -> list[AttemptRecord]:
-        """The attempt log of a notification."""
-        return [
-            AttemptRecord(dev, att, at, state, status, reason)
-            for dev, att, at, state, status, reason in self._conn().execute(
-                "SELECT device_id, attempt, at, state, status, reason FROM delivery_attempts "
-                "WHERE notification_id=? AND expires_at > ? ORDER BY at, device_id, attempt",
-                (notification_id, self._clock()),
-            )
-        ]
+        """The attempt log of a notification: the moved attempts and each row's latest."""
+        conn = self._conn()
+        now = self._clock()
+        found: dict[tuple[str, int], AttemptRecord] = {}
+        for dev, att, at, state, status, reason in conn.execute(
+            "SELECT device_id, attempt, at, state, status, reason FROM delivery_attempts "
+            "WHERE notification_id=? AND expires_at > ? UNION ALL "
+            "SELECT device_id, last_attempt, last_at, last_state, last_status, last_reason "
+            "FROM deliveries WHERE notification_id=? AND expires_at > ? "
+            "AND last_attempt IS NOT NULL",
+            (notification_id, now, notification_id, now),
+        ):
+            # Later wins: a file upgraded mid-send may hold an attempt in both places.
+            found[(dev, att)] = AttemptRecord(dev, att, at, state, status, reason)
+        return sorted(found.values(), key=lambda a: (a.at, a.device_id, a.attempt))
 
     def inbox(self, user_id: str, cursor: str | None, limit: int) -> InboxPage:
         """Newest first by (post time, notification_id), resuming after the cursor's row."""
