@@ -25,6 +25,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from operators.adapters.kafka.client_log import client_config
 from operators.adapters.kafka.probes import KafkaConfig
 
 ANSWER_TIMEOUT_S = 1.0
@@ -74,12 +75,20 @@ class EndProber:
         self.rounds = 0  # rounds made (tests, logs)
 
     def _new_consumer(self) -> Any:
-        # Imported here: the reader module imports this one.
-        from operators.adapters.kafka.reader import reader_client_config
-
-        conf = reader_client_config(self._config, "fanfare-end-prober")
-        conf["fetch.wait.max.ms"] = 1  # an end is answered at once, not held for data
-        return Consumer(conf)
+        conf: dict[str, object] = dict(self._config)
+        conf.update(
+            {
+                "group.id": "fanfare-end-prober",  # no group is joined: partitions are assigned
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 1,  # an end is answered at once, not held for data
+                # An offset past the end reads from the start: messages below the asked offset
+                # are ignored, and the round gives up on the partition (not at its end).
+                "auto.offset.reset": "earliest",
+                "queued.max.messages.kbytes": 1_024,  # it reads one message a partition
+            }
+        )
+        return Consumer(client_config(conf))
 
     def ask(self, topic: str, partition: int, offset: int) -> None:
         """Ask whether the partition ends at `offset` (a later ask replaces an unanswered one)."""
