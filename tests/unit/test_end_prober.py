@@ -220,3 +220,28 @@ def test_asks_are_answered_on_the_probers_thread() -> None:
     finally:
         prober.close()
     assert consumer.closed
+
+
+def test_asks_coming_faster_than_the_round_interval_share_rounds() -> None:
+    answered: list[EndAnswer] = []
+
+    class Instant(RoundConsumer):
+        def consume(self, n: int, timeout: float) -> list[TopicMessage]:
+            return [TopicMessage(p, o, eof=True) for p, o in self.assigned[-1]]
+
+    consumer = Instant([])
+    prober = EndProber({}, consumer_factory=lambda: consumer, round_every_s=0.2)
+    try:
+        started = time.monotonic()
+        for i in range(10):  # an ask every 20 ms for 0.2 s
+            prober.ask("device_changes", 0, i)
+            time.sleep(0.02)
+            got = prober.answer("device_changes", 0)
+            if got is not None:
+                answered.append(got)
+        elapsed = time.monotonic() - started
+        # One round at once, then at most one per 0.2 s: far fewer than the asks.
+        assert prober.rounds <= 2 + int(elapsed / 0.2)
+        assert answered and all(a.at_end for a in answered)
+    finally:
+        prober.close()

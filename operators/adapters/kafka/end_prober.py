@@ -11,7 +11,8 @@ Here one consumer per process, idle between asks, is assigned the asked partitio
 readers' offsets, with no fetch in flight to wait for and a fetch the broker answers at once
 (`fetch.wait.max.ms` 1): end-of-partition at the asked offset means the partition ended there
 when the round began; a message at or after it means it did not. A round takes a few
-milliseconds and answers every ask that came before it. Built by the flow per process, its
+milliseconds and answers every ask that came before it; rounds start at most every
+`ROUND_EVERY_S`. Built by the flow per process, its
 consumer and thread on the first ask, never at import.
 """
 
@@ -31,6 +32,12 @@ from operators.adapters.kafka.probes import KafkaConfig
 ANSWER_TIMEOUT_S = 1.0
 """A round gives up on the partitions not answered by then (answered "not at the end": the
 reader asks again once idle)."""
+
+ROUND_EVERY_S = 0.05
+"""The shortest time between two rounds' starts. Each round assigns and releases every asked
+partition; made for every post at 50 posts/s, rounds cost the flow 0.17-0.28 of a core and the
+broker 0.13 in the 1M fan-out benchmark. Asks in between wait for the next round: at most this
+long, 25 ms on average."""
 
 IDLE_CLOSE_S = 10.0
 """Seconds without an ask after which the consumer is closed (its connection and threads)."""
@@ -61,7 +68,9 @@ class EndProber:
         clock: Callable[[], float] = time.time,
         answer_timeout_s: float = ANSWER_TIMEOUT_S,
         idle_close_s: float = IDLE_CLOSE_S,
+        round_every_s: float = ROUND_EVERY_S,
     ) -> None:
+        self._round_every_s = round_every_s
         self._config = config
         self._consumer_factory = consumer_factory or self._new_consumer
         self._clock = clock
@@ -118,8 +127,12 @@ class EndProber:
 
     def _run(self) -> None:
         consumer: Any = None
+        last_round = float("-inf")
         try:
             while True:
+                pause = last_round + self._round_every_s - time.monotonic()
+                if pause > 0:  # asks that come meanwhile join the next round
+                    time.sleep(pause)
                 with self._cond:
                     if not self._asks and not self._stopped:
                         self._cond.wait(self._idle_close_s)
@@ -133,6 +146,7 @@ class EndProber:
                     continue
                 if consumer is None:
                     consumer = self._consumer_factory()
+                last_round = time.monotonic()
                 answers = self._round(consumer, asks)
                 with self._cond:
                     for key, answer in answers.items():
