@@ -58,6 +58,18 @@ def prober_reader(
     return clock, demand, prober, r, consumer
 
 
+def asked_reader(
+    consumers: list[FakeConsumer],
+) -> tuple[FakeClock, ProbeDemand, FakeProber, TopicPartitionReader, FakeConsumer]:
+    """`prober_reader`'s reader, once it asked the prober for the shards' probe at 100.2."""
+    clock, demand, prober, r, consumer = prober_reader(consumers)
+    demand.ask(100.2)
+    clock.now = 100.2
+    r.next_batch()
+    assert prober.asks == [("device_changes", 0, 3)]
+    return clock, demand, prober, r, consumer
+
+
 def test_an_ask_goes_to_the_prober_at_its_time_and_its_answer_is_a_marker(
     consumers: list[FakeConsumer],
 ) -> None:
@@ -84,10 +96,7 @@ def test_an_ask_goes_to_the_prober_at_its_time_and_its_answer_is_a_marker(
 def test_not_at_the_end_gives_no_marker_and_the_reader_asks_again_once_read(
     consumers: list[FakeConsumer],
 ) -> None:
-    clock, demand, prober, r, consumer = prober_reader(consumers)
-    demand.ask(100.2)
-    clock.now = 100.2
-    r.next_batch()
+    clock, _demand, prober, r, consumer = asked_reader(consumers)
     prober.answers[("device_changes", 0)] = EndAnswer(100.2, False, 3)
     consumer.queue.append(FakeMessage(3))  # the message the prober saw
     got = r.next_batch()
@@ -102,10 +111,7 @@ def test_not_at_the_end_gives_no_marker_and_the_reader_asks_again_once_read(
 
 
 def test_a_marker_holds_for_messages_read_after_the_ask(consumers: list[FakeConsumer]) -> None:
-    clock, demand, prober, r, consumer = prober_reader(consumers)
-    demand.ask(100.2)
-    clock.now = 100.2
-    r.next_batch()
+    _clock, _demand, prober, r, consumer = asked_reader(consumers)
     consumer.queue.append(FakeMessage(3))  # written after the prober's round
     prober.answers[("device_changes", 0)] = EndAnswer(100.2, True, 3)
     got = r.next_batch()
@@ -115,10 +121,7 @@ def test_a_marker_holds_for_messages_read_after_the_ask(consumers: list[FakeCons
 
 
 def test_an_unanswered_ask_is_made_again(consumers: list[FakeConsumer]) -> None:
-    clock, demand, prober, r, _consumer = prober_reader(consumers)
-    demand.ask(100.2)
-    clock.now = 100.2
-    r.next_batch()
+    clock, _demand, prober, r, _consumer = asked_reader(consumers)
     clock.now = 100.2 + ASK_GIVE_UP_S / 2
     r.next_batch()
     assert len(prober.asks) == 1
@@ -130,10 +133,7 @@ def test_an_unanswered_ask_is_made_again(consumers: list[FakeConsumer]) -> None:
 def test_a_rewound_reader_takes_no_marker_from_an_older_position(
     consumers: list[FakeConsumer],
 ) -> None:
-    clock, demand, prober, r, _consumer = prober_reader(consumers)
-    demand.ask(100.2)
-    clock.now = 100.2
-    r.next_batch()
+    _clock, _demand, prober, r, _consumer = asked_reader(consumers)
     r._position = 1  # as if it had gone back (a re-created topic)
     prober.answers[("device_changes", 0)] = EndAnswer(100.2, True, 3)
     assert r.next_batch() == []
