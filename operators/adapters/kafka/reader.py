@@ -79,10 +79,8 @@ _ANSWER_WATCH_S = 3 * PROBE_ANSWER_S
 """Seconds a reader looks often for the answer to a probe a shard asked for: longer than an
 answer takes; one that never came is left to the interval probes."""
 
-PROBER_POLL_S = IDLE_POLL_S
-"""Seconds between looks for the prober's answer to an ask (`EndProber`: a few ms, or up to
-its round spacing). At 2 ms, the dozen changelog readers of a fan-out taking 50 posts a second
-polled about 6,000 times a second between them."""
+PROBER_POLL_S = 0.002
+"""Seconds between looks for the prober's answer to an ask (`EndProber`: a few ms)."""
 
 ASK_GIVE_UP_S = 2 * ANSWER_TIMEOUT_S
 """Seconds after which an ask with no answer is taken as lost (the prober answers every ask
