@@ -11,6 +11,7 @@ from operators.adapters.kafka.end_prober import EndAnswer, EndProber
 from operators.adapters.kafka.reader import ASK_GIVE_UP_S, TopicPartitionReader
 from operators.events import CaughtUp, RawEvent
 from operators.probe_demand import ProbeDemand
+from tests.unit.test_probe_demand import changelog_reader
 from tests.unit.test_redis_outage import FakeClock, FakeConsumer, FakeError, FakeMessage, consumers
 
 __all__ = ["consumers"]  # the fixture, used by name
@@ -39,18 +40,7 @@ def prober_reader(
     clock = FakeClock(100.0)
     demand = ProbeDemand()
     prober = FakeProber()
-    r = TopicPartitionReader(
-        {"bootstrap.servers": "x"},
-        "device_changes",
-        0,
-        3,
-        100,
-        True,
-        INTERVAL,
-        clock=clock,
-        demand=demand,
-        prober=prober,  # type: ignore[arg-type]
-    )
+    r = changelog_reader(clock, demand, prober, INTERVAL)  # type: ignore[arg-type]
     [consumer] = consumers
     consumer.queue.append(FakeMessage(3, eof=True))
     [start] = r.next_batch()

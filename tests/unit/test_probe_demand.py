@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from operators.adapters.kafka.end_prober import EndProber
 from operators.adapters.kafka.reader import (
     IDLE_POLL_MAX_S,
     IDLE_POLL_S,
@@ -45,7 +46,13 @@ def test_old_asks_are_forgotten() -> None:
     assert demand.due_after(0.0) == 5.5
 
 
-def changelog_reader(clock: FakeClock, demand: ProbeDemand | None) -> TopicPartitionReader:
+def changelog_reader(
+    clock: FakeClock,
+    demand: ProbeDemand | None,
+    prober: EndProber | None = None,
+    interval: float = INTERVAL,
+) -> TopicPartitionReader:
+    """A device_changes reader at offset 3 (its end); asks go to `prober` when given."""
     return TopicPartitionReader(
         {"bootstrap.servers": "x"},
         "device_changes",
@@ -53,9 +60,10 @@ def changelog_reader(clock: FakeClock, demand: ProbeDemand | None) -> TopicParti
         3,
         100,
         True,
-        INTERVAL,
+        interval,
         clock=clock,
         demand=demand,
+        prober=prober,
     )
 
 
