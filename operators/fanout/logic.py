@@ -244,6 +244,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
                     until=self._step_until(),
                 )
             )
+            self._step_used()
         _record_notify(notified)
         release = self.shard.next_release()
         if not self.shard.jobs and (release is None or release > now.timestamp()):
@@ -260,12 +261,18 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
                 store, now, self._budget, tally, bulk_budget=self._bulk_budget, bulk_until=until
             )
         )
+        self._step_used()
         _record(tally)
         return out
 
     def _step_until(self) -> float | None:
         """The worker's deadline for work that can wait (None: no step budget)."""
         return None if self._step_budget is None else self._step_budget().until()
+
+    def _step_used(self) -> None:
+        """Tell the worker's budget that the work its last deadline allowed has ended."""
+        if self._step_budget is not None:
+            self._step_budget().used()
 
     def notify_at(self) -> datetime | None:
         """Now while runnable jobs remain, else the next quiet-hours release or held send."""
