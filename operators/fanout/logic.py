@@ -229,6 +229,8 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
 
     def _work(self, now: datetime, tally: FanoutTally, notified: NotifyTally) -> list[Batch]:
         out: list[Batch] = []
+        # Asked once per call: a shard asking twice is how the budget tells a new activation.
+        step_until = self._step_until()
         notify = self.shard.notify
         due = notify.next_due()
         if (due is not None and due <= now.timestamp()) or notify.runnable(self._notify_gate):
@@ -241,10 +243,9 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
                     notified,
                     releases_allowed=self.shard.releases_allowed(),
                     batch_size=self.shard.batch_size,
-                    until=self._step_until(),
+                    until=step_until,
                 )
             )
-            self._step_used()
         _record_notify(notified)
         release = self.shard.next_release()
         if not self.shard.jobs and (release is None or release > now.timestamp()):
@@ -253,7 +254,6 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         store = self._store()
         out.extend(self.shard.release_due(store, now, tally))
         until = None if self._bulk_time_s is None else time.monotonic() + self._bulk_time_s
-        step_until = self._step_until()
         if step_until is not None:
             until = step_until if until is None else min(until, step_until)
         out.extend(
@@ -261,18 +261,12 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
                 store, now, self._budget, tally, bulk_budget=self._bulk_budget, bulk_until=until
             )
         )
-        self._step_used()
         _record(tally)
         return out
 
     def _step_until(self) -> float | None:
         """The worker's deadline for work that can wait (None: no step budget)."""
-        return None if self._step_budget is None else self._step_budget().until()
-
-    def _step_used(self) -> None:
-        """Tell the worker's budget that the work its last deadline allowed has ended."""
-        if self._step_budget is not None:
-            self._step_budget().used()
+        return None if self._step_budget is None else self._step_budget().until(self._shard_id)
 
     def notify_at(self) -> datetime | None:
         """Now while runnable jobs remain, else the next quiet-hours release or held send."""
