@@ -220,6 +220,26 @@ def test_engine_keeps_one_push_per_device_with_redis_down(tmp_path: Path) -> Non
     assert len(sender.sent) == 2
 
 
+def test_edge_claims_packed_batch_answers_each_claims_holder(own_redis: OwnRedis) -> None:
+    claims = RedisEdgeClaims(own_redis.url, "t:", ttl_s=60)
+    assert claims.claim([("p1:u1", "d1", "A@1"), ("p1:u1", "d2", "A@1")]) == [None, None]
+    # Held ones answer their holder (ours on a replay), new ones claimed now, in order.
+    assert claims.claim(
+        [("p1:u1", "d1", "B@2"), ("p1:u2", "d1", "B@2"), ("p1:u1", "d2", "A@1")]
+    ) == ["A@1", None, "A@1"]
+    assert own_redis.client().ttl("t:edge:p1:u2|d1") > 0
+
+
+def test_edge_claims_with_a_separator_in_an_id_take_the_per_key_script(
+    own_redis: OwnRedis,
+) -> None:
+    claims = RedisEdgeClaims(own_redis.url, "t:", ttl_s=60)
+    odd = [("p1:u\t1", "d1", "A@1"), ("p1:u1", "d\n2", "A@1"), ("p1:u1", "d3", "A\t@1")]
+    assert claims.claim(odd) == [None, None, None]
+    assert claims.claim([(n, d, "B@2") for n, d, _ in odd]) == ["A@1", "A@1", "A\t@1"]
+    assert own_redis.client().get("t:edge:p1:u\t1|d1") == b"A@1"
+
+
 def test_edge_claims_after_redis_restarted_empty(own_redis: OwnRedis) -> None:
     claims = RedisEdgeClaims(own_redis.url, "t:", ttl_s=60, probe_s=0.05)
     assert claims.claim([("p1:u1", "d1", "A")]) == [None]

@@ -36,7 +36,29 @@ return out
 """
 """`SET key identity NX GET EX ttl` for every key of a batch: one command to pack and one reply
 to parse, where a pipeline costs the client a command each (about 5 times the CPU per claim).
-'' stands for "claimed now" (a Lua nil would end the reply's list)."""
+'' stands for "claimed now" (a Lua nil would end the reply's list). Used for a batch whose ids
+contain a tab or a newline (`_PACKED_SCRIPT`'s separators)."""
+
+_PACKED_SCRIPT = r"""
+local ttl = ARGV[1]
+local out = {}
+local i = 0
+for key, identity in string.gmatch(ARGV[2], '([^\t]*)\t([^\n]*)\n') do
+  i = i + 1
+  local held = redis.call('SET', key, identity, 'NX', 'GET', 'EX', ttl)
+  if held then
+    out[#out + 1] = i
+    out[#out + 1] = held
+  end
+end
+return out
+"""
+"""The same claims, packed: the batch's "key TAB identity NEWLINE" lines as one argument, and
+in the reply only the claims already held, as (position from 1, holder) pairs. The client packs
+two arguments and parses an empty reply instead of a hundred each way (a microbenchmark of
+100-claim batches: 2.6 instead of about 8 µs of client CPU per claim). The keys are not declared
+in KEYS, so this needs a standalone Redis (as the per-key script does: a batch's keys span
+cluster slots)."""
 
 
 class RedisEdgeClaims(EdgeClaims):
@@ -71,14 +93,25 @@ class RedisEdgeClaims(EdgeClaims):
             return [None] * len(claims)
         started = self.outage.started()
         prefix = f"{self._prefix}edge:"
+        packed = "".join(
+            [f"{prefix}{nid}|{device}\t{identity}\n" for nid, device, identity in claims]
+        )
+        n = len(claims)
         try:
-            replies = self._redis.script(_CLAIM_SCRIPT)(
-                keys=[f"{prefix}{nid}|{device}" for nid, device, _ in claims],
-                args=[self._ttl, *(identity for _, _, identity in claims)],
-            )
+            if packed.count("\n") == n and packed.count("\t") == n:
+                pairs = self._redis.script(_PACKED_SCRIPT)(args=[self._ttl, packed])
+                holders: list[str | None] = [None] * n
+                for at in range(0, len(pairs), 2):
+                    holders[pairs[at] - 1] = pairs[at + 1].decode()
+            else:  # an id holds a separator
+                replies = self._redis.script(_CLAIM_SCRIPT)(
+                    keys=[f"{prefix}{nid}|{device}" for nid, device, _ in claims],
+                    args=[self._ttl, *(identity for _, _, identity in claims)],
+                )
+                holders = [r.decode() if r else None for r in replies]
         except REDIS_DOWN_ERRORS as exc:
             self.outage.failed(exc, started)
-            self.bypassed += len(claims)
-            return [None] * len(claims)
+            self.bypassed += n
+            return [None] * n
         self.outage.answered()
-        return [r.decode() if r else None for r in replies]
+        return holders
