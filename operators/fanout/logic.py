@@ -83,6 +83,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
         self._settle_due = False
         self._note_caught_up()
         self._reading_ahead = False  # a bulk job's column is being read ahead (poll for it)
+        self._step_until_last: float | None = None  # the window the last `_work` was given
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Batch], bool]:
         """Apply everything that arrived, in order, then do a budget of work."""
@@ -144,9 +145,14 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
             if wanted is not None:
                 self._demand.ask(wanted)
         out = self._work(now, tally, notified)
-        self._reading_ahead = self.shard.build_columns_ahead(self._store)
+        self._build_columns_ahead()
         self._housekeeping()
         return out, StatefulBatchLogic.RETAIN
+
+    def _build_columns_ahead(self) -> None:
+        # Building a column is work that can wait: only in the window `_work` was given.
+        window_open = self._step_until_last is None or time.monotonic() < self._step_until_last
+        self._reading_ahead = self.shard.build_columns_ahead(self._store, build=window_open)
 
     def _housekeeping(self) -> None:
         """Compact the table after the catch-up, then checkpoint when due.
@@ -208,7 +214,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
     def on_notify(self) -> tuple[Iterable[Batch], bool]:
         """Continue expansion, release deferred notifications, send the bundle summaries due."""
         out = self._work(self._clock(), FanoutTally(), NotifyTally())
-        self._reading_ahead = self.shard.build_columns_ahead(self._store)
+        self._build_columns_ahead()
         self._housekeeping()
         return out, StatefulBatchLogic.RETAIN
 
@@ -230,7 +236,7 @@ class ExpandFollowerShardLogic(StatefulBatchLogic[Any, Batch, dict[str, Any]]):
     def _work(self, now: datetime, tally: FanoutTally, notified: NotifyTally) -> list[Batch]:
         out: list[Batch] = []
         # Asked once per call: a shard asking twice is how the budget tells a new activation.
-        step_until = self._step_until()
+        step_until = self._step_until_last = self._step_until()
         notify = self.shard.notify
         due = notify.next_due()
         if (due is not None and due <= now.timestamp()) or notify.runnable(self._notify_gate):

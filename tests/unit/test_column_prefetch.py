@@ -190,3 +190,42 @@ def test_the_shard_logic_looks_again_soon_while_a_column_is_read_ahead() -> None
         assert logic.notify_at() is None and "star" in logic.shard.columns
     finally:
         reads.close()
+
+
+class FixedWindow:
+    """A step budget whose window is always open or always shut."""
+
+    def __init__(self, open_: bool) -> None:
+        self.open = open_
+
+    def until(self, caller: object) -> float:
+        return float("inf") if self.open else float("-inf")
+
+
+def test_a_column_read_ahead_is_built_only_in_the_workers_window() -> None:
+    # Building a 1M-follower column takes 15-40 ms a shard: done by every shard of an
+    # activation as soon as the read was in, it held a normal post's read for up to 1.3 s.
+    store = InMemoryFollowerStore(shard_count=1)
+    store.apply_follow_changes([follow("star", "u1")])
+    reads = ColumnPrefetch(lambda: store)
+    window = FixedWindow(open_=False)
+    clock = FixedClock()
+    try:
+        logic = ExpandFollowerShardLogic(
+            shard_with(reads),
+            lambda: store,
+            1_000,
+            clock,
+            step_budget=lambda: window,  # type: ignore[arg-type,return-value]
+        )
+        logic.on_batch([job(author="star", lane="bulk", read_at=2e12)])
+        reads.wait()
+        logic.on_notify()
+        assert "star" not in logic.shard.columns  # read, but the window is shut
+        due = logic.notify_at()
+        assert due is not None and due - clock() == timedelta(seconds=READ_AHEAD_POLL_S)
+        window.open = True
+        logic.on_notify()
+        assert "star" in logic.shard.columns and logic.notify_at() is None
+    finally:
+        reads.close()
